@@ -1,0 +1,98 @@
+"""The `qserve` command: `serve`, `log` (inspection tools) and, as they land, `stream` and `worker`.
+
+Strategy: argparse only builds a dict of flags; `config.load_config` merges it with the file and
+the environment; each subcommand lives in its own module and is imported lazily, so `qserve log`
+does not pay for trio and `qserve serve` does not import the tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# subcommand -> (module, description); each module provides add_arguments(parser) and main(args) -> int
+EXTERNAL = {
+    "log": ("tools.logtool", "inspect, verify and repair queue logs on disk"),
+    "stream": ("qserve.stream_cli", "the commands of `eascmd stream` against a queue"),
+    "worker": ("qserve.worker", "run an async-inference worker on a queue"),
+    "chaos": ("tools.chaos", "kill -9 crash-recovery testing against a real server"),
+}
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the queue server",
+                       description="Run the queue server. Every flag is also QSERVE_<FLAG> in the "
+                                   "environment and a key in the --config TOML file.")
+    p.add_argument("--config", help="TOML file with settings")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--data-dir", help="where queues live (default ./qserve-data)")
+    p.add_argument("--token", help="token every request must carry in Authorization")
+    p.add_argument("--insecure", action="store_const", const=True,
+                   help="allow a non-loopback address without a token")
+    p.add_argument("--fsync", choices=("always", "interval", "never"),
+                   help="always: answer writes after fsync (group commit, default); "
+                        "interval: fsync every --fsync-interval; never: leave it to the OS")
+    p.add_argument("--fsync-interval", type=float, help="seconds between fsyncs with --fsync interval")
+    p.add_argument("--max-payload-bytes", type=int, help="largest entry accepted (default 524288)")
+    p.add_argument("--max-length", type=int, help="entries a queue holds before puts get 429")
+    p.add_argument("--segment-bytes", type=int, help="size at which a new segment file starts")
+    p.add_argument("--queues", help="comma-separated services to serve (default: any, created on first use)")
+    p.add_argument("--root-service", help="also serve this service at / and /sink")
+    p.add_argument("--max-connections", type=int, help="open connections before new ones get 503")
+    p.add_argument("--worker", help="MODULE:FUNCTION: run an inference worker inside the server")
+    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qserve", description="A queue server for asynchronous inference, "
+                                     "compatible with the PAI-EAS queue service clients.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    for name, (module, help_text) in EXTERNAL.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a subcommand not built yet
+            if exc.name != module:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .config import ConfigError, load_config
+    from .server import run
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = load_config(flags, config_file=args.config)
+    except ConfigError as exc:
+        print(f"qserve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.worker:
+        from . import worker
+        return worker.run_embedded(config)
+    trio.run(run, config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return args._module.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Server configuration: one frozen `Config`, built from defaults < TOML file < environment < flags.
+
+Strategy: nothing below the CLI reads the environment or files; `load_config()` does it once and
+passes the result down explicitly (no module-level state). Every setting has a flag `--x-y`, an
+environment variable `QSERVE_X_Y` and a TOML key `x_y` (plus `[tokens]` and `queues` tables in the
+file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "is_loopback"]
+
+FSYNC_POLICIES = ("always", "interval", "never")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to run. Task-safe (immutable)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("qserve-data")
+    token: str | None = None                       # one token for every queue
+    tokens: Mapping[str, str] = field(default_factory=dict)   # per service, overrides `token`
+    insecure: bool = False                         # allow a non-loopback listener without a token
+    fsync: str = "always"                          # always (group commit) | interval | never
+    fsync_interval: float = 0.2                    # seconds, for fsync=interval
+    max_payload_bytes: int = 524288
+    max_length: int = 1_000_000                    # stream.approxMaxLength; a put beyond it gets 429
+    segment_bytes: int = 64 * 1024 * 1024
+    queues: tuple[str, ...] = ()                   # declared services; empty = created on first use
+    root_service: str | None = None                # also serve this service at / and /sink
+    max_connections: int = 2048
+    max_header_bytes: int = 16 * 1024
+    keepalive_timeout: float = 60.0
+    request_timeout: float = 30.0
+    max_get_length: int = 1000                     # upper bound of _length_
+    max_watch_window: int = 1000                   # upper bound of _window_
+    worker: str | None = None                      # MODULE:FUNCTION run inside the server
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.fsync not in FSYNC_POLICIES:
+            raise ConfigError(f"fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: out of range: {self.port}")
+        for name in ("max_payload_bytes", "max_length", "segment_bytes", "max_connections",
+                     "max_header_bytes", "max_get_length", "max_watch_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+        for name in ("fsync_interval", "keepalive_timeout", "request_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0")
+        for svc in (*self.queues, *self.tokens, *([self.root_service] if self.root_service else [])):
+            if not svc or "/" in svc or svc in (".", ".."):
+                raise ConfigError(f"service name {svc!r}: must be non-empty and contain no '/'")
+        if not self.insecure and self.token is None and not self.tokens and not is_loopback(self.host):
+            raise ConfigError(
+                f"host {self.host}: refusing to listen on a non-loopback address without --token "
+                "(pass --insecure to do it anyway)")
+
+    def token_for(self, service: str) -> str | None:
+        """The token a request to `service` must carry, or None when none is configured."""
+        return self.tokens.get(service, self.token)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a string (environment, flag) or TOML value to the field's type."""
+    if value is None:
+        return None
+    kind = _FIELDS[name].type
+    try:
+        if name == "data_dir":
+            return Path(value)
+        if name == "queues":
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if name == "tokens":
+            if isinstance(value, str):
+                pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
+                return {k.strip(): v.strip() for k, v in pairs}
+            return {str(k): str(v) for k, v in dict(value).items()}
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            low = str(value).strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: invalid value {value!r}") from None
+
+
+def load_config(flags: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None,
+                config_file: str | os.PathLike | None = None) -> Config:
+    """Build a `Config`: defaults, then the TOML file, then `QSERVE_*` variables, then flags.
+
+    Args:
+        flags: values given on the command line (None values are ignored).
+        environ: the environment to read (defaults to `os.environ`).
+        config_file: a TOML file; also taken from `QSERVE_CONFIG` when not given.
+
+    Raises:
+        ConfigError: a file, variable or flag is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get("QSERVE_CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+        for key, value in doc.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
+            values[name] = _coerce(name, value)
+    for name in _FIELDS:
+        env = environ.get("QSERVE_" + name.upper())
+        if env is not None:
+            values[name] = _coerce(name, env)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return Config(**values)

@@ -1,0 +1,141 @@
+"""The operations a request can ask of a queue, as frozen dataclasses that validate themselves.
+
+Strategy: `routing.route()` turns an HTTP request into exactly one of these (or raises a
+`ClientError`); `app.App` dispatches on the type. Nothing here does I/O, so the mapping from the
+wire to operations is tested without a server (h11 `_events.py` is the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Truncate", "Commit", "Negative",
+    "Attributes", "Search", "Count", "End", "Watch", "Health",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRef:
+    """One queue: a service's input queue or its sink."""
+
+    service: str
+    sink: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.service or "/" in self.service or self.service in (".", ".."):
+            raise ValueError(f"bad service name {self.service!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}/sink" if self.sink else self.service
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is asking: the consumer id is ``{group}.{user}``."""
+
+    group: str
+    user: str
+    anonymous: bool = False
+
+    @property
+    def consumer_id(self) -> str:
+        return f"{self.group}.{self.user}"
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    queue: QueueRef
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class Put(Operation):
+    data: bytes
+    tags: tuple[tuple[str, str], ...]
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.priority < 0:
+            raise ValueError("priority must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Get(Operation):
+    start: int = 0                     # 0 = head, -1 = only entries put after the request
+    length: int = 1
+    timeout: float = 0.0               # seconds to long-poll
+    auto_delete: bool = True
+    raw: bool = True
+    protobuf: bool = False             # Accept asked for protobuf
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or self.start < -1 or self.timeout < 0:
+            raise ValueError("bad get parameters")
+
+
+@dataclass(frozen=True, slots=True)
+class Delete(Operation):
+    indexes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate(Operation):
+    below: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Operation):
+    indexes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Negative(Operation):
+    indexes: tuple[int, ...]
+    code: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes(Operation):
+    protobuf: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Search(Operation):
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Count(Operation):
+    priority: int | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class End(Operation):
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Watch(Operation):
+    start: int = 0
+    window: int = 10
+    index_only: bool = False
+    auto_commit: bool = False
+    tags: tuple[tuple[str, str], ...] = ()
+    websocket: bool = True             # False: length-delimited HTTP streaming watch
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.start < -1:
+            raise ValueError("bad watch parameters")
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The server's own liveness endpoint (`GET /healthz`)."""
+
+    detail: bool = False
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,252 @@
+"""The trio side of one queue: its log, its consumer groups, group commit and wake-ups.
+
+Strategy: `storage.QueueLog` and `groups.Dispatcher` are synchronous and owned by the event-loop
+thread; this module adds the three things that need trio. (1) Group commit: one flusher task per
+queue fsyncs in a worker thread (`log.sync_begin()` / `ticket.run()` / `log.sync_end()`) while
+other tasks keep appending, so every write made during one fsync shares the next one; a request
+that must be durable awaits `wait_durable(seq)`. (2) Wake-ups: a `Signal` that long-polling gets
+and watchers wait on, fired on every change that can make an entry deliverable. (3) The registry
+of queues (`QueueManager`), opening a queue directory on first use in a worker thread and closing
+them all (sync + close) at shutdown.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import urllib.parse
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import trio
+
+import storage
+
+from .config import Config
+from .errors import NotFound, Unavailable
+from .events import QueueRef
+from .groups import Dispatcher
+
+__all__ = ["Signal", "Queue", "QueueManager", "queue_dir"]
+
+log = logging.getLogger("qserve")
+
+
+class Signal:
+    """A level-less broadcast: `wait()` returns at the next `fire()`. Task-safe within one trio run."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class LogSource:
+    """What `groups.Dispatcher` needs of a queue, read from the storage log."""
+
+    def __init__(self, qlog: storage.QueueLog) -> None:
+        self._log = qlog
+
+    def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
+        return self._log.iter_dispatch(start)
+
+    def tags_of(self, index: int) -> Mapping[str, str] | None:
+        entry = self._log.read(index)
+        return None if entry is None else entry.tags
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._log
+
+    @property
+    def next_index(self) -> int:
+        return self._log.next_index
+
+
+class Queue:
+    """One open queue. Not thread-safe: used from the trio thread only."""
+
+    def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config) -> None:
+        self.ref = ref
+        self.log = qlog
+        self.config = config
+        self.dispatcher = Dispatcher(LogSource(qlog), now=trio.current_time)
+        self.changed = Signal()          # fired when entries may have become available
+        self._durable = Signal()         # fired after each fsync round
+        self._flush_wanted = trio.Event()
+        self._failures: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
+        self.closed = False
+
+    @property
+    def ended(self) -> bool:
+        return self.log.state.get("state") == "End"
+
+    # -- durability ---------------------------------------------------------------------------
+    async def wait_durable(self, seq: int | None = None) -> None:
+        """Return once every record up to `seq` (default: all written so far) is durable under
+        the fsync policy; raise `Unavailable` if the fsync covering it failed."""
+        if self.config.fsync != "always":
+            return
+        seq = self.log.appended_seq if seq is None else seq
+        while True:
+            for lo, hi in self._failures:
+                if lo < seq <= hi:
+                    raise Unavailable("the write could not be made durable (fsync failed); not stored")
+            if self.log.durable_seq >= seq:
+                return
+            if self.closed:
+                raise Unavailable("queue closed before the write was durable")
+            self._flush_wanted.set()
+            await self._durable.wait()
+
+    async def flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run group-commit rounds until cancelled; the final round is done by `close()`."""
+        task_status.started()
+        while True:
+            if self.config.fsync == "always":
+                await self._flush_wanted.wait()
+                self._flush_wanted = trio.Event()
+            elif self.config.fsync == "interval":
+                await trio.sleep(self.config.fsync_interval)
+            else:
+                await trio.sleep_forever()
+            if self.log.appended_seq > self.log.durable_seq:
+                await self._sync_round()
+            self._durable.fire()
+
+    async def _sync_round(self) -> None:
+        before = self.log.durable_seq
+        ticket = self.log.sync_begin()
+        try:
+            await trio.to_thread.run_sync(ticket.run)
+            self.log.sync_end(ticket)
+        except storage.StorageError as exc:
+            self._failures.append((before, max(ticket_target(ticket), self.log.appended_seq)))
+            log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, exc)
+            self.changed.fire()
+        except OSError as exc:  # ticket.run raised in the thread: sync_end must still roll back
+            try:
+                self.log.sync_end(ticket)
+            except storage.StorageError:
+                pass
+            self._failures.append((before, max(ticket_target(ticket), self.log.appended_seq)))
+            log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, exc)
+            self.changed.fire()
+
+    async def housekeeping(self) -> None:
+        """Compact the log a little at a time while the server runs."""
+        while True:
+            await trio.sleep(1.0)
+            try:
+                reclaimed = self.log.maybe_compact(budget_bytes=4 * 1024 * 1024)
+            except storage.StorageError as exc:
+                log.error("queue %s: compaction failed: %s", self.ref.name, exc)
+                continue
+            if reclaimed:
+                log.debug("queue %s: compaction reclaimed %d bytes", self.ref.name, reclaimed)
+
+    def close(self) -> None:
+        """Sync and close the log (blocking; called at shutdown after the tasks stopped)."""
+        if not self.closed:
+            self.closed = True
+            self.log.close()
+            self._durable.fire()
+            self.changed.fire()
+
+
+def ticket_target(ticket) -> int:
+    return getattr(ticket, "target", 0)
+
+
+def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
+    """`<data>/<service, percent-encoded>/input` or `.../sink`."""
+    return Path(data_dir) / urllib.parse.quote(ref.service, safe="") / ("sink" if ref.sink else "input")
+
+
+class QueueManager:
+    """Opens queues on first use (or the declared set at start) and owns their tasks."""
+
+    def __init__(self, config: Config, nursery: trio.Nursery) -> None:
+        self.config = config
+        self._nursery = nursery
+        self._queues: dict[QueueRef, Queue] = {}
+        self._opening: dict[QueueRef, trio.Event] = {}
+        self._log_config = storage.LogConfig(
+            segment_bytes=config.segment_bytes,
+            max_payload_bytes=config.max_payload_bytes,
+            max_entries=config.max_length,
+        )
+
+    def __iter__(self) -> Iterator[Queue]:
+        return iter(list(self._queues.values()))
+
+    async def open_declared(self) -> None:
+        for service in self.config.queues:
+            await self.get(QueueRef(service))
+            await self.get(QueueRef(service, sink=True))
+        if self.config.root_service:
+            await self.get(QueueRef(self.config.root_service))
+            await self.get(QueueRef(self.config.root_service, sink=True))
+        # queues created earlier are opened too, so their recovery report is logged at start
+        data = Path(self.config.data_dir)
+        if data.is_dir():
+            for svc_dir in sorted(data.iterdir()):
+                for kind in ("input", "sink"):
+                    if (svc_dir / kind).is_dir():
+                        await self.get(QueueRef(urllib.parse.unquote(svc_dir.name), sink=kind == "sink"))
+
+    async def get(self, ref: QueueRef) -> Queue:
+        """The open queue for `ref`, opening (and recovering) it on first use."""
+        queue = self._queues.get(ref)
+        if queue is not None:
+            return queue
+        if self.config.queues and ref.service not in self.config.queues \
+                and ref.service != self.config.root_service:
+            raise NotFound(f"no queue named {ref.name}")
+        pending = self._opening.get(ref)
+        if pending is not None:
+            await pending.wait()
+            return await self.get(ref)
+        self._opening[ref] = done = trio.Event()
+        try:
+            path = queue_dir(self.config.data_dir, ref)
+            created = not path.exists()
+            qlog = await trio.to_thread.run_sync(
+                lambda: storage.QueueLog.open(path, self._log_config))
+            queue = Queue(ref, qlog, self.config)
+            self._queues[ref] = queue
+            self._report_open(queue, created)
+            await self._nursery.start(queue.flusher)
+            self._nursery.start_soon(queue.housekeeping)
+            return queue
+        except storage.StorageError as exc:
+            log.error("queue %s: cannot open: %s", ref.name, exc)
+            raise Unavailable(f"queue {ref.name} cannot be opened") from exc
+        finally:
+            del self._opening[ref]
+            done.set()
+
+    def _report_open(self, queue: Queue, created: bool) -> None:
+        rec = queue.log.recovery
+        if created:
+            log.info("queue %s created", queue.ref.name)
+            return
+        log.info("queue %s opened: %d entries, recovered in %.3fs", queue.ref.name, queue.log.length,
+                 getattr(rec, "seconds", 0.0))
+        if getattr(rec, "truncated_bytes", 0) or getattr(rec, "skipped", None):
+            log.warning("queue %s: recovery dropped a torn tail of %d bytes, skipped %d records",
+                        queue.ref.name, rec.truncated_bytes, len(rec.skipped or ()))
+
+    def close_all(self) -> None:
+        for queue in list(self._queues.values()):
+            try:
+                queue.close()
+            except storage.StorageError as exc:
+                log.error("queue %s: close failed: %s", queue.ref.name, exc)
+
+    def statistics(self) -> dict:
+        return {q.ref.name: q.log.statistics() for q in self._queues.values()}
