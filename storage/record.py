@@ -1,0 +1,273 @@
+"""Encode and decode one framed record; read whole files as records plus a named outcome.
+
+Strategy: a frame is ``u32 length | u32 crc32(body) | msgpack body`` (little endian header, see
+FORMAT.md). Decoding never guesses: every way a read can end is reported as a ``ReadOutcome`` of kind
+``clean``, ``torn`` (nothing valid follows the bad frame) or ``corrupt`` (a valid frame follows it). The
+strict reader stops at corruption; the lenient one reports it, resynchronises on the next valid frame and
+goes on. This module is the single definition of the format: ``tools/`` and recovery reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+import msgpack
+
+__all__ = [
+    "FRAME", "HEADER_SIZE", "MAX_RECORD", "ENTRY", "DELETE", "TRUNCATE", "STATE", "CHECKPOINT",
+    "EntryRecord", "DeleteRecord", "TruncateRecord", "StateRecord", "CheckpointRecord", "Record",
+    "ReadOutcome", "encode_entry", "encode_delete", "encode_truncate", "encode_state",
+    "encode_checkpoint", "frame", "decode_body", "decode_frame", "iter_records", "find_next_frame",
+    "REQUEST_ID",
+]
+
+FRAME = struct.Struct("<II")
+HEADER_SIZE = FRAME.size
+MAX_RECORD = 256 * 1024 * 1024
+REQUEST_ID = "requestId"
+
+ENTRY, DELETE, TRUNCATE, STATE, CHECKPOINT = 0, 1, 2, 3, 4
+
+# Fixed-width prefix of every ENTRY body: fixarray(8), type 0, uint64 index, int64 priority,
+# uint64 timestamp, bool moved. Legal msgpack, readable with one unpack_from.
+ENTRY_PREFIX = struct.Struct(">BBBQBqBQB")
+ENTRY_PREFIX_SIZE = ENTRY_PREFIX.size  # 30
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRecord:
+    index: int
+    priority: int
+    timestamp_ms: int
+    moved: bool
+    tags: dict
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecord:
+    indexes: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateRecord:
+    below: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecord:
+    values: dict
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    base: int
+    prev: int
+    next_index: int
+    truncate_below: int
+    state: dict
+    segments: tuple
+    why: str = ""
+
+
+Record = Union[EntryRecord, DeleteRecord, TruncateRecord, StateRecord, CheckpointRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOutcome:
+    """How (part of) a read ended. ``kind`` is ``clean``, ``torn`` or ``corrupt``.
+
+    ``offset`` is where the bad frame starts (``clean``: end of file); ``resume`` is the offset of the
+    next valid frame for ``corrupt`` (where the lenient reader continues), else end of file.
+    """
+
+    kind: str
+    path: str
+    offset: int
+    reason: str = ""
+    resume: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return max(0, self.resume - self.offset)
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def frame(body: bytes) -> bytes:
+    """Wrap a body in its length/crc header."""
+    return FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def encode_entry(index: int, priority: int, timestamp_ms: int, tags, data: bytes,
+                 moved: bool = False) -> bytes:
+    """Return the framed ENTRY record."""
+    rid = None
+    rest = tags
+    if REQUEST_ID in tags:
+        rid = tags[REQUEST_ID]
+        rest = {k: v for k, v in tags.items() if k != REQUEST_ID}
+    elif not isinstance(tags, dict):
+        rest = dict(tags)
+    pack = _packer.pack
+    body = b"".join((
+        ENTRY_PREFIX.pack(0x98, ENTRY, 0xCF, index, 0xD3, priority, 0xCF, timestamp_ms,
+                          0xC3 if moved else 0xC2),
+        pack(rid), pack(rest), pack(bytes(data)),
+    ))
+    return frame(body)
+
+
+def encode_delete(indexes) -> bytes:
+    return frame(_packer.pack([DELETE, list(indexes)]))
+
+
+def encode_truncate(below: int) -> bytes:
+    return frame(_packer.pack([TRUNCATE, below]))
+
+
+def encode_state(values: dict) -> bytes:
+    return frame(_packer.pack([STATE, dict(values)]))
+
+
+def encode_checkpoint(cp: CheckpointRecord) -> bytes:
+    return frame(_packer.pack([CHECKPOINT, {
+        "v": 1, "base": cp.base, "prev": cp.prev, "next": cp.next_index, "trunc": cp.truncate_below,
+        "state": dict(cp.state), "segs": list(cp.segments), "why": cp.why,
+    }]))
+
+
+def _str_dict(d) -> dict:
+    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+        raise ValueError("expected a map of str to str")
+    return d
+
+
+def decode_body(body) -> Record:
+    """Decode one msgpack body. Raises ``ValueError`` if it is not a well-formed record."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ValueError(f"undecodable msgpack: {exc}") from None
+    if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
+        raise ValueError("record is not a typed array")
+    t = obj[0]
+    try:
+        if t == ENTRY and len(obj) == 8:
+            _, index, prio, ts, moved, rid, tags, data = obj
+            tags = dict(_str_dict(tags))
+            if rid is not None:
+                if not isinstance(rid, str):
+                    raise ValueError("bad requestId")
+                tags[REQUEST_ID] = rid
+            if not (isinstance(index, int) and isinstance(prio, int) and isinstance(ts, int)
+                    and isinstance(data, bytes) and index >= 1):
+                raise ValueError("bad entry fields")
+            return EntryRecord(index, prio, ts, bool(moved), tags, data)
+        if t == DELETE and len(obj) == 2 and isinstance(obj[1], list) \
+                and all(isinstance(i, int) for i in obj[1]):
+            return DeleteRecord(tuple(obj[1]))
+        if t == TRUNCATE and len(obj) == 2 and isinstance(obj[1], int):
+            return TruncateRecord(obj[1])
+        if t == STATE and len(obj) == 2:
+            return StateRecord(dict(_str_dict(obj[1])))
+        if t == CHECKPOINT and len(obj) == 2 and isinstance(obj[1], dict):
+            m = obj[1]
+            return CheckpointRecord(int(m["base"]), int(m["prev"]), int(m["next"]), int(m["trunc"]),
+                                    dict(_str_dict(m["state"])), tuple(int(b) for b in m["segs"]),
+                                    str(m.get("why", "")))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"bad record fields: {exc!r}") from None
+    raise ValueError(f"unknown record type {t!r}")
+
+
+def decode_frame(buf, offset: int) -> tuple[Record, int] | str:
+    """Decode the frame at ``offset``. Returns ``(record, next_offset)`` or a reason string."""
+    n = len(buf)
+    if offset + HEADER_SIZE > n:
+        return "incomplete frame header"
+    length, crc = FRAME.unpack_from(buf, offset)
+    if length == 0:
+        return "zero length"
+    if length > MAX_RECORD:
+        return f"length {length} too large"
+    end = offset + HEADER_SIZE + length
+    if end > n:
+        return f"length {length} runs past end of file"
+    body = memoryview(buf)[offset + HEADER_SIZE:end]
+    if zlib.crc32(body) != crc:
+        return "crc mismatch"
+    try:
+        return decode_body(body), end
+    except ValueError as exc:
+        return str(exc)
+
+
+_FIXARRAY = re.compile(rb"[\x91-\x9f]")
+
+
+def find_next_frame(buf, start: int) -> int | None:
+    """Offset of the first valid frame at or after ``start`` (resynchronisation), or None."""
+    for m in _FIXARRAY.finditer(buf, start + HEADER_SIZE):
+        pos = m.start() - HEADER_SIZE
+        length, crc = FRAME.unpack_from(buf, pos)
+        if length == 0 or pos + HEADER_SIZE + length > len(buf):
+            continue
+        if not isinstance(decode_frame(buf, pos), str):
+            return pos
+    return None
+
+
+def classify_bad_frame(buf, offset: int, reason: str, path: str) -> ReadOutcome:
+    """A bad frame at ``offset``: corrupt if a valid frame follows, torn otherwise."""
+    nxt = find_next_frame(buf, offset + 1)
+    if nxt is None:
+        tail = bytes(buf[offset:])
+        if tail.count(0) == len(tail):
+            reason = f"{reason} (zero-filled tail)"
+        return ReadOutcome("torn", path, offset, reason, len(buf))
+    return ReadOutcome("corrupt", path, offset, reason, nxt)
+
+
+def iter_records(source, lenient: bool = False, *, path: str | None = None
+                 ) -> Iterator[tuple[int, Union[Record, ReadOutcome]]]:
+    """Read every record of a segment file.
+
+    Args:
+        source: a path (str / PathLike) or a bytes-like object holding a whole file.
+        lenient: keep going past corruption (report it and resynchronise) instead of stopping.
+        path: name to use in outcomes when ``source`` is bytes.
+
+    Yields:
+        ``(offset, record)`` for each valid record, ``(offset, ReadOutcome("corrupt", ...))`` for each
+        corrupt stretch, and last ``(offset, ReadOutcome)`` of kind ``clean`` or ``torn`` (or
+        ``corrupt`` in strict mode, which stops there).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        name = path or os.fspath(source)
+        with open(source, "rb") as f:
+            buf = f.read()
+    else:
+        name = path or "<bytes>"
+        buf = source
+    n = len(buf)
+    offset = 0
+    while offset < n:
+        res = decode_frame(buf, offset)
+        if isinstance(res, str):
+            outcome = classify_bad_frame(buf, offset, res, name)
+            yield offset, outcome
+            if outcome.kind == "torn" or not lenient:
+                return
+            offset = outcome.resume
+            continue
+        record, end = res
+        yield offset, record
+        offset = end
+    yield n, ReadOutcome("clean", name, n, "", n)
