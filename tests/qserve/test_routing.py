@@ -1,0 +1,143 @@
+"""Routing: requests to operations, and the status each kind of bad request gets (no server)."""
+
+import pytest
+
+from qserve import events as ev
+from qserve.config import Config
+from qserve.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
+from qserve.routing import header_tags, route
+
+CFG = Config(token="tok")
+
+
+def r(method, path, query=(), headers=None, body=b"", config=CFG, upgrade=False):
+    h = {"authorization": "tok"}
+    h.update(headers or {})
+    return route(method, path, list(query), h, body, config, anonymous_user="anon-1", upgrade=upgrade)
+
+
+def test_put_to_input_and_sink():
+    op = r("POST", "/api/predict/grp.svc", [("k", "v")], body=b"x")
+    assert isinstance(op, ev.Put) and op.queue == ev.QueueRef("grp.svc") and dict(op.tags) == {"k": "v"}
+    op = r("POST", "/api/predict/grp.svc/sink", body=b"x")
+    assert op.queue == ev.QueueRef("grp.svc", sink=True) and op.queue.name == "grp.svc/sink"
+
+
+def test_custom_subpath_put_is_tagged():
+    op = r("POST", "/api/predict/svc/a/b")
+    assert isinstance(op, ev.Put) and op.queue == ev.QueueRef("svc") and dict(op.tags)["_path_"] == "a/b"
+    with pytest.raises(NotFound):
+        r("GET", "/api/predict/svc/a/b")
+
+
+def test_root_mode():
+    cfg = Config(root_service="one")
+    assert r("POST", "/", config=cfg).queue == ev.QueueRef("one")
+    assert r("GET", "/sink", config=cfg).queue == ev.QueueRef("one", sink=True)
+    assert dict(r("POST", "/x/y", config=cfg).tags)["_path_"] == "x/y"
+    assert r("GET", "/api/predict/other", config=cfg).queue == ev.QueueRef("other")
+
+
+def test_unknown_paths_and_declared_queues():
+    with pytest.raises(NotFound):
+        r("GET", "/elsewhere")
+    with pytest.raises(NotFound):
+        r("GET", "/api/predict/")
+    cfg = Config(queues=("a",))
+    assert r("GET", "/api/predict/a", config=cfg).queue.service == "a"
+    with pytest.raises(NotFound):
+        r("GET", "/api/predict/b", config=cfg)
+
+
+def test_token():
+    with pytest.raises(Unauthorized):
+        route("GET", "/api/predict/s", [], {}, b"", CFG, anonymous_user="a")
+    with pytest.raises(Unauthorized):
+        r("GET", "/api/predict/s", headers={"authorization": "nope"})
+    assert isinstance(r("GET", "/api/predict/s", headers={"authorization": "Bearer tok"}), ev.Get)
+    per = Config(token="all", tokens={"s": "mine"})
+    with pytest.raises(Unauthorized):
+        r("GET", "/api/predict/s", headers={"authorization": "all"}, config=per)
+    assert isinstance(r("GET", "/api/predict/t", headers={"authorization": "all"}, config=per), ev.Get)
+
+
+def test_method_not_allowed():
+    with pytest.raises(MethodNotAllowed) as info:
+        r("PATCH", "/api/predict/s")
+    assert ("Allow", "GET, POST, PUT, DELETE") in info.value.headers
+
+
+def test_identity_headers_both_pairs():
+    op = r("GET", "/api/predict/s", headers={"x-eas-queueservice-uid": "u", "x-eas-queueservice-gid": "g"})
+    assert op.identity.consumer_id == "g.u"
+    op = r("GET", "/api/predict/s", headers={"x-eas-queueservice-redis-uid": "u2",
+                                               "x-eas-queueservice-redis-gid": "g2"})
+    assert op.identity.consumer_id == "g2.u2"
+    op = r("GET", "/api/predict/s")
+    assert op.identity.consumer_id == "default_group.anon-1" and op.identity.anonymous
+
+
+def test_get_defaults_and_parameters():
+    op = r("GET", "/api/predict/s")
+    assert (op.start, op.length, op.timeout, op.auto_delete, op.raw, op.protobuf) == (0, 1, 0.0, True, True, False)
+    op = r("GET", "/api/predict/s", [("_index_", "3"), ("_length_", "2"), ("_timeout_", "2s"),
+                                     ("_raw_", "false"), ("_auto_delete_", "FALSE"), ("requestId", "rid"),
+                                     ("a", "b"), ("_unknown_", "x")],
+           headers={"accept": "application/vnd.google.protobuf"})
+    assert (op.start, op.length, op.timeout, op.auto_delete, op.raw, op.protobuf) == (3, 2, 2.0, False, False, True)
+    assert dict(op.tags) == {"requestId": "rid", "a": "b"}
+    assert r("GET", "/api/predict/s", [("_timeout_", "")]).timeout == 0
+    assert r("GET", "/api/predict/s", [("_timeout_", "5")]).timeout == 5
+
+
+@pytest.mark.parametrize("query", [
+    [("_length_", "0")], [("_length_", "x")], [("_index_", "-2")], [("_timeout_", "-1s")],
+    [("_timeout_", "soon")], [("_raw_", "maybe")], [("_auto_delete_", "yes please")],
+])
+def test_bad_get_parameters(query):
+    with pytest.raises(BadRequest):
+        r("GET", "/api/predict/s", query)
+
+
+def test_other_get_operations():
+    assert isinstance(r("GET", "/api/predict/s", [("_attrs_", "true")]), ev.Attributes)
+    assert r("GET", "/api/predict/s", [("_search_", "true"), ("_index_", "4")]).index == 4
+    op = r("GET", "/api/predict/s", [("_count_", "true"), ("_priority_", "1"), ("t", "v")])
+    assert isinstance(op, ev.Count) and op.priority == 1 and dict(op.tags) == {"t": "v"}
+    op = r("GET", "/api/predict/s", [("_watch_", "true"), ("_index_", "0"), ("_window_", "5"),
+                                     ("_index_only_", "true"), ("_auto_commit_", "1"), ("t", "1")], upgrade=True)
+    assert isinstance(op, ev.Watch) and (op.window, op.index_only, op.auto_commit, op.websocket) == (5, True, True, True)
+    assert r("GET", "/api/predict/s", [("_watch_", "true")]).window == 10
+    with pytest.raises(BadRequest):
+        r("GET", "/api/predict/s", [("_watch_", "true"), ("_window_", "0")])
+
+
+def test_put_priority_from_param_or_header_and_header_tags():
+    assert r("POST", "/api/predict/s", [("_priority_", "2")]).priority == 2
+    assert r("POST", "/api/predict/s", headers={"x-eas-queueservice-priority": "3"}).priority == 3
+    with pytest.raises(BadRequest):
+        r("POST", "/api/predict/s", [("_priority_", "-1")])
+    op = r("POST", "/api/predict/s", headers={"content-type": "text/plain", "x-eas-trace": "t",
+                                               "x-eas-queueservice-uid": "u"})
+    tags = dict(op.tags)
+    assert tags["Header:Content-Type"] == "text/plain" and tags["Header:X-Eas-Trace"] == "t"
+    assert not any("Uid" in k or "Authorization" in k for k in tags)
+
+
+def test_header_tags_never_auth_or_identity():
+    assert header_tags({"authorization": "x", "x-eas-queueservice-redis-gid": "g"}) == []
+
+
+def test_end_delete_truncate_commit_negative():
+    assert r("POST", "/api/predict/s", [("_eos_", "true"), ("_force_", "true")]).force
+    assert r("DELETE", "/api/predict/s", [("_indexes_", "1,2")]).indexes == (1, 2)
+    assert r("DELETE", "/api/predict/s", [("_index_", "7")]).indexes == (7,)
+    assert r("DELETE", "/api/predict/s", [("_index_", "7"), ("_trunc_", "true")]).below == 7
+    assert isinstance(r("PUT", "/api/predict/s", [("_indexes_", "3")]), ev.Commit)
+    op = r("PUT", "/api/predict/s", [("_indexes_", "3"), ("_negative_", "true")],
+           body=b"_code_=Shutdown&_reason_=bye+now")
+    assert isinstance(op, ev.Negative) and (op.code, op.reason) == ("Shutdown", "bye now")
+    for method, query in [("DELETE", []), ("PUT", []), ("DELETE", [("_indexes_", "a,b")]),
+                          ("DELETE", [("_trunc_", "true")])]:
+        with pytest.raises(BadRequest):
+            r(method, "/api/predict/s", query)
