@@ -99,9 +99,9 @@ class App:
         tags["requestId"] = request_id
         tags["ts@sink" if queue.ref.sink else "ts@source"] = str(_now_ms())
         entry = queue.log.append(op.data, tags, op.priority)
-        seq = queue.log.appended_seq
+        mark = queue.write_mark()
         queue.changed.fire()
-        await queue.wait_durable(seq)
+        await queue.wait_durable(mark)
         return Response(200, str(entry.index).encode(),
                         [*TEXT, ("X-Eas-Queueservice-Request-Id", request_id)])
 

@@ -12,7 +12,6 @@ them all (sync + close) at shutdown.
 
 from __future__ import annotations
 
-import collections
 import logging
 import urllib.parse
 from pathlib import Path
@@ -78,7 +77,8 @@ class Queue:
         self.changed = Signal()          # fired when entries may have become available
         self._durable = Signal()         # fired after each fsync round
         self._flush_wanted = trio.Event()
-        self._failures: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
+        self._epoch = 0                           # incremented by every failed fsync round
+        self._durable_before: dict[int, int] = {}  # epoch -> durable_seq before the failure that began it
         self.closed = False
 
     @property
@@ -86,16 +86,26 @@ class Queue:
         return self.log.state.get("state") == "End"
 
     # -- durability ---------------------------------------------------------------------------
-    async def wait_durable(self, seq: int | None = None) -> None:
-        """Return once every record up to `seq` (default: all written so far) is durable under
-        the fsync policy; raise `Unavailable` if the fsync covering it failed."""
+    def write_mark(self) -> tuple[int, int]:
+        """A token for "everything written so far", to pass to `wait_durable` later."""
+        return self._epoch, self.log.appended_seq
+
+    async def wait_durable(self, mark: tuple[int, int] | None = None) -> None:
+        """Return once everything written up to `mark` (default: now) is durable under the fsync
+        policy; raise `Unavailable` if an fsync failed first and the write was rolled back.
+
+        Failures are tracked by epoch, not by sequence number alone: after a rollback the log may
+        hand out the rolled-back sequence numbers again.
+        """
         if self.config.fsync != "always":
             return
-        seq = self.log.appended_seq if seq is None else seq
+        epoch, seq = self.write_mark() if mark is None else mark
         while True:
-            for lo, hi in self._failures:
-                if lo < seq <= hi:
+            if self._epoch != epoch:
+                # an fsync failed after this write: it survived only if it was durable before
+                if seq > self._durable_before[epoch + 1]:
                     raise Unavailable("the write could not be made durable (fsync failed); not stored")
+                return
             if self.log.durable_seq >= seq:
                 return
             if self.closed:
@@ -104,7 +114,7 @@ class Queue:
             await self._durable.wait()
 
     async def flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run group-commit rounds until cancelled; the final round is done by `close()`."""
+        """Run group-commit rounds until cancelled; the final sync is done by `close()`."""
         task_status.started()
         while True:
             if self.config.fsync == "always":
@@ -121,20 +131,19 @@ class Queue:
     async def _sync_round(self) -> None:
         before = self.log.durable_seq
         ticket = self.log.sync_begin()
+        failure: BaseException | None = None
         try:
             await trio.to_thread.run_sync(ticket.run)
-            self.log.sync_end(ticket)
+        except OSError as exc:
+            failure = exc
+        try:
+            self.log.sync_end(ticket)   # after a failed run() this rolls back and raises
         except storage.StorageError as exc:
-            self._failures.append((before, max(ticket_target(ticket), self.log.appended_seq)))
-            log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, exc)
-            self.changed.fire()
-        except OSError as exc:  # ticket.run raised in the thread: sync_end must still roll back
-            try:
-                self.log.sync_end(ticket)
-            except storage.StorageError:
-                pass
-            self._failures.append((before, max(ticket_target(ticket), self.log.appended_seq)))
-            log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, exc)
+            failure = exc
+        if failure is not None:
+            self._epoch += 1
+            self._durable_before[self._epoch] = before
+            log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, failure)
             self.changed.fire()
 
     async def housekeeping(self) -> None:
@@ -156,10 +165,6 @@ class Queue:
             self.log.close()
             self._durable.fire()
             self.changed.fire()
-
-
-def ticket_target(ticket) -> int:
-    return getattr(ticket, "target", 0)
 
 
 def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
