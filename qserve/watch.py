@@ -1,0 +1,173 @@
+"""Watch: push a queue's entries to consumers over WebSocket or a length-delimited HTTP stream.
+
+Strategy: the group logic (who gets which entry, windows, redelivery) is `groups.Dispatcher`,
+sans-I/O. This module is the thin trio edge around it: one `Session` per watching connection
+attaches a consumer, then loops *poll -> read entries -> (auto-commit: delete, wait until the
+delete is durable) -> send frames*, and sleeps on the queue's `changed` signal when the
+dispatcher has nothing for it. A reader task drains client frames (trio-websocket answers pings)
+and notices the disconnect; a keep-alive task pings a silent client and drops it when no pong
+comes. Whatever ends a session (disconnect, replacement by the same consumer id, shutdown),
+`detach` gives its uncommitted entries back to its group at once.
+
+Bounds: frames in flight per socket are bounded by the consumer's window (manual commit: entries
+held; auto-commit: entries handed out and not yet written); client messages are bounded by the
+edge's `max_message_size` and message queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+import trio_websocket
+
+from . import events as ev
+from . import protobuf
+from .errors import BadRequest
+from .groups import ConsumerSpec
+from .http import Request, Response
+from .queues import Queue
+
+__all__ = ["WatchService", "KEEPALIVE_INTERVAL", "KEEPALIVE_TIMEOUT"]
+
+log = logging.getLogger("qserve")
+
+KEEPALIVE_INTERVAL = 20.0   # seconds of client silence before the server pings
+KEEPALIVE_TIMEOUT = 20.0    # seconds to wait for the pong before dropping the consumer
+
+
+class Session:
+    """One attached consumer on one queue; `run()` returns when it is over."""
+
+    def __init__(self, queue: Queue, op: ev.Watch) -> None:
+        self.queue = queue
+        self.op = op
+        self.spec = ConsumerSpec(group=op.identity.group, user=op.identity.user, window=op.window,
+                                 auto_commit=op.auto_commit, start=op.start, tags=op.tags)
+        self.cancel_scope = trio.CancelScope()
+        self.frames_sent = 0
+
+    @property
+    def consumer_id(self) -> str:
+        return self.spec.id
+
+    def frame_for(self, entry) -> bytes:
+        notes = self.queue.dispatcher.annotations(entry.index)
+        tags = {**entry.tags, **notes} if notes else entry.tags
+        return protobuf.encode_frame(entry.index, tags, b"" if self.op.index_only else entry.data)
+
+    async def pump(self, send) -> None:
+        """Deliver entries forever through `send(frame_bytes)`."""
+        queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
+        while True:
+            indexes = dispatcher.poll(cid)
+            if not indexes:
+                await queue.changed.wait()
+                continue
+            entries = []
+            gone = []
+            for index in indexes:
+                entry = queue.log.read(index)
+                (entries if entry is not None else gone).append(entry if entry is not None else index)
+            if gone:
+                dispatcher.removed(gone)
+            if self.op.auto_commit and entries:
+                removed = queue.log.delete([e.index for e in entries])
+                dispatcher.removed(removed)
+                # the frame goes out only once its delete is durable: it can never come back
+                await queue.wait_durable()
+            for entry in entries:
+                await send(self.frame_for(entry))
+                self.frames_sent += 1
+            if self.op.auto_commit:
+                dispatcher.sent(cid, indexes)
+                queue.changed.fire()
+
+
+class WatchService:
+    """Owns the watch sessions of every queue. Used from the trio thread only."""
+
+    def __init__(self, app, queues, nursery: trio.Nursery) -> None:
+        self.app = app
+        self.queues = queues
+        self._sessions: dict[tuple[object, str], Session] = {}
+
+    def statistics(self) -> dict:
+        return {"sessions": len(self._sessions)}
+
+    def _open(self, queue: Queue, op: ev.Watch) -> Session:
+        session = Session(queue, op)
+        key = (op.queue, session.consumer_id)
+        old = self._sessions.get(key)
+        if old is not None:  # the same consumer reconnected: the stale socket goes
+            old.cancel_scope.cancel()
+        self._sessions[key] = session
+        queue.dispatcher.attach(session.spec)
+        queue.changed.fire()
+        log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name)
+        return session
+
+    def _close(self, session: Session) -> None:
+        key = (session.op.queue, session.consumer_id)
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+            session.queue.dispatcher.detach(session.consumer_id)
+            session.queue.changed.fire()
+            log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name)
+
+    # -- WebSocket ---------------------------------------------------------------------------
+    async def websocket(self, request: Request, upgrade) -> None:
+        """The edge's WebSocket handler: errors before `accept()` refuse the handshake."""
+        op = self.app.operation_for(request)
+        if not isinstance(op, ev.Watch):
+            raise BadRequest("a WebSocket upgrade must be a watch (_watch_=true)")
+        session = self._open(await self.queues.get(op.queue), op)
+        try:
+            with session.cancel_scope:
+                ws = await upgrade.accept()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_until_closed, ws, nursery.cancel_scope)
+                    nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                    try:
+                        await session.pump(ws.send_message)
+                    except trio_websocket.ConnectionClosed:
+                        nursery.cancel_scope.cancel()
+        finally:
+            self._close(session)
+
+    @staticmethod
+    async def _read_until_closed(ws, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                await ws.get_message()   # clients send nothing but pings (answered by trio-websocket)
+        except trio_websocket.ConnectionClosed:
+            pass
+        scope.cancel()
+
+    @staticmethod
+    async def _keepalive(ws, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                await trio.sleep(KEEPALIVE_INTERVAL)
+                with trio.move_on_after(KEEPALIVE_TIMEOUT) as waited:
+                    await ws.ping()
+                if waited.cancelled_caught:
+                    log.info("watcher at %s gave no pong in %.0fs; dropping it", ws.remote, KEEPALIVE_TIMEOUT)
+                    break
+        except trio_websocket.ConnectionClosed:
+            pass
+        scope.cancel()
+
+    # -- HTTP streaming watch (PROTOCOL.md 5.12) ----------------------------------------------
+    async def http_stream(self, op: ev.Watch) -> Response:
+        queue = await self.queues.get(op.queue)   # errors here are still a status line
+
+        async def stream(send) -> None:
+            session = self._open(queue, op)
+            try:
+                with session.cancel_scope:
+                    await session.pump(lambda frame: send(protobuf.length_delimited(frame)))
+            finally:
+                self._close(session)
+
+        return Response(200, headers=[("Content-Type", "application/vnd.google.protobuf")], stream=stream)
