@@ -1,0 +1,198 @@
+"""The WebSocket half of the edge: hand an HTTP connection that asked for an upgrade to trio-websocket.
+
+Strategy (STYLE rule 6, choice (b)): h11 parses every request first. When `http.py` decides a request
+is a WebSocket upgrade, the connection stops using h11 and the bytes h11 already consumed for this
+request (its head plus anything the client sent after it) are put back in front of the socket by a
+`ReplayStream`. `trio_websocket.wrap_server_stream` then reads the handshake from that stream as if
+it were fresh, so trio-websocket owns the connection from the first byte: its single reader task,
+its locked `_send` (the one writer of the socket from then on), automatic pongs, the bounded
+message queue and `max_message_size`. We chose this over (a), wsproto's post-handshake
+`Connection(..., trailing_data=...)`, because trio-websocket only accepts a `WSConnection` that
+performs the handshake itself; (a) would mean reaching into its private state.
+
+The application decides the handshake: the WebSocket handler receives a `WebSocketUpgrade` and calls
+`accept()` (which returns the `trio_websocket.WebSocketConnection`) or `reject(status, body)`;
+raising a `QServeError` before accepting rejects with that error's status and reason
+(`errors.error_response`), raising after accepting closes with `errors.ws_close_for`.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+import trio_websocket
+
+from . import errors
+
+__all__ = ["ReplayStream", "WebSocketUpgrade", "run_upgrade"]
+
+log = logging.getLogger("qserve.http")
+
+_CLOSE_SECONDS = 2.0  # bound on the closing handshake and on rejecting during cleanup
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream that first returns ``prefix``, then whatever the wrapped stream receives.
+
+    Sends, ``wait_send_all_might_not_block`` and ``aclose`` go straight to the wrapped stream.
+    Not task-safe beyond what `trio.abc.Stream` promises (one receiver, one sender at a time).
+
+    Args:
+        stream: the transport, for example a `trio.SocketStream`.
+        prefix: bytes already read from ``stream`` that the next reader must see first.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes = b"") -> None:
+        self.transport_stream = stream
+        self._prefix = bytearray(prefix)
+        self._closed = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if not self._prefix:
+            return await self.transport_stream.receive_some(max_bytes)
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        await trio.lowlevel.checkpoint()
+        n = len(self._prefix) if max_bytes is None else max_bytes
+        data = bytes(self._prefix[:n])
+        del self._prefix[:n]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._prefix.clear()
+        await self.transport_stream.aclose()
+
+
+class WebSocketUpgrade:
+    """A WebSocket handshake waiting for the application to accept or reject it.
+
+    ``state`` is ``"pending"``, then ``"accepted"`` or ``"rejected"``. Call one of `accept` or
+    `reject` once, from the handler's task (not task-safe).
+    """
+
+    def __init__(self, ws_request: trio_websocket.WebSocketRequest) -> None:
+        self._ws_request = ws_request
+        self.state = "pending"
+        self.connection: trio_websocket.WebSocketConnection | None = None
+
+    async def accept(self, *, headers: Iterable[tuple[str, str]] = ()) -> trio_websocket.WebSocketConnection:
+        """Send ``101 Switching Protocols`` and return the open connection.
+
+        Raises:
+            RuntimeError: the handshake was already decided.
+            trio_websocket.ConnectionClosed: the client went away.
+        """
+        self._decide("accepted")
+        self.connection = await self._ws_request.accept(extra_headers=_encode(headers))
+        return self.connection
+
+    async def reject(self, status: int, body: bytes = b"", *, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """Refuse the handshake with an HTTP response (for example 401); the connection then closes.
+
+        Raises:
+            RuntimeError: the handshake was already decided.
+            ValueError: ``status`` is not a final status that refuses an upgrade (300-599).
+        """
+        if not 300 <= status <= 599:
+            raise ValueError(f"cannot reject a WebSocket handshake with status {status}")
+        self._decide("rejected")
+        await self._ws_request.reject(status, extra_headers=_encode(headers), body=body or None)
+
+    async def _reject_with(self, exc: BaseException) -> None:
+        status, headers, body = errors.error_response(exc)
+        await self.reject(status, body, headers=headers)
+
+    def _decide(self, state: str) -> None:
+        if self.state != "pending":
+            raise RuntimeError(f"WebSocket handshake already {self.state}")
+        self.state = state
+
+
+def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+async def run_upgrade(
+    stream: trio.abc.Stream,
+    consumed: bytes,
+    handler: Callable[[WebSocketUpgrade], Awaitable[None]],
+    *,
+    max_message_size: int,
+    message_queue_size: int,
+    handshake_timeout: float,
+    scope: trio.CancelScope,
+) -> WebSocketUpgrade | None:
+    """Run one upgraded connection to its end and close ``stream``.
+
+    Args:
+        stream: the connection, with nothing written to it since the upgrade request.
+        consumed: the bytes already read for the upgrade request (its head and anything after it).
+        handler: the application's callback; it accepts or rejects and then uses the connection.
+        max_message_size, message_queue_size: trio-websocket's bounds for client messages.
+        handshake_timeout: bound on trio-websocket re-reading the handshake.
+        scope: the handler runs inside it; cancelling it (at shutdown) closes the socket with 1001.
+
+    Returns:
+        The `WebSocketUpgrade` (its ``state`` says how the handshake ended), or None when the
+        handshake could not even be re-read.
+    """
+    replay = ReplayStream(stream, consumed)
+    upgrade: WebSocketUpgrade | None = None
+    try:
+        async with trio.open_nursery() as reader_nursery:  # trio-websocket's reader task lives here
+            with trio.move_on_after(handshake_timeout):
+                upgrade = WebSocketUpgrade(await trio_websocket.wrap_server_stream(
+                    reader_nursery, replay, message_queue_size=message_queue_size,
+                    max_message_size=max_message_size))
+            if upgrade is not None:
+                await _run_handler(upgrade, handler, scope)
+            reader_nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(replay)
+    return upgrade
+
+
+async def _run_handler(upgrade: WebSocketUpgrade, handler, scope: trio.CancelScope) -> None:
+    failure: BaseException | None = None
+    try:
+        with scope:
+            await handler(upgrade)
+    except trio_websocket.ConnectionClosed:
+        pass  # the client went away (EOF, reset or close frame): a normal end
+    except Exception as exc:  # noqa: BLE001 - rendered to the client by errors.py, logged if unexpected
+        failure = exc
+        if not isinstance(exc, errors.QServeError):
+            log.error("websocket handler failed: %r", exc)
+            log.debug("websocket handler traceback", exc_info=True)
+    with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_SECONDS):
+        try:
+            if upgrade.state == "pending":
+                if failure is None and not scope.cancelled_caught:
+                    log.error("websocket handler returned without accepting or rejecting")
+                    failure = errors.InternalError()
+                await upgrade._reject_with(failure or errors.Unavailable("server shutting down"))
+            elif upgrade.state == "accepted":
+                assert upgrade.connection is not None
+                if failure is not None:
+                    code, reason = errors.ws_close_for(failure)
+                elif scope.cancelled_caught:
+                    code, reason = 1001, "server shutting down"
+                else:
+                    code, reason = 1000, ""
+                await upgrade.connection.aclose(code, reason or None)
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
