@@ -1,0 +1,236 @@
+"""Query-parameter parsing: pure functions from decoded query strings to typed values.
+
+Strategy: every parser takes the parameter's name, its raw (already URL-decoded) value or ``None``
+when absent, and a default; it returns the typed value or raises `ParamError` with a one-line
+reason that names the parameter and quotes (a bounded, escaped prefix of) the offending value.
+The caller turns `ParamError` into a 400 (PROTOCOL.md "Decisions": bad requests). No I/O, no
+state, nothing here knows about HTTP.
+
+Accepted forms (PROTOCOL.md 2.2 and "Decisions for qserve"):
+
+- booleans: ``true``/``false``/``1``/``0`` in any case; nothing else (not ``t``, ``yes``, ``""``);
+- integers: ASCII decimal with an optional sign, limited to 64 bits (-2**63 .. 2**64-1) on top of
+  the caller's ``minimum``/``maximum``;
+- durations: Go ``time.ParseDuration`` syntax (``300ms``, ``1m30s``, ``1.5h``, ``2us``, ``10µs``,
+  ``10μs``, ``-1s``, ``0``) plus bare numbers meaning seconds (``5``, ``2.5``); the empty string is
+  0; negative values and values beyond Go's range (about 292 years) are rejected. Arithmetic is
+  exact in integer nanoseconds, as in Go, before the final conversion to float seconds;
+- index lists: comma-separated unsigned 64-bit decimals, blanks around items and empty items
+  (``1,,2,``) tolerated, duplicates dropped keeping first-seen order, at least one index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = [
+    "ParamError", "parse_bool", "parse_int", "parse_duration", "parse_index_list",
+    "split_params", "is_control_name",
+]
+
+_I64_MIN = -(1 << 63)
+_U64_MAX = (1 << 64) - 1
+_SHOW_LIMIT = 40
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_UINT_RE = re.compile(r"[0-9]+")
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+# Go time.ParseDuration units, in nanoseconds.
+_UNITS = {
+    "ns": 1,
+    "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000,  # "us", micro sign, Greek mu
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60 * 1_000_000_000,
+    "h": 3600 * 1_000_000_000,
+}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_UNIT = r"(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
+_DURATION_RE = re.compile(rf"([+-]?)((?:{_NUMBER}{_UNIT})+|{_NUMBER})")
+_COMPONENT_RE = re.compile(rf"({_NUMBER})({_UNIT})?")
+_MAX_DURATION_NS = (1 << 63) - 1  # Go's time.Duration is int64 nanoseconds
+_MAX_DIGITS = 30                  # beyond this a component overflows anyway; bounds int() work
+
+
+class ParamError(ValueError):
+    """A query parameter has a value the server cannot accept.
+
+    ``str(exc)`` is a one-line reason naming the parameter, fit to send to the client.
+    """
+
+    def __init__(self, name: str, expected: str, value: str | None):
+        got = "nothing" if value is None else _show(value)
+        super().__init__(f"{name}: expected {expected}, got {got}")
+        self.name = name
+
+
+def _show(value: str) -> str:
+    """Quote a client-supplied value for an error reason: bounded, escaped, one line."""
+    if len(value) > _SHOW_LIMIT:
+        return repr(value[:_SHOW_LIMIT]) + "..."
+    return repr(value)
+
+
+def parse_bool(name: str, value: str | None, default: bool) -> bool:
+    """Parse a boolean parameter.
+
+    Args:
+        name: the parameter name, for the error reason.
+        value: the decoded value, or ``None`` when the parameter is absent.
+        default: returned when absent.
+
+    Returns:
+        The boolean.
+
+    Raises:
+        ParamError: anything but ``true``/``false``/``1``/``0`` (any case).
+    """
+    if value is None:
+        return default
+    try:
+        return _BOOLS[value.lower()]
+    except KeyError:
+        raise ParamError(name, "true, false, 1 or 0", value) from None
+
+
+def _int_expectation(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"an integer between {minimum} and {maximum}"
+    if minimum is not None:
+        return f"an integer >= {minimum}"
+    if maximum is not None:
+        return f"an integer <= {maximum}"
+    return "an integer"
+
+
+def parse_int(name: str, value: str | None, default: int, *,
+              minimum: int | None = None, maximum: int | None = None) -> int:
+    """Parse a decimal integer parameter.
+
+    Args:
+        name: the parameter name, for the error reason.
+        value: the decoded value, or ``None`` when the parameter is absent.
+        default: returned (unchecked) when absent.
+        minimum, maximum: inclusive bounds, if any. The value must also fit 64 bits
+            (-2**63 .. 2**64-1), whatever the bounds.
+
+    Returns:
+        The integer.
+
+    Raises:
+        ParamError: not an optionally signed run of ASCII digits, or out of range.
+    """
+    if value is None:
+        return default
+    expected = _int_expectation(minimum, maximum)
+    if not _INT_RE.fullmatch(value) or len(value.lstrip("+-0")) > 20:
+        raise ParamError(name, expected, value)
+    n = int(value)
+    if not _I64_MIN <= n <= _U64_MAX:
+        raise ParamError(name, expected, value)
+    if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
+        raise ParamError(name, expected, value)
+    return n
+
+
+def _component_ns(number: str, unit_ns: int) -> int:
+    """Exact nanoseconds of one ``number`` in a unit, fraction truncated (as Go does)."""
+    whole, _, frac = number.partition(".")
+    whole = whole.lstrip("0")
+    if len(whole) > _MAX_DIGITS:
+        return _MAX_DURATION_NS + 1
+    frac = frac[:_MAX_DIGITS]
+    ns = int(whole or "0") * unit_ns
+    if frac:
+        ns += int(frac) * unit_ns // 10 ** len(frac)
+    return ns
+
+
+def parse_duration(name: str, value: str | None, default: float) -> float:
+    """Parse a duration parameter into seconds.
+
+    Args:
+        name: the parameter name, for the error reason.
+        value: the decoded value, or ``None`` when the parameter is absent.
+        default: seconds, returned when absent.
+
+    Returns:
+        Non-negative seconds (``""`` and ``"0"`` give ``0.0``).
+
+    Raises:
+        ParamError: not Go duration syntax nor a bare number, negative, or beyond Go's range.
+    """
+    if value is None:
+        return default
+    if value == "":
+        return 0.0
+    match = _DURATION_RE.fullmatch(value)
+    if match is None:
+        raise ParamError(name, "a duration such as 5s, 1m30s, 500ms or 2.5", value)
+    sign, body = match.groups()
+    total = 0
+    for number, unit in _COMPONENT_RE.findall(body):
+        total += _component_ns(number, _UNITS[unit] if unit else _UNITS["s"])
+    if total > _MAX_DURATION_NS:
+        raise ParamError(name, "a duration within about 292 years", value)
+    if sign == "-" and total:
+        raise ParamError(name, "a non-negative duration", value)
+    return total / 1e9
+
+
+def parse_index_list(name: str, value: str | None) -> list[int]:
+    """Parse a comma-separated list of entry indexes (``_indexes_=1,2,3``).
+
+    Args:
+        name: the parameter name, for the error reason.
+        value: the decoded value, or ``None`` when the parameter is absent.
+
+    Returns:
+        The indexes in first-seen order, duplicates removed; never empty.
+
+    Raises:
+        ParamError: absent, no index at all, or an item that is not an unsigned 64-bit decimal.
+    """
+    expected = "a comma-separated list of unsigned integers"
+    if value is None:
+        raise ParamError(name, expected, None)
+    seen: dict[int, None] = {}
+    for item in value.split(","):
+        item = item.strip(" \t")
+        if not item:
+            continue
+        if not _UINT_RE.fullmatch(item) or len(item.lstrip("0")) > 20 or int(item) > _U64_MAX:
+            raise ParamError(name, expected, value)
+        seen[int(item)] = None
+    if not seen:
+        raise ParamError(name, expected, value)
+    return list(seen)
+
+
+def is_control_name(name: str) -> bool:
+    """True for a system parameter name: ``_x_``, starting and ending with ``_``, length > 2."""
+    return len(name) > 2 and name[0] == "_" and name[-1] == "_"
+
+
+def split_params(query: Iterable[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split decoded query pairs into control parameters and tags.
+
+    Args:
+        query: ``(name, value)`` pairs, for example from ``urllib.parse.parse_qsl(...,
+            keep_blank_values=True)``.
+
+    Returns:
+        ``(control, tags)``: names like ``_length_`` go to ``control``, every other name (including
+        ``_``, ``__`` and ``_x``) to ``tags``; for a repeated name the last value wins. Unknown
+        control names are kept in ``control`` for the caller to ignore; they never become tags.
+    """
+    control: dict[str, str] = {}
+    tags: dict[str, str] = {}
+    for name, value in query:
+        if is_control_name(name):
+            control[name] = value
+        else:
+            tags[name] = value
+    return control, tags
