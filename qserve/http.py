@@ -247,6 +247,8 @@ class HTTPServer:
     async def _run_connection(self, stream: trio.abc.Stream) -> None:
         try:
             await _Connection(self, stream).run()
+        except Exception:  # a bug in the edge: lose this connection, not the server
+            log.exception("connection task failed")
         finally:
             self._connections -= 1
             self._check_drained()
@@ -515,8 +517,9 @@ class _Connection:
         return False
 
     async def _drain(self) -> None:
-        """Half-close, then read and discard (bounded) so closing does not reset the response away."""
-        with trio.move_on_after(_DRAIN_SECONDS):
+        """Half-close, then read and discard (bounded; cut short by shutdown) so that closing does not
+        reset the response away before the client read it."""
+        with self._server._until_shutdown() as scope, scope, trio.move_on_after(_DRAIN_SECONDS):
             try:
                 if isinstance(self._stream, trio.abc.HalfCloseableStream):
                     await self._stream.send_eof()

@@ -1,0 +1,624 @@
+"""The HTTP/1.1 + WebSocket edge (`qserve.http`, `qserve.websocket`), talked to by real peers.
+
+Peers are h11 client connections, raw bytes, and trio-websocket clients, over a real loopback socket
+(`serve_tcp` on 127.0.0.1, port 0), or over memory streams through a `MemoryListener` when a test
+waits for a timeout (`autojump_clock` then owns time and nothing sleeps for real). Every test runs
+under `trio.fail_after`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import h11
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from qserve import errors
+from qserve.http import HTTPConfig, HTTPServer, Request, Response
+from qserve.websocket import ReplayStream
+
+LIMIT = 10  # seconds (trio's clock) for any test
+
+SMALL = HTTPConfig(max_header_bytes=4096, max_body_bytes=1000, keepalive_timeout=5.0,
+                   request_timeout=3.0, shutdown_grace=2.0)
+
+
+# -- peers and plumbing ------------------------------------------------------------------------------
+
+
+class MemoryListener(trio.abc.Listener):
+    """A listener whose connections are `memory_stream_pair`s (deterministic under autojump_clock)."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel(0)
+
+    async def connect(self) -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+        await self._send.send(server)
+        return client
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self._receive.receive()
+
+    async def aclose(self) -> None:
+        await self._receive.aclose()
+
+
+class Client:
+    """An h11 client over a stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def send(self, *events) -> None:
+        for event in events:
+            data = self.conn.send(event)
+            if data:
+                await self.stream.send_all(data)
+
+    async def next_event(self):
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.conn.receive_data(await self.stream.receive_some(65536))
+
+    async def response(self) -> tuple[h11.Response, bytes]:
+        head = await self.next_event()
+        assert isinstance(head, h11.Response), head
+        body = b""
+        while not isinstance(event := await self.next_event(), h11.EndOfMessage):
+            body += event.data
+        return head, body
+
+    async def request(self, method: str, target: str, body: bytes = b"", headers=()):
+        hdrs = [("Host", "test"), *headers]
+        if body:
+            hdrs.append(("Content-Length", str(len(body))))
+        if self.conn.our_state is h11.DONE:
+            self.conn.start_next_cycle()
+        await self.send(h11.Request(method=method, target=target, headers=hdrs))
+        if body:
+            await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
+        return await self.response()
+
+
+def hdr(response: h11.Response, name: bytes) -> bytes | None:
+    return dict(response.headers).get(name)
+
+
+async def read_to_eof(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
+    """Split raw bytes into responses (each to a GET), with an h11 client that 'sent' them."""
+    conn, out = h11.Connection(h11.CLIENT), []
+    conn.receive_data(data)
+    while True:
+        conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        event = conn.next_event()
+        if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+            return out
+        body = b""
+        while not isinstance(e := conn.next_event(), h11.EndOfMessage):
+            body += e.data
+        out.append((event.status_code, dict(event.headers), body))
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return out
+        conn.start_next_cycle()
+
+
+class App:
+    """A test application: echoes the request and records what it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[Request] = []
+
+    async def __call__(self, request: Request) -> Response:
+        self.seen.append(request)
+        if request.path == "/empty":
+            return Response(204, b"ignored body")
+        if request.path == "/boom":
+            raise RuntimeError("secret internals")
+        if request.path == "/teapot":
+            raise errors.Conflict("queue ended")
+        if request.path == "/slow":
+            await trio.sleep(1.0)
+        text = f"{request.method} {request.path} {list(request.query)} {request.body.decode()}"
+        return Response(200, text.encode(), [("Content-Type", "text/plain"), ("Content-Length", "999")])
+
+
+@asynccontextmanager
+async def tcp_server(app, ws_handler=None, config=SMALL, **kwargs):
+    server = HTTPServer(app, ws_handler, config, **kwargs)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve_tcp, "127.0.0.1", 0)
+        yield server, port
+        server.shutdown()
+
+
+@asynccontextmanager
+async def memory_server(app, ws_handler=None, config=SMALL):
+    server, listener = HTTPServer(app, ws_handler, config), MemoryListener()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, [listener])
+        yield server, listener
+        server.shutdown()
+
+
+# -- parsing, keep-alive, framing ------------------------------------------------------------------
+
+REQ = b"POST /a%20b?x=1&y=&x=2 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nX-Thing: Yes\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytewise", "pipelined"])
+async def test_request_fed_whole_bytewise_and_pipelined(mode):
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (_, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            last = b"GET /last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            if mode == "whole":
+                await stream.send_all(REQ + last)
+            elif mode == "bytewise":
+                for i in range(len(REQ + last)):
+                    await stream.send_all((REQ + last)[i:i + 1])
+            else:  # the second request arrives in the same segment as the first one's body
+                await stream.send_all(REQ[:-3])
+                await stream.send_all(REQ[-3:] + REQ + last)
+            responses = parse_responses(await read_to_eof(stream))
+        expected = 3 if mode == "pipelined" else 2
+        assert [r[0] for r in responses] == [200] * expected
+        assert responses[0][2] == b"POST /a b [('x', '1'), ('y', ''), ('x', '2')] hello"
+        assert responses[-1][2] == b"GET /last [] "
+        first = app.seen[0]
+        assert first.target == "/a%20b?x=1&y=&x=2"
+        assert first.header("x-THING") == "Yes" and first.header("nope", "d") == "d"
+        assert first.client is not None and first.client[0] == "127.0.0.1"
+
+
+async def test_keepalive_content_length_and_204():
+    with trio.fail_after(LIMIT):
+        async with tcp_server(App()) as (server, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            for i in range(5):
+                head, body = await client.request("POST", f"/n{i}", b"x" * i)
+                assert head.status_code == 200
+                assert hdr(head, b"content-length") == str(len(body)).encode()  # the app's 999 is replaced
+                assert body == f"POST /n{i} [] {'x' * i}".encode()
+            head, body = await client.request("GET", "/empty")
+            assert head.status_code == 204 and body == b"" and hdr(head, b"content-length") is None
+            head, body = await client.request("GET", "/after")  # nothing stray followed the 204
+            assert head.status_code == 200 and body == b"GET /after [] "
+            assert server.statistics()["requests_served"] == 7
+            assert server.statistics()["connections_open"] == 1
+
+
+async def test_handler_errors_rendered_by_errors_module(caplog):
+    with trio.fail_after(LIMIT):
+        async with tcp_server(App()) as (server, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            head, body = await client.request("GET", "/teapot")
+            assert (head.status_code, body) == (409, b"queue ended\n")
+            with caplog.at_level(logging.ERROR, logger="qserve.http"):
+                head, body = await client.request("GET", "/boom")
+            assert head.status_code == 500 and b"secret" not in body
+            assert len([r for r in caplog.records if r.name == "qserve.http"]) == 1
+            head, _ = await client.request("GET", "/still-alive")
+            assert head.status_code == 200
+            assert server.statistics()["errors_by_status"] == {409: 1, 500: 1}
+
+
+# -- 100-continue and body limits -------------------------------------------------------------------
+
+
+async def test_expect_100_continue_accepted():
+    with trio.fail_after(LIMIT):
+        async with tcp_server(App()) as (_, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            await client.send(h11.Request(method="PUT", target="/up", headers=[
+                ("Host", "t"), ("Content-Length", "3"), ("Expect", "100-continue")]))
+            event = await client.next_event()
+            assert isinstance(event, h11.InformationalResponse) and event.status_code == 100
+            await client.send(h11.Data(data=b"abc"), h11.EndOfMessage())
+            head, body = await client.response()
+            assert head.status_code == 200 and body == b"PUT /up [] abc"
+
+
+async def test_expect_100_continue_refused_with_413():
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (_, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            await client.send(h11.Request(method="PUT", target="/up", headers=[
+                ("Host", "t"), ("Content-Length", "5000"), ("Expect", "100-continue")]))
+            head, body = await client.response()  # no 100 first
+            assert head.status_code == 413 and hdr(head, b"connection") == b"close"
+            assert app.seen == []
+
+
+async def test_declared_oversize_413_before_reading_and_client_reads_it():
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (server, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n")
+            try:  # the client keeps sending its body for a while: the server drains it
+                for _ in range(20):
+                    await stream.send_all(b"z" * 10000)
+            except trio.BrokenResourceError:
+                pass
+            responses = parse_responses(await read_to_eof(stream))
+            assert [r[0] for r in responses] == [413]
+            assert app.seen == []
+            # the server keeps serving
+            head, _ = await Client(await trio.open_tcp_stream("127.0.0.1", port)).request("GET", "/ok")
+            assert head.status_code == 200
+            assert server.statistics()["errors_by_status"] == {413: 1}
+
+
+async def test_body_limit_for_and_exact_limit():
+    with trio.fail_after(LIMIT):
+        app = App()
+        limit_for = lambda request: 10 if request.path == "/tiny" else 1000  # noqa: E731
+        async with tcp_server(app, body_limit_for=limit_for) as (_, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            head, _ = await client.request("POST", "/tiny", b"x" * 10)
+            assert head.status_code == 200
+            head, _ = await client.request("POST", "/tiny", b"x" * 11)
+            assert head.status_code == 413
+            assert app.seen[0].body == b"x" * 10 and len(app.seen) == 1
+
+
+async def test_chunked_oversize_413():
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (_, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(3):
+                await stream.send_all(b"190\r\n" + b"c" * 400 + b"\r\n")  # 1200 > 1000 bytes
+            responses = parse_responses(await read_to_eof(stream))
+            assert [r[0] for r in responses] == [413] and app.seen == []
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            await client.send(h11.Request(method="POST", target="/c", headers=[
+                ("Host", "t"), ("Transfer-Encoding", "chunked")]),
+                h11.Data(data=b"ab"), h11.Data(data=b"cd"), h11.EndOfMessage())
+            head, body = await client.response()
+            assert head.status_code == 200 and body == b"POST /c [] abcd"
+
+
+# -- malformed and abandoned requests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_header_flood_431(split):
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (_, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            flood = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 50) for i in range(100))
+            if split:  # the limit is hit while the head is still incomplete (h11's bound)
+                try:
+                    for i in range(0, len(flood), 1000):
+                        await stream.send_all(flood[i:i + 1000])
+                except trio.BrokenResourceError:
+                    pass
+            else:  # a complete head larger than the limit in one segment
+                await stream.send_all(flood + b"\r\n")
+            responses = parse_responses(await read_to_eof(stream))
+            assert [r[0] for r in responses] == [431] and app.seen == []
+
+
+async def test_garbage_400_and_close():
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (server, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
+            responses = parse_responses(await read_to_eof(stream))
+            assert [r[0] for r in responses] == [400] and app.seen == []
+            assert responses[0][2] == b"malformed HTTP request\n"
+            head, _ = await Client(await trio.open_tcp_stream("127.0.0.1", port)).request("GET", "/")
+            assert head.status_code == 200
+
+
+async def test_client_stops_mid_body_handler_not_called():
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (server, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"POST /half HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly-some")
+            await stream.send_eof()
+            assert await read_to_eof(stream) == b""  # no response: the request was abandoned
+            head, _ = await Client(await trio.open_tcp_stream("127.0.0.1", port)).request("GET", "/next")
+            assert head.status_code == 200
+            assert [r.path for r in app.seen] == ["/next"]
+            assert server.statistics()["errors_by_status"] == {}
+
+
+# -- timeouts (memory streams, autojump_clock) -------------------------------------------------------
+
+
+async def test_slow_request_408(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        app = App()
+        async with memory_server(app) as (_, listener):
+            stream = await listener.connect()
+            start = trio.current_time()
+            await stream.send_all(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            responses = parse_responses(await read_to_eof(stream))
+            assert [r[0] for r in responses] == [408] and app.seen == []
+            assert SMALL.request_timeout <= trio.current_time() - start < SMALL.request_timeout + 2.5
+
+            stream = await listener.connect()  # a slowloris head gets the same answer
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+            assert [r[0] for r in parse_responses(await read_to_eof(stream))] == [408]
+
+
+async def test_idle_keepalive_closes_quietly(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        async with memory_server(App()) as (server, listener):
+            client = Client(await listener.connect())
+            head, _ = await client.request("GET", "/one")
+            assert head.status_code == 200
+            start = trio.current_time()
+            assert await client.stream.receive_some(100) == b""
+            assert trio.current_time() - start == pytest.approx(SMALL.keepalive_timeout)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.statistics()["connections_open"] == 0
+            assert server.statistics()["errors_by_status"] == {}
+
+
+async def test_shutdown_drains_in_flight_then_serve_returns(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        server, listener = HTTPServer(App(), None, SMALL), MemoryListener()
+        got = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [listener])
+            idle = Client(await listener.connect())
+            busy = Client(await listener.connect())
+
+            async def slow_request():
+                got.append(await busy.request("GET", "/slow"))  # the handler takes 1 s
+
+            nursery.start_soon(slow_request)
+            await trio.sleep(0.5)
+            start = trio.current_time()
+            server.shutdown()
+            assert await idle.stream.receive_some(100) == b""  # idle keep-alive closes at once
+            assert trio.current_time() == start
+        (head, body), = got  # serve() returned after the in-flight request finished
+        assert head.status_code == 200 and body == b"GET /slow [] "
+        assert hdr(head, b"connection") == b"close"
+        assert trio.current_time() - start == pytest.approx(0.5)
+        with pytest.raises(trio.BrokenResourceError):  # no longer accepting
+            await listener.connect()
+
+
+async def test_shutdown_grace_cancels_stragglers(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        async def stuck(request: Request) -> Response:
+            await trio.sleep_forever()
+
+        server, listener = HTTPServer(stuck, None, SMALL), MemoryListener()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [listener])
+            client = Client(await listener.connect())
+            await client.send(h11.Request(method="GET", target="/", headers=[("Host", "t")]), h11.EndOfMessage())
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            server.shutdown()
+        assert trio.current_time() - start == pytest.approx(SMALL.shutdown_grace)
+        assert await client.stream.receive_some(100) == b""
+
+
+# -- many connections -------------------------------------------------------------------------------
+
+
+async def test_hundreds_of_idle_connections_then_a_fresh_request():
+    with trio.fail_after(LIMIT):
+        async with tcp_server(App()) as (server, port):
+            idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(300)]
+            head, _ = await Client(await trio.open_tcp_stream("127.0.0.1", port)).request("GET", "/fresh")
+            assert head.status_code == 200
+            assert server.statistics()["connections_open"] >= 300
+            for stream in idle:
+                await stream.aclose()
+
+
+async def test_connection_limit_503(caplog):
+    with trio.fail_after(LIMIT):
+        config = HTTPConfig(max_connections=2, request_timeout=3.0)
+        async with tcp_server(App(), config=config) as (server, port):
+            first = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            second = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            for c in (first, second):
+                assert (await c.request("GET", "/"))[0].status_code == 200
+            with caplog.at_level(logging.WARNING, logger="qserve.http"):
+                third = Client(await trio.open_tcp_stream("127.0.0.1", port))
+                head, body = await third.request("GET", "/")
+            assert head.status_code == 503 and hdr(head, b"retry-after") == b"1"
+            assert await third.stream.receive_some(100) == b""
+            assert any("connection limit" in r.getMessage() for r in caplog.records)
+            await first.stream.aclose()
+            with trio.fail_after(2):
+                while server.statistics()["connections_open"] > 1:
+                    await trio.sleep(0.01)
+            fourth = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            assert (await fourth.request("GET", "/"))[0].status_code == 200
+
+
+# -- streaming responses ----------------------------------------------------------------------------
+
+
+def streaming_app(chunks: list[bytes], finished: list[str]):
+    async def handler(request: Request) -> Response:
+        async def stream(send):
+            try:
+                for chunk in chunks:
+                    await send(len(chunk).to_bytes(4, "big") + chunk)
+                if request.path == "/forever":
+                    await trio.sleep_forever()
+            finally:
+                finished.append(request.path)
+        return Response(200, headers=[("Content-Type", "application/octet-stream")], stream=stream)
+    return handler
+
+
+async def test_streaming_response_chunked_then_keepalive():
+    with trio.fail_after(LIMIT):
+        finished = []
+        async with tcp_server(streaming_app([b"one", b"", b"three"], finished)) as (_, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            head, body = await client.request("GET", "/watch")
+            assert head.status_code == 200 and hdr(head, b"transfer-encoding") == b"chunked"
+            assert body == b"\0\0\0\x03one\0\0\0\0\0\0\0\x05three"
+            head, body = await client.request("GET", "/again")
+            assert head.status_code == 200 and finished == ["/watch", "/again"]
+
+
+async def test_streaming_response_ends_when_client_leaves():
+    with trio.fail_after(LIMIT):
+        finished = []
+        async with tcp_server(streaming_app([b"x"], finished)) as (server, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            await client.send(h11.Request(method="GET", target="/forever", headers=[("Host", "t")]),
+                              h11.EndOfMessage())
+            assert isinstance(await client.next_event(), h11.Response)
+            await client.stream.aclose()
+            while finished != ["/forever"]:
+                await trio.sleep(0.01)
+
+
+async def test_shutdown_ends_streaming_response_cleanly(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        finished = []
+        server, listener = HTTPServer(streaming_app([b"x"], finished), None, SMALL), MemoryListener()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [listener])
+            client = Client(await listener.connect())
+            await client.send(h11.Request(method="GET", target="/forever", headers=[("Host", "t")]),
+                              h11.EndOfMessage())
+            assert isinstance(await client.next_event(), h11.Response)
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            server.shutdown()
+        assert trio.current_time() == start and finished == ["/forever"]
+        assert isinstance(await client.next_event(), h11.Data)
+        assert isinstance(await client.next_event(), h11.EndOfMessage)  # a complete chunked body
+
+
+# -- WebSocket on the same port ---------------------------------------------------------------------
+
+
+def ws_app(log: list):
+    async def ws_handler(request: Request, upgrade) -> None:
+        if request.header("authorization") != "ok":
+            log.append("rejected")
+            raise errors.Unauthorized("bad token")
+        ws = await upgrade.accept()
+        log.append(("accepted", request.path, request.query))
+        try:
+            while True:
+                message = await ws.get_message()
+                await ws.send_message(b"echo:" + message)
+        except trio_websocket.ConnectionClosed:
+            log.append("closed")
+            raise
+    return ws_handler
+
+
+async def test_websocket_binary_echo_ping_and_plain_http_on_same_port():
+    with trio.fail_after(LIMIT):
+        seen = []
+        async with tcp_server(App(), ws_app(seen)) as (server, port):
+            url = f"ws://127.0.0.1:{port}/api/predict/svc?_watch_=true&_window_=5"
+            async with trio_websocket.open_websocket_url(url, extra_headers=[(b"Authorization", b"ok")]) as ws:
+                await ws.send_message(b"\x00\x01")
+                assert await ws.get_message() == b"echo:\x00\x01"
+                with trio.fail_after(2):
+                    await ws.ping(b"ping")  # answered by trio-websocket
+                assert server.statistics()["websockets_open"] == 1
+                head, _ = await Client(await trio.open_tcp_stream("127.0.0.1", port)).request("GET", "/plain")
+                assert head.status_code == 200
+            assert seen[0] == ("accepted", "/api/predict/svc", (("_watch_", "true"), ("_window_", "5")))
+            while server.statistics()["websockets_open"]:
+                await trio.sleep(0.01)
+            assert seen[-1] == "closed"
+
+
+async def test_websocket_handshake_rejected_401():
+    with trio.fail_after(LIMIT):
+        seen = []
+        async with tcp_server(App(), ws_app(seen)) as (_, port):
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/x"):
+                    pass
+            assert rejected.value.status_code == 401 and rejected.value.body == b"bad token\n"
+            assert seen == ["rejected"]
+
+
+async def test_websocket_abrupt_eof_ends_handler_with_connection_closed():
+    with trio.fail_after(LIMIT):
+        seen = []
+        async with tcp_server(App(), ws_app(seen)) as (server, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Authorization: ok\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(1000)
+            assert data.startswith(b"HTTP/1.1 101 ")
+            await stream.aclose()  # no close frame: the TCP connection just drops
+            while seen[-1:] != ["closed"] or server.statistics()["websockets_open"]:
+                await trio.sleep(0.01)
+
+
+async def test_websocket_bad_handshake_400():
+    with trio.fail_after(LIMIT):
+        async with tcp_server(App(), ws_app([])) as (_, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                                  b"Sec-WebSocket-Version: 8\r\n\r\n")
+            (status, headers, _), = parse_responses(await read_to_eof(stream))
+            assert status == 400 and headers[b"sec-websocket-version"] == b"13"
+
+
+# -- the replay stream ------------------------------------------------------------------------------
+
+
+async def test_replay_stream_is_a_stream():
+    with trio.fail_after(LIMIT):
+        async def pair():
+            a, b = trio.testing.memory_stream_pair()
+            return ReplayStream(a), ReplayStream(b)
+        await trio.testing.check_two_way_stream(pair, None)
+
+
+async def test_replay_stream_replays_prefix_first():
+    with trio.fail_after(LIMIT):
+        a, b = trio.testing.memory_stream_pair()
+        replay = ReplayStream(b, b"head")
+        await a.send_all(b"tail")
+        assert await replay.receive_some(3) == b"hea"
+        assert await replay.receive_some() == b"d"
+        assert await replay.receive_some() == b"tail"
+        with pytest.raises(ValueError):
+            await replay.receive_some(0)
+        await replay.send_all(b"back")
+        assert await a.receive_some() == b"back"
+        await ReplayStream(a, b"left").aclose()
