@@ -1,0 +1,253 @@
+"""The in-memory entry index: derived from the log, rebuilt by scanning on open, never persisted.
+
+Strategy: parallel ``array`` columns, one row per stored entry, sorted by index (indexes are assigned in
+increasing order, so appends keep the order; bisect finds a row):
+
+* ``idx``  u64  the entry index
+* ``loc``  u64  ``segment id << 40 | offset`` of the record; bit 63 set = dead (tombstone)
+* ``size`` u32  framed record size (live-bytes accounting, one-read lookups)
+* ``prio`` i64  priority
+
+Dead rows are purged by a periodic rebuild once they outnumber the live ones. Entries with a priority
+other than 0 are also listed per level in ``levels`` (sorted index arrays, may hold dead rows) so
+dispatch order is computed from memory. ``RidTable`` maps a 64-bit hash of the requestId to indexes by
+open addressing in two arrays; candidates are verified against the record by the caller, so collisions
+are harmless. About 30 bytes per row plus about 35 for the hash table. Not thread-safe.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left
+from typing import Iterator
+
+__all__ = ["EntryIndex", "RidTable", "DEAD", "SEG_SHIFT", "OFF_MASK", "pack_loc", "rid_hash"]
+
+DEAD = 1 << 63
+SEG_SHIFT = 40
+OFF_MASK = (1 << SEG_SHIFT) - 1
+SEG_MASK = (1 << 23) - 1
+
+
+def pack_loc(seg_id: int, offset: int) -> int:
+    return (seg_id << SEG_SHIFT) | offset
+
+
+def rid_hash(rid) -> int:
+    """64-bit hash of a requestId (str or its utf-8 bytes), never 0. Process-local: never persisted."""
+    if isinstance(rid, str):
+        rid = rid.encode("utf-8", "surrogatepass")
+    h = hash(rid)
+    return h if h else 1
+
+
+class RidTable:
+    """Open-addressing hash table ``hash -> index`` (multi-valued; stale values are filtered by callers)."""
+
+    __slots__ = ("keys", "vals", "mask", "used")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        cap = 1024
+        while cap < capacity:
+            cap <<= 1
+        self.keys = array("q", bytes(8 * cap))
+        self.vals = array("Q", bytes(8 * cap))
+        self.mask = cap - 1
+        self.used = 0
+
+    def __len__(self) -> int:
+        return self.used
+
+    def insert(self, h: int, index: int) -> None:
+        if (self.used + 1) * 3 > (self.mask + 1) * 2:
+            raise OverflowError("table full")  # callers grow before this
+        keys, mask = self.keys, self.mask
+        i = h & mask
+        while keys[i]:
+            i = (i + 1) & mask
+        keys[i] = h
+        self.vals[i] = index
+        self.used += 1
+
+    def needs_growth(self) -> bool:
+        return (self.used + 1) * 5 > (self.mask + 1) * 3
+
+    def candidates(self, h: int) -> Iterator[int]:
+        keys, vals, mask = self.keys, self.vals, self.mask
+        i = h & mask
+        while True:
+            k = keys[i]
+            if not k:
+                return
+            if k == h:
+                yield vals[i]
+            i = (i + 1) & mask
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        keys, vals = self.keys, self.vals
+        for i in range(len(keys)):
+            if keys[i]:
+                yield keys[i], vals[i]
+
+    @classmethod
+    def build(cls, pairs, count: int) -> "RidTable":
+        """A table sized for ``count`` live pairs (load <= 0.5) holding ``pairs`` of (hash, index)."""
+        t = cls(count * 2 + 16)
+        keys, vals, mask = t.keys, t.vals, t.mask
+        n = 0
+        for h, index in pairs:
+            i = h & mask
+            while keys[i]:
+                i = (i + 1) & mask
+            keys[i] = h
+            vals[i] = index
+            n += 1
+        t.used = n
+        return t
+
+
+class EntryIndex:
+    """Columns of all stored entries (live and not yet purged dead ones), sorted by index."""
+
+    __slots__ = ("idx", "loc", "size", "prio", "levels", "live", "version", "_first")
+
+    def __init__(self) -> None:
+        self.idx = array("Q")
+        self.loc = array("Q")
+        self.size = array("I")
+        self.prio = array("q")
+        self.levels: dict[int, array] = {}
+        self.live = 0
+        self.version = 0
+        self._first = 0
+
+    # -- building --------------------------------------------------------------------------------
+    def append(self, index: int, loc: int, size: int, prio: int) -> None:
+        """Add a live row; ``index`` must exceed every index already present."""
+        self.idx.append(index)
+        self.loc.append(loc)
+        self.size.append(size)
+        self.prio.append(prio)
+        if prio:
+            lv = self.levels.get(prio)
+            if lv is None:
+                lv = self.levels[prio] = array("Q")
+            lv.append(index)
+        self.live += 1
+
+    def rebuild_levels(self) -> None:
+        levels: dict[int, array] = {}
+        idx, loc = self.idx, self.loc
+        for pos, p in enumerate(self.prio):
+            if p and not loc[pos] & DEAD:
+                lv = levels.get(p)
+                if lv is None:
+                    lv = levels[p] = array("Q")
+                lv.append(idx[pos])
+        self.levels = levels
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.live
+
+    def pos_of(self, index: int) -> int | None:
+        """Row of ``index`` if it is live."""
+        idx = self.idx
+        pos = bisect_left(idx, index)
+        if pos < len(idx) and idx[pos] == index and not self.loc[pos] & DEAD:
+            return pos
+        return None
+
+    def first_pos(self) -> int | None:
+        loc, n = self.loc, len(self.loc)
+        p = self._first
+        while p < n and loc[p] & DEAD:
+            p += 1
+        self._first = p
+        return p if p < n else None
+
+    def last_pos(self) -> int | None:
+        loc = self.loc
+        p = len(loc) - 1
+        while p >= 0 and loc[p] & DEAD:
+            p -= 1
+        return p if p >= 0 else None
+
+    def iter_live(self, start: int = 0) -> Iterator[int]:
+        """Live rows with index >= start, in index order. Tolerates mutation between steps."""
+        version = self.version
+        pos = bisect_left(self.idx, start)
+        while True:
+            if version != self.version:  # rows were purged: find our place again
+                version = self.version
+                pos = bisect_left(self.idx, start)
+            if pos >= len(self.idx):
+                return
+            if not self.loc[pos] & DEAD:
+                start = self.idx[pos] + 1
+                yield pos
+            pos += 1
+
+    def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
+        """(index, priority) of live rows >= start: highest priority first, index order in a level."""
+        levels = sorted(set(self.levels) | {0}, reverse=True)
+        for p in levels:
+            if p == 0:
+                for pos in self.iter_live(start):
+                    if not self.prio[pos]:
+                        yield self.idx[pos], 0
+                continue
+            lv = self.levels.get(p)
+            if lv is None:
+                continue
+            version = self.version
+            nxt = start
+            i = bisect_left(lv, nxt)
+            while True:
+                if version != self.version:  # levels were rebuilt: find our place again
+                    version = self.version
+                    lv = self.levels.get(p)
+                    if lv is None:
+                        break
+                    i = bisect_left(lv, nxt)
+                if i >= len(lv):
+                    break
+                index = lv[i]
+                i += 1
+                nxt = index + 1
+                if self.pos_of(index) is not None:
+                    yield index, p
+
+    # -- mutation --------------------------------------------------------------------------------
+    def kill(self, pos: int) -> int:
+        """Mark a live row dead; returns its old loc."""
+        old = self.loc[pos]
+        self.loc[pos] = old | DEAD
+        self.live -= 1
+        return old
+
+    def move(self, pos: int, loc: int, size: int) -> None:
+        self.loc[pos] = loc
+        self.size[pos] = size
+
+    def maybe_purge(self) -> bool:
+        """Drop dead rows once they outnumber live ones (amortised O(1))."""
+        dead = len(self.idx) - self.live
+        if dead < 4096 or dead < self.live:
+            return False
+        self.purge()
+        return True
+
+    def purge(self) -> None:
+        idx, loc, size, prio = self.idx, self.loc, self.size, self.prio
+        nidx, nloc, nsize, nprio = array("Q"), array("Q"), array("I"), array("q")
+        for pos in range(len(idx)):
+            if not loc[pos] & DEAD:
+                nidx.append(idx[pos])
+                nloc.append(loc[pos])
+                nsize.append(size[pos])
+                nprio.append(prio[pos])
+        self.idx, self.loc, self.size, self.prio = nidx, nloc, nsize, nprio
+        self._first = 0
+        self.rebuild_levels()
+        self.version += 1

@@ -1,0 +1,461 @@
+"""QueueLog: the ordered segments of one queue directory.
+
+Strategy: every mutation is framed (record.py) and appended with one ``os.write`` to the active segment,
+then applied to the derived in-memory index (index.py); a failed write changes nothing. Durability is
+group commit: ``sync_begin`` (owner thread) dups the active fd, ``SyncTicket.run`` (any thread) fsyncs
+it, ``sync_end`` (owner thread) advances ``durable_seq``. Rolls fsync the old segment first, so only the
+active segment ever holds non-durable bytes; that makes the fsync-failure rollback simple: cut the active
+segment back to its durable size and rebuild memory from disk. Compaction (compaction.py) rewrites live
+entries forward and drops segments. ``QueueLog`` is not thread-safe: one owner thread calls everything
+except ``SyncTicket.run``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping
+
+from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
+from .fileio import FileIO
+from .index import DEAD, OFF_MASK, SEG_SHIFT, RidTable, pack_loc, rid_hash
+from .record import (REQUEST_ID, CheckpointRecord, EntryRecord, decode_body, encode_checkpoint,
+                     encode_delete, encode_entry, encode_state, encode_truncate)
+from .recovery import RecoveryReport, recover
+from .segment import Segment, io_error
+
+__all__ = ["QueueLog", "LogConfig", "Entry", "SyncTicket"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored queue entry."""
+
+    index: int
+    tags: dict
+    data: bytes
+    priority: int
+    timestamp_ms: int
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    segment_bytes: int = 64 * 1024 * 1024
+    max_payload_bytes: int = 524288
+    max_entries: int | None = None
+    compact_live_ratio: float = 0.5
+    repair: bool = False
+
+
+class SyncTicket:
+    """One group-commit round. ``run()`` is safe to call from another thread: it only fsyncs (and
+    closes) fds dup'd by ``sync_begin``. Raises ``StorageIOError`` if an fsync fails; the owner must
+    still call ``sync_end`` (which rolls back and raises)."""
+
+    __slots__ = ("target", "fds", "io", "seg", "size", "done", "error")
+
+    def __init__(self, io: FileIO, fds: list, target: int, seg: Segment, size: int) -> None:
+        self.io, self.fds, self.target, self.seg, self.size = io, fds, target, seg, size
+        self.done = False
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        fds, self.fds = self.fds, []
+        try:
+            for fd in fds:
+                try:
+                    self.io.fsync(fd)
+                except OSError as exc:
+                    if self.error is None:
+                        self.error = exc
+        finally:
+            for fd in fds:
+                try:
+                    self.io.close(fd)
+                except OSError:
+                    pass
+            self.done = True
+        if self.error is not None:
+            raise io_error(self.error, "fsync")
+
+    def close(self) -> None:
+        """Release the dup'd fds without syncing (ticket abandoned)."""
+        for fd in self.fds:
+            self.io.close(fd)
+        self.fds = []
+
+
+class QueueLog:
+    """A crash-safe log of queue entries in one directory. Not thread-safe (see module docstring)."""
+
+    def __init__(self) -> None:  # use QueueLog.open()
+        raise TypeError("use QueueLog.open(path, config)")
+
+    # -- opening -----------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path, config: LogConfig = LogConfig(), *, now: Callable[[], float] = time.time,
+             fileio: FileIO | None = None) -> "QueueLog":
+        """Open (creating if missing) and recover the queue directory ``path``.
+
+        Raises:
+            CorruptLog: corruption before the tail, or a missing segment (unless ``config.repair``).
+            StorageIOError: the directory could not be read or written.
+        """
+        self = object.__new__(cls)
+        self.path = os.fspath(path)
+        self.config = config
+        self.io = fileio or FileIO()
+        self._now = now
+        self.appended_seq = 0
+        self.durable_seq = 0
+        self._closed = False
+        self._failed: str | None = None
+        self._tickets: list[SyncTicket] = []
+        self._counters = {"compactions": 0, "reclaimed_bytes": 0, "rollbacks": 0, "rolls": 0}
+        try:
+            self._load()
+        except OSError as exc:
+            raise io_error(exc, f"opening {self.path}") from None
+        self.recovery = self._rec_report
+        return self
+
+    def _load(self, keep_next: int = 0) -> None:
+        rec = recover(self.path, self.io, self.config.repair)
+        self._rec_report: RecoveryReport = rec.report
+        self._segs: list[Segment] = rec.segments
+        self._by_sid = {s.sid: s for s in self._segs}
+        self._next_sid = (self._segs[-1].sid + 1) if self._segs else 0
+        self._index = rec.index
+        self._rids: RidTable = rec.rids
+        self.next_index = max(rec.next_index, keep_next)
+        self._watermark = rec.watermark
+        self._state = rec.state
+        self._fresh = False
+        if not self._segs:
+            self._segs.append(self._new_segment(max(self.next_index, 1), 0, "create"))
+            self._by_sid[self._segs[0].sid] = self._segs[0]
+        elif rec.needs_checkpoint or keep_next > rec.next_index:
+            seg = self._segs[-1]
+            seg.append(encode_checkpoint(self._checkpoint("repair" if keep_next == 0 else "rollback")))
+            self.io.fsync(seg.fd)
+            seg.durable_size = seg.size
+
+    def _checkpoint(self, why: str, base: int = 0, prev: int = 0, segs=None) -> CheckpointRecord:
+        if segs is None:
+            segs = [s.base for s in self._segs]
+        return CheckpointRecord(base or self._active.base, prev, self.next_index, self._watermark,
+                                dict(self._state), tuple(segs), why)
+
+    def _new_segment(self, base: int, prev: int, why: str) -> Segment:
+        segs = [s.base for s in self._segs] + [base]
+        header = encode_checkpoint(CheckpointRecord(base, prev, self.next_index, self._watermark,
+                                                    dict(self._state), tuple(segs), why))
+        seg = Segment.create(self.io, self.path, base, self._next_sid, header)
+        self._next_sid += 1
+        self._fresh = True
+        return seg
+
+    @property
+    def _active(self) -> Segment:
+        return self._segs[-1]
+
+    def _check(self) -> None:
+        if self._closed:
+            raise LogClosed(f"log {self.path} is closed")
+        if self._failed:
+            raise StorageIOError(f"log {self.path} failed ({self._failed}); reopen it")
+
+    # -- writing -----------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> tuple[Segment, int]:
+        """Append one framed record (rolling first if the active segment is full)."""
+        seg = self._active
+        if seg.size + len(data) > self.config.segment_bytes and not self._fresh:
+            self._roll()
+            seg = self._active
+        off = seg.append(data)
+        self._fresh = False
+        self.appended_seq += 1
+        return seg, off
+
+    def _roll(self) -> None:
+        old = self._active
+        self._fsync_or_rollback(old)
+        seg = self._new_segment(max(self.next_index, old.base + 1), old.base, "roll")
+        self._segs.append(seg)
+        self._by_sid[seg.sid] = seg
+        self._counters["rolls"] += 1
+
+    def _fsync_or_rollback(self, seg: Segment) -> None:
+        """fsync the active segment inline; on failure roll back and raise."""
+        target, size = self.appended_seq, seg.size
+        try:
+            self.io.fsync(seg.fd)
+        except OSError as exc:
+            self._rollback(exc)
+        seg.durable_size = size
+        self.durable_seq = max(self.durable_seq, target)
+
+    def append(self, data: bytes, tags: Mapping[str, str], priority: int = 0) -> Entry:
+        """Append one entry with the next index.
+
+        Returns the stored ``Entry`` once written (not yet durable: see ``appended_seq``).
+        Raises:
+            PayloadTooLarge, QueueFull: refused, nothing written.
+            DiskFull, StorageIOError: the write failed, nothing written.
+        """
+        self._check()
+        if len(data) > self.config.max_payload_bytes:
+            raise PayloadTooLarge(len(data), self.config.max_payload_bytes)
+        limit = self.config.max_entries
+        if limit is not None and self._index.live >= limit:
+            raise QueueFull(self._index.live, limit)
+        for k, v in tags.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError("tags must map str to str")
+        index = self.next_index
+        ts = int(self._now() * 1000)
+        rec = encode_entry(index, priority, ts, tags, data)
+        seg, off = self._write(rec)
+        self.next_index = index + 1
+        self._index.append(index, pack_loc(seg.sid, off), len(rec), priority)
+        seg.note_entry(index, len(rec))
+        rid = tags.get(REQUEST_ID)
+        if rid is not None:
+            if self._rids.needs_growth():
+                self._grow_rids()
+            self._rids.insert(rid_hash(rid), index)
+        return Entry(index, dict(tags), bytes(data), priority, ts)
+
+    def _grow_rids(self) -> None:
+        pairs = [(h, i) for h, i in self._rids.items() if self._index.pos_of(i) is not None]
+        self._rids = RidTable.build(pairs, max(len(pairs), self._index.live))
+
+    def _kill(self, pos: int) -> None:
+        old = self._index.kill(pos)
+        seg = self._by_sid[(old >> SEG_SHIFT) & 0x7FFFFF]
+        seg.live_bytes -= self._index.size[pos]
+        seg.live_count -= 1
+
+    def delete(self, indexes: Iterable[int]) -> list[int]:
+        """Delete live entries; unknown or already deleted indexes are ignored.
+
+        Returns the indexes actually deleted (sorted). Writes one DELETE record if any.
+        """
+        self._check()
+        found = sorted({i for i in indexes if self._index.pos_of(i) is not None})
+        if not found:
+            return []
+        seg, _ = self._write(encode_delete(found))
+        seg.deletes += 1
+        for i in found:
+            self._kill(self._index.pos_of(i))
+        self._index.maybe_purge()
+        return found
+
+    def truncate(self, below: int) -> int:
+        """Delete every live index < ``below``; returns how many. ``next_index`` never moves."""
+        self._check()
+        below = min(below, self.next_index)
+        ix = self._index
+        first = ix.first_pos()
+        end = bisect_left(ix.idx, below)
+        victims = [p for p in range(first, end) if not ix.loc[p] & DEAD] if first is not None else []
+        if not victims:
+            return 0
+        self._write(encode_truncate(below))
+        self._watermark = max(self._watermark, below)
+        for p in victims:
+            self._kill(p)
+        ix.maybe_purge()
+        return len(victims)
+
+    def set_state(self, **kv: str) -> None:
+        """Persist queue state key/values (e.g. ``state="End"``)."""
+        self._check()
+        if not all(isinstance(v, str) for v in kv.values()):
+            raise TypeError("state values must be str")
+        self._write(encode_state(kv))
+        self._state.update(kv)
+
+    @property
+    def state(self) -> dict:
+        return dict(self._state)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _entry_at(self, pos: int) -> Entry:
+        ix = self._index
+        loc = ix.loc[pos]
+        seg = self._by_sid[(loc >> SEG_SHIFT) & 0x7FFFFF]
+        try:
+            r = decode_body(seg.read_body(loc & OFF_MASK, ix.size[pos]))
+        except OSError as exc:
+            raise io_error(exc, f"reading {seg.path}") from None
+        except ValueError as exc:
+            raise StorageIOError(f"{seg.path} at {loc & OFF_MASK}: unreadable record: {exc}") from None
+        if not isinstance(r, EntryRecord) or r.index != ix.idx[pos]:
+            raise StorageIOError(f"{seg.path} at {loc & OFF_MASK}: index mismatch")
+        return Entry(r.index, r.tags, r.data, r.priority, r.timestamp_ms)
+
+    def read(self, index: int) -> Entry | None:
+        """The live entry ``index``, or None."""
+        self._check()
+        pos = self._index.pos_of(index)
+        return None if pos is None else self._entry_at(pos)
+
+    def scan(self, start: int = 0, tags: Mapping[str, str] | None = None, limit: int | None = None,
+             priority: int | None = None) -> Iterator[Entry]:
+        """Live entries with index >= start in index order, filtered by tags (all must match) and
+        priority, at most ``limit``. Reads each entry from disk."""
+        self._check()
+        n = 0
+        ix = self._index
+        for pos in ix.iter_live(start):
+            if limit is not None and n >= limit:
+                return
+            if priority is not None and ix.prio[pos] != priority:
+                continue
+            e = self._entry_at(pos)
+            if tags and any(e.tags.get(k) != v for k, v in tags.items()):
+                continue
+            n += 1
+            yield e
+
+    def find_request_id(self, request_id: str) -> Entry | None:
+        """The live entry whose ``requestId`` tag is ``request_id`` (the newest if several)."""
+        self._check()
+        best = None
+        for index in self._rids.candidates(rid_hash(request_id)):
+            pos = self._index.pos_of(index)
+            if pos is None or (best is not None and index < best.index):
+                continue
+            e = self._entry_at(pos)
+            if e.tags.get(REQUEST_ID) == request_id:
+                best = e
+        return best
+
+    def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
+        """(index, priority) of live entries >= start, highest priority first, FIFO in a level.
+        From memory only."""
+        self._check()
+        return self._index.iter_dispatch(start)
+
+    def priority_of(self, index: int) -> int | None:
+        pos = self._index.pos_of(index)
+        return None if pos is None else self._index.prio[pos]
+
+    def __contains__(self, index: int) -> bool:
+        return self._index.pos_of(index) is not None
+
+    def __len__(self) -> int:
+        return self._index.live
+
+    @property
+    def length(self) -> int:
+        return self._index.live
+
+    @property
+    def first_index(self) -> int:
+        p = self._index.first_pos()
+        return 0 if p is None else self._index.idx[p]
+
+    @property
+    def last_index(self) -> int:
+        p = self._index.last_pos()
+        return 0 if p is None else self._index.idx[p]
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(s.size for s in self._segs)
+
+    def statistics(self) -> dict:
+        ix = self._index
+        return {
+            "segments": len(self._segs), "live_entries": ix.live, "dead_entries": len(ix.idx) - ix.live,
+            "bytes": self.bytes_on_disk, "live_bytes": sum(s.live_bytes for s in self._segs),
+            "appended_seq": self.appended_seq, "durable_seq": self.durable_seq,
+            "next_index": self.next_index, "first_index": self.first_index,
+            "last_index": self.last_index, **self._counters,
+        }
+
+    # -- durability --------------------------------------------------------------------------------
+    def sync_begin(self) -> SyncTicket:
+        """Start a group-commit round (owner thread). Covers every record written so far."""
+        self._check()
+        seg = self._active
+        target = self.appended_seq
+        fds = [self.io.dup(seg.fd)] if target > self.durable_seq else []
+        return SyncTicket(self.io, fds, target, seg, seg.size)
+
+    def sync_end(self, ticket: SyncTicket) -> None:
+        """Finish a round (owner thread): ``durable_seq = ticket.target``.
+
+        Raises:
+            StorageIOError: the fsync failed. Every record written since ``durable_seq`` was rolled
+                back (``exc.rolled_back = (first_seq, last_seq)``); afterwards durable == appended.
+        """
+        self._check()
+        if ticket.error is not None:
+            self._rollback(ticket.error)
+        if not ticket.done:
+            ticket.close()
+            raise RuntimeError("sync_end() before ticket.run() finished")
+        if ticket.target > self.durable_seq:
+            self.durable_seq = ticket.target
+            if ticket.seg is self._active:
+                ticket.seg.durable_size = max(ticket.seg.durable_size, ticket.size)
+
+    def sync(self) -> None:
+        """fsync everything written so far (sync_begin + run + sync_end inline)."""
+        t = self.sync_begin()
+        try:
+            t.run()
+        except StorageIOError:
+            pass
+        self.sync_end(t)
+
+    def _rollback(self, exc: OSError) -> None:
+        first, last = self.durable_seq + 1, self.appended_seq
+        self._counters["rollbacks"] += 1
+        seg = self._active
+        try:
+            seg.truncate_to(seg.durable_size)
+            keep_next = self.next_index
+            for s in self._segs:
+                s.close()
+            self._load(keep_next=keep_next)   # memory := what is on disk
+            self.appended_seq += 1            # the rollback checkpoint written by _load
+        except Exception as exc2:             # cannot get back to a known state
+            self._failed = f"rollback failed: {exc2}"
+        self.durable_seq = self.appended_seq
+        err = io_error(exc, f"fsync failed, rolled back records {first}..{last}")
+        err.rolled_back = (first, last)
+        raise err
+
+    # -- space -------------------------------------------------------------------------------------
+    def maybe_compact(self, budget_bytes: int | None = None) -> int:
+        """Drop dead sealed segments and compact sparse ones; returns bytes reclaimed."""
+        self._check()
+        from .compaction import compact
+        n = compact(self, budget_bytes)
+        self._index.maybe_purge()
+        return n
+
+    def close(self) -> None:
+        """Sync and close. Later calls raise ``LogClosed``; closing twice is allowed."""
+        if self._closed:
+            return
+        try:
+            if not self._failed:
+                self.sync()
+        finally:
+            self._closed = True
+            for s in self._segs:
+                s.close()
+
+    def __enter__(self) -> "QueueLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,116 @@
+"""One segment file: naming, creation, appends with fault rollback, reads.
+
+Strategy: a ``Segment`` owns one fd (opened O_APPEND) and knows its size, the size last known fsynced
+(``durable_size``) and live-byte accounting used by compaction. Creation is atomic (temp -> fsync ->
+rename -> fsync dir) with the header CHECKPOINT already inside, so a segment is never seen without its
+header. A failed or short write truncates the file back before raising. Not thread-safe; the owner thread
+calls everything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import DiskFull, StorageIOError
+from .fileio import FileIO, is_disk_full
+from .record import FRAME, HEADER_SIZE
+
+__all__ = ["Segment", "segment_name", "parse_segment_name", "SEGMENT_SUFFIX"]
+
+SEGMENT_SUFFIX = ".seg"
+_NAME = re.compile(r"^(\d{20})\.seg$")
+
+
+def segment_name(base: int) -> str:
+    """File name of the segment with this base: 20-digit zero-padded decimal + ``.seg``."""
+    if not 0 <= base < 10 ** 20:
+        raise ValueError(f"segment base out of range: {base}")
+    return f"{base:020d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The base of a segment file name, or None if ``name`` is not a segment."""
+    m = _NAME.match(os.path.basename(name))
+    return int(m.group(1)) if m else None
+
+
+def io_error(exc: OSError, what: str) -> StorageIOError:
+    cls = DiskFull if is_disk_full(exc) else StorageIOError
+    err = cls(f"{what}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+class Segment:
+    __slots__ = ("base", "sid", "path", "fd", "size", "durable_size", "live_bytes", "live_count",
+                 "deletes", "min_index", "max_index", "io")
+
+    def __init__(self, io: FileIO, directory: str, base: int, sid: int, fd: int, size: int) -> None:
+        self.io = io
+        self.base = base
+        self.sid = sid
+        self.path = os.path.join(directory, segment_name(base))
+        self.fd = fd
+        self.size = size
+        self.durable_size = size
+        self.live_bytes = 0
+        self.live_count = 0
+        self.deletes = 0          # DELETE records held (compaction must look for ones to carry)
+        self.min_index = 0        # range of entry indexes ever written here (0 = none)
+        self.max_index = 0
+
+    @classmethod
+    def create(cls, io: FileIO, directory: str, base: int, sid: int, header: bytes) -> "Segment":
+        path = os.path.join(directory, segment_name(base))
+        try:
+            io.write_file_atomic(path, header)
+            fd = io.open_append(path)
+        except OSError as exc:
+            raise io_error(exc, f"creating {path}") from None
+        return cls(io, directory, base, sid, fd, len(header))
+
+    def note_entry(self, index: int, size: int) -> None:
+        self.live_bytes += size
+        self.live_count += 1
+        if not self.min_index or index < self.min_index:
+            self.min_index = index
+        if index > self.max_index:
+            self.max_index = index
+
+    def append(self, data: bytes) -> int:
+        """Write ``data`` at the end; returns its offset. On failure the file is restored and
+        ``DiskFull``/``StorageIOError`` raised."""
+        offset = self.size
+        try:
+            n = self.io.write(self.fd, data)
+            if n != len(data):
+                raise OSError(0, f"short write ({n} of {len(data)} bytes)")
+        except OSError as exc:
+            try:
+                self.io.truncate(self.fd, offset)
+            except OSError:
+                pass
+            raise io_error(exc, f"writing {self.path}") from None
+        self.size = offset + len(data)
+        return offset
+
+    def read_body(self, offset: int, size: int = 0) -> bytes:
+        """The body of the frame at ``offset`` (``size`` = framed size when known)."""
+        if size:
+            buf = self.io.pread(self.fd, size, offset)
+            return buf[HEADER_SIZE:]
+        head = self.io.pread(self.fd, HEADER_SIZE, offset)
+        length, _ = FRAME.unpack(head)
+        return self.io.pread(self.fd, length, offset + HEADER_SIZE)
+
+    def truncate_to(self, size: int) -> None:
+        self.io.truncate(self.fd, size)
+        self.size = size
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                self.io.close(self.fd)
+            finally:
+                self.fd = None
