@@ -87,7 +87,8 @@ class Request:
     def from_h11(cls, event: h11.Request, client: tuple[str, int] | None) -> Request:
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
-        path = path.partition("#")[0]
+        if "://" in path:  # absolute-form ("http://host/p"): keep the path only
+            path = "/" + path.partition("://")[2].partition("/")[2]
         return cls(
             method=event.method.decode("latin-1"),
             target=target,

@@ -424,6 +424,22 @@ async def test_shutdown_grace_cancels_stragglers(autojump_clock):
         assert await client.stream.receive_some(100) == b""
 
 
+async def test_ipv6_and_absolute_form_target():
+    with trio.fail_after(LIMIT):
+        app = App()
+        server = HTTPServer(app, None, SMALL)
+        async with trio.open_nursery() as nursery:
+            try:
+                port = await nursery.start(server.serve_tcp, "::1", 0)
+            except OSError:
+                pytest.skip("no IPv6 loopback here")
+            client = Client(await trio.open_tcp_stream("::1", port))
+            head, body = await client.request("GET", "http://example/p%2Fq?a=b")
+            assert head.status_code == 200 and body == b"GET /p/q [('a', 'b')] "
+            assert app.seen[0].client[0] == "::1"
+            server.shutdown()
+
+
 # -- many connections -------------------------------------------------------------------------------
 
 
@@ -525,6 +541,9 @@ async def test_shutdown_ends_streaming_response_cleanly(autojump_clock):
 
 def ws_app(log: list):
     async def ws_handler(request: Request, upgrade) -> None:
+        if request.header("authorization") == "explicit":
+            await upgrade.reject(400, b"no such queue")
+            return
         if request.header("authorization") != "ok":
             log.append("rejected")
             raise errors.Unauthorized("bad token")
@@ -568,6 +587,26 @@ async def test_websocket_handshake_rejected_401():
                     pass
             assert rejected.value.status_code == 401 and rejected.value.body == b"bad token\n"
             assert seen == ["rejected"]
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket.open_websocket_url(
+                        f"ws://127.0.0.1:{port}/x", extra_headers=[(b"Authorization", b"explicit")]):
+                    pass
+            assert rejected.value.status_code == 400 and rejected.value.body == b"no such queue"
+
+
+async def test_shutdown_closes_websocket_with_1001():
+    with trio.fail_after(LIMIT):
+        seen = []
+        server = HTTPServer(App(), ws_app(seen), SMALL)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve_tcp, "127.0.0.1", 0)
+            async with trio_websocket.open_websocket_url(
+                    f"ws://127.0.0.1:{port}/w", extra_headers=[(b"Authorization", b"ok")]) as ws:
+                server.shutdown()
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1001
+        assert server.statistics()["websockets_open"] == 0
 
 
 async def test_websocket_abrupt_eof_ends_handler_with_connection_closed():
