@@ -8,7 +8,10 @@ it were fresh, so trio-websocket owns the connection from the first byte: its si
 its locked `_send` (the one writer of the socket from then on), automatic pongs, the bounded
 message queue and `max_message_size`. We chose this over (a), wsproto's post-handshake
 `Connection(..., trailing_data=...)`, because trio-websocket only accepts a `WSConnection` that
-performs the handshake itself; (a) would mean reaching into its private state.
+performs the handshake itself; (a) would mean reaching into its private state. One consequence:
+wsproto's server handshake drops bytes that arrive together with the handshake (before our 101),
+which only a client violating RFC 6455 section 4.1 sends; the replay loses nothing else, and the
+first client frame after the 101 reaches the handler.
 
 The application decides the handshake: the WebSocket handler receives a `WebSocketUpgrade` and calls
 `accept()` (which returns the `trio_websocket.WebSocketConnection`) or `reject(status, body)`;

@@ -16,6 +16,8 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+import wsproto.connection
+import wsproto.events
 
 from qserve import errors
 from qserve.http import HTTPConfig, HTTPServer, Request, Response
@@ -614,17 +616,54 @@ async def test_websocket_abrupt_eof_ends_handler_with_connection_closed():
         seen = []
         async with tcp_server(App(), ws_app(seen)) as (server, port):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await stream.send_all(
-                b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Authorization: ok\r\n\r\n")
+            frame = wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT).send(
+                wsproto.events.BytesMessage(data=b"hi"))
+            handshake = (b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Authorization: ok\r\n\r\n")
+            for i in range(len(handshake)):  # the handshake, one byte at a time
+                await stream.send_all(handshake[i:i + 1])
             data = b""
-            while b"\r\n\r\n" not in data:
+            while not data.endswith(b"\r\n\r\n"):
                 data += await stream.receive_some(1000)
             assert data.startswith(b"HTTP/1.1 101 ")
+            await stream.send_all(frame)  # RFC 6455 4.1: frames only after the 101
+            data = b""
+            while len(data) < 9:
+                data += await stream.receive_some(1000)
+            assert data == b"\x82\x07echo:hi"
             await stream.aclose()  # no close frame: the TCP connection just drops
             while seen[-1:] != ["closed"] or server.statistics()["websockets_open"]:
                 await trio.sleep(0.01)
+
+
+async def test_websocket_upgrade_after_keepalive_request():
+    with trio.fail_after(LIMIT):
+        seen = []
+        async with tcp_server(App(), ws_app(seen)) as (_, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok")
+            data = b""
+            while not data.endswith(b"POST /first [] ok"):
+                data += await stream.receive_some(1000)
+            async with trio.open_nursery() as nursery:  # the upgrade is the second request
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, "t", "/second", extra_headers=[(b"Authorization", b"ok")])
+                await ws.send_message(b"x")
+                assert await ws.get_message() == b"echo:x"
+                await ws.aclose()
+            assert seen[0][:2] == ("accepted", "/second")
+
+
+async def test_websocket_message_size_bounded():
+    with trio.fail_after(LIMIT):
+        async with tcp_server(App(), ws_app([])) as (_, port):
+            async with trio_websocket.open_websocket_url(
+                    f"ws://127.0.0.1:{port}/w", extra_headers=[(b"Authorization", b"ok")]) as ws:
+                await ws.send_message(b"m" * (SMALL.ws_max_message_size + 1))
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1009
 
 
 async def test_websocket_bad_handshake_400():
