@@ -102,6 +102,16 @@ async def read_to_eof(stream: trio.abc.Stream) -> bytes:
     return data
 
 
+async def settled(predicate, rounds: int = 50) -> None:
+    """Wait, without sleeping, until the server has processed what the kernel delivered (loopback
+    delivers synchronously, and trio polls I/O before waking idle waiters), then check."""
+    for _ in range(rounds):
+        await trio.testing.wait_all_tasks_blocked()
+        if predicate():
+            return
+    raise AssertionError("condition never became true")
+
+
 def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
     """Split raw bytes into responses (each to a GET), with an h11 client that 'sent' them."""
     conn, out = h11.Connection(h11.CLIENT), []
@@ -471,9 +481,7 @@ async def test_connection_limit_503(caplog):
             assert await third.stream.receive_some(100) == b""
             assert any("connection limit" in r.getMessage() for r in caplog.records)
             await first.stream.aclose()
-            with trio.fail_after(2):
-                while server.statistics()["connections_open"] > 1:
-                    await trio.sleep(0.01)
+            await settled(lambda: server.statistics()["connections_open"] == 1)
             fourth = Client(await trio.open_tcp_stream("127.0.0.1", port))
             assert (await fourth.request("GET", "/"))[0].status_code == 200
 
@@ -516,8 +524,7 @@ async def test_streaming_response_ends_when_client_leaves():
                               h11.EndOfMessage())
             assert isinstance(await client.next_event(), h11.Response)
             await client.stream.aclose()
-            while finished != ["/forever"]:
-                await trio.sleep(0.01)
+            await settled(lambda: finished == ["/forever"])
 
 
 async def test_shutdown_ends_streaming_response_cleanly(autojump_clock):
@@ -575,8 +582,7 @@ async def test_websocket_binary_echo_ping_and_plain_http_on_same_port():
                 head, _ = await Client(await trio.open_tcp_stream("127.0.0.1", port)).request("GET", "/plain")
                 assert head.status_code == 200
             assert seen[0] == ("accepted", "/api/predict/svc", (("_watch_", "true"), ("_window_", "5")))
-            while server.statistics()["websockets_open"]:
-                await trio.sleep(0.01)
+            await settled(lambda: server.statistics()["websockets_open"] == 0)
             assert seen[-1] == "closed"
 
 
@@ -633,8 +639,7 @@ async def test_websocket_abrupt_eof_ends_handler_with_connection_closed():
                 data += await stream.receive_some(1000)
             assert data == b"\x82\x07echo:hi"
             await stream.aclose()  # no close frame: the TCP connection just drops
-            while seen[-1:] != ["closed"] or server.statistics()["websockets_open"]:
-                await trio.sleep(0.01)
+            await settled(lambda: seen[-1:] == ["closed"] and server.statistics()["websockets_open"] == 0)
 
 
 async def test_websocket_upgrade_after_keepalive_request():
