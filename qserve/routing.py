@@ -181,18 +181,18 @@ def _post(queue, identity, control, tags, headers, body, config, subpath, upgrad
 def _delete(queue, identity, control, tags, headers, body, config, subpath, upgrade):
     if parse_bool("_trunc_", control.get("_trunc_"), False):
         if control.get("_index_") is None:
-            raise ParamError("_index_: required with _trunc_")
+            raise BadRequest("_index_: required with _trunc_")
         return ev.Truncate(queue, identity, parse_int("_index_", control.get("_index_"), 0, minimum=0))
     if control.get("_indexes_") is not None:
         return ev.Delete(queue, identity, tuple(parse_index_list("_indexes_", control["_indexes_"])))
     if control.get("_index_") is not None:
         return ev.Delete(queue, identity, (parse_int("_index_", control["_index_"], 0, minimum=0),))
-    raise ParamError("_indexes_: required (or _index_)")
+    raise BadRequest("_indexes_: required (or _index_)")
 
 
 def _put(queue, identity, control, tags, headers, body, config, subpath, upgrade):
     if control.get("_indexes_") is None:
-        raise ParamError("_indexes_: required")
+        raise BadRequest("_indexes_: required")
     indexes = tuple(parse_index_list("_indexes_", control["_indexes_"]))
     if not parse_bool("_negative_", control.get("_negative_"), False):
         return ev.Commit(queue, identity, indexes)
@@ -201,10 +201,10 @@ def _put(queue, identity, control, tags, headers, body, config, subpath, upgrade
         try:
             form.update(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
-            raise ParamError("negative commit: the form body is not UTF-8") from None
+            raise BadRequest("negative commit: the form body is not UTF-8") from None
     code, reason = form.get("_code_", ""), form.get("_reason_", "")
     if len(code) > 64 or len(reason) > 1024:
-        raise ParamError("_code_/_reason_: too long (64 / 1024 characters at most)")
+        raise BadRequest("_code_/_reason_: too long (64 / 1024 characters at most)")
     return ev.Negative(queue, identity, indexes, code=code, reason=reason)
 
 
