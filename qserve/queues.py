@@ -220,8 +220,11 @@ class QueueManager:
         try:
             path = queue_dir(self.config.data_dir, ref)
             created = not path.exists()
-            qlog = await trio.to_thread.run_sync(
-                lambda: storage.QueueLog.open(path, self._log_config))
+            if created:  # nothing to recover: opening is a few small file operations
+                qlog = storage.QueueLog.open(path, self._log_config)
+            else:        # recovery scans the segments: keep the event loop free meanwhile
+                qlog = await trio.to_thread.run_sync(
+                    lambda: storage.QueueLog.open(path, self._log_config))
             queue = Queue(ref, qlog, self.config)
             self._queues[ref] = queue
             self._report_open(queue, created)

@@ -36,8 +36,9 @@ def http_config_for(config: Config) -> HTTPConfig:
 class Server:
     """A running qserve. Start it with `nursery.start(server.run)`; it reports the bound port."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, listeners: list[trio.abc.Listener] | None = None) -> None:
         self.config = config
+        self._listeners = listeners   # default: TCP on config.host:config.port
         self.port: int | None = None
         self.app: App | None = None
         self.http: HTTPServer | None = None
@@ -57,8 +58,11 @@ class Server:
                 self._attach_watch(queue_tasks)
                 self.http = HTTPServer(self.app.handle, self._ws_handler(), http_config_for(config))
                 async with trio.open_nursery() as front:
-                    self.port = await front.start(self.http.serve_tcp, config.host, config.port)
-                    log.info("qserve listening on http://%s:%d (data in %s, fsync=%s)",
+                    if self._listeners is None:
+                        self.port = await front.start(self.http.serve_tcp, config.host, config.port)
+                    else:
+                        await front.start(self.http.serve, self._listeners)
+                    log.info("qserve listening on http://%s:%s (data in %s, fsync=%s)",
                              _host_for_url(config.host), self.port, config.data_dir, config.fsync)
                     task_status.started(self.port)
                     await self._stop.wait()

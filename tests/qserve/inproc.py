@@ -1,0 +1,67 @@
+"""An in-process qserve over memory streams, for tests that need trio's clock (autojump_clock).
+
+`running_server(tmp_path, **config)` yields a `Harness` whose `client()` opens an h11 client
+connection to the real App/HTTP edge through a `MemoryListener`; nothing touches a socket, so a
+long-poll's timeout or a watcher's keep-alive can be driven deterministically.
+
+These servers run with `fsync="never"` unless told otherwise: an fsync runs in a worker thread, and
+trio's autojump clock treats a task waiting for a thread as idle and jumps to the next deadline.
+Durability is proven against real server processes (test_durability.py), not here.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+
+import trio
+
+from qserve.config import Config
+from qserve.server import Server
+
+from .test_http_edge import Client, MemoryListener
+
+TOKEN = "tok"
+
+
+class QClient(Client):
+    """An h11 client that speaks to one service's queues."""
+
+    def __init__(self, stream, service: str, headers=()) -> None:
+        super().__init__(stream)
+        self.service = service
+        self.extra = list(headers)
+
+    async def call(self, method: str, query: str = "", body: bytes = b"", headers=(), sink=False):
+        target = f"/api/predict/{self.service}{'/sink' if sink else ''}" + (f"?{query}" if query else "")
+        head, data = await self.request(method, target, body, [("Authorization", TOKEN), *self.extra, *headers])
+        return head.status_code, data
+
+    async def attrs(self, sink=False) -> dict:
+        status, body = await self.call("GET", "_attrs_=true", sink=sink)
+        assert status == 200
+        return json.loads(body)
+
+
+class Harness:
+    def __init__(self, server: Server, listener: MemoryListener) -> None:
+        self.server = server
+        self.listener = listener
+
+    async def client(self, service: str, headers=()) -> QClient:
+        return QClient(await self.listener.connect(), service, headers)
+
+
+@asynccontextmanager
+async def running_server(tmp_path, **settings):
+    settings.setdefault("data_dir", tmp_path / "data")
+    settings.setdefault("token", TOKEN)
+    settings.setdefault("fsync", "never")
+    listener = MemoryListener()
+    server = Server(Config(**settings), listeners=[listener])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        try:
+            yield Harness(server, listener)
+        finally:
+            server.shutdown()

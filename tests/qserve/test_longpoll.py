@@ -1,0 +1,56 @@
+"""Long-poll gets under trio's clock: woken at once by a put, answered a little before the timeout."""
+
+import json
+
+import pytest
+import trio
+import trio.testing
+
+from .inproc import running_server
+
+
+@pytest.fixture
+def limit():
+    return trio.fail_after(60)
+
+
+async def test_long_poll_woken_by_a_put_from_another_connection(tmp_path, autojump_clock):
+    with trio.fail_after(60):
+        async with running_server(tmp_path) as srv:
+            waiter, putter = await srv.client("lp"), await srv.client("lp")
+            result = {}
+
+            async def wait_get():
+                result["t0"] = trio.current_time()
+                result["resp"] = await waiter.call("GET", "_timeout_=20s&_raw_=false")
+                result["t1"] = trio.current_time()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_get)
+                await trio.sleep(5)   # virtual time: the get is parked
+                assert "resp" not in result
+                status, _ = await putter.call("POST", "", b"wake")
+                assert status == 200
+            status, body = result["resp"]
+            assert status == 200 and json.loads(body)[0]["index"] == 1
+            assert 5 <= result["t1"] - result["t0"] < 6
+
+
+async def test_long_poll_answers_204_just_before_the_client_timeout(tmp_path, autojump_clock):
+    with trio.fail_after(60):
+        async with running_server(tmp_path) as srv:
+            c = await srv.client("lp")
+            t0 = trio.current_time()
+            status, body = await c.call("GET", "_timeout_=5s&_raw_=false")
+            waited = trio.current_time() - t0
+            assert status == 204 and body == b""
+            assert 4.4 <= waited < 5.0
+
+
+async def test_zero_timeout_answers_at_once(tmp_path, autojump_clock):
+    with trio.fail_after(60):
+        async with running_server(tmp_path) as srv:
+            c = await srv.client("lp")
+            t0 = trio.current_time()
+            assert (await c.call("GET", "_timeout_=0"))[0] == 204
+            assert trio.current_time() - t0 < 0.1
