@@ -1,0 +1,50 @@
+"""The server as a process: kill -9 after an acknowledged put, graceful SIGTERM, start-up refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .test_sdk import client
+
+
+def test_acknowledged_put_survives_sigkill(fresh_server, service):
+    fresh_server.start()
+    q = client(fresh_server, service)
+    acked = [q.put(f"entry-{i}".encode(), tags={"n": str(i)}) for i in range(50)]
+    q.delete(int(acked[0][0]))
+    fresh_server.kill()
+    fresh_server.start()
+    q = client(fresh_server, service)
+    assert q.attributes()["stream.length"] == "49"
+    for i, (index, rid) in enumerate(acked[1:], start=1):
+        [df] = q.get(request_id=rid, auto_delete=False, timeout="0s")
+        assert (str(df.index), df.data, df.tags["n"]) == (index, f"entry-{i}".encode(), str(i))
+    # the deleted entry stays deleted and no index is reused
+    assert q.get(index=1, auto_delete=False, timeout="0s")[0].index == 2
+    assert q.put(b"next")[0] == "51"
+
+
+def test_sigterm_drains_and_exits_zero(fresh_server, service):
+    fresh_server.start()
+    q = client(fresh_server, service)
+    q.put(b"x")
+    assert fresh_server.stop() == 0
+    assert any("shutting down" in line for line in fresh_server.lines)
+    assert any("stopped; all queues synced and closed" in line for line in fresh_server.lines)
+    fresh_server.start()
+    assert client(fresh_server, service).attributes()["stream.length"] == "1"
+    assert any("opened: 1 entries" in line for line in fresh_server.lines)
+
+
+def test_refuses_non_loopback_without_token(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qserve", "serve", "--host", "0.0.0.0", "--port", "0",
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "non-loopback" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bad_flag_value_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qserve", "serve", "--max-length", "0",
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "max_length" in proc.stderr
