@@ -15,7 +15,9 @@ import json
 from contextlib import asynccontextmanager
 
 import trio
+import trio_websocket
 
+from qserve import protobuf
 from qserve.config import Config
 from qserve.server import Server
 
@@ -50,6 +52,30 @@ class Harness:
 
     async def client(self, service: str, headers=()) -> QClient:
         return QClient(await self.listener.connect(), service, headers)
+
+    async def watch(self, nursery, service: str, query: str = "", *, user: str | None = None,
+                    group: str = "g", sink: bool = False) -> trio_websocket.WebSocketConnection:
+        """Open a WebSocket watch (`_watch_=true&...`) as consumer `group.user`."""
+        stream = await self.listener.connect()
+        headers = [("Authorization", TOKEN), ("X-EAS-QueueService-Gid", group)]
+        if user is not None:
+            headers.append(("X-EAS-QueueService-Uid", user))
+        resource = f"/api/predict/{service}{'/sink' if sink else ''}?_watch_=true" + (f"&{query}" if query else "")
+        return await trio_websocket.wrap_client_stream(nursery, stream, "test", resource, extra_headers=headers)
+
+
+async def next_frame(ws, timeout: float = 5.0) -> protobuf.Frame:
+    """The next pushed entry (trio clock seconds)."""
+    with trio.fail_after(timeout):
+        return protobuf.decode_frame(await ws.get_message())
+
+
+async def no_frame(ws, wait: float = 2.0) -> bool:
+    """True when nothing arrives for `wait` (trio clock) seconds."""
+    with trio.move_on_after(wait):
+        await ws.get_message()
+        return False
+    return True
 
 
 @asynccontextmanager

@@ -48,3 +48,30 @@ def test_bad_flag_value_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qserve", "serve", "--max-length", "0",
                            "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "max_length" in proc.stderr
+
+
+def test_restart_redelivers_uncommitted_and_never_committed(fresh_server, service):
+    from .test_watch_sdk import collect
+
+    fresh_server.start()
+    q = client(fresh_server, service)
+    for i in range(6):
+        q.put(f"e{i}".encode())
+    watcher = q.watch(0, 4, auto_commit=False)
+    got = collect(watcher, 4)
+    q.commit([got[0].index, got[1].index])             # two committed, two pending at the crash
+    watcher.close()
+    auto = client(fresh_server, service + "/sink")
+    auto.put(b"r0")
+    auto.put(b"r1")
+    w2 = auto.watch(0, 5, auto_commit=True)
+    collect(w2, 2)
+    w2.close()
+    fresh_server.kill()
+    fresh_server.start()
+    q = client(fresh_server, service)
+    watcher = q.watch(0, 10, auto_commit=False)
+    again = collect(watcher, 4)
+    watcher.close()
+    assert sorted(df.index for df in again) == [3, 4, 5, 6]
+    assert client(fresh_server, service + "/sink").attributes()["stream.length"] == "0"
