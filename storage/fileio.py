@@ -40,6 +40,11 @@ class FileIO:
         with open(path, "rb") as f:
             return f.read()
 
+    def read_head(self, path: str, size: int) -> bytes:
+        """The first ``size`` bytes of a file (fewer if it is shorter)."""
+        with open(path, "rb") as f:
+            return f.read(size)
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 

@@ -7,12 +7,14 @@ increasing order, so appends keep the order; bisect finds a row):
 * ``loc``  u64  ``segment id << 40 | offset`` of the record; bit 63 set = dead (tombstone)
 * ``size`` u32  framed record size (live-bytes accounting, one-read lookups)
 * ``prio`` i64  priority
+* ``rh``   i64  64-bit hash of the requestId (0 = none)
 
 Dead rows are purged by a periodic rebuild once they outnumber the live ones. Entries with a priority
 other than 0 are also listed per level in ``levels`` (sorted index arrays, may hold dead rows) so
 dispatch order is computed from memory. ``RidTable`` maps a 64-bit hash of the requestId to indexes by
 open addressing in two arrays; candidates are verified against the record by the caller, so collisions
-are harmless. About 30 bytes per row plus about 35 for the hash table. Not thread-safe.
+are harmless. It is built from the ``rh`` column on first use (its build is the slowest part of a
+reopen), then kept up to date. About 38 bytes per row plus about 32 for the table. Not thread-safe.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class RidTable:
         keys, vals, mask = t.keys, t.vals, t.mask
         n = 0
         for h, index in pairs:
+            if not h:
+                continue
             i = h & mask
             while keys[i]:
                 i = (i + 1) & mask
@@ -109,21 +113,23 @@ class RidTable:
 class EntryIndex:
     """Columns of all stored entries (live and not yet purged dead ones), sorted by index."""
 
-    __slots__ = ("idx", "loc", "size", "prio", "levels", "live", "version", "_first")
+    __slots__ = ("idx", "loc", "size", "prio", "rh", "levels", "live", "version", "_first")
 
     def __init__(self) -> None:
         self.idx = array("Q")
         self.loc = array("Q")
         self.size = array("I")
         self.prio = array("q")
+        self.rh = array("q")
         self.levels: dict[int, array] = {}
         self.live = 0
         self.version = 0
         self._first = 0
 
     # -- building --------------------------------------------------------------------------------
-    def append(self, index: int, loc: int, size: int, prio: int) -> None:
+    def append(self, index: int, loc: int, size: int, prio: int, h: int) -> None:
         """Add a live row; ``index`` must exceed every index already present."""
+        self.rh.append(h)
         self.idx.append(index)
         self.loc.append(loc)
         self.size.append(size)
@@ -134,6 +140,15 @@ class EntryIndex:
                 lv = self.levels[prio] = array("Q")
             lv.append(index)
         self.live += 1
+
+    def build_rids(self) -> "RidTable":
+        """A requestId table of the live rows."""
+        if self.live == len(self.idx):
+            pairs = zip(self.rh, self.idx)
+        else:
+            rh, idx, loc = self.rh, self.idx, self.loc
+            pairs = ((rh[p], idx[p]) for p in range(len(idx)) if not loc[p] & DEAD)
+        return RidTable.build(pairs, self.live)
 
     def rebuild_levels(self) -> None:
         levels: dict[int, array] = {}
@@ -239,15 +254,16 @@ class EntryIndex:
         return True
 
     def purge(self) -> None:
-        idx, loc, size, prio = self.idx, self.loc, self.size, self.prio
-        nidx, nloc, nsize, nprio = array("Q"), array("Q"), array("I"), array("q")
+        idx, loc, size, prio, rh = self.idx, self.loc, self.size, self.prio, self.rh
+        nidx, nloc, nsize, nprio, nrh = array("Q"), array("Q"), array("I"), array("q"), array("q")
         for pos in range(len(idx)):
             if not loc[pos] & DEAD:
                 nidx.append(idx[pos])
                 nloc.append(loc[pos])
                 nsize.append(size[pos])
                 nprio.append(prio[pos])
-        self.idx, self.loc, self.size, self.prio = nidx, nloc, nsize, nprio
+                nrh.append(rh[pos])
+        self.idx, self.loc, self.size, self.prio, self.rh = nidx, nloc, nsize, nprio, nrh
         self._first = 0
         self.rebuild_levels()
         self.version += 1

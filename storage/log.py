@@ -128,7 +128,7 @@ class QueueLog:
         self._by_sid = {s.sid: s for s in self._segs}
         self._next_sid = (self._segs[-1].sid + 1) if self._segs else 0
         self._index = rec.index
-        self._rids: RidTable = rec.rids
+        self._rids: RidTable | None = None      # built on first use (see index.py)
         self.next_index = max(rec.next_index, keep_next)
         self._watermark = rec.watermark
         self._state = rec.state
@@ -136,9 +136,11 @@ class QueueLog:
         if not self._segs:
             self._segs.append(self._new_segment(max(self.next_index, 1), 0, "create"))
             self._by_sid[self._segs[0].sid] = self._segs[0]
-        elif rec.needs_checkpoint or keep_next > rec.next_index:
+        elif rec.needs_checkpoint:
+            self._roll()          # a fresh header lists the segments and seals the repaired files
+        elif keep_next > rec.next_index:
             seg = self._segs[-1]
-            seg.append(encode_checkpoint(self._checkpoint("repair" if keep_next == 0 else "rollback")))
+            seg.append(encode_checkpoint(self._checkpoint("rollback")))
             self.io.fsync(seg.fd)
             seg.durable_size = seg.size
 
@@ -150,8 +152,9 @@ class QueueLog:
 
     def _new_segment(self, base: int, prev: int, why: str) -> Segment:
         segs = [s.base for s in self._segs] + [base]
+        seals = tuple((s.base, s.size, s.crc) for s in self._segs)
         header = encode_checkpoint(CheckpointRecord(base, prev, self.next_index, self._watermark,
-                                                    dict(self._state), tuple(segs), why))
+                                                    dict(self._state), tuple(segs), why, seals))
         seg = Segment.create(self.io, self.path, base, self._next_sid, header)
         self._next_sid += 1
         self._fresh = True
@@ -205,32 +208,40 @@ class QueueLog:
             PayloadTooLarge, QueueFull: refused, nothing written.
             DiskFull, StorageIOError: the write failed, nothing written.
         """
-        self._check()
-        if len(data) > self.config.max_payload_bytes:
-            raise PayloadTooLarge(len(data), self.config.max_payload_bytes)
-        limit = self.config.max_entries
-        if limit is not None and self._index.live >= limit:
-            raise QueueFull(self._index.live, limit)
+        if self._closed or self._failed:
+            self._check()
+        config = self.config
+        if len(data) > config.max_payload_bytes:
+            raise PayloadTooLarge(len(data), config.max_payload_bytes)
+        ix = self._index
+        if config.max_entries is not None and ix.live >= config.max_entries:
+            raise QueueFull(ix.live, config.max_entries)
         for k, v in tags.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise TypeError("tags must map str to str")
+            if type(k) is not str or type(v) is not str:
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise TypeError("tags must map str to str")
         index = self.next_index
         ts = int(self._now() * 1000)
         rec = encode_entry(index, priority, ts, tags, data)
+        size = len(rec)
         seg, off = self._write(rec)
         self.next_index = index + 1
-        self._index.append(index, pack_loc(seg.sid, off), len(rec), priority)
-        seg.note_entry(index, len(rec))
         rid = tags.get(REQUEST_ID)
-        if rid is not None:
-            if self._rids.needs_growth():
-                self._grow_rids()
-            self._rids.insert(rid_hash(rid), index)
+        h = 0 if rid is None else rid_hash(rid)
+        ix.append(index, (seg.sid << SEG_SHIFT) | off, size, priority, h)
+        seg.note_entry(index, size)
+        rids = self._rids
+        if h and rids is not None:
+            if rids.needs_growth():
+                rids = self._rids = ix.build_rids()   # also drops slots of dead entries
+            else:
+                rids.insert(h, index)
         return Entry(index, dict(tags), bytes(data), priority, ts)
 
-    def _grow_rids(self) -> None:
-        pairs = [(h, i) for h, i in self._rids.items() if self._index.pos_of(i) is not None]
-        self._rids = RidTable.build(pairs, max(len(pairs), self._index.live))
+    def _request_ids(self) -> RidTable:
+        if self._rids is None:
+            self._rids = self._index.build_rids()
+        return self._rids
 
     def _kill(self, pos: int) -> None:
         old = self._index.kill(pos)
@@ -326,7 +337,7 @@ class QueueLog:
         """The live entry whose ``requestId`` tag is ``request_id`` (the newest if several)."""
         self._check()
         best = None
-        for index in self._rids.candidates(rid_hash(request_id)):
+        for index in self._request_ids().candidates(rid_hash(request_id)):
             pos = self._index.pos_of(index)
             if pos is None or (best is not None and index < best.index):
                 continue
@@ -438,6 +449,7 @@ class QueueLog:
         """Drop dead sealed segments and compact sparse ones; returns bytes reclaimed."""
         self._check()
         from .compaction import compact
+        self._request_ids()       # idle time: build the requestId table if reopen deferred it
         n = compact(self, budget_bytes)
         self._index.maybe_purge()
         return n

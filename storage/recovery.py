@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from .errors import CorruptLog
 from .fileio import FileIO
 from .index import DEAD, SEG_SHIFT, EntryIndex, RidTable
-from .record import (CHECKPOINT, DELETE, ENTRY, ENTRY_PREFIX, FRAME, HEADER_SIZE, MAX_RECORD, STATE,
-                     TRUNCATE, CheckpointRecord, DeleteRecord, EntryRecord, StateRecord,
-                     TruncateRecord, classify_bad_frame, decode_body, REQUEST_ID)
+from .record import (ENTRY, FRAMED_ENTRY_HEAD, FRAMED_ENTRY_HEAD_SIZE, HEADER_SIZE, REQUEST_ID,
+                     CheckpointRecord, DeleteRecord, EntryRecord, StateRecord, TruncateRecord,
+                     classify_bad_frame, decode_frame)
 from .segment import Segment, parse_segment_name, segment_name
 from .index import rid_hash
 
@@ -54,7 +54,6 @@ class Recovered:
     def __init__(self) -> None:
         self.segments: list[Segment] = []
         self.index = EntryIndex()
-        self.rids = RidTable()
         self.next_index = 1
         self.watermark = 0
         self.state: dict[str, str] = {}
@@ -79,7 +78,6 @@ class _Scan:
     def __init__(self, rec: Recovered, repair: bool) -> None:
         self.rec = rec
         self.repair = repair
-        self.rh = array("q")          # rid hash per row of rec.index (0 = none)
         self.moved: dict[int, list] = {}  # index -> [loc, size, prio, rid_hash, live] (no row yet)
         self.by_sid: dict[int, Segment] = {}
         self.last_main = 0
@@ -139,13 +137,12 @@ class _Scan:
             ix.loc[pos] = loc
             ix.size[pos] = size
             ix.prio[pos] = r.priority
-            self.rh[pos] = h
+            ix.rh[pos] = h
             ix.live += 1
             return
         seg.note_entry(r.index, size)
         if pos == len(idx) and not r.moved:
-            ix.append(r.index, loc, size, r.priority)
-            self.rh.append(h)
+            ix.append(r.index, loc, size, r.priority, h)
             return
         m = self.moved.get(r.index)
         if m is not None and m[4]:
@@ -173,86 +170,67 @@ class _Scan:
             rec.expected = r.segments
 
     # -- one segment -------------------------------------------------------------------------------
-    def scan_segment(self, io: FileIO, seg: Segment, buf: bytes, is_last: bool):
-        """Apply every record of ``seg``. Returns None, or ``(content, torn_only)`` when the file must
-        be cut (torn tail only) or rewritten (repair)."""
+    def scan_segment(self, seg: Segment, buf: bytes, is_last: bool, trusted: bool):
+        """Apply every record of ``seg``. ``trusted``: the whole file matched its seal, so per-record
+        crc32 is skipped. Returns None, or ``(content, torn_only)`` when the file must be cut (torn
+        tail only) or rewritten (repair)."""
         rec, report = self.rec, self.rec.report
         ix = rec.index
         n = len(buf)
         mv = memoryview(buf)
-        unpack_frame = FRAME.unpack_from
-        unpack_prefix = ENTRY_PREFIX.unpack_from
+        unpack_head = FRAMED_ENTRY_HEAD.unpack_from
         crc32 = zlib.crc32
-        idx, rh = ix.idx, self.rh
-        a_idx, a_loc, a_size, a_prio, a_rh = idx.append, ix.loc.append, ix.size.append, \
-            ix.prio.append, rh.append
+        levels = ix.levels
+        a_idx, a_loc, a_size, a_prio, a_rh = ix.idx.append, ix.loc.append, ix.size.append, \
+            ix.prio.append, ix.rh.append
         sidbits = seg.sid << SEG_SHIFT
-        live_bytes = live_count = added = fmin = 0
         last_main = self.last_main
         watermark = rec.watermark
-        off = shift = 0
-        keep: list[tuple[int, int]] = []   # good spans (repair only)
-        span_start = 0
+        fast_end = n - FRAMED_ENTRY_HEAD_SIZE
+        off = shift = span_start = 0
+        keep: list[tuple[int, int]] = []   # good spans (cut / repair)
         first = True
+        idx, size_col = ix.idx, ix.size
+        mark = len(idx)                    # rows added by the fast path since ``mark`` not yet counted
+        fmin = 0
         while off < n:
-            reason = None
-            if off + HEADER_SIZE > n:
-                reason = "incomplete frame header"
-            else:
-                length, crc = unpack_frame(buf, off)
-                end = off + HEADER_SIZE + length
-                if length == 0:
-                    reason = "zero length"
-                elif length > MAX_RECORD or end > n:
-                    reason = f"length {length} runs past end of file"
-                elif crc32(mv[off + HEADER_SIZE:end]) != crc:
-                    reason = "crc mismatch"
-            if reason is None and buf[off + HEADER_SIZE] == 0x98 and buf[off + 9] == ENTRY \
-                    and buf[off + 37] == 0xC2 and not first:
-                # fast path: a not-moved ENTRY, fields at fixed offsets
-                _, _, _, index, _, prio, _, _, _ = unpack_prefix(buf, off + HEADER_SIZE)
-                if index > last_main and index >= watermark:
-                    b = buf[off + 38]
-                    if b == 0xD9:
-                        h = hash(buf[off + 40:off + 40 + buf[off + 39]]) or 1
-                    elif b == 0xC0:
-                        h = 0
-                    elif 0xA0 <= b <= 0xBF:
-                        h = hash(buf[off + 39:off + 39 + (b & 0x1F)]) or 1
+            if not first:
+                # fast path: not-moved ENTRYs whose requestId is nil or a str8 (uuid): fixed offsets
+                while off <= fast_end:
+                    length, crc, head, _, index, _, prio, _, _, moved, rm, rl = unpack_head(buf, off)
+                    end = off + HEADER_SIZE + length
+                    if head != 0x9800 or moved != 0xC2 or end > n or length <= 32 \
+                            or index <= last_main or index < watermark:
+                        break
+                    if not trusted and crc32(mv[off + HEADER_SIZE:end]) != crc:
+                        break
+                    if rm == 0xD9:
+                        a_rh(hash(buf[off + 40:off + 40 + rl]) or 1)
+                    elif rm == 0xC0:
+                        a_rh(0)
                     else:
-                        h = rid_hash(decode_body(mv[off + HEADER_SIZE:end]).tags[REQUEST_ID])
-                    size = end - off
+                        break
                     a_idx(index)
                     a_loc(sidbits | (off - shift))
-                    a_size(size)
+                    a_size(end - off)
                     a_prio(prio)
-                    a_rh(h)
                     if prio:
-                        lv = ix.levels.get(prio)
+                        lv = levels.get(prio)
                         if lv is None:
-                            lv = ix.levels[prio] = array("Q")
+                            lv = levels[prio] = array("Q")
                         lv.append(index)
-                    live_bytes += size
-                    live_count += 1
-                    added += 1
-                    if not fmin:
-                        fmin = index
                     last_main = index
                     off = end
-                    continue
-            if reason is None:
-                try:
-                    r = decode_body(mv[off + HEADER_SIZE:end])
-                except ValueError as exc:
-                    reason = str(exc)
-            if reason is not None:
-                outcome = classify_bad_frame(buf, off, reason, seg.path)
+                if off >= n:
+                    break
+            res = decode_frame(buf, off)
+            if isinstance(res, str):
+                outcome = classify_bad_frame(buf, off, res, seg.path)
                 if outcome.kind == "torn" and is_last:
-                    keep.append((span_start, off))
                     report.truncated_bytes += n - off
                     n = off
                     break
-                why = reason if outcome.kind == "corrupt" else f"torn tail in a sealed segment: {reason}"
+                why = res if outcome.kind == "corrupt" else f"torn tail in a sealed segment: {res}"
                 if not self.repair:
                     raise CorruptLog(seg.path, off, why)
                 report.skipped.append((seg.path, off, why))
@@ -260,29 +238,34 @@ class _Scan:
                 shift += outcome.resume - off
                 off = span_start = outcome.resume
                 continue
+            r, end = res
             if first and not (isinstance(r, CheckpointRecord) and r.base == seg.base):
                 if not self.repair:
                     raise CorruptLog(seg.path, off, "segment does not start with its checkpoint")
                 report.skipped.append((seg.path, off, "segment does not start with its checkpoint"))
             first = False
-            # flush fast-path counters before the slow path touches shared state
-            seg.live_bytes += live_bytes
-            seg.live_count += live_count
-            live_bytes = live_count = 0
-            ix.live += added
-            added = 0
+            # count the fast path's rows before the slow path touches shared state
+            if len(idx) > mark:
+                fmin = fmin or idx[mark]
+                added = len(idx) - mark
+                seg.live_bytes += sum(size_col[mark:])
+                seg.live_count += added
+                ix.live += added
             self.last_main = last_main
             if last_main >= rec.next_index:
                 rec.next_index = last_main + 1
             self.apply(seg, sidbits | (off - shift), end - off, r)
             last_main = self.last_main = max(self.last_main, idx[-1] if idx else 0)
             watermark = rec.watermark
+            mark = len(idx)
             off = end
-        else:
-            keep.append((span_start, n))
-        seg.live_bytes += live_bytes
-        seg.live_count += live_count
-        ix.live += added
+        keep.append((span_start, n))
+        if len(idx) > mark:
+            fmin = fmin or idx[mark]
+            added = len(idx) - mark
+            seg.live_bytes += sum(size_col[mark:])
+            seg.live_count += added
+            ix.live += added
         self.last_main = last_main
         if last_main >= rec.next_index:
             rec.next_index = last_main + 1
@@ -294,6 +277,21 @@ class _Scan:
             cleaned = b"".join(bytes(mv[a:b]) for a, b in keep if b > a)
             return cleaned, not shift
         return None
+
+
+def _seals(io: FileIO, directory: str, bases: list) -> dict:
+    """Seals listed by the active segment's header: ``{base: (size, crc)}``."""
+    if not bases:
+        return {}
+    path = os.path.join(directory, segment_name(bases[-1]))
+    try:
+        head = io.read_head(path, 1 << 20)
+    except OSError:
+        return {}
+    res = decode_frame(head, 0)
+    if isinstance(res, str) or not isinstance(res[0], CheckpointRecord):
+        return {}
+    return {b: (size, crc) for b, size, crc in res[0].seals}
 
 
 def recover(directory: str, io: FileIO, repair: bool = False) -> Recovered:
@@ -308,6 +306,7 @@ def recover(directory: str, io: FileIO, repair: bool = False) -> Recovered:
             io.remove(os.path.join(directory, name))
     bases = sorted(b for b in (parse_segment_name(nm) for nm in names) if b is not None)
     scan = _Scan(rec, repair)
+    seals = _seals(io, directory, bases)
     for k, base in enumerate(bases):
         path = os.path.join(directory, segment_name(base))
         is_last = k == len(bases) - 1
@@ -316,7 +315,9 @@ def recover(directory: str, io: FileIO, repair: bool = False) -> Recovered:
         seg = Segment(io, directory, base, k, fd, len(buf))
         scan.by_sid[k] = seg
         rec.segments.append(seg)
-        res = scan.scan_segment(io, seg, buf, is_last)
+        crc = zlib.crc32(buf)
+        trusted = not is_last and seals.get(base) == (len(buf), crc)
+        res = scan.scan_segment(seg, buf, is_last, trusted)
         if res is not None:
             cleaned, torn_only = res
             report.broken_files.append(_broken_copy(io, path, buf))
@@ -335,6 +336,8 @@ def recover(directory: str, io: FileIO, repair: bool = False) -> Recovered:
                 fd = seg.fd = io.open_append(path)
                 rec.needs_checkpoint = True
             seg.size = seg.durable_size = len(cleaned)
+            crc = zlib.crc32(cleaned)
+        seg.crc = crc
         del buf, res
     _merge_moved(rec, scan)
     _check_set(rec, directory, io, repair)
@@ -343,12 +346,7 @@ def recover(directory: str, io: FileIO, repair: bool = False) -> Recovered:
         io.fsync(rec.segments[-1].fd)
     ix = rec.index
     if ix.live < len(ix.idx) // 2 and len(ix.idx) > 4096:
-        keep = array("q", (scan.rh[p] for p in range(len(ix.idx)) if not ix.loc[p] & DEAD))
         ix.purge()
-        scan.rh = keep
-    rh, idx, loc = scan.rh, ix.idx, ix.loc
-    rec.rids = RidTable.build(((rh[p], idx[p]) for p in range(len(idx))
-                               if rh[p] and not loc[p] & DEAD), ix.live)
     report.entries = ix.live
     report.seconds = time.perf_counter() - t0
     return rec
@@ -359,9 +357,9 @@ def _merge_moved(rec: Recovered, scan: _Scan) -> None:
     if not scan.moved:
         return
     ix = rec.index
-    old = (ix.idx, ix.loc, ix.size, ix.prio, scan.rh)
+    old = (ix.idx, ix.loc, ix.size, ix.prio, ix.rh)
     ix.idx, ix.loc, ix.size, ix.prio = array("Q"), array("Q"), array("I"), array("q")
-    rh = array("q")
+    rh = ix.rh = array("q")
     live = ix.live
     items = sorted(scan.moved.items())
     j = 0
@@ -380,7 +378,6 @@ def _merge_moved(rec: Recovered, scan: _Scan) -> None:
         ix.idx.append(cur); ix.loc.append(old[1][pos]); ix.size.append(old[2][pos])
         ix.prio.append(old[3][pos]); rh.append(old[4][pos])
     ix.live = live
-    scan.rh = rh
     ix.rebuild_levels()
     ix.version += 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 
 from .errors import DiskFull, StorageIOError
 from .fileio import FileIO, is_disk_full
@@ -44,7 +45,7 @@ def io_error(exc: OSError, what: str) -> StorageIOError:
 
 class Segment:
     __slots__ = ("base", "sid", "path", "fd", "size", "durable_size", "live_bytes", "live_count",
-                 "deletes", "min_index", "max_index", "io")
+                 "deletes", "min_index", "max_index", "io", "crc")
 
     def __init__(self, io: FileIO, directory: str, base: int, sid: int, fd: int, size: int) -> None:
         self.io = io
@@ -59,6 +60,7 @@ class Segment:
         self.deletes = 0          # DELETE records held (compaction must look for ones to carry)
         self.min_index = 0        # range of entry indexes ever written here (0 = none)
         self.max_index = 0
+        self.crc = 0              # crc32 of the whole file so far (its seal once sealed)
 
     @classmethod
     def create(cls, io: FileIO, directory: str, base: int, sid: int, header: bytes) -> "Segment":
@@ -68,7 +70,9 @@ class Segment:
             fd = io.open_append(path)
         except OSError as exc:
             raise io_error(exc, f"creating {path}") from None
-        return cls(io, directory, base, sid, fd, len(header))
+        seg = cls(io, directory, base, sid, fd, len(header))
+        seg.crc = zlib.crc32(header)
+        return seg
 
     def note_entry(self, index: int, size: int) -> None:
         self.live_bytes += size
@@ -93,6 +97,7 @@ class Segment:
                 pass
             raise io_error(exc, f"writing {self.path}") from None
         self.size = offset + len(data)
+        self.crc = zlib.crc32(data, self.crc)
         return offset
 
     def read_body(self, offset: int, size: int = 0) -> bytes:
