@@ -59,16 +59,17 @@ class App:
         self._boot = uuid.uuid4().hex[:8]
         self.watch = None  # set by the server: qserve.watch.WatchService
 
-    def anonymous_user(self, connection_id: int | None = None) -> str:
-        """A user id unique to one connection, for clients that send no identity."""
-        return f"anon-{self._boot}-{connection_id if connection_id is not None else next(self._anon)}"
+    def anonymous_user(self) -> str:
+        """A fresh user id for a request that names none: a watch is one request on its own
+        connection, so two anonymous watchers never share a consumer id."""
+        return f"anon-{self._boot}-{next(self._anon)}"
 
     def operation_for(self, request: Request) -> ev.Operation | ev.Health:
         headers = {}
         for name, value in request.headers:
             headers.setdefault(name, value)
         return route(request.method, request.path, request.query, headers, request.body, self.config,
-                     anonymous_user=self.anonymous_user(_connection_id(request)),
+                     anonymous_user=self.anonymous_user(),
                      upgrade=request.is_websocket_upgrade)
 
     async def handle(self, request: Request) -> Response:
@@ -128,8 +129,7 @@ class App:
         if not entries:
             return Response(204)
         if op.auto_delete:
-            removed = queue.log.delete([e.index for e in entries])
-            queue.dispatcher.removed(removed)
+            _forget(queue, queue.log.delete([e.index for e in entries]))
             await queue.wait_durable()
         return self._render_entries(queue, op, entries)
 
@@ -151,15 +151,13 @@ class App:
         return Response(200, json.dumps(doc).encode(), list(JSON))
 
     async def delete(self, queue: Queue, op: ev.Delete) -> Response:
-        removed = queue.log.delete(op.indexes)
-        queue.dispatcher.removed(removed)
+        _forget(queue, queue.log.delete(op.indexes))
         await queue.wait_durable()
         return OK
 
     async def commit(self, queue: Queue, op: ev.Commit) -> Response:
-        removed = queue.log.delete(op.indexes)
+        queue.log.delete(op.indexes)
         queue.dispatcher.commit(op.indexes)
-        queue.dispatcher.removed(removed)
         queue.changed.fire()  # window slots freed
         await queue.wait_durable()
         return OK
@@ -174,7 +172,7 @@ class App:
         for cid in queue.dispatcher.consumers():
             held |= queue.dispatcher.pending_of(cid)
         queue.log.truncate(op.below)
-        queue.dispatcher.removed(sorted(i for i in held if i < op.below))
+        _forget(queue, sorted(i for i in held if i < op.below))
         await queue.wait_durable()
         return OK
 
@@ -185,7 +183,7 @@ class App:
             for cid in queue.dispatcher.consumers():
                 pending |= queue.dispatcher.pending_of(cid)
             undelivered = [i for i, _ in queue.log.iter_dispatch(0) if i not in pending]
-            queue.dispatcher.removed(queue.log.delete(undelivered))
+            _forget(queue, queue.log.delete(undelivered))
         queue.changed.fire()
         await queue.wait_durable()
         return OK
@@ -214,8 +212,11 @@ class App:
     }
 
 
-def _connection_id(request: Request) -> int | None:
-    return getattr(request, "connection_id", None)
+def _forget(queue: Queue, removed) -> None:
+    """Entries left the queue: drop them from the groups and wake watchers whose slots freed."""
+    if removed:
+        queue.dispatcher.removed(removed)
+        queue.changed.fire()
 
 
 def attributes_of(queue: Queue, config: Config) -> dict[str, str]:
