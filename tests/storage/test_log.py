@@ -1,0 +1,155 @@
+"""QueueLog API: appends, reads, deletes, truncation, limits, state, group commit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueFull, QueueLog,
+                     StorageError, segment_name)
+
+from .helpers import segments, snapshot, tiny
+
+
+def clock(start=1000.0):
+    t = [start]
+
+    def now():
+        t[0] += 0.001
+        return t[0]
+    return now
+
+
+def test_append_read_scan(tmp_path):
+    log = QueueLog.open(tmp_path / "q", now=clock())
+    assert (log.length, log.first_index, log.last_index, log.next_index) == (0, 0, 0, 1)
+    e1 = log.append(b"one", {"requestId": "a", "k": "v"})
+    e2 = log.append(b"two", {"requestId": "b"}, priority=3)
+    e3 = log.append(b"three", {"k": "v"})
+    assert e1 == Entry(1, {"requestId": "a", "k": "v"}, b"one", 0, 1000001)
+    assert (e2.index, e3.index) == (2, 3)
+    assert log.read(2) == e2 and log.read(4) is None and log.read(0) is None
+    assert [e.index for e in log.scan(tags={"k": "v"})] == [1, 3]
+    assert [e.index for e in log.scan(start=2)] == [2, 3]
+    assert [e.index for e in log.scan(limit=2)] == [1, 2]
+    assert [e.index for e in log.scan(priority=3)] == [2]
+    assert log.find_request_id("b") == e2 and log.find_request_id("zz") is None
+    assert list(log.iter_dispatch()) == [(2, 3), (1, 0), (3, 0)]
+    assert list(log.iter_dispatch(3)) == [(3, 0)]
+    assert log.priority_of(2) == 3 and log.priority_of(9) is None
+    assert 2 in log and 9 not in log
+    assert (log.length, log.first_index, log.last_index) == (3, 1, 3)
+    log.close()
+    with pytest.raises(LogClosed):
+        log.append(b"x", {})
+    log.close()  # twice is fine
+    assert (tmp_path / "q" / segment_name(1)).exists()
+
+
+def test_delete_truncate_and_reopen(tmp_path):
+    log = QueueLog.open(tmp_path, tiny())
+    for i in range(30):
+        log.append(bytes([i]) * 50, {"requestId": f"r{i}"}, priority=i % 2)
+    assert log.delete([3, 3, 4, 99, 0, -5]) == [3, 4]
+    assert log.delete([3]) == []
+    assert log.truncate(10) == 7
+    assert log.truncate(10) == 0
+    assert log.first_index == 10 and log.length == 21
+    log.set_state(state="End")
+    assert log.state == {"state": "End"}
+    before = snapshot(log)
+    assert len(segments(tmp_path)) > 1
+    log.close()
+    log = QueueLog.open(tmp_path, tiny())
+    assert snapshot(log) == before
+    assert log.find_request_id("r3") is None and log.find_request_id("r20").index == 21
+
+
+def test_index_never_reused_after_truncate_all(tmp_path):
+    log = QueueLog.open(tmp_path)
+    for _ in range(5):
+        log.append(b"x", {})
+    assert log.truncate(10**9) == 5
+    assert (log.length, log.first_index, log.last_index, log.next_index) == (0, 0, 0, 6)
+    log.close()
+    log = QueueLog.open(tmp_path)
+    assert log.next_index == 6 and log.length == 0
+    assert log.append(b"y", {}).index == 6
+    log.truncate(10**9)
+    log.maybe_compact()
+    log.close()
+    log = QueueLog.open(tmp_path)
+    assert log.append(b"z", {}).index == 7
+
+
+def test_index_never_reused_after_compaction_drops_everything(tmp_path):
+    log = QueueLog.open(tmp_path, tiny())
+    for _ in range(100):
+        log.append(b"x" * 100, {})
+    log.truncate(101)
+    log.maybe_compact()
+    assert len(segments(tmp_path)) == 1
+    log.close()
+    log = QueueLog.open(tmp_path, tiny())
+    assert log.append(b"y", {}).index == 101
+
+
+def test_limits(tmp_path):
+    log = QueueLog.open(tmp_path, LogConfig(max_payload_bytes=100, max_entries=2))
+    with pytest.raises(PayloadTooLarge):
+        log.append(b"x" * 101, {})
+    assert log.appended_seq == 0 and log.next_index == 1
+    size = log.bytes_on_disk
+    log.append(b"x" * 100, {})
+    log.append(b"", {})
+    with pytest.raises(QueueFull) as ei:
+        log.append(b"x", {})
+    assert isinstance(ei.value, StorageError) and not isinstance(ei.value, PayloadTooLarge)
+    assert log.appended_seq == 2 and log.next_index == 3 and log.bytes_on_disk > size
+    size = log.bytes_on_disk
+    with pytest.raises(QueueFull):
+        log.append(b"x", {})
+    assert log.bytes_on_disk == size
+    log.delete([1])
+    with pytest.raises(TypeError):
+        log.append(b"x", {"a": 1})
+    log.append(b"x", {})
+
+
+def test_sync_counters_and_ticket_across_roll(tmp_path):
+    log = QueueLog.open(tmp_path, tiny())
+    assert (log.appended_seq, log.durable_seq) == (0, 0)
+    log.append(b"x", {})
+    t = log.sync_begin()
+    # more appends while the ticket is out, enough to roll several segments
+    for _ in range(60):
+        log.append(b"y" * 100, {})
+    th = threading.Thread(target=t.run)
+    th.start()
+    th.join()
+    log.sync_end(t)
+    assert log.durable_seq >= 1
+    log.sync()
+    assert log.durable_seq == log.appended_seq == 61
+    # an empty round is fine
+    t = log.sync_begin()
+    t.run()
+    log.sync_end(t)
+    st = log.statistics()
+    assert st["segments"] >= 3 and st["durable_seq"] == 61 and st["live_entries"] == 61
+
+
+def test_read_after_roll_and_moved(tmp_path):
+    log = QueueLog.open(tmp_path, tiny(compact_live_ratio=0.9))
+    for i in range(40):
+        log.append(bytes([i]) * 100, {"requestId": f"r{i}"}, priority=i % 3)
+    log.delete(range(1, 40, 2))
+    want = snapshot(log)
+    assert log.maybe_compact() > 0
+    assert snapshot(log) == want
+    assert log.find_request_id("r11").data == bytes([11]) * 100
+    assert log.find_request_id("r10") is None
+    log.close()
+    log = QueueLog.open(tmp_path, tiny(compact_live_ratio=0.9))
+    assert snapshot(log) == want
