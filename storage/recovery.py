@@ -23,7 +23,7 @@ from .fileio import FileIO
 from .index import DEAD, SEG_SHIFT, EntryIndex, RidTable
 from .record import (ENTRY, FRAMED_ENTRY_HEAD, FRAMED_ENTRY_HEAD_SIZE, HEADER_SIZE, REQUEST_ID,
                      CheckpointRecord, DeleteRecord, EntryRecord, StateRecord, TruncateRecord,
-                     classify_bad_frame, decode_frame)
+                     classify_bad_frame, decode_frame, encode_checkpoint)
 from .segment import Segment, parse_segment_name, segment_name
 from .index import rid_hash
 
@@ -190,6 +190,8 @@ class _Scan:
         off = shift = span_start = 0
         keep: list[tuple[int, int]] = []   # good spans (cut / repair)
         first = True
+        prefix = b""
+        repaired = False
         idx, size_col = ix.idx, ix.size
         mark = len(idx)                    # rows added by the fast path since ``mark`` not yet counted
         fmin = 0
@@ -234,6 +236,7 @@ class _Scan:
                 if not self.repair:
                     raise CorruptLog(seg.path, off, why)
                 report.skipped.append((seg.path, off, why))
+                repaired = True
                 keep.append((span_start, off))
                 shift += outcome.resume - off
                 off = span_start = outcome.resume
@@ -243,6 +246,12 @@ class _Scan:
                 if not self.repair:
                     raise CorruptLog(seg.path, off, "segment does not start with its checkpoint")
                 report.skipped.append((seg.path, off, "segment does not start with its checkpoint"))
+                # give the rewritten file a header carrying the state reached so far
+                prefix = encode_checkpoint(CheckpointRecord(
+                    seg.base, 0, max(rec.next_index, last_main + 1), rec.watermark, dict(rec.state),
+                    tuple(rec.expected or ()) + (seg.base,), "repair"))
+                shift -= len(prefix)
+                repaired = True
             first = False
             # count the fast path's rows before the slow path touches shared state
             if len(idx) > mark:
@@ -273,9 +282,9 @@ class _Scan:
             if not seg.min_index or fmin < seg.min_index:
                 seg.min_index = fmin
             seg.max_index = max(seg.max_index, last_main)
-        if shift or n < len(buf):
-            cleaned = b"".join(bytes(mv[a:b]) for a, b in keep if b > a)
-            return cleaned, not shift
+        if repaired or n < len(buf):
+            cleaned = prefix + b"".join(bytes(mv[a:b]) for a, b in keep if b > a)
+            return cleaned, not repaired
         return None
 
 

@@ -1,0 +1,178 @@
+"""Damage scenarios: write -> damage -> detect -> repair -> reread -> append -> reread."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from storage import CorruptLog, LogConfig, QueueLog, iter_records
+from storage.record import ReadOutcome
+
+from .helpers import corrupt, cut, segments, snapshot, tiny, zero_tail
+
+
+def fill(d, n=40, config=None):
+    log = QueueLog.open(d, config or tiny())
+    for i in range(1, n + 1):
+        log.append(bytes([i]) * 60, {"requestId": f"r{i}"}, priority=i % 2)
+    log.close()
+
+
+def record_offsets(path):
+    return [off for off, r in iter_records(path) if not isinstance(r, ReadOutcome)]
+
+
+def entries(log):
+    return [(e.index, e.data) for e in log.scan()]
+
+
+def expect(indexes):
+    return [(i, bytes([i]) * 60) for i in indexes]
+
+
+def check_append_reread(d, config, want_first_new):
+    log = QueueLog.open(d, config)
+    before = entries(log)
+    e = log.append(b"new", {"requestId": "new"})
+    assert e.index >= want_first_new
+    log.close()
+    log = QueueLog.open(d, config)
+    assert log.recovery.truncated_bytes == 0 and not log.recovery.skipped
+    assert entries(log) == before + [(e.index, b"new")]
+    assert log.find_request_id("new").index == e.index
+    log.close()
+
+
+def test_cut_at_every_byte_of_last_record(tmp_path):
+    src = tmp_path / "src"
+    fill(src, 12, LogConfig())
+    (seg,) = segments(src)
+    offs = record_offsets(seg)
+    last, end = offs[-1], seg.stat().st_size
+    for n in range(last + 1, end):
+        d = tmp_path / f"cut{n}"
+        shutil.copytree(src, d)
+        cut(d / seg.name, n)
+        log = QueueLog.open(d)
+        r = log.recovery
+        assert r.truncated_bytes == n - last and len(r.broken_files) == 1
+        assert os.path.getsize(r.broken_files[0]) == n
+        assert entries(log) == expect(range(1, 12))
+        assert os.path.getsize(d / seg.name) == last
+        log.close()
+        check_append_reread(d, LogConfig(), 12)
+
+
+def test_flipped_byte_in_middle_is_corruption(tmp_path):
+    fill(tmp_path)
+    segs = segments(tmp_path)
+    victim = segs[1]                       # a sealed segment
+    offs = record_offsets(victim)
+    corrupt(victim, offs[2] + 20)          # inside the body of its third record
+    with pytest.raises(CorruptLog) as ei:
+        QueueLog.open(tmp_path, tiny())
+    assert ei.value.path == str(victim) and ei.value.offset == offs[2]
+    # repair: skip it, report it, keep everything else
+    log = QueueLog.open(tmp_path, tiny(repair=True))
+    r = log.recovery
+    assert r.skipped and r.skipped[0][:2] == (str(victim), offs[2])
+    assert any(p.endswith(".broken") for p in r.broken_files)
+    got = [i for i, _ in entries(log)]
+    assert len(got) == 39 and got == sorted(got)
+    lost = (set(range(1, 41)) - set(got)).pop()
+    assert entries(log) == expect(i for i in range(1, 41) if i != lost)
+    log.close()
+    check_append_reread(tmp_path, tiny(), 41)
+
+
+def test_flipped_byte_in_active_segment_before_tail(tmp_path):
+    fill(tmp_path)
+    active = segments(tmp_path)[-1]
+    offs = record_offsets(active)
+    assert len(offs) >= 3
+    corrupt(active, offs[1] + 5)
+    with pytest.raises(CorruptLog) as ei:
+        QueueLog.open(tmp_path, tiny())
+    assert ei.value.path == str(active) and ei.value.offset == offs[1]
+    log = QueueLog.open(tmp_path, tiny(repair=True))
+    assert log.recovery.skipped and log.length == 39
+    log.close()
+    check_append_reread(tmp_path, tiny(), 41)
+
+
+def test_zero_filled_tail(tmp_path):
+    fill(tmp_path)
+    active = segments(tmp_path)[-1]
+    zero_tail(active, 4096)
+    log = QueueLog.open(tmp_path, tiny())
+    assert log.recovery.truncated_bytes == 4096 and not log.recovery.skipped
+    assert entries(log) == expect(range(1, 41))
+    log.close()
+    check_append_reread(tmp_path, tiny(), 41)
+
+
+def test_torn_sealed_segment_is_corruption(tmp_path):
+    fill(tmp_path)
+    sealed = segments(tmp_path)[0]
+    cut(sealed, sealed.stat().st_size - 3)
+    with pytest.raises(CorruptLog) as ei:
+        QueueLog.open(tmp_path, tiny())
+    assert ei.value.path == str(sealed)
+    log = QueueLog.open(tmp_path, tiny(repair=True))
+    assert log.length == 39
+    log.close()
+    check_append_reread(tmp_path, tiny(), 41)
+
+
+def test_missing_segment(tmp_path):
+    fill(tmp_path)
+    segs = segments(tmp_path)
+    assert len(segs) >= 3
+    gone = segs[1]
+    lost = {i for i, r in ((r.index, r) for _, r in iter_records(gone) if hasattr(r, "index"))}
+    os.remove(gone)
+    with pytest.raises(CorruptLog) as ei:
+        QueueLog.open(tmp_path, tiny())
+    assert ei.value.path == str(gone) and "missing" in ei.value.reason
+    log = QueueLog.open(tmp_path, tiny(repair=True))
+    assert log.recovery.missing == [str(gone)]
+    assert entries(log) == expect(i for i in range(1, 41) if i not in lost)
+    log.close()
+    check_append_reread(tmp_path, tiny(), 41)
+
+
+def test_damaged_header(tmp_path):
+    fill(tmp_path)
+    seg = segments(tmp_path)[1]
+    corrupt(seg, 10)
+    with pytest.raises(CorruptLog) as ei:
+        QueueLog.open(tmp_path, tiny())
+    assert ei.value.offset == 0
+    log = QueueLog.open(tmp_path, tiny(repair=True))
+    assert log.length == 40            # only the checkpoint was lost
+    log.close()
+    check_append_reread(tmp_path, tiny(), 41)
+
+
+def test_leftover_tmp_and_unlisted_segment(tmp_path):
+    fill(tmp_path)
+    (tmp_path / "00000000000000099999.seg.tmp").write_bytes(b"junk")
+    log = QueueLog.open(tmp_path, tiny())
+    want = snapshot(log)
+    log.close()
+    assert not (tmp_path / "00000000000000099999.seg.tmp").exists()
+    # a segment compaction already dropped (crash before the unlink) is removed unread
+    log = QueueLog.open(tmp_path, tiny())
+    log.truncate(15)
+    first = segments(tmp_path)[0]
+    keep = first.read_bytes()
+    log.maybe_compact()
+    log.close()
+    assert not first.exists()
+    first.write_bytes(keep)
+    log = QueueLog.open(tmp_path, tiny())
+    assert str(first) in log.recovery.removed and not first.exists()
+    assert [e.index for e in log.scan()] == list(range(15, 41))
+    log.close()
