@@ -121,8 +121,10 @@ class QueueLog:
         self.recovery = self._rec_report
         return self
 
-    def _load(self, keep_next: int = 0) -> None:
-        rec = recover(self.path, self.io, self.config.repair)
+    def _load(self, keep_next: int = 0) -> bool:
+        """(Re)build everything from disk. ``keep_next``: a rollback's next index to preserve.
+        Returns True if a (not yet fsynced) rollback checkpoint was appended."""
+        rec = recover(self.path, self.io, self.config.repair, sync=not keep_next)
         self._rec_report: RecoveryReport = rec.report
         self._segs: list[Segment] = rec.segments
         self._by_sid = {s.sid: s for s in self._segs}
@@ -139,10 +141,11 @@ class QueueLog:
         elif rec.needs_checkpoint:
             self._roll()          # a fresh header lists the segments and seals the repaired files
         elif keep_next > rec.next_index:
-            seg = self._segs[-1]
-            seg.append(encode_checkpoint(self._checkpoint("rollback")))
-            self.io.fsync(seg.fd)
-            seg.durable_size = seg.size
+            # record the next index so a rolled-back index is never handed out again; the next
+            # successful sync makes it durable
+            self._segs[-1].append(encode_checkpoint(self._checkpoint("rollback")))
+            return True
+        return False
 
     def _checkpoint(self, why: str, base: int = 0, prev: int = 0, segs=None) -> CheckpointRecord:
         if segs is None:
@@ -404,7 +407,8 @@ class QueueLog:
 
         Raises:
             StorageIOError: the fsync failed. Every record written since ``durable_seq`` was rolled
-                back (``exc.rolled_back = (first_seq, last_seq)``); afterwards durable == appended.
+                back (``exc.rolled_back = (first_seq, last_seq)``; fail those requests); afterwards
+                ``durable_seq == last_seq`` and one CHECKPOINT (the next index) is pending.
         """
         self._check()
         if ticket.error is not None:
@@ -435,11 +439,13 @@ class QueueLog:
             keep_next = self.next_index
             for s in self._segs:
                 s.close()
-            self._load(keep_next=keep_next)   # memory := what is on disk
-            self.appended_seq += 1            # the rollback checkpoint written by _load
-        except Exception as exc2:             # cannot get back to a known state
+            wrote = self._load(keep_next=keep_next)   # memory := what is on disk
+        except Exception as exc2:                     # cannot get back to a known state
             self._failed = f"rollback failed: {exc2}"
+            wrote = False
         self.durable_seq = self.appended_seq
+        if wrote:
+            self.appended_seq += 1
         err = io_error(exc, f"fsync failed, rolled back records {first}..{last}")
         err.rolled_back = (first, last)
         raise err

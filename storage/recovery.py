@@ -303,8 +303,11 @@ def _seals(io: FileIO, directory: str, bases: list) -> dict:
     return {b: (size, crc) for b, size, crc in res[0].seals}
 
 
-def recover(directory: str, io: FileIO, repair: bool = False) -> Recovered:
-    """Scan ``directory`` (created if missing) and rebuild the state. Raises ``CorruptLog``."""
+def recover(directory: str, io: FileIO, repair: bool = False, sync: bool = True) -> Recovered:
+    """Scan ``directory`` (created if missing) and rebuild the state. Raises ``CorruptLog``.
+
+    ``sync``: fsync the active segment (it may hold bytes an earlier process never fsynced); off when
+    reloading after an fsync failure, where everything left on disk was fsynced before."""
     t0 = time.perf_counter()
     io.makedirs(directory)
     rec = Recovered()
@@ -351,7 +354,7 @@ def recover(directory: str, io: FileIO, repair: bool = False) -> Recovered:
     _merge_moved(rec, scan)
     _check_set(rec, directory, io, repair)
     # the active segment may hold bytes the previous process wrote but never fsynced
-    if rec.segments:
+    if rec.segments and sync:
         io.fsync(rec.segments[-1].fd)
     ix = rec.index
     if ix.live < len(ix.idx) // 2 and len(ix.idx) > 4096:

@@ -1,0 +1,129 @@
+"""Disk faults injected through a FileIO subclass: ENOSPC, short writes, fsync failures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from storage import DiskFull, QueueLog, StorageIOError
+
+from .helpers import EIO, ENOSPC, FaultyIO, segments, snapshot, tiny
+
+
+def test_enospc_on_write_changes_nothing(tmp_path):
+    io = FaultyIO()
+    log = QueueLog.open(tmp_path, tiny(), fileio=io)
+    for i in range(5):
+        log.append(b"a" * 50, {"requestId": f"r{i}"})
+    before, size, seq = snapshot(log), log.bytes_on_disk, log.appended_seq
+    io.write_errno = ENOSPC
+    with pytest.raises(DiskFull):
+        log.append(b"b" * 50, {"requestId": "x"})
+    with pytest.raises(DiskFull):
+        log.delete([1])
+    with pytest.raises(DiskFull):
+        log.set_state(state="End")
+    assert snapshot(log) == before and log.bytes_on_disk == size and log.appended_seq == seq
+    assert sum(p.stat().st_size for p in segments(tmp_path)) == size
+    assert log.read(3).data == b"a" * 50 and log.find_request_id("r4").index == 5
+    io.write_errno = None
+    e = log.append(b"c", {"requestId": "x"})
+    assert e.index == 6
+    log.close()
+    log = QueueLog.open(tmp_path, tiny())
+    assert [x.index for x in log.scan()] == [1, 2, 3, 4, 5, 6] and log.recovery.truncated_bytes == 0
+
+
+def test_enospc_on_roll(tmp_path):
+    io = FaultyIO()
+    log = QueueLog.open(tmp_path, tiny(), fileio=io)
+    while len(segments(tmp_path)) == 1:
+        log.append(b"a" * 100, {})
+    n = len(segments(tmp_path))
+    # fill the new active segment up to just before the next roll, then fail the roll
+    io.write_errno = ENOSPC
+    with pytest.raises(DiskFull):
+        for _ in range(100):
+            log.append(b"a" * 100, {})
+    io.write_errno = None
+    log.append(b"z", {})
+    assert len(segments(tmp_path)) >= n
+    want = snapshot(log)
+    log.close()
+    assert snapshot(QueueLog.open(tmp_path, tiny())) == want
+
+
+def test_short_write(tmp_path):
+    io = FaultyIO()
+    log = QueueLog.open(tmp_path, fileio=io)
+    log.append(b"a" * 50, {})
+    size = log.bytes_on_disk
+    io.short_write = True
+    with pytest.raises(StorageIOError) as ei:
+        log.append(b"b" * 50, {})
+    assert not isinstance(ei.value, DiskFull)
+    assert segments(tmp_path)[0].stat().st_size == size and log.next_index == 2
+    io.short_write = False
+    assert log.append(b"c", {}).index == 2
+    log.close()
+    log = QueueLog.open(tmp_path)
+    assert [(e.index, e.data) for e in log.scan()] == [(1, b"a" * 50), (2, b"c")]
+
+
+def test_fsync_failure_rolls_back(tmp_path):
+    io = FaultyIO()
+    log = QueueLog.open(tmp_path, fileio=io)
+    for i in range(3):
+        log.append(b"durable", {"requestId": f"d{i}"})
+    log.sync()
+    durable = snapshot(log)
+    seq = log.durable_seq
+    # not durable: appends, a delete and a state change
+    log.append(b"lost", {"requestId": "lost"})
+    log.delete([1])
+    t = log.sync_begin()
+    log.set_state(state="End")          # written while the fsync runs: rolled back too
+    io.fsync_errno = EIO
+    th = threading.Thread(target=lambda: pytest.raises(StorageIOError, t.run))
+    th.start()
+    th.join()
+    io.fsync_errno = None
+    with pytest.raises(StorageIOError) as ei:
+        log.sync_end(t)
+    assert ei.value.rolled_back == (seq + 1, seq + 3)
+    assert log.durable_seq == seq + 3 and log.appended_seq == seq + 4   # + the rollback checkpoint
+    assert snapshot(log)["entries"] == durable["entries"] and log.state == {}
+    assert log.find_request_id("lost") is None and 1 in log
+    # the rolled-back index is not handed out again, now or after a restart
+    e = log.append(b"after", {})
+    assert e.index == 5
+    log.sync()
+    log.close()
+    log = QueueLog.open(tmp_path)
+    assert [x.data for x in log.scan()] == [b"durable"] * 3 + [b"after"]
+    assert log.append(b"x", {}).index == 6
+
+
+def test_fsync_failure_in_sync_and_roll(tmp_path):
+    io = FaultyIO()
+    log = QueueLog.open(tmp_path, tiny(), fileio=io)
+    log.append(b"a", {})
+    log.sync()
+    log.append(b"b", {})
+    io.fsync_errno = EIO
+    with pytest.raises(StorageIOError):
+        log.sync()
+    assert [e.data for e in log.scan()] == [b"a"]
+    # a roll fsyncs the old segment: failing it rolls back too
+    with pytest.raises(StorageIOError):
+        for _ in range(100):
+            log.append(b"c" * 100, {})
+    io.fsync_errno = None
+    assert [e.data for e in log.scan()] == [b"a"]
+    for _ in range(40):
+        log.append(b"d" * 100, {})
+    log.sync()
+    want = snapshot(log)
+    log.close()
+    assert snapshot(QueueLog.open(tmp_path, tiny())) == want
