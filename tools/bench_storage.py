@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Benchmark of the storage segment log (storage.QueueLog).
+
+Measures appends/s of 100-byte entries (tags: requestId uuid4 + ts@source) under four durability
+policies, the time to reopen (recover) a large log, and RAM per stored entry (tracemalloc):
+
+* ``nosync``     append only, never fsync (what a process crash keeps, not a power failure)
+* ``every``      append + sync for every entry
+* ``interval``   append; sync inline whenever ``--interval-ms`` has passed since the last sync
+* ``group-sim``  simulated group commit: batches of ``--threads`` appends, then one sync round
+* ``group``      group commit shaped like the server: one owner thread (the event loop) serves
+                 ``--threads`` logical appenders, each waiting for its entry to be durable before
+                 appending the next; a flusher thread runs ``ticket.run()`` (the server's
+                 ``to_thread.run_sync``) while the owner appends for free appenders. Real OS threads
+                 per appender would measure the GIL's hand-off, not the log. ``--more-clients``
+                 repeats it with more appenders (e.g. 64,256) to show how rounds fill up.
+
+Durable appends/s counts entries whose durability was confirmed. Example:
+
+    python tools/bench_storage.py --entries 1000000 --appends 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from storage import LogConfig, QueueLog  # noqa: E402
+
+DATA = os.urandom(100)
+
+
+def tags() -> dict:
+    return {"requestId": str(uuid.uuid4()), "ts": f"{int(time.time())}@bench"}
+
+
+def fresh(root: str, name: str) -> str:
+    path = os.path.join(root, name)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def bench_nosync(root, n, args):
+    log = QueueLog.open(fresh(root, "nosync"))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        log.append(DATA, tags())
+    dt = time.perf_counter() - t0
+    log.close()
+    return n, dt
+
+
+def bench_every(root, n, args):
+    log = QueueLog.open(fresh(root, "every"))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        log.append(DATA, tags())
+        log.sync()
+    dt = time.perf_counter() - t0
+    log.close()
+    return n, dt
+
+
+def bench_interval(root, n, args):
+    log = QueueLog.open(fresh(root, "interval"))
+    every = args.interval_ms / 1000
+    t0 = last = time.perf_counter()
+    for _ in range(n):
+        log.append(DATA, tags())
+        now = time.perf_counter()
+        if now - last >= every:
+            log.sync()
+            last = now
+    log.sync()
+    dt = time.perf_counter() - t0
+    log.close()
+    return n, dt
+
+
+def bench_group_sim(root, n, args):
+    log = QueueLog.open(fresh(root, "group-sim"))
+    k = args.threads
+    t0 = time.perf_counter()
+    for _ in range(n // k):
+        for _ in range(k):
+            log.append(DATA, tags())
+        t = log.sync_begin()
+        t.run()
+        log.sync_end(t)
+    dt = time.perf_counter() - t0
+    assert log.durable_seq == log.appended_seq
+    log.close()
+    return n // k * k, dt
+
+
+def bench_group(root, n, args, clients=None):
+    """Server-shaped group commit: one owner thread (the event loop) serves ``clients`` logical
+    appenders, each with one append outstanding until it is durable; one flusher thread runs
+    ``ticket.run()`` (the server's ``trio.to_thread.run_sync(t.run)``) while the owner keeps
+    appending for clients that are free."""
+    clients = clients or args.threads
+    log = QueueLog.open(fresh(root, f"group{clients}"))
+    import queue
+    jobs: queue.Queue = queue.Queue()
+    finished = threading.Event()
+
+    def flusher():
+        while True:
+            t = jobs.get()
+            if t is None:
+                return
+            try:
+                t.run()
+            finally:
+                finished.set()
+
+    fl = threading.Thread(target=flusher, daemon=True)
+    fl.start()
+    free = clients                 # clients ready to append
+    waiting: list[int] = []        # seq each busy client waits for (appended in seq order)
+    done = rounds = 0
+    ticket = None
+    t0 = time.perf_counter()
+    while done < n:
+        while free and done + len(waiting) < n:
+            log.append(DATA, tags())
+            waiting.append(log.appended_seq)
+            free -= 1
+        if ticket is None:
+            ticket = log.sync_begin()
+            finished.clear()
+            jobs.put(ticket)
+        finished.wait()
+        log.sync_end(ticket)
+        ticket = None
+        rounds += 1
+        k = 0
+        while k < len(waiting) and waiting[k] <= log.durable_seq:
+            k += 1
+        del waiting[:k]
+        done += k
+        free += k
+    dt = time.perf_counter() - t0
+    jobs.put(None)
+    fl.join()
+    print(f"    group x{clients}: {rounds} fsync rounds, {done / rounds:.1f} entries per round")
+    log.close()
+    return done, dt
+
+
+def fsync_latency(root) -> float:
+    path = os.path.join(root, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        os.write(fd, b"x" * 150)
+        os.fsync(fd)
+    dt = (time.perf_counter() - t0) / 200
+    os.close(fd)
+    os.remove(path)
+    return dt
+
+
+def build_big(path: str, n: int) -> None:
+    if os.path.isdir(path):
+        log = QueueLog.open(path)
+        count = log.length
+        log.close()
+        if count == n:
+            print(f"  reusing {path} ({n} entries)")
+            return
+        shutil.rmtree(path)
+    print(f"  writing {n} entries to {path} ...", flush=True)
+    log = QueueLog.open(path)
+    t0 = time.perf_counter()
+    for i in range(n):
+        log.append(DATA, tags())
+        if i % 100000 == 99999:
+            print(f"    {i + 1} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    log.close()
+
+
+def bench_reopen(root, n, args):
+    path = args.big_dir or os.path.join(root, "big")
+    build_big(path, n)
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        log = QueueLog.open(path)
+        times.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        log.find_request_id("x")          # builds the requestId table (deferred by open)
+        rid_build = time.perf_counter() - t1
+        assert log.length == n
+        log.close()
+    tracemalloc.start()
+    log = QueueLog.open(path)
+    after_open = tracemalloc.get_traced_memory()[0]
+    log.find_request_id("x")
+    cur, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    log.close()
+    return {"reopen_s": min(times), "reopen_all": times, "rid_table_s": rid_build,
+            "ram_open": after_open / n, "ram_full": cur / n, "ram_peak": peak / n}
+
+
+MODES = {"nosync": bench_nosync, "every": bench_every, "interval": bench_interval,
+         "group-sim": bench_group_sim, "group": bench_group}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entries", type=int, default=1_000_000, help="size of the reopen/RAM log")
+    ap.add_argument("--appends", type=int, default=100_000, help="appends per throughput mode")
+    ap.add_argument("--every-appends", type=int, default=3000, help="appends for the sync-every mode")
+    ap.add_argument("--threads", type=int, default=16, help="concurrent appenders (group modes)")
+    ap.add_argument("--more-clients", default="64,256", help="extra group runs with these appenders")
+    ap.add_argument("--interval-ms", type=float, default=50)
+    ap.add_argument("--repeat", type=int, default=3, help="reopen repetitions (best is reported)")
+    ap.add_argument("--modes", default=",".join(MODES) + ",reopen")
+    ap.add_argument("--dir", help="work directory (default: a temp dir, removed afterwards)")
+    ap.add_argument("--big-dir", help="keep/reuse the big reopen log here")
+    args = ap.parse_args(argv)
+    root = args.dir or tempfile.mkdtemp(prefix="bench-storage-")
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    try:
+        lat = fsync_latency(root)
+        rows.append(("fsync latency (150 B append+fsync)", f"{lat * 1e6:.0f} us",
+                     f"=> at most {args.threads / lat:,.0f} durable/s with {args.threads} outstanding"))
+        for mode in args.modes.split(","):
+            print(f"running {mode} ...", flush=True)
+            if mode == "reopen":
+                r = bench_reopen(root, args.entries, args)
+                rows.append((f"reopen {args.entries} entries", f"{r['reopen_s']:.2f} s",
+                             "runs: " + ", ".join(f"{t:.2f}" for t in r["reopen_all"])))
+                rows.append(("requestId table build (1st lookup)", f"{r['rid_table_s']:.2f} s", ""))
+                rows.append(("RAM/entry after open", f"{r['ram_open']:.1f} B", "tracemalloc"))
+                rows.append(("RAM/entry incl. requestId table", f"{r['ram_full']:.1f} B",
+                             f"peak during open {r['ram_peak']:.1f} B"))
+                continue
+            n = args.every_appends if mode == "every" else args.appends
+            runs = [(mode, None)]
+            if mode == "group":
+                runs = [(f"group x{args.threads}", None)] + [
+                    (f"group x{c}", int(c)) for c in args.more_clients.split(",") if c]
+            for label, clients in runs:
+                if clients:
+                    count, dt = bench_group(root, n, args, clients)
+                else:
+                    count, dt = MODES[mode](root, n, args)
+                rows.append((f"appends/s {label}", f"{count / dt:,.0f}", f"{count} in {dt:.2f} s"))
+                print(f"    {count / dt:,.0f} appends/s", flush=True)
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    w = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'measure'.ljust(w)}  {'result':>12}  notes")
+    print(f"{'-' * w}  {'-' * 12}  -----")
+    for name, val, note in rows:
+        print(f"{name.ljust(w)}  {val:>12}  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
