@@ -1,0 +1,70 @@
+"""Smoke tests of the benchmark tools: the smallest configuration of each runs end to end.
+
+They prove the tools still work against the current server (exit status 0 = no request failed,
+and the table or JSON is printed); the numbers themselves are not checked. Each takes a few
+seconds; the full benchmarks are run by hand (see the docstrings of tools/bench_*.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_tool(name: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / name), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_bench_http_quick_prints_table(tmp_path):
+    proc = run_tool("bench_http.py", "--quick", "--seconds", "0.3", "--warmup", "0.1", "--data-dir", str(tmp_path))
+    out = proc.stdout
+    header = next(line for line in out.splitlines() if line.startswith("scenario"))
+    for column in ("req/s", "p50 ms", "p99 ms", "ratio"):
+        assert column in header
+    for row in ("put c1", "put c16", "get c1", "get c16", "put seq c1"):
+        assert row in out
+    assert "qserve(always)" in out and "bare" in out
+    assert "1.00x" in out                      # the bare rows are the ratio's reference
+    assert "fsync probe" in out and "target durable put c16" in out
+    assert "req/s" in proc.stderr              # progress went to stderr
+    assert list(tmp_path.iterdir()) == []      # temporary data directories removed
+
+
+def test_bench_http_json(tmp_path):
+    proc = run_tool("bench_http.py", "--quick", "--seconds", "0.2", "--warmup", "0.1", "--connections", "2",
+                    "--no-seq", "--json", "--data-dir", str(tmp_path))
+    doc = json.loads(proc.stdout)
+    rows = {(r["scenario"], r["server"]): r for r in doc["results"]}
+    assert set(rows) == {("put", "qserve(always)"), ("put", "bare"), ("get", "qserve(always)"), ("get", "bare")}
+    for r in rows.values():
+        assert r["requests"] > 0 and r["errors"] == 0 and r["p50_ms"] > 0
+    assert rows[("put", "bare")]["ratio_to_bare"] == 1.0
+
+
+def test_bench_watch_quick_prints_tables(tmp_path):
+    proc = run_tool("bench_watch.py", "--quick", "--data-dir", str(tmp_path))
+    out = proc.stdout
+    assert "## throughput" in out and "## put -> receive latency" in out
+    assert "entries/s" in out and "p50 ms" in out and "p99 ms" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("auto ", "manual "))]
+    assert {(r[0], r[1], r[2]) for r in rows} == {("auto", "10", "4"), ("manual", "10", "4")}
+    assert all(r[3] == "300" for r in rows)    # every pre-filled entry delivered
+    assert "half peak" in out
+    assert "target manual commit w10" in out
+
+
+def test_bench_watch_json(tmp_path):
+    proc = run_tool("bench_watch.py", "--quick", "--entries", "100", "--consumers", "2", "--modes", "manual",
+                    "--no-latency", "--json", "--data-dir", str(tmp_path))
+    doc = json.loads(proc.stdout)
+    [row] = doc["throughput"]
+    assert (row["mode"], row["window"], row["consumers"]) == ("manual", 10, 2)
+    assert row["received"] == 100 and row["final_length"] == 0 and row["duplicates"] == 0 and row["errors"] == 0
+    assert doc["latency"] == []

@@ -1,0 +1,433 @@
+#!/usr/bin/env python3
+"""Watch benchmark: entries/s delivered to WebSocket consumers, and put -> receive latency.
+
+    python tools/bench_watch.py                # full run (about 1.5 min on 2 cores)
+    python tools/bench_watch.py --quick        # smoke run (a few seconds)
+    python tools/bench_watch.py --entries 20000 --json
+
+What runs:
+- qserve as a child process on 127.0.0.1 (``--fsync always`` unless ``--fsync``), pinned to CPU 0
+  with ``--pin`` (default on 2+ CPUs); every client (producer, consumers, committers) is this
+  process, pinned to CPU 1 - one trio run, one core, so the consumers compete with each other
+  for the client core but never with the server.
+- Consumers: trio-websocket clients on ``ws://127.0.0.1:PORT/api/predict/SVC?_watch_=true&
+  _index_=0&_window_=W&_auto_commit_=...`` with the token and ``X-EAS-QueueService-Uid`` (one per
+  consumer) / ``-Gid`` (the same for all: one group, so they split the entries). Each binary
+  frame is decoded with ``qserve.protobuf.decode_frame``.
+- Manual commit: each consumer has one keep-alive HTTP connection for ``PUT ?_indexes_=i,j,..``
+  and one commit in flight at a time. Batching: every index received since the last commit was
+  sent goes into the next commit, which is sent as soon as the previous one is answered (so with
+  window W a commit carries at most W indexes; under load it carries whatever arrived during
+  the previous commit's round trip, which with fsync=always includes one fsync).
+- Throughput: per scenario a fresh queue is pre-filled with N entries (100 bytes, puts on 32
+  connections, not timed), then the consumers start and the clock runs until every entry was
+  received (auto-commit) or received and its commit answered (manual), and ``stream.length`` is
+  checked to be 0 via ``GET ?_attrs_=true``. Scenarios: auto-commit and manual commit, window 10
+  and 64 (``--windows``), 1 and 4 consumers (``--consumers``).
+- Latency: a producer puts at a fixed rate (open loop: one put scheduled every 1/rate s, on up to
+  32 connections) into a fresh queue watched by one consumer; every put carries a tag
+  ``t0=<time.perf_counter_ns()>`` taken just before the request is written, and the consumer
+  takes receive - t0 when the frame is decoded (same machine, same monotonic clock). The rate is
+  half the measured 1-consumer auto-commit peak at the first window (or ``--rate``). Measured with
+  an auto-commit consumer and a manual-commit consumer (window 10), after a warm-up.
+
+Output: progress lines on stderr; the tables (or ``--json``) on stdout. Targets (from the issue):
+manual commit at window 10 >= 10,000 entries/s for 4 consumers together; put -> receive p50 <
+1 ms and p99 < 5 ms at half load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import trio_websocket
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+import _benchlib as bl  # noqa: E402
+from qserve.protobuf import decode_frame  # noqa: E402
+
+GROUP = "bench-group"
+BODY = b"x" * 100
+_names = itertools.count(1)
+
+
+@dataclass
+class Tally:
+    """Shared by the consumers of one scenario (one trio thread: no locks needed)."""
+    expected: int                      # entries to receive (throughput) or 0 (latency: open ended)
+    manual: bool
+    received: int = 0
+    committed: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    per_consumer: list[int] = field(default_factory=list)
+    commits: int = 0                   # commit requests sent
+    outside: int = 0                   # latency: entries put during the warm-up (not counted)
+    seen: set[int] = field(default_factory=set)
+    latencies_ns: list[int] = field(default_factory=list)
+    measure_from_ns: int = 1 << 62     # latency: only entries put in [from, to) are counted
+    measure_to_ns: int = 1 << 62
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def error(self, msg: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or msg
+
+    def check_done(self) -> None:
+        if self.expected and self.received >= self.expected and (not self.manual or self.committed >= self.expected):
+            self.done.set()
+
+
+def ws_url(port: int, service: str, window: int, auto: bool) -> str:
+    return (f"ws://{bl.LOCALHOST}:{port}/api/predict/{service}?_watch_=true&_index_=0&_window_={window}"
+            f"&_auto_commit_={'true' if auto else 'false'}")
+
+
+def identity(uid: str, token: str) -> list[tuple[bytes, bytes]]:
+    return [(b"Authorization", token.encode()), (b"X-EAS-QueueService-Uid", uid.encode()),
+            (b"X-EAS-QueueService-Gid", GROUP.encode()), (b"Accept", b"application/vnd.google.protobuf")]
+
+
+async def consumer(n: int, port: int, service: str, window: int, auto: bool, tally: Tally, token: str,
+                   latency: bool, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    uid = f"consumer{n}"
+    clock = time.perf_counter_ns
+    pending: list[int] = []
+    wake = trio.Event()
+    tally.per_consumer.append(0)
+
+    async def committer(conn: bl.HTTPConn) -> None:
+        nonlocal wake
+        headers = [("Authorization", token), ("X-EAS-QueueService-Uid", uid), ("X-EAS-QueueService-Gid", GROUP)]
+        while True:
+            if not pending:
+                await wake.wait()
+                wake = trio.Event()
+                continue
+            batch = pending[:]
+            pending.clear()
+            raw = bl.request_bytes("PUT", f"/api/predict/{service}?_indexes_=" + "%2C".join(map(str, batch)),
+                                   port, headers=headers)
+            tally.commits += 1
+            status, _, body = await conn.request(raw)
+            if status != 200:
+                tally.error(f"commit: {status} {body[:80]!r}")
+            tally.committed += len(batch)
+            tally.check_done()
+
+    async with trio_websocket.open_websocket_url(ws_url(port, service, window, auto),
+                                                 extra_headers=identity(uid, token)) as ws:
+        conn = await bl.HTTPConn.open(port) if not auto else None
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                if conn is not None:
+                    nursery.start_soon(committer, conn)
+                while True:
+                    message = await ws.get_message()
+                    t1 = clock()
+                    frame = decode_frame(message)
+                    index = frame.index
+                    if index in tally.seen:
+                        tally.duplicates += 1
+                    else:
+                        tally.seen.add(index)
+                        tally.received += 1
+                        tally.per_consumer[n] += 1
+                    if latency:
+                        t0 = int(frame.tags.get("t0", "0"))
+                        if tally.measure_from_ns <= t0 < tally.measure_to_ns:
+                            tally.latencies_ns.append(t1 - t0)
+                        else:
+                            tally.outside += 1
+                    if conn is not None:
+                        pending.append(index)
+                        wake.set()
+                    else:
+                        tally.check_done()
+        finally:
+            if conn is not None:
+                await trio.aclose_forcefully(conn.stream)
+
+
+async def run_consumers(port: int, service: str, consumers: int, window: int, auto: bool, tally: Tally,
+                        token: str, *, latency: bool, until, server: bl.ServerProc, label: str) -> dict:
+    """Start the consumers, await `until()` (which returns when the scenario is over), stop them."""
+    t0 = time.perf_counter()
+    meter = bl.CpuMeter(server).start()
+    result: dict = {}
+
+    async def reporter():
+        last, last_t = 0, time.perf_counter()
+        while True:
+            await trio.sleep(1.0)
+            now = time.perf_counter()
+            progress_note = f", committed {tally.committed}" if tally.manual else ""
+            bl.progress(f"  {label}: {tally.received} received ({(tally.received - last) / (now - last_t):,.0f}/s)"
+                        f"{progress_note}")
+            last, last_t = tally.received, now
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reporter)
+        for i in range(consumers):
+            await nursery.start(consumer, i, port, service, window, auto, tally, token, latency)
+        await until()
+        t1 = time.perf_counter()
+        result["seconds"] = t1 - t0
+        result.update(meter.stop())
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def throughput(port: int, token: str, *, consumers: int, window: int, auto: bool, entries: int,
+                     server: bl.ServerProc, timeout: float) -> dict:
+    mode = "auto" if auto else "manual"
+    service = f"tp{next(_names)}-{mode}-w{window}-c{consumers}"
+    label = f"{mode} commit, window {window}, {consumers} consumer(s)"
+    await bl.put_many(port, service, entries, connections=32, body=BODY, token=token, label=f"prefill {service}")
+    tally = Tally(expected=entries, manual=not auto)
+    timed_out = False
+
+    async def until():
+        nonlocal timed_out
+        with trio.move_on_after(timeout) as scope:
+            await tally.done.wait()
+        timed_out = scope.cancelled_caught
+
+    res = await run_consumers(port, service, consumers, window, auto, tally, token, latency=False, until=until,
+                              server=server, label=label)
+    if timed_out:
+        tally.error(f"timed out after {timeout:.0f}s with {tally.received}/{entries} received, "
+                    f"{tally.committed} committed")
+    length = await _settled_length(port, service, token)
+    if length != 0:
+        tally.error(f"stream.length is {length} after the run, expected 0")
+    row = {"mode": mode, "window": window, "consumers": consumers, "entries": entries,
+           "received": tally.received, "seconds": round(res["seconds"], 3),
+           "entries_per_s": round(tally.received / res["seconds"], 1),
+           "split": "/".join(map(str, tally.per_consumer)), "commits": tally.commits,
+           "entries_per_commit": round(tally.committed / tally.commits, 1) if tally.commits else None,
+           "duplicates": tally.duplicates, "errors": tally.errors, "first_error": tally.first_error,
+           "server_cpu_pct": res["server_cpu_pct"], "client_cpu_pct": res["client_cpu_pct"],
+           "other_cpu_pct": res["other_cpu_pct"], "final_length": length}
+    bl.progress(f"{label}: {row['entries_per_s']:,.0f} entries/s ({entries} in {row['seconds']:.2f}s), "
+                f"split {row['split']}, errors {tally.errors}" + (f" ({tally.first_error})" if tally.errors else ""))
+    return row
+
+
+async def _settled_length(port: int, service: str, token: str, wait: float = 5.0) -> int:
+    """stream.length, polled until it is 0 (bounded)."""
+    deadline = time.monotonic() + wait
+    while True:
+        length = int((await bl.attributes(port, service, token))["stream.length"])
+        if length == 0 or time.monotonic() > deadline:
+            return length
+        await trio.sleep(0.05)
+
+
+async def latency_run(port: int, token: str, *, rate: float, seconds: float, warmup: float, window: int,
+                      auto: bool, server: bl.ServerProc, connections: int = 32) -> dict:
+    mode = "auto" if auto else "manual"
+    service = f"lat{next(_names)}-{mode}-w{window}"
+    label = f"latency {mode} commit, window {window}, {rate:,.0f} puts/s"
+    tally = Tally(expected=0, manual=not auto)
+    clock = time.perf_counter_ns
+    headers = bl.auth_headers(token)
+    put_stats = {"sent": 0, "late": 0, "errors": 0, "first_error": None, "in_window": 0}
+
+    async def producer():
+        conns = [await bl.HTTPConn.open(port) for _ in range(connections)]
+        start = clock() + 50_000_000
+        tally.measure_from_ns = start + int(warmup * 1e9)
+        end = tally.measure_to_ns = tally.measure_from_ns + int(seconds * 1e9)
+        interval = 1e9 / rate
+        slot = itertools.count()
+
+        async def worker(conn):
+            while True:
+                k = next(slot)
+                due = start + int(k * interval)
+                if due >= end:
+                    return
+                now = clock()
+                if due > now:
+                    await trio.sleep((due - now) / 1e9)
+                elif now - due > 1_000_000:
+                    put_stats["late"] += 1   # > 1 ms behind schedule: no free connection in time
+                t0 = clock()
+                raw = bl.request_bytes("POST", f"/api/predict/{service}?t0={t0}", port, body=BODY, headers=headers)
+                status, _, body = await conn.request(raw)
+                put_stats["sent"] += 1
+                if tally.measure_from_ns <= t0 < tally.measure_to_ns:
+                    put_stats["in_window"] += 1
+                if status != 200:
+                    put_stats["errors"] += 1
+                    put_stats["first_error"] = put_stats["first_error"] or f"{status} {body[:80]!r}"
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for c in conns:
+                    nursery.start_soon(worker, c)
+        finally:
+            for c in conns:
+                await trio.aclose_forcefully(c.stream)
+        return end
+
+    async def until():
+        await producer()
+        # let the last entries arrive (bounded)
+        with trio.move_on_after(5.0):
+            while tally.received < put_stats["sent"] or (tally.manual and tally.committed < tally.received):
+                await trio.sleep(0.01)
+
+    res = await run_consumers(port, service, 1, window, auto, tally, token, latency=True, until=until,
+                              server=server, label=label)
+    s = bl.summary(tally.latencies_ns)
+    measured = len(tally.latencies_ns)
+    row = {"mode": mode, "window": window, "rate_target": round(rate, 1),
+           "rate_achieved": round(put_stats["in_window"] / seconds, 1), "puts": put_stats["sent"],
+           "late_puts": put_stats["late"],
+           "measured": measured, "p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3),
+           "max_ms": round(s["max_ms"], 3), "received": tally.received,
+           "errors": put_stats["errors"] + tally.errors, "first_error": put_stats["first_error"] or tally.first_error,
+           "server_cpu_pct": res["server_cpu_pct"], "client_cpu_pct": res["client_cpu_pct"],
+           "other_cpu_pct": res["other_cpu_pct"]}
+    if tally.received < put_stats["sent"]:
+        row["errors"] += 1
+        row["first_error"] = row["first_error"] or f"{put_stats['sent'] - tally.received} entries not received"
+    bl.progress(f"{label}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms over {measured} entries")
+    return row
+
+
+def render(tp_rows: list[dict], lat_rows: list[dict]) -> str:
+    a = bl.table([[r["mode"], r["window"], r["consumers"], r["received"], f"{r['seconds']:.2f}",
+                   bl.fmt_num(r["entries_per_s"]), r["split"], bl.fmt_num(r["entries_per_commit"], 1),
+                   f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
+                   f"{bl.fmt_num(r['other_cpu_pct'])}%", r["duplicates"], r["errors"]] for r in tp_rows],
+                 ["commit", "window", "consumers", "entries", "seconds", "entries/s", "split", "per commit",
+                  "srv cpu", "cli cpu", "other cpu", "dups", "errors"])
+    b = bl.table([[r["load"], r["mode"], r["window"], 1, bl.fmt_num(r["rate_target"]), bl.fmt_num(r["rate_achieved"]),
+                   r["measured"], bl.fmt_num(r["p50_ms"], 2), bl.fmt_num(r["p99_ms"], 2), bl.fmt_num(r["max_ms"], 2),
+                   f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
+                   f"{bl.fmt_num(r['other_cpu_pct'])}%", r["errors"]]
+                  for r in lat_rows],
+                 ["load", "commit", "window", "consumers", "target/s", "put/s", "measured", "p50 ms", "p99 ms", "max ms",
+                  "srv cpu", "cli cpu", "other cpu", "errors"])
+    return "## throughput (pre-filled queue, until all delivered" + " and committed)\n" + a + \
+        "\n\n## put -> receive latency (open-loop producer)\n" + b
+
+
+def targets(tp_rows: list[dict], lat_rows: list[dict]) -> list[str]:
+    lines = []
+    for r in tp_rows:
+        if r["mode"] == "manual" and r["window"] == 10 and r["consumers"] == 4:
+            ok = r["entries_per_s"] >= 10000
+            lines.append(f"target manual commit w10, 4 consumers >= 10000 entries/s: {r['entries_per_s']:.0f}/s -> "
+                         f"{'met' if ok else 'MISSED'}")
+    for r in lat_rows:
+        if r["load"] != "half peak":
+            continue
+        ok = r["p50_ms"] < 1 and r["p99_ms"] < 5
+        lines.append(f"target latency at half load ({r['mode']} commit) p50 < 1 ms and p99 < 5 ms: "
+                     f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms -> {'met' if ok else 'MISSED'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entries", type=int, default=None, help="entries per throughput scenario (default 10000; --quick 300)")
+    p.add_argument("--consumers", default="1,4", help="consumer counts (default 1,4)")
+    p.add_argument("--windows", default="10,64", help="windows (default 10,64); the first one sets the latency peak")
+    p.add_argument("--modes", default="auto,manual", help="commit modes (default auto,manual)")
+    p.add_argument("--rate", type=float, default=None, help="latency producer rate (default: half the 1-consumer "
+                   "auto-commit peak at the first window)")
+    p.add_argument("--light-rate", type=float, default=None, help="latency is also measured at this light load "
+                   "(default: 10%% of the peak, at most 200/s; 0 = skip)")
+    p.add_argument("--seconds", type=float, default=None, help="latency: measured seconds per run (default 4; --quick 0.5)")
+    p.add_argument("--warmup", type=float, default=None, help="latency: uncounted seconds first (default 0.5)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency runs")
+    p.add_argument("--fsync", choices=("always", "interval", "never"), default="always", help="qserve --fsync (default always)")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up on one throughput scenario after this long")
+    p.add_argument("--quick", action="store_true", help="smallest configuration")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin server to CPU 0 and clients to CPU 1 (default on with 2+ CPUs)")
+    p.add_argument("--data-dir", default=None, help="parent of the temporary data directory (default: system temp)")
+    args = p.parse_args(argv)
+    if args.entries is None:
+        args.entries = 300 if args.quick else 10000
+    if args.seconds is None:
+        args.seconds = 0.5 if args.quick else 4.0
+    if args.warmup is None:
+        args.warmup = 0.2 if args.quick else 0.5
+    consumers = [int(x) for x in args.consumers.split(",")]
+    windows = [int(x) for x in args.windows.split(",")]
+    modes = args.modes.split(",")
+    if args.quick:
+        consumers, windows = consumers[-1:], windows[:1]
+
+    cpus = bl.default_pinning(args.pin)
+    bl.pin_self(cpus[1])
+    probe = bl.fsync_probe(Path(args.data_dir or os.environ.get("TMPDIR") or "/tmp"))
+    bl.progress(f"fsync probe: p50 {probe['p50_ms']:.2f} ms, p99 {probe['p99_ms']:.2f} ms; "
+                f"pinning: server cpu {cpus[0]}, clients cpu {cpus[1]}")
+    t_all = time.monotonic()
+    tp_rows: list[dict] = []
+    lat_rows: list[dict] = []
+    with bl.TempDataDir(args.data_dir) as data_dir:
+        with bl.ServerProc.qserve(data_dir, fsync=args.fsync, cpu=cpus[0]) as server:
+            port, token = server.port, bl.TOKEN
+            bl.progress(f"{server.name} on port {port}")
+            for mode in modes:
+                for window in windows:
+                    for n in consumers:
+                        tp_rows.append(trio.run(lambda: throughput(
+                            port, token, consumers=n, window=window, auto=mode == "auto", entries=args.entries,
+                            server=server, timeout=args.timeout)))
+            if not args.no_latency:
+                rate = args.rate
+                if rate is None:
+                    ref = [r for r in tp_rows if r["mode"] == "auto" and r["consumers"] == 1] or \
+                          [r for r in tp_rows if r["mode"] == "auto"] or tp_rows
+                    rate = ref[0]["entries_per_s"] / 2 if ref else 500.0
+                light = args.light_rate
+                if light is None:
+                    light = 0 if args.quick else min(rate / 5, 200.0)
+                for load, r in (("half peak", rate), ("light", light)):
+                    if r <= 0:
+                        continue
+                    for mode in ("auto", "manual"):
+                        row = trio.run(lambda: latency_run(
+                            port, token, rate=r, seconds=args.seconds, warmup=args.warmup, window=windows[0],
+                            auto=mode == "auto", server=server))
+                        lat_rows.append({"load": load, **row})
+            if not server.alive():
+                raise RuntimeError("qserve died:\n" + "\n".join(server.lines[-20:]))
+    bl.progress(f"done in {time.monotonic() - t_all:.1f}s")
+    if args.json:
+        bl.dump_json({"benchmark": "watch", "environment": bl.environment(args), "fsync": args.fsync,
+                      "fsync_probe": probe, "pinning": {"server_cpu": cpus[0], "client_cpu": cpus[1]},
+                      "throughput": tp_rows, "latency": lat_rows, "targets": targets(tp_rows, lat_rows)})
+    else:
+        print(f"# bench_watch: qserve fsync={args.fsync}; {args.entries} entries per throughput run; latency "
+              f"{args.seconds:g} s after {args.warmup:g} s warm-up; fsync probe p50 {probe['p50_ms']:.2f} ms / "
+              f"p99 {probe['p99_ms']:.2f} ms; server cpu {cpus[0]}, clients cpu {cpus[1]}")
+        print(render(tp_rows, lat_rows))
+        for line in targets(tp_rows, lat_rows):
+            print(line)
+    errors = sum(r["errors"] for r in tp_rows + lat_rows)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
