@@ -153,6 +153,14 @@ def loadavg() -> float:
         return float("nan")
 
 
+def per_item_us(cpu_pct: float | None, per_second: float) -> float | None:
+    """CPU microseconds per request (or entry): a cost that, unlike req/s, hardly depends on how busy
+    the machine is with other work."""
+    if cpu_pct is None or per_second is None or not per_second > 0 or math.isnan(cpu_pct):
+        return None
+    return round(cpu_pct / 100 / per_second * 1e6, 1)
+
+
 class CpuMeter:
     """CPU use over a window, in % of one core: this process (the client), the server child, and
     everything else on the machine ("other": other processes, steal) - the benchmarks' noise gauge."""
@@ -441,7 +449,9 @@ class LoadResult:
         s = summary(self.latencies_ns)
         return {"requests": self.requests, "seconds": round(self.seconds, 3), "req_per_s": round(self.rate, 1),
                 "p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3), "max_ms": round(s["max_ms"], 3),
-                "errors": self.errors, "first_error": self.first_error, **self.cpu}
+                "errors": self.errors, "first_error": self.first_error, **self.cpu,
+                "server_us_per_req": per_item_us(self.cpu.get("server_cpu_pct"), self.rate),
+                "client_us_per_req": per_item_us(self.cpu.get("client_cpu_pct"), self.rate)}
 
 
 async def load_run(port: int, make_request: Callable[[int, int], bytes], *, connections: int,

@@ -32,7 +32,10 @@ What runs:
   per answer) on a pre-filled queue; it stops when the queue is empty.
 
 Output: progress lines on stderr; the table (or ``--json``) on stdout. "ratio" is req/s of the
-row divided by req/s of the bare server in the same scenario. Targets (from the issue): durable
+row divided by req/s of the bare server in the same scenario. "srv us/req" is the server's CPU time
+per request (less sensitive to other load on the machine than req/s); "other cpu" is the CPU used
+meanwhile by everything except the server and the load generator (other programs, steal): when it
+is high, the run was disturbed and req/s understates both servers. Targets (from the issue): durable
 put (fsync=always) with 16 connections >= 0.6x bare; one sequential Python client >= 2,000
 durable puts/s. The fsync probe line shows the disk's fsync latency: a sequential client's durable
 puts/s cannot exceed 1 / that latency, whatever the server does.
@@ -343,10 +346,10 @@ def render(rows: list[dict]) -> str:
         out.append([f"{r['scenario']} c{r['connections']}", r["client"], r["server"], bl.fmt_num(r["req_per_s"]),
                     bl.fmt_num(r["p50_ms"], 2), bl.fmt_num(r["p99_ms"], 2),
                     "-" if r.get("ratio_to_bare") is None else f"{r['ratio_to_bare']:.2f}x",
-                    bl.fmt_num(r["server_cpu_pct"]) + "%", bl.fmt_num(r["client_cpu_pct"]) + "%",
-                    bl.fmt_num(r["other_cpu_pct"]) + "%", r["errors"]])
-    return bl.table(out, ["scenario", "client", "server", "req/s", "p50 ms", "p99 ms", "ratio", "srv cpu", "cli cpu",
-                          "other cpu", "errors"])
+                    bl.fmt_num(r["server_cpu_pct"]) + "%", bl.fmt_num(r["server_us_per_req"]),
+                    bl.fmt_num(r["client_cpu_pct"]) + "%", bl.fmt_num(r["other_cpu_pct"]) + "%", r["errors"]])
+    return bl.table(out, ["scenario", "client", "server", "req/s", "p50 ms", "p99 ms", "ratio", "srv cpu",
+                          "srv us/req", "cli cpu", "other cpu", "errors"])
 
 
 def targets(rows: list[dict]) -> list[str]:

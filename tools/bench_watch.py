@@ -31,6 +31,15 @@ What runs:
   half the measured 1-consumer auto-commit peak at the first window (or ``--rate``). Measured with
   an auto-commit consumer and a manual-commit consumer (window 10), after a warm-up.
 
+Reading the tables: "per commit" is the mean number of indexes per commit request; "srv us/entry"
+is server CPU time per delivered entry (less sensitive to other load on the machine than
+entries/s); "other cpu" is CPU used meanwhile by everything except the server and this process
+(other programs, steal): when it is high the run was disturbed. In the latency table "backlog" is
+how many put entries had not yet been received when the producer stopped: more than a window or
+two means the consumer could not keep up at that rate, and the latency then only measures how long
+the queue has been growing. Delivery cost depends on the queue's depth (how many entries were
+pre-filled, ``--entries``), so compare runs of the same depth.
+
 Output: progress lines on stderr; the tables (or ``--json``) on stdout. Targets (from the issue):
 manual commit at window 10 >= 10,000 entries/s for 4 consumers together; put -> receive p50 <
 1 ms and p99 < 5 ms at half load.
@@ -218,7 +227,8 @@ async def throughput(port: int, token: str, *, consumers: int, window: int, auto
            "entries_per_commit": round(tally.committed / tally.commits, 1) if tally.commits else None,
            "duplicates": tally.duplicates, "errors": tally.errors, "first_error": tally.first_error,
            "server_cpu_pct": res["server_cpu_pct"], "client_cpu_pct": res["client_cpu_pct"],
-           "other_cpu_pct": res["other_cpu_pct"], "final_length": length}
+           "other_cpu_pct": res["other_cpu_pct"], "final_length": length,
+           "server_us_per_entry": bl.per_item_us(res["server_cpu_pct"], tally.received / res["seconds"])}
     bl.progress(f"{label}: {row['entries_per_s']:,.0f} entries/s ({entries} in {row['seconds']:.2f}s), "
                 f"split {row['split']}, errors {tally.errors}" + (f" ({tally.first_error})" if tally.errors else ""))
     return row
@@ -242,7 +252,7 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
     tally = Tally(expected=0, manual=not auto)
     clock = time.perf_counter_ns
     headers = bl.auth_headers(token)
-    put_stats = {"sent": 0, "late": 0, "errors": 0, "first_error": None, "in_window": 0}
+    put_stats = {"sent": 0, "late": 0, "errors": 0, "first_error": None, "in_window": 0, "backlog": 0}
 
     async def producer():
         conns = [await bl.HTTPConn.open(port) for _ in range(connections)]
@@ -284,6 +294,7 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
 
     async def until():
         await producer()
+        put_stats["backlog"] = put_stats["sent"] - tally.received   # > a window: the consumer fell behind
         # let the last entries arrive (bounded)
         with trio.move_on_after(5.0):
             while tally.received < put_stats["sent"] or (tally.manual and tally.committed < tally.received):
@@ -295,7 +306,7 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
     measured = len(tally.latencies_ns)
     row = {"mode": mode, "window": window, "rate_target": round(rate, 1),
            "rate_achieved": round(put_stats["in_window"] / seconds, 1), "puts": put_stats["sent"],
-           "late_puts": put_stats["late"],
+           "late_puts": put_stats["late"], "backlog_at_end": put_stats["backlog"],
            "measured": measured, "p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3),
            "max_ms": round(s["max_ms"], 3), "received": tally.received,
            "errors": put_stats["errors"] + tally.errors, "first_error": put_stats["first_error"] or tally.first_error,
@@ -311,17 +322,19 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
 def render(tp_rows: list[dict], lat_rows: list[dict]) -> str:
     a = bl.table([[r["mode"], r["window"], r["consumers"], r["received"], f"{r['seconds']:.2f}",
                    bl.fmt_num(r["entries_per_s"]), r["split"], bl.fmt_num(r["entries_per_commit"], 1),
-                   f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
-                   f"{bl.fmt_num(r['other_cpu_pct'])}%", r["duplicates"], r["errors"]] for r in tp_rows],
+                   f"{bl.fmt_num(r['server_cpu_pct'])}%", bl.fmt_num(r["server_us_per_entry"]),
+                   f"{bl.fmt_num(r['client_cpu_pct'])}%", f"{bl.fmt_num(r['other_cpu_pct'])}%",
+                   r["duplicates"], r["errors"]] for r in tp_rows],
                  ["commit", "window", "consumers", "entries", "seconds", "entries/s", "split", "per commit",
-                  "srv cpu", "cli cpu", "other cpu", "dups", "errors"])
+                  "srv cpu", "srv us/entry", "cli cpu", "other cpu", "dups", "errors"])
     b = bl.table([[r["load"], r["mode"], r["window"], 1, bl.fmt_num(r["rate_target"]), bl.fmt_num(r["rate_achieved"]),
                    r["measured"], bl.fmt_num(r["p50_ms"], 2), bl.fmt_num(r["p99_ms"], 2), bl.fmt_num(r["max_ms"], 2),
+                   r["backlog_at_end"],
                    f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
                    f"{bl.fmt_num(r['other_cpu_pct'])}%", r["errors"]]
                   for r in lat_rows],
                  ["load", "commit", "window", "consumers", "target/s", "put/s", "measured", "p50 ms", "p99 ms", "max ms",
-                  "srv cpu", "cli cpu", "other cpu", "errors"])
+                  "backlog", "srv cpu", "cli cpu", "other cpu", "errors"])
     return "## throughput (pre-filled queue, until all delivered" + " and committed)\n" + a + \
         "\n\n## put -> receive latency (open-loop producer)\n" + b
 
