@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Watch benchmark: entries/s delivered to WebSocket consumers, and put -> receive latency.
 
-    python tools/bench_watch.py                # full run (about 1.5 min on 2 cores)
+    python tools/bench_watch.py                # full run (about 1.5 min on 2 idle cores)
     python tools/bench_watch.py --quick        # smoke run (a few seconds)
-    python tools/bench_watch.py --entries 20000 --json
+    python tools/bench_watch.py --entries 20000 --json   # deeper queues, longer
 
 What runs:
 - qserve as a child process on 127.0.0.1 (``--fsync always`` unless ``--fsync``), pinned to CPU 0
@@ -19,7 +19,7 @@ What runs:
   sent goes into the next commit, which is sent as soon as the previous one is answered (so with
   window W a commit carries at most W indexes; under load it carries whatever arrived during
   the previous commit's round trip, which with fsync=always includes one fsync).
-- Throughput: per scenario a fresh queue is pre-filled with N entries (100 bytes, puts on 32
+- Throughput: per scenario a fresh queue is pre-filled with N entries (100 bytes, puts on 64
   connections, not timed), then the consumers start and the clock runs until every entry was
   received (auto-commit) or received and its commit answered (manual), and ``stream.length`` is
   checked to be 0 via ``GET ?_attrs_=true``. Scenarios: auto-commit and manual commit, window 10
@@ -202,7 +202,7 @@ async def throughput(port: int, token: str, *, consumers: int, window: int, auto
     mode = "auto" if auto else "manual"
     service = f"tp{next(_names)}-{mode}-w{window}-c{consumers}"
     label = f"{mode} commit, window {window}, {consumers} consumer(s)"
-    await bl.put_many(port, service, entries, connections=32, body=BODY, token=token, label=f"prefill {service}")
+    await bl.put_many(port, service, entries, connections=64, body=BODY, token=token, label=f"prefill {service}")
     tally = Tally(expected=entries, manual=not auto)
     timed_out = False
 
@@ -358,7 +358,7 @@ def targets(tp_rows: list[dict], lat_rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--entries", type=int, default=None, help="entries per throughput scenario (default 10000; --quick 300)")
+    p.add_argument("--entries", type=int, default=None, help="entries per throughput scenario (default 5000; --quick 300)")
     p.add_argument("--consumers", default="1,4", help="consumer counts (default 1,4)")
     p.add_argument("--windows", default="10,64", help="windows (default 10,64); the first one sets the latency peak")
     p.add_argument("--modes", default="auto,manual", help="commit modes (default auto,manual)")
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="parent of the temporary data directory (default: system temp)")
     args = p.parse_args(argv)
     if args.entries is None:
-        args.entries = 300 if args.quick else 10000
+        args.entries = 300 if args.quick else 5000
     if args.seconds is None:
         args.seconds = 0.5 if args.quick else 4.0
     if args.warmup is None:
