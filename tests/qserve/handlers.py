@@ -1,0 +1,62 @@
+"""Handlers for the worker tests: `--handler tests.qserve.handlers:dispatch` (they run in the worker
+process). `dispatch` picks a behaviour by the entry's `mode` tag; the blocking modes announce on
+stderr when they start, so a test can wait on that line instead of polling."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import trio
+
+from qserve.worker import Retryable
+
+
+class Unavailable(Exception):
+    code = 503
+
+
+def _announce(tags: dict[str, str]) -> None:
+    print(f"HANDLER-STARTED {tags['requestId']}", file=sys.stderr, flush=True)
+
+
+def _wait_for_file(path: str, limit: float) -> bool:
+    """Block this handler thread until `path` exists (at most `limit` seconds)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def dispatch(data: bytes, tags: dict[str, str]):
+    mode = tags.get("mode", "echo")
+    if mode == "echo":
+        return data.decode().upper()
+    if mode == "fail":
+        raise ValueError(f"cannot handle {data.decode()}\nsecond line of the message")
+    if mode == "coded":
+        raise Unavailable("model offline")
+    if mode == "huge":               # more than the sink's --max-payload-bytes (default 512 KiB)
+        return b"x" * (600 * 1024)
+    if mode == "retry":
+        if "lastCode" not in tags:
+            raise Retryable("warming up", code="Warmup")
+        return {"lastCode": tags["lastCode"], "lastReason": tags.get("lastReason"), "data": data.decode()}
+    if mode == "gate":               # finishes once the test creates the gate file
+        _announce(tags)
+        return "released" if _wait_for_file(tags["gate"], 30.0) else "gate never opened"
+    if mode == "stuck":              # never finishes on its first delivery
+        if tags.get("lastCode") == "Shutdown":
+            return "redone after Shutdown"
+        _announce(tags)
+        _wait_for_file(tags["gate"] + ".never", 60.0)
+        return "stuck handler finished"
+    raise KeyError(mode)
+
+
+async def async_length(data: bytes, tags: dict[str, str]):
+    await trio.sleep(0)
+    return {"length": len(data), "requestId": tags["requestId"]}

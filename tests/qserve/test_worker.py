@@ -1,0 +1,268 @@
+"""`qserve worker` and `qserve serve --worker` against real server processes, with the official SDK
+putting requests and reading results; plus the worker's pure pieces (handler loading, result
+encoding, service choice) and one in-process run with the qserve client."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from qserve import cli
+from qserve.client import QueueClient
+from qserve.config import Config, ConfigError
+from qserve.worker import (HandlerSpecError, Retryable, Worker, demo, embedded_service, encode_result,
+                           load_handler, service_of)
+
+from ..conftest import ServerProcess
+from .test_sdk import client
+from .test_watch_sdk import collect, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class WorkerProcess:
+    """A `python -m qserve worker` child; its stderr lines are kept and can be waited on."""
+
+    def __init__(self, server: ServerProcess, service: str, handler: str, *extra: str) -> None:
+        args = [sys.executable, "-m", "qserve", "worker", "--url", f"{server.url}/api/predict/{service}",
+                "--token", server.token, "--handler", handler, *extra]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
+        self.proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     text=True, env=env)
+        self.lines: list[str] = []
+        self._fresh: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            self._fresh.put(line)
+        self._fresh.put(None)
+
+    def wait_line(self, needle: str, timeout: float = 15.0) -> str:
+        """The next stderr line containing `needle` (bounded wait on the pipe, no polling)."""
+        while True:
+            try:
+                line = self._fresh.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {needle!r} within {timeout}s:\n" + "\n".join(self.lines)) from None
+            if line is None:
+                raise AssertionError(f"worker exited before {needle!r}:\n" + "\n".join(self.lines))
+            if needle in line:
+                return line
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def workers():
+    started: list[WorkerProcess] = []
+
+    def start(*args) -> WorkerProcess:
+        w = WorkerProcess(*args)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+def result_of(sink, rid: str, timeout: float = 15.0):
+    """The sink entry for `rid`, long-polling (each get waits on the server) for at most `timeout`."""
+    found = []
+    wait_for(lambda: found.extend(sink.get(request_id=rid, auto_delete=False, timeout="2s")) or found,
+             timeout)
+    assert found, f"no result for {rid}"
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_demo_worker_end_to_end(server, service, workers):
+    q, sink = client(server, service), client(server, service + "/sink")
+    rids = [q.put(f"input {i}".encode(), tags={"n": str(i)})[1] for i in range(100)]
+    inputs = {df.tags["requestId"]: df for df in q.get(length=100, auto_delete=False, timeout="0s")}
+    assert sorted(inputs) == sorted(rids)
+
+    w = workers(server, service, "demo", "--concurrency", "4", "--summary-seconds", "0.3")
+    watcher = sink.watch(0, 200, auto_commit=False)     # window > 100: nothing is committed, results stay
+    got = collect(watcher, 100)
+    watcher.close()
+    assert sorted(df.tags["requestId"] for df in got) == sorted(rids)
+
+    for rid in rids:
+        [df] = sink.get(request_id=rid, auto_delete=False, timeout="0s")
+        assert df.tags["requestId"] == rid
+        assert df.tags["ts@source"] == inputs[rid].tags["ts@source"] and "ts@sink" in df.tags
+        assert "lastCode" not in df.tags and df.tags["Header:Content-Type"] == "application/json"
+        [probs] = json.loads(df.data)
+        assert set(probs) == {"p_0", "p_1"} and abs(probs["p_0"] + probs["p_1"] - 1) < 1e-9
+        assert probs == demo(inputs[rid].data, {})[0]
+    assert wait_for(lambda: q.attributes()["stream.length"] == "0")
+    assert sink.attributes()["stream.length"] == "100"          # one result each, no duplicates
+    w.wait_line(": processed 100, failed 0, retried 0")       # the periodic summary line
+    assert w.stop() == 0
+    assert any("processed 100, failed 0" in line for line in w.lines)
+
+
+def test_handler_errors_and_retries(server, service, workers):
+    q, sink = client(server, service), client(server, service + "/sink")
+    rid = {mode: q.put(mode.encode(), tags={"mode": mode})[1] for mode in ("fail", "coded", "retry", "echo", "huge")}
+    w = workers(server, service, "tests.qserve.handlers:dispatch", "--concurrency", "2")
+
+    failed = result_of(sink, rid["fail"])
+    assert failed.tags["lastCode"] == "500"
+    assert failed.tags["lastReason"] == "ValueError: cannot handle fail"       # one line
+    assert failed.data.decode().startswith("ValueError: cannot handle fail\nsecond line")
+    coded = result_of(sink, rid["coded"])
+    assert (coded.tags["lastCode"], coded.tags["lastReason"]) == ("503", "Unavailable: model offline")
+    # Retryable: nacked, redelivered with lastCode/lastReason, then it succeeds; no result for the failed try
+    retried = result_of(sink, rid["retry"])
+    assert "lastCode" not in retried.tags
+    assert json.loads(retried.data) == {"lastCode": "Warmup", "lastReason": "warming up", "data": "retry"}
+    assert result_of(sink, rid["echo"]).data == b"ECHO"
+    # a result the sink refuses (413) is replaced by an error result, so the requester gets an answer
+    huge = result_of(sink, rid["huge"])
+    assert huge.tags["lastCode"] == "413" and huge.tags["lastReason"].startswith("result refused by the sink: 413")
+    assert wait_for(lambda: q.attributes()["stream.length"] == "0")
+    assert sink.attributes()["stream.length"] == "5"
+    assert w.stop() == 0
+    assert any("WARNING" in line and "ValueError: cannot handle fail" in line for line in w.lines)
+    assert any("processed 5, failed 3, retried 1" in line for line in w.lines)
+
+
+def test_sigterm_drains_and_loses_nothing(server, service, workers, tmp_path):
+    q, sink = client(server, service), client(server, service + "/sink")
+    gate = str(tmp_path / "gate")
+    modes = ["gate", "gate", "stuck", "gate", "gate", "gate"]
+    rids = [q.put(f"job {i}".encode(), tags={"mode": m, "gate": gate})[1] for i, m in enumerate(modes)]
+    w = workers(server, service, "tests.qserve.handlers:dispatch", "--concurrency", "3", "--drain-seconds", "1.5")
+    started = {w.wait_line("HANDLER-STARTED").split()[-1] for _ in range(3)}
+    assert started == set(rids[:3])              # two gated handlers and the stuck one are running
+
+    w.proc.send_signal(signal.SIGTERM)
+    w.wait_line("draining: 3 running")
+    Path(gate).touch()                           # the gated ones finish during the drain
+    assert w.proc.wait(15) == 0
+    assert any("cancelling 1 handlers" in line for line in w.lines)
+
+    # nothing lost: each input either has its result in the sink and is gone, or is still queued
+    done = [r for r in rids if sink.get(request_id=r, auto_delete=False, timeout="0s")]
+    queued = [r for r in rids if q.get(request_id=r, auto_delete=False, timeout="0s")]
+    assert sorted(done + queued) == sorted(rids) and not set(done) & set(queued)
+    assert set(rids[:2]) <= set(done) and rids[2] in queued
+    [stuck] = q.get(request_id=rids[2], auto_delete=False, timeout="0s")
+    assert stuck.tags["lastCode"] == "Shutdown"  # the unfinished one was negatively committed
+
+    # a second worker picks up everything left, the stuck entry included
+    w2 = workers(server, service, "tests.qserve.handlers:dispatch", "--concurrency", "3")
+    for r in queued:
+        result_of(sink, r)
+    assert result_of(sink, rids[2]).data == b"redone after Shutdown"
+    assert wait_for(lambda: q.attributes()["stream.length"] == "0")
+    assert sink.attributes()["stream.length"] == "6"
+    assert w2.stop() == 0
+
+
+def test_serve_with_embedded_worker(tmp_path):
+    srv = ServerProcess(tmp_path / "data", "--worker", "demo", "--root-service", "emb").start()
+    try:
+        q, sink = client(srv, "emb"), client(srv, "emb/sink")
+        _, rid = q.put(b"hello")
+        result = result_of(sink, rid)
+        assert json.loads(result.data) == demo(b"hello", {})
+        assert wait_for(lambda: q.attributes()["stream.length"] == "0")
+    finally:
+        assert srv.stop() == 0
+    assert any(f"embedded worker: handler demo on http://127.0.0.1:{srv.port}/api/predict/emb" in line
+               for line in srv.lines)
+    assert any("stopped; all queues synced and closed" in line for line in srv.lines)
+
+
+# --------------------------------------------------------------------------- in process
+
+async def test_in_process_async_handler_and_drain(server, service):
+    url = f"{server.url}/api/predict/{service}"
+    with trio.fail_after(20):
+        async with QueueClient(url, token=server.token) as producer, \
+                QueueClient(url, token=server.token, group=service) as consumer:
+            sink = producer.sink()
+            rids = [(await producer.put(b"x" * i))[1] for i in range(1, 6)]
+            worker = Worker(consumer, load_handler("tests.qserve.handlers:async_length"), concurrency=2)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.run)
+                for i, rid in enumerate(rids, start=1):
+                    [entry] = await sink.get(request_id=rid, auto_delete=False, timeout=5)
+                    assert json.loads(entry.data) == {"length": i, "requestId": rid}
+                worker.drain()
+            stats = worker.statistics()
+            assert (stats["processed"], stats["failed"], stats["in_hand"]) == (5, 0, 0)
+            assert (await producer.attributes())["stream.length"] == "0"   # run() returns after the commits
+            await sink.aclose()
+
+
+# ------------------------------------------------------------------------------ pieces
+
+def test_encode_result():
+    assert encode_result(b"raw") == (b"raw", None)
+    assert encode_result("héllo") == ("héllo".encode(), "text/plain; charset=utf-8")
+    assert encode_result({"a": [1, 2]}) == (b'{"a": [1, 2]}', "application/json")
+    assert encode_result([{"p_0": 0.5}]) == (b'[{"p_0": 0.5}]', "application/json")
+    assert encode_result(None) == (b"", None)
+    with pytest.raises(TypeError):
+        encode_result(3.5)
+
+
+def test_demo_is_stable_and_sums_to_one():
+    for data in (b"", b"a", b"hello", bytes(range(256))):
+        [probs] = demo(data, {})
+        assert probs == demo(data, {"other": "tags"})[0]
+        assert 0 < probs["p_0"] < 1 and round(probs["p_0"] + probs["p_1"], 9) == 1
+
+
+def test_load_handler():
+    assert load_handler("demo").fn is demo
+    h = load_handler("tests.qserve.handlers:async_length")
+    assert h.is_async and not load_handler("tests.qserve.handlers:dispatch").is_async
+    for bad in ("nocolon", "tests.qserve.handlers:missing", "no_such_module_x:f", ":f",
+                "tests.qserve.handlers:Unavailable.code"):
+        with pytest.raises(HandlerSpecError):
+            load_handler(bad)
+    assert Retryable("x").code == "Retry" and Retryable("x", code="Later").code == "Later"
+
+
+def test_service_names():
+    assert service_of("http://h:1/api/predict/grp.svc") == "grp.svc"
+    assert service_of("http://h:1/api/predict/svc/") == "svc"
+    assert service_of("http://h:1/") == "default"
+    assert embedded_service(Config(root_service="r", queues=("a", "b"))) == "r"
+    assert embedded_service(Config(queues=("only",))) == "only"
+    assert embedded_service(Config()) == "default"
+    with pytest.raises(ConfigError):
+        embedded_service(Config(queues=("a", "b")))
+
+
+def test_cli_refuses_bad_handler_and_settings(capsys):
+    assert cli.main(["worker", "--url", "http://127.0.0.1:1/api/predict/s", "--handler", "nope"]) == 2
+    assert "MODULE:FUNCTION" in capsys.readouterr().err
+    assert cli.main(["worker", "--url", "http://127.0.0.1:1/api/predict/s", "--handler", "demo",
+                     "--concurrency", "0"]) == 2
+    assert cli.main(["worker", "--url", "ftp://x/api/predict/s", "--handler", "demo"]) == 2
