@@ -49,6 +49,7 @@ class Config:
     max_get_length: int = 1000                     # upper bound of _length_
     max_watch_window: int = 1000                   # upper bound of _window_
     worker: str | None = None                      # MODULE:FUNCTION run inside the server
+    worker_concurrency: int = 1                    # entries the embedded worker handles at once
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -57,7 +58,7 @@ class Config:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: out of range: {self.port}")
         for name in ("max_payload_bytes", "max_length", "segment_bytes", "max_connections",
-                     "max_header_bytes", "max_get_length", "max_watch_window"):
+                     "max_header_bytes", "max_get_length", "max_watch_window", "worker_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         for name in ("fsync_interval", "keepalive_timeout", "request_timeout"):

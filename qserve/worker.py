@@ -133,10 +133,11 @@ async def _embedded(config, service: str, handler: Handler) -> None:
             port = await nursery.start(server.run)
             url = f"http://{_loopback_host(config.host)}:{port}/api/predict/{urllib.parse.quote(service)}"
             log.info("embedded worker: handler %s on %s", handler.name, url)
-            client = QueueClient(url, token=config.token_for(service), user=default_user(), group=service)
+            client = QueueClient(url, token=config.token_for(service), user=default_user(), group=service,
+                                 max_connections=max(4, config.worker_concurrency))
             try:
                 async with trio.open_nursery() as inner:
-                    worker = Worker(client, handler, concurrency=1)
+                    worker = Worker(client, handler, concurrency=config.worker_concurrency)
                     inner.start_soon(_drain_on_signals, signals, worker)
                     await worker.run()
                     inner.cancel_scope.cancel()
@@ -147,8 +148,8 @@ async def _embedded(config, service: str, handler: Handler) -> None:
 
 
 def run_embedded(config) -> int:
-    """`qserve serve --worker MODULE:FUNCTION`: the server and one worker (concurrency 1) in one
-    process. Returns the exit status (2 for a bad handler or an ambiguous service)."""
+    """`qserve serve --worker MODULE:FUNCTION`: the server and one worker (`--worker-concurrency`
+    entries at once) in one process. Returns the exit status (2 for a bad handler or an ambiguous service)."""
     from .config import ConfigError
 
     _allow_cwd_imports()
