@@ -177,7 +177,7 @@ class QueueLog:
     def _write(self, data: bytes) -> tuple[Segment, int]:
         """Append one framed record (rolling first if the active segment is full)."""
         seg = self._active
-        if seg.size + len(data) > self.config.segment_bytes and not self._fresh:
+        if seg.size - seg.header_size + len(data) > self.config.segment_bytes and not self._fresh:
             self._roll()
             seg = self._active
         off = seg.append(data)

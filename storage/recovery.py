@@ -252,6 +252,8 @@ class _Scan:
                     tuple(rec.expected or ()) + (seg.base,), "repair"))
                 shift -= len(prefix)
                 repaired = True
+            if first:
+                seg.header_size = end - off
             first = False
             # count the fast path's rows before the slow path touches shared state
             if len(idx) > mark:

@@ -45,7 +45,7 @@ def io_error(exc: OSError, what: str) -> StorageIOError:
 
 class Segment:
     __slots__ = ("base", "sid", "path", "fd", "size", "durable_size", "live_bytes", "live_count",
-                 "deletes", "min_index", "max_index", "io", "crc")
+                 "deletes", "min_index", "max_index", "io", "crc", "header_size")
 
     def __init__(self, io: FileIO, directory: str, base: int, sid: int, fd: int, size: int) -> None:
         self.io = io
@@ -61,6 +61,7 @@ class Segment:
         self.min_index = 0        # range of entry indexes ever written here (0 = none)
         self.max_index = 0
         self.crc = 0              # crc32 of the whole file so far (its seal once sealed)
+        self.header_size = 0      # size of the header CHECKPOINT (not counted against segment_bytes)
 
     @classmethod
     def create(cls, io: FileIO, directory: str, base: int, sid: int, header: bytes) -> "Segment":
@@ -72,6 +73,7 @@ class Segment:
             raise io_error(exc, f"creating {path}") from None
         seg = cls(io, directory, base, sid, fd, len(header))
         seg.crc = zlib.crc32(header)
+        seg.header_size = len(header)
         return seg
 
     def note_entry(self, index: int, size: int) -> None:

@@ -127,3 +127,30 @@ def test_fsync_failure_in_sync_and_roll(tmp_path):
     want = snapshot(log)
     log.close()
     assert snapshot(QueueLog.open(tmp_path, tiny())) == want
+
+
+class CrashBeforeUnlink(FaultyIO):
+    def remove(self, path):
+        if path.endswith(".seg"):
+            raise OSError(EIO, "simulated crash before unlink")
+        super().remove(path)
+
+
+def test_compaction_interrupted_before_unlink(tmp_path):
+    io = CrashBeforeUnlink()
+    log = QueueLog.open(tmp_path, tiny(), fileio=io)
+    for i in range(60):
+        log.append(bytes([i]) * 100, {"requestId": f"r{i}"})
+    log.delete(range(1, 50))
+    want = snapshot(log)
+    n = len(segments(tmp_path))
+    with pytest.raises(StorageIOError):
+        log.maybe_compact()
+    # the moved copies and checkpoint are durable, the old file is still there
+    assert len(segments(tmp_path)) == n
+    log = QueueLog.open(tmp_path, tiny())
+    assert snapshot(log) == want
+    assert log.recovery.removed, "the unlisted segment should have been removed on open"
+    log.maybe_compact()
+    log.close()
+    assert snapshot(QueueLog.open(tmp_path, tiny())) == want

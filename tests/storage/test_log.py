@@ -153,3 +153,30 @@ def test_read_after_roll_and_moved(tmp_path):
     log.close()
     log = QueueLog.open(tmp_path, tiny(compact_live_ratio=0.9))
     assert snapshot(log) == want
+
+
+def test_dispatch_while_deleting(tmp_path):
+    """The dispatcher deletes what it dispatched while iterating; purges happen underneath."""
+    log = QueueLog.open(tmp_path, tiny())
+    for i in range(10000):
+        log.append(b"", {}, priority=(3 if i % 10 == 0 else 0))
+    seen = []
+    for index, prio in log.iter_dispatch():
+        seen.append((index, prio))
+        log.delete([index])           # triggers column purges part way through
+    want = [(i, 3) for i in range(1, 10001, 10)] + [(i, 0) for i in range(1, 10001) if i % 10 != 1]
+    assert seen == want
+    assert log.length == 0 and log.first_index == 0 and log.next_index == 10001
+    assert log.statistics()["dead_entries"] < 10000
+
+
+def test_scan_while_appending(tmp_path):
+    log = QueueLog.open(tmp_path, tiny())
+    for _ in range(5):
+        log.append(b"x", {})
+    got = []
+    for e in log.scan():
+        got.append(e.index)
+        if e.index < 8:
+            log.append(b"y", {})
+    assert got == list(range(1, 13))
