@@ -175,8 +175,9 @@ def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
 class QueueManager:
     """Opens queues on first use (or the declared set at start) and owns their tasks."""
 
-    def __init__(self, config: Config, nursery: trio.Nursery) -> None:
+    def __init__(self, config: Config, nursery: trio.Nursery, *, fileio=None) -> None:
         self.config = config
+        self._fileio = fileio
         self._nursery = nursery
         self._queues: dict[QueueRef, Queue] = {}
         self._opening: dict[QueueRef, trio.Event] = {}
@@ -221,10 +222,10 @@ class QueueManager:
             path = queue_dir(self.config.data_dir, ref)
             created = not path.exists()
             if created:  # nothing to recover: opening is a few small file operations
-                qlog = storage.QueueLog.open(path, self._log_config)
+                qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
             else:        # recovery scans the segments: keep the event loop free meanwhile
                 qlog = await trio.to_thread.run_sync(
-                    lambda: storage.QueueLog.open(path, self._log_config))
+                    lambda: storage.QueueLog.open(path, self._log_config, fileio=self._fileio))
             queue = Queue(ref, qlog, self.config)
             self._queues[ref] = queue
             self._report_open(queue, created)

@@ -36,9 +36,11 @@ def http_config_for(config: Config) -> HTTPConfig:
 class Server:
     """A running qserve. Start it with `nursery.start(server.run)`; it reports the bound port."""
 
-    def __init__(self, config: Config, listeners: list[trio.abc.Listener] | None = None) -> None:
+    def __init__(self, config: Config, listeners: list[trio.abc.Listener] | None = None, *,
+                 fileio=None) -> None:
         self.config = config
         self._listeners = listeners   # default: TCP on config.host:config.port
+        self._fileio = fileio         # storage.FileIO for every queue (tests inject disk faults)
         self.port: int | None = None
         self.app: App | None = None
         self.http: HTTPServer | None = None
@@ -52,7 +54,7 @@ class Server:
         config = self.config
         try:
             async with trio.open_nursery() as queue_tasks:
-                self.queues = QueueManager(config, queue_tasks)
+                self.queues = QueueManager(config, queue_tasks, fileio=self._fileio)
                 await self.queues.open_declared()
                 self.app = App(config, self.queues)
                 self._attach_watch(queue_tasks)

@@ -79,12 +79,12 @@ async def no_frame(ws, wait: float = 2.0) -> bool:
 
 
 @asynccontextmanager
-async def running_server(tmp_path, **settings):
+async def running_server(tmp_path, *, fileio=None, **settings):
     settings.setdefault("data_dir", tmp_path / "data")
     settings.setdefault("token", TOKEN)
     settings.setdefault("fsync", "never")
     listener = MemoryListener()
-    server = Server(Config(**settings), listeners=[listener])
+    server = Server(Config(**settings), listeners=[listener], fileio=fileio)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         try:
