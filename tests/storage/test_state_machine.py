@@ -19,7 +19,7 @@ class LogMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="qlog-sm-")
-        self.config = LogConfig(segment_bytes=700, compact_live_ratio=0.6)
+        self.config = LogConfig(segment_bytes=450, compact_live_ratio=0.6)
         self.log = QueueLog.open(self.dir, self.config, now=self.now)
         self.model = Model()
         self.t = 0.0
