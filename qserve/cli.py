@@ -44,6 +44,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--queues", help="comma-separated services to serve (default: any, created on first use)")
     p.add_argument("--root-service", help="also serve this service at / and /sink")
     p.add_argument("--max-connections", type=int, help="open connections before new ones get 503")
+    p.add_argument("--request-timeout", type=float,
+                   help="seconds a started request may take to arrive in full before a 408 (default 30)")
+    p.add_argument("--keepalive-timeout", type=float, help="seconds an idle connection is kept (default 60)")
     p.add_argument("--worker", help="MODULE:FUNCTION (or demo): run an inference worker inside the server")
     p.add_argument("--worker-concurrency", type=int, help="entries the embedded worker handles at once (default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
