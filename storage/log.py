@@ -51,8 +51,8 @@ class LogConfig:
 
 class SyncTicket:
     """One group-commit round. ``run()`` is safe to call from another thread: it only fsyncs (and
-    closes) fds dup'd by ``sync_begin``. Raises ``StorageIOError`` if an fsync fails; the owner must
-    still call ``sync_end`` (which rolls back and raises)."""
+    closes) fds dup'd by ``sync_begin``. It re-raises the ``OSError`` of a failed fsync; the owner must
+    still call ``sync_end``, which rolls back and raises ``StorageIOError``."""
 
     __slots__ = ("target", "fds", "io", "seg", "size", "done", "error")
 
@@ -78,7 +78,7 @@ class SyncTicket:
                     pass
             self.done = True
         if self.error is not None:
-            raise io_error(self.error, "fsync")
+            raise self.error
 
     def close(self) -> None:
         """Release the dup'd fds without syncing (ticket abandoned)."""
@@ -426,8 +426,8 @@ class QueueLog:
         t = self.sync_begin()
         try:
             t.run()
-        except StorageIOError:
-            pass
+        except OSError:
+            pass                  # recorded in the ticket: sync_end rolls back and raises
         self.sync_end(t)
 
     def _rollback(self, exc: OSError) -> None:

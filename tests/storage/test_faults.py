@@ -85,7 +85,7 @@ def test_fsync_failure_rolls_back(tmp_path):
     t = log.sync_begin()
     log.set_state(state="End")          # written while the fsync runs: rolled back too
     io.fsync_errno = EIO
-    th = threading.Thread(target=lambda: pytest.raises(StorageIOError, t.run))
+    th = threading.Thread(target=lambda: pytest.raises(OSError, t.run))
     th.start()
     th.join()
     io.fsync_errno = None
