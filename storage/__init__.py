@@ -3,7 +3,7 @@
 Strategy (the full format is in FORMAT.md, written before the code):
 
 * One queue = one directory of segment files ``<20-digit base>.seg``. Every record is framed
-  ``u32 length | u32 crc32 | msgpack body`` (little endian); types: ENTRY, DELETE, TRUNCATE, STATE and a
+  ``u32 length | u32 crc32 | msgpack body`` (big endian); types: ENTRY, DELETE, TRUNCATE, STATE and a
   CHECKPOINT that starts every segment and carries next index, truncate watermark, state and the list of
   segments that must exist.
 * Appends go to the active (last) segment with one ``os.write``; group commit (``sync_begin`` /

@@ -190,8 +190,11 @@ class EntryIndex:
 
     def iter_live(self, start: int = 0) -> Iterator[int]:
         """Live rows with index >= start, in index order. Tolerates mutation between steps."""
+        first = self.first_pos()      # rows before it are all dead: never walk them again
+        if first is None:
+            return
         version = self.version
-        pos = bisect_left(self.idx, start)
+        pos = max(bisect_left(self.idx, start), first)
         while True:
             if version != self.version:  # rows were purged: find our place again
                 version = self.version
