@@ -22,13 +22,15 @@ import trio
 import storage
 
 from .config import Config
-from .errors import NotFound, Unavailable
+from .errors import InsufficientStorage, NotFound, Unavailable
 from .events import QueueRef
 from .groups import Dispatcher
 
 __all__ = ["Signal", "Queue", "QueueManager", "queue_dir"]
 
 log = logging.getLogger("qserve")
+
+_EPOCHS_KEPT = 64   # rollback epochs whose durable point `Queue` remembers (see `Queue._observe`)
 
 
 class Signal:
@@ -77,8 +79,9 @@ class Queue:
         self.changed = Signal()          # fired when entries may have become available
         self._durable = Signal()         # fired after each fsync round
         self._flush_wanted = trio.Event()
-        self._epoch = 0                           # incremented by every failed fsync round
-        self._durable_before: dict[int, int] = {}  # epoch -> durable_seq before the failure that began it
+        # epoch = the log's rollback count; epoch -> highest durable_seq seen during that epoch
+        self._durable_in: dict[int, int] = {}
+        self._epoch = qlog.statistics()["rollbacks"]
         self.closed = False
 
     @property
@@ -86,24 +89,44 @@ class Queue:
         return self.log.state.get("state") == "End"
 
     # -- durability ---------------------------------------------------------------------------
+    def _observe(self) -> int:
+        """Note the log's durable point in the current epoch; returns the epoch.
+
+        An epoch ends with every rollback, and rollbacks also happen outside the flusher: a failed
+        fsync while rolling a segment (inside any append, delete, ...) or compacting rolls back
+        what the flusher was about to make durable. The log's rollback count is the one record of
+        all of them. Observations are kept for the last `_EPOCHS_KEPT` epochs; a waiter from an
+        older one is failed (the safe answer: a client retry duplicates, nothing is lost).
+        """
+        epoch = self.log.statistics()["rollbacks"]
+        durable = self.log.durable_seq
+        if epoch != self._epoch:   # entries whose delete was rolled back are deliverable again
+            self._epoch = epoch
+            self.changed.fire()
+        if self._durable_in.get(epoch, -1) < durable:
+            self._durable_in[epoch] = durable
+            while len(self._durable_in) > _EPOCHS_KEPT:
+                del self._durable_in[next(iter(self._durable_in))]
+        return epoch
+
     def write_mark(self) -> tuple[int, int]:
         """A token for "everything written so far", to pass to `wait_durable` later."""
-        return self._epoch, self.log.appended_seq
+        return self._observe(), self.log.appended_seq
 
     async def wait_durable(self, mark: tuple[int, int] | None = None) -> None:
         """Return once everything written up to `mark` (default: now) is durable under the fsync
         policy; raise `Unavailable` if an fsync failed first and the write was rolled back.
 
-        Failures are tracked by epoch, not by sequence number alone: after a rollback the log may
-        hand out the rolled-back sequence numbers again.
+        Failures are tracked by epoch (the log's rollback count), not by sequence number alone:
+        a rollback marks its sequence numbers durable without writing them.
         """
         if self.config.fsync != "always":
             return
         epoch, seq = self.write_mark() if mark is None else mark
         while True:
-            if self._epoch != epoch:
-                # an fsync failed after this write: it survived only if it was durable before
-                if seq > self._durable_before[epoch + 1]:
+            if self._observe() != epoch:
+                # a rollback came after this write: it survived only if it was durable before
+                if seq > self._durable_in.get(epoch, 0):
                     raise Unavailable("the write could not be made durable (fsync failed); not stored")
                 return
             if self.log.durable_seq >= seq:
@@ -129,7 +152,7 @@ class Queue:
             self._durable.fire()
 
     async def _sync_round(self) -> None:
-        before = self.log.durable_seq
+        self._observe()
         ticket = self.log.sync_begin()
         failure: BaseException | None = None
         try:
@@ -140,11 +163,9 @@ class Queue:
             self.log.sync_end(ticket)   # after a failed run() this rolls back and raises
         except storage.StorageError as exc:
             failure = exc
+        self._observe()
         if failure is not None:
-            self._epoch += 1
-            self._durable_before[self._epoch] = before
             log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, failure)
-            self.changed.fire()
 
     async def housekeeping(self) -> None:
         """Compact the log a little at a time while the server runs."""
@@ -234,6 +255,9 @@ class QueueManager:
             return queue
         except storage.StorageError as exc:
             log.error("queue %s: cannot open: %s", ref.name, exc)
+            if isinstance(exc, storage.DiskFull):
+                raise InsufficientStorage(f"queue {ref.name} cannot be created: no space left on the "
+                                          "server's disk") from exc
             raise Unavailable(f"queue {ref.name} cannot be opened") from exc
         finally:
             del self._opening[ref]
