@@ -1,0 +1,170 @@
+"""`qserve chaos`: the checker on synthetic histories (so it can fail), and short real runs.
+
+The checker tests are synchronous and exact: they build a `History` by hand, including one lost and
+one resurrected entry, and an in-flight delivery that must not count as a resurrection. The run
+tests start the real tool (`python -m qserve chaos`, which starts and SIGKILLs real servers) and read
+its JSON summary; the short one is part of the default suite (about 10 s), the long one is `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools._chaos_history import History, id_of, payload_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _put(h: History, put_id: str, index: int | None, producer: int = 0, tags=None) -> None:
+    tags = tags or {"kind": "a"}
+    h.put_started(put_id, producer, tags, 0)
+    if index is not None:
+        h.put_acked(put_id, index)
+
+
+def _deliver(h: History, index: int, put_id: str, conn_start: int, group: str = "g0", tags=None) -> None:
+    h.delivered(index, payload_for(put_id), tags or {"kind": "a", "requestId": "x"}, conn_start=conn_start,
+                group=group)
+
+
+def _commit(h: History, *indexes: int, acked: bool = True) -> int:
+    op = h.removal_started("commit", indexes)
+    if acked:
+        h.removal_acked(op)
+    return op.ack or 0
+
+
+def test_payload_encodes_its_id():
+    assert id_of(payload_for("p3-17")) == "p3-17"
+    assert payload_for("p3-17") == payload_for("p3-17") != payload_for("p3-18")
+
+
+def test_clean_history_passes():
+    h = History()
+    conn = h.tick()
+    _put(h, "p0-1", 1)
+    _put(h, "p0-2", 2)
+    _put(h, "p0-3", None)                 # unknown, never seen: fine
+    _deliver(h, 1, "p0-1", conn)
+    _deliver(h, 1, "p0-1", conn)          # redelivered (say after a negative)
+    _commit(h, 1)
+    _deliver(h, 2, "p0-2", conn)
+    h.remaining(2, payload_for("p0-2"), {"kind": "a"})
+    rep = h.check()
+    assert rep.ok, rep.problems
+    assert (rep.puts_acked, rep.puts_unknown, rep.deliveries, rep.redeliveries, rep.commits, rep.remaining) == \
+        (2, 1, 3, 1, 1, 1)
+
+
+def test_checker_reports_lost_and_resurrected():
+    h = History()
+    old_conn = h.tick()
+    _put(h, "p0-1", 1)                    # acknowledged, never removed, gone at the end: lost
+    _put(h, "p0-2", 2)
+    _deliver(h, 2, "p0-2", old_conn)
+    committed = _commit(h, 2)
+    _deliver(h, 2, "p0-2", old_conn, group="g1")     # in flight when the commit was applied: not counted
+    assert h.check().resurrected == 0
+    new_conn = h.tick()
+    assert new_conn > committed
+    _deliver(h, 2, "p0-2", new_conn)      # on a connection opened after the acknowledged commit
+    rep = h.check()
+    assert (rep.lost, rep.resurrected) == (1, 1)
+    assert not rep.ok
+    assert any(p.startswith("lost: p0-1") for p in rep.problems)
+    assert any(p.startswith("resurrected: index 2") for p in rep.problems)
+
+
+def test_entry_left_after_acknowledged_delete_or_truncate_is_resurrected():
+    h = History()
+    for i in range(1, 5):
+        _put(h, f"p0-{i}", i)
+    h.removal_acked(h.removal_started("delete", (4,)))
+    h.removal_acked(h.removal_started("truncate", below=3))
+    for i in (2, 3, 4):                   # 2 is below the truncate, 4 was deleted; 1 is simply gone
+        h.remaining(i, payload_for(f"p0-{i}"), {"kind": "a"})
+    rep = h.check()
+    assert (rep.lost, rep.resurrected, rep.deletes, rep.truncates) == (0, 2, 1, 1)
+
+
+def test_unacknowledged_removals_excuse_a_missing_entry_but_do_not_resurrect():
+    h = History()
+    _put(h, "p0-1", 1)
+    _put(h, "p0-2", 2)
+    _commit(h, 1, acked=False)            # the answer never came: it may have happened
+    h.remaining(2, payload_for("p0-2"), {"kind": "a"})
+    conn = h.tick()
+    _commit(h, 2, acked=False)
+    _deliver(h, 2, "p0-2", conn + 1)
+    rep = h.check()
+    assert rep.ok and rep.lost == 0 and rep.resurrected == 0, rep.problems
+
+
+def test_duplicate_indexes_order_and_corruption_are_reported():
+    h = History()
+    _put(h, "p0-1", 5)
+    _put(h, "p0-2", 4)                    # the same producer got a lower index later
+    _put(h, "p1-1", 5, producer=1)        # a second acknowledged id at index 5
+    h.remaining(5, payload_for("p0-1"), {"kind": "a"})
+    h.remaining(4, payload_for("p0-2")[:-1] + b"?", {"kind": "a"})   # payload damaged
+    h.remaining(7, payload_for("p1-1"), {"kind": "b"})               # at a second index, tag changed
+    rep = h.check()
+    assert rep.out_of_order == 1
+    assert rep.corrupted == 2
+    assert rep.duplicates_index == 2      # p1-1 at 5 and 7; index 5 acknowledged twice
+    assert not rep.ok
+
+
+def test_unknown_put_seen_before_its_index_was_reused_is_tolerated():
+    h = History()
+    conn = h.tick()
+    _put(h, "p0-1", None)
+    _deliver(h, 3, "p0-1", conn)          # stored, not fsynced, cut as a torn tail by the restart...
+    _put(h, "p0-2", 3)                    # ...so index 3 was handed out again
+    h.remaining(3, payload_for("p0-2"), {"kind": "a"})
+    rep = h.check()
+    assert rep.ok and rep.reused == 1, rep.problems
+
+
+def run_chaos(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, "-m", "qserve", "chaos", "--json", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.stdout.strip(), f"no summary (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc, json.loads(proc.stdout)
+
+
+def _assert_clean(proc: subprocess.CompletedProcess, summary: dict, rounds: int) -> None:
+    detail = json.dumps({k: summary[k] for k in ("problems", "verify_problems", "seed")}, indent=1)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {detail}\n{proc.stderr[-2000:]}"
+    assert summary["lost"] == 0 and summary["resurrected"] == 0, detail
+    assert summary["duplicates_index"] == 0 and summary["corrupted"] == 0, detail
+    assert summary["verify"] == "clean", detail
+    assert summary["kills"] == rounds and summary["restarts"] == rounds
+    assert summary["puts_acknowledged"] > 0 and summary["deliveries"] > 0 and summary["commits"] > 0
+
+
+def test_short_chaos_run(tmp_path):
+    data = tmp_path / "data"
+    proc, summary = run_chaos("--rounds", "3", "--seconds", "1.5", "--seed", "7", "--producers", "2",
+                              "--consumers", "3", "--data-dir", str(data), timeout=90)
+    _assert_clean(proc, summary, 3)
+    assert "seed 7" in proc.stderr and proc.stderr.count("round ") >= 3
+    assert data.is_dir()                  # a directory the user named is never removed
+
+
+def test_chaos_refuses_a_used_data_dir(tmp_path):
+    (tmp_path / "junk").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "qserve", "chaos", "--data-dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "not a fresh" in proc.stderr
+
+
+@pytest.mark.slow
+def test_long_chaos_run():
+    proc, summary = run_chaos("--rounds", "15", "--seconds", "3", timeout=600)
+    _assert_clean(proc, summary, 15)

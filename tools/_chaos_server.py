@@ -1,0 +1,156 @@
+"""The server under test for `qserve chaos`: a `python -m qserve serve` child that is killed and restarted.
+
+Strategy: one fixed loopback port is picked once, so the clients' URLs stay valid across restarts
+(they simply reconnect). The child's stderr is pumped by a daemon thread into a bounded list of
+lines, which also tells when the server is listening; the trio side only polls that flag, so a
+start stays cancellable. `verify_data_dir` runs `qserve log verify`'s checks (`tools._logscan`) on
+the data directory, read-only, while the server is down.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import trio
+
+from ._logscan import UsageError, find_queues, verify_queue
+
+__all__ = ["ChaosServer", "verify_data_dir", "free_port", "segment_files"]
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ChaosServer:
+    """A qserve child process on ``127.0.0.1:port`` over ``data_dir``. Used from one trio task.
+
+    Attributes:
+        starts: how many times it was started; ``kills``: SIGKILLs sent to a running server.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int, token: str, segment_bytes: int,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.token = token
+        self.segment_bytes = segment_bytes
+        self.extra = tuple(extra)
+        self.proc: subprocess.Popen | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=400)
+        self.starts = 0
+        self.kills = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _args(self) -> list[str]:
+        return [sys.executable, "-m", "qserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(self.data_dir), "--token", self.token,
+                "--segment-bytes", str(self.segment_bytes), *self.extra]
+
+    async def start(self, timeout: float = 30.0) -> float:
+        """Start the server and wait until it listens. Returns the seconds it took.
+
+        Raises:
+            RuntimeError: it exited or did not listen within ``timeout`` (the last log lines attached).
+        """
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
+        began = time.monotonic()
+        proc = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=_REPO)
+        self.proc = proc
+        self.starts += 1
+        listening = threading.Event()
+        lines = self.lines
+        lines.append(f"--- start {self.starts} (pid {proc.pid})")
+
+        def pump() -> None:
+            for line in proc.stderr:
+                lines.append(line.rstrip("\n"))
+                if "listening on http://" in line:
+                    listening.set()
+            proc.stderr.close()
+
+        threading.Thread(target=pump, name="chaos-server-log", daemon=True).start()
+        deadline = began + timeout
+        while not listening.is_set():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server did not start (exit {proc.returncode}):\n" + self.log_tail())
+            await trio.sleep(0.01)
+        return time.monotonic() - began
+
+    def kill(self) -> bool:
+        """SIGKILL the server if it runs and reap it. Returns whether it was running."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return False
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.kills += 1
+        return True
+
+    async def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (the graceful path) and wait; SIGKILL after ``timeout``. Returns the exit status."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                await trio.sleep(0.02)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        return proc.returncode
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.lines)[-n:])
+
+
+def segment_files(data_dir: Path) -> frozenset[str]:
+    """Every segment-like file (``*.seg``, ``*.seg.tmp``) below ``data_dir``: a change means a roll or a
+    compaction is under way."""
+    out = []
+    for dirpath, _dirs, files in os.walk(data_dir):
+        out.extend(os.path.join(dirpath, f) for f in files if f.endswith((".seg", ".seg.tmp")))
+    return frozenset(out)
+
+
+def verify_data_dir(data_dir: Path, *, allow_torn_tail: bool) -> tuple[list[str], int]:
+    """`qserve log verify` over every queue below ``data_dir`` (the server must be down).
+
+    Returns ``(problems, torn)``: one line per damage, and how many torn tails of an active segment
+    were tolerated (``allow_torn_tail``: right after a SIGKILL, where open truncates them).
+    """
+    try:
+        queues = find_queues(str(data_dir), allow_file=False)
+    except UsageError:          # no queue created yet
+        return [], 0
+    problems, torn = [], 0
+    for queue in queues:
+        res = verify_queue(queue)
+        for p in res.problems:
+            if allow_torn_tail and p.reason.startswith("torn tail:"):
+                torn += 1
+            else:
+                problems.append(str(p))
+    return problems, torn
