@@ -1,17 +1,18 @@
 """The WebSocket half of the edge: hand an HTTP connection that asked for an upgrade to trio-websocket.
 
-Strategy (STYLE rule 6, choice (b)): h11 parses every request first. When `http.py` decides a request
-is a WebSocket upgrade, the connection stops using h11 and the bytes h11 already consumed for this
-request (its head plus anything the client sent after it) are put back in front of the socket by a
-`ReplayStream`. `trio_websocket.wrap_server_stream` then reads the handshake from that stream as if
-it were fresh, so trio-websocket owns the connection from the first byte: its single reader task,
-its locked `_send` (the one writer of the socket from then on), automatic pongs, the bounded
-message queue and `max_message_size`. We chose this over (a), wsproto's post-handshake
-`Connection(..., trailing_data=...)`, because trio-websocket only accepts a `WSConnection` that
-performs the handshake itself; (a) would mean reaching into its private state. One consequence:
-wsproto's server handshake drops bytes that arrive together with the handshake (before our 101),
-which only a client violating RFC 6455 section 4.1 sends; the replay loses nothing else, and the
-first client frame after the 101 reaches the handler.
+Strategy (STYLE rule 6, choice (b)): h11 parses every request first. When the edge
+(`_http_connection.py`) decides a request is a WebSocket upgrade (and `handshake_problem` finds none),
+the connection stops using h11 and the bytes h11 already consumed for this request (its head plus
+anything the client sent after it) are put back in front of the socket by a `ReplayStream`.
+`trio_websocket.wrap_server_stream` then reads the handshake from that stream as if it were fresh, so
+trio-websocket owns the connection from the first byte: its single reader task, its locked `_send` (the
+one writer of the socket from then on), automatic pongs, the bounded message queue and
+`max_message_size`. We chose this over (a), wsproto's post-handshake `Connection(...,
+trailing_data=...)`, because trio-websocket only accepts a `WSConnection` that performs the handshake
+itself; (a) would mean reaching into its private state. One consequence: wsproto's server handshake
+drops bytes that arrive together with the handshake (before our 101), which only a client violating RFC
+6455 section 4.1 sends; the replay loses nothing else, and the first client frame after the 101 reaches
+the handler.
 
 The application decides the handshake: the WebSocket handler receives a `WebSocketUpgrade` and calls
 `accept()` (which returns the `trio_websocket.WebSocketConnection`) or `reject(status, body)`;
@@ -24,13 +25,17 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import trio
 import trio_websocket
 
 from . import errors
 
-__all__ = ["ReplayStream", "WebSocketUpgrade", "run_upgrade"]
+if TYPE_CHECKING:
+    from ._http_types import Request
+
+__all__ = ["ReplayStream", "WebSocketUpgrade", "handshake_problem", "run_upgrade"]
 
 log = logging.getLogger("qserve.http")
 
@@ -123,6 +128,22 @@ class WebSocketUpgrade:
         if self.state != "pending":
             raise RuntimeError(f"WebSocket handshake already {self.state}")
         self.state = state
+
+
+def handshake_problem(request: Request, http_version: bytes) -> errors.QServeError | None:
+    """Why an upgrade request cannot be handed to wsproto (which would otherwise fail it silently),
+    or None. ``http_version`` is the request's, as h11 parsed it (``b"1.1"``)."""
+    if http_version != b"1.1":
+        return errors.BadRequest("WebSocket upgrade needs HTTP/1.1")
+    if (request.header("upgrade") or "").strip().lower() != "websocket":
+        return errors.BadRequest("bad Upgrade header")
+    if request.header("sec-websocket-version") != "13":
+        return errors.BadRequest("unsupported WebSocket version", headers=[("Sec-WebSocket-Version", "13")])
+    if not request.header("sec-websocket-key") or request.header("host") is None:
+        return errors.BadRequest("missing Sec-WebSocket-Key or Host header")
+    if request.header("transfer-encoding") or (request.header("content-length") or "0") != "0":
+        return errors.BadRequest("a WebSocket upgrade request has no body")
+    return None
 
 
 def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

@@ -33,13 +33,15 @@ SMALL = HTTPConfig(max_header_bytes=4096, max_body_bytes=1000, keepalive_timeout
 
 
 class MemoryListener(trio.abc.Listener):
-    """A listener whose connections are `memory_stream_pair`s (deterministic under autojump_clock)."""
+    """A listener whose connections are `memory_stream_pair`s (deterministic under autojump_clock);
+    ``pair=trio.testing.lockstep_stream_pair`` gives connections whose writes block until read."""
 
-    def __init__(self) -> None:
+    def __init__(self, pair=trio.testing.memory_stream_pair) -> None:
         self._send, self._receive = trio.open_memory_channel(0)
+        self._pair = pair
 
     async def connect(self) -> trio.abc.Stream:
-        client, server = trio.testing.memory_stream_pair()
+        client, server = self._pair()
         await self._send.send(server)
         return client
 
@@ -161,8 +163,8 @@ async def tcp_server(app, ws_handler=None, config=SMALL, **kwargs):
 
 
 @asynccontextmanager
-async def memory_server(app, ws_handler=None, config=SMALL):
-    server, listener = HTTPServer(app, ws_handler, config), MemoryListener()
+async def memory_server(app, ws_handler=None, config=SMALL, listener=None):
+    server, listener = HTTPServer(app, ws_handler, config), listener or MemoryListener()
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, [listener])
         yield server, listener
@@ -215,6 +217,68 @@ async def test_keepalive_content_length_and_204():
             assert head.status_code == 200 and body == b"GET /after [] "
             assert server.statistics()["requests_served"] == 7
             assert server.statistics()["connections_open"] == 1
+
+
+async def test_head_gets_the_head_only_and_the_connection_goes_on(caplog):
+    with trio.fail_after(LIMIT):
+        finished = []
+        streaming = streaming_app([b"x"], finished)
+
+        async def app(request: Request) -> Response:
+            if request.path == "/stream":
+                return await streaming(request)
+            return Response(405, b"not here\n", [("Allow", "GET")])
+
+        async with tcp_server(app) as (_, port):
+            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            with caplog.at_level(logging.ERROR, logger="qserve.http"):
+                head, body = await client.request("HEAD", "/q")
+                assert head.status_code == 405 and body == b"" and hdr(head, b"content-length") == b"9"
+                head, body = await client.request("HEAD", "/stream")
+                assert head.status_code == 200 and body == b"" and finished == []  # the stream is not run
+                head, body = await client.request("GET", "/q")
+                assert head.status_code == 405 and body == b"not here\n"
+            assert caplog.records == []
+
+
+class CountingStream(trio.abc.HalfCloseableStream):
+    """A server-side stream that counts its writes (wraps a memory stream)."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, writes: list[bytes]) -> None:
+        self._stream, self._writes = stream, writes
+
+    async def send_all(self, data) -> None:
+        self._writes.append(bytes(data))
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def test_one_write_per_response():
+    with trio.fail_after(LIMIT):
+        writes: list[bytes] = []
+
+        def pair():
+            client, server = trio.testing.memory_stream_pair()
+            return client, CountingStream(server, writes)
+
+        async with memory_server(App(), listener=MemoryListener(pair)) as (_, listener):
+            client = Client(await listener.connect())
+            for target in ("/a", "/empty", "/b"):
+                await client.request("POST", target, b"data")
+        assert len(writes) == 3  # head, body and end of each response in one send_all
+        assert writes[0].startswith(b"HTTP/1.1 200 ") and writes[0].endswith(b"POST /a [] data")
+        assert writes[1].startswith(b"HTTP/1.1 204 ") and writes[1].endswith(b"\r\n\r\n")
 
 
 async def test_handler_errors_rendered_by_errors_module(caplog):
@@ -393,6 +457,52 @@ async def test_idle_keepalive_closes_quietly(autojump_clock):
             assert server.statistics()["errors_by_status"] == {}
 
 
+async def test_handler_and_keepalive_are_not_bounded_by_request_timeout(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        async def slow(request: Request) -> Response:
+            await trio.sleep(2 * SMALL.request_timeout)  # the request deadline is lifted for the handler
+            return Response(200, b"done")
+
+        async with memory_server(slow) as (server, listener):
+            client = Client(await listener.connect())
+            for _ in range(2):
+                start = trio.current_time()
+                head, body = await client.request("GET", "/")
+                assert (head.status_code, body) == (200, b"done")
+                assert trio.current_time() - start == pytest.approx(2 * SMALL.request_timeout)
+                await trio.sleep(SMALL.keepalive_timeout - 1)  # idle, but within keep-alive
+            start = trio.current_time()
+            assert await client.stream.receive_some(100) == b""  # keep-alive counted from the last response
+            assert trio.current_time() - start == pytest.approx(1)
+            assert server.statistics()["errors_by_status"] == {}
+
+
+async def test_partial_pipelined_request_is_bounded_by_request_timeout(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        async with memory_server(App()) as (_, listener):
+            stream = await listener.connect()
+            start = trio.current_time()
+            await stream.send_all(b"GET /one HTTP/1.1\r\nHost: t\r\n\r\nGET /two HTTP/1.1\r\n")
+            responses = parse_responses(await read_to_eof(stream))
+            assert [r[0] for r in responses] == [200, 408]
+            assert SMALL.request_timeout <= trio.current_time() - start < SMALL.keepalive_timeout
+
+
+async def test_stalled_write_closes_the_connection(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        async def big(request: Request) -> Response:
+            return Response(200, b"b" * 100_000)
+
+        listener = MemoryListener(trio.testing.lockstep_stream_pair)  # a write waits for the reader
+        async with memory_server(big, listener=listener) as (server, listener):
+            stream = await listener.connect()
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            start = trio.current_time()  # the client never reads: the response write stalls
+            while server.statistics()["connections_open"]:
+                await trio.sleep(0.25)
+            assert SMALL.request_timeout <= trio.current_time() - start <= SMALL.request_timeout + 0.25
+
+
 async def test_shutdown_drains_in_flight_then_serve_returns(autojump_clock):
     with trio.fail_after(LIMIT * 10):
         server, listener = HTTPServer(App(), None, SMALL), MemoryListener()
@@ -417,6 +527,21 @@ async def test_shutdown_drains_in_flight_then_serve_returns(autojump_clock):
         assert trio.current_time() - start == pytest.approx(0.5)
         with pytest.raises(trio.BrokenResourceError):  # no longer accepting
             await listener.connect()
+
+
+async def test_request_arriving_as_shutdown_begins_is_served(autojump_clock):
+    with trio.fail_after(LIMIT * 10):
+        async with memory_server(App()) as (server, listener):
+            client = Client(await listener.connect())
+            assert (await client.request("GET", "/first"))[0].status_code == 200
+            await trio.testing.wait_all_tasks_blocked()  # the connection is idle
+            client.conn.start_next_cycle()
+            await client.send(h11.Request(method="GET", target="/second", headers=[("Host", "t")]),
+                              h11.EndOfMessage())
+            server.shutdown()  # the server has the bytes but has not run since: shutdown races with them
+            head, body = await client.response()
+            assert (head.status_code, body) == (200, b"GET /second [] ")
+            assert hdr(head, b"connection") == b"close"
 
 
 async def test_shutdown_grace_cancels_stragglers(autojump_clock):
