@@ -44,6 +44,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--queues", help="comma-separated services to serve (default: any, created on first use)")
     p.add_argument("--root-service", help="also serve this service at / and /sink")
     p.add_argument("--max-connections", type=int, help="open connections before new ones get 503")
+    p.add_argument("--max-header-bytes", type=int, help="largest request head before a 431 (default 16384)")
     p.add_argument("--request-timeout", type=float,
                    help="seconds a started request may take to arrive in full before a 408 (default 30)")
     p.add_argument("--keepalive-timeout", type=float, help="seconds an idle connection is kept (default 60)")
