@@ -101,7 +101,7 @@ class App:
         tags["ts@sink" if queue.ref.sink else "ts@source"] = str(_now_ms())
         entry = queue.log.append(op.data, tags, op.priority)
         mark = queue.write_mark()
-        queue.changed.fire()
+        queue.notify(entry)
         await queue.wait_durable(mark)
         return Response(200, str(entry.index).encode(),
                         [*TEXT, ("X-Eas-Queueservice-Request-Id", request_id)])
@@ -158,13 +158,13 @@ class App:
     async def commit(self, queue: Queue, op: ev.Commit) -> Response:
         queue.log.delete(op.indexes)
         queue.dispatcher.commit(op.indexes)
-        queue.changed.fire()  # window slots freed
+        queue.notify()  # window slots freed
         await queue.wait_durable()
         return OK
 
     async def negative(self, queue: Queue, op: ev.Negative) -> Response:
         queue.dispatcher.negative(op.indexes, op.code, op.reason)
-        queue.changed.fire()
+        queue.notify()
         return OK
 
     async def truncate(self, queue: Queue, op: ev.Truncate) -> Response:
@@ -181,7 +181,7 @@ class App:
                 pending |= queue.dispatcher.pending_of(cid)
             undelivered = [i for i, _ in queue.log.iter_dispatch(0) if i not in pending]
             _forget(queue, queue.log.delete(undelivered))
-        queue.changed.fire()
+        queue.notify()
         await queue.wait_durable()
         return OK
 
@@ -213,7 +213,7 @@ def _forget(queue: Queue, removed) -> None:
     """Entries left the queue: drop them from the groups and wake watchers whose slots freed."""
     if removed:
         queue.dispatcher.removed(removed)
-        queue.changed.fire()
+        queue.notify()
 
 
 def attributes_of(queue: Queue, config: Config) -> dict[str, str]:

@@ -76,13 +76,21 @@ class Queue:
         self.log = qlog
         self.config = config
         self.dispatcher = Dispatcher(LogSource(qlog), now=trio.current_time)
-        self.changed = Signal()          # fired when entries may have become available
+        self.changed = Signal()          # fired when entries may have become available (long-polls)
+        self.watch_hook = None           # watch.WatchService.wake: (queue, new entry or None) -> None
         self._durable = Signal()         # fired after each fsync round
         self._flush_wanted = trio.Event()
         # epoch = the log's rollback count; epoch -> highest durable_seq seen during that epoch
         self._durable_in: dict[int, int] = {}
         self._epoch = qlog.statistics()["rollbacks"]
         self.closed = False
+
+    def notify(self, entry: storage.Entry | None = None) -> None:
+        """Something changed: wake long-polling gets, and the watchers that may now get an entry
+        (`entry` is the one new entry of a put; None means anything may have changed)."""
+        self.changed.fire()
+        if self.watch_hook is not None:
+            self.watch_hook(self, entry)
 
     @property
     def ended(self) -> bool:
@@ -102,7 +110,7 @@ class Queue:
         durable = self.log.durable_seq
         if epoch != self._epoch:   # entries whose delete was rolled back are deliverable again
             self._epoch = epoch
-            self.changed.fire()
+            self.notify()
         if self._durable_in.get(epoch, -1) < durable:
             self._durable_in[epoch] = durable
             while len(self._durable_in) > _EPOCHS_KEPT:
@@ -185,7 +193,7 @@ class Queue:
             self.closed = True
             self.log.close()
             self._durable.fire()
-            self.changed.fire()
+            self.notify()
 
 
 def queue_dir(data_dir: Path, ref: QueueRef) -> Path:

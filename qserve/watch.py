@@ -3,8 +3,12 @@
 Strategy: the group logic (who gets which entry, windows, redelivery) is `groups.Dispatcher`,
 sans-I/O. This module is the thin trio edge around it: one `Session` per watching connection
 attaches a consumer, then loops *poll -> read entries -> (auto-commit: delete, wait until the
-delete is durable) -> send frames*, and sleeps on the queue's `changed` signal when the
-dispatcher has nothing for it. A reader task drains client frames (trio-websocket answers pings)
+delete is durable) -> send frames*, and sleeps on its own wake event when the dispatcher has
+nothing for it. `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
+eligible consumer per group (free slots, start and tag filter match; round robin), any other
+change wakes every consumer with free slots; a consumer with a full window is never woken, and a
+sleeping session polls anyway every `WAKE_FALLBACK` seconds, which bounds the cost of any missed
+wake-up. A reader task drains client frames (trio-websocket answers pings)
 and notices the disconnect; a keep-alive task pings a silent client and drops it when no pong
 comes. Whatever ends a session (disconnect, replacement by the same consumer id, shutdown),
 `detach` gives its uncommitted entries back to its group at once.
@@ -34,6 +38,7 @@ log = logging.getLogger("qserve")
 
 KEEPALIVE_INTERVAL = 20.0   # seconds of client silence before the server pings
 KEEPALIVE_TIMEOUT = 20.0    # seconds to wait for the pong before dropping the consumer
+WAKE_FALLBACK = 1.0         # a sleeping session polls at least this often
 
 
 class Session:
@@ -46,6 +51,18 @@ class Session:
                                  auto_commit=op.auto_commit, start=op.start, tags=op.tags)
         self.cancel_scope = trio.CancelScope()
         self.frames_sent = 0
+        self._wake = trio.Event()
+        self._tags = dict(op.tags)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def accepts(self, entry) -> bool:
+        """Could this consumer take `entry` (start position and tag filter)?"""
+        if 0 < self.op.start and entry.index < self.op.start:
+            return False
+        tags = entry.tags
+        return all(tags.get(k) == v for k, v in self._tags.items())
 
     @property
     def consumer_id(self) -> str:
@@ -60,9 +77,11 @@ class Session:
         """Deliver entries forever through `send(frame_bytes)`."""
         queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
         while True:
+            self._wake = trio.Event()        # a wake-up from here on is not lost
             indexes = dispatcher.poll(cid)
             if not indexes:
-                await queue.changed.wait()
+                with trio.move_on_after(WAKE_FALLBACK):
+                    await self._wake.wait()
                 continue
             entries = []
             gone = []
@@ -81,7 +100,7 @@ class Session:
                 self.frames_sent += 1
             if self.op.auto_commit:
                 dispatcher.sent(cid, indexes)
-                queue.changed.fire()
+                queue.notify()
 
 
 class WatchService:
@@ -91,9 +110,32 @@ class WatchService:
         self.app = app
         self.queues = queues
         self._sessions: dict[tuple[object, str], Session] = {}
+        self._by_queue: dict[object, dict[str, Session]] = {}   # queue ref -> consumer id -> session
+        self._turn = 0                                           # round robin among a group's members
 
     def statistics(self) -> dict:
         return {"sessions": len(self._sessions)}
+
+    def wake(self, queue: Queue, entry) -> None:
+        """`Queue.watch_hook`: wake the sessions a change concerns (see the module docstring)."""
+        sessions = self._by_queue.get(queue.ref)
+        if not sessions:
+            return
+        free = queue.dispatcher.wants()
+        if entry is None:
+            for cid in free:
+                session = sessions.get(cid)
+                if session is not None:
+                    session.wake()
+            return
+        by_group: dict[str, list[Session]] = {}
+        for cid in free:
+            session = sessions.get(cid)
+            if session is not None and session.accepts(entry):
+                by_group.setdefault(session.spec.group, []).append(session)
+        self._turn += 1
+        for members in by_group.values():
+            members[self._turn % len(members)].wake()
 
     def _open(self, queue: Queue, op: ev.Watch) -> Session:
         session = Session(queue, op)
@@ -102,8 +144,10 @@ class WatchService:
         if old is not None:  # the same consumer reconnected: the stale socket goes
             old.cancel_scope.cancel()
         self._sessions[key] = session
+        self._by_queue.setdefault(queue.ref, {})[session.consumer_id] = session
+        queue.watch_hook = self.wake
         queue.dispatcher.attach(session.spec)
-        queue.changed.fire()
+        queue.notify()
         log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name)
         return session
 
@@ -111,8 +155,12 @@ class WatchService:
         key = (session.op.queue, session.consumer_id)
         if self._sessions.get(key) is session:
             del self._sessions[key]
+            members = self._by_queue[session.op.queue]
+            del members[session.consumer_id]
+            if not members:
+                del self._by_queue[session.op.queue]
             session.queue.dispatcher.detach(session.consumer_id)
-            session.queue.changed.fire()
+            session.queue.notify()
             log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name)
 
     # -- WebSocket ---------------------------------------------------------------------------
