@@ -230,3 +230,30 @@ async def test_http_streaming_watch_sends_length_delimited_frames(tmp_path, auto
             with trio.fail_after(5):
                 while (await c.attrs())["stream.length"] != "0":
                     await trio.sleep(0.1)
+
+
+async def test_a_put_wakes_one_member_per_group_at_once(tmp_path, autojump_clock):
+    with trio.fail_after(60):
+        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+            c = await srv.client("w")
+            members = [await srv.watch(nursery, "w", "_window_=1", user=f"m{i}") for i in range(8)]
+            other = await srv.watch(nursery, "w", "_window_=1&kind=x", user="o", group="g2")
+            await trio.testing.wait_all_tasks_blocked()
+            got = []
+
+            async def receive(ws):
+                got.append(await next_frame(ws, timeout=30))
+
+            t0 = trio.current_time()
+            async with trio.open_nursery() as inner:
+                for ws in members:
+                    inner.start_soon(receive, ws)
+                for i in range(8):
+                    await c.call("POST", "kind=x", f"d{i}".encode())
+                with trio.fail_after(0.5):     # well before the sessions' fallback poll (1 s)
+                    while len(got) < 8:
+                        await trio.sleep(0.01)
+            assert sorted(f.data for f in got) == [f"d{i}".encode() for i in range(8)]
+            assert trio.current_time() - t0 < 0.5
+            assert (await next_frame(other)).data == b"d0"      # the other group gets its own copy
+            nursery.cancel_scope.cancel()
