@@ -940,7 +940,10 @@ async def ws_example(tmp_path, script) -> None:
                     await trio.aclose_forcefully(w.stream)
                 else:
                     await w.read_until_closed()
-                    assert w.close_code in CLOSED_AS.get(code, {code}), (name, w.close_code)
+                    allowed = CLOSED_AS.get(code, {code})
+                    if code == 1000 and auto_commit:
+                        allowed = {1000, 1006}   # see test_a_client_close_is_echoed_while_frames_flow
+                    assert w.close_code in allowed, (name, w.close_code)
             got = {f.index for f in w.frames}
             assert len(w.frames) == len(got), "a frame was sent twice"
             # the entries the broken watcher held come back to the group: a second consumer gets them
@@ -992,6 +995,23 @@ async def test_a_malformed_frame_is_answered_with_a_1002_close_frame(tmp_path):
                 await w.read_until_closed()
                 await trio.aclose_forcefully(w.stream)
                 assert w.close_code == 1002, (name, w.close_code)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "websocket.run_upgrade cancels trio-websocket's reader as soon as the handler returns; when the "
+    "pump's send_message raised ConnectionClosed first (close reason set before the echo is sent), "
+    "the reader is cancelled before it echoes the client's close frame: the client reads 1006"))
+async def test_a_client_close_is_echoed_while_frames_flow(tmp_path):
+    with trio.fail_after(30):
+        async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv:
+            c = await srv.client("ws")
+            for _ in range(8):
+                await c.call("POST", "", b"e")
+            w = await RawWatcher.connect(srv.listener, "ws", "_window_=4&_auto_commit_=true", "u")
+            await w.wait_frames(4)
+            await w.send_raw(ws_frame(0x8, struct.pack("!H", 1000)))
+            await w.read_until_closed()
+            assert w.close_code == 1000
 
 
 async def test_websocket_ping_flood_is_answered_and_the_watch_still_works(tmp_path):
