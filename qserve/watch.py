@@ -39,6 +39,23 @@ log = logging.getLogger("qserve")
 KEEPALIVE_INTERVAL = 20.0   # seconds of client silence before the server pings
 KEEPALIVE_TIMEOUT = 20.0    # seconds to wait for the pong before dropping the consumer
 WAKE_FALLBACK = 1.0         # a sleeping session polls at least this often
+CLOSE_GRACE = 2.0           # bound on finishing a WebSocket closing handshake
+
+
+def _sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error of a session's task group that is not a cancellation."""
+    for exc in _leaves(group):
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 class Session:
@@ -173,13 +190,19 @@ class WatchService:
         try:
             with session.cancel_scope:
                 ws = await upgrade.accept()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_until_closed, ws, nursery.cancel_scope)
-                    nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
-                    try:
-                        await session.pump(ws.send_message)
-                    except trio_websocket.ConnectionClosed:
-                        nursery.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._read_until_closed, ws, nursery.cancel_scope)
+                        nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                        try:
+                            await session.pump(ws.send_message)
+                        except trio_websocket.ConnectionClosed:
+                            # the reader ends the nursery once trio-websocket has finished the
+                            # closing handshake (echoed the client's close); bounded here
+                            nursery.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+                except BaseExceptionGroup as group:
+                    # one session, one cause: the edge maps a plain error to its close code
+                    raise _sole_error(group) from None
         finally:
             self._close(session)
 

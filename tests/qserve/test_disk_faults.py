@@ -370,9 +370,6 @@ async def test_auto_commit_watch_sends_nothing_whose_delete_failed_to_become_dur
     qlog.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "watch.py: the Unavailable raised by wait_durable inside WatchService.websocket's nursery reaches "
-    "websocket._run_handler wrapped in an ExceptionGroup, which translate() maps to 1011"))
 async def test_auto_commit_watch_close_code_is_1013_for_a_storage_failure(tmp_path):
     """errors.Unavailable maps to close code 1013 (try again later), not 1011 (internal error)."""
     io = SwitchIO()

@@ -941,8 +941,6 @@ async def ws_example(tmp_path, script) -> None:
                 else:
                     await w.read_until_closed()
                     allowed = CLOSED_AS.get(code, {code})
-                    if code == 1000 and auto_commit:
-                        allowed = {1000, 1006}   # see test_a_client_close_is_echoed_while_frames_flow
                     assert w.close_code in allowed, (name, w.close_code)
             got = {f.index for f in w.frames}
             assert len(w.frames) == len(got), "a frame was sent twice"
@@ -997,10 +995,6 @@ async def test_a_malformed_frame_is_answered_with_a_1002_close_frame(tmp_path):
                 assert w.close_code == 1002, (name, w.close_code)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "websocket.run_upgrade cancels trio-websocket's reader as soon as the handler returns; when the "
-    "pump's send_message raised ConnectionClosed first (close reason set before the echo is sent), "
-    "the reader is cancelled before it echoes the client's close frame: the client reads 1006"))
 async def test_a_client_close_is_echoed_while_frames_flow(tmp_path):
     with trio.fail_after(30):
         async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv:
