@@ -43,6 +43,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--segment-bytes", type=int, help="size at which a new segment file starts")
     p.add_argument("--queues", help="comma-separated services to serve (default: any, created on first use)")
     p.add_argument("--root-service", help="also serve this service at / and /sink")
+    p.add_argument("--max-queues", type=int, help="queues the server opens at most (default 1024; more get 507)")
     p.add_argument("--max-connections", type=int, help="open connections before new ones get 503")
     p.add_argument("--max-header-bytes", type=int, help="largest request head before a 431 (default 16384)")
     p.add_argument("--request-timeout", type=float,

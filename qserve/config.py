@@ -41,6 +41,7 @@ class Config:
     max_length: int = 1_000_000                    # stream.approxMaxLength; a put beyond it gets 429
     segment_bytes: int = 64 * 1024 * 1024
     queues: tuple[str, ...] = ()                   # declared services; empty = created on first use
+    max_queues: int = 1024                         # open queues (input and sink count apart); more -> 507
     root_service: str | None = None                # also serve this service at / and /sink
     max_connections: int = 2048
     max_header_bytes: int = 16 * 1024
@@ -58,7 +59,8 @@ class Config:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: out of range: {self.port}")
         for name in ("max_payload_bytes", "max_length", "segment_bytes", "max_connections",
-                     "max_header_bytes", "max_get_length", "max_watch_window", "worker_concurrency"):
+                     "max_header_bytes", "max_get_length", "max_watch_window", "worker_concurrency",
+                     "max_queues"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         for name in ("fsync_interval", "keepalive_timeout", "request_timeout"):

@@ -246,10 +246,14 @@ class QueueManager:
         if pending is not None:
             await pending.wait()
             return await self.get(ref)
+        path = queue_dir(self.config.data_dir, ref)
+        created = not path.exists()
+        if created and len(self._queues) + len(self._opening) >= self.config.max_queues:
+            # a bound on directories, open files and memory; queues already on disk always open
+            raise InsufficientStorage(
+                f"cannot create queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
         self._opening[ref] = done = trio.Event()
         try:
-            path = queue_dir(self.config.data_dir, ref)
-            created = not path.exists()
             if created:  # nothing to recover: opening is a few small file operations
                 qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
             else:        # recovery scans the segments: keep the event loop free meanwhile

@@ -236,3 +236,21 @@ def test_racing_auto_delete_gets_return_each_entry_once(raw, server):
     for t in threads:
         t.join(30)
     assert sorted(seen, key=int) == [str(i).encode() for i in range(n)]
+
+
+async def test_queue_count_is_bounded(tmp_path):
+    import trio
+
+    from .inproc import running_server
+
+    with trio.fail_after(30):
+        async with running_server(tmp_path, max_queues=3) as srv:
+            a = await srv.client("a")
+            assert (await a.call("POST", "", b"x"))[0] == 200          # queue 1: a
+            assert (await a.call("POST", "", b"x", sink=True))[0] == 200  # queue 2: a/sink
+            b = await srv.client("b")
+            assert (await b.call("POST", "", b"x"))[0] == 200          # queue 3
+            c = await srv.client("c")
+            status, body = await c.call("POST", "", b"x")
+            assert status == 507 and b"limit of 3 queues" in body
+            assert (await a.call("POST", "", b"y"))[0] == 200          # existing queues keep working
