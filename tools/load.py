@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=int, default=1000, help="keep-alive connections (default 1000)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between requests per connection (default 1)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between requests per connection (default 5)")
     p.add_argument("--watchers", type=int, default=100, help="WebSocket watchers (default 100)")
     p.add_argument("--window", type=int, default=10, help="watch window (default 10)")
     p.add_argument("--commit", choices=("manual", "auto"), default="manual", help="watchers' commit mode")
