@@ -170,6 +170,21 @@ class _Scan:
             rec.expected = r.segments
 
     # -- one segment -------------------------------------------------------------------------------
+
+    def _settle_fast_rows(self, seg, ix, rec, mark: int, fmin: int, last_main: int) -> int:
+        """Account the rows the fast path appended since ``mark`` (live counts and bytes) and carry
+        ``last_main`` into the next index; returns the segment's lowest new index so far."""
+        idx = ix.idx
+        if len(idx) > mark:
+            fmin = fmin or idx[mark]
+            added = len(idx) - mark
+            seg.live_bytes += sum(ix.size[mark:])
+            seg.live_count += added
+            ix.live += added
+        self.last_main = last_main
+        if last_main >= rec.next_index:
+            rec.next_index = last_main + 1
+        return fmin
     def scan_segment(self, seg: Segment, buf: bytes, is_last: bool, trusted: bool):
         """Apply every record of ``seg``. ``trusted``: the whole file matched its seal, so per-record
         crc32 is skipped. Returns None, or ``(content, torn_only)`` when the file must be cut (torn
@@ -192,7 +207,7 @@ class _Scan:
         first = True
         prefix = b""
         repaired = False
-        idx, size_col = ix.idx, ix.size
+        idx = ix.idx
         mark = len(idx)                    # rows added by the fast path since ``mark`` not yet counted
         fmin = 0
         while off < n:
@@ -256,30 +271,14 @@ class _Scan:
                 seg.header_size = end - off
             first = False
             # count the fast path's rows before the slow path touches shared state
-            if len(idx) > mark:
-                fmin = fmin or idx[mark]
-                added = len(idx) - mark
-                seg.live_bytes += sum(size_col[mark:])
-                seg.live_count += added
-                ix.live += added
-            self.last_main = last_main
-            if last_main >= rec.next_index:
-                rec.next_index = last_main + 1
+            fmin = self._settle_fast_rows(seg, ix, rec, mark, fmin, last_main)
             self.apply(seg, sidbits | (off - shift), end - off, r)
             last_main = self.last_main = max(self.last_main, idx[-1] if idx else 0)
             watermark = rec.watermark
             mark = len(idx)
             off = end
         keep.append((span_start, n))
-        if len(idx) > mark:
-            fmin = fmin or idx[mark]
-            added = len(idx) - mark
-            seg.live_bytes += sum(size_col[mark:])
-            seg.live_count += added
-            ix.live += added
-        self.last_main = last_main
-        if last_main >= rec.next_index:
-            rec.next_index = last_main + 1
+        fmin = self._settle_fast_rows(seg, ix, rec, mark, fmin, last_main)
         if fmin:
             if not seg.min_index or fmin < seg.min_index:
                 seg.min_index = fmin
