@@ -254,3 +254,22 @@ async def test_queue_count_is_bounded(tmp_path):
             status, body = await c.call("POST", "", b"x")
             assert status == 507 and b"limit of 3 queues" in body
             assert (await a.call("POST", "", b"y"))[0] == 200          # existing queues keep working
+
+
+async def test_full_queue_is_429_with_retry_after_and_stores_nothing(tmp_path):
+    import trio
+
+    from .inproc import running_server
+
+    with trio.fail_after(30):
+        async with running_server(tmp_path, max_length=2) as srv:
+            c = await srv.client("full")
+            assert [(await c.call("POST", "", b"x"))[0] for _ in range(2)] == [200, 200]
+            head, body = await c.request("POST", "/api/predict/full", b"x", [("Authorization", "tok")])
+            assert head.status_code == 429 and dict(head.headers)[b"retry-after"] == b"1"
+            assert body.count(b"\n") == 1
+            attrs = await c.attrs()
+            assert (attrs["stream.length"], attrs["stream.lastEntry"], attrs["stream.approxMaxLength"]) == ("2", "2", "2")
+            assert (await c.call("DELETE", "_index_=1"))[0] == 200
+            status, body = await c.call("POST", "", b"y")
+            assert (status, body) == (200, b"3")
