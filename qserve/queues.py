@@ -82,7 +82,7 @@ class Queue:
         self._flush_wanted = trio.Event()
         # epoch = the log's rollback count; epoch -> highest durable_seq seen during that epoch
         self._durable_in: dict[int, int] = {}
-        self._epoch = qlog.statistics()["rollbacks"]
+        self._epoch = qlog.rollbacks
         self.closed = False
 
     def notify(self, entry: storage.Entry | None = None) -> None:
@@ -106,7 +106,7 @@ class Queue:
         all of them. Observations are kept for the last `_EPOCHS_KEPT` epochs; a waiter from an
         older one is failed (the safe answer: a client retry duplicates, nothing is lost).
         """
-        epoch = self.log.statistics()["rollbacks"]
+        epoch = self.log.rollbacks
         durable = self.log.durable_seq
         if epoch != self._epoch:   # entries whose delete was rolled back are deliverable again
             self._epoch = epoch

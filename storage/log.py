@@ -383,6 +383,11 @@ class QueueLog:
     def bytes_on_disk(self) -> int:
         return sum(s.size for s in self._segs)
 
+    @property
+    def rollbacks(self) -> int:
+        """How many times unsynced records were rolled back after a failed fsync (cheap to read)."""
+        return self._counters["rollbacks"]
+
     def statistics(self) -> dict:
         ix = self._index
         return {
