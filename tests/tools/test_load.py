@@ -50,7 +50,7 @@ def check(doc: dict, *, connections: int, watchers: int, loris: int, probe_p99_m
 
 def test_load_scaled_down(tmp_path):
     code, doc, stderr = run_load(
-        tmp_path, "--connections", "200", "--watchers", "20", "--slow-loris", "10", "--rate", "30",
+        tmp_path, "--connections", "200", "--interval", "1", "--watchers", "20", "--slow-loris", "10", "--rate", "30",
         "--request-timeout", "2", "--keepalive-timeout", "3", "--loris-interval", "0.5", "--loris-slack", "2",
         "--seconds", "4", "--drain", "5", "--settle", "0.5", timeout=120)
     check(doc, connections=200, watchers=20, loris=10, probe_p99_ms=500, stderr=stderr)
