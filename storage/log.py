@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
-from .index import DEAD, OFF_MASK, SEG_SHIFT, RidTable, pack_loc, rid_hash
+from .index import DEAD, OFF_MASK, SEG_SHIFT, RidTable, rid_hash
 from .record import (REQUEST_ID, CheckpointRecord, EntryRecord, decode_body, encode_checkpoint,
                      encode_delete, encode_entry, encode_state, encode_truncate)
 from .recovery import RecoveryReport, recover

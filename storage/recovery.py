@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from .errors import CorruptLog
 from .fileio import FileIO
-from .index import DEAD, SEG_SHIFT, EntryIndex, RidTable
-from .record import (ENTRY, FRAMED_ENTRY_HEAD, FRAMED_ENTRY_HEAD_SIZE, HEADER_SIZE, REQUEST_ID,
+from .index import DEAD, SEG_SHIFT, EntryIndex
+from .record import (FRAMED_ENTRY_HEAD, FRAMED_ENTRY_HEAD_SIZE, HEADER_SIZE, REQUEST_ID,
                      CheckpointRecord, DeleteRecord, EntryRecord, StateRecord, TruncateRecord,
                      classify_bad_frame, decode_frame, encode_checkpoint)
 from .segment import Segment, parse_segment_name, segment_name

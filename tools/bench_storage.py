@@ -34,7 +34,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from storage import LogConfig, QueueLog  # noqa: E402
+from storage import QueueLog  # noqa: E402
 
 DATA = os.urandom(100)
 

@@ -19,7 +19,6 @@ import json
 import os
 import threading
 
-import pytest
 import trio
 import trio_websocket
 

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from eas_prediction import QueueClient
 from eas_prediction.exception import PredictException
 
 from .test_sdk import client

@@ -165,6 +165,7 @@ def test_leftover_tmp_and_unlisted_segment(tmp_path):
     assert not (tmp_path / "00000000000000099999.seg.tmp").exists()
     # a segment compaction already dropped (crash before the unlink) is removed unread
     log = QueueLog.open(tmp_path, tiny())
+    assert snapshot(log) == want        # the leftover temp file changed nothing
     log.truncate(15)
     first = segments(tmp_path)[0]
     keep = first.read_bytes()
