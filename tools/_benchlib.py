@@ -1,16 +1,14 @@
-"""Shared helpers of `tools/bench_http.py` and `tools/bench_watch.py` (not a public API).
+"""Shared helpers of `tools/bench_http.py`, `tools/bench_watch.py` and `tools/load.py` (not a public API).
 
 What is here:
 - `ServerProc`: a server under test as a child process (qserve, or the bare baseline of
   bench_http), started on 127.0.0.1 with an ephemeral port found in its log line, optionally pinned
   to one CPU, with its CPU time read from /proc for the "server CPU %" columns.
-- `HTTPConn`: a minimal keep-alive HTTP/1.1 client on a trio socket: hand-built request bytes, and
-  a response parser that is either h11 (``parser="h11"``) or a small strict parser for the
-  responses the benchmarks expect (``parser="fast"``, the default: status line, headers,
-  Content-Length body; anything else - chunked, no length on a non-204 - is an error). The fast
-  parser costs a few microseconds per response, so the client process is not what is measured.
+- `HTTPConn`, `request_bytes`, `auth_headers`, `ProtocolError`: the minimal keep-alive HTTP/1.1
+  client, defined in `tools/_bench_client.py` and re-exported here.
 - `LoadRun`: N connections sending requests back to back for a fixed time (after a warm-up),
   recording the latency of every request completed in the measured window.
+- `CommitBatcher`: a watcher's manual commits, batched (one ``PUT ?_indexes_=`` in flight).
 - statistics (`percentile`, `summary`), output (`progress` on stderr, `table` on stdout), an
   fsync latency probe of the data directory (a durable write cannot be faster than one fsync).
 
@@ -38,9 +36,11 @@ from pathlib import Path
 import h11
 import trio
 
+# re-exported as bl.HTTPConn etc.; the bench scripts put tools/ on sys.path (that is how they import
+# this module too), so the sibling is a top-level module here
+from _bench_client import LOCALHOST, TOKEN, HTTPConn, ProtocolError, auth_headers, request_bytes
+
 REPO = Path(__file__).resolve().parent.parent
-LOCALHOST = "127.0.0.1"
-TOKEN = "bench-token"
 _LISTEN = re.compile(r"listening on http://\[?([0-9a-f.:]+)\]?:(\d+)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -309,127 +309,6 @@ class TempDataDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------- HTTP client
-
-class ProtocolError(Exception):
-    pass
-
-
-def request_bytes(method: str, target: str, port: int, *, body: bytes = b"",
-                  headers: Sequence[tuple[str, str]] = ()) -> bytes:
-    """One HTTP/1.1 request, keep-alive, with Content-Length when there is a body or a PUT/POST."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {LOCALHOST}:{port}"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    if body or method in ("POST", "PUT"):
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def auth_headers(token: str | None = TOKEN, uid: str = "bench", gid: str = "bench") -> list[tuple[str, str]]:
-    """What the official Python SDK sends on every request."""
-    h = [("X-EAS-QueueService-Redis-Uid", uid), ("X-EAS-QueueService-Redis-Gid", gid)]
-    if token is not None:
-        h.insert(0, ("Authorization", token))
-    return h
-
-
-class HTTPConn:
-    """One keep-alive HTTP/1.1 connection; one request at a time (no pipelining, like the SDKs)."""
-
-    def __init__(self, stream: trio.SocketStream, parser: str = "fast") -> None:
-        self.stream = stream
-        self.parser = parser
-        self._buf = bytearray()
-        self._h11 = h11.Connection(h11.CLIENT) if parser == "h11" else None
-
-    @classmethod
-    async def open(cls, port: int, parser: str = "fast") -> "HTTPConn":
-        stream = await trio.open_tcp_stream(LOCALHOST, port)
-        return cls(stream, parser)
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-    async def request(self, raw: bytes) -> tuple[int, bytes, bytes]:
-        """Send prebuilt request bytes; return (status, raw head, body)."""
-        await self.stream.send_all(raw)
-        if self._h11 is not None:
-            return await self._read_h11(raw)
-        return await self._read_fast()
-
-    async def _read_fast(self) -> tuple[int, bytes, bytes]:
-        buf = self._buf
-        receive = self.stream.receive_some
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            data = await receive(65536)
-            if not data:
-                raise ProtocolError("connection closed before the response head")
-            buf += data
-        head = bytes(buf[:end])
-        if not head.startswith(b"HTTP/1.1 "):
-            raise ProtocolError(f"bad status line {head[:40]!r}")
-        status = int(head[9:12])
-        length = 0
-        lower = head.lower()
-        i = lower.find(b"\r\ncontent-length:")
-        if i >= 0:
-            j = lower.find(b"\r\n", i + 2)
-            length = int(lower[i + 17: j if j >= 0 else len(lower)])
-        elif status not in (204, 304) and status >= 200:
-            raise ProtocolError(f"response {status} without Content-Length")
-        if b"\r\ntransfer-encoding:" in lower:
-            raise ProtocolError("chunked response not expected")
-        start = end + 4
-        while len(buf) < start + length:
-            data = await receive(65536)
-            if not data:
-                raise ProtocolError("connection closed mid-body")
-            buf += data
-        body = bytes(buf[start:start + length])
-        del buf[:start + length]
-        if b"\r\nconnection: close" in lower:
-            raise ProtocolError("server closed the keep-alive connection")
-        return status, head, body
-
-    async def _read_h11(self, raw: bytes) -> tuple[int, bytes, bytes]:
-        conn = self._h11
-        if conn.our_state is h11.DONE:
-            conn.start_next_cycle()
-        # h11 must see our request to track the cycle; feed it the events equivalent to `raw`
-        head, _, body = raw.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        method, target, _ = lines[0].split(b" ", 2)
-        headers = [tuple(x.strip() for x in line.split(b":", 1)) for line in lines[1:]]
-        conn.send(h11.Request(method=method, target=target, headers=headers))
-        if body:
-            conn.send(h11.Data(data=body))
-        conn.send(h11.EndOfMessage())
-        status = None
-        rhead = b""
-        chunks = []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(65536)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                rhead = b"\r\n".join(k + b": " + v for k, v in event.headers)
-            elif isinstance(event, h11.Data):
-                chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ProtocolError("connection closed")
-        if conn.their_state is not h11.DONE or conn.our_state is not h11.DONE:
-            raise ProtocolError("connection not reusable")
-        return status, rhead, b"".join(chunks)
-
-
 # ------------------------------------------------------------------------------------ load run
 
 @dataclasses.dataclass
@@ -592,3 +471,53 @@ async def attributes(port: int, service: str, token: str = TOKEN) -> dict:
     if status != 200:
         raise RuntimeError(f"attributes: {status} {body[:80]!r}")
     return json.loads(body)
+
+
+# ------------------------------------------------------------------------------ watch commits
+
+class CommitBatcher:
+    """Manual commits of one watcher: every index received since the last commit was sent goes into
+    the next ``PUT /api/predict/SERVICE?_indexes_=i,j,..``, which is sent as soon as the previous one
+    is answered (one commit in flight). Not thread-safe; one trio task calls `add`, `run` is a task.
+
+    Args:
+        conn: anything with ``await conn.request(raw) -> (status, head, body)`` (an `HTTPConn`).
+        headers: the token and the watcher's Uid / Gid headers.
+        tally: counts ``commits`` (requests) and ``committed`` (indexes), and has ``error(msg)``
+            (called for a non-200 answer).
+        on_commit: called after each answered commit (e.g. to check whether a run is done).
+    """
+
+    def __init__(self, conn, port: int, service: str, headers: Sequence[tuple[str, str]], tally,
+                 on_commit: Callable[[], None] | None = None) -> None:
+        self.conn = conn
+        self.port = port
+        self.target = f"/api/predict/{service}?_indexes_="
+        self.headers = headers
+        self.tally = tally
+        self.on_commit = on_commit
+        self._pending: list[int] = []
+        self._wake = trio.Event()
+
+    def add(self, index: int) -> None:
+        """Queue `index` for the next commit."""
+        self._pending.append(index)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Commit until cancelled. Raises what ``conn.request`` raises."""
+        while True:
+            if not self._pending:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            batch = self._pending[:]
+            self._pending.clear()
+            raw = request_bytes("PUT", self.target + "%2C".join(map(str, batch)), self.port, headers=self.headers)
+            self.tally.commits += 1
+            status, _, body = await self.conn.request(raw)
+            if status != 200:
+                self.tally.error(f"commit: {status} {body[:80]!r}")
+            self.tally.committed += len(batch)
+            if self.on_commit is not None:
+                self.on_commit()

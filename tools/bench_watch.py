@@ -110,37 +110,19 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
                    latency: bool, task_status=trio.TASK_STATUS_IGNORED) -> None:
     uid = f"consumer{n}"
     clock = time.perf_counter_ns
-    pending: list[int] = []
-    wake = trio.Event()
     tally.per_consumer.append(0)
-
-    async def committer(conn: bl.HTTPConn) -> None:
-        nonlocal wake
-        headers = [("Authorization", token), ("X-EAS-QueueService-Uid", uid), ("X-EAS-QueueService-Gid", GROUP)]
-        while True:
-            if not pending:
-                await wake.wait()
-                wake = trio.Event()
-                continue
-            batch = pending[:]
-            pending.clear()
-            raw = bl.request_bytes("PUT", f"/api/predict/{service}?_indexes_=" + "%2C".join(map(str, batch)),
-                                   port, headers=headers)
-            tally.commits += 1
-            status, _, body = await conn.request(raw)
-            if status != 200:
-                tally.error(f"commit: {status} {body[:80]!r}")
-            tally.committed += len(batch)
-            tally.check_done()
+    commit_headers = [("Authorization", token), ("X-EAS-QueueService-Uid", uid), ("X-EAS-QueueService-Gid", GROUP)]
 
     async with trio_websocket.open_websocket_url(ws_url(port, service, window, auto),
                                                  extra_headers=identity(uid, token)) as ws:
         conn = await bl.HTTPConn.open(port) if not auto else None
+        committer = (bl.CommitBatcher(conn, port, service, commit_headers, tally, on_commit=tally.check_done)
+                     if conn is not None else None)
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
-                if conn is not None:
-                    nursery.start_soon(committer, conn)
+                if committer is not None:
+                    nursery.start_soon(committer.run)
                 while True:
                     message = await ws.get_message()
                     t1 = clock()
@@ -158,9 +140,8 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
                             tally.latencies_ns.append(t1 - t0)
                         else:
                             tally.outside += 1
-                    if conn is not None:
-                        pending.append(index)
-                        wake.set()
+                    if committer is not None:
+                        committer.add(index)
                     else:
                         tally.check_done()
         finally:
