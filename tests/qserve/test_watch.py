@@ -257,3 +257,26 @@ async def test_a_put_wakes_one_member_per_group_at_once(tmp_path, autojump_clock
             assert trio.current_time() - t0 < 0.5
             assert (await next_frame(other)).data == b"d0"      # the other group gets its own copy
             nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move(tmp_path, autojump_clock):
+    from qserve.watch import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
+
+    from .test_fuzz import RawWatcher
+
+    with trio.fail_after(300):
+        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+            c = await srv.client("w")
+            await put_n(c, 2)
+            dead = await RawWatcher.connect(srv.listener, "w", "_window_=2", "dead")   # never reads again
+            await trio.testing.wait_all_tasks_blocked()
+            attrs = await c.attrs()
+            assert any("Id: g.dead," in v and "Pending: 2" in v
+                       for k, v in attrs.items() if k.startswith("consumers.list."))
+            t0 = trio.current_time()
+            alive = await srv.watch(nursery, "w", "_window_=2", user="alive")
+            got = [await next_frame(alive, timeout=120) for _ in range(2)]   # once the silent one is dropped
+            assert sorted(f.index for f in got) == [1, 2]
+            assert trio.current_time() - t0 >= KEEPALIVE_INTERVAL
+            assert trio.current_time() - t0 <= KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + 5
+            nursery.cancel_scope.cancel()
