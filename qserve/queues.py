@@ -257,8 +257,7 @@ class QueueManager:
             if created:  # nothing to recover: opening is a few small file operations
                 qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
             else:        # recovery scans the segments: keep the event loop free meanwhile
-                qlog = await trio.to_thread.run_sync(
-                    lambda: storage.QueueLog.open(path, self._log_config, fileio=self._fileio))
+                qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
             queue = Queue(ref, qlog, self.config)
             self._queues[ref] = queue
             self._report_open(queue, created)
@@ -274,6 +273,12 @@ class QueueManager:
         finally:
             del self._opening[ref]
             done.set()
+
+    def _open_and_warm(self, path: Path) -> storage.QueueLog:
+        """Open and recover a queue directory, and build its requestId table (worker thread)."""
+        qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
+        qlog.warm()
+        return qlog
 
     def _report_open(self, queue: Queue, created: bool) -> None:
         rec = queue.log.recovery

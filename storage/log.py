@@ -241,6 +241,11 @@ class QueueLog:
                 rids.insert(h, index)
         return Entry(index, dict(tags), bytes(data), priority, ts)
 
+    def warm(self) -> None:
+        """Build the derived lookup structures now (the requestId table) instead of at the first
+        lookup; a caller that opens the log off its main thread calls this there too."""
+        self._request_ids()
+
     def _request_ids(self) -> RidTable:
         if self._rids is None:
             self._rids = self._index.build_rids()
