@@ -57,7 +57,7 @@ class App:
         self.queues = queues
         self._anon = itertools.count(1)
         self._boot = uuid.uuid4().hex[:8]
-        self.watch = None  # set by the server: qserve.watch.WatchService
+        self.watch = None  # the server sets its qserve.watch.WatchService here
 
     def anonymous_user(self) -> str:
         """A fresh user id for a request that names none: a watch is one request on its own
@@ -78,8 +78,6 @@ class App:
             if isinstance(op, ev.Health):
                 return Response(200, b"OK", list(TEXT))
             if isinstance(op, ev.Watch):
-                if self.watch is None:
-                    raise QServeError("watch is not available")
                 return await self.watch.http_stream(op)
             queue = await self.queues.get(op.queue)
             return await self._HANDLERS[type(op)](self, queue, op)

@@ -7,7 +7,7 @@ wire to operations is tested without a server (h11 `_events.py` is the model).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
     "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Truncate", "Commit", "Negative",
@@ -136,6 +136,3 @@ class Watch(Operation):
 @dataclass(frozen=True, slots=True)
 class Health:
     """The server's own liveness endpoint (`GET /healthz`)."""
-
-    detail: bool = False
-    extra: dict = field(default_factory=dict)

@@ -17,6 +17,7 @@ from .app import App
 from .config import Config
 from .http import HTTPConfig, HTTPServer
 from .queues import QueueManager
+from .watch import WatchService
 
 __all__ = ["Server", "run", "http_config_for"]
 
@@ -57,7 +58,7 @@ class Server:
                 self.queues = QueueManager(config, queue_tasks, fileio=self._fileio)
                 await self.queues.open_declared()
                 self.app = App(config, self.queues)
-                self._attach_watch(queue_tasks)
+                self.app.watch = WatchService(self.app, self.queues)
                 self.http = HTTPServer(self.app.handle, self._ws_handler(), http_config_for(config))
                 async with trio.open_nursery() as front:
                     if self._listeners is None:
@@ -77,15 +78,8 @@ class Server:
                 self.queues.close_all()
                 log.info("stopped; all queues synced and closed")
 
-    def _attach_watch(self, nursery: trio.Nursery) -> None:
-        try:
-            from .watch import WatchService
-        except ImportError:  # the watch service is optional while it is being built
-            return
-        self.app.watch = WatchService(self.app, self.queues, nursery)
-
     def _ws_handler(self):
-        return None if self.app.watch is None else self.app.watch.websocket
+        return self.app.watch.websocket
 
 
 def _host_for_url(host: str) -> str:

@@ -123,7 +123,7 @@ class Session:
 class WatchService:
     """Owns the watch sessions of every queue. Used from the trio thread only."""
 
-    def __init__(self, app, queues, nursery: trio.Nursery) -> None:
+    def __init__(self, app, queues) -> None:
         self.app = app
         self.queues = queues
         self._sessions: dict[tuple[object, str], Session] = {}
