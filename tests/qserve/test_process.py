@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from ..conftest import ServerProcess
 from .test_sdk import client
 
 
@@ -75,3 +78,20 @@ def test_restart_redelivers_uncommitted_and_never_committed(fresh_server, servic
     watcher.close()
     assert sorted(df.index for df in again) == [3, 4, 5, 6]
     assert client(fresh_server, service + "/sink").attributes()["stream.length"] == "0"
+
+
+
+@pytest.mark.parametrize("policy", ["interval", "never"])
+def test_other_fsync_policies_lose_nothing_on_a_process_crash(tmp_path, service, policy):
+    srv = ServerProcess(tmp_path / "data", "--fsync", policy, "--fsync-interval", "60").start()
+    try:
+        q = client(srv, service)
+        acked = [q.put(f"p{i}".encode())[0] for i in range(20)]
+        srv.kill()            # SIGKILL: the page cache survives, only fsync was skipped
+        srv.start()
+        q = client(srv, service)
+        got = q.get(length=100, auto_delete=False, timeout="0s")
+        assert [str(df.index) for df in got] == acked
+        assert any(f"fsync={policy}" in line for line in srv.lines)
+    finally:
+        srv.kill()
