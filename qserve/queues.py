@@ -160,6 +160,8 @@ class Queue:
             self._durable.fire()
 
     async def _sync_round(self) -> None:
+        # let requests that are already runnable append first, so this round covers them too
+        await trio.lowlevel.checkpoint()
         self._observe()
         ticket = self.log.sync_begin()
         failure: BaseException | None = None
