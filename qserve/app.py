@@ -97,12 +97,22 @@ class App:
         request_id = tags.get("requestId") or str(uuid.uuid4())
         tags["requestId"] = request_id
         tags["ts@sink" if queue.ref.sink else "ts@source"] = str(_now_ms())
+        if self.config.trim_oldest and len(op.data) <= self.config.max_payload_bytes:
+            self._trim_for_one_more(queue)
         entry = queue.log.append(op.data, tags, op.priority)
         mark = queue.write_mark()
         queue.notify(entry)
         await queue.wait_durable(mark)
         return Response(200, str(entry.index).encode(),
                         [*TEXT, ("X-Eas-Queueservice-Request-Id", request_id)])
+
+    def _trim_for_one_more(self, queue: Queue) -> None:
+        """`--trim-oldest`: make room for one entry by truncating the oldest (durable with the put)."""
+        qlog = queue.log
+        while qlog.length >= self.config.max_length:
+            below = qlog.first_index + 1
+            qlog.truncate(below)
+            _forget(queue, range(1, below))
 
     def _matching(self, queue: Queue, op: ev.Get, start: int) -> list[storage.Entry]:
         tags = dict(op.tags)

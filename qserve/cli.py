@@ -40,6 +40,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--fsync-interval", type=float, help="seconds between fsyncs with --fsync interval")
     p.add_argument("--max-payload-bytes", type=int, help="largest entry accepted (default 524288)")
     p.add_argument("--max-length", type=int, help="entries a queue holds before puts get 429")
+    p.add_argument("--trim-oldest", action="store_const", const=True,
+                   help="when a queue is full, drop its oldest entries instead of refusing the put")
     p.add_argument("--segment-bytes", type=int, help="size at which a new segment file starts")
     p.add_argument("--queues", help="comma-separated services to serve (default: any, created on first use)")
     p.add_argument("--root-service", help="also serve this service at / and /sink")

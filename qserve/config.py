@@ -39,6 +39,7 @@ class Config:
     fsync_interval: float = 0.2                    # seconds, for fsync=interval
     max_payload_bytes: int = 524288
     max_length: int = 1_000_000                    # stream.approxMaxLength; a put beyond it gets 429
+    trim_oldest: bool = False                      # instead of 429, drop the oldest entries (Redis MAXLEN)
     segment_bytes: int = 64 * 1024 * 1024
     queues: tuple[str, ...] = ()                   # declared services; empty = created on first use
     max_queues: int = 1024                         # open queues (input and sink count apart); more -> 507

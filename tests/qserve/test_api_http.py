@@ -273,3 +273,19 @@ async def test_full_queue_is_429_with_retry_after_and_stores_nothing(tmp_path):
             assert (await c.call("DELETE", "_index_=1"))[0] == 200
             status, body = await c.call("POST", "", b"y")
             assert (status, body) == (200, b"3")
+
+
+async def test_trim_oldest_makes_room_instead_of_429(tmp_path):
+    import trio
+
+    from .inproc import running_server
+
+    with trio.fail_after(30):
+        async with running_server(tmp_path, max_length=2, trim_oldest=True) as srv:
+            c = await srv.client("trim")
+            assert [(await c.call("POST", "", f"d{i}".encode()))[1] for i in range(5)] == \
+                [b"1", b"2", b"3", b"4", b"5"]
+            attrs = await c.attrs()
+            assert (attrs["stream.length"], attrs["stream.firstEntry"], attrs["stream.lastEntry"]) == ("2", "4", "5")
+            status, body = await c.call("GET", "_index_=0&_auto_delete_=false")
+            assert (status, body) == (200, b"d3")
