@@ -4,9 +4,8 @@ stderr when they start, so a test can wait on that line instead of polling."""
 
 from __future__ import annotations
 
-import os
+import socket
 import sys
-import time
 
 import trio
 
@@ -21,14 +20,27 @@ def _announce(tags: dict[str, str]) -> None:
     print(f"HANDLER-STARTED {tags['requestId']}", file=sys.stderr, flush=True)
 
 
-def _wait_for_file(path: str, limit: float) -> bool:
-    """Block this handler thread until `path` exists (at most `limit` seconds)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return True
-        time.sleep(0.02)
-    return False
+def _wait_for_gate(path: str, limit: float) -> bool:
+    """Block this handler thread until the gate at `path` opens (at most `limit` seconds).
+
+    A closed gate is a Unix socket the test listens on; the handler connects and blocks in recv.
+    The test opens the gate by closing its listener: every waiting connection is reset at once,
+    and a later connect finds nobody listening. No polling, no sleeping."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(limit)
+    try:
+        sock.connect(path)
+    except OSError:
+        return True          # nobody listens: the gate is open
+    try:
+        sock.recv(1)
+        return True          # the listener closed (EOF)
+    except TimeoutError:
+        return False
+    except OSError:
+        return True          # the listener closed (reset)
+    finally:
+        sock.close()
 
 
 def dispatch(data: bytes, tags: dict[str, str]):
@@ -45,14 +57,14 @@ def dispatch(data: bytes, tags: dict[str, str]):
         if "lastCode" not in tags:
             raise Retryable("warming up", code="Warmup")
         return {"lastCode": tags["lastCode"], "lastReason": tags.get("lastReason"), "data": data.decode()}
-    if mode == "gate":               # finishes once the test creates the gate file
+    if mode == "gate":               # finishes once the test opens the gate
         _announce(tags)
-        return "released" if _wait_for_file(tags["gate"], 30.0) else "gate never opened"
+        return "released" if _wait_for_gate(tags["gate"], 30.0) else "gate never opened"
     if mode == "stuck":              # never finishes on its first delivery
         if tags.get("lastCode") == "Shutdown":
             return "redone after Shutdown"
         _announce(tags)
-        _wait_for_file(tags["gate"] + ".never", 60.0)
+        _wait_for_gate(tags["gate"] + ".never", 60.0)
         return "stuck handler finished"
     raise KeyError(mode)
 

@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -152,6 +153,7 @@ def test_handler_errors_and_retries(server, service, workers):
 def test_sigterm_drains_and_loses_nothing(server, service, workers, tmp_path):
     q, sink = client(server, service), client(server, service + "/sink")
     gate = str(tmp_path / "gate")
+    gate_listener, never_listener = closed_gate(gate), closed_gate(gate + ".never")
     modes = ["gate", "gate", "stuck", "gate", "gate", "gate"]
     rids = [q.put(f"job {i}".encode(), tags={"mode": m, "gate": gate})[1] for i, m in enumerate(modes)]
     w = workers(server, service, "tests.qserve.handlers:dispatch", "--concurrency", "3", "--drain-seconds", "1.5")
@@ -160,7 +162,7 @@ def test_sigterm_drains_and_loses_nothing(server, service, workers, tmp_path):
 
     w.proc.send_signal(signal.SIGTERM)
     w.wait_line("draining: 3 running")
-    Path(gate).touch()                           # the gated ones finish during the drain
+    gate_listener.close()                        # the gated ones finish during the drain
     assert w.proc.wait(15) == 0
     assert any("cancelling 1 handlers" in line for line in w.lines)
 
@@ -180,6 +182,15 @@ def test_sigterm_drains_and_loses_nothing(server, service, workers, tmp_path):
     assert wait_for(lambda: q.attributes()["stream.length"] == "0")
     assert sink.attributes()["stream.length"] == "6"
     assert w2.stop() == 0
+    never_listener.close()
+
+
+def closed_gate(path: str) -> socket.socket:
+    """A gate for handlers.py's blocking modes: closed while this listener is open."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(16)
+    return listener
 
 
 def test_serve_with_embedded_worker(tmp_path):
