@@ -4,6 +4,7 @@ stderr when they start, so a test can wait on that line instead of polling."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -17,7 +18,9 @@ class Unavailable(Exception):
 
 
 def _announce(tags: dict[str, str]) -> None:
-    print(f"HANDLER-STARTED {tags['requestId']}", file=sys.stderr, flush=True)
+    # one write(2) of a whole line: handler threads print at once, and print() writes the text and
+    # the newline separately, so two announcements could share a line
+    os.write(sys.stderr.fileno(), f"HANDLER-STARTED {tags['requestId']}\n".encode())
 
 
 def _wait_for_gate(path: str, limit: float) -> bool:
