@@ -2,7 +2,8 @@
 
 Strategy: `storage.QueueLog` and `groups.Dispatcher` are synchronous and owned by the event-loop
 thread; this module adds the three things that need trio. (1) Group commit: one flusher task per
-queue fsyncs in a worker thread (`log.sync_begin()` / `ticket.run()` / `log.sync_end()`) while
+queue fsyncs in a worker thread of the manager's `SyncPool` (`log.sync_begin()` / `ticket.run()` /
+`log.sync_end()`) while
 other tasks keep appending, so every write made during one fsync shares the next one; a request
 that must be durable awaits `wait_durable(seq)`. (2) Wake-ups: a `Signal` that long-polling gets
 and watchers wait on, fired on every change that can make an entry deliverable. (3) The registry
@@ -21,6 +22,7 @@ import trio
 
 import storage
 
+from ._syncpool import SyncPool
 from .config import Config
 from .errors import InsufficientStorage, NotFound, Unavailable
 from .events import QueueRef
@@ -71,8 +73,9 @@ class LogSource:
 class Queue:
     """One open queue. Not thread-safe: used from the trio thread only."""
 
-    def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config) -> None:
+    def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None = None) -> None:
         self.ref = ref
+        self._pool = pool
         self.log = qlog
         self.config = config
         self.dispatcher = Dispatcher(LogSource(qlog), now=trio.current_time)
@@ -166,7 +169,10 @@ class Queue:
         ticket = self.log.sync_begin()
         failure: BaseException | None = None
         try:
-            await trio.to_thread.run_sync(ticket.run)
+            if self._pool is not None:
+                await self._pool.run(ticket.run)
+            else:
+                await trio.to_thread.run_sync(ticket.run)
         except OSError as exc:
             failure = exc
         try:
@@ -212,6 +218,8 @@ class QueueManager:
         self._nursery = nursery
         self._queues: dict[QueueRef, Queue] = {}
         self._opening: dict[QueueRef, trio.Event] = {}
+        self._pool = SyncPool()          # the flushers' fsync threads; its reaper starts with the first queue
+        self._pool_started = False
         self._log_config = storage.LogConfig(
             segment_bytes=config.segment_bytes,
             max_payload_bytes=config.max_payload_bytes,
@@ -260,7 +268,10 @@ class QueueManager:
                 qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
             else:        # recovery scans the segments: keep the event loop free meanwhile
                 qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
-            queue = Queue(ref, qlog, self.config)
+            if not self._pool_started:
+                self._pool_started = True
+                await self._nursery.start(self._pool.serve)
+            queue = Queue(ref, qlog, self.config, self._pool)
             self._queues[ref] = queue
             self._report_open(queue, created)
             await self._nursery.start(queue.flusher)
