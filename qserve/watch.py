@@ -91,7 +91,8 @@ class Session:
         return protobuf.encode_frame(entry.index, tags, b"" if self.op.index_only else entry.data)
 
     async def pump(self, send) -> None:
-        """Deliver entries forever through `send(frame_bytes)`."""
+        """Deliver entries forever through ``await send(frames)`` (a list of encoded frames: one
+        poll's worth, at most the window, sent together)."""
         queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
         while True:
             self._wake = trio.Event()        # a wake-up from here on is not lost
@@ -112,9 +113,9 @@ class Session:
                 dispatcher.removed(removed)
                 # the frame goes out only once its delete is durable: it can never come back
                 await queue.wait_durable()
-            for entry in entries:
-                await send(self.frame_for(entry))
-                self.frames_sent += 1
+            if entries:
+                await send([self.frame_for(entry) for entry in entries])
+                self.frames_sent += len(entries)
             if self.op.auto_commit:
                 dispatcher.sent(cid, indexes)
                 queue.notify()
@@ -195,8 +196,9 @@ class WatchService:
                         nursery.start_soon(self._read_until_closed, ws, nursery.cancel_scope)
                         nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
                         try:
-                            await session.pump(ws.send_message)
-                        except trio_websocket.ConnectionClosed:
+                            await session.pump(upgrade.send_messages)
+                        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
+                                trio.ClosedResourceError):
                             # the reader ends the nursery once trio-websocket has finished the
                             # closing handshake (echoed the client's close); bounded here
                             nursery.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
@@ -237,7 +239,7 @@ class WatchService:
             session = self._open(queue, op)
             try:
                 with session.cancel_scope:
-                    await session.pump(lambda frame: send(protobuf.length_delimited(frame)))
+                    await session.pump(lambda frames: send(b"".join(map(protobuf.length_delimited, frames))))
             finally:
                 self._close(session)
 

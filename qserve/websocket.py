@@ -45,8 +45,10 @@ _CLOSE_SECONDS = 2.0  # bound on the closing handshake and on rejecting during c
 class ReplayStream(trio.abc.Stream):
     """A stream that first returns ``prefix``, then whatever the wrapped stream receives.
 
-    Sends, ``wait_send_all_might_not_block`` and ``aclose`` go straight to the wrapped stream.
-    Not task-safe beyond what `trio.abc.Stream` promises (one receiver, one sender at a time).
+    Sends, ``wait_send_all_might_not_block`` and ``aclose`` go straight to the wrapped stream, except
+    between `gather` and `flush`: then ``send_all`` (from any task: trio-websocket's reader sends
+    pongs and close replies) only appends to a buffer, bounded by what the gathering task sends, and
+    does not checkpoint; `flush` writes it all in one ``send_all``. One receiver at a time.
 
     Args:
         stream: the transport, for example a `trio.SocketStream`.
@@ -57,6 +59,8 @@ class ReplayStream(trio.abc.Stream):
         self.transport_stream = stream
         self._prefix = bytearray(prefix)
         self._closed = False
+        self._gathered: list[bytes] | None = None
+        self._send_lock = trio.StrictFIFOLock()   # `flush` writes outside trio-websocket's own lock
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None:
@@ -74,7 +78,24 @@ class ReplayStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
+        if self._gathered is not None:
+            self._gathered.append(bytes(data))
+            return
+        async with self._send_lock:
+            await self.transport_stream.send_all(data)
+
+    def gather(self) -> None:
+        """From now until `flush`, every task's sends are only appended to a buffer, in order."""
+        self._gathered = []
+
+    async def flush(self) -> None:
+        """Stop gathering and write what was gathered, in the order it was sent, in one ``send_all``
+        (the lock is taken before any other task can send, so later sends follow it)."""
+        data = b"".join(self._gathered or ())
+        self._gathered = None
+        if data:
+            async with self._send_lock:
+                await self.transport_stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -92,8 +113,9 @@ class WebSocketUpgrade:
     `reject` once, from the handler's task (not task-safe).
     """
 
-    def __init__(self, ws_request: trio_websocket.WebSocketRequest) -> None:
+    def __init__(self, ws_request: trio_websocket.WebSocketRequest, stream: ReplayStream | None = None) -> None:
         self._ws_request = ws_request
+        self._stream = stream
         self.state = "pending"
         self.connection: trio_websocket.WebSocketConnection | None = None
 
@@ -107,6 +129,37 @@ class WebSocketUpgrade:
         self._decide("accepted")
         self.connection = await self._ws_request.accept(extra_headers=_encode(headers))
         return self.connection
+
+    async def send_messages(self, messages: Iterable[bytes]) -> None:
+        """Send each of ``messages`` as one binary message, all of them in ONE socket write (a watch
+        sends a window's worth of frames at once; a write per frame costs more than the frame).
+
+        Raises:
+            trio_websocket.ConnectionClosed: the connection was closed.
+            trio.BrokenResourceError, trio.ClosedResourceError: the write failed (the peer went away).
+        """
+        ws, stream = self.connection, self._stream
+        if ws is None:
+            raise RuntimeError("WebSocket handshake not accepted")
+        if stream is None:
+            for message in messages:
+                await ws.send_message(message)
+            return
+        stream.gather()
+        try:
+            for message in messages:
+                await ws.send_message(message)
+        except BaseException:
+            # What was gathered goes out even so: wsproto produced those bytes in that order (a
+            # close reply the reader sent meanwhile follows our frames), and an auto-commit frame
+            # that is not written is lost. Bounded here, where the connection is ending anyway.
+            with trio.CancelScope(shield=True) as flushing:
+                flushing.deadline = trio.current_time() + _CLOSE_SECONDS
+                await stream.flush()
+            if flushing.cancelled_caught:
+                await trio.aclose_forcefully(stream)
+            raise
+        await stream.flush()
 
     async def reject(self, status: int, body: bytes = b"", *, headers: Iterable[tuple[str, str]] = ()) -> None:
         """Refuse the handshake with an HTTP response (for example 401); the connection then closes.
@@ -181,7 +234,7 @@ async def run_upgrade(
             with trio.move_on_after(handshake_timeout):
                 upgrade = WebSocketUpgrade(await trio_websocket.wrap_server_stream(
                     reader_nursery, replay, message_queue_size=message_queue_size,
-                    max_message_size=max_message_size))
+                    max_message_size=max_message_size), replay)
             if upgrade is not None:
                 await _run_handler(upgrade, handler, scope)
             reader_nursery.cancel_scope.cancel()

@@ -830,3 +830,23 @@ async def test_replay_stream_replays_prefix_first():
         await replay.send_all(b"back")
         assert await a.receive_some() == b"back"
         await ReplayStream(a, b"left").aclose()
+
+
+async def test_replay_stream_gathers_every_tasks_sends_into_one_ordered_write():
+    with trio.fail_after(LIMIT):
+        writes: list[bytes] = []
+        out = trio.testing.MemorySendStream()
+
+        async def record_write():
+            writes.append(out.get_data_nowait())
+        out.send_all_hook = record_write
+        replay = ReplayStream(trio.StapledStream(out, trio.testing.MemoryReceiveStream()))
+        replay.gather()
+        await replay.send_all(b"frame1 ")
+        async with trio.open_nursery() as nursery:   # another task (a pong) sends meanwhile
+            nursery.start_soon(replay.send_all, b"pong ")
+        await replay.send_all(bytearray(b"frame2"))
+        assert writes == []
+        await replay.flush()
+        await replay.send_all(b" after")
+        assert writes == [b"frame1 pong frame2", b" after"]
