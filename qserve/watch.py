@@ -103,8 +103,7 @@ class Session:
                 continue
             entries = []
             gone = []
-            for index in indexes:
-                entry = queue.log.read(index)
+            for index, entry in zip(indexes, queue.log.read_many(indexes)):
                 (entries if entry is not None else gone).append(entry if entry is not None else index)
             if gone:
                 dispatcher.removed(gone)

@@ -16,12 +16,12 @@ import os
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
 from .index import DEAD, OFF_MASK, SEG_SHIFT, RidTable, rid_hash
-from .record import (REQUEST_ID, CheckpointRecord, EntryRecord, decode_body, encode_checkpoint,
+from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, EntryRecord, decode_body, encode_checkpoint,
                      encode_delete, encode_entry, encode_state, encode_truncate)
 from .recovery import RecoveryReport, recover
 from .segment import Segment, io_error
@@ -308,13 +308,18 @@ class QueueLog:
         loc = ix.loc[pos]
         seg = self._by_sid[(loc >> SEG_SHIFT) & 0x7FFFFF]
         try:
-            r = decode_body(seg.read_body(loc & OFF_MASK, ix.size[pos]))
+            body = seg.read_body(loc & OFF_MASK, ix.size[pos])
         except OSError as exc:
             raise io_error(exc, f"reading {seg.path}") from None
+        return self._decode_entry(seg, loc & OFF_MASK, pos, body)
+
+    def _decode_entry(self, seg: Segment, offset: int, pos: int, body: bytes) -> Entry:
+        try:
+            r = decode_body(body)
         except ValueError as exc:
-            raise StorageIOError(f"{seg.path} at {loc & OFF_MASK}: unreadable record: {exc}") from None
-        if not isinstance(r, EntryRecord) or r.index != ix.idx[pos]:
-            raise StorageIOError(f"{seg.path} at {loc & OFF_MASK}: index mismatch")
+            raise StorageIOError(f"{seg.path} at {offset}: unreadable record: {exc}") from None
+        if not isinstance(r, EntryRecord) or r.index != self._index.idx[pos]:
+            raise StorageIOError(f"{seg.path} at {offset}: index mismatch")
         return Entry(r.index, r.tags, r.data, r.priority, r.timestamp_ms)
 
     def read(self, index: int) -> Entry | None:
@@ -322,6 +327,44 @@ class QueueLog:
         self._check()
         pos = self._index.pos_of(index)
         return None if pos is None else self._entry_at(pos)
+
+    def read_many(self, indexes: Sequence[int]) -> list[Entry | None]:
+        """`read` of each of ``indexes``, in that order; records that lie back to back in one
+        segment (a watch's window, usually) are fetched with one ``pread``."""
+        self._check()
+        ix = self._index
+        positions = [ix.pos_of(i) for i in indexes]
+        out: list[Entry | None] = [None] * len(positions)
+        k = 0
+        while k < len(positions):
+            pos = positions[k]
+            if pos is None:
+                k += 1
+                continue
+            loc = ix.loc[pos]
+            start = loc & OFF_MASK
+            end = start + ix.size[pos]
+            j = k + 1   # extend the run while the next record starts where this one ends
+            while j < len(positions) and positions[j] is not None \
+                    and ix.loc[positions[j]] == (loc & ~OFF_MASK) | end:
+                end += ix.size[positions[j]]
+                j += 1
+            if j == k + 1:
+                out[k] = self._entry_at(pos)
+            else:
+                seg = self._by_sid[(loc >> SEG_SHIFT) & 0x7FFFFF]
+                try:
+                    buf = seg.io.pread(seg.fd, end - start, start)
+                except OSError as exc:
+                    raise io_error(exc, f"reading {seg.path}") from None
+                at = 0
+                for q in range(k, j):
+                    p = positions[q]
+                    size = ix.size[p]
+                    out[q] = self._decode_entry(seg, start + at, p, buf[at + HEADER_SIZE:at + size])
+                    at += size
+            k = j
+        return out
 
     def scan(self, start: int = 0, tags: Mapping[str, str] | None = None, limit: int | None = None,
              priority: int | None = None) -> Iterator[Entry]:

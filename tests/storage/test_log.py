@@ -180,3 +180,17 @@ def test_scan_while_appending(tmp_path):
         if e.index < 8:
             log.append(b"y", {})
     assert got == list(range(1, 13))
+
+
+def test_read_many_matches_read_across_segments_deletes_and_gaps(tmp_path):
+    log = QueueLog.open(tmp_path / "q", tiny(segment_bytes=600), now=clock())
+    for i in range(40):
+        log.append(b"x" * (i % 7 * 10), {"n": str(i)})
+    log.delete([5, 6, 20])
+    assert len(segments(tmp_path / "q")) > 3     # runs are cut at segment ends
+    asked = [0, *range(1, 45), 3, 2, 1, 7, 7]
+    got = log.read_many(asked)
+    assert got == [log.read(i) for i in asked]
+    assert [e.index for e in got if e is not None][:6] == [1, 2, 3, 4, 7, 8]
+    assert log.read_many([]) == []
+    log.close()

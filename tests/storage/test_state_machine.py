@@ -84,6 +84,9 @@ class LogMachine(RuleBasedStateMachine):
         got = [(e.index, e.tags, e.data, e.priority) for e in log.scan()]
         assert got == [(i, *m.entries[i]) for i in live]
         assert all(log.read(i).timestamp_ms == self.ts[i] for i in live)
+        # read_many over every index ever used (dead ones read None), out of order too
+        asked = list(range(m.next_index + 1)) + live[::-1]
+        assert log.read_many(asked) == [log.read(i) for i in asked]
         assert (log.length, log.first_index, log.last_index, log.next_index) == (
             len(live), live[0] if live else 0, live[-1] if live else 0, m.next_index)
         assert list(log.iter_dispatch()) == m.dispatch()
