@@ -61,6 +61,9 @@ class ReplayStream(trio.abc.Stream):
         self._closed = False
         self._gathered: list[bytes] | None = None
         self._send_lock = trio.StrictFIFOLock()   # `flush` writes outside trio-websocket's own lock
+        # set once the handshake is accepted: () -> the connection's CloseReason or None (see aclose)
+        self.close_reason: Callable[[], trio_websocket.CloseReason | None] | None = None
+        self.close_frame_sent = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None:
@@ -78,6 +81,8 @@ class ReplayStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.close_reason is not None and data and data[0] & 0x0F == 0x8:
+            self.close_frame_sent = True   # after the handshake every send is one whole frame
         if self._gathered is not None:
             self._gathered.append(bytes(data))
             return
@@ -101,9 +106,31 @@ class ReplayStream(trio.abc.Stream):
         await self.transport_stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        self._closed = True
-        self._prefix.clear()
-        await self.transport_stream.aclose()
+        try:
+            frame = self._farewell() if self.close_reason is not None and not self.close_frame_sent else b""
+            if frame and not self._closed:
+                # shielded (bounded): the reader task that calls this is cancelled as soon as the
+                # handler has seen the connection close
+                with trio.CancelScope(shield=True) as farewell:
+                    farewell.deadline = trio.current_time() + _CLOSE_SECONDS
+                    async with self._send_lock:
+                        await self.transport_stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._closed = True
+            self._prefix.clear()
+            await self.transport_stream.aclose()
+
+    def _farewell(self) -> bytes:
+        """The close frame trio-websocket owes the client. On a frame wsproto cannot parse it gets a
+        CloseConnection event while still OPEN, so it drops the TCP connection without the 1002 (or
+        1007) close frame RFC 6455 7.1.7 says the server should send first; it goes out here."""
+        reason = self.close_reason()
+        if reason is None or reason.code not in (1002, 1007):
+            return b""
+        text = (reason.reason or "").encode("utf-8")[:120]
+        return bytes([0x88, 2 + len(text)]) + reason.code.to_bytes(2, "big") + text  # FIN|close, unmasked
 
 
 class WebSocketUpgrade:
@@ -127,7 +154,9 @@ class WebSocketUpgrade:
             trio_websocket.ConnectionClosed: the client went away.
         """
         self._decide("accepted")
-        self.connection = await self._ws_request.accept(extra_headers=_encode(headers))
+        self.connection = ws = await self._ws_request.accept(extra_headers=_encode(headers))
+        if self._stream is not None:
+            self._stream.close_reason = lambda: ws.closed
         return self.connection
 
     async def send_messages(self, messages: Iterable[bytes]) -> None:
