@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from . import errors
 if TYPE_CHECKING:
     from ._http_types import Request
 
-__all__ = ["ReplayStream", "WebSocketUpgrade", "handshake_problem", "run_upgrade"]
+__all__ = ["ReplayStream", "WebSocketUpgrade", "binary_frame", "handshake_problem", "run_upgrade"]
 
 log = logging.getLogger("qserve.http")
 
@@ -45,10 +46,10 @@ _CLOSE_SECONDS = 2.0  # bound on the closing handshake and on rejecting during c
 class ReplayStream(trio.abc.Stream):
     """A stream that first returns ``prefix``, then whatever the wrapped stream receives.
 
-    Sends, ``wait_send_all_might_not_block`` and ``aclose`` go straight to the wrapped stream, except
-    between `gather` and `flush`: then ``send_all`` (from any task: trio-websocket's reader sends
-    pongs and close replies) only appends to a buffer, bounded by what the gathering task sends, and
-    does not checkpoint; `flush` writes it all in one ``send_all``. One receiver at a time.
+    Sends, ``wait_send_all_might_not_block`` and ``aclose`` go to the wrapped stream; sends are
+    serialized by a lock (trio-websocket's reader task and `WebSocketUpgrade.send_messages` both
+    write), and after the handshake the stream notes whether a close frame went out (see `aclose`).
+    One receiver at a time.
 
     Args:
         stream: the transport, for example a `trio.SocketStream`.
@@ -59,8 +60,9 @@ class ReplayStream(trio.abc.Stream):
         self.transport_stream = stream
         self._prefix = bytearray(prefix)
         self._closed = False
-        self._gathered: list[bytes] | None = None
-        self._send_lock = trio.StrictFIFOLock()   # `flush` writes outside trio-websocket's own lock
+        self._send_lock = trio.StrictFIFOLock()   # `WebSocketUpgrade.send_messages` writes outside
+                                                  # trio-websocket's own lock
+        self.extensions = False                   # the handshake reply negotiated an extension
         # set once the handshake is accepted: () -> the connection's CloseReason or None (see aclose)
         self.close_reason: Callable[[], trio_websocket.CloseReason | None] | None = None
         self.close_frame_sent = False
@@ -81,26 +83,12 @@ class ReplayStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.close_reason is not None and data and data[0] & 0x0F == 0x8:
+        if self.close_reason is None:   # the handshake's reply
+            self.extensions |= b"sec-websocket-extensions:" in bytes(data).lower()
+        elif data and data[0] & 0x0F == 0x8:
             self.close_frame_sent = True   # after the handshake every send is one whole frame
-        if self._gathered is not None:
-            self._gathered.append(bytes(data))
-            return
         async with self._send_lock:
             await self.transport_stream.send_all(data)
-
-    def gather(self) -> None:
-        """From now until `flush`, every task's sends are only appended to a buffer, in order."""
-        self._gathered = []
-
-    async def flush(self) -> None:
-        """Stop gathering and write what was gathered, in the order it was sent, in one ``send_all``
-        (the lock is taken before any other task can send, so later sends follow it)."""
-        data = b"".join(self._gathered or ())
-        self._gathered = None
-        if data:
-            async with self._send_lock:
-                await self.transport_stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -163,32 +151,29 @@ class WebSocketUpgrade:
         """Send each of ``messages`` as one binary message, all of them in ONE socket write (a watch
         sends a window's worth of frames at once; a write per frame costs more than the frame).
 
+        The frames are encoded here, not by wsproto: trio-websocket accepts with no extension, so a
+        server's data frame is the plain RFC 6455 one (`binary_frame`), and wsproto keeps no state
+        for complete outgoing messages. What wsproto would check is checked here: nothing is sent
+        once the connection is closing (trio-websocket records the close reason before it sends a
+        close reply, and every send goes through the stream's FIFO lock, so frames that pass the
+        check go out before that reply). Should an extension ever be negotiated, each message goes
+        through ``send_message`` instead.
+
         Raises:
-            trio_websocket.ConnectionClosed: the connection was closed.
+            trio_websocket.ConnectionClosed: the connection is closed or closing.
             trio.BrokenResourceError, trio.ClosedResourceError: the write failed (the peer went away).
         """
         ws, stream = self.connection, self._stream
         if ws is None:
             raise RuntimeError("WebSocket handshake not accepted")
-        if stream is None:
+        if stream is None or stream.extensions:
             for message in messages:
                 await ws.send_message(message)
             return
-        stream.gather()
-        try:
-            for message in messages:
-                await ws.send_message(message)
-        except BaseException:
-            # What was gathered goes out even so: wsproto produced those bytes in that order (a
-            # close reply the reader sent meanwhile follows our frames), and an auto-commit frame
-            # that is not written is lost. Bounded here, where the connection is ending anyway.
-            with trio.CancelScope(shield=True) as flushing:
-                flushing.deadline = trio.current_time() + _CLOSE_SECONDS
-                await stream.flush()
-            if flushing.cancelled_caught:
-                await trio.aclose_forcefully(stream)
-            raise
-        await stream.flush()
+        data = b"".join(map(binary_frame, messages))
+        if ws.closed is not None or stream.close_frame_sent:
+            raise trio_websocket.ConnectionClosed(ws.closed)
+        await stream.send_all(data)
 
     async def reject(self, status: int, body: bytes = b"", *, headers: Iterable[tuple[str, str]] = ()) -> None:
         """Refuse the handshake with an HTTP response (for example 401); the connection then closes.
@@ -226,6 +211,16 @@ def handshake_problem(request: Request, http_version: bytes) -> errors.QServeErr
     if request.header("transfer-encoding") or (request.header("content-length") or "0") != "0":
         return errors.BadRequest("a WebSocket upgrade request has no body")
     return None
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented binary frame (RFC 6455 5.2), as a server sends it."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x82, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x82, 126, n) + payload
+    return struct.pack("!BBQ", 0x82, 127, n) + payload
 
 
 def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

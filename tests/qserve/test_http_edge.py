@@ -21,7 +21,7 @@ import wsproto.events
 
 from qserve import errors
 from qserve.http import HTTPConfig, HTTPServer, Request, Response
-from qserve.websocket import ReplayStream
+from qserve.websocket import ReplayStream, binary_frame
 
 LIMIT = 10  # seconds (trio's clock) for any test
 
@@ -832,21 +832,29 @@ async def test_replay_stream_replays_prefix_first():
         await ReplayStream(a, b"left").aclose()
 
 
-async def test_replay_stream_gathers_every_tasks_sends_into_one_ordered_write():
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_binary_frame_is_what_wsproto_sends_for_a_server_message(size):
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+    assert binary_frame(payload) == server.send(wsproto.events.BytesMessage(data=payload))
+
+
+async def test_replay_stream_serializes_writers_and_notes_close_frames():
     with trio.fail_after(LIMIT):
         writes: list[bytes] = []
         out = trio.testing.MemorySendStream()
 
         async def record_write():
+            await trio.lowlevel.checkpoint()   # a write that yields: a second writer must wait
             writes.append(out.get_data_nowait())
         out.send_all_hook = record_write
         replay = ReplayStream(trio.StapledStream(out, trio.testing.MemoryReceiveStream()))
-        replay.gather()
-        await replay.send_all(b"frame1 ")
-        async with trio.open_nursery() as nursery:   # another task (a pong) sends meanwhile
-            nursery.start_soon(replay.send_all, b"pong ")
-        await replay.send_all(bytearray(b"frame2"))
-        assert writes == []
-        await replay.flush()
-        await replay.send_all(b" after")
-        assert writes == [b"frame1 pong frame2", b" after"]
+        await replay.send_all(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Extensions: x\r\n\r\n")
+        assert replay.extensions and not replay.close_frame_sent   # the reply's "H" is no close opcode
+        replay.close_reason = lambda: None                           # accepted
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay.send_all, b"\x82\x01a")
+            nursery.start_soon(replay.send_all, b"\x8a\x00")       # a pong from another task
+        assert sorted(writes[1:]) == [b"\x82\x01a", b"\x8a\x00"] and not replay.close_frame_sent
+        await replay.send_all(b"\x88\x02\x03\xe8")
+        assert replay.close_frame_sent
