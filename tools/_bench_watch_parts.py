@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -17,9 +18,11 @@ import _benchlib as bl  # tools/ is on sys.path: tools/bench_watch.py puts it th
 import trio
 import trio_websocket
 
+from _bench_ws import LeanWebSocket
 from qserve.protobuf import decode_frame
 
 GROUP = "bench-group"
+WS_CLIENT = "lean"   # or "trio-websocket"; set by bench_watch --ws-client (see tools/_bench_ws.py)
 BODY = b"x" * 100
 _names = itertools.count(1)
 
@@ -53,9 +56,12 @@ class Tally:
             self.done.set()
 
 
+def ws_target(service: str, window: int, auto: bool) -> str:
+    return f"/api/predict/{service}?_watch_=true&_index_=0&_window_={window}&_auto_commit_={'true' if auto else 'false'}"
+
+
 def ws_url(port: int, service: str, window: int, auto: bool) -> str:
-    return (f"ws://{bl.LOCALHOST}:{port}/api/predict/{service}?_watch_=true&_index_=0&_window_={window}"
-            f"&_auto_commit_={'true' if auto else 'false'}")
+    return f"ws://{bl.LOCALHOST}:{port}" + ws_target(service, window, auto)
 
 
 def identity(uid: str, token: str) -> list[tuple[bytes, bytes]]:
@@ -70,8 +76,14 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
     tally.per_consumer.append(0)
     commit_headers = [("Authorization", token), ("X-EAS-QueueService-Uid", uid), ("X-EAS-QueueService-Gid", GROUP)]
 
-    async with trio_websocket.open_websocket_url(ws_url(port, service, window, auto),
-                                                 extra_headers=identity(uid, token)) as ws:
+    async with contextlib.AsyncExitStack() as stack:
+        if WS_CLIENT == "lean":
+            ws = await LeanWebSocket.connect(port, ws_target(service, window, auto), identity(uid, token))
+            stack.push_async_callback(ws.aclose)
+        else:
+            ws = await stack.enter_async_context(trio_websocket.open_websocket_url(
+                ws_url(port, service, window, auto), extra_headers=identity(uid, token)))
+        get_message = ws.get_message
         conn = await bl.HTTPConn.open(port) if not auto else None
         committer = (bl.CommitBatcher(conn, port, service, commit_headers, tally, on_commit=tally.check_done)
                      if conn is not None else None)
@@ -81,7 +93,9 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
                 if committer is not None:
                     nursery.start_soon(committer.run)
                 while True:
-                    message = await ws.get_message()
+                    message = await get_message()
+                    if message is None:
+                        raise ConnectionError(f"the server closed the watch ({ws.close_code})")
                     t1 = clock()
                     frame = decode_frame(message)
                     index = frame.index

@@ -10,10 +10,13 @@ What runs:
   with ``--pin`` (default on 2+ CPUs); every client (producer, consumers, committers) is this
   process, pinned to CPU 1 - one trio run, one core, so the consumers compete with each other
   for the client core but never with the server.
-- Consumers: trio-websocket clients on ``ws://127.0.0.1:PORT/api/predict/SVC?_watch_=true&
+- Consumers: WebSocket clients on ``ws://127.0.0.1:PORT/api/predict/SVC?_watch_=true&
   _index_=0&_window_=W&_auto_commit_=...`` with the token and ``X-EAS-QueueService-Uid`` (one per
   consumer) / ``-Gid`` (the same for all: one group, so they split the entries). Each binary
-  frame is decoded with ``qserve.protobuf.decode_frame``.
+  frame is decoded with ``qserve.protobuf.decode_frame``. ``--ws-client lean`` (default) is
+  `tools/_bench_ws.py`, a strict minimal client that costs the client core less per frame than
+  ``--ws-client trio-websocket`` (the library the server itself uses), so that the server, not
+  the one client core, is what is measured.
 - Manual commit: each consumer has one keep-alive HTTP connection for ``PUT ?_indexes_=i,j,..``
   and one commit in flight at a time. Batching: every index received since the last commit was
   sent goes into the next commit, which is sent as soon as the previous one is answered (so with
@@ -69,6 +72,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import _benchlib as bl  # noqa: E402
+import _bench_watch_parts as parts  # noqa: E402
 from _bench_watch_parts import BODY, Tally, _names, e2e_peak, render_peak, run_consumers  # noqa: E402
 
 async def throughput(port: int, token: str, *, consumers: int, window: int, auto: bool, entries: int,
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="latency: measured seconds per run (default 4; --quick 0.5)")
     p.add_argument("--warmup", type=float, default=None, help="latency: uncounted seconds first (default 0.5)")
     p.add_argument("--no-latency", action="store_true", help="skip the end-to-end peak and latency runs")
+    p.add_argument("--ws-client", choices=("lean", "trio-websocket"), default="lean",
+                   help="the consumers' WebSocket client (default lean: tools/_bench_ws.py)")
     p.add_argument("--fsync", choices=("always", "interval", "never"), default="always", help="qserve --fsync (default always)")
     p.add_argument("--timeout", type=float, default=60.0, help="give up on one throughput scenario after this long")
     p.add_argument("--quick", action="store_true", help="smallest configuration")
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         consumers, windows = consumers[-1:], windows[:1]
 
+    parts.WS_CLIENT = args.ws_client
     cpus = bl.default_pinning(args.pin)
     bl.pin_self(cpus[1])
     probe = bl.fsync_probe(Path(args.data_dir or os.environ.get("TMPDIR") or "/tmp"))
@@ -329,13 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         bl.dump_json({"benchmark": "watch", "environment": bl.environment(args), "fsync": args.fsync,
                       "fsync_probe": probe, "pinning": {"server_cpu": cpus[0], "client_cpu": cpus[1]},
-                      "throughput": tp_rows, "e2e_peak": peak_rows, "latency": lat_rows,
+                      "ws_client": args.ws_client, "throughput": tp_rows, "e2e_peak": peak_rows, "latency": lat_rows,
                       "targets": targets(tp_rows, lat_rows)})
     else:
         print(f"# bench_watch: qserve fsync={args.fsync}; {args.entries} entries per throughput run; e2e peak "
               f"{args.peak_seconds:g} s after {peak_warmup:g} s warm-up; latency "
               f"{args.seconds:g} s after {args.warmup:g} s warm-up; fsync probe p50 {probe['p50_ms']:.2f} ms / "
-              f"p99 {probe['p99_ms']:.2f} ms; server cpu {cpus[0]}, clients cpu {cpus[1]}")
+              f"p99 {probe['p99_ms']:.2f} ms; server cpu {cpus[0]}, clients cpu {cpus[1]}; "
+              f"{args.ws_client} WebSocket client")
         print(render(tp_rows, peak_rows, lat_rows))
         for line in targets(tp_rows, lat_rows):
             print(line)
