@@ -472,8 +472,22 @@ class _PhaseScope:
 
 
 def _h11_response(status: int, headers: list[tuple[str, str]]) -> h11.Response:
-    return h11.Response(status_code=status, reason=_REASONS.get(status, b""),
-                        headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+    """The h11 event for a response head. Heads repeat (every commit is ``200 OK`` with the same
+    three headers), and h11 validates a head's every header when it is built, so the last
+    `_HEAD_CACHE_SIZE` distinct heads are kept (h11 events are immutable)."""
+    key = (status, tuple(headers))
+    head = _head_cache.get(key)
+    if head is None:
+        head = h11.Response(status_code=status, reason=_REASONS.get(status, b""),
+                            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+        if len(_head_cache) >= _HEAD_CACHE_SIZE:
+            del _head_cache[next(iter(_head_cache))]   # the oldest
+        _head_cache[key] = head
+    return head
+
+
+_HEAD_CACHE_SIZE = 64
+_head_cache: dict[tuple, h11.Response] = {}
 
 
 def _error_response(exc: BaseException) -> Response:
