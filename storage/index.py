@@ -166,12 +166,18 @@ class EntryIndex:
         return self.live
 
     def pos_of(self, index: int) -> int | None:
-        """Row of ``index`` if it is live."""
+        """Row of ``index`` if it is live. Rows are sorted by index and, without holes (the usual
+        case: indexes are dense), row ``index - idx[0]`` is the one; otherwise a binary search."""
         idx = self.idx
-        pos = bisect_left(idx, index)
-        if pos < len(idx) and idx[pos] == index and not self.loc[pos] & DEAD:
-            return pos
-        return None
+        n = len(idx)
+        if not n:
+            return None
+        pos = index - idx[0]
+        if not (0 <= pos < n and idx[pos] == index):
+            pos = bisect_left(idx, index)
+            if pos >= n or idx[pos] != index:
+                return None
+        return None if self.loc[pos] & DEAD else pos
 
     def first_pos(self) -> int | None:
         loc, n = self.loc, len(self.loc)

@@ -194,3 +194,19 @@ def test_read_many_matches_read_across_segments_deletes_and_gaps(tmp_path):
     assert [e.index for e in got if e is not None][:6] == [1, 2, 3, 4, 7, 8]
     assert log.read_many([]) == []
     log.close()
+
+
+def test_index_pos_of_with_and_without_holes():
+    from storage.index import EntryIndex
+    ix = EntryIndex()
+    assert ix.pos_of(1) is None
+    dense = list(range(5, 15))
+    holes = [3, 4, 8, 20, 21, 40]
+    for rows in (dense, holes):
+        ix = EntryIndex()
+        for i in rows:
+            ix.append(i, 0, 10, 0, 0)
+        ix.kill(rows.index(rows[2]))
+        for i in range(0, 45):
+            want = rows.index(i) if i in rows and i != rows[2] else None
+            assert ix.pos_of(i) == want, (rows, i)
