@@ -159,7 +159,7 @@ def decode_body(body) -> Record:
     try:
         if t == ENTRY and len(obj) == 8:
             _, index, prio, ts, moved, rid, tags, data = obj
-            tags = dict(_str_dict(tags))
+            tags = _str_dict(tags)   # a fresh dict from unpackb: ours to change
             if rid is not None:
                 if not isinstance(rid, str):
                     raise ValueError("bad requestId")
