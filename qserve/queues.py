@@ -2,8 +2,8 @@
 
 Strategy: `storage.QueueLog` and `groups.Dispatcher` are synchronous and owned by the event-loop
 thread; this module adds the three things that need trio. (1) Group commit: one flusher task per
-queue fsyncs in a worker thread of the manager's `SyncPool` (`log.sync_begin()` / `ticket.run()` /
-`log.sync_end()`) while
+queue fsyncs through kernel AIO (`_aio.AioSync`) or a worker thread of the manager's `SyncPool`
+(`log.sync_begin()` / the ticket's fsyncs / `log.sync_end()`) while
 other tasks keep appending, so every write made during one fsync shares the next one; a request
 that must be durable awaits `wait_durable(seq)`. (2) Wake-ups: a `Signal` that long-polling gets
 and watchers wait on, fired on every change that can make an entry deliverable. (3) The registry
@@ -22,6 +22,7 @@ import trio
 
 import storage
 
+from ._aio import AioSync
 from ._syncpool import SyncPool
 from .config import Config
 from .errors import InsufficientStorage, NotFound, Unavailable
@@ -73,9 +74,11 @@ class LogSource:
 class Queue:
     """One open queue. Not thread-safe: used from the trio thread only."""
 
-    def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None = None) -> None:
+    def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None = None,
+                 aio: AioSync | None = None) -> None:
         self.ref = ref
         self._pool = pool
+        self._aio = aio
         self.log = qlog
         self.config = config
         self.dispatcher = Dispatcher(LogSource(qlog), now=trio.current_time)
@@ -169,10 +172,7 @@ class Queue:
         ticket = self.log.sync_begin()
         failure: BaseException | None = None
         try:
-            if self._pool is not None:
-                await self._pool.run(ticket.run)
-            else:
-                await trio.to_thread.run_sync(ticket.run)
+            await self._run_ticket(ticket)
         except OSError as exc:
             failure = exc
         try:
@@ -182,6 +182,19 @@ class Queue:
         self._observe()
         if failure is not None:
             log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, failure)
+
+    async def _run_ticket(self, ticket: storage.SyncTicket) -> None:
+        """The fsyncs of one round: kernel AIO where it works, else a pool thread. Raises the
+        ``OSError`` of a failed fsync (``sync_end`` then rolls back)."""
+        aio = self._aio
+        if aio is not None and aio.serving and ticket.plain_files:
+            ticket.complete(await aio.fsync(ticket.fds))
+            if ticket.error is not None:
+                raise ticket.error
+        elif self._pool is not None:
+            await self._pool.run(ticket.run)
+        else:
+            await trio.to_thread.run_sync(ticket.run)
 
     async def housekeeping(self) -> None:
         """Compact the log a little at a time while the server runs."""
@@ -219,6 +232,7 @@ class QueueManager:
         self._queues: dict[QueueRef, Queue] = {}
         self._opening: dict[QueueRef, trio.Event] = {}
         self._pool = SyncPool()          # the flushers' fsync threads; its reaper starts with the first queue
+        self._aio = AioSync.open()       # kernel AIO fsyncs where available (None: the pool does them all)
         self._pool_started = False
         self._log_config = storage.LogConfig(
             segment_bytes=config.segment_bytes,
@@ -271,7 +285,10 @@ class QueueManager:
             if not self._pool_started:
                 self._pool_started = True
                 await self._nursery.start(self._pool.serve)
-            queue = Queue(ref, qlog, self.config, self._pool)
+                if self._aio is not None:
+                    await self._nursery.start(self._aio.serve)
+                    log.debug("fsyncs go through kernel AIO")
+            queue = Queue(ref, qlog, self.config, self._pool, self._aio)
             self._queues[ref] = queue
             self._report_open(queue, created)
             await self._nursery.start(queue.flusher)

@@ -62,23 +62,36 @@ class SyncTicket:
         self.error: OSError | None = None
 
     def run(self) -> None:
-        fds, self.fds = self.fds, []
+        error: OSError | None = None
         try:
-            for fd in fds:
+            for fd in self.fds:
                 try:
                     self.io.fsync(fd)
                 except OSError as exc:
-                    if self.error is None:
-                        self.error = exc
+                    error = error or exc
         finally:
-            for fd in fds:
-                try:
-                    self.io.close(fd)
-                except OSError:
-                    pass
-            self.done = True
+            self.complete(error)
         if self.error is not None:
             raise self.error
+
+    @property
+    def plain_files(self) -> bool:
+        """The fds are plain files of the default `FileIO` (no injected file layer): whoever syncs
+        them some other way than `run` (kernel AIO, say) does what ``io.fsync`` would have done."""
+        return type(self.io) is FileIO
+
+    def complete(self, error: OSError | None = None) -> None:
+        """Finish the round after syncing ``fds`` some other way than `run` (the first error, or
+        None): closes the dup'd fds; the owner then calls ``sync_end`` as after `run`."""
+        fds, self.fds = self.fds, []
+        if error is not None and self.error is None:
+            self.error = error
+        for fd in fds:
+            try:
+                self.io.close(fd)
+            except OSError:
+                pass
+        self.done = True
 
     def close(self) -> None:
         """Release the dup'd fds without syncing (ticket abandoned)."""

