@@ -9,7 +9,8 @@ bytes): ~60 us less CPU in user space and ~150 us less in the process's system t
 thread pool, ~100 us less wall time.
 
 Availability: Linux on x86_64 or aarch64 (the two syscall tables below) where ``io_setup`` is
-allowed; `AioSync.open` returns None otherwise (or when ``QSERVE_NO_AIO`` is set), and the flushers
+allowed and an fsync submitted at start-up completes (kernel 4.18 or later); `AioSync.open`
+returns None otherwise (or when ``QSERVE_NO_AIO`` is set), and the flushers
 use the thread pool. Only fds of the real file layer are synced this way
 (`storage.SyncTicket.plain_files`): tests that inject faults through `storage.FileIO` get the pool.
 
@@ -26,6 +27,7 @@ import errno
 import os
 import platform
 import sys
+import tempfile
 from itertools import count
 
 import trio
@@ -95,7 +97,25 @@ class AioSync:
         ctx = ctypes.c_ulong(0)
         if syscall(ctypes.c_long(nr[0]), ctypes.c_uint(depth), ctypes.byref(ctx)) != 0:
             return None   # ENOSYS, EPERM (seccomp), EAGAIN (aio-max-nr reached)...
+        if not cls._probe(syscall, nr, ctx):   # kernels before 4.18 refuse IOCB_CMD_FSYNC
+            syscall(ctypes.c_long(nr[1]), ctx)
+            return None
         return cls(syscall, nr, ctx.value, depth)
+
+    @staticmethod
+    def _probe(syscall, nr, ctx) -> bool:
+        """One blocking AIO fsync of a temporary file (at start-up): does it work here?"""
+        with tempfile.TemporaryFile() as f:
+            f.write(b"probe")
+            f.flush()
+            cb = _Iocb(aio_data=1, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=f.fileno())
+            if syscall(ctypes.c_long(nr[2]), ctx, ctypes.c_long(1),
+                       (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(cb))) != 1:
+                return False
+            event = _IoEvent()
+            got = syscall(ctypes.c_long(nr[3]), ctx, ctypes.c_long(1), ctypes.c_long(1),
+                          ctypes.byref(event), ctypes.byref(_Timespec(10, 0)))
+            return got == 1 and event.res == 0
 
     async def fsync(self, fds: list[int]) -> OSError | None:
         """fsync every fd; returns the first error (None: all durable). Not abandoned when cancelled."""

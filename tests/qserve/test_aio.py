@@ -83,11 +83,13 @@ async def test_a_cancelled_caller_waits_for_its_fsync_and_shutdown_drains(tmp_pa
             os.close(fd)
 
 
-def test_opt_out_by_environment(monkeypatch):
+def test_opt_out_by_environment_and_by_a_failed_probe(monkeypatch):
     monkeypatch.setenv("QSERVE_NO_AIO", "1")
     assert AioSync.open() is None
     monkeypatch.delenv("QSERVE_NO_AIO")
     open_or_skip().close()
+    monkeypatch.setattr(AioSync, "_probe", staticmethod(lambda *a: False))   # a kernel before 4.18
+    assert AioSync.open() is None
 
 
 async def test_the_server_syncs_through_aio_unless_the_file_layer_is_injected(tmp_path, monkeypatch):
