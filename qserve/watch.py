@@ -40,6 +40,7 @@ KEEPALIVE_INTERVAL = 20.0   # seconds of client silence before the server pings
 KEEPALIVE_TIMEOUT = 20.0    # seconds to wait for the pong before dropping the consumer
 WAKE_FALLBACK = 1.0         # a sleeping session polls at least this often
 CLOSE_GRACE = 2.0           # bound on finishing a WebSocket closing handshake
+SEND_BATCH_BYTES = 256 * 1024   # frames of one poll are written together up to this many bytes
 
 
 def _sole_error(group: BaseExceptionGroup) -> BaseException:
@@ -91,8 +92,8 @@ class Session:
         return protobuf.encode_frame(entry.index, tags, b"" if self.op.index_only else entry.data)
 
     async def pump(self, send) -> None:
-        """Deliver entries forever through ``await send(frames)`` (a list of encoded frames: one
-        poll's worth, at most the window, sent together)."""
+        """Deliver entries forever through ``await send(frames)``: a list of encoded frames of one
+        poll, written together, at most `SEND_BATCH_BYTES` of them unless a single frame is larger."""
         queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
         while True:
             self._wake = trio.Event()        # a wake-up from here on is not lost
@@ -112,9 +113,19 @@ class Session:
                 dispatcher.removed(removed)
                 # the frame goes out only once its delete is durable: it can never come back
                 await queue.wait_durable()
-            if entries:
-                await send([self.frame_for(entry) for entry in entries])
-                self.frames_sent += len(entries)
+            batch: list[bytes] = []
+            size = 0
+            for entry in entries:   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
+                frame = self.frame_for(entry)
+                if batch and size + len(frame) > SEND_BATCH_BYTES:
+                    await send(batch)
+                    self.frames_sent += len(batch)
+                    batch, size = [], 0
+                batch.append(frame)
+                size += len(frame)
+            if batch:
+                await send(batch)
+                self.frames_sent += len(batch)
             if self.op.auto_commit:
                 dispatcher.sent(cid, indexes)
                 queue.notify()

@@ -117,7 +117,7 @@ class ReplayStream(trio.abc.Stream):
         reason = self.close_reason()
         if reason is None or reason.code not in (1002, 1007):
             return b""
-        text = (reason.reason or "").encode("utf-8")[:120]
+        text = (reason.reason or "").encode("utf-8")[:120].decode("utf-8", "ignore").encode("utf-8")
         return bytes([0x88, 2 + len(text)]) + reason.code.to_bytes(2, "big") + text  # FIN|close, unmasked
 
 

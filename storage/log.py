@@ -29,6 +29,8 @@ from .sync import SyncTicket
 
 __all__ = ["QueueLog", "LogConfig", "Entry", "SyncTicket"]
 
+_READ_RUN_BYTES = 1024 * 1024   # read_many: a run of back-to-back records stops growing past this
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -293,7 +295,8 @@ class QueueLog:
 
     def read_many(self, indexes: Sequence[int]) -> list[Entry | None]:
         """`read` of each of ``indexes``, in that order; records that lie back to back in one
-        segment (a watch's window, usually) are fetched with one ``pread``."""
+        segment (a watch's window, usually) are fetched with one ``pread`` of up to
+        `_READ_RUN_BYTES` (and one more record)."""
         self._check()
         ix = self._index
         positions = [ix.pos_of(i) for i in indexes]
@@ -308,7 +311,7 @@ class QueueLog:
             start = loc & OFF_MASK
             end = start + ix.size[pos]
             j = k + 1   # extend the run while the next record starts where this one ends
-            while j < len(positions) and positions[j] is not None \
+            while j < len(positions) and positions[j] is not None and end - start < _READ_RUN_BYTES \
                     and ix.loc[positions[j]] == (loc & ~OFF_MASK) | end:
                 end += ix.size[positions[j]]
                 j += 1

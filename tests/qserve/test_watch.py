@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 import trio_websocket
 
-from qserve import protobuf
+from qserve import protobuf, watch
 
 from .inproc import TOKEN, next_frame, no_frame, running_server
 
@@ -280,3 +281,30 @@ async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move
             assert trio.current_time() - t0 >= KEEPALIVE_INTERVAL
             assert trio.current_time() - t0 <= KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + 5
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 100_000])
+async def test_a_window_of_large_frames_is_written_in_bounded_batches(tmp_path, autojump_clock, monkeypatch,
+                                                                      batch_bytes):
+    from qserve.websocket import WebSocketUpgrade
+    monkeypatch.setattr(watch, "SEND_BATCH_BYTES", batch_bytes)
+    batches = []
+    real = WebSocketUpgrade.send_messages
+
+    async def recording(self, messages):
+        batches.append([len(m) for m in messages])
+        await real(self, messages)
+    monkeypatch.setattr(WebSocketUpgrade, "send_messages", recording)
+    with trio.fail_after(120):
+        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+            c = await srv.client("big")
+            bodies = [bytes([i]) * (40_000 + i) for i in range(12)]
+            for body in bodies:
+                assert (await c.call("POST", "", body))[0] == 200
+            ws = await srv.watch(nursery, "big", "_window_=12", user="u")
+            got = await drain(ws, 12)
+            assert [f.data for f in got] == bodies
+            nursery.cancel_scope.cancel()
+    assert sum(map(len, batches)) == 12
+    assert all(len(b) == 1 or sum(b) <= batch_bytes for b in batches), batches
+    assert max(map(len, batches)) == (1 if batch_bytes == 1 else 2)
