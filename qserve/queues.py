@@ -240,6 +240,11 @@ class QueueManager:
             max_entries=config.max_length,
         )
 
+    @property
+    def fsync_mechanism(self) -> str:
+        """How group-commit fsyncs run: "kernel AIO" or "threads" (for the start-up log line)."""
+        return "kernel AIO" if self._aio is not None else "threads"
+
     def __iter__(self) -> Iterator[Queue]:
         return iter(list(self._queues.values()))
 

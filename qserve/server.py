@@ -65,8 +65,9 @@ class Server:
                         self.port = await front.start(self.http.serve_tcp, config.host, config.port)
                     else:
                         await front.start(self.http.serve, self._listeners)
-                    log.info("qserve listening on http://%s:%s (data in %s, fsync=%s)",
-                             _host_for_url(config.host), self.port, config.data_dir, config.fsync)
+                    log.info("qserve listening on http://%s:%s (data in %s, fsync=%s%s)",
+                             _host_for_url(config.host), self.port, config.data_dir, config.fsync,
+                             "" if config.fsync == "never" else f" via {self.queues.fsync_mechanism}")
                     task_status.started(self.port)
                     await self._stop.wait()
                     log.info("shutting down: draining connections")

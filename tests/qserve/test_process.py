@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from qserve._aio import AioSync
+
 from ..conftest import ServerProcess
 from .test_sdk import client
 
@@ -33,6 +35,11 @@ def test_sigterm_drains_and_exits_zero(fresh_server, service):
     q = client(fresh_server, service)
     q.put(b"x")
     assert fresh_server.stop() == 0
+    aio = AioSync.open()
+    mechanism = "threads" if aio is None else "kernel AIO"
+    if aio is not None:
+        aio.close()
+    assert any(f"fsync=always via {mechanism})" in line for line in fresh_server.lines)
     assert any("shutting down" in line for line in fresh_server.lines)
     assert any("stopped; all queues synced and closed" in line for line in fresh_server.lines)
     fresh_server.start()
