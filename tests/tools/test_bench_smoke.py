@@ -68,3 +68,13 @@ def test_bench_watch_json(tmp_path):
     assert (row["mode"], row["window"], row["consumers"]) == ("manual", 10, 2)
     assert row["received"] == 100 and row["final_length"] == 0 and row["duplicates"] == 0 and row["errors"] == 0
     assert doc["latency"] == []
+
+
+def test_bench_storage_small_run_prints_every_measure(tmp_path):
+    proc = run_tool("bench_storage.py", "--entries", "3000", "--appends", "400", "--every-appends", "40",
+                    "--more-clients", "", "--repeat", "1", "--dir", str(tmp_path))
+    rows = {line.split("  ")[0].strip() for line in proc.stdout.splitlines() if "  " in line}
+    for measure in ("fsync latency (150 B append+fsync)", "appends/s nosync", "appends/s every",
+                    "appends/s interval", "appends/s group-sim", "appends/s group x16", "appends/s group-aio",
+                    "reopen 3000 entries", "RAM/entry incl. requestId table"):
+        assert measure in rows, (measure, proc.stdout)
