@@ -231,9 +231,11 @@ class QueueManager:
         self._nursery = nursery
         self._queues: dict[QueueRef, Queue] = {}
         self._opening: dict[QueueRef, trio.Event] = {}
-        self._pool = SyncPool()          # the flushers' fsync threads; its reaper starts with the first queue
-        self._aio = AioSync.open()       # kernel AIO fsyncs where available (None: the pool does them all)
-        self._pool_started = False
+        # How flushers fsync (started with the first queue): kernel AIO where it works, else a few
+        # threads. An injected file layer (tests' fault injection) is synced through its own fsync.
+        self._aio = AioSync.open() if fileio is None else None
+        self._pool = SyncPool() if self._aio is None else None
+        self._sync_started = False
         self._log_config = storage.LogConfig(
             segment_bytes=config.segment_bytes,
             max_payload_bytes=config.max_payload_bytes,
@@ -287,12 +289,9 @@ class QueueManager:
                 qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
             else:        # recovery scans the segments: keep the event loop free meanwhile
                 qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
-            if not self._pool_started:
-                self._pool_started = True
-                await self._nursery.start(self._pool.serve)
-                if self._aio is not None:
-                    await self._nursery.start(self._aio.serve)
-                    log.debug("fsyncs go through kernel AIO")
+            if not self._sync_started:
+                self._sync_started = True
+                await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
             queue = Queue(ref, qlog, self.config, self._pool, self._aio)
             self._queues[ref] = queue
             self._report_open(queue, created)
