@@ -5,8 +5,10 @@ the GIL from the busy event loop to call ``os.fsync`` and again to report back. 
 event loop submits the fsync with one ``io_submit`` (the kernel runs ``vfs_fsync`` in a worker,
 since 4.18) and a reaper task learns of the completion from an eventfd it waits on with
 `trio.lowlevel.wait_readable`. Measured on the 2-core CI VM, per round (append + fsync of 100
-bytes): ~60 us less CPU in user space and ~150 us less in the process's system time than the
-thread pool, ~100 us less wall time.
+bytes, in isolation): ~80-100 us less wall time and ~60 us less user CPU than the thread pool; the
+fsync's kernel work moves from the process to a kernel worker, so the whole machine's CPU per
+durable put measured the same within noise (end to end, sequential puts: 854-932/s with AIO,
+798-895/s with the pool, alternating runs).
 
 Availability: Linux on x86_64 or aarch64 (the two syscall tables below) where ``io_setup`` is
 allowed and an fsync submitted at start-up completes (kernel 4.18 or later); `AioSync.open`
