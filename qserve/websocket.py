@@ -5,9 +5,9 @@ Strategy (STYLE rule 6, choice (b)): h11 parses every request first. When the ed
 the connection stops using h11 and the bytes h11 already consumed for this request (its head plus
 anything the client sent after it) are put back in front of the socket by a `ReplayStream`.
 `trio_websocket.wrap_server_stream` then reads the handshake from that stream as if it were fresh, so
-trio-websocket owns the connection from the first byte: its single reader task, its locked `_send` (the
-one writer of the socket from then on), automatic pongs, the bounded message queue and
-`max_message_size`. We chose this over (a), wsproto's post-handshake `Connection(...,
+trio-websocket owns the connection from the first byte: its single reader task, automatic pongs, the
+bounded message queue and `max_message_size`. It writes through the `ReplayStream`, whose lock it
+shares with `WebSocketUpgrade.send_messages`, the watch's own writer of data frames. We chose this over (a), wsproto's post-handshake `Connection(...,
 trailing_data=...)`, because trio-websocket only accepts a `WSConnection` that performs the handshake
 itself; (a) would mean reaching into its private state. One consequence: wsproto's server handshake
 drops bytes that arrive together with the handshake (before our 101), which only a client violating RFC

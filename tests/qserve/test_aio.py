@@ -9,7 +9,10 @@ import pytest
 import trio
 import trio.testing
 
+import storage
 from qserve._aio import AioSync
+
+from .inproc import running_server
 
 LIMIT = 10
 
@@ -93,9 +96,6 @@ def test_opt_out_by_environment_and_by_a_failed_probe(monkeypatch):
 
 
 async def test_the_server_syncs_through_aio_unless_the_file_layer_is_injected(tmp_path, monkeypatch):
-    import storage
-    from tests.qserve.inproc import running_server
-
     open_or_skip().close()   # (skips where AIO is unavailable)
     calls = []
     real = AioSync.fsync
