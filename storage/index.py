@@ -11,9 +11,9 @@ increasing order, so appends keep the order; bisect finds a row):
 
 Dead rows are purged by a periodic rebuild once they outnumber the live ones. Entries with a priority
 other than 0 are also listed per level in ``levels`` (sorted index arrays, may hold dead rows) so
-dispatch order is computed from memory. ``RidTable`` maps a 64-bit hash of the requestId to indexes by
-open addressing in two arrays; candidates are verified against the record by the caller, so collisions
-are harmless. It is built from the ``rh`` column on first use (its build is the slowest part of a
+dispatch order is computed from memory. ``RidTable`` maps a 64-bit hash of the requestId to its newest index by
+open addressing in two arrays (older copies of a repeated requestId are chained in a dict);
+candidates are verified against the record by the caller, so collisions are harmless. It is built from the ``rh`` column on first use (its build is the slowest part of a
 reopen), then kept up to date. About 38 bytes per row plus about 32 for the table. Not thread-safe.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from typing import Iterator
+from typing import Callable, Iterator
 
 __all__ = ["EntryIndex", "RidTable", "DEAD", "SEG_SHIFT", "OFF_MASK", "pack_loc", "rid_hash"]
 
@@ -44,9 +44,15 @@ def rid_hash(rid) -> int:
 
 
 class RidTable:
-    """Open-addressing hash table ``hash -> index`` (multi-valued; stale values are filtered by callers)."""
+    """requestId hash -> indexes: one open-addressing slot per distinct hash, holding the newest index;
+    older indexes with the same hash are chained in ``older`` (index -> the previous one), which only
+    repeated requestIds use. Dead or colliding values are filtered by callers.
 
-    __slots__ = ("keys", "vals", "mask", "used")
+    One slot per distinct hash keeps inserting and finding O(1) however often a requestId repeats
+    (one slot per index made every insert walk all copies of its requestId). Dead heads are unlinked
+    when a newer copy arrives; dead links in the middle of a chain go at the next rebuild."""
+
+    __slots__ = ("keys", "vals", "mask", "used", "older")
 
     def __init__(self, capacity: int = 1024) -> None:
         cap = 1024
@@ -55,57 +61,94 @@ class RidTable:
         self.keys = array("q", bytes(8 * cap))
         self.vals = array("Q", bytes(8 * cap))
         self.mask = cap - 1
-        self.used = 0
+        self.used = 0                     # slots taken (distinct hashes)
+        self.older: dict[int, int] = {}   # index -> previous index with the same hash
 
     def __len__(self) -> int:
         return self.used
 
-    def insert(self, h: int, index: int) -> None:
-        if (self.used + 1) * 3 > (self.mask + 1) * 2:
-            raise OverflowError("table full")  # callers grow before this
+    def insert(self, h: int, index: int, alive: Callable[[int], bool] | None = None) -> None:
+        """Make ``index`` the newest value of ``h``. ``alive(i)``: False lets a dead previous head
+        (and the dead ones before it) be unlinked instead of chained."""
         keys, mask = self.keys, self.mask
         i = h & mask
-        while keys[i]:
+        while True:
+            k = keys[i]
+            if not k:
+                if (self.used + 1) * 3 > (mask + 1) * 2:
+                    raise OverflowError("table full")  # callers grow before this
+                keys[i] = h
+                self.vals[i] = index
+                self.used += 1
+                return
+            if k == h:
+                older = self.older
+                head = self.vals[i]
+                if alive is not None:
+                    while head and not alive(head):
+                        head = older.pop(head, 0)
+                if head:
+                    older[index] = head
+                self.vals[i] = index
+                return
             i = (i + 1) & mask
-        keys[i] = h
-        self.vals[i] = index
-        self.used += 1
 
-    def needs_growth(self) -> bool:
-        return (self.used + 1) * 5 > (self.mask + 1) * 3
+    def needs_rebuild(self, live: int) -> bool:
+        """Time to rebuild from the live rows: the slots fill up, or dead links outnumber the live
+        rows (amortised O(1) per insert either way)."""
+        return (self.used + 1) * 5 > (self.mask + 1) * 3 or len(self.older) > 2 * live + 4096
 
     def candidates(self, h: int) -> Iterator[int]:
-        keys, vals, mask = self.keys, self.vals, self.mask
+        """The indexes stored under ``h``, newest first."""
+        keys, mask = self.keys, self.mask
         i = h & mask
         while True:
             k = keys[i]
             if not k:
                 return
             if k == h:
-                yield vals[i]
+                index = self.vals[i]
+                older = self.older
+                while index:
+                    yield index
+                    index = older.get(index, 0)
+                return
             i = (i + 1) & mask
 
     def items(self) -> Iterator[tuple[int, int]]:
-        keys, vals = self.keys, self.vals
+        """Every (hash, index) pair, each chain newest first."""
+        keys, older = self.keys, self.older
         for i in range(len(keys)):
-            if keys[i]:
-                yield keys[i], vals[i]
+            h = keys[i]
+            if h:
+                index = self.vals[i]
+                while index:
+                    yield h, index
+                    index = older.get(index, 0)
 
     @classmethod
     def build(cls, pairs, count: int) -> "RidTable":
-        """A table sized for ``count`` live pairs (load <= 0.5) holding ``pairs`` of (hash, index)."""
+        """A table sized for ``count`` live pairs (load <= 0.5) holding ``pairs`` of (hash, index)
+        given in increasing index order."""
         t = cls(count * 2 + 16)
-        keys, vals, mask = t.keys, t.vals, t.mask
+        keys, vals, mask, older = t.keys, t.vals, t.mask, t.older
         n = 0
         for h, index in pairs:
             if not h:
                 continue
             i = h & mask
-            while keys[i]:
+            while True:
+                k = keys[i]
+                if not k:
+                    keys[i] = h
+                    vals[i] = index
+                    n += 1
+                    break
+                if k == h:
+                    older[index] = vals[i]
+                    vals[i] = index
+                    break
                 i = (i + 1) & mask
-            keys[i] = h
-            vals[i] = index
-            n += 1
         t.used = n
         return t
 

@@ -200,10 +200,10 @@ class QueueLog:
         seg.note_entry(index, size)
         rids = self._rids
         if h and rids is not None:
-            if rids.needs_growth():
-                rids = self._rids = ix.build_rids()   # also drops slots of dead entries
+            if rids.needs_rebuild(ix.live):
+                rids = self._rids = ix.build_rids()   # also drops dead entries
             else:
-                rids.insert(h, index)
+                rids.insert(h, index, self.__contains__)
         return Entry(index, dict(tags), bytes(data), priority, ts)
 
     def warm(self) -> None:
@@ -353,15 +353,14 @@ class QueueLog:
     def find_request_id(self, request_id: str) -> Entry | None:
         """The live entry whose ``requestId`` tag is ``request_id`` (the newest if several)."""
         self._check()
-        best = None
-        for index in self._request_ids().candidates(rid_hash(request_id)):
+        for index in self._request_ids().candidates(rid_hash(request_id)):   # newest first
             pos = self._index.pos_of(index)
-            if pos is None or (best is not None and index < best.index):
+            if pos is None:
                 continue
             e = self._entry_at(pos)
             if e.tags.get(REQUEST_ID) == request_id:
-                best = e
-        return best
+                return e
+        return None
 
     def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
         """(index, priority) of live entries >= start, highest priority first, FIFO in a level.

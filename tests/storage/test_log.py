@@ -9,6 +9,8 @@ import pytest
 from storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueFull, QueueLog,
                      StorageError, segment_name)
 
+from storage.index import rid_hash
+
 from .helpers import segments, snapshot, tiny
 
 
@@ -213,3 +215,36 @@ def test_index_pos_of_with_and_without_holes():
         for i in range(0, 45):
             want = rows.index(i) if i in rows and i != rows[2] else None
             assert ix.pos_of(i) == want, (rows, i)
+
+
+def test_repeated_request_id_takes_one_slot(tmp_path):
+    """A requestId put thousands of times stays O(1) to insert and find: the table keeps one slot per
+    distinct requestId (the newest index) and chains the older copies; dead copies are unlinked."""
+    log = QueueLog.open(tmp_path / "q")
+    log.append(b"other", {"requestId": "other"})
+    log.find_request_id("other")                        # build the table now: inserts go through it
+    n = 5000
+    for i in range(n):
+        log.append(bytes([i % 256]), {"requestId": "same"})
+    table = log._rids
+    assert table.used == 2                               # "other" and "same": no slot per copy
+    assert log.find_request_id("same").index == n + 1
+    # deleting the newest copies falls back to the next older live one
+    log.delete([n + 1, n])
+    assert log.find_request_id("same").index == n - 1
+    # a new copy unlinks the dead heads instead of chaining them
+    e = log.append(b"new", {"requestId": "same"})
+    assert log.find_request_id("same") == e
+    assert n + 1 not in table.older and n not in table.older and table.older[e.index] == n - 1
+    assert len(table.older) == n - 2
+    # everything deleted but the oldest copy: found after a walk, and a rebuild keeps only live links
+    log.delete(range(3, e.index + 1))
+    assert log.find_request_id("same").index == 2 and log.find_request_id("other").index == 1
+    rebuilt = log._index.build_rids()
+    assert sorted(rebuilt.items()) == sorted([(rid_hash("other"), 1), (rid_hash("same"), 2)])
+    assert not rebuilt.older
+    log.close()
+    log = QueueLog.open(tmp_path / "q")                 # rebuilt from disk: same answers
+    assert log.find_request_id("same").index == 2 and log.find_request_id("other").index == 1
+    assert len(log._request_ids().older) == 0
+    log.close()
