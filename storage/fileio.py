@@ -21,9 +21,10 @@ def is_disk_full(exc: OSError) -> bool:
 class FileIO:
     """File operations used by the log. Subclass and override to inject faults."""
 
-    def open_append(self, path: str) -> int:
-        """Open an existing file for reading and appending; returns an fd."""
-        return os.open(path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+    def open_rw(self, path: str) -> int:
+        """Open an existing file for reading and writing (not O_APPEND: segments are written with
+        ``pwrite`` at their logical end, over preallocated zeros); returns an fd."""
+        return os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
 
     def create(self, path: str) -> int:
         """Create (or truncate) a file for writing; returns an fd."""
@@ -32,6 +33,10 @@ class FileIO:
     def write(self, fd: int, data: bytes) -> int:
         """One write(2); returns the number of bytes written (may be short)."""
         return os.write(fd, data)
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        """One pwrite(2) at ``offset``; returns the number of bytes written (may be short)."""
+        return os.pwrite(fd, data, offset)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)

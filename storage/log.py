@@ -1,7 +1,8 @@
 """QueueLog: the ordered segments of one queue directory.
 
-Strategy: every mutation is framed (record.py) and appended with one ``os.write`` to the active segment,
-then applied to the derived in-memory index (index.py); a failed write changes nothing. Durability is
+Strategy: every mutation is framed (record.py), written with one ``pwrite`` at the end of the active
+segment (over zeros written ahead of it, segment.py) and then applied to the derived in-memory index
+(index.py); a failed write changes nothing. Durability is
 group commit: ``sync_begin`` (owner thread) dups the active fd, ``SyncTicket.run`` (any thread) fsyncs
 it, ``sync_end`` (owner thread) advances ``durable_seq``. Rolls fsync the old segment first, so only the
 active segment ever holds non-durable bytes; that makes the fsync-failure rollback simple: cut the active
@@ -50,6 +51,11 @@ class LogConfig:
     max_entries: int | None = None
     compact_live_ratio: float = 0.5
     repair: bool = False
+    preallocate_bytes: int = 1024 * 1024   # zeros written ahead of appends in the active segment; 0 = off
+
+    @property
+    def prealloc_chunk(self) -> int:
+        return max(0, min(self.preallocate_bytes, self.segment_bytes))
 
 
 class QueueLog:
@@ -100,6 +106,8 @@ class QueueLog:
         self._watermark = rec.watermark
         self._state = rec.state
         self._fresh = False
+        for seg in self._segs:
+            seg.prealloc = self.config.prealloc_chunk
         if not self._segs:
             self._segs.append(self._new_segment(max(self.next_index, 1), 0, "create"))
             self._by_sid[self._segs[0].sid] = self._segs[0]
@@ -124,6 +132,7 @@ class QueueLog:
         header = encode_checkpoint(CheckpointRecord(base, prev, self.next_index, self._watermark,
                                                     dict(self._state), tuple(segs), why, seals))
         seg = Segment.create(self.io, self.path, base, self._next_sid, header)
+        seg.prealloc = self.config.prealloc_chunk
         self._next_sid += 1
         self._fresh = True
         return seg
@@ -152,6 +161,10 @@ class QueueLog:
 
     def _roll(self) -> None:
         old = self._active
+        try:
+            old.trim()            # a sealed segment ends with its last record (its seal's size)
+        except OSError as exc:
+            raise io_error(exc, f"sealing {old.path}") from None
         self._fsync_or_rollback(old)
         seg = self._new_segment(max(self.next_index, old.base + 1), old.base, "roll")
         self._segs.append(seg)
@@ -394,6 +407,8 @@ class QueueLog:
 
     @property
     def bytes_on_disk(self) -> int:
+        """Bytes of the segments' records (the active segment's file also holds up to
+        ``preallocate_bytes`` of zeros written ahead of appends)."""
         return sum(s.size for s in self._segs)
 
     @property
@@ -484,6 +499,10 @@ class QueueLog:
             return
         try:
             if not self._failed:
+                try:
+                    self._active.trim()   # a cleanly closed log has no preallocated tail
+                except OSError:
+                    pass                  # harmless: recovery reads the zeros as unused space
                 self.sync()
         finally:
             self._closed = True

@@ -88,6 +88,8 @@ class ReadOutcome:
 
     ``offset`` is where the bad frame starts (``clean``: end of file); ``resume`` is the offset of the
     next valid frame for ``corrupt`` (where the lenient reader continues), else end of file.
+    ``zero_filled``: a ``torn`` end where every byte from ``offset`` on is zero - in the active
+    segment, the preallocated space after its last record (FORMAT.md), not damage.
     """
 
     kind: str
@@ -95,6 +97,7 @@ class ReadOutcome:
     offset: int
     reason: str = ""
     resume: int = 0
+    zero_filled: bool = False
 
     @property
     def skipped(self) -> int:
@@ -225,12 +228,12 @@ def find_next_frame(buf, start: int) -> int | None:
 
 def classify_bad_frame(buf, offset: int, reason: str, path: str) -> ReadOutcome:
     """A bad frame at ``offset``: corrupt if a valid frame follows, torn otherwise."""
+    n = len(buf)
+    if bytes(buf[offset:]) == bytes(n - offset):  # memcmp: preallocated space is all zeros
+        return ReadOutcome("torn", path, offset, f"{reason} (zero-filled tail)", n, True)
     nxt = find_next_frame(buf, offset + 1)
     if nxt is None:
-        tail = bytes(buf[offset:])
-        if tail.count(0) == len(tail):
-            reason = f"{reason} (zero-filled tail)"
-        return ReadOutcome("torn", path, offset, reason, len(buf))
+        return ReadOutcome("torn", path, offset, reason, n)
     return ReadOutcome("corrupt", path, offset, reason, nxt)
 
 

@@ -2,7 +2,8 @@
 
 Strategy (Kafka's LogLoader, etcd's repair): read each segment whole, walk its frames with a fast path
 for ENTRY records (fixed-width prefix, one ``struct.unpack_from`` + crc, no msgpack decode), and apply
-records in log order. Three outcomes per segment are told apart (record.py): a clean end; a torn tail,
+records in log order. Three outcomes per segment are told apart (record.py): a clean end (in the active
+segment possibly followed by preallocated zeros, left in place); a torn tail,
 which only the active segment may have and which is cut after a ``.broken`` copy; corruption, which is
 refused (``CorruptLog``) unless ``repair``, when the bad stretch is skipped, reported and the file rewritten
 without it. The last CHECKPOINT lists the segments that must exist: a missing one is corruption, an
@@ -36,6 +37,7 @@ class RecoveryReport:
     (repair mode) and per missing segment."""
 
     truncated_bytes: int = 0
+    preallocated_bytes: int = 0     # zeros after the active segment's last record (not damage)
     broken_files: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     missing: list = field(default_factory=list)
@@ -81,6 +83,7 @@ class _Scan:
         self.moved: dict[int, list] = {}  # index -> [loc, size, prio, rid_hash, live] (no row yet)
         self.by_sid: dict[int, Segment] = {}
         self.last_main = 0
+        self.logical_end = 0   # of the segment last scanned: where its records end
 
     # -- record application (slow path; the ENTRY fast path is inlined in scan_segment) -----------
     def kill_index(self, i: int) -> None:
@@ -191,7 +194,7 @@ class _Scan:
         tail only) or rewritten (repair)."""
         rec, report = self.rec, self.rec.report
         ix = rec.index
-        n = len(buf)
+        n = self.logical_end = len(buf)   # ``logical_end``: less when a zero tail follows the records
         mv = memoryview(buf)
         unpack_head = FRAMED_ENTRY_HEAD.unpack_from
         crc32 = zlib.crc32
@@ -244,10 +247,14 @@ class _Scan:
             if isinstance(res, str):
                 outcome = classify_bad_frame(buf, off, res, seg.path)
                 if outcome.kind == "torn" and is_last:
-                    report.truncated_bytes += n - off
+                    if outcome.zero_filled:       # preallocated space: the file stays as it is
+                        report.preallocated_bytes += n - off
+                        self.logical_end = off
+                    else:
+                        report.truncated_bytes += n - off
                     n = off
                     break
-                why = res if outcome.kind == "corrupt" else f"torn tail in a sealed segment: {res}"
+                why = res if outcome.kind == "corrupt" else f"torn tail in a sealed segment: {outcome.reason}"
                 if not self.repair:
                     raise CorruptLog(seg.path, off, why)
                 report.skipped.append((seg.path, off, why))
@@ -283,7 +290,7 @@ class _Scan:
             if not seg.min_index or fmin < seg.min_index:
                 seg.min_index = fmin
             seg.max_index = max(seg.max_index, last_main)
-        if repaired or n < len(buf):
+        if repaired or n < self.logical_end:
             cleaned = prefix + b"".join(bytes(mv[a:b]) for a, b in keep if b > a)
             return cleaned, not repaired
         return None
@@ -324,13 +331,16 @@ def recover(directory: str, io: FileIO, repair: bool = False, sync: bool = True)
         path = os.path.join(directory, segment_name(base))
         is_last = k == len(bases) - 1
         buf = io.read_file(path)
-        fd = io.open_append(path)
+        fd = io.open_rw(path)
         seg = Segment(io, directory, base, k, fd, len(buf))
         scan.by_sid[k] = seg
         rec.segments.append(seg)
         crc = zlib.crc32(buf)
         trusted = not is_last and seals.get(base) == (len(buf), crc)
         res = scan.scan_segment(seg, buf, is_last, trusted)
+        if res is None and scan.logical_end < len(buf):     # records, then preallocated zeros
+            seg.size = seg.durable_size = scan.logical_end
+            crc = zlib.crc32(memoryview(buf)[:seg.size])
         if res is not None:
             cleaned, torn_only = res
             report.broken_files.append(_broken_copy(io, path, buf))
@@ -346,9 +356,9 @@ def recover(directory: str, io: FileIO, repair: bool = False, sync: bool = True)
             else:
                 io.close(fd)
                 io.write_file_atomic(path, cleaned)      # repair: rewrite without the bad stretches
-                fd = seg.fd = io.open_append(path)
+                fd = seg.fd = io.open_rw(path)
                 rec.needs_checkpoint = True
-            seg.size = seg.durable_size = len(cleaned)
+            seg.size = seg.durable_size = seg.allocated = len(cleaned)
             crc = zlib.crc32(cleaned)
         seg.crc = crc
         del buf, res

@@ -39,6 +39,7 @@ class Segment:
     is_last: bool        # the active segment of its queue (may end torn)
     size: int = 0        # filled in by read_segment
     crc: int = 0         # crc32 of the whole file, filled in by read_segment
+    zero_tail: int = 0   # active segment: bytes of preallocated zeros after the last record
 
 
 @dataclass
@@ -179,7 +180,9 @@ def read_segment(seg: Segment, progress: Progress | None = None, done: int = 0) 
             yield Item(seg, pending[0], off - pending[0], pending[1])
             pending = None
         if isinstance(obj, ReadOutcome):
-            if obj.kind != "clean":
+            if obj.kind == "torn" and obj.zero_filled and seg.is_last:
+                seg.zero_tail = obj.resume - off     # preallocated space (FORMAT.md), not damage
+            elif obj.kind != "clean":
                 yield Item(seg, off, obj.resume - off, obj)
         else:
             pending = (off, obj)
@@ -323,6 +326,10 @@ def verify_queue(queue: Queue, progress: Progress | None = None) -> VerifyResult
         if first:
             res.problems.append(Problem(seg.path, 0, "segment holds no readable record, not even its "
                                         "checkpoint"))
+        if seg.zero_tail:
+            res.notes.append(Problem(seg.path, seg.size - seg.zero_tail,
+                                     f"{seg.zero_tail} bytes of preallocated zeros after the last record "
+                                     "(unused space: the next append overwrites them)"))
         done += seg.size
     if not queue.single_file:
         _check_segment_set(res, last_cp, seals, damaged)

@@ -61,6 +61,15 @@ class SwitchIO(storage.FileIO):
             return os.write(fd, bytes(data[: len(data) // 2]))
         return super().write(fd, data)
 
+    def pwrite(self, fd, data, offset):
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.writes += 1
+        if self.short:
+            self.short = False
+            return os.pwrite(fd, bytes(data[: len(data) // 2]), offset)
+        return super().pwrite(fd, data, offset)
+
     def fsync(self, fd):
         gate = self.gate
         if gate is not None and threading.current_thread() is not threading.main_thread():

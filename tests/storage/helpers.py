@@ -95,6 +95,13 @@ class FaultyIO(FileIO):
             return os.write(fd, bytes(data[: len(data) // 2]))
         return super().write(fd, data)
 
+    def pwrite(self, fd, data, offset):
+        if self.write_errno is not None:
+            raise OSError(self.write_errno, os.strerror(self.write_errno))
+        if self.short_write:
+            return os.pwrite(fd, bytes(data[: len(data) // 2]), offset)
+        return super().pwrite(fd, data, offset)
+
     def fsync(self, fd):
         self.fsyncs += 1
         if self.fsync_errno is not None:

@@ -154,3 +154,47 @@ def test_compaction_interrupted_before_unlink(tmp_path):
     log.maybe_compact()
     log.close()
     assert snapshot(QueueLog.open(tmp_path, tiny())) == want
+
+
+def test_preallocation_is_trimmed_and_refused_cleanly(tmp_path):
+    """The active segment's file runs ahead of its records (zeros written in chunks); a roll trims
+    the sealed segment to its seal and a close trims the active one; a full disk refuses the chunk
+    before any record byte is written."""
+    io = FaultyIO()
+    cfg = tiny(preallocate_bytes=1000)
+    log = QueueLog.open(tmp_path, cfg, fileio=io)
+    log.append(b"a" * 50, {})
+    (active,) = segments(tmp_path)
+    grown = active.stat().st_size
+    assert grown == log._active.header_size + 1000 > log.bytes_on_disk
+    assert active.read_bytes()[log.bytes_on_disk:] == bytes(grown - log.bytes_on_disk)
+    while len(segments(tmp_path)) < 3:
+        log.append(b"b" * 50, {})
+    sealed = segments(tmp_path)[:-1]
+    assert [p.stat().st_size for p in sealed] == [s.size for s in log._segs[:-1]]
+    # fill the active segment's preallocated chunk, then the disk is full for the next one
+    seg = log._active
+    while seg.size + 200 <= seg.allocated:
+        log.append(b"c" * 50, {})
+    before, on_disk, file_size = snapshot(log), log.bytes_on_disk, segments(tmp_path)[-1].stat().st_size
+    io.write_errno = ENOSPC
+    with pytest.raises(DiskFull):
+        for _ in range(4):
+            log.append(b"d" * 50, {})
+    assert snapshot(log) == before and log.bytes_on_disk == on_disk
+    assert segments(tmp_path)[-1].stat().st_size <= file_size
+    io.write_errno = None
+    e = log.append(b"e", {})
+    log.close()
+    assert [p.stat().st_size for p in segments(tmp_path)] == [s.size for s in log._segs]
+    log = QueueLog.open(tmp_path, cfg)
+    assert log.read(e.index).data == b"e" and not log.recovery.preallocated_bytes
+    log.close()
+
+
+def test_no_preallocation(tmp_path):
+    log = QueueLog.open(tmp_path, tiny(preallocate_bytes=0))
+    for i in range(30):
+        log.append(b"a" * 50, {})
+        assert sum(p.stat().st_size for p in segments(tmp_path)) == log.bytes_on_disk
+    log.close()

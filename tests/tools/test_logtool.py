@@ -362,3 +362,29 @@ def test_leftover_of_compaction(tmp_path, monkeypatch, capsys):
     finally:
         log.close()
     assert not first.exists()
+
+
+def test_preallocated_tail_of_a_running_log(tmp_path, monkeypatch, capsys):
+    """A copy of a queue taken while its log is open (what a crash leaves) ends its active segment
+    with preallocated zeros: verify notes them and exits 0, dump shows no damage, repair has nothing
+    to do."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    log = QueueLog.open(tmp_path / "live", LogConfig(preallocate_bytes=4096), now=lambda: NOW)
+    for i in range(3):
+        log.append(f"p{i}".encode(), {"requestId": f"r{i}"})
+    log.sync()
+    shutil.copytree(tmp_path / "live", tmp_path / "copy")
+    log.close()
+    queue = Path("copy")
+    (active,) = segs(queue)
+    *_, (end, outcome) = iter_records(active)
+    assert outcome.kind == "torn" and outcome.zero_filled and active.stat().st_size >= end + 3000
+    status, out, _ = run(capsys, "verify", queue)
+    assert status == 0 and out.splitlines()[-1].startswith(f"OK {queue}: ")
+    assert "bytes of preallocated zeros after the last record" in out
+    status, out, _ = run(capsys, "dump", queue)
+    assert "DAMAGE" not in out and out.count(" entry ") == 3
+    status, out, _ = run(capsys, "repair", queue)
+    assert status == 0 and out.startswith(f"OK {queue}: nothing to repair, 3 live entries")
+    assert active.stat().st_size == end          # opened and closed cleanly: trimmed
