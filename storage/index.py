@@ -9,12 +9,16 @@ increasing order, so appends keep the order; bisect finds a row):
 * ``prio`` i64  priority
 * ``rh``   i64  64-bit hash of the requestId (0 = none)
 
-Dead rows are purged by a periodic rebuild once they outnumber the live ones. Entries with a priority
-other than 0 are also listed per level in ``levels`` (sorted index arrays, may hold dead rows) so
-dispatch order is computed from memory. ``RidTable`` maps a 64-bit hash of the requestId to its newest index by
-open addressing in two arrays (older copies of a repeated requestId are chained in a dict);
-candidates are verified against the record by the caller, so collisions are harmless. It is built from the ``rh`` column on first use (its build is the slowest part of a
-reopen), then kept up to date. About 38 bytes per row plus about 32 for the table. Not thread-safe.
+Dead rows are purged by a periodic rebuild once they outnumber the live ones; until then scans step
+over them through skip links (a union-find over row positions, 4 bytes per row, see `_skip`), so a
+dead row costs O(1) amortised however often dispatch restarts behind it. Entries with a priority
+other than 0 are also listed per level in ``levels`` (sorted index arrays, may hold dead rows, with
+skip links of their own) so dispatch order is computed from memory. ``RidTable`` maps a 64-bit hash
+of the requestId to its newest index by open addressing in two arrays (older copies of a repeated
+requestId are chained in a dict); candidates are verified against the record by the caller, so
+collisions are harmless. It is built from the ``rh`` column on first use (its build is the slowest
+part of a reopen), then kept up to date. About 42 bytes per row plus about 32 for the table. Not
+thread-safe.
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ def rid_hash(rid) -> int:
         rid = rid.encode("utf-8", "surrogatepass")
     h = hash(rid)
     return h if h else 1
+
+
+def _skip(links: array, pos: int) -> int:
+    """The first live position at or after ``pos`` (``len(links)`` if none). ``links`` is a
+    union-find over dead positions: a live one points at itself, a dead one further on; the path
+    walked is compressed, so each dead position is stepped over O(1) times amortised, however often
+    scans restart behind it (draining a priority level, or a queue whose head stays pending, would
+    otherwise walk every dead row on every poll until the next purge)."""
+    n = len(links)
+    root = pos
+    while root < n and links[root] != root:
+        root = links[root]
+    while pos < root:
+        nxt = links[pos]
+        links[pos] = root
+        pos = nxt
+    return root
 
 
 class RidTable:
@@ -156,7 +177,8 @@ class RidTable:
 class EntryIndex:
     """Columns of all stored entries (live and not yet purged dead ones), sorted by index."""
 
-    __slots__ = ("idx", "loc", "size", "prio", "rh", "levels", "live", "version", "_first")
+    __slots__ = ("idx", "loc", "size", "prio", "rh", "levels", "live", "version", "_first", "_links",
+                 "_links_version", "_level_links")
 
     def __init__(self) -> None:
         self.idx = array("Q")
@@ -168,6 +190,11 @@ class EntryIndex:
         self.live = 0
         self.version = 0
         self._first = 0
+        # Skip links over dead rows (see `_skip`): row -> itself when live, further on when dead.
+        # Built on first use for the current ``version``; kept up to date by append and kill.
+        self._links = array("I")
+        self._links_version = -1
+        self._level_links: dict[int, array] = {}   # the same over each ``levels`` array
 
     # -- building --------------------------------------------------------------------------------
     def append(self, index: int, loc: int, size: int, prio: int, h: int) -> None:
@@ -177,11 +204,20 @@ class EntryIndex:
         self.loc.append(loc)
         self.size.append(size)
         self.prio.append(prio)
+        links = self._links
+        if len(links) == len(self.idx) - 1:
+            links.append(len(links))
         if prio:
             lv = self.levels.get(prio)
             if lv is None:
                 lv = self.levels[prio] = array("Q")
             lv.append(index)
+            ll = self._level_links.get(prio)
+            if ll is not None:
+                if len(ll) == len(lv) - 1:
+                    ll.append(len(ll))
+                else:
+                    del self._level_links[prio]
         self.live += 1
 
     def build_rids(self) -> "RidTable":
@@ -203,6 +239,7 @@ class EntryIndex:
                     lv = levels[p] = array("Q")
                 lv.append(idx[pos])
         self.levels = levels
+        self._level_links = {}
 
     # -- lookups ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -237,22 +274,39 @@ class EntryIndex:
             p -= 1
         return p if p >= 0 else None
 
+    def _row_links(self) -> array:
+        links = self._links
+        if self._links_version != self.version or len(links) != len(self.idx):
+            loc = self.loc
+            links = self._links = array("I", range(len(loc)))
+            for pos in range(len(loc)):
+                if loc[pos] & DEAD:
+                    links[pos] = pos + 1
+            self._links_version = self.version
+        return links
+
+    def _links_of_level(self, p: int, lv: array) -> array:
+        ll = self._level_links.get(p)
+        if ll is None or len(ll) != len(lv):
+            ll = self._level_links[p] = array("I", range(len(lv)))
+            for i in range(len(lv)):
+                if self.pos_of(lv[i]) is None:
+                    ll[i] = i + 1
+        return ll
+
     def iter_live(self, start: int = 0) -> Iterator[int]:
         """Live rows with index >= start, in index order. Tolerates mutation between steps."""
-        first = self.first_pos()      # rows before it are all dead: never walk them again
-        if first is None:
-            return
         version = self.version
-        pos = max(bisect_left(self.idx, start), first)
+        pos = bisect_left(self.idx, start)
         while True:
             if version != self.version:  # rows were purged: find our place again
                 version = self.version
                 pos = bisect_left(self.idx, start)
+            pos = _skip(self._row_links(), pos)
             if pos >= len(self.idx):
                 return
-            if not self.loc[pos] & DEAD:
-                start = self.idx[pos] + 1
-                yield pos
+            start = self.idx[pos] + 1
+            yield pos
             pos += 1
 
     def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
@@ -271,18 +325,19 @@ class EntryIndex:
             nxt = start
             i = bisect_left(lv, nxt)
             while True:
-                if version != self.version:  # levels were rebuilt: find our place again
+                if version != self.version or self.levels.get(p) is not lv:  # rebuilt: find our place again
                     version = self.version
                     lv = self.levels.get(p)
                     if lv is None:
                         break
                     i = bisect_left(lv, nxt)
+                i = _skip(self._links_of_level(p, lv), i)
                 if i >= len(lv):
                     break
                 index = lv[i]
                 i += 1
                 nxt = index + 1
-                if self.pos_of(index) is not None:
+                if self.pos_of(index) is not None:   # the links say live; cheap to be sure
                     yield index, p
 
     # -- mutation --------------------------------------------------------------------------------
@@ -291,6 +346,17 @@ class EntryIndex:
         old = self.loc[pos]
         self.loc[pos] = old | DEAD
         self.live -= 1
+        if pos < len(self._links):
+            self._links[pos] = pos + 1
+        p = self.prio[pos]
+        if p:
+            ll = self._level_links.get(p)
+            if ll is not None:
+                lv = self.levels[p]
+                index = self.idx[pos]
+                i = bisect_left(lv, index)
+                if i < len(ll) and lv[i] == index:
+                    ll[i] = i + 1
         return old
 
     def move(self, pos: int, loc: int, size: int) -> None:

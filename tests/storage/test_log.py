@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from array import array
 
 import pytest
 
@@ -247,4 +248,67 @@ def test_repeated_request_id_takes_one_slot(tmp_path):
     log = QueueLog.open(tmp_path / "q")                 # rebuilt from disk: same answers
     assert log.find_request_id("same").index == 2 and log.find_request_id("other").index == 1
     assert len(log._request_ids().older) == 0
+    log.close()
+
+
+class _CountingArray(array):
+    """An array that counts element reads (to measure how many rows a scan steps over)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        _CountingArray.reads += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("priority", [0, 2])
+def test_dispatch_steps_over_dead_rows_once(tmp_path, priority):
+    """Draining a queue in dispatch order while its head stays pending (a consumer holds it) must
+    not rescan the dead rows behind the head on every poll: skip links make each dead row cost O(1)
+    amortised, so the whole drain reads O(n log n) elements, not O(n^2)."""
+    log = QueueLog.open(tmp_path / "q")
+    n = 3000
+    for i in range(n):
+        log.append(b"x", {}, priority=priority)
+    ix = log._index
+    ix.loc = _CountingArray("Q", ix.loc)
+    for p, lv in list(ix.levels.items()):
+        ix.levels[p] = _CountingArray("Q", lv)
+    _CountingArray.reads = 0
+    head = 1                                   # pending: every poll skips it, as the dispatcher does
+    drained = []
+    while True:
+        nxt = next((i for i, _ in log.iter_dispatch() if i != head), None)
+        if nxt is None:
+            break
+        log.delete([nxt])
+        drained.append(nxt)
+    assert drained == list(range(2, n + 1))
+    assert list(log.iter_dispatch()) == [(head, priority)]
+    # O(log n) reads per poll and delete (bisects) instead of one per dead row
+    assert _CountingArray.reads < 60 * n, _CountingArray.reads
+    log.close()
+
+
+def test_skip_links_follow_purges_and_out_of_order_deletes(tmp_path):
+    """Iteration stays exact while rows die out of order, levels are rebuilt and the index is
+    purged between steps (the skip links are rebuilt for the new rows)."""
+    log = QueueLog.open(tmp_path / "q")
+    for i in range(1, 9001):
+        log.append(b"x", {}, priority=i % 3)
+    want = [(i, p) for p in (2, 1) for i in range(1, 9001) if i % 3 == p] + \
+           [(i, 0) for i in range(1, 9001) if i % 3 == 0]
+    it = log.iter_dispatch()
+    got = [next(it) for _ in range(10)]
+    # kill every other remaining entry, out of order, enough to make the next step purge
+    doomed = [i for k, (i, _) in enumerate(want[10:]) if k % 3]
+    version = log._index.version
+    log.delete(sorted(doomed[1::2], reverse=True))
+    log.delete(doomed[0::2])
+    log._index.maybe_purge()
+    assert log._index.version > version           # the rows were purged under the iterator
+    got += list(it)
+    alive = set(i for i, _ in want) - set(doomed)
+    assert got == [x for x in want[:10]] + [x for x in want[10:] if x[0] in alive]
+    assert list(log.iter_dispatch()) == [x for x in want if x[0] in alive]
     log.close()
