@@ -20,8 +20,9 @@ AVAILABLE), its transition table and its Rule 1 / Rule 2 live in `_group_state`.
 
 Costs: `poll()` walks `source.iter_dispatch()` from the consumer's start and skips entries
 PENDING in its group, so it is O(pending in the group + entries returned), not O(queue length).
-With a tag filter every entry it passes over that does not match costs one `source.tags_of()`
-call (which may read disk): O(non-matching entries ahead of the matches). `search()` is
+With a tag filter it walks that filter's own index of matching entries instead (`_tag_index`:
+each entry's tags are read once per distinct filter, when the first poll after its put comes),
+so the same holds; entries that do not match are never passed over again. `search()` is
 O(position of the entry in dispatch order). Everything kept is bounded: per consumer by its
 window, per group by the sum of its members' windows, per-entry annotations by the live nacked
 entries (dropped on removal, and swept against the source when they double in number).
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ._group_state import Consumer, EntryEvent, EntryState, Group, Nack, step
+from ._tag_index import FilterIndex, FilterIndexes, matches
 from .errors import BadRequest
 
 __all__ = ["ConsumerSpec", "Dispatcher", "DispatchSource", "format_go_duration"]
@@ -131,6 +133,8 @@ class Dispatcher:
         self._nacks: dict[int, Nack] = {}
         self._nacks_swept_at = 0                    # len(_nacks) after the last sweep
         self._delivered = 0
+        self._filters = FilterIndexes()             # matching entries per tag filter in use
+        self._filter_of: dict[str, FilterIndex] = {}
 
     # -- membership -------------------------------------------------------------------------
     def attach(self, spec: ConsumerSpec) -> list[int]:
@@ -148,6 +152,8 @@ class Dispatcher:
         consumer = Consumer(spec, group, start, last_active=self._now())
         group.members[spec.id] = consumer
         self._consumers[spec.id] = consumer
+        if spec.tags:
+            self._filter_of[spec.id] = self._filters.acquire(spec.tags)
         return released
 
     def detach(self, consumer_id: str) -> list[int]:
@@ -159,6 +165,9 @@ class Dispatcher:
         consumer = self._consumers.pop(consumer_id, None)
         if consumer is None:
             return []
+        fi = self._filter_of.pop(consumer_id, None)
+        if fi is not None:
+            self._filters.release(fi)
         group = consumer.group
         released = sorted(consumer.pending)
         for index in released:
@@ -215,10 +224,14 @@ class Dispatcher:
             return []
         group = consumer.group
         chosen: list[int] = []
-        for index, _priority in self._source.iter_dispatch(consumer.start):
+        fi = self._filter_of.get(consumer_id)
+        if fi is None:
+            candidates = self._source.iter_dispatch(consumer.start)
+        else:   # only entries matching the filter (each entry's tags are read once per filter)
+            fi.refresh(self._source)
+            candidates = fi.iter_dispatch(consumer.start, self._source)
+        for index, _priority in candidates:
             if index in group.owner:
-                continue
-            if consumer.spec.tags and not self._matches(consumer, index):
                 continue
             if group.avoid.get(index) is consumer and self._another_can_take(consumer, index):
                 continue
@@ -409,8 +422,7 @@ class Dispatcher:
         holder.drop_pending(index)
 
     def _matches(self, consumer: Consumer, index: int) -> bool:
-        tags = self._source.tags_of(index)
-        return tags is not None and all(tags.get(k) == v for k, v in consumer.spec.tags)
+        return matches(self._source.tags_of(index), consumer.spec.tags)
 
     def _another_can_take(self, consumer: Consumer, index: int) -> bool:
         for other in consumer.group.members.values():

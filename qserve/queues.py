@@ -63,6 +63,10 @@ class LogSource:
         entry = self._log.read(index)
         return None if entry is None else entry.tags
 
+    def tags_many(self, indexes: list[int]) -> list[Mapping[str, str] | None]:
+        """`tags_of` for many entries at once (one read per run of back-to-back records)."""
+        return [None if e is None else e.tags for e in self._log.read_many(indexes)]
+
     def __contains__(self, index: int) -> bool:
         return index in self._log
 

@@ -10,7 +10,7 @@ increasing order, so appends keep the order; bisect finds a row):
 * ``rh``   i64  64-bit hash of the requestId (0 = none)
 
 Dead rows are purged by a periodic rebuild once they outnumber the live ones; until then scans step
-over them through skip links (a union-find over row positions, 4 bytes per row, see `_skip`), so a
+over them through skip links (a union-find over row positions, 4 bytes per row, see `next_live`), so a
 dead row costs O(1) amortised however often dispatch restarts behind it. Entries with a priority
 other than 0 are also listed per level in ``levels`` (sorted index arrays, may hold dead rows, with
 skip links of their own) so dispatch order is computed from memory. ``RidTable`` maps a 64-bit hash
@@ -27,7 +27,7 @@ from array import array
 from bisect import bisect_left
 from typing import Callable, Iterator
 
-__all__ = ["EntryIndex", "RidTable", "DEAD", "SEG_SHIFT", "OFF_MASK", "pack_loc", "rid_hash"]
+__all__ = ["EntryIndex", "RidTable", "DEAD", "SEG_SHIFT", "OFF_MASK", "pack_loc", "rid_hash", "next_live"]
 
 DEAD = 1 << 63
 SEG_SHIFT = 40
@@ -47,7 +47,7 @@ def rid_hash(rid) -> int:
     return h if h else 1
 
 
-def _skip(links: array, pos: int) -> int:
+def next_live(links: array, pos: int) -> int:
     """The first live position at or after ``pos`` (``len(links)`` if none). ``links`` is a
     union-find over dead positions: a live one points at itself, a dead one further on; the path
     walked is compressed, so each dead position is stepped over O(1) times amortised, however often
@@ -190,7 +190,7 @@ class EntryIndex:
         self.live = 0
         self.version = 0
         self._first = 0
-        # Skip links over dead rows (see `_skip`): row -> itself when live, further on when dead.
+        # Skip links over dead rows (see `next_live`): row -> itself when live, further on when dead.
         # Built on first use for the current ``version``; kept up to date by append and kill.
         self._links = array("I")
         self._links_version = -1
@@ -302,7 +302,7 @@ class EntryIndex:
             if version != self.version:  # rows were purged: find our place again
                 version = self.version
                 pos = bisect_left(self.idx, start)
-            pos = _skip(self._row_links(), pos)
+            pos = next_live(self._row_links(), pos)
             if pos >= len(self.idx):
                 return
             start = self.idx[pos] + 1
@@ -331,7 +331,7 @@ class EntryIndex:
                     if lv is None:
                         break
                     i = bisect_left(lv, nxt)
-                i = _skip(self._links_of_level(p, lv), i)
+                i = next_live(self._links_of_level(p, lv), i)
                 if i >= len(lv):
                     break
                 index = lv[i]

@@ -471,13 +471,32 @@ def test_poll_cost_does_not_grow_with_queue_length():
     assert source.yielded <= 12   # 9 pending skipped + the one taken (+1 slack)
 
 
-def test_tag_filter_costs_one_tags_of_per_rejected_entry():
+def test_tag_filter_reads_each_entry_once():
+    """A filtered consumer's polls read each entry's tags once per filter, not once per poll:
+    entries that do not match are never passed over again (a per-filter index of matches)."""
     source, d, _ = make(50, kind="a")
     source.put(kind="b")
     d.attach(spec(tags=(("kind", "b"),)))
     source.tag_reads = 0
     assert d.poll("g.u") == [51]
     assert source.tag_reads == 51
+    for _ in range(20):                          # polls, puts of both kinds, commits
+        source.tag_reads = 0
+        a, b = source.put(kind="a"), source.put(priority=1, kind="b")
+        assert d.poll("g.u") == [b]
+        assert source.tag_reads == 2             # only the two new entries
+        commit(source, d, [b])
+    source.tag_reads = source.yielded = 0
+    assert d.poll("g.u") == [] and source.tag_reads == 0
+    # deleted matches are noticed when met and skipped from then on
+    bs = [source.put(kind="b") for _ in range(5)]
+    source.delete(bs[:4])
+    assert d.poll("g.u") == [bs[4]]
+    # a consumer that comes back (the clients reconnect every few seconds) finds its filter's index
+    d.detach("g.u")
+    source.tag_reads = 0
+    d.attach(spec(user="again", tags=(("kind", "b"),)))
+    assert d.poll("g.again") == [51, bs[4]] and source.tag_reads == 0
     source.tag_reads = 0
     d.attach(spec(user="plain"))
     d.poll("g.plain")
