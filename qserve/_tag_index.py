@@ -1,25 +1,28 @@
-"""Per tag filter, the live entries that match it, in dispatch order (used by `groups.Dispatcher`).
+"""Per tag filter, the live entries that match it (for `groups.Dispatcher` and tag-filtered gets).
 
 Why: a watcher with a tag filter used to read the tags of every entry ahead of its matches on every
 poll. Tags never change once an entry is stored, so each entry only needs classifying once per
 filter: with 50,000 non-matching entries ahead, a poll took ~450 ms of the event loop (and a
-sleeping watcher polls every second), and now takes what an unfiltered one does.
+sleeping watcher polls every second), and now takes what an unfiltered one does. The same went for
+a get with a tag filter (other than requestId), which every put wakes while it long-polls.
 
 Strategy: a `FilterIndex` classifies entries up to the source's ``next_index`` when asked
 (`refresh`: each entry's tags read once, in batches through the source's ``tags_many`` when it has
 one), and keeps the matching indexes per priority level in ascending arrays (`_Run`). Entries
 deleted on storage are noticed when a scan meets them (the dispatcher is not told of every
 deletion) and stepped over from then on through skip links (`storage.index.next_live`); a run is
-rewritten once its dead outnumber its live. `FilterIndexes` keeps one per distinct filter, shared
-by the consumers using it, and the `IDLE_KEPT` most recently used ones nobody uses (the official
-clients reconnect every few seconds, which must not mean reading the whole queue again).
+rewritten once its dead outnumber its live. `FilterIndexes` (one per queue) keeps one per distinct
+filter, shared by the consumers and gets using it, and the `IDLE_KEPT` most recently used ones
+nobody uses (the official clients reconnect every few seconds, and a client long-polls get after
+get, which must not mean reading the whole queue again).
 
 Bounds: per filter, 12 bytes per matching live entry (plus dead ones until the run is rewritten);
-filters: those of attached consumers plus `IDLE_KEPT`.
+filters: those of attached consumers and running gets, plus `IDLE_KEPT`.
 """
 
 from __future__ import annotations
 
+import heapq
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
@@ -87,11 +90,10 @@ class FilterIndex:
         self.users = 0
 
     def refresh(self, source) -> None:
-        """Classify the entries put since the last refresh."""
+        """Classify the entries put since the last refresh; rewrite runs that became sparse."""
         stop = source.next_index
-        if self.scanned_to >= stop:
-            return
-        todo = [(i, p) for i, p in source.iter_dispatch(self.scanned_to) if i < stop]
+        todo = [(i, p) for i, p in source.iter_dispatch(self.scanned_to) if i < stop] \
+            if self.scanned_to < stop else []
         many = getattr(source, "tags_many", None)
         for k in range(0, len(todo), _BATCH):
             chunk = todo[k:k + _BATCH]
@@ -119,6 +121,16 @@ class FilterIndex:
         for prio in sorted(self.levels, reverse=True):
             for index in self.levels[prio].iter_from(start, alive):
                 yield index, prio
+
+
+    def iter_index_order(self, start: int, source, priority: int | None = None) -> Iterator[int]:
+        """Matching live indexes >= ``start`` in index order (only ``priority``'s level if given).
+        Call `refresh` first."""
+        alive = source.__contains__
+        if priority is not None:
+            run = self.levels.get(priority)
+            return iter(()) if run is None else run.iter_from(start, alive)
+        return heapq.merge(*(run.iter_from(start, alive) for run in self.levels.values()))
 
 
 class FilterIndexes:

@@ -11,11 +11,13 @@ auto-deleting gets never return the same entry. Every error is raised and render
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 
 import trio
 
@@ -23,6 +25,7 @@ import storage
 
 from . import events as ev
 from . import protobuf
+from ._tag_index import FilterIndex
 from .config import Config
 from .errors import Conflict, QServeError, error_response, translate
 from .http import Request, Response
@@ -123,7 +126,17 @@ class App:
                 return []
             return [entry]
         limit = 1 if op.raw else op.length
-        return list(queue.log.scan(start, tags or None, limit))
+        if not tags:
+            return list(queue.log.scan(start, None, limit))
+        out: list[storage.Entry] = []
+        with _filter(queue, tags) as fi:
+            for index in fi.iter_index_order(start, queue.source):
+                entry = queue.log.read(index)
+                if entry is not None:
+                    out.append(entry)
+                    if len(out) >= limit:
+                        break
+        return out
 
     async def get(self, queue: Queue, op: ev.Get) -> Response:
         start = queue.log.next_index if op.start == -1 else op.start
@@ -206,8 +219,11 @@ class App:
     async def count(self, queue: Queue, op: ev.Count) -> Response:
         if op.priority is None and not op.tags:
             n = queue.log.length
+        elif not op.tags:
+            n = sum(1 for _ in queue.log.scan(0, None, None, op.priority))
         else:
-            n = sum(1 for _ in queue.log.scan(0, dict(op.tags) or None, None, op.priority))
+            with _filter(queue, dict(op.tags)) as fi:
+                n = sum(1 for _ in fi.iter_index_order(0, queue.source, op.priority))
         return Response(200, str(n).encode(), list(TEXT))
 
     _HANDLERS = {
@@ -222,6 +238,17 @@ def _forget(queue: Queue, removed) -> None:
     if removed:
         queue.dispatcher.removed(removed)
         queue.notify()
+
+
+@contextlib.contextmanager
+def _filter(queue: Queue, tags: dict[str, str]) -> Iterator[FilterIndex]:
+    """The queue's index of entries matching ``tags``, brought up to date, for one request."""
+    fi = queue.filters.acquire(tuple(sorted(tags.items())))
+    try:
+        fi.refresh(queue.source)
+        yield fi
+    finally:
+        queue.filters.release(fi)
 
 
 def attributes_of(queue: Queue, config: Config) -> dict[str, str]:

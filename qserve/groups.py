@@ -123,9 +123,11 @@ class Dispatcher:
     Args:
         source: the queue's live entries (`DispatchSource`).
         now: clock for the Idle figures (the server passes ``trio.current_time``).
+        filters: the queue's `_tag_index.FilterIndexes`, when others use them too.
     """
 
-    def __init__(self, source: DispatchSource, *, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, source: DispatchSource, *, now: Callable[[], float] = time.monotonic,
+                 filters: FilterIndexes | None = None) -> None:
         self._source = source
         self._now = now
         self._consumers: dict[str, Consumer] = {}   # attach order
@@ -133,7 +135,7 @@ class Dispatcher:
         self._nacks: dict[int, Nack] = {}
         self._nacks_swept_at = 0                    # len(_nacks) after the last sweep
         self._delivered = 0
-        self._filters = FilterIndexes()             # matching entries per tag filter in use
+        self._filters = filters or FilterIndexes()  # matching entries per tag filter in use
         self._filter_of: dict[str, FilterIndex] = {}
 
     # -- membership -------------------------------------------------------------------------

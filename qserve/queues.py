@@ -27,6 +27,7 @@ from ._syncpool import SyncPool
 from .config import Config
 from .errors import InsufficientStorage, NotFound, Unavailable
 from .events import QueueRef
+from ._tag_index import FilterIndexes
 from .groups import Dispatcher
 
 __all__ = ["Signal", "Queue", "QueueManager", "queue_dir"]
@@ -85,7 +86,9 @@ class Queue:
         self._aio = aio
         self.log = qlog
         self.config = config
-        self.dispatcher = Dispatcher(LogSource(qlog), now=trio.current_time)
+        self.source = LogSource(qlog)
+        self.filters = FilterIndexes()   # tag filters of watchers and gets: each entry classified once
+        self.dispatcher = Dispatcher(self.source, now=trio.current_time, filters=self.filters)
         self.changed = Signal()          # fired when entries may have become available (long-polls)
         self.watch_hook = None           # watch.WatchService.wake: (queue, new entry or None) -> None
         self._durable = Signal()         # fired after each fsync round

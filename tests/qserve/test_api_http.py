@@ -97,9 +97,16 @@ def test_get_nothing_is_204_without_body(raw):
 
 def test_get_filters_by_tags_and_start_index(raw):
     for i in range(6):
-        raw("POST", f"color={'red' if i % 2 else 'blue'}", str(i).encode())
+        raw("POST", f"color={'red' if i % 2 else 'blue'}&_priority_={i % 3}", str(i).encode())
     status, _, body = raw("GET", "color=red&_index_=3&_length_=5&_raw_=false&_auto_delete_=false")
-    assert [base64.b64decode(e["data"]) for e in json.loads(body)] == [b"3", b"5"]
+    assert [base64.b64decode(e["data"]) for e in json.loads(body)] == [b"3", b"5"]   # index order
+    # auto-deleting gets with the same filter: each entry once, then nothing; others untouched
+    got = [raw("GET", "color=red")[2] for _ in range(4)]
+    assert got == [b"1", b"3", b"5", b""] and raw.length() == 3
+    raw("POST", "color=red", b"6")
+    assert raw("GET", "color=red&_index_=0")[2] == b"6"
+    assert raw("GET", "_count_=true&color=blue")[2] == b"3"
+    assert raw("GET", "_count_=true&color=blue&_priority_=2")[2] == b"1"   # only entry 2 ("2")
 
 
 def test_delete_truncate_and_idempotence(raw):
