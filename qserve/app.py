@@ -145,8 +145,8 @@ class App:
             entries = self._matching(queue, op, start)
             if entries or trio.current_time() >= deadline:
                 break
-            with trio.move_on_at(deadline):
-                await queue.changed.wait()
+            with queue.gets.waiting(start, dict(op.tags)) as put_came, trio.move_on_at(deadline):
+                await put_came.wait()
         if not entries:
             return Response(204)
         if op.auto_delete:

@@ -54,3 +54,44 @@ async def test_zero_timeout_answers_at_once(tmp_path, autojump_clock):
             t0 = trio.current_time()
             assert (await c.call("GET", "_timeout_=0"))[0] == 204
             assert trio.current_time() - t0 < 0.1
+
+
+async def test_a_put_wakes_only_the_gets_it_can_answer(tmp_path, autojump_clock, monkeypatch):
+    """Clients each waiting on the sink for their own requestId: a put wakes the one it answers
+    (and gets whose tag filter it passes), not every waiting get."""
+    from qserve.app import App
+    looks = []
+    real = App._matching
+
+    def counting(self, queue, op, start):
+        looks.append(dict(op.tags))
+        return real(self, queue, op, start)
+
+    monkeypatch.setattr(App, "_matching", counting)
+    n = 30
+    with trio.fail_after(60):
+        async with running_server(tmp_path) as srv:
+            results = {}
+
+            async def wait_get(key, query):
+                c = await srv.client("lp")
+                results[key] = await c.call("GET", f"{query}&_timeout_=20s&_raw_=false", sink=True)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(wait_get, i, f"requestId=r{i}")
+                nursery.start_soon(wait_get, "tagged", "kind=x")
+                await trio.sleep(1)
+                assert len(looks) == n + 1 and not results
+                looks.clear()
+                putter = await srv.client("lp")
+                for i in reversed(range(n)):
+                    assert (await putter.call("POST", f"requestId=r{i}", f"result {i}".encode(), sink=True))[0] == 200
+                    await trio.sleep(0.1)
+                    assert i in results and "tagged" not in results
+                assert len(looks) == n          # one look per answered get (before: n*(n+1)/2)
+                assert (await putter.call("POST", "kind=x", b"tagged", sink=True))[0] == 200
+            for i in range(n):
+                status, body = results[i]
+                assert status == 200 and json.loads(body)[0]["tags"]["requestId"] == f"r{i}"
+            assert json.loads(results["tagged"][1])[0]["tags"]["kind"] == "x"
