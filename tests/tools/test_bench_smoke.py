@@ -78,3 +78,11 @@ def test_bench_storage_small_run_prints_every_measure(tmp_path):
                     "appends/s interval", "appends/s group-sim", "appends/s group x16", "appends/s group-aio",
                     "reopen 3000 entries", "RAM/entry incl. requestId table"):
         assert measure in rows, (measure, proc.stdout)
+
+
+def test_bench_waiters_small_run(tmp_path):
+    proc = run_tool("bench_waiters.py", "--waiters", "0,20", "--seconds", "0.3", "--warmup", "0.1", "--json",
+                    "--data-dir", str(tmp_path))
+    rows = json.loads(proc.stdout)
+    assert [r["waiters"] for r in rows] == [0, 20] and rows[1]["parked"] == 20
+    assert all(r["errors"] == 0 and r["puts_per_s"] > 0 for r in rows)
