@@ -148,6 +148,8 @@ class Queue:
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
         self.watch_hook = None           # watch.WatchService.wake: (queue, new entry or None) -> None
         self._durable = Signal()         # fired after each fsync round
+        self._durable_first = Signal()   # fired just before it (`wait_durable(first=True)`)
+        self._first_waiting = 0
         self._flush_wanted = trio.Event()
         # epoch = the log's rollback count; epoch -> highest durable_seq seen during that epoch
         self._durable_in: dict[int, int] = {}
@@ -191,9 +193,11 @@ class Queue:
         """A token for "everything written so far", to pass to `wait_durable` later."""
         return self._observe(), self.log.appended_seq
 
-    async def wait_durable(self, mark: tuple[int, int] | None = None) -> None:
+    async def wait_durable(self, mark: tuple[int, int] | None = None, *, first: bool = False) -> None:
         """Return once everything written up to `mark` (default: now) is durable under the fsync
         policy; raise `Unavailable` if an fsync failed first and the write was rolled back.
+        ``first``: resume ahead of the other waiters of the same round (an auto-commit watch's
+        frames go out before the round's put answers, which are not what anybody waits on).
 
         Failures are tracked by epoch (the log's rollback count), not by sequence number alone:
         a rollback marks its sequence numbers durable without writing them.
@@ -212,7 +216,23 @@ class Queue:
             if self.closed:
                 raise Unavailable("queue closed before the write was durable")
             self._flush_wanted.set()
-            await self._durable.wait()
+            if first:
+                self._first_waiting += 1
+                try:
+                    await self._durable_first.wait()
+                finally:
+                    self._first_waiting -= 1
+            else:
+                await self._durable.wait()
+
+    async def _round_done(self) -> None:
+        """Wake the waiters of a finished round, the ``first`` ones one scheduling batch ahead:
+        they are rescheduled now, this task after them, and the others only when it runs again
+        (trio runs a batch in random order, so one checkpoint is what orders them)."""
+        if self._first_waiting:
+            self._durable_first.fire()
+            await trio.lowlevel.checkpoint()
+        self._durable.fire()
 
     async def flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run group-commit rounds until cancelled; the final sync is done by `close()`."""
@@ -227,7 +247,7 @@ class Queue:
                 await trio.sleep_forever()
             if self.log.appended_seq > self.log.durable_seq:
                 await self._sync_round()
-            self._durable.fire()
+            await self._round_done()
 
     async def _sync_round(self) -> None:
         # let requests that are already runnable append first, so this round covers them too
@@ -277,6 +297,7 @@ class Queue:
         if not self.closed:
             self.closed = True
             self.log.close()
+            self._durable_first.fire()
             self._durable.fire()
             self.gets.wake_all()
             self.notify()

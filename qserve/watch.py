@@ -111,8 +111,9 @@ class Session:
             if self.op.auto_commit and entries:
                 removed = queue.log.delete([e.index for e in entries])
                 dispatcher.removed(removed)
-                # the frame goes out only once its delete is durable: it can never come back
-                await queue.wait_durable()
+                # the frame goes out only once its delete is durable: it can never come back;
+                # ahead of the same round's put answers (the latency a watcher sees)
+                await queue.wait_durable(first=True)
             batch: list[bytes] = []
             size = 0
             for entry in entries:   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
