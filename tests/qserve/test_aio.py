@@ -114,3 +114,34 @@ async def test_the_server_syncs_through_aio_unless_the_file_layer_is_injected(tm
             c = await srv.client("svc")
             assert (await c.call("POST", "", b"x"))[0] == 200
         assert not calls, "fds of an injected file layer went through kernel AIO"
+
+
+async def test_first_waiters_resume_ahead_of_the_rest_of_their_round(tmp_path):
+    """`wait_durable(first=True)` (an auto-commit watch's frames) resumes before the plain waiters
+    of the same round (the put answers), every round; trio would otherwise run them in random order."""
+    from qserve.config import Config
+    from qserve.events import QueueRef
+    from qserve.queues import QueueManager
+    order = []
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            manager = QueueManager(Config(data_dir=tmp_path, fsync="always"), nursery)
+            queue = await manager.get(QueueRef("svc"))
+
+            async def waiter(name, first):
+                await queue.wait_durable(mark, first=first)
+                order.append(name)
+
+            for _ in range(20):
+                queue.log.append(b"x", {})
+                mark = queue.write_mark()
+                async with trio.open_nursery() as round_:
+                    for k in range(3):
+                        round_.start_soon(waiter, f"plain{k}", False)
+                    round_.start_soon(waiter, "first", True)
+                    for k in range(3, 6):
+                        round_.start_soon(waiter, f"plain{k}", False)
+                assert order[0] == "first" and len(order) == 7, order
+                order.clear()
+            nursery.cancel_scope.cancel()
+    manager.close_all()
