@@ -480,13 +480,15 @@ def _h11_response(status: int, headers: list[tuple[str, str]]) -> h11.Response:
     if head is None:
         head = h11.Response(status_code=status, reason=_REASONS.get(status, b""),
                             headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
-        if len(_head_cache) >= _HEAD_CACHE_SIZE:
-            del _head_cache[next(iter(_head_cache))]   # the oldest
-        _head_cache[key] = head
+        if not any(k == _UNIQUE for k, _ in headers):   # a put's head never repeats: keep it out
+            if len(_head_cache) >= _HEAD_CACHE_SIZE:
+                del _head_cache[next(iter(_head_cache))]   # the oldest
+            _head_cache[key] = head
     return head
 
 
 _HEAD_CACHE_SIZE = 64
+_UNIQUE = "X-Eas-Queueservice-Request-Id"   # differs on every put answer
 _head_cache: dict[tuple, h11.Response] = {}
 
 
