@@ -482,7 +482,8 @@ def test_tag_filter_reads_each_entry_once():
     assert source.tag_reads == 51
     for _ in range(20):                          # polls, puts of both kinds, commits
         source.tag_reads = 0
-        a, b = source.put(kind="a"), source.put(priority=1, kind="b")
+        source.put(kind="a")
+        b = source.put(priority=1, kind="b")
         assert d.poll("g.u") == [b]
         assert source.tag_reads == 2             # only the two new entries
         commit(source, d, [b])
