@@ -24,6 +24,7 @@ from .record import FRAME, HEADER_SIZE
 __all__ = ["Segment", "segment_name", "parse_segment_name", "SEGMENT_SUFFIX"]
 
 _ZEROS = memoryview(bytes(1 << 20))   # written ahead of appends (read-only, shared)
+_MIN_CHUNK = 64 * 1024                 # the first chunk of zeros a segment gets
 
 SEGMENT_SUFFIX = ".seg"
 _NAME = re.compile(r"^(\d{20})\.seg$")
@@ -114,11 +115,13 @@ class Segment:
         return offset
 
     def _preallocate(self, end: int) -> None:
-        """Write zeros from the end of the file to ``end`` or one ``prealloc`` chunk further, whichever
-        is more. They are not fsynced here: the next group-commit round carries them. Nothing is
-        kept on failure (``DiskFull`` here is how a full disk refuses an append)."""
+        """Write zeros from the end of the file to ``end`` or one chunk further, whichever is more.
+        A chunk is as large as the file already is (64 KiB at least), at most ``prealloc``: a queue
+        that stays small wastes little, a busy one soon writes ``prealloc`` at a time. The zeros are
+        not fsynced here: the next group-commit round carries them. Nothing is kept on failure
+        (``DiskFull`` here is how a full disk refuses an append)."""
         start = self.allocated
-        stop = max(end, start + self.prealloc)
+        stop = max(end, start + min(self.prealloc, max(_MIN_CHUNK, start)))
         pos = start
         try:
             while pos < stop:

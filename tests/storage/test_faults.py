@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from storage import DiskFull, QueueLog, StorageIOError
+from storage import DiskFull, LogConfig, QueueLog, StorageIOError
 
 from .helpers import EIO, ENOSPC, FaultyIO, segments, snapshot, tiny
 
@@ -189,6 +189,23 @@ def test_preallocation_is_trimmed_and_refused_cleanly(tmp_path):
     assert [p.stat().st_size for p in segments(tmp_path)] == [s.size for s in log._segs]
     log = QueueLog.open(tmp_path, cfg)
     assert log.read(e.index).data == b"e" and not log.recovery.preallocated_bytes
+    log.close()
+
+
+def test_preallocation_grows_with_the_segment(tmp_path):
+    """A small queue gets 64 KiB of zeros, a growing one chunks as large as its file, up to
+    ``preallocate_bytes``."""
+    log = QueueLog.open(tmp_path, LogConfig(preallocate_bytes=256 * 1024))
+    log.append(b"a", {})
+    sizes = [log._active.allocated]
+    while len(sizes) < 6:
+        log.append(b"b" * 4000, {})
+        if log._active.allocated != sizes[-1]:
+            sizes.append(log._active.allocated)
+    header = log._active.header_size
+    assert sizes[0] == header + 64 * 1024
+    steps = [b - a for a, b in zip(sizes, sizes[1:])]
+    assert steps == [sizes[0], 2 * sizes[0], 256 * 1024, 256 * 1024, 256 * 1024]
     log.close()
 
 
