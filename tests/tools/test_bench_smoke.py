@@ -74,7 +74,7 @@ def test_bench_storage_small_run_prints_every_measure(tmp_path):
     proc = run_tool("bench_storage.py", "--entries", "3000", "--appends", "400", "--every-appends", "40",
                     "--more-clients", "", "--repeat", "1", "--drain-entries", "300", "--dir", str(tmp_path))
     rows = {line.split("  ")[0].strip() for line in proc.stdout.splitlines() if "  " in line}
-    for measure in ("fsync of a 16-record round, p50", "drain 300 priority entries, head pending", "appends/s nosync", "appends/s every",
+    for measure in ("fsync of a 16-record round, p50", "drain 300 priority entries, head pending", "appends/s nosync", "ceiling, 16 outstanding, here", "appends/s every",
                     "appends/s interval", "appends/s group-sim", "appends/s group x16", "appends/s group-aio",
                     "reopen 3000 entries", "RAM/entry incl. requestId table, skip links"):
         assert measure in rows, (measure, proc.stdout)
