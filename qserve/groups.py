@@ -345,7 +345,9 @@ class Dispatcher:
         PENDING in some group the answer is ``{"IsPending": True, "WaitCount": 0}``; for a
         waiting entry ``{"IsPending": False, "WaitCount": n}``, n being the number of waiting
         entries ahead of it in dispatch order (higher priority first, then lower index),
-        whatever their tags. O(position in dispatch order).
+        whatever their tags. O(position in dispatch order), or O(pending) when the source can
+        count the live entries ahead itself (``dispatch_rank``, optional: the storage log does it
+        from memory when no priority entries are present).
 
         Returns:
             The answer, or None if the index is not live.
@@ -355,6 +357,11 @@ class Dispatcher:
         owners = [g.owner for g in self._groups.values()]
         if any(index in owner for owner in owners):
             return {"IsPending": True, "WaitCount": 0}
+        rank = getattr(self._source, "dispatch_rank", None)
+        ahead = rank(index) if rank is not None else None
+        if ahead is not None:   # index order: subtract the live pending entries before it
+            pending = {i for owner in owners for i in owner if i < index}
+            return {"IsPending": False, "WaitCount": ahead - sum(1 for i in pending if i in self._source)}
         ahead = 0
         for other, _priority in self._source.iter_dispatch(0):
             if other == index:

@@ -127,6 +127,9 @@ class LogSource:
     def __contains__(self, index: int) -> bool:
         return index in self._log
 
+    def dispatch_rank(self, index: int) -> int | None:
+        return self._log.dispatch_rank(index)
+
     @property
     def next_index(self) -> int:
         return self._log.next_index

@@ -381,6 +381,12 @@ class QueueLog:
         self._check()
         return self._index.iter_dispatch(start)
 
+    def dispatch_rank(self, index: int) -> int | None:
+        """Live entries ahead of live ``index`` in dispatch order, from memory, when that is cheap
+        (no priority entries present); None otherwise. See `EntryIndex.dispatch_rank`."""
+        self._check()
+        return self._index.dispatch_rank(index)
+
     def priority_of(self, index: int) -> int | None:
         pos = self._index.pos_of(index)
         return None if pos is None else self._index.prio[pos]

@@ -702,3 +702,48 @@ class GroupMachine(RuleBasedStateMachine):
 TestGroupMachine = GroupMachine.TestCase
 TestGroupMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
+
+
+class _NoRank:
+    """A source without ``dispatch_rank``: the dispatcher walks the entries ahead instead."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+
+    def __getattr__(self, name):
+        if name == "dispatch_rank":
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+    def __contains__(self, index) -> bool:
+        return index in self._source
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_search_from_the_logs_rank_matches_the_walk(tmp_path, seed):
+    """With the storage log as source, WaitCount comes from the index's live-row count (no priority
+    entries) and must equal what walking the dispatch order gives, whatever is deleted or pending."""
+    import random
+
+    from qserve.queues import LogSource
+    from storage import QueueLog
+    rng = random.Random(seed)
+    log = QueueLog.open(tmp_path / "q")
+    with_priorities = seed % 4 == 3            # then the log declines and the walk answers
+    for _ in range(300):
+        log.append(b"x", {}, priority=rng.choice([0, 0, 0, 2]) if with_priorities else 0)
+    log.delete(rng.sample(range(1, 301), 120))
+    source = LogSource(log)
+    d = Dispatcher(source)
+    for g, u, w in (("g1", "a", 5), ("g1", "b", 3), ("g2", "c", 7)):
+        d.attach(ConsumerSpec(g, u, window=w))
+        d.poll(f"{g}.{u}")
+    log.delete(rng.sample(sorted(d.pending_of("g1.a")), 2))   # deleted while pending, unreported
+    for index in range(0, 302):
+        fast = d.search(index)
+        d._source = _NoRank(source)
+        slow = d.search(index)
+        d._source = source
+        assert fast == slow, (index, fast, slow)
+    assert (log.dispatch_rank(log.first_index) is None) == with_priorities
+    log.close()
