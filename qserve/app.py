@@ -220,7 +220,7 @@ class App:
         if op.priority is None and not op.tags:
             n = queue.log.length
         elif not op.tags:
-            n = sum(1 for _ in queue.log.scan(0, None, None, op.priority))
+            n = queue.log.count(op.priority)
         else:
             with _filter(queue, dict(op.tags)) as fi:
                 n = sum(1 for _ in fi.iter_index_order(0, queue.source, op.priority))

@@ -262,6 +262,20 @@ class EntryIndex:
                 return None
         return None if self.loc[pos] & DEAD else pos
 
+    def count_priority(self, p: int) -> int:
+        """Live entries with priority ``p``, from memory: O(entries of that level), or of every
+        other level for 0."""
+        if p == 0:
+            return self.live - sum(self.count_priority(q) for q in list(self.levels) if q)
+        lv = self.levels.get(p)
+        if lv is None:
+            return 0
+        links, n, i = self._links_of_level(p, lv), 0, 0
+        while (i := next_live(links, i)) < len(lv):
+            n += 1
+            i += 1
+        return n
+
     def dispatch_rank(self, index: int) -> int | None:
         """How many live entries come before live ``index`` in dispatch order, when that is cheap:
         with no priority level present, the live rows before its row, counted at C speed from the

@@ -381,6 +381,11 @@ class QueueLog:
         self._check()
         return self._index.iter_dispatch(start)
 
+    def count(self, priority: int | None = None) -> int:
+        """Live entries (only those with ``priority`` if given), from memory."""
+        self._check()
+        return self._index.live if priority is None else self._index.count_priority(priority)
+
     def dispatch_rank(self, index: int) -> int | None:
         """Live entries ahead of live ``index`` in dispatch order, from memory, when that is cheap
         (no priority entries present); None otherwise. See `EntryIndex.dispatch_rank`."""

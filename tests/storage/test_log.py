@@ -312,3 +312,17 @@ def test_skip_links_follow_purges_and_out_of_order_deletes(tmp_path):
     assert got == [x for x in want[:10]] + [x for x in want[10:] if x[0] in alive]
     assert list(log.iter_dispatch()) == [x for x in want if x[0] in alive]
     log.close()
+
+
+def test_count_by_priority_from_memory(tmp_path):
+    log = QueueLog.open(tmp_path / "q")
+    for i in range(1, 301):
+        log.append(b"x", {}, priority=i % 4)
+    log.delete(range(1, 301, 3))
+    log.truncate(40)
+
+    def by_scan(p):
+        return sum(1 for e in log.scan() if e.priority == p)
+    assert [log.count(p) for p in range(5)] == [by_scan(p) for p in range(5)]
+    assert log.count() == log.length == sum(by_scan(p) for p in range(4))
+    log.close()
