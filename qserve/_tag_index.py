@@ -122,7 +122,6 @@ class FilterIndex:
             for index in self.levels[prio].iter_from(start, alive):
                 yield index, prio
 
-
     def iter_index_order(self, start: int, source, priority: int | None = None) -> Iterator[int]:
         """Matching live indexes >= ``start`` in index order (only ``priority``'s level if given).
         Call `refresh` first."""

@@ -30,7 +30,7 @@ from ._syncpool import SyncPool
 from .config import Config
 from .errors import InsufficientStorage, NotFound, Unavailable
 from .events import QueueRef
-from ._tag_index import FilterIndexes
+from ._tag_index import FilterIndexes, matches
 from .groups import Dispatcher
 
 __all__ = ["Signal", "Queue", "QueueManager", "queue_dir"]
@@ -91,9 +91,8 @@ class GetWaiters:
         if rid is not None and rid in self._by_rid:
             for event in self._by_rid[rid].values():
                 event.set()
-        tags = entry.tags
         for start, wanted, event in self._others.values():
-            if entry.index >= start and all(tags.get(k) == v for k, v in wanted):
+            if entry.index >= start and matches(entry.tags, wanted):
                 event.set()
 
     def wake_all(self) -> None:

@@ -54,8 +54,7 @@ class Segment:
     __slots__ = ("base", "sid", "path", "fd", "size", "durable_size", "live_bytes", "live_count",
                  "deletes", "min_index", "max_index", "io", "crc", "header_size", "allocated", "prealloc")
 
-    def __init__(self, io: FileIO, directory: str, base: int, sid: int, fd: int, size: int,
-                 allocated: int = 0) -> None:
+    def __init__(self, io: FileIO, directory: str, base: int, sid: int, fd: int, size: int) -> None:
         self.io = io
         self.base = base
         self.sid = sid
@@ -63,7 +62,7 @@ class Segment:
         self.fd = fd
         self.size = size
         self.durable_size = size
-        self.allocated = max(size, allocated)   # bytes the file spans; past ``size``: zeros
+        self.allocated = size     # bytes the file spans; past ``size``: zeros
         self.prealloc = 0         # zeros to write ahead of appends (the log sets it; 0 = none)
         self.live_bytes = 0
         self.live_count = 0
