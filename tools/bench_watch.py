@@ -42,6 +42,13 @@ What runs:
   half the end-to-end peak of the same commit mode (or ``--rate``), and a light row runs at a tenth
   of the peak (at most 200/s). Measured with an auto-commit consumer and a manual-commit consumer
   (the first window), after a warm-up.
+- Latency floor (``--no-floor`` skips it): afterwards the bare trio+h11 server of
+  `tools/bench_http.py` (parses each request and answers; no storage) runs pinned like qserve and
+  gets the same open-loop requests at each latency rate. Its round trip p50 is what any server on
+  this stack and machine needs to take a put in and send a message out; an auto-commit frame
+  also waits for the fsync that makes the put and its delete durable (PROTOCOL.md
+  "Durability"), so its floor adds the fsync probe's p50. The target lines state the floor next
+  to the result: when the floor itself is close to 1 ms, so is any implementation.
 
 Reading the tables: "per commit" is the mean number of indexes per commit request; "srv us/entry"
 is server CPU time per delivered entry (less sensitive to other load on the machine than
@@ -122,53 +129,100 @@ async def _settled_length(port: int, service: str, token: str, wait: float = 5.0
         await trio.sleep(0.05)
 
 
+async def open_loop(port: int, *, rate: float, seconds: float, warmup: float, connections: int,
+                    request, answered, window=None) -> int:
+    """Requests at a fixed rate (one due every 1/rate s, on up to `connections` keep-alive
+    connections): ``request(t0)`` builds each from its send time (perf_counter ns),
+    ``answered(t0, status, body)`` sees each answer, ``window(from_ns, to_ns)`` learns the measured
+    span (after `warmup`) before the first request. Returns how many went out > 1 ms late (no free
+    connection in time)."""
+    clock = time.perf_counter_ns
+    conns = [await bl.HTTPConn.open(port) for _ in range(connections)]
+    start = clock() + 50_000_000
+    measure_from = start + int(warmup * 1e9)
+    end = measure_from + int(seconds * 1e9)
+    if window is not None:
+        window(measure_from, end)
+    interval = 1e9 / rate
+    slot = itertools.count()
+    late = 0
+
+    async def worker(conn):
+        nonlocal late
+        while True:
+            due = start + int(next(slot) * interval)
+            if due >= end:
+                return
+            now = clock()
+            if due > now:
+                await trio.sleep((due - now) / 1e9)
+            elif now - due > 1_000_000:
+                late += 1
+            t0 = clock()
+            status, _, body = await conn.request(request(t0))
+            answered(t0, status, body)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for c in conns:
+                nursery.start_soon(worker, c)
+    finally:
+        for c in conns:
+            await trio.aclose_forcefully(c.stream)
+    return late
+
+
+async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: float, connections: int = 32) -> dict:
+    """The latency floor of this machine and stack at `rate`: request -> response of the bare
+    trio+h11 server of bench_http.py (it parses each request and answers, nothing else), driven
+    exactly like the latency runs' producer. A put -> frame delivery needs at least that much (a
+    request in, a message out); an auto-commit frame also waits for an fsync."""
+    clock = time.perf_counter_ns
+    latencies: list[int] = []
+    span = [0, 0]
+
+    def answered(t0: int, status: int, body: bytes) -> None:
+        if span[0] <= t0 < span[1]:
+            latencies.append(clock() - t0)
+
+    def set_span(start_ns: int, end_ns: int) -> None:
+        span[:] = [start_ns, end_ns]
+
+    await open_loop(port, rate=rate, seconds=seconds, warmup=warmup, connections=connections, window=set_span,
+                    request=lambda t0: bl.request_bytes("POST", f"/floor?t0={t0}", port, body=BODY),
+                    answered=answered)
+    s = bl.summary(latencies)
+    bl.progress(f"floor: bare trio+h11 round trip at {rate:,.0f}/s: p50 {s['p50_ms']:.2f} ms, "
+                f"p99 {s['p99_ms']:.2f} ms over {len(latencies)}")
+    return {"p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3), "measured": len(latencies)}
+
+
 async def latency_run(port: int, token: str, *, rate: float, seconds: float, warmup: float, window: int,
                       auto: bool, server: bl.ServerProc, connections: int = 32) -> dict:
     mode = "auto" if auto else "manual"
     service = f"lat{next(_names)}-{mode}-w{window}"
     label = f"latency {mode} commit, window {window}, {rate:,.0f} puts/s"
     tally = Tally(expected=0, manual=not auto)
-    clock = time.perf_counter_ns
     headers = bl.auth_headers(token)
     put_stats = {"sent": 0, "late": 0, "errors": 0, "first_error": None, "in_window": 0, "backlog": 0}
 
+    def sent(t0: int, status: int, body: bytes) -> None:
+        put_stats["sent"] += 1
+        if tally.measure_from_ns <= t0 < tally.measure_to_ns:
+            put_stats["in_window"] += 1
+        if status != 200:
+            put_stats["errors"] += 1
+            put_stats["first_error"] = put_stats["first_error"] or f"{status} {body[:80]!r}"
+
+    def set_span(start_ns: int, end_ns: int) -> None:
+        tally.measure_from_ns, tally.measure_to_ns = start_ns, end_ns
+
     async def producer():
-        conns = [await bl.HTTPConn.open(port) for _ in range(connections)]
-        start = clock() + 50_000_000
-        tally.measure_from_ns = start + int(warmup * 1e9)
-        end = tally.measure_to_ns = tally.measure_from_ns + int(seconds * 1e9)
-        interval = 1e9 / rate
-        slot = itertools.count()
-
-        async def worker(conn):
-            while True:
-                k = next(slot)
-                due = start + int(k * interval)
-                if due >= end:
-                    return
-                now = clock()
-                if due > now:
-                    await trio.sleep((due - now) / 1e9)
-                elif now - due > 1_000_000:
-                    put_stats["late"] += 1   # > 1 ms behind schedule: no free connection in time
-                t0 = clock()
-                raw = bl.request_bytes("POST", f"/api/predict/{service}?t0={t0}", port, body=BODY, headers=headers)
-                status, _, body = await conn.request(raw)
-                put_stats["sent"] += 1
-                if tally.measure_from_ns <= t0 < tally.measure_to_ns:
-                    put_stats["in_window"] += 1
-                if status != 200:
-                    put_stats["errors"] += 1
-                    put_stats["first_error"] = put_stats["first_error"] or f"{status} {body[:80]!r}"
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for c in conns:
-                    nursery.start_soon(worker, c)
-        finally:
-            for c in conns:
-                await trio.aclose_forcefully(c.stream)
-        return end
+        put_stats["late"] = await open_loop(
+            port, rate=rate, seconds=seconds, warmup=warmup, connections=connections, window=set_span,
+            request=lambda t0: bl.request_bytes("POST", f"/api/predict/{service}?t0={t0}", port, body=BODY,
+                                                headers=headers),
+            answered=sent)
 
     async def until():
         await producer()
@@ -197,6 +251,21 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
     return row
 
 
+def add_floors(lat_rows: list[dict], *, cpu: int | None, fsync_p50_ms: float, seconds: float, warmup: float) -> None:
+    """Each latency row gets the floor at its rate: the bare server's round trip p50, plus for
+    auto-commit the fsync probe's p50 (its frame waits for the fsync that makes the put and its
+    delete durable; PROTOCOL.md "Durability"). Same pinning as the qserve runs."""
+    import bench_http   # noqa: PLC0415 - only for its bare server
+    trips: dict[float, dict] = {}
+    with bench_http.bare_server_proc(cpu) as bare:
+        for r in lat_rows:
+            rate = r["rate_target"]
+            if rate not in trips:
+                trips[rate] = trio.run(lambda: bare_round_trips(bare.port, rate=rate, seconds=seconds, warmup=warmup))
+            r["floor_rtt_p50_ms"] = trips[rate]["p50_ms"]
+            r["floor_p50_ms"] = round(trips[rate]["p50_ms"] + (fsync_p50_ms if r["mode"] == "auto" else 0.0), 3)
+
+
 def render(tp_rows: list[dict], peak_rows: list[dict], lat_rows: list[dict]) -> str:
     a = bl.table([[r["mode"], r["window"], r["consumers"], r["received"], f"{r['seconds']:.2f}",
                    bl.fmt_num(r["entries_per_s"]), r["split"], bl.fmt_num(r["entries_per_commit"], 1),
@@ -207,17 +276,29 @@ def render(tp_rows: list[dict], peak_rows: list[dict], lat_rows: list[dict]) -> 
                   "srv cpu", "srv us/entry", "cli cpu", "other cpu", "dups", "errors"])
     b = bl.table([[r["load"], r["mode"], r["window"], 1, bl.fmt_num(r["rate_target"]), bl.fmt_num(r["rate_achieved"]),
                    r["measured"], bl.fmt_num(r["p50_ms"], 2), bl.fmt_num(r["p99_ms"], 2), bl.fmt_num(r["max_ms"], 2),
-                   r["backlog_at_end"],
+                   r["backlog_at_end"], bl.fmt_num(r.get("floor_p50_ms"), 2),
                    f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
                    f"{bl.fmt_num(r['other_cpu_pct'])}%", r["errors"]]
                   for r in lat_rows],
                  ["load", "commit", "window", "consumers", "target/s", "put/s", "measured", "p50 ms", "p99 ms", "max ms",
-                  "backlog", "srv cpu", "cli cpu", "other cpu", "errors"])
+                  "backlog", "floor p50", "srv cpu", "cli cpu", "other cpu", "errors"])
     out = "## throughput (pre-filled queue, until all delivered" + " and committed)\n" + a
     if peak_rows:
         out += ("\n\n## end-to-end peak (closed-loop puts and 1 consumer at once; the latency runs' half load)\n"
                 + render_peak(peak_rows))
-    return out + "\n\n## put -> receive latency (open-loop producer)\n" + b
+    if not lat_rows:
+        return out
+    return (out + "\n\n## put -> receive latency (open-loop producer; floor: this machine's bare trio+h11 round "
+                  "trip at the same rate, + one fsync for auto-commit)\n" + b)
+
+
+def _floor_note(r: dict) -> str:
+    if r.get("floor_p50_ms") is None:
+        return ""
+    fsync = r["floor_p50_ms"] - r["floor_rtt_p50_ms"]
+    parts_ = f"bare trio+h11 round trip at this rate {r['floor_rtt_p50_ms']:.2f} ms" + (
+        f" + one fsync {fsync:.2f} ms" if r["mode"] == "auto" and fsync > 0 else "")
+    return f" (floor p50 here: {parts_} = {r['floor_p50_ms']:.2f} ms)"
 
 
 def targets(tp_rows: list[dict], lat_rows: list[dict]) -> list[str]:
@@ -234,7 +315,7 @@ def targets(tp_rows: list[dict], lat_rows: list[dict]) -> list[str]:
         basis = (f"= half the e2e peak {r['peak_per_s']:.0f}/s" if r.get("peak_per_s") else "from --rate")
         lines.append(f"target latency at half load ({r['mode']} commit, {r['rate_target']:.0f} puts/s {basis}) "
                      f"p50 < 1 ms and p99 < 5 ms: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms -> "
-                     f"{'met' if ok else 'MISSED'}")
+                     f"{'met' if ok else 'MISSED'}" + _floor_note(r))
     return lines
 
 
@@ -257,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="latency: measured seconds per run (default 4; --quick 0.5)")
     p.add_argument("--warmup", type=float, default=None, help="latency: uncounted seconds first (default 0.5)")
     p.add_argument("--no-latency", action="store_true", help="skip the end-to-end peak and latency runs")
+    p.add_argument("--no-floor", action="store_true", help="skip measuring the latency floor (the bare trio+h11 "
+                   "server of bench_http.py at each latency rate)")
     p.add_argument("--ws-client", choices=("lean", "trio-websocket"), default="lean",
                    help="the consumers' WebSocket client (default lean: tools/_bench_ws.py)")
     p.add_argument("--fsync", choices=("always", "interval", "never"), default="always", help="qserve --fsync (default always)")
@@ -332,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                                          **row})
             if not server.alive():
                 raise RuntimeError("qserve died:\n" + "\n".join(server.lines[-20:]))
+        if lat_rows and not args.no_floor:
+            add_floors(lat_rows, cpu=cpus[0], fsync_p50_ms=probe["p50_ms"] if args.fsync == "always" else 0.0,
+                       seconds=args.seconds, warmup=args.warmup)
     bl.progress(f"done in {time.monotonic() - t_all:.1f}s")
     if args.json:
         bl.dump_json({"benchmark": "watch", "environment": bl.environment(args), "fsync": args.fsync,
