@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import h11
@@ -331,6 +331,17 @@ class LoadResult:
                 "errors": self.errors, "first_error": self.first_error, **self.cpu,
                 "server_us_per_req": per_item_us(self.cpu.get("server_cpu_pct"), self.rate),
                 "client_us_per_req": per_item_us(self.cpu.get("client_cpu_pct"), self.rate)}
+
+
+async def on_each(conns: Sequence[HTTPConn], worker: Callable[[HTTPConn], Awaitable[None]]) -> None:
+    """Run ``worker(conn)`` for every connection at once; close them all when done (or cancelled)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(worker, conn)
+    finally:
+        for conn in conns:
+            await trio.aclose_forcefully(conn.stream)
 
 
 async def load_run(port: int, make_request: Callable[[int, int], bytes], *, connections: int,

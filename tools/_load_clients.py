@@ -139,13 +139,7 @@ async def producer(port: int, token: str, rate: float, tally: Tally) -> None:
             else:
                 tally.error(f"put: {status} {body[:80]!r}")
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for conn in conns:
-                nursery.start_soon(worker, conn)
-    finally:
-        for conn in conns:
-            await trio.aclose_forcefully(conn.stream)
+    await bl.on_each(conns, worker)
 
 
 # ---------------------------------------------------------------------------------- watchers

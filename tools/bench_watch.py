@@ -162,13 +162,7 @@ async def open_loop(port: int, *, rate: float, seconds: float, warmup: float, co
             status, _, body = await conn.request(request(t0))
             answered(t0, status, body)
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for c in conns:
-                nursery.start_soon(worker, c)
-    finally:
-        for c in conns:
-            await trio.aclose_forcefully(c.stream)
+    await bl.on_each(conns, worker)
     return late
 
 
