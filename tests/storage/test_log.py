@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from array import array
 
@@ -10,7 +11,7 @@ import pytest
 from storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueFull, QueueLog,
                      StorageError, segment_name)
 
-from storage.index import rid_hash
+from storage.index import DEAD, EntryIndex, pack_loc, rid_hash
 
 from .helpers import segments, snapshot, tiny
 
@@ -326,3 +327,33 @@ def test_count_by_priority_from_memory(tmp_path):
     assert [log.count(p) for p in range(5)] == [by_scan(p) for p in range(5)]
     assert log.count() == log.length == sum(by_scan(p) for p in range(4))
     log.close()
+
+
+@pytest.mark.parametrize("pattern", ["prefix", "prefix+scattered", "random", "none", "all"])
+def test_purge_keeps_exactly_the_live_rows(pattern):
+    """`EntryIndex.purge` copies runs of live rows when they are few (a queue consumed in order) and
+    filters by a mask otherwise; either way every column keeps exactly the live rows, in order, and
+    lookups, priority levels and dispatch order match a rebuilt model."""
+    rng = random.Random(pattern)
+    ix = EntryIndex()
+    n = 20_000
+    for i in range(1, n + 1):
+        ix.append(i, pack_loc(i // 5000, i * 10), 100 + i % 7, rng.choice([0, 0, 0, 3, -1]), i * 31)
+    dead = {"prefix": lambda i: i <= n // 2,
+            "prefix+scattered": lambda i: i <= n // 2 or rng.random() < 0.01,
+            "random": lambda i: rng.random() < 0.5,
+            "none": lambda i: False,
+            "all": lambda i: True}[pattern]
+    doomed = [i for i in range(1, n + 1) if dead(i)]
+    for i in doomed:
+        ix.kill(ix.pos_of(i))
+    before = {i: (ix.loc[ix.pos_of(i)], ix.size[ix.pos_of(i)], ix.prio[ix.pos_of(i)], ix.rh[ix.pos_of(i)])
+              for i in range(1, n + 1) if ix.pos_of(i) is not None}
+    dispatch = list(ix.iter_dispatch())
+    ix.purge()
+    assert list(ix.idx) == sorted(before) and len(ix) == len(before)
+    assert all(not v & DEAD for v in ix.loc)
+    assert {i: (ix.loc[p], ix.size[p], ix.prio[p], ix.rh[p]) for p, i in enumerate(ix.idx)} == before
+    assert list(ix.iter_dispatch()) == dispatch
+    assert {p: list(lv) for p, lv in ix.levels.items() if len(lv)} == \
+        {p: sorted(i for i, v in before.items() if v[2] == p) for p in {v[2] for v in before.values()} if p}
