@@ -18,7 +18,9 @@ skip links of their own) so dispatch order is computed from memory. ``RidTable``
 of the requestId to its newest index by open addressing in two arrays (older copies of a repeated
 requestId are chained in a dict); candidates are verified against the record by the caller, so
 collisions are harmless. It is built from the ``rh`` column on first use (its build is the slowest
-part of a reopen), then kept up to date. About 42 bytes per row plus about 32 for the table. Not
+part of a reopen), then kept up to date; once dead rows fill it, a large one is replaced by a
+`RidBuilder` a few rows per append (`RequestIds`), never in one pass on the caller's thread. About
+42 bytes per row plus about 32 for the table (twice that while a replacement is being filled). Not
 thread-safe.
 """
 
@@ -30,7 +32,7 @@ from bisect import bisect_left
 from itertools import compress
 from typing import Callable, Iterator
 
-__all__ = ["EntryIndex", "RidTable", "DEAD", "SEG_SHIFT", "OFF_MASK", "pack_loc", "rid_hash", "next_live"]
+__all__ = ["EntryIndex", "RidTable", "RidBuilder", "RequestIds", "DEAD", "SEG_SHIFT", "OFF_MASK", "pack_loc", "rid_hash", "next_live"]
 
 DEAD = 1 << 63
 _HIGH_BYTE = 7 if sys.byteorder == "little" else 0          # of a u64 in ``loc``'s memory
@@ -178,6 +180,80 @@ class RidTable:
                 i = (i + 1) & mask
         t.used = n
         return t
+
+
+class RidBuilder:
+    """A fresh `RidTable` of the live rows, filled a few rows per call of `step` so that replacing a
+    large table never stalls the caller (built at once, 1,000,000 rows took ~1 s of the event loop).
+    The old table stays complete, and keeps taking every insert, until the builder has copied all
+    rows, the ones appended meanwhile included; the caller then swaps it in. Rows are followed by
+    index, so purges (rows move) and deaths (skipped or verified later) do not disturb it."""
+
+    ROWS_PER_STEP = 32     # > 1 row per append: the builder catches up with the appends
+    MIN_ROWS = 65536       # smaller tables are rebuilt at once (cheap, and keeps their old table's
+                           # headroom argument simple: see `QueueLog.append`)
+
+    __slots__ = ("table", "next")
+
+    def __init__(self, ix: "EntryIndex") -> None:
+        rows = len(ix.idx)
+        # room for every live row plus the rows appended before it catches up (<= rows / 31)
+        self.table = RidTable((ix.live + rows // (self.ROWS_PER_STEP - 1) + 1024) * 2)
+        self.next = 0      # the lowest index not copied yet
+
+    def step(self, ix: "EntryIndex", rows: int | None = None) -> bool:
+        """Copy the next ``rows`` (default `ROWS_PER_STEP`) rows; True once every row is copied."""
+        idx, loc, rh, table = ix.idx, ix.loc, ix.rh, self.table
+        if rows is None:
+            rows = self.ROWS_PER_STEP
+        pos = bisect_left(idx, self.next)
+        end = min(pos + rows, len(idx))
+        for p in range(pos, end):
+            h = rh[p]
+            if h and not loc[p] & DEAD:
+                table.insert(h, idx[p])
+        if end >= len(idx):
+            return True
+        self.next = idx[end]
+        return False
+
+    def finish(self, ix: "EntryIndex") -> RidTable:
+        self.step(ix, len(ix.idx))
+        return self.table
+
+
+class RequestIds:
+    """A log's requestId table, kept current by `note` for every append, and replaced once it fills
+    up with dead rows: a small one at once, a large one through a `RidBuilder` that copies a few
+    rows per append while this one keeps answering."""
+
+    __slots__ = ("table", "build")
+
+    def __init__(self, ix: "EntryIndex") -> None:
+        self.table = ix.build_rids()
+        self.build: RidBuilder | None = None   # the replacement, while being filled
+
+    def candidates(self, h: int) -> Iterator[int]:
+        return self.table.candidates(h)
+
+    def note(self, ix: "EntryIndex", h: int, index: int, alive: Callable[[int], bool]) -> None:
+        """Row ``index`` (requestId hash ``h``, 0 = none) was just appended to ``ix``."""
+        build = self.build
+        if h:
+            try:
+                self.table.insert(h, index, alive)
+            except OverflowError:   # the old table's last third ran out before the builder finished
+                self.table, self.build = (ix.build_rids() if build is None
+                                          else build.finish(ix)), None   # this row included
+                return
+        if build is not None:
+            if build.step(ix):
+                self.table, self.build = build.table, None
+        elif h and self.table.needs_rebuild(ix.live):
+            if len(ix.idx) < RidBuilder.MIN_ROWS:
+                self.table = ix.build_rids()   # also drops dead entries
+            else:
+                self.build = RidBuilder(ix)
 
 
 class EntryIndex:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
-from .index import DEAD, OFF_MASK, SEG_SHIFT, RidTable, rid_hash
+from .index import DEAD, OFF_MASK, SEG_SHIFT, RequestIds, rid_hash
 from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, EntryRecord, decode_body, encode_checkpoint,
                      encode_delete, encode_entry, encode_state, encode_truncate)
 from .recovery import RecoveryReport, recover
@@ -101,7 +101,7 @@ class QueueLog:
         self._by_sid = {s.sid: s for s in self._segs}
         self._next_sid = (self._segs[-1].sid + 1) if self._segs else 0
         self._index = rec.index
-        self._rids: RidTable | None = None      # built on first use (see index.py)
+        self._rids: RequestIds | None = None    # built on first use (see index.py)
         self.next_index = max(rec.next_index, keep_next)
         self._watermark = rec.watermark
         self._state = rec.state
@@ -211,12 +211,8 @@ class QueueLog:
         h = 0 if rid is None else rid_hash(rid)
         ix.append(index, (seg.sid << SEG_SHIFT) | off, size, priority, h)
         seg.note_entry(index, size)
-        rids = self._rids
-        if h and rids is not None:
-            if rids.needs_rebuild(ix.live):
-                rids = self._rids = ix.build_rids()   # also drops dead entries
-            else:
-                rids.insert(h, index, self.__contains__)
+        if self._rids is not None:
+            self._rids.note(ix, h, index, self.__contains__)
         return Entry(index, dict(tags), bytes(data), priority, ts)
 
     def warm(self) -> None:
@@ -224,9 +220,9 @@ class QueueLog:
         lookup; a caller that opens the log off its main thread calls this there too."""
         self._request_ids()
 
-    def _request_ids(self) -> RidTable:
+    def _request_ids(self) -> RequestIds:
         if self._rids is None:
-            self._rids = self._index.build_rids()
+            self._rids = RequestIds(self._index)
         return self._rids
 
     def _kill(self, pos: int) -> None:

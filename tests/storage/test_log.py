@@ -11,7 +11,7 @@ import pytest
 from storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueFull, QueueLog,
                      StorageError, segment_name)
 
-from storage.index import DEAD, EntryIndex, pack_loc, rid_hash
+from storage.index import DEAD, EntryIndex, RidBuilder, pack_loc, rid_hash
 
 from .helpers import segments, snapshot, tiny
 
@@ -228,7 +228,7 @@ def test_repeated_request_id_takes_one_slot(tmp_path):
     n = 5000
     for i in range(n):
         log.append(bytes([i % 256]), {"requestId": "same"})
-    table = log._rids
+    table = log._rids.table
     assert table.used == 2                               # "other" and "same": no slot per copy
     assert log.find_request_id("same").index == n + 1
     # deleting the newest copies falls back to the next older live one
@@ -248,7 +248,7 @@ def test_repeated_request_id_takes_one_slot(tmp_path):
     log.close()
     log = QueueLog.open(tmp_path / "q")                 # rebuilt from disk: same answers
     assert log.find_request_id("same").index == 2 and log.find_request_id("other").index == 1
-    assert len(log._request_ids().older) == 0
+    assert len(log._request_ids().table.older) == 0
     log.close()
 
 
@@ -357,3 +357,43 @@ def test_purge_keeps_exactly_the_live_rows(pattern):
     assert list(ix.iter_dispatch()) == dispatch
     assert {p: list(lv) for p, lv in ix.levels.items() if len(lv)} == \
         {p: sorted(i for i, v in before.items() if v[2] == p) for p in {v[2] for v in before.values()} if p}
+
+
+@pytest.mark.parametrize("rows_per_step", [32, 2])
+def test_request_id_table_is_replaced_a_few_rows_per_append(tmp_path, monkeypatch, rows_per_step):
+    """A full requestId table is replaced by a `RidBuilder` that copies a few rows per append while
+    the old table keeps answering; every lookup during and after matches a model, across deletes,
+    purges and repeated requestIds. With 2 rows per step the old table runs out of room first and
+    the builder is finished at once."""
+    monkeypatch.setattr(RidBuilder, "MIN_ROWS", 0)
+    monkeypatch.setattr(RidBuilder, "ROWS_PER_STEP", rows_per_step)
+    finished = []
+    real_finish = RidBuilder.finish
+    monkeypatch.setattr(RidBuilder, "finish", lambda self, ix: finished.append(1) or real_finish(self, ix))
+    rng = random.Random(rows_per_step)
+    log = QueueLog.open(tmp_path / "q")
+    log.find_request_id("none")                   # build the (empty) table: appends go through it
+    model: dict[str, list[int]] = {}              # requestId -> live indexes, oldest first
+    table, swaps, lookups_while_building = log._rids.table, 0, 0
+    for step in range(6000):
+        rid = f"r{rng.randrange(step + 1)}" if rng.random() < 0.1 else f"u{step}"
+        e = log.append(b"x", {"requestId": rid})
+        model.setdefault(rid, []).append(e.index)
+        if rng.random() < 0.6:                    # consume most, oldest first, some out of order
+            live = [i for ixs in model.values() for i in ixs]
+            victim = min(live) if rng.random() < 0.8 else rng.choice(live)
+            log.delete([victim])
+            for ixs in model.values():
+                if victim in ixs:
+                    ixs.remove(victim)
+        if log._rids.table is not table:
+            table, swaps = log._rids.table, swaps + 1
+        if step % 7 == 0:
+            lookups_while_building += log._rids.build is not None
+            for probe in (rid, f"u{rng.randrange(step + 1)}", f"r{rng.randrange(step + 1)}"):
+                got = log.find_request_id(probe)
+                want = model.get(probe)
+                assert (got.index if got else None) == (want[-1] if want else None), (step, probe)
+    assert swaps >= 2 and lookups_while_building > 0
+    assert bool(finished) == (rows_per_step == 2)
+    log.close()
