@@ -60,6 +60,7 @@ class Server:
                 await self.queues.open_declared()
                 self.app = App(config, self.queues)
                 self.app.watch = WatchService(self.app, self.queues)
+                queue_tasks.start_soon(self.app.watch.fallback)   # stopped with the queue tasks
                 self.http = HTTPServer(self.app.handle, self._ws_handler(), http_config_for(config))
                 async with trio.open_nursery() as front:
                     if self._listeners is None:

@@ -6,9 +6,9 @@ attaches a consumer, then loops *poll -> read entries -> (auto-commit: delete, w
 delete is durable) -> send frames*, and sleeps on its own wake event when the dispatcher has
 nothing for it. `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
 eligible consumer per group (free slots, start and tag filter match; round robin), any other
-change wakes every consumer with free slots; a consumer with a full window is never woken, and a
-sleeping session polls anyway every `WAKE_FALLBACK` seconds, which bounds the cost of any missed
-wake-up. A reader task drains client frames (trio-websocket answers pings)
+change wakes every consumer with free slots; a consumer with a full window is never woken, and
+`WatchService.fallback` wakes every session every `WAKE_FALLBACK` seconds, which bounds the cost of
+any missed wake-up. A reader task drains client frames (trio-websocket answers pings)
 and notices the disconnect; a keep-alive task pings a silent client and drops it when no pong
 comes. Whatever ends a session (disconnect, replacement by the same consumer id, shutdown),
 `detach` gives its uncommitted entries back to its group at once.
@@ -99,8 +99,7 @@ class Session:
             self._wake = trio.Event()        # a wake-up from here on is not lost
             indexes = dispatcher.poll(cid)
             if not indexes:
-                with trio.move_on_after(WAKE_FALLBACK):
-                    await self._wake.wait()
+                await self._wake.wait()   # or `WatchService.fallback`'s periodic wake-up
                 continue
             entries = []
             gone = []
@@ -165,6 +164,14 @@ class WatchService:
         self._turn += 1
         for members in by_group.values():
             members[self._turn % len(members)].wake()
+
+    async def fallback(self) -> None:
+        """Wake every session each `WAKE_FALLBACK` seconds (bounds the cost of a missed wake-up).
+        One timer for all of them: a deadline per sleep cost every poll of every session ~20 us."""
+        while True:
+            await trio.sleep(WAKE_FALLBACK)
+            for session in list(self._sessions.values()):
+                session.wake()
 
     def _open(self, queue: Queue, op: ev.Watch) -> Session:
         session = Session(queue, op)

@@ -308,3 +308,23 @@ async def test_a_window_of_large_frames_is_written_in_bounded_batches(tmp_path, 
     assert sum(map(len, batches)) == 12
     assert all(len(b) == 1 or sum(b) <= batch_bytes for b in batches), batches
     assert max(map(len, batches)) == (1 if batch_bytes == 1 else 2)
+
+
+async def test_a_missed_wake_up_costs_at_most_the_fallback_period(tmp_path, autojump_clock):
+    """Every change normally wakes the sessions it concerns; should one be missed (here: an entry
+    appended to the log behind the service's back), `WatchService.fallback` wakes every session
+    each `WAKE_FALLBACK` seconds, so the entry still goes out within that period."""
+    with trio.fail_after(60):
+        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+            c = await srv.client("fb")
+            await c.call("POST", "", b"first")
+            ws = await srv.watch(nursery, "fb", "_window_=5", user="a")
+            assert (await next_frame(ws)).data == b"first"
+            queue = await srv.server.queues.get(next(iter(srv.server.queues._queues)))
+            await trio.testing.wait_all_tasks_blocked()
+            t0 = trio.current_time()
+            queue.log.append(b"unannounced", {})        # no notify(): nobody is woken
+            frame = await next_frame(ws, timeout=2 * watch.WAKE_FALLBACK)
+            assert frame.data == b"unannounced"
+            assert trio.current_time() - t0 <= watch.WAKE_FALLBACK + 0.01
+            nursery.cancel_scope.cancel()
