@@ -128,7 +128,10 @@ class AioSync:
         job = _Job(len(fds))
         with trio.CancelScope(shield=True):
             for fd in fds:
-                await self._slots.acquire()
+                try:   # acquire() yields to the scheduler even with a slot free: a batch per round
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._slots.acquire()
                 key = next(self._ids)
                 cb = _Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd,
                            aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
