@@ -2,9 +2,9 @@
 
 Strategy: the group logic (who gets which entry, windows, redelivery) is `groups.Dispatcher`,
 sans-I/O. This module is the thin trio edge around it: one `Session` per watching connection
-attaches a consumer, then loops *poll -> read entries -> (auto-commit: delete, wait until the
-delete is durable) -> send frames*, and sleeps on its own wake event when the dispatcher has
-nothing for it. `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
+attaches a consumer, then loops *poll -> read entries -> send frames*, and sleeps on its own wake
+event when the dispatcher has nothing for it. Auto-commit deletes each batch and sends it once the
+delete is durable, taking the next batch one step ahead (see `Session._pump_auto`). `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
 eligible consumer per group (free slots, start and tag filter match; round robin), any other
 change wakes every consumer with free slots; a consumer with a full window is never woken, and
 `WatchService.fallback` wakes every session every `WAKE_FALLBACK` seconds, which bounds the cost of
@@ -94,41 +94,85 @@ class Session:
     async def pump(self, send) -> None:
         """Deliver entries forever through ``await send(frames)``: a list of encoded frames of one
         poll, written together, at most `SEND_BATCH_BYTES` of them unless a single frame is larger."""
-        queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
+        if self.op.auto_commit:
+            await self._pump_auto(send)
+            return
+        dispatcher, cid = self.queue.dispatcher, self.consumer_id
         while True:
             self._wake = trio.Event()        # a wake-up from here on is not lost
             indexes = dispatcher.poll(cid)
             if not indexes:
-                await self._wake.wait()   # or `WatchService.fallback`'s periodic wake-up
+                await self._wake.wait()      # or `WatchService.fallback`'s periodic wake-up
                 continue
-            entries = []
-            gone = []
-            for index, entry in zip(indexes, queue.log.read_many(indexes)):
-                (entries if entry is not None else gone).append(entry if entry is not None else index)
-            if gone:
-                dispatcher.removed(gone)
-            if self.op.auto_commit and entries:
-                removed = queue.log.delete([e.index for e in entries])
-                dispatcher.removed(removed)
+            await self._send_frames(send, self._read(indexes))
+
+    async def _pump_auto(self, send) -> None:
+        """Auto-commit: a batch's frames go out once its delete is durable, and the next batch is
+        taken (polled and deleted) right then, before those frames are written: its delete joins
+        the fsync round that starts next, usually the one its put waits for too. Taken after the
+        write, it missed that round about as often as entries arrive during one (32-55% of frames
+        came more than 0.3 ms after their put's answer at 700 puts/s; 12-16% this way). Bound:
+        both batches together hold at most the window (`Dispatcher.sent` frees the slots once the
+        frames are written), which is also what a dying socket can lose."""
+        queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
+        ahead = None
+        while True:
+            if ahead is None:
+                self._wake = trio.Event()    # a wake-up from here on is not lost
+                ahead = self._take()
+                if ahead is None:
+                    await self._wake.wait()
+                    continue
+            mark, entries, indexes = ahead
+            if entries:
                 # the frame goes out only once its delete is durable: it can never come back;
-                # ahead of the same round's put answers (the latency a watcher sees)
-                await queue.wait_durable(first=True)
-            batch: list[bytes] = []
-            size = 0
-            for entry in entries:   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
-                frame = self.frame_for(entry)
-                if batch and size + len(frame) > SEND_BATCH_BYTES:
-                    await send(batch)
-                    self.frames_sent += len(batch)
-                    batch, size = [], 0
-                batch.append(frame)
-                size += len(frame)
-            if batch:
+                # ahead of the same round's put answers (the latency a watcher sees). A failed
+                # fsync raises here and ends the session before anything else is deleted.
+                await queue.wait_durable(mark, first=True)
+            self._wake = trio.Event()
+            ahead = self._take()
+            if entries:
+                await self._send_frames(send, entries)
+            dispatcher.sent(cid, indexes)
+            queue.notify()
+
+    def _take(self) -> tuple[tuple[int, int], list, list[int]] | None:
+        """Auto-commit: poll, read and delete the next batch -> (write mark, entries, indexes), or
+        None when there is nothing for this consumer."""
+        indexes = self.queue.dispatcher.poll(self.consumer_id)
+        if not indexes:
+            return None
+        entries = self._read(indexes)
+        if entries:
+            self.queue.dispatcher.removed(self.queue.log.delete([e.index for e in entries]))
+        return self.queue.write_mark(), entries, indexes
+
+    def _read(self, indexes: list[int]) -> list:
+        """The entries of `indexes` still stored; the dispatcher forgets the others."""
+        entries, gone = [], []
+        for index, entry in zip(indexes, self.queue.log.read_many(indexes)):
+            if entry is None:
+                gone.append(index)
+            else:
+                entries.append(entry)
+        if gone:
+            self.queue.dispatcher.removed(gone)
+        return entries
+
+    async def _send_frames(self, send, entries: list) -> None:
+        batch: list[bytes] = []
+        size = 0
+        for entry in entries:   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
+            frame = self.frame_for(entry)
+            if batch and size + len(frame) > SEND_BATCH_BYTES:
                 await send(batch)
                 self.frames_sent += len(batch)
-            if self.op.auto_commit:
-                dispatcher.sent(cid, indexes)
-                queue.notify()
+                batch, size = [], 0
+            batch.append(frame)
+            size += len(frame)
+        if batch:
+            await send(batch)
+            self.frames_sent += len(batch)
 
 
 class WatchService:
