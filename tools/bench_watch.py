@@ -50,6 +50,10 @@ What runs:
   "Durability"), so its floor adds the fsync probe's p50. The target lines state the floor next
   to the result: when the floor itself is close to 1 ms, so is any implementation.
 
+In the latency table "put p50" is how long the puts themselves took to be answered (durable, with
+``--fsync always``): an auto-commit frame cannot leave before its put is durable, so its latency
+follows the put's.
+
 Reading the tables: "per commit" is the mean number of indexes per commit request; "srv us/entry"
 is server CPU time per delivered entry (less sensitive to other load on the machine than
 entries/s); "other cpu" is CPU used meanwhile by everything except the server and this process
@@ -200,10 +204,13 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
     headers = bl.auth_headers(token)
     put_stats = {"sent": 0, "late": 0, "errors": 0, "first_error": None, "in_window": 0, "backlog": 0}
 
+    put_latencies: list[int] = []
+
     def sent(t0: int, status: int, body: bytes) -> None:
         put_stats["sent"] += 1
         if tally.measure_from_ns <= t0 < tally.measure_to_ns:
             put_stats["in_window"] += 1
+            put_latencies.append(time.perf_counter_ns() - t0)
         if status != 200:
             put_stats["errors"] += 1
             put_stats["first_error"] = put_stats["first_error"] or f"{status} {body[:80]!r}"
@@ -234,6 +241,7 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
            "rate_achieved": round(put_stats["in_window"] / seconds, 1), "puts": put_stats["sent"],
            "late_puts": put_stats["late"], "backlog_at_end": put_stats["backlog"],
            "measured": measured, "p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3),
+           "put_answer_p50_ms": round(bl.summary(put_latencies)["p50_ms"], 3),
            "max_ms": round(s["max_ms"], 3), "received": tally.received,
            "errors": put_stats["errors"] + tally.errors, "first_error": put_stats["first_error"] or tally.first_error,
            "server_cpu_pct": res["server_cpu_pct"], "client_cpu_pct": res["client_cpu_pct"],
@@ -270,11 +278,13 @@ def render(tp_rows: list[dict], peak_rows: list[dict], lat_rows: list[dict]) -> 
                   "srv cpu", "srv us/entry", "cli cpu", "other cpu", "dups", "errors"])
     b = bl.table([[r["load"], r["mode"], r["window"], 1, bl.fmt_num(r["rate_target"]), bl.fmt_num(r["rate_achieved"]),
                    r["measured"], bl.fmt_num(r["p50_ms"], 2), bl.fmt_num(r["p99_ms"], 2), bl.fmt_num(r["max_ms"], 2),
+                   bl.fmt_num(r["put_answer_p50_ms"], 2),
                    r["backlog_at_end"], bl.fmt_num(r.get("floor_p50_ms"), 2),
                    f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
                    f"{bl.fmt_num(r['other_cpu_pct'])}%", r["errors"]]
                   for r in lat_rows],
                  ["load", "commit", "window", "consumers", "target/s", "put/s", "measured", "p50 ms", "p99 ms", "max ms",
+                  "put p50",
                   "backlog", "floor p50", "srv cpu", "cli cpu", "other cpu", "errors"])
     out = "## throughput (pre-filled queue, until all delivered" + " and committed)\n" + a
     if peak_rows:
