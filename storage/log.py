@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
-from .index import DEAD, OFF_MASK, SEG_SHIFT, RequestIds, rid_hash
+from .index import DEAD, OFF_MASK, SEG_SHIFT
+from .rids import RequestIds, rid_hash
 from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, EntryRecord, decode_body, encode_checkpoint,
                      encode_delete, encode_entry, encode_state, encode_truncate)
 from .recovery import RecoveryReport, recover
@@ -101,7 +102,7 @@ class QueueLog:
         self._by_sid = {s.sid: s for s in self._segs}
         self._next_sid = (self._segs[-1].sid + 1) if self._segs else 0
         self._index = rec.index
-        self._rids: RequestIds | None = None    # built on first use (see index.py)
+        self._rids: RequestIds | None = None    # built on first use (see rids.py)
         self.next_index = max(rec.next_index, keep_next)
         self._watermark = rec.watermark
         self._state = rec.state

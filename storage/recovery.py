@@ -26,7 +26,7 @@ from .record import (FRAMED_ENTRY_HEAD, FRAMED_ENTRY_HEAD_SIZE, HEADER_SIZE, REQ
                      CheckpointRecord, DeleteRecord, EntryRecord, StateRecord, TruncateRecord,
                      classify_bad_frame, decode_frame, encode_checkpoint)
 from .segment import Segment, parse_segment_name, segment_name
-from .index import rid_hash
+from .rids import rid_hash
 
 __all__ = ["RecoveryReport", "Recovered", "recover"]
 

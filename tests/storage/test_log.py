@@ -11,7 +11,8 @@ import pytest
 from storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueFull, QueueLog,
                      StorageError, segment_name)
 
-from storage.index import DEAD, EntryIndex, RidBuilder, pack_loc, rid_hash
+from storage.index import DEAD, EntryIndex, pack_loc
+from storage.rids import RidBuilder, RidTable, rid_hash
 
 from .helpers import segments, snapshot, tiny
 
@@ -242,7 +243,7 @@ def test_repeated_request_id_takes_one_slot(tmp_path):
     # everything deleted but the oldest copy: found after a walk, and a rebuild keeps only live links
     log.delete(range(3, e.index + 1))
     assert log.find_request_id("same").index == 2 and log.find_request_id("other").index == 1
-    rebuilt = log._index.build_rids()
+    rebuilt = RidTable.of(log._index)
     assert sorted(rebuilt.items()) == sorted([(rid_hash("other"), 1), (rid_hash("same"), 2)])
     assert not rebuilt.older
     log.close()
