@@ -59,12 +59,23 @@ class _Timespec(ctypes.Structure):
 
 
 class _Job:
-    __slots__ = ("left", "error", "done")
+    __slots__ = ("left", "error", "done", "on_done", "callback_error")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, on_done=None) -> None:
         self.left = n
         self.error: OSError | None = None
         self.done = trio.Event()
+        self.on_done = on_done
+        self.callback_error: BaseException | None = None
+
+    def finish(self) -> None:
+        """All fsyncs answered: run ``on_done(error)`` here and now, then release the caller."""
+        if self.on_done is not None:
+            try:
+                self.on_done(self.error)
+            except BaseException as exc:   # noqa: BLE001 - re-raised in the caller's task
+                self.callback_error = exc
+        self.done.set()
 
 
 class AioSync:
@@ -119,13 +130,19 @@ class AioSync:
                           ctypes.byref(event), ctypes.byref(_Timespec(10, 0)))
             return got == 1 and event.res == 0
 
-    async def fsync(self, fds: list[int]) -> OSError | None:
-        """fsync every fd; returns the first error (None: all durable). Not abandoned when cancelled."""
+    async def fsync(self, fds: list[int], on_done=None) -> OSError | None:
+        """fsync every fd; returns the first error (None: all durable). Not abandoned when cancelled.
+
+        ``on_done(error)``, if given, runs once in the reaper's task the moment the last fsync is
+        answered (or here, if none could be submitted), before this call returns: its caller is
+        only woken a scheduling batch later. An exception it raises is raised here."""
         if not fds:
+            if on_done is not None:
+                on_done(None)
             return None
         if not self.serving:
             raise RuntimeError("AioSync is not serving")
-        job = _Job(len(fds))
+        job = _Job(len(fds), on_done)
         with trio.CancelScope(shield=True):
             for fd in fds:
                 try:   # acquire() yields to the scheduler even with a slot free: a batch per round
@@ -145,6 +162,10 @@ class AioSync:
                     job.left -= 1
             if job.left:
                 await job.done.wait()
+            else:
+                job.finish()
+        if job.callback_error is not None:
+            raise job.callback_error
         await trio.lowlevel.checkpoint_if_cancelled()
         return job.error
 
@@ -190,6 +211,6 @@ class AioSync:
                     job.error = OSError(-ev.res, f"fsync: {os.strerror(-ev.res)}")
                 job.left -= 1
                 if job.left == 0:
-                    job.done.set()
+                    job.finish()
             if n < self._depth:
                 return

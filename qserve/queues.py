@@ -247,40 +247,49 @@ class Queue:
                 await trio.sleep(self.config.fsync_interval)
             else:
                 await trio.sleep_forever()
-            if self.log.appended_seq > self.log.durable_seq:
-                await self._sync_round()
-            await self._round_done()
+            if self.log.appended_seq > self.log.durable_seq and await self._sync_round():
+                self._durable.fire()   # the reaper already woke the first waiters (or everyone)
+            else:
+                await self._round_done()
 
-    async def _sync_round(self) -> None:
+    async def _sync_round(self) -> bool:
+        """One group-commit round. Through kernel AIO the reaper ends it (`_end_round`) the moment
+        the kernel answers, and wakes the ``first`` waiters then (all waiters when there are none):
+        a scheduling batch sooner than this task could, and every durable answer and auto-commit
+        frame waits for that. Returns True then; False when this task ended the round."""
         # let requests that are already runnable append first, so this round covers them too
         await trio.lowlevel.checkpoint()
         self._observe()
         ticket = self.log.sync_begin()
-        failure: BaseException | None = None
+        aio = self._aio
+        if aio is not None and aio.serving and ticket.plain_files:
+            await aio.fsync(ticket.fds, on_done=lambda error: self._end_round(ticket, error, wake=True))
+            return True
+        failure: OSError | None = None
         try:
-            await self._run_ticket(ticket)
+            if self._pool is not None:
+                await self._pool.run(ticket.run)
+            else:
+                await trio.to_thread.run_sync(ticket.run)
         except OSError as exc:
             failure = exc
+        self._end_round(ticket, failure)
+        return False
+
+    def _end_round(self, ticket: storage.SyncTicket, failure: BaseException | None, *, wake: bool = False) -> None:
+        if wake:   # an AIO round: ``failure`` is the fsyncs' outcome, not yet on the ticket
+            ticket.complete(failure)
         try:
-            self.log.sync_end(ticket)   # after a failed run() this rolls back and raises
+            self.log.sync_end(ticket)   # after a failed fsync this rolls back and raises
         except storage.StorageError as exc:
             failure = exc
         self._observe()
         if failure is not None:
             log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, failure)
-
-    async def _run_ticket(self, ticket: storage.SyncTicket) -> None:
-        """The fsyncs of one round: kernel AIO where it works, else a pool thread. Raises the
-        ``OSError`` of a failed fsync (``sync_end`` then rolls back)."""
-        aio = self._aio
-        if aio is not None and aio.serving and ticket.plain_files:
-            ticket.complete(await aio.fsync(ticket.fds))
-            if ticket.error is not None:
-                raise ticket.error
-        elif self._pool is not None:
-            await self._pool.run(ticket.run)
-        else:
-            await trio.to_thread.run_sync(ticket.run)
+        if wake:
+            self._durable_first.fire()
+            if not self._first_waiting:
+                self._durable.fire()
 
     async def housekeeping(self) -> None:
         """Compact the log a little at a time while the server runs."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -11,6 +12,8 @@ import trio.testing
 
 import storage
 from qserve._aio import AioSync
+from qserve.events import QueueRef
+from qserve.queues import queue_dir
 
 from .inproc import running_server
 
@@ -100,9 +103,9 @@ async def test_the_server_syncs_through_aio_unless_the_file_layer_is_injected(tm
     calls = []
     real = AioSync.fsync
 
-    async def counting(self, fds):
+    async def counting(self, fds, on_done=None):
         calls.append(len(fds))
-        return await real(self, fds)
+        return await real(self, fds, on_done)
     monkeypatch.setattr(AioSync, "fsync", counting)
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path / "a", fsync="always") as srv:
@@ -143,5 +146,102 @@ async def test_first_waiters_resume_ahead_of_the_rest_of_their_round(tmp_path):
                         round_.start_soon(waiter, f"plain{k}", False)
                 assert order[0] == "first" and len(order) == 7, order
                 order.clear()
+            nursery.cancel_scope.cancel()
+    manager.close_all()
+
+
+async def test_on_done_runs_in_the_reaper_before_the_caller_resumes(tmp_path):
+    """``on_done(error)`` runs once, in the reaper's task, as soon as the kernel has answered every
+    fsync (before the caller is woken); with nothing submittable, in the caller; an exception it
+    raises comes out of `fsync`."""
+    with trio.fail_after(LIMIT):
+        aio = open_or_skip()
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+        closed = os.open(tmp_path / "closed", os.O_RDWR | os.O_CREAT)
+        os.close(closed)
+        seen = []
+
+        def on_done(error):
+            seen.append((error, trio.lowlevel.current_task()))
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(aio.serve)
+                me = trio.lowlevel.current_task()
+                assert await aio.fsync([fd, fd], on_done) is None
+                assert len(seen) == 1 and seen[0][0] is None and seen[0][1] is not me   # the reaper
+                seen.clear()
+                error = await aio.fsync([closed], on_done)    # refused at submit: nothing to reap
+                assert [(e.errno, t) for e, t in seen] == [(errno.EBADF, me)] and error is seen[0][0]
+                seen.clear()
+                assert await aio.fsync([], on_done) is None and seen == [(None, me)]
+
+                def broken(error):
+                    raise ValueError("bug in the callback")
+                with pytest.raises(ValueError):
+                    await aio.fsync([fd], broken)
+                assert aio.serving                            # the reaper survived it
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(fd)
+
+
+async def test_a_failed_aio_fsync_rolls_the_round_back(tmp_path, monkeypatch):
+    """The reaper ends an AIO round (`Queue._end_round`); when the kernel fails the fsync the
+    round's writes are rolled back there and their requests get 503, nothing stored; the next
+    round works again."""
+    open_or_skip().close()
+    real = AioSync.fsync
+    fail = [True]
+
+    async def failing(self, fds, on_done=None):
+        if fail[0] and fds:
+            fds = [10**6]                                     # no such fd: EBADF for this round
+        return await real(self, fds, on_done)
+    monkeypatch.setattr(AioSync, "fsync", failing)
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv:
+            c = await srv.client("svc")
+            status, body = await c.call("POST", "", b"lost")
+            assert status == 503, body
+            fail[0] = False
+            status, body = await c.call("POST", "", b"kept")
+            assert status == 200
+            kept = int(body)
+            status, body = await c.call("GET", "_index_=0&_length_=10&_raw_=false&_auto_delete_=false")
+            assert status == 200 and [e["index"] for e in json.loads(body)] == [kept]
+    qlog = storage.QueueLog.open(queue_dir(tmp_path / "data", QueueRef("svc")))
+    assert [(e.index, e.data) for e in qlog.scan()] == [(kept, b"kept")]   # also on disk
+    qlog.close()
+
+
+async def test_a_durable_waiter_resumes_one_scheduler_turn_after_the_kernel_answers(tmp_path, monkeypatch):
+    """With kernel AIO the reaper ends the round itself, so a plain `wait_durable` resumes in the
+    scheduler turn right after the one that reaped the fsync; through the flusher it took two
+    (reaper -> flusher -> waiter), and under load every turn is a whole batch of other requests."""
+    from qserve.config import Config
+    from qserve.queues import Queue, QueueManager
+    open_or_skip().close()
+    turns = [0]
+
+    class Turns(trio.abc.Instrument):
+        def before_io_wait(self, timeout):
+            turns[0] += 1
+    ended = []
+    real_end = Queue._end_round
+
+    def end_round(self, *args, **kw):
+        ended.append(turns[0])
+        return real_end(self, *args, **kw)
+    monkeypatch.setattr(Queue, "_end_round", end_round)
+    trio.lowlevel.add_instrument(Turns())
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            manager = QueueManager(Config(data_dir=tmp_path, fsync="always"), nursery)
+            queue = await manager.get(QueueRef("svc"))
+            for _ in range(10):
+                ended.clear()
+                queue.log.append(b"x", {})
+                await queue.wait_durable()
+                assert len(ended) == 1 and turns[0] - ended[0] == 1, (ended, turns)
             nursery.cancel_scope.cancel()
     manager.close_all()
