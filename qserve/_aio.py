@@ -10,6 +10,10 @@ fsync's kernel work moves from the process to a kernel worker, so the whole mach
 durable put measured the same within noise (end to end, sequential puts: 854-932/s with AIO,
 798-895/s with the pool, alternating runs).
 
+Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
+answered, before the caller is rescheduled: the queue's flusher ends its round there
+(`Queue._end_round`), one scheduler turn earlier for every waiter.
+
 Availability: Linux on x86_64 or aarch64 (the two syscall tables below) where ``io_setup`` is
 allowed and an fsync submitted at start-up completes (kernel 4.18 or later); `AioSync.open`
 returns None otherwise (or when ``QSERVE_NO_AIO`` is set), and the flushers

@@ -3,9 +3,9 @@
 Strategy: `storage.QueueLog` and `groups.Dispatcher` are synchronous and owned by the event-loop
 thread; this module adds the three things that need trio. (1) Group commit: one flusher task per
 queue fsyncs through kernel AIO (`_aio.AioSync`) or a worker thread of the manager's `SyncPool`
-(`log.sync_begin()` / the ticket's fsyncs / `log.sync_end()`) while
-other tasks keep appending, so every write made during one fsync shares the next one; a request
-that must be durable awaits `wait_durable(seq)`. (2) Wake-ups: `notify` tells the watch service of
+(`log.sync_begin()` / the ticket's fsyncs / `log.sync_end()`; through AIO the reaper ends the
+round) while other tasks keep appending, so every write made during one fsync shares the next one;
+a request that must be durable awaits `wait_durable(seq)`. (2) Wake-ups: `notify` tells the watch service of
 every change that can make an entry deliverable, and a put wakes the long-polling gets it may
 answer (`GetWaiters`). (3) The registry
 of queues (`QueueManager`), opening a queue directory on first use in a worker thread and closing
