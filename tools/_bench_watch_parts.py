@@ -42,6 +42,7 @@ class Tally:
     outside: int = 0                   # latency: entries put during the warm-up (not counted)
     seen: set[int] = field(default_factory=set)
     latencies_ns: list[int] = field(default_factory=list)
+    received_at: dict[int, int] = field(default_factory=dict)   # latency: index -> receive time (ns)
     measure_from_ns: int = 1 << 62     # latency: only entries put in [from, to) are counted
     measure_to_ns: int = 1 << 62
     on_receive: Callable[[], None] | None = None   # called after each new entry (peak: the backlog cap)
@@ -111,6 +112,7 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
                         t0 = int(frame.tags.get("t0", "0"))
                         if tally.measure_from_ns <= t0 < tally.measure_to_ns:
                             tally.latencies_ns.append(t1 - t0)
+                            tally.received_at[index] = t1
                         else:
                             tally.outside += 1
                     if committer is not None:

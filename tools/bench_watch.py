@@ -52,7 +52,8 @@ What runs:
 
 In the latency table "put p50" is how long the puts themselves took to be answered (durable, with
 ``--fsync always``): an auto-commit frame cannot leave before its put is durable, so its latency
-follows the put's.
+follows the put's. "late" (auto-commit) is the share of frames that arrived more than 0.3 ms after
+their put's answer: those waited for a later fsync round than their put (their delete missed it).
 
 Reading the tables: "per commit" is the mean number of indexes per commit request; "srv us/entry"
 is server CPU time per delivered entry (less sensitive to other load on the machine than
@@ -205,12 +206,16 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
     put_stats = {"sent": 0, "late": 0, "errors": 0, "first_error": None, "in_window": 0, "backlog": 0}
 
     put_latencies: list[int] = []
+    answered_at: dict[int, int] = {}   # index -> when its put was answered (ns)
 
     def sent(t0: int, status: int, body: bytes) -> None:
         put_stats["sent"] += 1
         if tally.measure_from_ns <= t0 < tally.measure_to_ns:
             put_stats["in_window"] += 1
-            put_latencies.append(time.perf_counter_ns() - t0)
+            now = time.perf_counter_ns()
+            put_latencies.append(now - t0)
+            if status == 200:
+                answered_at[int(body)] = now
         if status != 200:
             put_stats["errors"] += 1
             put_stats["first_error"] = put_stats["first_error"] or f"{status} {body[:80]!r}"
@@ -242,6 +247,7 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
            "late_puts": put_stats["late"], "backlog_at_end": put_stats["backlog"],
            "measured": measured, "p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3),
            "put_answer_p50_ms": round(bl.summary(put_latencies)["p50_ms"], 3),
+           "late_frames_pct": _late_pct(tally.received_at, answered_at),
            "max_ms": round(s["max_ms"], 3), "received": tally.received,
            "errors": put_stats["errors"] + tally.errors, "first_error": put_stats["first_error"] or tally.first_error,
            "server_cpu_pct": res["server_cpu_pct"], "client_cpu_pct": res["client_cpu_pct"],
@@ -268,6 +274,16 @@ def add_floors(lat_rows: list[dict], *, cpu: int | None, fsync_p50_ms: float, se
             r["floor_p50_ms"] = round(trips[rate]["p50_ms"] + (fsync_p50_ms if r["mode"] == "auto" else 0.0), 3)
 
 
+def _late_pct(received_at: dict[int, int], answered_at: dict[int, int], slack_ns: int = 300_000) -> float | None:
+    """Of the measured entries, the share (%) whose frame arrived more than `slack_ns` after their
+    put's answer. With auto-commit a frame can only leave once its put is durable; one that comes
+    much later than the put's answer waited for a later fsync round than its put."""
+    both = [received_at[i] - answered_at[i] for i in received_at.keys() & answered_at.keys()]
+    if not both:
+        return None
+    return round(100 * sum(1 for d in both if d > slack_ns) / len(both), 1)
+
+
 def render(tp_rows: list[dict], peak_rows: list[dict], lat_rows: list[dict]) -> str:
     a = bl.table([[r["mode"], r["window"], r["consumers"], r["received"], f"{r['seconds']:.2f}",
                    bl.fmt_num(r["entries_per_s"]), r["split"], bl.fmt_num(r["entries_per_commit"], 1),
@@ -279,12 +295,13 @@ def render(tp_rows: list[dict], peak_rows: list[dict], lat_rows: list[dict]) -> 
     b = bl.table([[r["load"], r["mode"], r["window"], 1, bl.fmt_num(r["rate_target"]), bl.fmt_num(r["rate_achieved"]),
                    r["measured"], bl.fmt_num(r["p50_ms"], 2), bl.fmt_num(r["p99_ms"], 2), bl.fmt_num(r["max_ms"], 2),
                    bl.fmt_num(r["put_answer_p50_ms"], 2),
+                   "-" if r["mode"] != "auto" or r.get("late_frames_pct") is None else f"{r['late_frames_pct']:.0f}%",
                    r["backlog_at_end"], bl.fmt_num(r.get("floor_p50_ms"), 2),
                    f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
                    f"{bl.fmt_num(r['other_cpu_pct'])}%", r["errors"]]
                   for r in lat_rows],
                  ["load", "commit", "window", "consumers", "target/s", "put/s", "measured", "p50 ms", "p99 ms", "max ms",
-                  "put p50",
+                  "put p50", "late",
                   "backlog", "floor p50", "srv cpu", "cli cpu", "other cpu", "errors"])
     out = "## throughput (pre-filled queue, until all delivered" + " and committed)\n" + a
     if peak_rows:

@@ -59,7 +59,7 @@ def test_bench_watch_quick_prints_tables(tmp_path):
     assert "half peak" in out
     assert "target manual commit w10" in out
     # the latency floor (bare trio+h11 server at the same rate) is measured and stated per mode
-    assert "floor p50" in out and "put p50" in out
+    assert "floor p50" in out and "put p50" in out and " late " in out
     notes = [line for line in out.splitlines() if line.startswith("target latency")]
     assert len(notes) == 2 and all("floor p50 here: bare trio+h11 round trip at this rate" in n for n in notes)
     assert "+ one fsync" in next(n for n in notes if "auto commit" in n)
