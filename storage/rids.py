@@ -30,7 +30,6 @@ def rid_hash(rid) -> int:
     return h if h else 1
 
 
-
 class RidTable:
     """requestId hash -> indexes: one open-addressing slot per distinct hash, holding the newest index;
     older indexes with the same hash are chained in ``older`` (index -> the previous one), which only
