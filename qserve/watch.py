@@ -4,7 +4,8 @@ Strategy: the group logic (who gets which entry, windows, redelivery) is `groups
 sans-I/O. This module is the thin trio edge around it: one `Session` per watching connection
 attaches a consumer, then loops *poll -> read entries -> send frames*, and sleeps on its own wake
 event when the dispatcher has nothing for it. Auto-commit deletes each batch and sends it once the
-delete is durable, taking the next batch one step ahead (see `Session._pump_auto`). `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
+delete is durable, taking the next batch one step ahead (see `Session._pump_auto`).
+`WatchService.wake` decides whom a change concerns: a put's new entry wakes one
 eligible consumer per group (free slots, start and tag filter match; round robin), any other
 change wakes every consumer with free slots; a consumer with a full window is never woken, and
 `WatchService.fallback` wakes every session every `WAKE_FALLBACK` seconds, which bounds the cost of
@@ -110,8 +111,9 @@ class Session:
         """Auto-commit: a batch's frames go out once its delete is durable, and the next batch is
         taken (polled and deleted) right then, before those frames are written: its delete joins
         the fsync round that starts next, usually the one its put waits for too. Taken after the
-        write, it missed that round about as often as entries arrive during one (32-55% of frames
-        came more than 0.3 ms after their put's answer at 700 puts/s; 12-16% this way). Bound:
+        write, it missed that round about as often as entries arrive during one (bench_watch's
+        "late" column at 700 puts/s: 24-49% of frames before, 4-30% this way, with the reaper
+        ending AIO rounds). Bound:
         both batches together hold at most the window (`Dispatcher.sent` frees the slots once the
         frames are written), which is also what a dying socket can lose."""
         queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
