@@ -35,6 +35,7 @@ _SHOW_LIMIT = 40
 
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _UINT_RE = re.compile(r"[0-9]+")
+_PLAIN_LIST_RE = re.compile(r"[0-9]{1,20}(?:,[0-9]{1,20})*")
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 
 # Go time.ParseDuration units, in nanoseconds.
@@ -196,6 +197,11 @@ def parse_index_list(name: str, value: str | None) -> list[int]:
     expected = "a comma-separated list of unsigned integers"
     if value is None:
         raise ParamError(name, expected, None)
+    if _PLAIN_LIST_RE.fullmatch(value):   # the usual form (no blanks, empty items or long zeros)
+        indexes = list(dict.fromkeys(map(int, value.split(","))))
+        if max(indexes) <= _U64_MAX:
+            return indexes
+        raise ParamError(name, expected, value)
     seen: dict[int, None] = {}
     for item in value.split(","):
         item = item.strip(" \t")

@@ -23,7 +23,7 @@ from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
 from .index import DEAD, OFF_MASK, SEG_SHIFT
 from .rids import RequestIds, rid_hash
-from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, EntryRecord, decode_body, encode_checkpoint,
+from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, decode_entry, encode_checkpoint,
                      encode_delete, encode_entry, encode_state, encode_truncate)
 from .recovery import RecoveryReport, recover
 from .segment import Segment, io_error
@@ -238,13 +238,15 @@ class QueueLog:
         Returns the indexes actually deleted (sorted). Writes one DELETE record if any.
         """
         self._check()
-        found = sorted({i for i in indexes if self._index.pos_of(i) is not None})
-        if not found:
+        pos_of = self._index.pos_of
+        live = {i: p for i in indexes if (p := pos_of(i)) is not None}
+        if not live:
             return []
+        found = sorted(live)
         seg, _ = self._write(encode_delete(found))
         seg.deletes += 1
         for i in found:
-            self._kill(self._index.pos_of(i))
+            self._kill(live[i])
         self._index.maybe_purge()
         return found
 
@@ -290,12 +292,12 @@ class QueueLog:
 
     def _decode_entry(self, seg: Segment, offset: int, pos: int, body: bytes) -> Entry:
         try:
-            r = decode_body(body)
+            index, priority, ts, _, tags, data = decode_entry(body)
         except ValueError as exc:
             raise StorageIOError(f"{seg.path} at {offset}: unreadable record: {exc}") from None
-        if not isinstance(r, EntryRecord) or r.index != self._index.idx[pos]:
+        if index != self._index.idx[pos]:
             raise StorageIOError(f"{seg.path} at {offset}: index mismatch")
-        return Entry(r.index, r.tags, r.data, r.priority, r.timestamp_ms)
+        return Entry(index, tags, data, priority, ts)
 
     def read(self, index: int) -> Entry | None:
         """The live entry ``index``, or None."""

@@ -20,7 +20,7 @@ import msgpack
 
 __all__ = [
     "FRAME", "HEADER_SIZE", "MAX_RECORD", "ENTRY", "DELETE", "TRUNCATE", "STATE", "CHECKPOINT",
-    "EntryRecord", "DeleteRecord", "TruncateRecord", "StateRecord", "CheckpointRecord", "Record",
+    "EntryRecord", "DeleteRecord", "decode_entry", "TruncateRecord", "StateRecord", "CheckpointRecord", "Record",
     "ReadOutcome", "encode_entry", "encode_delete", "encode_truncate", "encode_state",
     "encode_checkpoint", "frame", "decode_body", "decode_frame", "iter_records", "find_next_frame",
     "REQUEST_ID",
@@ -150,27 +150,51 @@ def _str_dict(d) -> dict:
     return d
 
 
-def decode_body(body) -> Record:
-    """Decode one msgpack body. Raises ``ValueError`` if it is not a well-formed record."""
+def _unpack(body) -> list:
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:
         raise ValueError(f"undecodable msgpack: {exc}") from None
-    if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
+    if type(obj) is not list or not obj or type(obj[0]) is not int:
         raise ValueError("record is not a typed array")
+    return obj
+
+
+def _entry_fields(obj: list) -> tuple[int, int, int, bool, dict, bytes]:
+    """(index, priority, timestamp_ms, moved, tags, data) of an unpacked ENTRY record; the tags
+    include the requestId. Raises ``ValueError`` if a field is malformed."""
+    _, index, prio, ts, moved, rid, tags, data = obj
+    if type(tags) is not dict:
+        raise ValueError("expected a map of str to str")
+    for k, v in tags.items():   # a fresh dict from unpackb: ours to change
+        if type(k) is not str or type(v) is not str:
+            raise ValueError("expected a map of str to str")
+    if rid is not None:
+        if type(rid) is not str:
+            raise ValueError("bad requestId")
+        tags[REQUEST_ID] = rid
+    if not (type(index) is int and type(prio) is int and type(ts) is int and type(data) is bytes
+            and index >= 1):
+        raise ValueError("bad entry fields")
+    return index, prio, ts, bool(moved), tags, data
+
+
+def decode_entry(body) -> tuple[int, int, int, bool, dict, bytes]:
+    """Decode the body of an ENTRY record straight to its fields (the read path's `decode_body`,
+    without a record object). Raises ``ValueError`` if it is not a well-formed ENTRY record."""
+    obj = _unpack(body)
+    if obj[0] != ENTRY or len(obj) != 8:
+        raise ValueError("not an entry record")
+    return _entry_fields(obj)
+
+
+def decode_body(body) -> Record:
+    """Decode one msgpack body. Raises ``ValueError`` if it is not a well-formed record."""
+    obj = _unpack(body)
     t = obj[0]
     try:
         if t == ENTRY and len(obj) == 8:
-            _, index, prio, ts, moved, rid, tags, data = obj
-            tags = _str_dict(tags)   # a fresh dict from unpackb: ours to change
-            if rid is not None:
-                if not isinstance(rid, str):
-                    raise ValueError("bad requestId")
-                tags[REQUEST_ID] = rid
-            if not (isinstance(index, int) and isinstance(prio, int) and isinstance(ts, int)
-                    and isinstance(data, bytes) and index >= 1):
-                raise ValueError("bad entry fields")
-            return EntryRecord(index, prio, ts, bool(moved), tags, data)
+            return EntryRecord(*_entry_fields(obj))
         if t == DELETE and len(obj) == 2 and isinstance(obj[1], list) \
                 and all(isinstance(i, int) for i in obj[1]):
             return DeleteRecord(tuple(obj[1]))

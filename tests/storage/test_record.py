@@ -6,9 +6,11 @@ import pytest
 from hypothesis import given, strategies as st
 
 from storage import iter_records, parse_segment_name, segment_name
-from storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, ReadOutcome, StateRecord,
-                            TruncateRecord, decode_frame, encode_checkpoint, encode_delete,
-                            encode_entry, encode_state, encode_truncate)
+import msgpack
+
+from storage.record import (ENTRY, HEADER_SIZE, CheckpointRecord, DeleteRecord, EntryRecord, ReadOutcome,
+                            StateRecord, TruncateRecord, decode_body, decode_entry, decode_frame,
+                            encode_checkpoint, encode_delete, encode_entry, encode_state, encode_truncate)
 
 tag_text = st.text(max_size=40)
 tags = st.dictionaries(tag_text, tag_text, max_size=5)
@@ -23,6 +25,36 @@ def test_entry_roundtrip(index, prio, ts, tg, data, moved, rid):
     r, end = decode_frame(rec, 0)
     assert end == len(rec)
     assert r == EntryRecord(index, prio, ts, moved, tg, data)
+    assert decode_entry(rec[HEADER_SIZE:]) == (index, prio, ts, moved, tg, data)
+
+
+_GOOD = [ENTRY, 7, 0, 1000, False, "rid", {"a": "b"}, b"data"]
+
+
+@pytest.mark.parametrize("field, value", [
+    (1, True), (1, 0), (1, "7"), (2, 1.5), (3, None), (5, 5), (6, {"a": 1}), (6, {1: "b"}), (6, ["a"]),
+    (7, "data"), (0, True),
+])
+def test_malformed_entry_fields_are_refused(field, value):
+    # what a damaged or foreign record could hold: both decoders refuse it with ValueError
+    obj = list(_GOOD)
+    obj[field] = value
+    body = msgpack.packb(obj, use_bin_type=True)
+    with pytest.raises(ValueError):
+        decode_entry(body)
+    with pytest.raises(ValueError):
+        decode_body(body)
+
+
+def test_decode_entry_refuses_other_records():
+    good = (7, 0, 1000, False, {"a": "b", "requestId": "rid"}, b"data")
+    assert decode_entry(msgpack.packb(_GOOD, use_bin_type=True)) == good
+    for rec in (encode_delete([1, 2]), encode_truncate(3), encode_state({"a": "b"})):
+        assert not isinstance(decode_body(rec[HEADER_SIZE:]), EntryRecord)
+        with pytest.raises(ValueError, match="not an entry record"):
+            decode_entry(rec[HEADER_SIZE:])
+    with pytest.raises(ValueError, match="undecodable"):
+        decode_entry(b"\xc1")
 
 
 @given(st.lists(st.integers(1, 2**64 - 1), max_size=50), st.integers(0, 2**63),
