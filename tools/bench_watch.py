@@ -171,11 +171,13 @@ async def open_loop(port: int, *, rate: float, seconds: float, warmup: float, co
     return late
 
 
-async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: float, connections: int = 32) -> dict:
+async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: float, connections: int = 32,
+                           server: bl.ServerProc | None = None) -> dict:
     """The latency floor of this machine and stack at `rate`: request -> response of the bare
     trio+h11 server of bench_http.py (it parses each request and answers, nothing else), driven
     exactly like the latency runs' producer. A put -> frame delivery needs at least that much (a
-    request in, a message out); an auto-commit frame also waits for an fsync."""
+    request in, a message out); an auto-commit frame also waits for an fsync. With `server` (the
+    bare server's process) its CPU time per request is measured too."""
     clock = time.perf_counter_ns
     latencies: list[int] = []
     span = [0, 0]
@@ -187,13 +189,17 @@ async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: fl
     def set_span(start_ns: int, end_ns: int) -> None:
         span[:] = [start_ns, end_ns]
 
+    meter = bl.CpuMeter(server).start()
     await open_loop(port, rate=rate, seconds=seconds, warmup=warmup, connections=connections, window=set_span,
                     request=lambda t0: bl.request_bytes("POST", f"/floor?t0={t0}", port, body=BODY),
                     answered=answered)
+    # open loop: requests went out at `rate` throughout the metered time
+    srv_us = bl.per_item_us(meter.stop()["server_cpu_pct"], rate) if server is not None else None
     s = bl.summary(latencies)
     bl.progress(f"floor: bare trio+h11 round trip at {rate:,.0f}/s: p50 {s['p50_ms']:.2f} ms, "
                 f"p99 {s['p99_ms']:.2f} ms over {len(latencies)}")
-    return {"p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3), "measured": len(latencies)}
+    return {"p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3), "measured": len(latencies),
+            "server_us_per_request": srv_us}
 
 
 async def latency_run(port: int, token: str, *, rate: float, seconds: float, warmup: float, window: int,
@@ -251,7 +257,8 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
            "max_ms": round(s["max_ms"], 3), "received": tally.received,
            "errors": put_stats["errors"] + tally.errors, "first_error": put_stats["first_error"] or tally.first_error,
            "server_cpu_pct": res["server_cpu_pct"], "client_cpu_pct": res["client_cpu_pct"],
-           "other_cpu_pct": res["other_cpu_pct"]}
+           "other_cpu_pct": res["other_cpu_pct"],
+           "server_us_per_entry": bl.per_item_us(res["server_cpu_pct"], rate)}
     if tally.received < put_stats["sent"]:
         row["errors"] += 1
         row["first_error"] = row["first_error"] or f"{put_stats['sent'] - tally.received} entries not received"
@@ -262,15 +269,19 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
 def add_floors(lat_rows: list[dict], *, cpu: int | None, fsync_p50_ms: float, seconds: float, warmup: float) -> None:
     """Each latency row gets the floor at its rate: the bare server's round trip p50, plus for
     auto-commit the fsync probe's p50 (its frame waits for the fsync that makes the put and its
-    delete durable; PROTOCOL.md "Durability"). Same pinning as the qserve runs."""
+    delete durable; PROTOCOL.md "Durability"); the bare round trip's p99; and the bare server's
+    CPU time per request at that rate. Same pinning as the qserve runs."""
     import bench_http   # noqa: PLC0415 - only for its bare server
     trips: dict[float, dict] = {}
     with bench_http.bare_server_proc(cpu) as bare:
         for r in lat_rows:
             rate = r["rate_target"]
             if rate not in trips:
-                trips[rate] = trio.run(lambda: bare_round_trips(bare.port, rate=rate, seconds=seconds, warmup=warmup))
+                trips[rate] = trio.run(lambda: bare_round_trips(bare.port, rate=rate, seconds=seconds, warmup=warmup,
+                                                                server=bare))
             r["floor_rtt_p50_ms"] = trips[rate]["p50_ms"]
+            r["floor_p99_ms"] = trips[rate]["p99_ms"]
+            r["floor_server_us_per_request"] = trips[rate]["server_us_per_request"]
             r["floor_p50_ms"] = round(trips[rate]["p50_ms"] + (fsync_p50_ms if r["mode"] == "auto" else 0.0), 3)
 
 
@@ -296,13 +307,14 @@ def render(tp_rows: list[dict], peak_rows: list[dict], lat_rows: list[dict]) -> 
                    r["measured"], bl.fmt_num(r["p50_ms"], 2), bl.fmt_num(r["p99_ms"], 2), bl.fmt_num(r["max_ms"], 2),
                    bl.fmt_num(r["put_answer_p50_ms"], 2),
                    "-" if r["mode"] != "auto" or r.get("late_frames_pct") is None else f"{r['late_frames_pct']:.0f}%",
-                   r["backlog_at_end"], bl.fmt_num(r.get("floor_p50_ms"), 2),
-                   f"{bl.fmt_num(r['server_cpu_pct'])}%", f"{bl.fmt_num(r['client_cpu_pct'])}%",
-                   f"{bl.fmt_num(r['other_cpu_pct'])}%", r["errors"]]
+                   r["backlog_at_end"], bl.fmt_num(r.get("floor_p50_ms"), 2), bl.fmt_num(r.get("floor_p99_ms"), 2),
+                   f"{bl.fmt_num(r['server_cpu_pct'])}%", bl.fmt_num(r["server_us_per_entry"]),
+                   bl.fmt_num(r.get("floor_server_us_per_request")),
+                   f"{bl.fmt_num(r['client_cpu_pct'])}%", f"{bl.fmt_num(r['other_cpu_pct'])}%", r["errors"]]
                   for r in lat_rows],
                  ["load", "commit", "window", "consumers", "target/s", "put/s", "measured", "p50 ms", "p99 ms", "max ms",
-                  "put p50", "late",
-                  "backlog", "floor p50", "srv cpu", "cli cpu", "other cpu", "errors"])
+                  "put p50", "late", "backlog", "floor p50", "floor p99", "srv cpu", "srv us/entry", "floor us/req",
+                  "cli cpu", "other cpu", "errors"])
     out = "## throughput (pre-filled queue, until all delivered" + " and committed)\n" + a
     if peak_rows:
         out += ("\n\n## end-to-end peak (closed-loop puts and 1 consumer at once; the latency runs' half load)\n"
@@ -310,7 +322,8 @@ def render(tp_rows: list[dict], peak_rows: list[dict], lat_rows: list[dict]) -> 
     if not lat_rows:
         return out
     return (out + "\n\n## put -> receive latency (open-loop producer; floor: this machine's bare trio+h11 round "
-                  "trip at the same rate, + one fsync for auto-commit)\n" + b)
+                  "trip at the same rate, + one fsync for auto-commit in p50; floor us/req: that server's CPU "
+                  "time per request)\n" + b)
 
 
 def _floor_note(r: dict) -> str:
@@ -319,7 +332,8 @@ def _floor_note(r: dict) -> str:
     fsync = r["floor_p50_ms"] - r["floor_rtt_p50_ms"]
     parts_ = f"bare trio+h11 round trip at this rate {r['floor_rtt_p50_ms']:.2f} ms" + (
         f" + one fsync {fsync:.2f} ms" if r["mode"] == "auto" and fsync > 0 else "")
-    return f" (floor p50 here: {parts_} = {r['floor_p50_ms']:.2f} ms)"
+    return (f" (floor p50 here: {parts_} = {r['floor_p50_ms']:.2f} ms; bare round trip p99 "
+            f"{r['floor_p99_ms']:.2f} ms)")
 
 
 def targets(tp_rows: list[dict], lat_rows: list[dict]) -> list[str]:

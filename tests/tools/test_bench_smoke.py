@@ -60,8 +60,14 @@ def test_bench_watch_quick_prints_tables(tmp_path):
     assert "target manual commit w10" in out
     # the latency floor (bare trio+h11 server at the same rate) is measured and stated per mode
     assert "floor p50" in out and "put p50" in out and " late " in out
+    # CPU per entry at the latency rate, next to the bare server's CPU per request at that rate
+    lat_header = next(line for line in out.splitlines() if line.startswith("load ") and "floor p99" in line)
+    assert "srv us/entry" in lat_header and "floor us/req" in lat_header
+    half = [line for line in out.splitlines() if line.startswith("half peak")]
+    assert len(half) == 2 and all("-" not in line.split()[-8:-2] for line in half)   # every figure measured
     notes = [line for line in out.splitlines() if line.startswith("target latency")]
     assert len(notes) == 2 and all("floor p50 here: bare trio+h11 round trip at this rate" in n for n in notes)
+    assert all("bare round trip p99" in n for n in notes)
     assert "+ one fsync" in next(n for n in notes if "auto commit" in n)
 
 
