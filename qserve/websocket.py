@@ -87,8 +87,15 @@ class ReplayStream(trio.abc.Stream):
             self.extensions |= b"sec-websocket-extensions:" in bytes(data).lower()
         elif data and data[0] & 0x0F == 0x8:
             self.close_frame_sent = True   # after the handshake every send is one whole frame
-        async with self._send_lock:
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()   # the usual case: the lock's own acquire() would yield a scheduling
+        except trio.WouldBlock:     # batch even when free; send_all provides the checkpoint
+            await lock.acquire()
+        try:
             await self.transport_stream.send_all(data)
+        finally:
+            lock.release()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
