@@ -20,9 +20,9 @@ import msgpack
 
 __all__ = [
     "FRAME", "HEADER_SIZE", "MAX_RECORD", "ENTRY", "DELETE", "TRUNCATE", "STATE", "CHECKPOINT",
-    "EntryRecord", "DeleteRecord", "decode_entry", "TruncateRecord", "StateRecord", "CheckpointRecord", "Record",
+    "EntryRecord", "DeleteRecord", "TruncateRecord", "StateRecord", "CheckpointRecord", "Record",
     "ReadOutcome", "encode_entry", "encode_delete", "encode_truncate", "encode_state",
-    "encode_checkpoint", "frame", "decode_body", "decode_frame", "iter_records", "find_next_frame",
+    "encode_checkpoint", "frame", "decode_body", "decode_entry", "decode_frame", "iter_records", "find_next_frame",
     "REQUEST_ID",
 ]
 
