@@ -28,7 +28,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from storage.index import next_live
+from qserve.storage.index import next_live
 
 __all__ = ["FilterIndex", "FilterIndexes", "matches"]
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import trio
 
-import storage
+from qserve import storage
 
 from . import events as ev
 from . import protobuf

@@ -16,10 +16,10 @@ __all__ = ["main", "build_parser"]
 
 # subcommand -> (module, description); each module provides add_arguments(parser) and main(args) -> int
 EXTERNAL = {
-    "log": ("tools.logtool", "inspect, verify and repair queue logs on disk"),
+    "log": ("qserve.tools.logtool", "inspect, verify and repair queue logs on disk"),
     "stream": ("qserve.stream_cli", "the commands of `eascmd stream` against a queue"),
     "worker": ("qserve.worker", "run an async-inference worker on a queue"),
-    "chaos": ("tools.chaos", "kill -9 crash-recovery testing against a real server"),
+    "chaos": ("qserve.tools.chaos", "kill -9 crash-recovery testing against a real server"),
 }
 
 

@@ -12,7 +12,7 @@ sent (an unexpected exception becomes a generic 500 and is logged).
 
 from __future__ import annotations
 
-import storage
+from qserve import storage
 
 __all__ = [
     "QServeError", "ClientError", "ServerError",

@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 
 import trio
 
-import storage
+from qserve import storage
 
 from ._aio import AioSync
 from ._syncpool import SyncPool

@@ -21,6 +21,7 @@ Imports nothing but the standard library and msgpack.
 from .errors import (CorruptLog, DiskFull, LogClosed, PayloadTooLarge, QueueFull, StorageError,
                      StorageIOError)
 from .fileio import FileIO
+from .lock import DirectoryLocked, DirLock, lock_holder
 from .log import Entry, LogConfig, QueueLog, SyncTicket
 from .record import ReadOutcome, iter_records
 from .recovery import RecoveryReport
@@ -30,4 +31,5 @@ __all__ = [
     "QueueLog", "LogConfig", "Entry", "RecoveryReport", "SyncTicket", "FileIO",
     "StorageError", "PayloadTooLarge", "QueueFull", "CorruptLog", "LogClosed", "DiskFull",
     "StorageIOError", "segment_name", "parse_segment_name", "iter_records", "ReadOutcome",
+    "DirLock", "DirectoryLocked", "lock_holder",
 ]

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
+from .lock import DirLock
 from .index import DEAD, OFF_MASK, SEG_SHIFT
 from .rids import RequestIds, rid_hash
 from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, decode_entry, encode_checkpoint,
@@ -73,6 +74,7 @@ class QueueLog:
 
         Raises:
             CorruptLog: corruption before the tail, or a missing segment (unless ``config.repair``).
+            DirectoryLocked: another process (or another open ``QueueLog``) has the directory.
             StorageIOError: the directory could not be read or written.
         """
         self = object.__new__(cls)
@@ -87,9 +89,18 @@ class QueueLog:
         self._tickets: list[SyncTicket] = []
         self._counters = {"compactions": 0, "reclaimed_bytes": 0, "rollbacks": 0, "rolls": 0}
         try:
+            self.io.makedirs(self.path)
+        except OSError as exc:
+            raise io_error(exc, f"creating {self.path}") from None
+        self._lock = DirLock.acquire(self.path)   # one writer per queue directory (lock.py)
+        try:
             self._load()
         except OSError as exc:
+            self._lock.release()
             raise io_error(exc, f"opening {self.path}") from None
+        except BaseException:
+            self._lock.release()
+            raise
         self.recovery = self._rec_report
         return self
 
@@ -518,6 +529,7 @@ class QueueLog:
             self._closed = True
             for s in self._segs:
                 s.close()
+            self._lock.release()
 
     def __enter__(self) -> "QueueLog":
         return self

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import _benchlib as bl  # tools/ is on sys.path: tools/bench_watch.py puts it there
+from qserve.tools import _benchlib as bl
 import trio
 import trio_websocket
 
-from _bench_ws import LeanWebSocket
+from qserve.tools._bench_ws import LeanWebSocket
 from qserve.protobuf import decode_frame
 
 GROUP = "bench-group"

@@ -36,9 +36,8 @@ from pathlib import Path
 import h11
 import trio
 
-# re-exported as bl.HTTPConn etc.; the bench scripts put tools/ on sys.path (that is how they import
-# this module too), so the sibling is a top-level module here
-from _bench_client import LOCALHOST, TOKEN, HTTPConn, ProtocolError, auth_headers, request_bytes
+# re-exported as bl.HTTPConn etc.
+from qserve.tools._bench_client import LOCALHOST, TOKEN, HTTPConn, ProtocolError, auth_headers, request_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 _LISTEN = re.compile(r"listening on http://\[?([0-9a-f.:]+)\]?:(\d+)")

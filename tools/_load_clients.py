@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import trio
 import trio_websocket
 
-import _benchlib as bl  # tools/ is on sys.path: tools/load.py puts it there
+from qserve.tools import _benchlib as bl
 from qserve.protobuf import decode_frame
 
 SERVICE = "load"

@@ -12,8 +12,8 @@ import base64
 import json
 from datetime import datetime, timezone
 
-from storage import ReadOutcome
-from storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, StateRecord,
+from qserve.storage import ReadOutcome
+from qserve.storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, StateRecord,
                             TruncateRecord)
 
 from ._logscan import Item, type_name

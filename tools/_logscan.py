@@ -18,8 +18,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
-from storage import ReadOutcome, iter_records, parse_segment_name, segment_name
-from storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, Record, StateRecord,
+from qserve.storage import ReadOutcome, iter_records, parse_segment_name, segment_name
+from qserve.storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, Record, StateRecord,
                             TruncateRecord)
 
 __all__ = ["UsageError", "Segment", "Queue", "Item", "Problem", "Progress", "Replay", "VerifyResult",

@@ -54,9 +54,7 @@ from pathlib import Path
 import h11
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-import _benchlib as bl  # noqa: E402
+from qserve.tools import _benchlib as bl
 
 SERVICE = "bench"
 PUT_BODY = b"x" * 100

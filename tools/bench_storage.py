@@ -37,9 +37,8 @@ import time
 import tracemalloc
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from storage import QueueLog  # noqa: E402
+from qserve.storage import QueueLog
 
 DATA = os.urandom(100)
 

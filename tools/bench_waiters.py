@@ -22,8 +22,7 @@ from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _benchlib as bl  # noqa: E402
+from qserve.tools import _benchlib as bl
 
 SERVICE = "bench-wait"
 

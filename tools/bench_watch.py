@@ -81,11 +81,9 @@ from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-import _benchlib as bl  # noqa: E402
-import _bench_watch_parts as parts  # noqa: E402
-from _bench_watch_parts import BODY, Tally, _names, e2e_peak, render_peak, run_consumers  # noqa: E402
+from qserve.tools import _benchlib as bl
+from qserve.tools import _bench_watch_parts as parts
+from qserve.tools._bench_watch_parts import BODY, Tally, _names, e2e_peak, render_peak, run_consumers
 
 async def throughput(port: int, token: str, *, consumers: int, window: int, auto: bool, entries: int,
                      server: bl.ServerProc, timeout: float) -> dict:
@@ -271,7 +269,7 @@ def add_floors(lat_rows: list[dict], *, cpu: int | None, fsync_p50_ms: float, se
     auto-commit the fsync probe's p50 (its frame waits for the fsync that makes the put and its
     delete durable; PROTOCOL.md "Durability"); the bare round trip's p99; and the bare server's
     CPU time per request at that rate. Same pinning as the qserve runs."""
-    import bench_http   # noqa: PLC0415 - only for its bare server
+    from qserve.tools import bench_http
     trips: dict[float, dict] = {}
     with bench_http.bare_server_proc(cpu) as bare:
         for r in lat_rows:

@@ -62,10 +62,8 @@ from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-import _benchlib as bl  # noqa: E402
-from _load_clients import (LORIS_KINDS, LORIS_SERVICE, PRODUCER_CONNECTIONS, SERVICE, LorisResult,  # noqa: E402
+from qserve.tools import _benchlib as bl
+from qserve.tools._load_clients import (LORIS_KINDS, LORIS_SERVICE, PRODUCER_CONNECTIONS, SERVICE, LorisResult,
                            Tally, WatchTally, keepalive_client, loris_ok, open_connections, probe_loop,
                            producer, slow_loris, watcher)
 

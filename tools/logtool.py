@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from storage import ReadOutcome, StorageError
+from qserve.storage import ReadOutcome, StorageError
 
 from ._logfmt import format_json, format_text, stats_table
 from ._logscan import (TYPES, Progress, Queue, Replay, UsageError, find_queues, read_segment,
@@ -214,7 +214,7 @@ def _stats(args, out) -> int:
 def _repair(args, out) -> int:
     if args.dry_run:
         return _verify(args, out)
-    from storage import LogConfig, QueueLog
+    from qserve.storage import LogConfig, QueueLog
 
     status = 0
     for queue in find_queues(args.path, allow_file=False):

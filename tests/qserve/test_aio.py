@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-import storage
+from qserve import storage
 from qserve._aio import AioSync
 from qserve.events import QueueRef
 from qserve.queues import queue_dir

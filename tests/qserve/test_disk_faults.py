@@ -22,10 +22,10 @@ import threading
 import trio
 import trio_websocket
 
-import storage
+from qserve import storage
 from qserve.events import QueueRef
 from qserve.queues import queue_dir
-from tools._logscan import find_queues, verify_queue
+from qserve.tools._logscan import find_queues, verify_queue
 
 from .inproc import next_frame, running_server
 from .test_http_edge import Client

@@ -726,7 +726,7 @@ def test_search_from_the_logs_rank_matches_the_walk(tmp_path, seed):
     import random
 
     from qserve.queues import LogSource
-    from storage import QueueLog
+    from qserve.storage import QueueLog
     rng = random.Random(seed)
     log = QueueLog.open(tmp_path / "q")
     with_priorities = seed % 4 == 3            # then the log declines and the walk answers

@@ -2,7 +2,7 @@
 
 import sys
 
-from storage import LogConfig, QueueLog
+from qserve.storage import LogConfig, QueueLog
 
 
 def payload(i: int) -> bytes:

@@ -6,7 +6,7 @@ import errno
 import os
 from pathlib import Path
 
-from storage import FileIO, LogConfig, QueueLog, parse_segment_name
+from qserve.storage import FileIO, LogConfig, QueueLog, parse_segment_name
 
 
 def segments(d) -> list[Path]:

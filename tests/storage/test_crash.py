@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from storage import LogConfig, QueueLog
+from qserve.storage import LogConfig, QueueLog
 
 from .crash_child import payload
 

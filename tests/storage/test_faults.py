@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from storage import DiskFull, LogConfig, QueueLog, StorageIOError
+from qserve.storage import DiskFull, LogConfig, QueueLog, StorageIOError
 
 from .helpers import EIO, ENOSPC, FaultyIO, segments, snapshot, tiny
 

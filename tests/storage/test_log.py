@@ -8,11 +8,11 @@ from array import array
 
 import pytest
 
-from storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueFull, QueueLog,
+from qserve.storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueFull, QueueLog,
                      StorageError, segment_name)
 
-from storage.index import DEAD, EntryIndex, pack_loc
-from storage.rids import RidBuilder, RidTable, rid_hash
+from qserve.storage.index import DEAD, EntryIndex, pack_loc
+from qserve.storage.rids import RidBuilder, RidTable, rid_hash
 
 from .helpers import segments, snapshot, tiny
 
@@ -205,7 +205,7 @@ def test_read_many_matches_read_across_segments_deletes_and_gaps(tmp_path, monke
 
 
 def test_index_pos_of_with_and_without_holes():
-    from storage.index import EntryIndex
+    from qserve.storage.index import EntryIndex
     ix = EntryIndex()
     assert ix.pos_of(1) is None
     dense = list(range(5, 15))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from storage import iter_records, parse_segment_name, segment_name
+from qserve.storage import iter_records, parse_segment_name, segment_name
 import msgpack
 
-from storage.record import (ENTRY, HEADER_SIZE, CheckpointRecord, DeleteRecord, EntryRecord, ReadOutcome,
+from qserve.storage.record import (ENTRY, HEADER_SIZE, CheckpointRecord, DeleteRecord, EntryRecord, ReadOutcome,
                             StateRecord, TruncateRecord, decode_body, decode_entry, decode_frame,
                             encode_checkpoint, encode_delete, encode_entry, encode_state, encode_truncate)
 

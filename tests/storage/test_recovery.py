@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from storage import CorruptLog, LogConfig, QueueLog, iter_records
-from storage.record import ReadOutcome
+from qserve.storage import CorruptLog, LogConfig, QueueLog, iter_records
+from qserve.storage.record import ReadOutcome
 
 from .helpers import corrupt, cut, segments, snapshot, tiny, zero_tail
 

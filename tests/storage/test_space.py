@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage import LogConfig, QueueLog
+from qserve.storage import LogConfig, QueueLog
 
 from .helpers import segments, snapshot
 

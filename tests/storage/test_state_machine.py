@@ -8,7 +8,7 @@ import tempfile
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from storage import LogConfig, QueueLog
+from qserve.storage import LogConfig, QueueLog
 
 from .helpers import Model
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from qserve.cli import main as cli_main
-from storage import LogConfig, QueueLog, iter_records, segment_name
-from storage.record import EntryRecord, encode_entry
-from tools._logscan import Progress
+from qserve.storage import LogConfig, QueueLog, iter_records, segment_name
+from qserve.storage.record import EntryRecord, encode_entry
+from qserve.tools._logscan import Progress
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
