@@ -38,6 +38,14 @@ def tiny(**kw) -> LogConfig:
     return LogConfig(**kw)
 
 
+def crash(log: QueueLog) -> None:
+    """What the death of the process holding `log` leaves: its descriptors closed with nothing
+    synced or trimmed, so the kernel drops its directory lock (storage/lock.py)."""
+    for seg in log._segs:
+        seg.close()
+    log._lock.release()
+
+
 def snapshot(log: QueueLog) -> dict:
     """Everything observable about a log."""
     return {

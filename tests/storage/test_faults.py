@@ -8,7 +8,7 @@ import pytest
 
 from qserve.storage import DiskFull, LogConfig, QueueLog, StorageIOError
 
-from .helpers import EIO, ENOSPC, FaultyIO, segments, snapshot, tiny
+from .helpers import EIO, ENOSPC, FaultyIO, crash, segments, snapshot, tiny
 
 
 def test_enospc_on_write_changes_nothing(tmp_path):
@@ -148,6 +148,7 @@ def test_compaction_interrupted_before_unlink(tmp_path):
         log.maybe_compact()
     # the moved copies and checkpoint are durable, the old file is still there
     assert len(segments(tmp_path)) == n
+    crash(log)
     log = QueueLog.open(tmp_path, tiny())
     assert snapshot(log) == want
     assert log.recovery.removed, "the unlisted segment should have been removed on open"
