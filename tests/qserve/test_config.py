@@ -1,5 +1,7 @@
 """Configuration: defaults < TOML file < environment < flags, and one-line errors."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,40 @@ def test_unknown_file_key(tmp_path):
     f.write_text("colour = 'blue'\n")
     with pytest.raises(ConfigError, match="unknown setting"):
         load_config({}, environ={}, config_file=f)
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "qserve.toml"
+_SETTING = re.compile(r"^(?:# )?(?:([a-z_]+) = |\[([a-z_]+)\]\s*$)")
+
+
+def _documented(text: str) -> dict[str, str]:
+    """Setting name -> the comment block right above its line (set, or commented out as
+    `# key = value`; a table as `[key]`)."""
+    lines = text.splitlines()
+    found = {}
+    for i, line in enumerate(lines):
+        m = _SETTING.match(line)
+        if m:
+            j = i
+            while j > 0 and lines[j - 1].startswith("#") and not _SETTING.match(lines[j - 1]):
+                j -= 1
+            found[m.group(1) or m.group(2)] = "\n".join(lines[j:i])
+    return found
+
+
+def test_example_config_loads_and_holds_the_defaults():
+    """docs/qserve.toml loads, and what it sets is what the server uses when nothing is set."""
+    loaded = load_config(config_file=EXAMPLE, environ={})
+    assert dataclasses.asdict(loaded) == dataclasses.asdict(Config())
+
+
+def test_example_config_documents_every_setting():
+    """A new Config field fails here until docs/qserve.toml names it, with a comment giving its
+    default."""
+    documented = _documented(EXAMPLE.read_text())
+    missing = [f.name for f in dataclasses.fields(Config) if f.name not in documented]
+    assert not missing, f"docs/qserve.toml does not list these settings: {missing}"
+    undescribed = [name for name, comment in documented.items() if "Default:" not in comment]
+    assert not undescribed, f"docs/qserve.toml: no comment with 'Default:' above {undescribed}"
+    unknown = sorted(set(documented) - {f.name for f in dataclasses.fields(Config)})
+    assert not unknown, f"docs/qserve.toml names settings Config does not have: {unknown}"
