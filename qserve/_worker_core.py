@@ -1,7 +1,12 @@
 """The worker's engine: watch the input queue, run the handler on each entry, put the result into
 the sink, then commit the input; drain on request.
 
-Strategy: one trio nursery holds the watch task, one task per entry in hand and a reporter. The
+Strategy: one trio nursery holds the watch task, one task per entry in hand and a reporter. Before
+the watch is opened the server must be reachable: at start-up the worker probes it with a plain TCP
+connect, and while that fails it logs one WARNING line per attempt (``cannot reach URL: connection
+refused; retrying in 1s``) and waits with exponential backoff (``connect_delay`` doubling up to
+``connect_delay_max``), so a worker started before its server simply picks the server up. The
+"watching" line is logged only once the server has accepted the subscription. The
 watch has ``window = concurrency``, so the server never hands this worker more than that many
 uncommitted entries; a `trio.CapacityLimiter` of the same size bounds the handlers that run at
 once (an entry redelivered after a reconnect can briefly make more arrive than can run).
@@ -32,6 +37,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +54,34 @@ log = logging.getLogger("qserve.worker")
 
 _RECENT = 1024                 # committed indexes remembered, to re-commit a stale redelivery
 _COPIED_TAGS = ("requestId", "ts@source")
+
+
+def connect_failure(exc: OSError) -> str:
+    """Why a TCP connect failed, in a few lower-case words (``connection refused``).
+
+    trio's `open_tcp_stream` raises an OSError whose cause groups the error of each address it
+    tried; the first of those names the reason."""
+    leaves: list[BaseException] = [exc]
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        leaves = [e for e in _leaves(cause) if isinstance(e, OSError)] or leaves
+    elif isinstance(cause, OSError):
+        leaves = [cause]
+    first = leaves[0]
+    if isinstance(first, socket.gaierror):
+        text = f"cannot resolve the host name ({first.strerror})"
+    elif isinstance(first, OSError) and first.errno:
+        text = os.strerror(first.errno)
+    else:
+        text = str(first) or type(first).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def is_transient(exc: QueueError) -> bool:
@@ -80,17 +115,21 @@ class Worker:
         summary_interval: seconds between INFO summary lines.
         attempts: tries for a put or a commit that fails transiently.
         retry_delay: first backoff between tries (doubling, at most 5 s).
+        connect_delay: at start-up, the first wait after the server could not be reached
+            (doubling after each failed attempt, at most ``connect_delay_max``).
 
     Not task-safe beyond that: `run` once, from one task.
     """
 
     def __init__(self, client: QueueClient, handler: Handler, *, concurrency: int = 1,
                  drain_seconds: float = 30.0, summary_interval: float = 60.0, attempts: int = 4,
-                 retry_delay: float = 0.5) -> None:
+                 retry_delay: float = 0.5, connect_delay: float = 1.0, connect_delay_max: float = 30.0) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if drain_seconds < 0 or summary_interval <= 0 or attempts < 1 or retry_delay < 0:
             raise ValueError("drain_seconds >= 0, summary_interval > 0, attempts >= 1, retry_delay >= 0")
+        if not 0 < connect_delay <= connect_delay_max:
+            raise ValueError("0 < connect_delay <= connect_delay_max")
         self.client = client
         self.sink = client.sink()
         self.handler = handler
@@ -99,6 +138,9 @@ class Worker:
         self.summary_interval = summary_interval
         self._attempts = attempts
         self._retry_delay = retry_delay
+        self._connect_delay = connect_delay
+        self._connect_delay_max = connect_delay_max
+        self._connecting = trio.CancelScope()        # the wait for the subscription; a drain cancels it
         self._limiter = trio.CapacityLimiter(concurrency)
         self._threads = trio.CapacityLimiter(concurrency)
         self._jobs: dict[int, _Job] = {}            # entries in hand, by index
@@ -123,6 +165,7 @@ class Worker:
                 their entries at once.
         """
         self._drain_requested.set()
+        self._connecting.cancel()
         if now:
             self._grace.cancel()
 
@@ -139,7 +182,8 @@ class Worker:
 
     # -------------------------------------------------------------------------------- run
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Work until `drain()` completes. Reports started once the first watch attempt is made.
+        """Work until `drain()` completes. Reports started once the server has accepted the
+        subscription (or a drain came first: then it returns at once, nothing was in hand).
 
         Raises:
             QueueError: the first watch handshake was refused (401 bad token, 404 unknown queue).
@@ -148,9 +192,13 @@ class Worker:
                  self.client.url, self.handler.name, self.concurrency)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._watch, nursery)
-                nursery.start_soon(self._report)
+                with self._connecting:
+                    await nursery.start(self._watch, nursery)
                 task_status.started()
+                if self._connecting.cancelled_caught:
+                    log.info("worker %s: stopped before the server accepted the subscription", self.consumer)
+                    return
+                nursery.start_soon(self._report)
                 await self._drain_requested.wait()
                 await self._drain()
                 nursery.cancel_scope.cancel()    # leave the watch; stop the reporter
@@ -160,11 +208,39 @@ class Worker:
             log.info("worker %s stopped: %s", self.consumer, self._summary())
 
     async def _watch(self, nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with self.client.watch(index=0, window=self.concurrency, auto_commit=False) as watcher:
-            log.info("worker %s watching %s (window %d)", self.consumer, self.client.url, self.concurrency)
-            task_status.started()
-            async for entry in watcher:
-                self._accept(entry, nursery)
+        """Subscribe (retrying with backoff until the server is there), then hand entries to jobs.
+        Reports started once the server has accepted the subscription."""
+        delay = self._connect_delay
+        while True:
+            reason = await self._unreachable()
+            if reason is None:
+                async with self.client.watch(index=0, window=self.concurrency, auto_commit=False) as watcher:
+                    if watcher.connects:         # the first handshake succeeded (else it retries alone)
+                        log.info("worker %s watching %s (window %d)", self.consumer, self.client.url,
+                                 self.concurrency)
+                        task_status.started()
+                        async for entry in watcher:
+                            self._accept(entry, nursery)
+                        return
+                log.warning("cannot subscribe to %s: the server did not accept the watch; retrying in %gs",
+                            self.client.url, delay)
+            else:
+                log.warning("cannot reach %s: %s; retrying in %gs", self.client.url.origin, reason, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, self._connect_delay_max)
+
+    async def _unreachable(self) -> str | None:
+        """Why a TCP connection to the server cannot be opened right now; None when it can."""
+        url = self.client.url
+        try:
+            with trio.fail_after(self.client.timeout):
+                stream = await trio.open_tcp_stream(url.host, url.port)
+        except trio.TooSlowError:
+            return f"no answer within {self.client.timeout:g}s"
+        except OSError as exc:
+            return connect_failure(exc)
+        await stream.aclose()
+        return None
 
     def _accept(self, entry: Entry, nursery: trio.Nursery) -> None:
         index = entry.index

@@ -75,7 +75,8 @@ def load_handler(spec: str) -> Handler:
     """Resolve ``MODULE:FUNCTION`` (the function may be a dotted attribute path) or ``demo``.
 
     Raises:
-        HandlerSpecError: malformed spec, module not importable, attribute missing, not callable.
+        HandlerSpecError: malformed spec, module not importable (or raising while imported, a
+            SyntaxError included), attribute missing, not callable.
     """
     if spec == "demo":
         return Handler(demo, "demo", is_async=False)
@@ -86,6 +87,10 @@ def load_handler(spec: str) -> Handler:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerSpecError(f"handler {spec!r}: cannot import {module_name}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - user code: a module that fails while it is imported
+        log.debug("importing %s failed", module_name, exc_info=True)
+        raise HandlerSpecError(f"handler {spec!r}: importing {module_name} failed: "
+                               f"{one_line(_describe(exc))}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

@@ -30,7 +30,7 @@ from ._worker_handler import Handler, HandlerSpecError, Retryable, demo, encode_
 
 __all__ = ["Worker", "Retryable", "Handler", "HandlerSpecError", "load_handler", "demo", "encode_result",
            "is_transient", "add_arguments", "main", "run_embedded", "embedded_service", "service_of",
-           "default_user"]
+           "default_user", "input_url_problem"]
 
 log = logging.getLogger("qserve.worker")
 
@@ -185,16 +185,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format=_LOG_FORMAT)
-    if args.concurrency < 1 or args.drain_seconds < 0 or args.summary_seconds <= 0:
+    if not (args.concurrency >= 1 and args.drain_seconds >= 0 and args.summary_seconds > 0):   # NaN too
         print("qserve worker: --concurrency must be >= 1 and --drain-seconds >= 0", file=sys.stderr)
         return 2
+    for flag in ("token", "user", "group"):
+        value = getattr(args, flag)
+        if value is not None and not value.isprintable():
+            print(f"qserve worker: --{flag} contains a control character (a trailing newline?)", file=sys.stderr)
+            return 2
     from .client import QueueError
-    from ._client_http import QueueURL
 
-    try:
-        QueueURL.parse(args.url)
-    except ValueError as exc:
-        print(f"qserve worker: {exc}", file=sys.stderr)
+    problem = input_url_problem(args.url)
+    if problem:
+        print(f"qserve worker: {problem}", file=sys.stderr)
         return 2
     _allow_cwd_imports()
     try:
@@ -202,15 +205,57 @@ def main(args: argparse.Namespace) -> int:
     except HandlerSpecError as exc:
         print(f"qserve worker: {exc}", file=sys.stderr)
         return 2
-    refused: list[BaseException] = []
+    except KeyboardInterrupt:
+        print("qserve worker: interrupted", file=sys.stderr)
+        return 130
     try:
         trio.run(_standalone, args, handler)
-    except* QueueError as group:   # the first watch handshake was refused: bad token, unknown queue
-        refused = _leaves(group)
-    if refused:
-        log.error("worker could not start: %s", "; ".join(map(str, refused)))
+    except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the CLI's last line of defence
+        leaves = _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            print("qserve worker: interrupted", file=sys.stderr)
+            return 130
+        if all(isinstance(e, QueueError) for e in leaves):
+            # the first watch handshake was refused: bad token, unknown queue
+            log.error("worker could not start: %s", "; ".join(map(str, leaves)))
+            return 1
+        debug = log.isEnabledFor(logging.DEBUG)
+        log.error("worker failed: %s%s", "; ".join(map(_describe, leaves)),
+                  "" if debug else " (--log-level DEBUG shows the traceback)", exc_info=exc if debug else None)
         return 1
     return 0
+
+
+def input_url_problem(url: str) -> str | None:
+    """What is wrong with `url` as a worker's ``--url`` (one line), or None if it names an input queue.
+
+    Refused: anything `QueueURL.parse` refuses (no http(s) scheme, no host, a bad port, a query),
+    port 0, a sink queue (``.../sink``: a worker reads a service's input queue and writes its sink)
+    and ``/api/predict/`` with no service after it.
+    """
+    from ._client_http import QueueURL
+
+    try:
+        parsed = QueueURL.parse(url)
+    except ValueError as exc:
+        return str(exc)
+    if parsed.port == 0:
+        return f"bad URL {url!r}: port 0 names no server"
+    path = parsed.path.rstrip("/")
+    if path.endswith("/sink"):
+        source = url.rstrip("/")[: -len("/sink")]
+        if source.count("/") == 2:       # http://host:port: the root-mounted service
+            source += "/"
+        return (f"the worker watches a service's input queue; --url names a sink ({url}): "
+                f"use {source}")
+    if path.endswith("/api/predict"):
+        return f"bad URL {url!r}: no service after /api/predict/"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -5,6 +5,7 @@ encoding, service choice) and one in-process run with the qserve client."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,7 @@ class WorkerProcess:
             if line is None:
                 raise AssertionError(f"worker exited before {needle!r}:\n" + "\n".join(self.lines))
             if needle in line:
-                return line
+                return line.rstrip("\n")
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -277,3 +279,185 @@ def test_cli_refuses_bad_handler_and_settings(capsys):
     assert cli.main(["worker", "--url", "http://127.0.0.1:1/api/predict/s", "--handler", "demo",
                      "--concurrency", "0"]) == 2
     assert cli.main(["worker", "--url", "ftp://x/api/predict/s", "--handler", "demo"]) == 2
+
+
+# ------------------------------------------------------------------ start-up failures (#13)
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LogLines(logging.Handler):
+    """The `qserve.worker` log lines of an in-process worker; a trio task can wait for one (the
+    worker logs from the trio thread, so `emit` may wake trio tasks directly)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+        self._changed.unpark_all()
+
+    async def wait_for(self, needle: str) -> str:
+        while True:
+            for line in self.lines:
+                if needle in line:
+                    return line
+            await self._changed.park()
+
+
+@pytest.fixture
+def worker_log():
+    handler = LogLines()
+    logger = logging.getLogger("qserve.worker")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+async def test_worker_waits_for_a_server_started_later(tmp_path, worker_log):
+    """No server yet: one WARNING line per attempt, the wait doubling up to its cap and no
+    "watching" line; the server comes up on that port later and the worker serves it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api/predict/late"
+    srv = ServerProcess(tmp_path / "data", "--port", str(port))
+    with trio.fail_after(40):
+        async with QueueClient(url, token=srv.token, group="late") as consumer:
+            worker = Worker(consumer, load_handler("demo"), connect_delay=0.05, connect_delay_max=0.2)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(worker.run)
+                    await worker_log.wait_for("retrying in 0.2s")        # the cap: 0.05, 0.1, 0.2
+                    first = next(l for l in worker_log.lines if "cannot reach" in l)
+                    assert first == (f"WARNING cannot reach http://127.0.0.1:{port}: connection refused; "
+                                     "retrying in 0.05s")
+                    await trio.to_thread.run_sync(srv.start)
+                    await worker_log.wait_for("watching")
+                    async with QueueClient(url, token=srv.token) as producer:
+                        _, rid = await producer.put(b"hello")
+                        async with producer.sink() as sink:
+                            [result] = await sink.get(request_id=rid, auto_delete=False, timeout=10)
+                    assert json.loads(result.data) == demo(b"hello", {})
+                    worker.drain()             # run() returns once the input is committed
+            finally:
+                if srv.proc is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(srv.stop)
+    lines = worker_log.lines
+    attempts = [l for l in lines if "cannot reach" in l]
+    assert all(l.startswith("WARNING ") for l in attempts)
+    delays = [float(l.rsplit(" ", 1)[1].rstrip("s")) for l in attempts]
+    assert delays == [min(0.05 * 2 ** k, 0.2) for k in range(len(delays))]
+    watching = [k for k, l in enumerate(lines) if " watching " in l]
+    assert len(watching) == 1 and watching[0] > lines.index(attempts[-1])
+    assert worker.statistics()["processed"] == 1
+
+
+async def test_drain_before_the_server_is_reached(worker_log):
+    """SIGTERM (a drain) while the worker still waits for its server: it stops at once."""
+    url = f"http://127.0.0.1:{free_port()}/api/predict/never"
+    with trio.fail_after(20):
+        async with QueueClient(url, group="never") as consumer:
+            worker = Worker(consumer, load_handler("demo"), connect_delay=5.0)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker.run)
+                await worker_log.wait_for("retrying in 5s")
+                worker.drain()
+    assert any("stopped before the server accepted the subscription" in l for l in worker_log.lines)
+    assert not any(" watching " in l for l in worker_log.lines)
+
+
+def test_cli_worker_without_a_server(workers):
+    """The real command against a port nobody listens on: one WARNING line, no traceback, and
+    SIGTERM stops it cleanly."""
+    port = free_port()
+    nowhere = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", token="t")
+    w = workers(nowhere, "svc", "demo")
+    line = w.wait_line("cannot reach")
+    assert line.endswith(f" WARNING qserve.worker: cannot reach http://127.0.0.1:{port}: connection refused; "
+                         "retrying in 1s")
+    assert w.stop() == 0
+    assert not any("watching" in l or "Traceback" in l for l in w.lines)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://127.0.0.1:1/api/predict/demo/sink",
+     "the worker watches a service's input queue; --url names a sink (http://127.0.0.1:1/api/predict/demo/sink): "
+     "use http://127.0.0.1:1/api/predict/demo"),
+    ("http://127.0.0.1:1/sink", "the worker watches a service's input queue; --url names a sink "
+                                "(http://127.0.0.1:1/sink): use http://127.0.0.1:1/"),
+    ("127.0.0.1:1/api/predict/demo",
+     "bad URL '127.0.0.1:1/api/predict/demo': expected http://host:port/api/predict/SERVICE"),
+    ("http://127.0.0.1:99999/api/predict/demo", "bad URL 'http://127.0.0.1:99999/api/predict/demo': "
+                                                "Port out of range 0-65535"),
+    ("http://127.0.0.1:x/api/predict/demo", "bad URL 'http://127.0.0.1:x/api/predict/demo': "
+                                            "Port could not be cast to integer value as 'x'"),
+    ("http://127.0.0.1:0/api/predict/demo", "bad URL 'http://127.0.0.1:0/api/predict/demo': port 0 names no server"),
+    ("http://127.0.0.1:1/api/predict/", "bad URL 'http://127.0.0.1:1/api/predict/': no service after /api/predict/"),
+    ("http://127.0.0.1:1/api/predict/demo?x=1", "bad URL 'http://127.0.0.1:1/api/predict/demo?x=1': "
+                                                "no query or fragment allowed"),
+])
+def test_cli_refuses_wrong_urls_in_one_line(capsys, url, expected):
+    assert cli.main(["worker", "--url", url, "--handler", "demo"]) == 2
+    assert capsys.readouterr().err == f"qserve worker: {expected}\n"
+
+
+def test_cli_refuses_control_characters_and_nan(capsys):
+    url = "http://127.0.0.1:1/api/predict/s"
+    assert cli.main(["worker", "--url", url, "--handler", "demo", "--token", "tok\n"]) == 2
+    assert capsys.readouterr().err == ("qserve worker: --token contains a control character "
+                                       "(a trailing newline?)\n")
+    assert cli.main(["worker", "--url", url, "--handler", "demo", "--drain-seconds", "nan"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_handler_module_that_raises_on_import(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_at_import.py").write_text("raise RuntimeError('no GPU here\\nsecond line')\n")
+    (tmp_path / "bad_syntax_handler.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = "http://127.0.0.1:1/api/predict/s"
+    assert cli.main(["worker", "--url", url, "--handler", "broken_at_import:f"]) == 2
+    assert capsys.readouterr().err == ("qserve worker: handler 'broken_at_import:f': importing broken_at_import "
+                                       "failed: RuntimeError: no GPU here\n")
+    assert cli.main(["worker", "--url", url, "--handler", "bad_syntax_handler:f"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qserve worker: handler 'bad_syntax_handler:f': importing bad_syntax_handler failed: "
+                          "SyntaxError") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_cli_unexpected_error_is_one_line_unless_debug(monkeypatch, capfd, level):
+    """Fault injection: whatever escapes the worker's trio run is one ERROR line; --log-level DEBUG
+    adds the traceback."""
+    from qserve import worker as worker_module
+
+    async def broken(args, handler):
+        raise RuntimeError("something nobody expected\nwith a second line")
+
+    monkeypatch.setattr(worker_module, "_standalone", broken)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers[:] = []                       # let main's basicConfig write to this test's stderr
+    try:
+        status = cli.main(["worker", "--url", "http://127.0.0.1:1/api/predict/s", "--handler", "demo",
+                           "--log-level", level])
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("qserve.worker").setLevel(logging.NOTSET)
+    err = capfd.readouterr().err
+    assert status == 1
+    assert "ERROR qserve.worker: worker failed: RuntimeError: something nobody expected" in err
+    if level == "INFO":
+        assert err.count("\n") == 1 and "(--log-level DEBUG shows the traceback)" in err
+    else:
+        assert "Traceback" in err and "with a second line" in err
