@@ -51,6 +51,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--request-timeout", type=float,
                    help="seconds a started request may take to arrive in full before a 408 (default 30)")
     p.add_argument("--keepalive-timeout", type=float, help="seconds an idle connection is kept (default 60)")
+    p.add_argument("--shutdown-timeout", type=float,
+                   help="on SIGTERM or Ctrl-C, seconds in-flight requests get to finish before they are "
+                        "cut (default 10); a second signal cuts them at once")
     p.add_argument("--worker", help="MODULE:FUNCTION (or demo): run an inference worker inside the server")
     p.add_argument("--worker-concurrency", type=int, help="entries the embedded worker handles at once (default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")

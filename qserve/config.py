@@ -48,6 +48,7 @@ class Config:
     max_header_bytes: int = 16 * 1024
     keepalive_timeout: float = 60.0
     request_timeout: float = 30.0
+    shutdown_timeout: float = 10.0                 # on SIGTERM/Ctrl-C, seconds requests get to finish
     max_get_length: int = 1000                     # upper bound of _length_
     max_watch_window: int = 1000                   # upper bound of _window_
     worker: str | None = None                      # MODULE:FUNCTION run inside the server
@@ -64,7 +65,7 @@ class Config:
                      "max_queues"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        for name in ("fsync_interval", "keepalive_timeout", "request_timeout"):
+        for name in ("fsync_interval", "keepalive_timeout", "request_timeout", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
         for svc in (*self.queues, *self.tokens, *([self.root_service] if self.root_service else [])):
