@@ -17,7 +17,8 @@ and `websocket.run_upgrade` replays the consumed bytes into trio-websocket (choi
 Concurrency (STYLE rule 7): `HTTPServer.serve` runs the accept loops in one nursery and the
 connection tasks (which run the handlers) in a separate handler nursery. `shutdown()` cancels the
 accept loops, closes idle keep-alive connections, ends streaming responses and WebSockets (close code
-1001), lets in-flight requests finish within ``shutdown_grace``, then cancels what is left.
+1001), lets in-flight requests finish within ``shutdown_grace``, then cancels what is left (one
+WARNING line says how many were cut); `abort()` cancels what is left at once.
 
 Layout: this module is the server (accepting, limits, shutdown, statistics) and the public face of the
 edge; `_http_types` holds the values (`Request`, `Response`, `HTTPConfig`, re-exported here) and
@@ -73,6 +74,7 @@ class HTTPServer:
         self._accept_scope = trio.CancelScope()
         self._live: set[_Connection] = set()  # shutdown() tells each one (idle ones close)
         self._drained: trio.Event | None = None
+        self._cut = trio.CancelScope()        # around the drain wait: abort() ends it
         self._connections = 0
         self._overflow = 0
         self._at_limit = False
@@ -101,6 +103,16 @@ class HTTPServer:
         for connection in list(self._live):
             connection.shutdown()
         self._check_drained()
+
+    def abort(self) -> None:
+        """`shutdown()`, and cut every connection now instead of letting requests finish."""
+        self.shutdown()
+        self._cut.cancel()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open right now, the ones being refused with 503 included."""
+        return self._connections + self._overflow
 
     def statistics(self) -> dict:
         return {
@@ -131,8 +143,12 @@ class HTTPServer:
                     for listener in listeners:
                         await trio.aclose_forcefully(listener)
             self.shutdown()  # accepting has stopped: the rest is draining
-            with trio.move_on_after(self._config.shutdown_grace):
+            grace = self._config.shutdown_grace
+            with self._cut, trio.move_on_after(grace):
                 await self._drained.wait()
+            if self.open_connections and not self._cut.cancel_called:
+                log.warning("shutdown timeout (%g s) reached: cutting %d connection%s still open", grace,
+                            self.open_connections, "" if self.open_connections == 1 else "s")
             handlers.cancel_scope.cancel()
 
     async def _accept_loop(self, listener: trio.abc.Listener, handlers: trio.Nursery) -> None:
