@@ -61,6 +61,14 @@ class App:
         self._anon = itertools.count(1)
         self._boot = uuid.uuid4().hex[:8]
         self.watch = None  # the server sets its qserve.watch.WatchService here
+        self.stopping = False  # set by shutdown(): long-polling gets answer at once
+
+    def shutdown(self) -> None:
+        """The server is draining: every long-polling get answers now (204 when nothing came, as on
+        its timeout), and a get that arrives from now on does not wait."""
+        self.stopping = True
+        for queue in self.queues:
+            queue.gets.wake_all()
 
     def anonymous_user(self) -> str:
         """A fresh user id for a request that names none: a watch is one request on its own
@@ -143,7 +151,7 @@ class App:
         deadline = trio.current_time() + long_poll_deadline(op.timeout)
         while True:
             entries = self._matching(queue, op, start)
-            if entries or trio.current_time() >= deadline:
+            if entries or trio.current_time() >= deadline or self.stopping:
                 break
             with queue.gets.waiting(start, dict(op.tags)) as put_came, trio.move_on_at(deadline):
                 await put_came.wait()
