@@ -14,6 +14,13 @@ and notices the disconnect; a keep-alive task pings a silent client and drops it
 comes. Whatever ends a session (disconnect, replacement by the same consumer id, shutdown),
 `detach` gives its uncommitted entries back to its group at once.
 
+Shutdown: the edge cancels every watch (WebSocket close 1001, a streamed watch's body ends). An
+auto-commit batch that is already deleted has no way back into the queue, so it is handed out even
+then: from its delete to its last frame written it runs shielded (`Session._handing_out`), and a
+cancelled session takes no further batch. The shield is bounded: a write by the edge's
+``request_timeout`` (what the HTTP edge allows any write), and once `WatchService.shutdown` is
+called by its own bound (at most `CLOSE_GRACE`); `WatchService.abort` cuts it at once.
+
 Bounds: frames in flight per socket are bounded by the consumer's window (manual commit: entries
 held; auto-commit: entries handed out and not yet written); client messages are bounded by the
 edge's `max_message_size` and message queue.
@@ -22,6 +29,7 @@ edge's `max_message_size` and message queue.
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 import trio_websocket
@@ -72,6 +80,23 @@ class Session:
         self.frames_sent = 0
         self._wake = trio.Event()
         self._tags = dict(op.tags)
+        self._stopping = False                    # take no further batch (shutdown)
+        self._stop_by = math.inf                  # shutdown's bound on handing out a batch in hand
+        self._handing_out: trio.CancelScope | None = None   # the shield of a deleted batch's write
+
+    def stop(self, by: float) -> None:
+        """Shutdown: take nothing more; a batch in hand must be written by ``by`` (trio clock)."""
+        self._stopping = True
+        self._stop_by = min(self._stop_by, by)
+        if self._handing_out is not None:
+            self._handing_out.deadline = min(self._handing_out.deadline, by)
+        self.wake()
+
+    def abort(self) -> None:
+        """Stop at once, a batch in hand included (it is lost: the process is being cut)."""
+        self.stop(-math.inf)
+        if self._handing_out is not None:
+            self._handing_out.cancel()
 
     def wake(self) -> None:
         self._wake.set()
@@ -115,26 +140,44 @@ class Session:
         "late" column at 700 puts/s: 24-49% of frames before, 4-30% this way, with the reaper
         ending AIO rounds). Bound:
         both batches together hold at most the window (`Dispatcher.sent` frees the slots once the
-        frames are written), which is also what a dying socket can lose."""
+        frames are written), which is also what a dying socket can lose.
+
+        Cancelled (shutdown, replacement, a dead keep-alive), the session still writes the batches
+        it has deleted and takes no more (module docstring); a write that cannot finish in time
+        ends the session with `trio.BrokenResourceError` (the stream may hold a partial frame)."""
         queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
+        write_bound = queue.config.request_timeout
         ahead = None
         while True:
             if ahead is None:
+                await trio.lowlevel.checkpoint_if_cancelled()   # nothing in hand: may end here
+                if self._stopping:
+                    await trio.sleep_forever()   # until the edge cancels the watch
                 self._wake = trio.Event()    # a wake-up from here on is not lost
                 ahead = self._take()
                 if ahead is None:
                     await self._wake.wait()
                     continue
             mark, entries, indexes = ahead
-            if entries:
-                # the frame goes out only once its delete is durable: it can never come back;
-                # ahead of the same round's put answers (the latency a watcher sees). A failed
-                # fsync raises here and ends the session before anything else is deleted.
-                await queue.wait_durable(mark, first=True)
-            self._wake = trio.Event()
-            ahead = self._take()
-            if entries:
-                await self._send_frames(send, entries)
+            last = self._stopping or trio.current_effective_deadline() == -math.inf  # cancelled
+            with trio.CancelScope(shield=True, deadline=self._stop_by) as shield:
+                self._handing_out = shield
+                try:
+                    if entries:
+                        # the frame goes out only once its delete is durable: it can never come
+                        # back; ahead of the same round's put answers (the latency a watcher
+                        # sees). A failed fsync raises here and ends the session before anything
+                        # else is deleted.
+                        await queue.wait_durable(mark, first=True)
+                    self._wake = trio.Event()
+                    ahead = None if last or self._stopping else self._take()
+                    if entries:
+                        shield.deadline = min(shield.deadline, trio.current_time() + write_bound)
+                        await self._send_frames(send, entries)
+                finally:
+                    self._handing_out = None
+            if shield.cancelled_caught:
+                raise trio.BrokenResourceError("watch frames could not be written in time")
             dispatcher.sent(cid, indexes)
             queue.notify()
 
@@ -189,6 +232,19 @@ class WatchService:
 
     def statistics(self) -> dict:
         return {"sessions": len(self._sessions)}
+
+    def shutdown(self, grace: float) -> None:
+        """The server is draining: no session takes another entry, and a batch an auto-commit
+        session has deleted must be written within ``min(grace, CLOSE_GRACE)`` seconds. (The edge
+        then cancels the sessions: WebSocket close 1001, streamed watches end.)"""
+        by = trio.current_time() + min(grace, CLOSE_GRACE)
+        for session in list(self._sessions.values()):
+            session.stop(by)
+
+    def abort(self) -> None:
+        """The server stops at once: cut even the batches being written."""
+        for session in list(self._sessions.values()):
+            session.abort()
 
     def wake(self, queue: Queue, entry) -> None:
         """`Queue.watch_hook`: wake the sessions a change concerns (see the module docstring)."""
