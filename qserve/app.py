@@ -27,7 +27,7 @@ from . import events as ev
 from . import protobuf
 from ._tag_index import FilterIndex
 from .config import Config
-from .errors import Conflict, QServeError, error_response, translate
+from .errors import Conflict, QServeError, QueueFenced, error_response, translate
 from .http import Request, Response
 from .queues import Queue, QueueManager
 from .routing import MAX_PRIORITY, route
@@ -90,11 +90,16 @@ class App:
                 return Response(200, b"OK", list(TEXT))
             if isinstance(op, ev.Watch):
                 return await self.watch.http_stream(op)
-            queue = await self.queues.get(op.queue)
+            try:
+                queue = await self.queues.get(op.queue)
+            except QueueFenced as fenced:   # its attributes say so; everything else is a 503
+                if not isinstance(op, ev.Attributes):
+                    raise
+                return _render_attributes(fenced.attributes, op)
             return await self._HANDLERS[type(op)](self, queue, op)
         except Exception as exc:  # noqa: BLE001 - rendered in the one place below
             err = translate(exc)
-            if err.http_status >= 500:
+            if err.http_status >= 500 and not err.logged:
                 log.error("%s %s failed: %s", request.method, request.path, err.reason,
                           exc_info=not isinstance(exc, (QServeError, storage.StorageError)))
             status, headers, body = error_response(err)
@@ -215,10 +220,7 @@ class App:
         return OK
 
     async def attributes(self, queue: Queue, op: ev.Attributes) -> Response:
-        attrs = attributes_of(queue, self.config)
-        if op.protobuf:
-            return Response(200, protobuf.encode_attributes(attrs), list(PROTO))
-        return Response(200, json.dumps(attrs, sort_keys=True).encode(), list(JSON))
+        return _render_attributes(attributes_of(queue, self.config), op)
 
     async def search(self, queue: Queue, op: ev.Search) -> Response:
         found = queue.dispatcher.search(op.index) if op.index else None
@@ -239,6 +241,12 @@ class App:
         ev.Truncate: truncate, ev.End: end, ev.Attributes: attributes, ev.Search: search,
         ev.Count: count,
     }
+
+
+def _render_attributes(attrs: dict[str, str], op: ev.Attributes) -> Response:
+    if op.protobuf:
+        return Response(200, protobuf.encode_attributes(attrs), list(PROTO))
+    return Response(200, json.dumps(attrs, sort_keys=True).encode(), list(JSON))
 
 
 def _forget(queue: Queue, removed) -> None:
@@ -263,6 +271,7 @@ def attributes_of(queue: Queue, config: Config) -> dict[str, str]:
     """Every attribute key of PROTOCOL.md section 7, values as strings."""
     qlog = queue.log
     attrs = {
+        "queue.state": "open",   # "fenced" for a queue that failed to open (_fence.fenced_attributes)
         "meta.name": queue.ref.name,
         "meta.state": "End" if queue.ended else "Normal",
         "meta.backend": "qserve-segment-log",

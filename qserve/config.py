@@ -44,6 +44,7 @@ class Config:
     queues: tuple[str, ...] = ()                   # declared services; empty = created on first use
     max_queues: int = 1024                         # open queues (input and sink count apart); more -> 507
     root_service: str | None = None                # also serve this service at / and /sink
+    auto_create: bool = True                       # False: a request to an unknown queue gets 404
     max_connections: int = 2048
     max_header_bytes: int = 16 * 1024
     keepalive_timeout: float = 60.0

@@ -17,7 +17,7 @@ from qserve import storage
 __all__ = [
     "QServeError", "ClientError", "ServerError",
     "BadRequest", "Unauthorized", "NotFound", "MethodNotAllowed", "RequestTimeout", "Conflict",
-    "PayloadTooLarge", "QueueFull", "HeadersTooLarge", "Unavailable", "InsufficientStorage",
+    "PayloadTooLarge", "QueueFull", "HeadersTooLarge", "Unavailable", "QueueFenced", "InsufficientStorage",
     "InternalError", "translate", "error_response", "ws_close_for",
 ]
 
@@ -32,6 +32,7 @@ class QServeError(Exception):
 
     http_status = 500
     ws_close_code = 1011
+    logged = False   # True: the server logged this failure where it arose; do not log it per request
 
     def __init__(self, reason: str = "", *, headers: list[tuple[str, str]] | None = None):
         reason = " ".join((reason or self.default_reason()).split())  # one line, always
@@ -105,6 +106,22 @@ class InternalError(ServerError):
 class Unavailable(ServerError):
     http_status = 503
     ws_close_code = 1013
+
+
+class QueueFenced(Unavailable):
+    """The queue is on disk but could not be opened (damage, another process holds it, an I/O
+    error); the server and its other queues go on. The reason says what to do about it, and the
+    failure was logged once when the fence went up, so requests that meet it are not logged again.
+
+    Args:
+        attributes: what the queue's attributes call answers instead of a 503.
+    """
+
+    logged = True
+
+    def __init__(self, reason: str, *, attributes: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.attributes = dict(attributes or {})
 
 
 class InsufficientStorage(ServerError):

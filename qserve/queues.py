@@ -7,16 +7,17 @@ queue fsyncs through kernel AIO (`_aio.AioSync`) or a worker thread of the manag
 round) while other tasks keep appending, so every write made during one fsync shares the next one;
 a request that must be durable awaits `wait_durable(seq)`. (2) Wake-ups: `notify` tells the watch service of
 every change that can make an entry deliverable, and a put wakes the long-polling gets it may
-answer (`GetWaiters`). (3) The registry
-of queues (`QueueManager`), opening a queue directory on first use in a worker thread and closing
-them all (sync + close) at shutdown.
+answer (`GetWaiters`). (3) The registry of queues (`QueueManager`), opening a queue directory on
+first use in a worker thread, fencing one on disk that cannot be opened (`_fence`: its requests get
+a 503 naming the cause, the other queues serve on, a later request retries) and closing them all
+(sync + close) at shutdown.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
+import shlex
 import urllib.parse
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -26,11 +27,13 @@ import trio
 from qserve import storage
 
 from ._aio import AioSync
+from ._fence import Fence, Fences
+from ._get_waiters import GetWaiters
 from ._syncpool import SyncPool
 from .config import Config
-from .errors import InsufficientStorage, NotFound, Unavailable
+from .errors import InsufficientStorage, NotFound, QServeError, QueueFenced, Unavailable
 from .events import QueueRef
-from ._tag_index import FilterIndexes, matches
+from ._tag_index import FilterIndexes
 from .groups import Dispatcher
 
 __all__ = ["Signal", "Queue", "QueueManager", "queue_dir"]
@@ -52,58 +55,6 @@ class Signal:
 
     async def wait(self) -> None:
         await self._event.wait()
-
-
-class GetWaiters:
-    """Long-polling gets, filed by what can answer them. Only a put makes an entry appear (deletes,
-    truncates and commits take entries away), so a put wakes the gets waiting for its requestId and
-    the others whose start and tag filter its entry passes, nothing else: with many clients each
-    waiting on the sink for their own result, a put wakes one of them, not all (300 waiting clients
-    used to cut sink puts from ~1,100/s to ~100/s). Bounded by the server's connection limit."""
-
-    def __init__(self) -> None:
-        self._by_rid: dict[str, dict[int, trio.Event]] = {}
-        self._others: dict[int, tuple[int, tuple[tuple[str, str], ...], trio.Event]] = {}
-        self._keys = itertools.count()
-
-    @contextlib.contextmanager
-    def waiting(self, start: int, tags: Mapping[str, str]) -> Iterator[trio.Event]:
-        """An event set when a put may answer a get of entries >= ``start`` matching ``tags``."""
-        event, key = trio.Event(), next(self._keys)
-        rid = tags.get("requestId")
-        if rid is not None:
-            self._by_rid.setdefault(rid, {})[key] = event
-        else:
-            self._others[key] = (start, tuple(tags.items()), event)
-        try:
-            yield event
-        finally:
-            if rid is None:
-                del self._others[key]
-            else:
-                waiting = self._by_rid[rid]
-                del waiting[key]
-                if not waiting:
-                    del self._by_rid[rid]
-
-    def put(self, entry: storage.Entry) -> None:
-        rid = entry.tags.get("requestId")
-        if rid is not None and rid in self._by_rid:
-            for event in self._by_rid[rid].values():
-                event.set()
-        for start, wanted, event in self._others.values():
-            if entry.index >= start and matches(entry.tags, wanted):
-                event.set()
-
-    def wake_all(self) -> None:
-        for waiting in self._by_rid.values():
-            for event in waiting.values():
-                event.set()
-        for _, _, event in self._others.values():
-            event.set()
-
-    def __len__(self) -> int:
-        return len(self._others) + sum(len(w) for w in self._by_rid.values())
 
 
 class LogSource:
@@ -320,14 +271,16 @@ def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
 
 
 class QueueManager:
-    """Opens queues on first use (or the declared set at start) and owns their tasks."""
+    """Opens queues on first use (or the declared set at start), fences the ones on disk that
+    cannot be opened (`_fence`), and owns their tasks. Used from the trio thread only."""
 
     def __init__(self, config: Config, nursery: trio.Nursery, *, fileio=None) -> None:
         self.config = config
         self._fileio = fileio
         self._nursery = nursery
         self._queues: dict[QueueRef, Queue] = {}
-        self._opening: dict[QueueRef, trio.Event] = {}
+        self._opening: dict[QueueRef, trio.Event] = {}   # one open attempt per queue at a time
+        self.fences = Fences(config)                     # queues on disk that failed to open
         # How flushers fsync (started with the first queue): kernel AIO where it works, else a few
         # threads. An injected file layer (tests' fault injection) is synced through its own fsync.
         self._aio = AioSync.open() if fileio is None else None
@@ -347,60 +300,94 @@ class QueueManager:
     def __iter__(self) -> Iterator[Queue]:
         return iter(list(self._queues.values()))
 
+    def listing(self) -> list[tuple[QueueRef, Queue | Fence]]:
+        """Every open or fenced queue, sorted by service, input before sink."""
+        found: dict[QueueRef, Queue | Fence] = {**self.fences.by_ref, **self._queues}
+        return sorted(found.items(), key=lambda item: (item[0].service, item[0].sink))
+
+    def declared(self, service: str) -> bool:
+        """Is `service` named by --queues or --root-service?"""
+        return service in self.config.queues or service == self.config.root_service
+
     async def open_declared(self) -> None:
-        for service in self.config.queues:
-            await self.get(QueueRef(service))
-            await self.get(QueueRef(service, sink=True))
+        """Open the declared queues (creating them) and every served queue already on disk, so
+        each one's recovery report, or its fence, is logged at start. A queue that cannot be
+        opened is fenced: it does not stop the server."""
+        refs = [QueueRef(service, sink=sink) for service in self.config.queues for sink in (False, True)]
         if self.config.root_service:
-            await self.get(QueueRef(self.config.root_service))
-            await self.get(QueueRef(self.config.root_service, sink=True))
-        # queues created earlier are opened too, so their recovery report is logged at start
+            refs += [QueueRef(self.config.root_service), QueueRef(self.config.root_service, sink=True)]
         data = Path(self.config.data_dir)
         if data.is_dir():
             for svc_dir in sorted(data.iterdir()):
-                for kind in ("input", "sink"):
-                    if (svc_dir / kind).is_dir():
-                        await self.get(QueueRef(urllib.parse.unquote(svc_dir.name), sink=kind == "sink"))
+                service = urllib.parse.unquote(svc_dir.name)
+                if self.config.queues and not self.declared(service):
+                    continue   # on disk, but --queues does not serve it
+                refs += [QueueRef(service, sink=kind == "sink") for kind in ("input", "sink")
+                         if (svc_dir / kind).is_dir()]
+        for ref in refs:
+            with contextlib.suppress(QueueFenced):   # logged when the fence went up
+                await self._acquire(ref, create=True)
 
     async def get(self, ref: QueueRef) -> Queue:
-        """The open queue for `ref`, opening (and recovering) it on first use."""
-        queue = self._queues.get(ref)
-        if queue is not None:
-            return queue
-        if self.config.queues and ref.service not in self.config.queues \
-                and ref.service != self.config.root_service:
-            raise NotFound(f"no queue named {ref.name}")
-        pending = self._opening.get(ref)
-        if pending is not None:
-            await pending.wait()
-            return await self.get(ref)
+        """The open queue for `ref`, opening (and recovering) it on first use.
+
+        Raises:
+            NotFound: --queues does not name its service, or it does not exist and the server runs
+                with --no-auto-create.
+            QueueFenced: it is on disk but cannot be opened (see `_fence`).
+            InsufficientStorage: creating it would pass --max-queues, or the disk is full.
+            Unavailable: creating it failed.
+        """
+        return await self._acquire(ref, create=self.config.auto_create or self.declared(ref.service))
+
+    async def create(self, service: str) -> None:
+        """Create a service's input and sink queues on purpose (the admin call); queues that exist
+        are just opened. Raises like `get`, but never refuses for --no-auto-create."""
+        for ref in (QueueRef(service), QueueRef(service, sink=True)):
+            await self._acquire(ref, create=True)
+
+    async def _acquire(self, ref: QueueRef, *, create: bool) -> Queue:
+        while True:
+            queue = self._queues.get(ref)
+            if queue is not None:
+                return queue
+            if self.config.queues and not self.declared(ref.service):
+                raise NotFound(f"no queue named {ref.name}")
+            pending = self._opening.get(ref)
+            if pending is None:
+                break
+            await pending.wait()   # another request's attempt: take its outcome (a queue or a fence)
+        self.fences.check(ref, trio.current_time())   # raises QueueFenced until a retry is due
         path = queue_dir(self.config.data_dir, ref)
         created = not path.exists()
-        if created and len(self._queues) + len(self._opening) >= self.config.max_queues:
-            # a bound on directories, open files and memory; queues already on disk always open
-            raise InsufficientStorage(
-                f"cannot create queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
+        if created:
+            self.fences.take_down(ref)   # its directory is gone: nothing left to fence
+            if not create:
+                raise NotFound(f"no queue named {ref.name} (the server runs with --no-auto-create; "
+                               f"create it with: qserve stream create {shlex.quote(ref.service)})")
+            if len(self._queues) + len(self._opening) >= self.config.max_queues:
+                # a bound on directories, open files and memory; queues already on disk always open
+                raise InsufficientStorage(
+                    f"cannot create queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
         self._opening[ref] = done = trio.Event()
         try:
-            if created:  # nothing to recover: opening is a few small file operations
-                qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
-            else:        # recovery scans the segments: keep the event loop free meanwhile
-                qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
+            try:
+                if created:  # nothing to recover: opening is a few small file operations
+                    qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
+                else:        # recovery scans the segments: keep the event loop free meanwhile
+                    qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
+            except storage.StorageError as exc:
+                raise self._refused(ref, path, exc, created) from exc
             if not self._sync_started:
                 self._sync_started = True
                 await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
             queue = Queue(ref, qlog, self.config, self._pool, self._aio)
             self._queues[ref] = queue
+            self.fences.take_down(ref)
             self._report_open(queue, created)
             await self._nursery.start(queue.flusher)
             self._nursery.start_soon(queue.housekeeping)
             return queue
-        except storage.StorageError as exc:
-            log.error("queue %s: cannot open: %s", ref.name, exc)
-            if isinstance(exc, storage.DiskFull):
-                raise InsufficientStorage(f"queue {ref.name} cannot be created: no space left on the "
-                                          "server's disk") from exc
-            raise Unavailable(f"queue {ref.name} cannot be opened") from exc
         finally:
             del self._opening[ref]
             done.set()
@@ -411,7 +398,19 @@ class QueueManager:
         qlog.warm()
         return qlog
 
+    def _refused(self, ref: QueueRef, path: Path, exc: storage.StorageError, created: bool) -> QServeError:
+        """The error for a queue that failed to open: one on disk is fenced, one being created is
+        refused (a fence per bad name would be unbounded)."""
+        if not created:
+            return self.fences.put_up(ref, path, exc, trio.current_time())
+        log.error("queue %s: cannot create: %s", ref.name, exc)
+        if isinstance(exc, storage.DiskFull):
+            return InsufficientStorage(f"queue {ref.name} cannot be created: no space left on the server's disk")
+        return Unavailable(f"queue {ref.name} cannot be created")
+
     def _report_open(self, queue: Queue, created: bool) -> None:
+        """Log the open: `queue X created` once, when its directory is made; later opens report
+        what recovery found."""
         rec = queue.log.recovery
         if created:
             log.info("queue %s created", queue.ref.name)
