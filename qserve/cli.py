@@ -45,6 +45,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--segment-bytes", type=int, help="size at which a new segment file starts")
     p.add_argument("--queues", help="comma-separated services to serve (default: any, created on first use)")
     p.add_argument("--root-service", help="also serve this service at / and /sink")
+    p.add_argument("--no-auto-create", dest="auto_create", action="store_const", const=False,
+                   help="create no queue on first use: only --queues, --root-service, queues on disk and "
+                        "POST /api/queues/SERVICE (qserve stream create) exist")
     p.add_argument("--max-queues", type=int, help="queues the server opens at most (default 1024; more get 507)")
     p.add_argument("--max-connections", type=int, help="open connections before new ones get 503")
     p.add_argument("--max-header-bytes", type=int, help="largest request head before a 431 (default 16384)")
@@ -62,6 +65,7 @@ def _add_serve(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qserve", description="A queue server for asynchronous inference, "
                                      "compatible with the PAI-EAS queue service clients.")
+    parser.add_argument("--version", action="version", version=f"qserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     for name, (module, help_text) in EXTERNAL.items():
@@ -82,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
     from .server import run
+    from .startup import StartupError, listeners_for, prepare
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -91,11 +96,37 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.worker:
-        from . import worker
-        return worker.run_embedded(config)
-    trio.run(run, config)
-    return 0
+    try:
+        prepared = prepare(config)   # the data directory's lock and the bound sockets, or one line
+    except StartupError as exc:
+        print(f"qserve: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if config.worker:
+            from . import worker
+            return worker.run_embedded(config, prepared.sockets)
+        trio.run(lambda: run(config, listeners_for(prepared.sockets)))
+        return 0
+    except (StartupError, BaseExceptionGroup) as exc:   # a declared queue that cannot open
+        failed = exc.subgroup(StartupError) if isinstance(exc, BaseExceptionGroup) else exc
+        if failed is None:
+            raise
+        while isinstance(failed, BaseExceptionGroup):
+            failed = failed.exceptions[0]
+        print(f"qserve: {failed}", file=sys.stderr)
+        return 1
+    finally:
+        prepared.close()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    try:
+        return version("qserve")
+    except PackageNotFoundError:   # running from a source tree that was not installed
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,11 +123,12 @@ def _loopback_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _embedded(config, service: str, handler: Handler) -> None:
+async def _embedded(config, service: str, handler: Handler, sockets=None) -> None:
     from .client import QueueClient
     from .server import Server
+    from .startup import listeners_for
 
-    server = Server(config)
+    server = Server(config, None if sockets is None else listeners_for(sockets))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.run)
@@ -147,9 +148,10 @@ async def _embedded(config, service: str, handler: Handler) -> None:
                 server.shutdown()
 
 
-def run_embedded(config) -> int:
+def run_embedded(config, sockets=None) -> int:
     """`qserve serve --worker MODULE:FUNCTION`: the server and one worker (`--worker-concurrency`
-    entries at once) in one process. Returns the exit status (2 for a bad handler or an ambiguous service)."""
+    entries at once) in one process, on ``sockets`` (bound by `startup.bind_sockets`; default: bind
+    here). Returns the exit status (2 for a bad handler or an ambiguous service)."""
     from .config import ConfigError
 
     _allow_cwd_imports()
@@ -159,7 +161,7 @@ def run_embedded(config) -> int:
     except (ConfigError, HandlerSpecError) as exc:
         print(f"qserve: {exc}", file=sys.stderr)
         return 2
-    trio.run(_embedded, config, service, handler)
+    trio.run(_embedded, config, service, handler, sockets)
     return 0
 
 

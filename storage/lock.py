@@ -35,11 +35,11 @@ class DirectoryLocked(StorageError):
         self.pid = pid
 
 
-def lock_holder(directory: str | os.PathLike) -> int | None:
+def lock_holder(directory: str | os.PathLike, name: str = LOCK_NAME) -> int | None:
     """The pid written into `directory`'s lock file by its last owner (None if unknown). Whether it
     still holds the lock is for `DirLock.acquire` to say."""
     try:
-        text = (Path(directory) / LOCK_NAME).read_text().strip()
+        text = (Path(directory) / name).read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
@@ -53,15 +53,15 @@ class DirLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, directory: str | os.PathLike) -> "DirLock":
-        """Take `directory`'s lock, creating the lock file (the directory must exist).
+    def acquire(cls, directory: str | os.PathLike, name: str = LOCK_NAME) -> "DirLock":
+        """Take `directory`'s lock, creating the lock file `name` (the directory must exist).
 
         Raises:
             DirectoryLocked: another owner holds it.
             StorageIOError: the lock file cannot be opened or written (permissions, not a directory).
         """
         directory = Path(directory)
-        path = directory / LOCK_NAME
+        path = directory / name
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -71,7 +71,7 @@ class DirLock:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DirectoryLocked(str(directory), lock_holder(directory)) from None
+                raise DirectoryLocked(str(directory), lock_holder(directory, name)) from None
             raise StorageIOError(f"cannot lock {path}: {exc.strerror}") from exc
         try:   # informative only: who holds it, for the next owner's refusal message
             os.ftruncate(fd, 0)
