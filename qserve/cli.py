@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
 
 __all__ = ["main", "build_parser"]
 
@@ -129,11 +131,35 @@ def _version() -> str:
         return __version__
 
 
+EX_SOFTWARE = 70   # sysexits.h: an internal error (a bug), as opposed to a usage (2) or runtime (1) error
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Whatever escapes it is one line on stderr, never a traceback, unless
+    the log level is DEBUG (`--log-level DEBUG` or QSERVE_LOG_LEVEL=DEBUG)."""
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    return args._module.main(args)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return args._module.main(args)
+    except KeyboardInterrupt:
+        print(f"qserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:   # noqa: BLE001 - the last line of defence of a command-line program
+        if _debug(args):
+            traceback.print_exc()
+        print(f"qserve {args.command}: unexpected error: {type(exc).__name__}: {_one_line(exc)}"
+              " (--log-level DEBUG shows the traceback)", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    level = getattr(args, "log_level", None) or os.environ.get("QSERVE_LOG_LEVEL") or ""
+    return str(level).upper() == "DEBUG"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or "(no message)"
 
 
 if __name__ == "__main__":
