@@ -23,6 +23,7 @@ import trio
 
 from qserve import storage
 
+from . import _admin
 from . import events as ev
 from . import protobuf
 from ._tag_index import FilterIndex
@@ -90,6 +91,8 @@ class App:
                 return Response(200, b"OK", list(TEXT))
             if isinstance(op, ev.Watch):
                 return await self.watch.http_stream(op)
+            if isinstance(op, (ev.ListQueues, ev.CreateQueue)):
+                return await _admin.handle(self.queues, self.config, op)
             try:
                 queue = await self.queues.get(op.queue)
             except QueueFenced as fenced:   # its attributes say so; everything else is a 503

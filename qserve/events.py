@@ -7,11 +7,11 @@ wire to operations is tested without a server (h11 `_events.py` is the model).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Truncate", "Commit", "Negative",
-    "Attributes", "Search", "Count", "End", "Watch", "Health",
+    "Attributes", "Search", "Count", "End", "Watch", "Health", "ListQueues", "CreateQueue",
 ]
 
 
@@ -136,3 +136,24 @@ class Watch(Operation):
 @dataclass(frozen=True, slots=True)
 class Health:
     """The server's own liveness endpoint (`GET /healthz`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListQueues:
+    """`GET /api/queues` (a qserve extension): the open and fenced queues the caller's token opens.
+
+    ``token`` is what the request's Authorization carried ("" if nothing), to pick the services
+    it opens; routing has already refused one that is none of the configured tokens.
+    """
+
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateQueue:
+    """`POST /api/queues/{service}` (a qserve extension): create the service's input and sink."""
+
+    service: str
+
+    def __post_init__(self) -> None:
+        QueueRef(self.service)   # the same rule as every queue name

@@ -4,7 +4,8 @@ Strategy: a pure function, no I/O, so every rule of PROTOCOL.md's path and param
 tested without a server. The order of checks is fixed and matters for the status a client sees:
 path (404) -> token (401) -> method (405) -> parameters (400). Control parameters are the
 underscore-wrapped names (`_index_`); every other query parameter is a tag. Unknown control
-parameters are ignored and never stored.
+parameters are ignored and never stored. qserve's own endpoints under `/api/queues` (list the
+queues, create a service's) are matched before the queue paths, so `--root-service` does not take them.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from .errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
 from .params import (ParamError, parse_bool, parse_duration, parse_index_list, parse_int,
                      split_params)
 
-__all__ = ["route", "PROTOBUF", "MOUNT", "identity_from", "header_tags", "MAX_PRIORITY"]
+__all__ = ["route", "PROTOBUF", "MOUNT", "ADMIN", "identity_from", "header_tags", "MAX_PRIORITY",
+           "service_problem", "token_opens"]
 
 PROTOBUF = "application/vnd.google.protobuf"
 MOUNT = "/api/predict/"
+ADMIN = "/api/queues"          # qserve's own endpoints: list the queues, create a service's queues
 DEFAULT_GROUP = "default_group"
 MAX_PRIORITY = 2**31 - 1
 MAX_TIMEOUT = 3600.0
+NAME_MAX = 255                 # bytes in a file name (Linux, most file systems): a service's directory
 ALLOWED = "GET, POST, PUT, DELETE"
 
 # Identity headers: the ones the attributes advertise (Go) and the ones Python/Java hard-code.
@@ -39,7 +43,8 @@ Headers = Mapping[str, str]   # lower-case names
 
 
 def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Headers, body: bytes,
-          config: Config, *, anonymous_user: str, upgrade: bool = False) -> ev.Operation | ev.Health:
+          config: Config, *, anonymous_user: str,
+          upgrade: bool = False) -> ev.Operation | ev.Health | ev.ListQueues | ev.CreateQueue:
     """Map one request to an operation.
 
     Args:
@@ -52,6 +57,8 @@ def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Hea
     """
     if path == "/healthz" and method == "GET":
         return ev.Health()
+    if path == ADMIN or path.startswith(ADMIN + "/"):   # before --root-service takes every path
+        return _admin(method, path, headers, config)
     queue, subpath = _queue_for(path, config)
     if queue is None or (subpath and method != "POST"):
         raise NotFound(f"no queue at {path}")
@@ -72,7 +79,7 @@ def _queue_for(path: str, config: Config) -> tuple[ev.QueueRef | None, str]:
     if path.startswith(MOUNT):
         parts = path[len(MOUNT):].split("/")
         service, rest = parts[0], [p for p in parts[1:]]
-        if not service or service in (".", ".."):
+        if service_problem(service) is not None:
             return None, ""
         if config.queues and service not in config.queues and service != config.root_service:
             return None, ""
@@ -89,14 +96,66 @@ def _queue_for(path: str, config: Config) -> tuple[ev.QueueRef | None, str]:
     return ev.QueueRef(service), "/".join(rest)
 
 
-def _authorize(headers: Headers, config: Config, service: str) -> None:
-    expected = config.token_for(service)
-    if expected is None:
-        return
+def service_problem(service: str) -> str | None:
+    """Why `service` cannot name a queue, or None if it can. Its percent-encoded form is a
+    directory name (`queues.queue_dir`), so it must be one a file system takes."""
+    if not service or service in (".", "..") or "/" in service:
+        return "must not be empty, '.' or '..', nor contain '/'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in service):   # they would split log lines
+        return "must not contain control characters"
+    if len(urllib.parse.quote(service, safe="")) > NAME_MAX:
+        return f"too long (at most {NAME_MAX} bytes once percent-encoded)"
+    return None
+
+
+def _admin(method: str, path: str, headers: Headers, config: Config) -> ev.ListQueues | ev.CreateQueue:
+    """`GET /api/queues` and `POST /api/queues/{service}`, checked in the order of `route`."""
+    service = path[len(ADMIN) + 1:]          # '' for /api/queues and /api/queues/
+    if not service:
+        token = _listing_token(headers, config)
+        if method == "GET":
+            return ev.ListQueues(token)
+        if method == "POST":
+            raise BadRequest(f"no service named: POST {ADMIN}/SERVICE creates SERVICE's input and sink queues")
+        raise MethodNotAllowed(f"method {method} not allowed on {ADMIN}", headers=[("Allow", "GET")])
+    if "/" in service:
+        raise NotFound(f"nothing at {path}")
+    if config.queues and service not in config.queues and service != config.root_service:
+        raise NotFound(f"no queue named {service} (the server serves the services of --queues only)")
+    _authorize(headers, config, service)
+    if method != "POST":
+        raise MethodNotAllowed(f"method {method} not allowed on {ADMIN}/SERVICE", headers=[("Allow", "POST")])
+    problem = service_problem(service)
+    if problem is not None:
+        raise BadRequest(f"service name {service!r}: {problem}")
+    return ev.CreateQueue(service)
+
+
+def _given_token(headers: Headers) -> str:
     given = headers.get("authorization", "")
     if given[:7].lower() == "bearer ":
         given = given[7:]
-    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+    return given.strip()
+
+
+def token_opens(config: Config, token: str, service: str) -> bool:
+    """Does `token` (as the request carried it, without "Bearer ") open `service`'s queues?"""
+    expected = config.token_for(service)
+    return expected is None or hmac.compare_digest(token.encode(), expected.encode())
+
+
+def _listing_token(headers: Headers, config: Config) -> str:
+    """The token of a `GET /api/queues`. With tokens configured it must be one of them (the
+    global one or a service's); the listing then shows the services it opens (`token_opens`)."""
+    given = _given_token(headers)
+    configured = [t for t in (config.token, *config.tokens.values()) if t is not None]
+    if configured and not any(hmac.compare_digest(given.encode(), t.encode()) for t in configured):
+        raise Unauthorized("missing or wrong token in the Authorization header")
+    return given
+
+
+def _authorize(headers: Headers, config: Config, service: str) -> None:
+    if not token_opens(config, _given_token(headers), service):
         raise Unauthorized("missing or wrong token in the Authorization header")
 
 
