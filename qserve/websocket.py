@@ -49,7 +49,10 @@ class ReplayStream(trio.abc.Stream):
     Sends, ``wait_send_all_might_not_block`` and ``aclose`` go to the wrapped stream; sends are
     serialized by a lock (trio-websocket's reader task and `WebSocketUpgrade.send_messages` both
     write), and after the handshake the stream notes whether a close frame went out (see `aclose`).
-    One receiver at a time.
+    A send cancelled after its first byte went out (at shutdown, a write blocked on a client that
+    does not read) leaves the client inside an unfinished frame: every later send then raises
+    `trio.BrokenResourceError`, so no close frame is written into the middle of that frame (the
+    connection is closed without one). One receiver at a time.
 
     Args:
         stream: the transport, for example a `trio.SocketStream`.
@@ -60,6 +63,7 @@ class ReplayStream(trio.abc.Stream):
         self.transport_stream = stream
         self._prefix = bytearray(prefix)
         self._closed = False
+        self._cut = False                         # a send was cancelled part-way (see the class doc)
         self._send_lock = trio.StrictFIFOLock()   # `WebSocketUpgrade.send_messages` writes outside
                                                   # trio-websocket's own lock
         self.extensions = False                   # the handshake reply negotiated an extension
@@ -93,7 +97,14 @@ class ReplayStream(trio.abc.Stream):
         except trio.WouldBlock:     # batch even when free; send_all provides the checkpoint
             await lock.acquire()
         try:
-            await self.transport_stream.send_all(data)
+            if self._cut:
+                raise trio.BrokenResourceError("an earlier send was cut short inside a frame")
+            await trio.lowlevel.checkpoint_if_cancelled()   # cancelled before any byte: no harm done
+            try:
+                await self.transport_stream.send_all(data)
+            except trio.Cancelled:
+                self._cut = True
+                raise
         finally:
             lock.release()
 
@@ -103,7 +114,7 @@ class ReplayStream(trio.abc.Stream):
     async def aclose(self) -> None:
         try:
             frame = self._farewell() if self.close_reason is not None and not self.close_frame_sent else b""
-            if frame and not self._closed:
+            if frame and not self._closed and not self._cut:
                 # shielded (bounded): the reader task that calls this is cancelled as soon as the
                 # handler has seen the connection close
                 with trio.CancelScope(shield=True) as farewell:

@@ -31,6 +31,7 @@ from qserve.events import QueueRef
 from qserve.queues import queue_dir
 from qserve.server import Server
 from qserve.startup import StartupError
+from qserve.websocket import ReplayStream, binary_frame
 
 from ..conftest import ServerProcess
 from .inproc import TOKEN, Harness, next_frame
@@ -424,3 +425,29 @@ def test_a_named_queue_that_cannot_open_is_one_line_and_exit_1(tmp_path):
     last = proc.stderr.splitlines()[-1]
     assert last.startswith("qserve: queue bad cannot be opened: damaged data: ")
     assert "Traceback" not in proc.stderr and "listening" not in proc.stderr and "stopped" not in proc.stderr
+
+
+async def test_a_websocket_send_cut_inside_a_frame_lets_nothing_follow_it():
+    """Shutdown cancels a watch whose write is blocked on a client that does not read: the client
+    holds part of a frame, so the close frame must not follow (it would land inside that frame)."""
+    with trio.fail_after(REAL):
+        server_side, client_side = trio.testing.lockstep_stream_pair()   # a write waits for the reader
+        replay = ReplayStream(server_side)
+        replay.close_reason = lambda: None   # the handshake was accepted
+        with trio.CancelScope() as before:
+            before.cancel()
+            await replay.send_all(binary_frame(b"never sent"))   # cancelled before any byte: harmless
+        assert before.cancelled_caught
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay.send_all, binary_frame(b"whole"))
+            assert await client_side.receive_some(100) == binary_frame(b"whole")
+        frame = binary_frame(b"x" * 100)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay.send_all, frame)
+            assert await client_side.receive_some(10) == frame[:10]   # the client reads no further
+            nursery.cancel_scope.cancel()
+        with pytest.raises(trio.BrokenResourceError):
+            await replay.send_all(b"\x88\x02\x03\xe9")   # the 1001 close frame
+        await replay.aclose()
+        rest = await read_to_eof(client_side)   # what the cut send had handed over, then nothing
+        assert frame[10:].startswith(bytes(rest))
