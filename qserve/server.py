@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import shlex
 import signal
 
@@ -152,7 +153,8 @@ class Server:
         cause = exc.__cause__
         if isinstance(cause, storage.CorruptLog):
             where = queue_dir(self.config.data_dir, ref).absolute()
-            return f"damaged data: {cause}; repair it with: qserve log repair {shlex.quote(str(where))}"
+            return (f"damaged data in {os.path.abspath(cause.path)} at offset {cause.offset}: {cause.reason}; "
+                    f"repair it with: qserve log repair {shlex.quote(str(where))}")
         if isinstance(cause, storage.DirectoryLocked):
             return f"{cause} (another qserve serve, or a qserve log repair running now)"
         if isinstance(cause, storage.StorageError):
