@@ -17,6 +17,7 @@ hanging block are reported, and a background process a block leaves is stopped.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ def test_readme_session(name, tmp_path):
     assert result.ok, describe_failure(blocks, result)
     problems = check_expectations(blocks, result)
     assert not problems, "\n".join(problems) + "\n" + describe_failure(blocks, result)
+
+
+def test_readme_skipped_blocks_still_parse():
+    """A skipped block is not run, but it is still valid bash or Python."""
+    for block in BLOCKS:
+        if "skip" not in block.directives:
+            continue
+        if block.lang == "sh":
+            proc = subprocess.run(["bash", "-n"], input=block.code, capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 0, f"{block.where()}: {proc.stderr.strip()}"
+        elif block.lang == "python":
+            compile(block.code, block.where(), "exec")
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang == "toml" and "skip" not in b.directives],
