@@ -193,11 +193,11 @@ def _ported(text: str, ports: dict[str, int]) -> str:
     return _PORT.sub(lambda m: str(ports[m.group(0)]), text)
 
 
-def _heredoc(code: str, word: str) -> tuple[str, str]:
-    """A here-document delimiter that does not occur in ``code``, and the code."""
+def _delimiter(code: str, word: str) -> str:
+    """A here-document delimiter that does not occur in ``code``."""
     while word in code:
         word += "_"
-    return word, code
+    return word
 
 
 def build_script(blocks: list[Block], ports: dict[str, int]) -> str:
@@ -209,16 +209,16 @@ def build_script(blocks: list[Block], ports: dict[str, int]) -> str:
         out.append(f"printf '\\n%s\\n' '{sep}'; printf '\\n%s line {block.line}\\n' '{sep}' >&2")
         if "server" in block.directives:
             base = ports["8080"]
-            out.append(f"qserve serve {_ported(block.directives['server'], ports)} 2>>qserve-server.log & "
-                       "readme_server=$!")
+            # its log goes to the session's stderr, which is checked for tracebacks
+            out.append(f"qserve serve {_ported(block.directives['server'], ports)} & readme_server=$!")
             out.append(f"until curl -s -o /dev/null http://127.0.0.1:{base}/healthz; "
                        "do kill -0 $readme_server; sleep 0.05; done")
         code = _ported(block.code, ports)
         if "file" in block.directives:
-            word, code = _heredoc(code, "README_FILE_EOF")
+            word = _delimiter(code, "README_FILE_EOF")
             out.append(f"cat > {block.directives['file']} <<'{word}'\n{code}{word}")
         elif block.lang == "python":
-            word, code = _heredoc(code, "README_PYTHON_EOF")
+            word = _delimiter(code, "README_PYTHON_EOF")
             out.append(f"python - <<'{word}'\n{code}{word}")
         else:
             out.append(code)
