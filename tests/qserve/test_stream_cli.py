@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import stat
@@ -15,49 +14,13 @@ import pytest
 from qserve import cli as qserve_cli
 from qserve.client import BlockingQueueClient
 
-TIMEOUT = 30
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qserve", "stream", *args]
+from .stream_cli_helpers import TIMEOUT, make_cli
 
 
 @pytest.fixture
 def cli(tmp_path, server, service):
-    """Run `qserve stream ARGS` with a config directory of this test's own, configured for `service`.
-
-    ``cli(*args, input=..., check=status)`` runs one command; ``cli.many([(args, input), ...])``
-    runs independent commands at once (each one pays the interpreter's start-up).
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
-    env["QSERVE_CONFIG_DIR"] = str(tmp_path / "cfg")
-    url = f"{server.url}/api/predict/{service}"
-
-    def run(*args: str, input: str | None = "", check: int | None = 0) -> subprocess.CompletedProcess:
-        proc = subprocess.run(_command(*args), input=input, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT)
-        if check is not None:
-            assert proc.returncode == check, (proc.stdout, proc.stderr)
-        return proc
-
-    def many(commands: list[tuple[tuple[str, ...], str]]) -> list[subprocess.CompletedProcess]:
-        procs = [subprocess.Popen(_command(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env, text=True) for args, _ in commands]
-        done = []
-        try:
-            for proc, (args, input) in zip(procs, commands):
-                out, err = proc.communicate(input, timeout=TIMEOUT)
-                done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
-        finally:
-            for proc in procs:
-                proc.kill()
-        return done
-
-    run.many, run.url, run.env = many, url, env
-    run.config = tmp_path / "cfg" / "stream.json"
-    run.config.parent.mkdir()
-    run.config.write_text(json.dumps({"url": url, "token": server.token}))
-    return run
+    """Run `qserve stream ARGS` with a config directory of this test's own, configured for `service`."""
+    return make_cli(tmp_path, f"{server.url}/api/predict/{service}", server.token)
 
 
 def queue(server, service) -> BlockingQueueClient:
@@ -85,13 +48,16 @@ def test_config_file_and_info(cli, server, service):
 
 def test_put_data_and_file(cli, server, service, tmp_path):
     out = cli("put", "-d", "abc", "--tags", "a=b", "--tags", "c=d", "--priority", "1").stdout.splitlines()
-    assert out[0] == "[OK] 1" and out[1] == "[INFO] Put data done."
+    rid = re.fullmatch(r"\[OK\] 1 requestId=([0-9a-f-]{36})", out[0]).group(1)
+    assert out[1] == "[INFO] Put data done."
     assert re.fullmatch(r"Total time cost: [0-9.]+(ms|µs|s)", out[2])
     assert out[3:] == ["Total size: 3.00 B", "Total: 1, success: 1, failed: 0"]
     data = tmp_path / "test.data"
     data.write_bytes(b"one\r\ntwo\n\nfour\n")
     out = cli("put", "-f", str(data)).stdout.splitlines()
-    assert out[:5] == [f"[INFO] Opening data file: {data}", "[OK] 2", "[OK] 3", "[OK] 4", "[OK] 5"]
+    assert out[0] == f"[INFO] Opening data file: {data}"
+    assert [line.split(" requestId=")[0] for line in out[1:5]] == ["[OK] 2", "[OK] 3", "[OK] 4", "[OK] 5"]
+    assert len({line.split(" requestId=")[1] for line in out[1:5]}) == 4
     assert out[-2:] == ["Total size: 10.00 B", "Total: 4, success: 4, failed: 0"]
     lines = [json.loads(line) for line in cli("put", "--json", "-f", str(data)).stdout.splitlines()]
     assert [d["index"] for d in lines[:4]] == [6, 7, 8, 9] and len(lines[0]["request_id"]) == 36
@@ -100,6 +66,7 @@ def test_put_data_and_file(cli, server, service, tmp_path):
         entries = q.get(length=5, auto_delete=False)
         assert q.count(priority=1) == 1
     assert [e.data for e in entries] == [b"abc", b"one", b"two", b"", b"four"]
+    assert entries[0].tags["requestId"] == rid
     assert (entries[0].tags["a"], entries[0].tags["c"]) == ("b", "d")
 
 
@@ -128,6 +95,43 @@ def test_get_formats_keep_sink_and_no_data(cli, server, service):
     gone, by_index = cli.many([(("get", "--tags", "a=1"), ""), (("get", "--index", "2", "--timeout", "100ms"), "")])
     assert gone.stdout == "[INFO] no data\n" and by_index.stdout.endswith("] world\n")
     assert cli("get", "--timeout", "0.1").stdout == "[INFO] no data\n"
+
+
+def test_get_by_request_id(cli, server, service):
+    with queue(server, service) as q:
+        rids = [q.put(f"e{i}".encode())[1] for i in range(3)]
+        q.sink().put(b"result-1", {"requestId": rids[1]})
+    kept, result = cli.many([(("get", "--request-id", rids[1], "--keep", "-l", "10"), ""),
+                             (("get", "-k", "--request-id", rids[1], "--timeout", "5s", "--json"), "")])
+    [line] = kept.stdout.splitlines()
+    assert line.startswith("[OK] [0 - 2] tags[") and f"requestId={rids[1]} " in line and line.endswith("] e1")
+    [got] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (got["index"], got["data"], got["tags"]["requestId"]) == (1, "result-1", rids[1])
+    assert cli("get", "--request-id", rids[1]).stdout.endswith("] e1\n")              # and deleted
+    assert cli("get", "--request-id", rids[1]).stdout == "[INFO] no data\n"
+    with queue(server, service) as q:
+        assert [e.data for e in q.get(length=10, auto_delete=False)] == [b"e0", b"e2"]
+        assert q.sink().count() == 0
+
+
+def test_bare_config_shows_the_settings_in_force(cli, monkeypatch, capsys):
+    monkeypatch.setenv("QSERVE_CONFIG_DIR", cli.env["QSERVE_CONFIG_DIR"])   # in process: same parser, same main
+    assert qserve_cli.main(["stream", "config"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"[OK] config: {cli.config}", f"url : {cli.url}", "token : te****",
+        "group : default_group (default)", "user : default_user (default)",
+        "request_timeout : 10s (--request-timeout, not saved)"]
+    cli.config.write_text(json.dumps({"url": cli.url, "token": "short", "group": "g"}))
+    assert qserve_cli.main(["stream", "config", "--json", "--request-timeout", "2.5"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "config": str(cli.config), "exists": True, "url": cli.url, "token": "****", "group": "g",
+        "user": "default_user", "request_timeout": 2.5}
+    cli.config.unlink()
+    assert qserve_cli.main(["stream", "config"]) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == [
+        f"[OK] config: {cli.config} (not written yet)", "url : (not set)", "token : (not set)"]
+    assert qserve_cli.main(["stream", "config", "--user", "u"]) == 1      # a flag saves, and needs a URL
+    assert capsys.readouterr().err == "[ERROR] config needs --url\n"
 
 
 def test_delete_and_trunc_ask_first(cli, server, service):
