@@ -8,20 +8,23 @@ dials again with the same URL and identity, forever, so entries the server redel
 committed before the disconnect) arrive again. Only the very first handshake is allowed to fail
 loudly, and only with a 4xx (bad token, bad parameter): that is a configuration error, not an outage.
 A ping every ``ping_interval`` seconds that gets no pong within the client timeout drops the
-connection, so a half-open TCP connection does not stall the subscription.
+connection, so a half-open TCP connection does not stall the subscription. An optional ``on_link``
+callback hears of each loss of the server (once per outage, not once per failed dial) and of each
+regained connection, so a command line can tell its user instead of going silent.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 import trio_websocket
 
 from . import protobuf
-from ._client_http import QueueError, reason_from
+from ._client_http import QueueError, _describe as describe_os_error, reason_from
 
 if TYPE_CHECKING:
     from .client import QueueClient
@@ -39,14 +42,20 @@ class Watcher:
 
     Attributes:
         connects: how many times a WebSocket handshake succeeded (1 + reconnects).
+
+    ``on_link(up, reason)``, when given, is called from the watcher's task (it must not block):
+    ``(False, reason)`` when the server is lost (an open connection drops, or the first dial fails
+    with an outage; later failed dials of the same outage are not reported again), ``(True, "")``
+    when a handshake succeeds after that.
     """
 
     def __init__(self, client: "QueueClient", resource: str, *, reconnect_delay: float,
-                 ping_interval: float) -> None:
+                 ping_interval: float, on_link: Callable[[bool, str], None] | None = None) -> None:
         self._client = client
         self._resource = resource
         self._reconnect_delay = reconnect_delay
         self._ping_interval = ping_interval
+        self._on_link = on_link
         self._nursery_cm = None
         self._nursery: trio.Nursery | None = None
         self._send, self._receive = trio.open_memory_channel(0)
@@ -86,6 +95,7 @@ class Watcher:
 
     async def _run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         first = True
+        lost = False
         while True:
             try:
                 async with self._client._open_websocket(self._resource) as ws:
@@ -93,15 +103,23 @@ class Watcher:
                     if first:
                         first = False
                         task_status.started()
+                    if lost and self._on_link is not None:
+                        self._on_link(True, "")
+                    lost = False
                     await self._serve(ws)
             except trio_websocket.ConnectionRejected as exc:
                 reason = reason_from(exc.status_code, b"", exc.body or b"")
                 if first and 400 <= exc.status_code < 500:
                     raise QueueError(exc.status_code, reason) from None
                 log.warning("watch %s refused: %s %s; retrying", self._resource, exc.status_code, reason)
+                why = f"handshake refused: {exc.status_code} {reason}"
             except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
                     trio.BrokenResourceError, protobuf.DecodeError, _Stalled) as exc:
                 log.info("watch %s disconnected (%s); reconnecting", self._resource, _explain(exc))
+                why = _lost_reason(exc)
+            if not lost and self._on_link is not None:
+                self._on_link(False, why)
+            lost = True
             if first:
                 first = False
                 task_status.started()    # an outage is retried in the background, like the SDKs
@@ -127,6 +145,20 @@ class Watcher:
 
 class _Stalled(Exception):
     pass
+
+
+def _lost_reason(exc: BaseException) -> str:
+    """A short lower-case reason for `on_link`: "connection refused", "connection closed: 1001 going away (...)"."""
+    if isinstance(exc, trio_websocket.ConnectionClosed) and exc.reason is not None:
+        close = exc.reason
+        text = f"connection closed: {close.code} {str(close.name or '').lower().replace('_', ' ')}".rstrip()
+        return text + (f" ({close.reason})" if close.reason else "")
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, trio_websocket.HandshakeError) and cause is not None:
+        return describe_os_error(cause)
+    if isinstance(exc, (OSError, trio.BrokenResourceError)):
+        return describe_os_error(exc)
+    return _explain(exc)
 
 
 def _explain(exc: BaseException) -> str:

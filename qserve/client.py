@@ -26,7 +26,7 @@ import json
 import ssl
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import trio
 import trio_websocket
@@ -273,13 +273,15 @@ class QueueClient:
 
     def watch(self, *, index: int = 0, window: int = 10, index_only: bool = False, auto_commit: bool = False,
               tags: Mapping[str, str] | None = None, reconnect_delay: float = 1.0,
-              ping_interval: float = 10.0) -> Watcher:
+              ping_interval: float = 10.0, on_link: Callable[[bool, str], None] | None = None) -> Watcher:
         """Subscribe: ``async with client.watch(...) as w: async for entry in w: ...``.
 
         Entries arrive in dispatch order, at most ``window`` uncommitted ones at a time (commit
         them with `commit` or `negative`, from this client or any client with the same identity).
         The subscription reconnects after any disconnect (after ``reconnect_delay`` seconds, until
         the block exits), so uncommitted entries the server redelivers arrive again.
+        ``on_link(up, reason)`` hears of each lost server and each reconnect (see `Watcher`); from
+        a `BlockingQueueClient` it is called on the client's loop thread.
 
         Raises (on entering the block):
             QueueError: the first handshake was refused with a 4xx (401 bad token, 400 bad parameter).
@@ -291,7 +293,8 @@ class QueueClient:
         query = [("_watch_", "true"), ("_index_", str(index)), ("_window_", str(window)),
                  ("_index_only_", "true" if index_only else "false"),
                  ("_auto_commit_", "true" if auto_commit else "false")] + _tag_params(tags)
-        return Watcher(self, self._target(query), reconnect_delay=reconnect_delay, ping_interval=ping_interval)
+        return Watcher(self, self._target(query), reconnect_delay=reconnect_delay, ping_interval=ping_interval,
+                       on_link=on_link)
 
     async def aclose(self) -> None:
         """Close the idle connections; the client must not be used afterwards."""
