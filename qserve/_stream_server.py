@@ -49,7 +49,7 @@ def _call(args: argparse.Namespace, method: str, path: str) -> bytes:
     response = trio.run(run)
     if response.status != 200:
         reason = reason_from(response.status, response.phrase, response.body)
-        if response.status in (404, 405):
+        if response.status == 405 or (response.status == 404 and method == "GET"):  # a 404 of create has reasons
             reason += f" (does {url.origin} serve /api/queues? EAS and older qserve servers do not)"
         raise QueueError(response.status, reason)
     if len(response.body) > _MAX_ANSWER:
@@ -91,6 +91,8 @@ def cmd_ls(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_create(args: argparse.Namespace, out: Out) -> int:
     """Create service NAME's input and sink queues (idempotent)."""
+    if not args.name or "/" in args.name:         # not a path segment: the URL could not carry it
+        raise CLIError(f"service name {args.name!r}: must not be empty nor contain '/'")
     _call(args, "POST", "/api/queues/" + urllib.parse.quote(args.name, safe=""))
     out.line(f"[OK] created {args.name}")
     out.obj(created=args.name)
