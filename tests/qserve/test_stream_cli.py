@@ -214,6 +214,10 @@ def test_errors_are_one_line(cli, tmp_path, monkeypatch, capsys):
         assert qserve_cli.main(["stream", *args]) == 1, args
         err = capsys.readouterr().err
         assert err.startswith(expected) and err.count("\n") == 1, (args, err)
+    # a put -f that an error stops still says what became of every line
+    assert qserve_cli.main(["stream", "put", "-f", str(lines), "--token", "wrong"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "[INFO] Put data stopped." and out[-1] == "Total: 1, success: 0, failed: 1, not sent: 1"
     for args in [("get", "--timeout", "3x"), ("put",), ("delete",), ("get", "-l", "0"), ("put", "-d", "x", "--tags", "k")]:
         with pytest.raises(SystemExit) as info:
             qserve_cli.main(["stream", *args])
