@@ -53,7 +53,10 @@ def _watch(args: argparse.Namespace, out: Out, q: BlockingQueueClient) -> None:
     origin = q.client.url.origin
 
     def on_link(up: bool, reason: str) -> None:
-        warn("[INFO] reconnected" if up else f"[WARN] lost {origin}: {reason}; reconnecting")
+        try:        # on the client's loop thread: an exception here would end the watch, not this line
+            warn("[INFO] reconnected" if up else f"[WARN] lost {origin}: {reason}; reconnecting")
+        except (OSError, ValueError):       # stderr closed: nobody to tell
+            pass
 
     with q.watch(index=args.index, window=args.window, index_only=args.index_only,
                  auto_commit=args.auto_commit, tags=dict(args.tags) or None, on_link=on_link) as watcher:
