@@ -81,6 +81,7 @@ def test_readme_session(name, tmp_path):
 
 def test_readme_skipped_blocks_still_parse():
     """A skipped block is not run, but it is still valid bash or Python."""
+    require_commands("bash")
     for block in BLOCKS:
         if "skip" not in block.directives:
             continue
