@@ -6,11 +6,13 @@ n asks ``negative: I ? [Y/n]``, where empty or y gives the entry back and n leav
 until the watch ends). End of input stops the watch without answering the current entry; Ctrl-C
 stops it with status 0 (it is the usual way to end a watch).
 
-Outages are retried forever by the client (the watch is meant to outlive server restarts), but not
-silently: the watcher's ``on_link`` hook prints ``[WARN] lost ORIGIN: REASON; reconnecting`` once
-when the server goes away and ``[INFO] reconnected`` once when it is back, on stderr (so stdout
-stays the entries, and ``--json`` stays parseable). The hook runs on the client's loop thread;
-each message is one ``print`` of a whole line, so it never interleaves within a line.
+Outages are retried forever by the client (the watch is meant to outlive server restarts), but
+not silently: the watcher's ``on_link`` hook prints ``[WARN] lost ORIGIN: REASON; reconnecting``
+once when the server goes away and ``[INFO] reconnected`` once when it is back, on stderr (so
+stdout stays the entries, and ``--json`` stays parseable). The hook runs on the client's loop
+thread; each message is one ``print`` of a whole line, so it never interleaves within a line. A
+commit that an outage stops is one ``[WARN]`` line too, not the end of the watch: the server
+delivers that entry again after the reconnect, and it is asked about again.
 """
 
 from __future__ import annotations
@@ -64,12 +66,27 @@ def _watch(args: argparse.Namespace, out: Out, q: BlockingQueueClient) -> None:
             out.entry(seen, entry)
             seen += 1
             if args.commit_all:
-                q.commit(entry.index)
-                out.obj(index=entry.index, action="commit")
+                if _acked(q.commit, entry.index):
+                    out.obj(index=entry.index, action="commit")
             elif prompting and not _answer_entry(q, out, entry.index):
                 break
             if args.count is not None and seen >= args.count:
                 break
+
+
+def _acked(call, index: int, **kwargs) -> bool:
+    """Commit (or negatively commit) one entry; an outage is a warning, not the end of the watch.
+
+    The server keeps an entry whose commit did not arrive and delivers it again once the watch
+    has reconnected, so the answer is asked again then. An HTTP error still ends the watch.
+    """
+    from .client import ConnectError
+    try:
+        call(index, **kwargs)
+    except ConnectError as exc:
+        warn(f"[WARN] answer to {index} not delivered ({exc}); it comes again after the reconnect")
+        return False
+    return True
 
 
 def _answer_entry(q: BlockingQueueClient, out: Out, index: int) -> bool:
@@ -78,15 +95,15 @@ def _answer_entry(q: BlockingQueueClient, out: Out, index: int) -> bool:
     if answer is None:
         return False
     if _yes(answer):
-        q.commit(index)
-        out.obj(index=index, action="commit")
+        if _acked(q.commit, index):
+            out.obj(index=index, action="commit")
         return True
     answer = out.ask(f"negative: {index} ? [Y/n]")
     if answer is None:
         return False
     if _yes(answer):
-        q.negative(index, reason="negative commit from qserve stream watch")
-        out.obj(index=index, action="negative")
+        if _acked(q.negative, index, reason="negative commit from qserve stream watch"):
+            out.obj(index=index, action="negative")
     else:
         out.obj(index=index, action="none")
     return True
