@@ -6,7 +6,10 @@ Strategy: nothing here knows the byte format. Segment files are read once each a
 ``Replay`` applies FORMAT.md's recovery rule 5 to the typed records (storage's own replay lives inside
 ``storage.recovery.recover``, which opens files for writing and repairs them, so a read-only tool cannot
 call it). ``verify_queue`` states every rule FORMAT.md gives for a readable log as a ``Problem``. All of
-it reads only: repairs go through ``storage.QueueLog``.
+it reads only and takes no lock (repairs go through ``storage.QueueLog``), so it also reads queues a
+running server has open: files that are not segments (the ``LOCK`` file) are ignored, and a segment
+that the server removes between the listing and the read (compaction) is marked ``gone`` and
+skipped, not reported as damage.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from qserve.storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, 
                             TruncateRecord)
 
 __all__ = ["UsageError", "Segment", "Queue", "Item", "Problem", "Progress", "Replay", "VerifyResult",
-           "find_queues", "read_segment", "verify_queue", "type_name", "TYPES", "PROGRESS_THRESHOLD"]
+           "find_queues", "read_segment", "verify_queue", "type_name", "TYPES", "PROGRESS_THRESHOLD",
+           "GONE_NOTE"]
 
 PROGRESS_THRESHOLD = 64 * 1024 * 1024   # a queue bigger than this gets progress lines (auto mode)
+GONE_NOTE = "removed while it was being read (compacted by the process that has the queue open)"
 
 
 class UsageError(Exception):
@@ -40,6 +45,7 @@ class Segment:
     size: int = 0        # filled in by read_segment
     crc: int = 0         # crc32 of the whole file, filled in by read_segment
     zero_tail: int = 0   # active segment: bytes of preallocated zeros after the last record
+    gone: bool = False   # listed, then removed before it was read (a running server compacted it)
 
 
 @dataclass
@@ -167,10 +173,17 @@ def read_segment(seg: Segment, progress: Progress | None = None, done: int = 0) 
     """The records and damaged stretches of one segment, in file order (lenient decoder).
 
     Sets ``seg.size`` and ``seg.crc``. ``done`` is the queue's byte count before this segment, for
-    ``progress``. Raises ``OSError`` if the file cannot be read.
+    ``progress``. A segment removed since it was listed (by the process that has the queue open)
+    yields nothing and is marked ``gone``. Raises ``OSError`` if the file cannot be read.
     """
-    with open(seg.path, "rb") as f:
-        buf = f.read()
+    try:
+        with open(seg.path, "rb") as f:
+            buf = f.read()
+    except FileNotFoundError:
+        if os.path.lexists(seg.path):    # a dangling symlink: unreadable, not removed
+            raise
+        seg.gone = True
+        return
     seg.size, seg.crc = len(buf), zlib.crc32(buf)
     pending: tuple[int, Record] | None = None
     step = 1 << 20
@@ -323,7 +336,9 @@ def verify_queue(queue: Queue, progress: Progress | None = None) -> VerifyResult
                     last_main = r.index
             elif isinstance(r, CheckpointRecord):
                 last_cp = (r, seg.path, it.offset)
-        if first:
+        if seg.gone:
+            res.notes.append(Problem(seg.path, 0, GONE_NOTE))
+        elif first:
             res.problems.append(Problem(seg.path, 0, "segment holds no readable record, not even its "
                                         "checkpoint"))
         if seg.zero_tail:
@@ -350,7 +365,7 @@ def _check_segment_set(res: VerifyResult, last_cp, seals: dict, damaged: set) ->
                                          "compaction, open deletes it if it holds no live entry"))
     for seg in queue.segments[:-1]:
         seal = seals.get(seg.base)
-        if seal is not None and seal != (seg.size, seg.crc) and seg.path not in damaged:
+        if seal is not None and not seg.gone and seal != (seg.size, seg.crc) and seg.path not in damaged:
             res.notes.append(Problem(seg.path, 0, f"does not match its seal (size {seal[0]}, crc "
                                      f"{seal[1]:#010x}): changed after it was sealed; open checks "
                                      "every record instead"))

@@ -7,8 +7,12 @@ verify, one ``.seg`` file. dump, verify and stats only read, through storage's l
 ``LogConfig(repair=True)``, i.e. exactly what storage itself does. Results go to stdout, progress and
 errors to stderr; errors are one line (``qserve log: <reason>``), never a traceback.
 
-Exit status: 0 success (verify: no damage), 1 damage found (verify) or a repair failed, 2 usage error
-(missing PATH, nothing to inspect, unreadable file).
+Readers take no lock, so they work while a server has the queues open; repair needs each queue's
+directory lock (``<queue>/LOCK``, held by whoever has the queue open) and refuses a queue another
+process holds, naming that process.
+
+Exit status: 0 success (verify: no damage), 1 damage found (verify), a repair failed or was refused,
+or an unexpected error; 2 usage error (missing PATH, nothing to inspect, unreadable file).
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import json
 import os
 import sys
 
-from qserve.storage import ReadOutcome, StorageError
+from qserve.storage import DirectoryLocked, ReadOutcome, StorageError
 
 from ._logfmt import format_json, format_text, stats_table
-from ._logscan import (TYPES, Progress, Queue, Replay, UsageError, find_queues, read_segment,
+from ._logscan import (GONE_NOTE, TYPES, Progress, Queue, Replay, UsageError, find_queues, read_segment,
                        type_name, verify_queue)
 
 __all__ = ["add_arguments", "main"]
@@ -89,9 +93,14 @@ def main(args: argparse.Namespace) -> int:
             pass
         return 1
     except OSError as exc:
-        return _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        reason = exc.strerror or str(exc)
+        reason = reason[:1].lower() + reason[1:]
+        return _fail(f"cannot read {exc.filename}: {reason}" if exc.filename else reason)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, no traceback
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(f"{args.log_command} failed: {type(exc).__name__}" + (f": {text}" if text else ""), 1)
 
 
 def _fail(reason: str, status: int = 2) -> int:
@@ -104,10 +113,13 @@ def _progress(args, queue: Queue) -> Progress:
 
 
 def _segments(queue: Queue, progress: Progress):
-    """Every item of the queue in log order."""
+    """Every item of the queue in log order. A segment a running server removed since it was
+    listed (compaction) is skipped with a note on stderr."""
     done = 0
     for seg in queue.segments:
         yield from read_segment(seg, progress, done)
+        if seg.gone:
+            print(f"qserve log: note: {seg.path} {GONE_NOTE}", file=sys.stderr)
         done += seg.size
     progress.finish()
 
@@ -159,7 +171,7 @@ def _verify(args, out) -> int:
         for p in res.notes:
             out.write(f"note {p}\n")
         n = len(queue.segments)
-        size = f"{n} segment{'s' if n != 1 else ''}, {res.records} records"
+        size = f"{n} segment{'s' if n != 1 else ''}, {res.records} record{'s' if res.records != 1 else ''}"
         if res.problems:
             status = 1
             k = len(res.problems)
@@ -170,6 +182,9 @@ def _verify(args, out) -> int:
 
 
 # -- stats -----------------------------------------------------------------------------------------
+_STAT_KEYS = ("records", "entries", "live", "dead", "damage", "bytes", "live_bytes")
+
+
 def queue_stats(queue: Queue, progress: Progress) -> dict:
     """Per-segment and total counts for one queue (live = after replaying the whole queue)."""
     replay = Replay()
@@ -190,8 +205,8 @@ def queue_stats(queue: Queue, progress: Progress) -> dict:
         rows[base]["live"], rows[base]["live_bytes"] = n, b
     for row in rows.values():
         row["dead"] = row["entries"] - row["live"]
-    segs = list(rows.values())
-    total = {k: sum(r[k] for r in segs) for k in segs[0] if k != "segment"}
+    segs = [rows[seg.base] for seg in queue.segments if not seg.gone]
+    total = {k: sum(r[k] for r in segs) for k in _STAT_KEYS}
     return {"queue": queue.path, "segments": segs, "total": total, "next_index": replay.next_index,
             "truncate_below": replay.watermark, "state": dict(sorted(replay.state.items()))}
 
@@ -224,6 +239,12 @@ def _repair(args, out) -> int:
                 rep, live = log.recovery, len(log)
             finally:
                 log.close()
+        except DirectoryLocked as exc:
+            holder = f"process {exc.pid}" if exc.pid is not None else "another process"
+            print(f"qserve log repair: {queue.path} is in use by {holder} (a running server?); "
+                  "stop it or let it fence the queue first", file=sys.stderr)
+            status = 1
+            continue
         except StorageError as exc:
             print(f"qserve log: repair {queue.path}: {exc}", file=sys.stderr)
             status = 1
