@@ -23,7 +23,7 @@ import trio
 
 from ._logscan import UsageError, find_queues, verify_queue
 
-__all__ = ["ChaosServer", "verify_data_dir", "free_port", "segment_files"]
+__all__ = ["ChaosServer", "ServerStartError", "verify_data_dir", "free_port", "segment_files"]
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not listen in time. The message is one line (the server's last
+    log line says why); ``log`` holds the tail of its log."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(message)
+        self.log = log
 
 
 class ChaosServer:
@@ -67,7 +76,7 @@ class ChaosServer:
         """Start the server and wait until it listens. Returns the seconds it took.
 
         Raises:
-            RuntimeError: it exited or did not listen within ``timeout`` (the last log lines attached).
+            ServerStartError: it exited or did not listen within ``timeout``.
         """
         assert self.proc is None or self.proc.poll() is not None, "already running"
         env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
@@ -81,19 +90,27 @@ class ChaosServer:
         lines = self.lines
         lines.append(f"--- start {self.starts} (pid {proc.pid})")
 
+        pump_done = threading.Event()
+
         def pump() -> None:
             for line in proc.stderr:
                 lines.append(line.rstrip("\n"))
                 if "listening on http://" in line:
                     listening.set()
             proc.stderr.close()
+            pump_done.set()
 
         threading.Thread(target=pump, name="chaos-server-log", daemon=True).start()
         deadline = began + timeout
         while not listening.is_set():
             if proc.poll() is not None or time.monotonic() > deadline:
+                exited = proc.poll() is not None
                 self.kill()
-                raise RuntimeError(f"server did not start (exit {proc.returncode}):\n" + self.log_tail())
+                await trio.to_thread.run_sync(pump_done.wait, 2.0)    # its last lines say why
+                why = (f"exited with status {proc.returncode}" if exited
+                       else f"did not listen within {timeout:g}s")
+                raise ServerStartError(f"the server on port {self.port} {why}: {self.last_line()}",
+                                       self.log_tail())
             await trio.sleep(0.01)
         return time.monotonic() - began
 
@@ -124,6 +141,15 @@ class ChaosServer:
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(list(self.lines)[-n:])
+
+    def last_line(self) -> str:
+        """The server's last log line of its latest start, or ``(no output)``."""
+        for line in reversed(self.lines):
+            if line.startswith("--- start "):
+                break
+            if line.strip():
+                return line.strip()
+        return "(no output)"
 
 
 def segment_files(data_dir: Path) -> frozenset[str]:

@@ -14,8 +14,10 @@ counts lost, resurrected, duplicated and corrupted entries (see `_chaos_history`
 
 Output: a progress line per round on stderr, a summary table (or ``--json``) on stdout. Exit status
 0 when nothing was lost, resurrected, duplicated, reordered or corrupted and the log verified clean;
-1 otherwise (the data directory is then kept); 2 for a usage error. The seed is printed: it replays
-the same kill schedule and choices (the interleaving with the server still varies).
+1 otherwise (the data directory is then kept), also when the run itself failed (the server would
+not start, say): that is one line on stderr, with the server's own last line; 2 for a usage error
+(one line too). The seed is printed: it replays the same kill schedule and choices (the
+interleaving with the server still varies).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import trio
 from qserve.client import QueueClient, QueueError
 
 from ._chaos_history import History, Report, payload_for
-from ._chaos_server import ChaosServer, free_port, segment_files, verify_data_dir
+from ._chaos_server import ChaosServer, ServerStartError, free_port, segment_files, verify_data_dir
 
 __all__ = ["add_arguments", "main", "Settings", "run_chaos"]
 
@@ -55,6 +57,7 @@ class Settings:
     seed: int = 0
     segment_bytes: int = 64 * 1024
     data_dir: Path | None = None
+    port: int = 0                 # 0: a free loopback port picked at the start
 
 
 @dataclass
@@ -78,38 +81,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 65536)")
     parser.add_argument("--data-dir", type=Path,
                         help="fresh (empty or new) data directory; default a temporary one")
+    parser.add_argument("--port", type=int, default=0,
+                        help="the server's loopback port (default: a free one, picked at the start)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory on success")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``qserve chaos``. Returns the exit status."""
-    if args.rounds < 1 or args.seconds <= 0 or args.producers < 1 or args.consumers < 0 or args.groups < 1 \
-            or args.segment_bytes < 1024:
+    if not (args.rounds >= 1 and args.seconds > 0 and args.producers >= 1 and args.consumers >= 0
+            and args.groups >= 1 and args.segment_bytes >= 1024):     # NaN fails too
         print("qserve chaos: --rounds, --seconds, --producers, --groups must be positive, "
               "--consumers >= 0, --segment-bytes >= 1024", file=sys.stderr)
         return 2
+    if not 0 <= args.port <= 65535:
+        print(f"qserve chaos: --port {args.port} is not a port (0-65535; 0 picks a free one)", file=sys.stderr)
+        return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
     own_dir = args.data_dir is None
-    if own_dir:
-        data_dir = Path(tempfile.mkdtemp(prefix="qserve-chaos-"))
-    else:
-        data_dir = args.data_dir
-        if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
-            print(f"qserve chaos: --data-dir {data_dir} is not a fresh (empty) directory", file=sys.stderr)
-            return 2
-        data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir = _fresh_data_dir(args.data_dir)
+    except _Refused as exc:
+        print(f"qserve chaos: {exc}", file=sys.stderr)
+        return 2
     settings = Settings(args.rounds, args.seconds, args.producers, args.consumers, args.groups, seed,
-                        args.segment_bytes, data_dir)
-    _say(f"seed {seed}: {settings.rounds} rounds x {settings.seconds:g}s, {settings.producers} producers, "
-         f"{settings.consumers} consumers in {settings.groups} groups, data in {data_dir}")
+                        args.segment_bytes, data_dir, args.port)
     try:
         summary = trio.run(run_chaos, settings)
-    except KeyboardInterrupt:
-        _say(f"interrupted; data kept in {data_dir}")
-        return 130
-    except RuntimeError as exc:            # the server would not start
-        _say(f"failed: {exc}\ndata kept in {data_dir}")
+    except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the CLI's last line of defence
+        leaves = _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            _say(f"interrupted; data kept in {data_dir}")
+            return 130
+        _say(f"failed: {'; '.join(map(_describe, leaves))}; data kept in {data_dir}")
         return 1
     ok = summary["ok"]
     if own_dir and ok and not args.keep:
@@ -127,15 +131,53 @@ def _say(text: str) -> None:
     print(f"qserve chaos: {text}", file=sys.stderr, flush=True)
 
 
+class _Refused(Exception):
+    """A usage error about the data directory; the message is one line."""
+
+
+def _fresh_data_dir(path: Path | None) -> Path:
+    """`path` checked to be a fresh (missing or empty) directory and created; without one, a new
+    temporary directory."""
+    try:
+        if path is None:
+            return Path(tempfile.mkdtemp(prefix="qserve-chaos-"))
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise _Refused(f"--data-dir {path} is not a fresh (empty) directory")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError as exc:
+        where = exc.filename or path or tempfile.gettempdir()
+        raise _Refused(f"cannot create the data directory {where}: {(exc.strerror or str(exc)).lower()}") from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception: a server start failure is its own message, the rest get their type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, ServerStartError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 async def run_chaos(settings: Settings) -> dict:
     """The whole run in one trio loop; returns the summary (see `summarize`)."""
     history = History()
     counters = Counters()
-    server = ChaosServer(settings.data_dir, port=free_port(), token=TOKEN, segment_bytes=settings.segment_bytes)
+    server = ChaosServer(settings.data_dir, port=settings.port or free_port(), token=TOKEN,
+                         segment_bytes=settings.segment_bytes)
     rng = random.Random(settings.seed)
     url = f"{server.url}/api/predict/{SERVICE}"
     began = time.monotonic()
     await server.start()
+    _say(f"seed {settings.seed}: {settings.rounds} rounds x {settings.seconds:g}s, "
+         f"{settings.producers} producers, {settings.consumers} consumers in {settings.groups} groups, "
+         f"server on port {server.port}, data in {settings.data_dir}")
     try:
         workload = _Workload(url, history, counters, settings, rng)
         async with trio.open_nursery() as workers:

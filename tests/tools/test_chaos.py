@@ -9,6 +9,7 @@ its JSON summary; the short one is part of the default suite (about 10 s), the l
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,33 @@ def test_chaos_refuses_a_used_data_dir(tmp_path):
 def test_long_chaos_run():
     proc, summary = run_chaos("--rounds", "15", "--seconds", "3", timeout=600)
     _assert_clean(proc, summary, 15)
+
+
+def _chaos(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qserve", "chaos", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_chaos_start_up_failures_are_one_line(tmp_path):
+    (tmp_path / "junk").write_text("x")
+    proc = _chaos("--data-dir", str(tmp_path))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"qserve chaos: --data-dir {tmp_path} is not a fresh (empty) directory\n"
+    proc = _chaos("--data-dir", str(tmp_path / "junk" / "data"))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"qserve chaos: cannot create the data directory {tmp_path / 'junk' / 'data'}: not a directory\n"
+    proc = _chaos("--port", "70000")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_chaos_on_a_busy_port_is_one_line(tmp_path):
+    """Another process listens on the port: the server cannot start, chaos says why in one line."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _chaos("--port", str(port), "--data-dir", str(tmp_path / "data"), "--rounds", "1")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"qserve chaos: failed: the server on port {port} exited with status 1: ")
+    assert "address already in use" in line.lower() and line.endswith(f"; data kept in {tmp_path / 'data'}")
