@@ -54,17 +54,19 @@ def dir_stamp(path: Path) -> Stamp | None:
     return tuple(sorted(found))
 
 
-def fence_reason(ref: QueueRef, path: Path, exc: storage.StorageError) -> str:
-    """The one-line reason of the fence `exc` puts on queue `ref` stored in directory `path`."""
+def fence_reason(ref: QueueRef, path: Path, exc: storage.StorageError, *, fenced: bool = True) -> str:
+    """The one-line reason of the fence `exc` puts on queue `ref` stored in directory `path`
+    (``fenced=False``: the same reason for a queue that must open or the server does not start)."""
     where = os.path.abspath(path)
-    head = f"queue {ref.name} is fenced: "
+    head = f"queue {ref.name} is fenced: " if fenced else f"queue {ref.name} cannot be opened: "
     if isinstance(exc, storage.CorruptLog):
         return (f"{head}damage in {os.path.abspath(exc.path)} at offset {exc.offset}: {exc.reason}; "
                 f"repair it with: qserve log repair {shlex.quote(where)}")
     if isinstance(exc, storage.DirectoryLocked):
-        return (f"{head}{exc} (another qserve, or a qserve log repair running now); "
-                "the next request opens it once it is free")
-    return f"{head}{exc}; the next request tries again"   # storage names the file and the OS error
+        return (f"{head}{exc} (another qserve serve, or a qserve log repair running now)"
+                + ("; the next request opens it once it is free" if fenced else ""))
+    # storage names the file and the OS error
+    return f"{head}{' '.join(str(exc).split())}" + ("; the next request tries again" if fenced else "")
 
 
 @dataclass

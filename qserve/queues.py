@@ -27,7 +27,7 @@ import trio
 from qserve import storage
 
 from ._aio import AioSync
-from ._fence import Fence, Fences
+from ._fence import Fence, Fences, fence_reason
 from ._get_waiters import GetWaiters
 from ._syncpool import SyncPool
 from .config import Config
@@ -340,13 +340,19 @@ class QueueManager:
         """
         return await self._acquire(ref, create=self.config.auto_create or self.declared(ref.service))
 
+    async def open_required(self, ref: QueueRef) -> Queue:
+        """Open (creating if missing) a queue the user named with --queues or --root-service, at
+        start. A failure fences nothing and logs nothing: it raises `Unavailable` with the one-line
+        reason (and for damage the repair command), for the server to refuse to start with."""
+        return await self._acquire(ref, create=True, required=True)
+
     async def create(self, service: str) -> None:
         """Create a service's input and sink queues on purpose (the admin call); queues that exist
         are just opened. Raises like `get`, but never refuses for --no-auto-create."""
         for ref in (QueueRef(service), QueueRef(service, sink=True)):
             await self._acquire(ref, create=True)
 
-    async def _acquire(self, ref: QueueRef, *, create: bool) -> Queue:
+    async def _acquire(self, ref: QueueRef, *, create: bool, required: bool = False) -> Queue:
         while True:
             queue = self._queues.get(ref)
             if queue is not None:
@@ -377,7 +383,7 @@ class QueueManager:
                 else:        # recovery scans the segments: keep the event loop free meanwhile
                     qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
             except storage.StorageError as exc:
-                raise self._refused(ref, path, exc, created) from exc
+                raise self._refused(ref, path, exc, created, required) from exc
             if not self._sync_started:
                 self._sync_started = True
                 await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
@@ -398,9 +404,12 @@ class QueueManager:
         qlog.warm()
         return qlog
 
-    def _refused(self, ref: QueueRef, path: Path, exc: storage.StorageError, created: bool) -> QServeError:
+    def _refused(self, ref: QueueRef, path: Path, exc: storage.StorageError, created: bool,
+                 required: bool) -> QServeError:
         """The error for a queue that failed to open: one on disk is fenced, one being created is
-        refused (a fence per bad name would be unbounded)."""
+        refused (a fence per bad name would be unbounded), one required at start is neither."""
+        if required:
+            return Unavailable(fence_reason(ref, path, exc, fenced=False))
         if not created:
             return self.fences.put_up(ref, path, exc, trio.current_time())
         log.error("queue %s: cannot create: %s", ref.name, exc)

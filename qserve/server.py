@@ -26,20 +26,16 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import shlex
 import signal
 
 import trio
-
-from qserve import storage
 
 from .app import App
 from .config import Config
 from .errors import QServeError
 from .events import QueueRef
 from .http import HTTPConfig, HTTPServer
-from .queues import QueueManager, queue_dir
+from .queues import QueueManager
 from .startup import StartupError
 from .watch import WatchService
 
@@ -137,9 +133,9 @@ class Server:
         assert self.queues is not None
         for ref in self._demanded():
             try:
-                await self.queues.get(ref)
+                await self.queues.open_required(ref)
             except QServeError as exc:
-                raise StartupError(f"queue {ref.name} cannot be opened: {self._why(ref, exc)}") from None
+                raise StartupError(exc.reason) from None
         await self.queues.open_declared()
 
     def _demanded(self) -> list[QueueRef]:
@@ -147,19 +143,6 @@ class Server:
         if self.config.root_service and self.config.root_service not in services:
             services.append(self.config.root_service)
         return [QueueRef(service, sink=sink) for service in services for sink in (False, True)]
-
-    def _why(self, ref: QueueRef, exc: QServeError) -> str:
-        """One line: what stopped queue ``ref`` from opening, and for damage what to do."""
-        cause = exc.__cause__
-        if isinstance(cause, storage.CorruptLog):
-            where = queue_dir(self.config.data_dir, ref).absolute()
-            return (f"damaged data in {os.path.abspath(cause.path)} at offset {cause.offset}: {cause.reason}; "
-                    f"repair it with: qserve log repair {shlex.quote(str(where))}")
-        if isinstance(cause, storage.DirectoryLocked):
-            return f"{cause} (another qserve serve, or a qserve log repair running now)"
-        if isinstance(cause, storage.StorageError):
-            return " ".join(str(cause).split())
-        return exc.reason
 
     async def _serve(self, queue_tasks: trio.Nursery, task_status) -> None:
         config = self.config

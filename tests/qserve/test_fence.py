@@ -125,7 +125,7 @@ async def test_a_queue_held_by_another_process_is_fenced_until_let_go(tmp_path, 
     held = queue_dir(data, QueueRef("held"))
     build_queue(held, 3)
     lock = storage.DirLock.acquire(held)   # what a running `qserve log repair` holds
-    reason = (f"queue held is fenced: {held} is in use by process {os.getpid()} (another qserve, or a "
+    reason = (f"queue held is fenced: {held} is in use by process {os.getpid()} (another qserve serve, or a "
               "qserve log repair running now); the next request opens it once it is free")
     try:
         with trio.fail_after(60):

@@ -280,7 +280,7 @@ async def test_a_named_queue_with_damaged_data_stops_the_start(tmp_path, caplog)
     message = str(failed.value)
     where = queue_dir(tmp_path / "data", QueueRef("bad"))
     segment = sorted(where.glob("*.seg"))[0]
-    assert message == (f"queue bad cannot be opened: damaged data in {segment} at offset 0: crc mismatch; "
+    assert message == (f"queue bad cannot be opened: damage in {segment} at offset 0: crc mismatch; "
                        f"repair it with: qserve log repair {where}")
     assert no_listening_or_stopped_line(caplog)
 
@@ -423,8 +423,8 @@ def test_a_named_queue_that_cannot_open_is_one_line_and_exit_1(tmp_path):
                            "--data-dir", str(tmp_path / "data"), "--token", "t", "--queues", "bad"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.splitlines()[-1]
-    assert last.startswith("qserve: queue bad cannot be opened: damaged data in ")
+    [line] = proc.stderr.splitlines()   # one line: the refusal, nothing logged before it
+    assert line.startswith("qserve: queue bad cannot be opened: damage in ")
     assert "Traceback" not in proc.stderr and "listening" not in proc.stderr and "stopped" not in proc.stderr
 
 
