@@ -2,11 +2,13 @@
 the sink, then commit the input; drain on request.
 
 Strategy: one trio nursery holds the watch task, one task per entry in hand and a reporter. Before
-the watch is opened the server must be reachable: at start-up the worker probes it with a plain TCP
-connect, and while that fails it logs one WARNING line per attempt (``cannot reach URL: connection
+the watch is opened the queue must be ready: at start-up the worker probes the server with a plain
+TCP connect, then asks for the queue's attributes (a 5xx, or a queue the server has fenced off
+because it cannot open it, is an outage; a 401 or 404 is a configuration error and ends the
+worker). While that fails it logs one WARNING line per attempt (``cannot reach ORIGIN: connection
 refused; retrying in 1s``) and waits with exponential backoff (``connect_delay`` doubling up to
-``connect_delay_max``), so a worker started before its server simply picks the server up. The
-"watching" line is logged only once the server has accepted the subscription. The
+``connect_delay_max``), so a worker started before its server, or on a queue being repaired, simply
+picks it up. The "watching" line is logged only once the server has accepted the subscription. The
 watch has ``window = concurrency``, so the server never hands this worker more than that many
 uncommitted entries; a `trio.CapacityLimiter` of the same size bounds the handlers that run at
 once (an entry redelivered after a reconnect can briefly make more arrive than can run).
@@ -212,7 +214,7 @@ class Worker:
         Reports started once the server has accepted the subscription."""
         delay = self._connect_delay
         while True:
-            reason = await self._unreachable()
+            reason = await self._obstacle()
             if reason is None:
                 async with self.client.watch(index=0, window=self.concurrency, auto_commit=False) as watcher:
                     if watcher.connects:         # the first handshake succeeded (else it retries alone)
@@ -222,12 +224,30 @@ class Worker:
                         async for entry in watcher:
                             self._accept(entry, nursery)
                         return
-                log.warning("cannot subscribe to %s: the server did not accept the watch; retrying in %gs",
-                            self.client.url, delay)
-            else:
-                log.warning("cannot reach %s: %s; retrying in %gs", self.client.url.origin, reason, delay)
+                reason = f"cannot subscribe to {self.client.url}: the server did not accept the watch"
+            log.warning("%s; retrying in %gs", reason, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, self._connect_delay_max)
+
+    async def _obstacle(self) -> str | None:
+        """What keeps the worker from subscribing right now (one line), or None: try the watch.
+
+        Raises:
+            QueueError: a refusal that waiting does not cure (401 bad token, 404 unknown queue).
+        """
+        url = self.client.url
+        reason = await self._unreachable()
+        if reason is not None:
+            return f"cannot reach {url.origin}: {reason}"
+        try:
+            attributes = await self.client.attributes()
+        except QueueError as exc:
+            if not is_transient(exc):
+                raise
+            return str(exc) if isinstance(exc, ConnectError) else f"cannot subscribe to {url}: {exc}"
+        if attributes.get("queue.state") == "fenced":
+            return f"cannot subscribe to {url}: {attributes.get('queue.fenced') or 'the queue is fenced'}"
+        return None
 
     async def _unreachable(self) -> str | None:
         """Why a TCP connection to the server cannot be opened right now; None when it can."""

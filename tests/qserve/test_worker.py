@@ -461,3 +461,38 @@ def test_cli_unexpected_error_is_one_line_unless_debug(monkeypatch, capfd, level
         assert err.count("\n") == 1 and "(--log-level DEBUG shows the traceback)" in err
     else:
         assert "Traceback" in err and "with a second line" in err
+
+
+async def test_worker_waits_while_its_queue_is_fenced(tmp_path, worker_log):
+    """The server is up but cannot open the queue (this test holds its directory, as a running
+    `qserve log repair` would): the worker says why in its WARNING lines and subscribes once the
+    queue is free."""
+    from qserve.storage import LogConfig, QueueLog
+
+    srv = ServerProcess(tmp_path / "data")
+    held = QueueLog.open(tmp_path / "data" / "fenced" / "input", LogConfig())
+    try:
+        await trio.to_thread.run_sync(srv.start)
+        url = f"{srv.url}/api/predict/fenced"
+        with trio.fail_after(40):
+            async with QueueClient(url, token=srv.token, group="fenced") as consumer:
+                worker = Worker(consumer, load_handler("demo"), connect_delay=0.05, connect_delay_max=0.2)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(worker.run)
+                    line = await worker_log.wait_for("cannot subscribe")
+                    assert line.startswith(f"WARNING cannot subscribe to {url}: queue fenced is fenced: ")
+                    assert f"in use by process {os.getpid()}" in line and line.endswith("; retrying in 0.05s")
+                    assert not any(" watching " in l for l in worker_log.lines)
+                    held.close()
+                    await worker_log.wait_for(" watching ")
+                    async with QueueClient(url, token=srv.token) as producer:
+                        _, rid = await producer.put(b"after the fence")
+                        async with producer.sink() as sink:
+                            [result] = await sink.get(request_id=rid, auto_delete=False, timeout=10)
+                    assert json.loads(result.data) == demo(b"after the fence", {})
+                    worker.drain()
+    finally:
+        held.close()
+        if srv.proc is not None:
+            await trio.to_thread.run_sync(srv.stop)
+    assert worker.statistics()["processed"] == 1
