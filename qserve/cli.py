@@ -22,6 +22,7 @@ EXTERNAL = {
     "stream": ("qserve.stream_cli", "the commands of `eascmd stream` against a queue"),
     "worker": ("qserve.worker", "run an async-inference worker on a queue"),
     "chaos": ("qserve.tools.chaos", "kill -9 crash-recovery testing against a real server"),
+    "completion": ("qserve.completion", "print a bash or zsh completion script for qserve"),
 }
 
 
