@@ -26,19 +26,33 @@ from bisect import bisect_left
 from itertools import compress
 from typing import Iterator
 
-__all__ = ["EntryIndex", "DEAD", "SEG_SHIFT", "OFF_MASK", "pack_loc", "next_live"]
+__all__ = ["EntryIndex", "DEAD", "SEG_SHIFT", "OFF_MASK", "SEG_MASK", "pack_loc", "loc_segment",
+           "loc_offset", "next_live"]
 
 DEAD = 1 << 63
 _HIGH_BYTE = 7 if sys.byteorder == "little" else 0          # of a u64 in ``loc``'s memory
 _DEAD_BYTE = bytes(1 if b & 0x80 else 0 for b in range(256))  # high byte -> 1 when DEAD is set
 _LIVE_BYTE = bytes(0 if b & 0x80 else 1 for b in range(256))  # high byte -> 1 when it is not
+# A record's location, one u64 (the ``loc`` column): segment id in bits 40..62, byte offset in bits
+# 0..39, bit 63 the DEAD flag. These helpers are the only code that knows the packing.
 SEG_SHIFT = 40
-OFF_MASK = (1 << SEG_SHIFT) - 1
-SEG_MASK = (1 << 23) - 1
+OFF_MASK = (1 << SEG_SHIFT) - 1      # the offset bits
+SEG_MASK = (1 << 23) - 1             # the segment id, once shifted down (drops DEAD)
 
 
 def pack_loc(seg_id: int, offset: int) -> int:
+    """The location of the record at ``offset`` of segment ``seg_id`` (live: DEAD not set)."""
     return (seg_id << SEG_SHIFT) | offset
+
+
+def loc_segment(loc: int) -> int:
+    """The segment id of a location, dead or live."""
+    return (loc >> SEG_SHIFT) & SEG_MASK
+
+
+def loc_offset(loc: int) -> int:
+    """The byte offset of a location in its segment, dead or live."""
+    return loc & OFF_MASK
 
 
 def next_live(links: array, pos: int) -> int:

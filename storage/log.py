@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
 from .lock import DirLock
-from .index import DEAD, OFF_MASK, SEG_SHIFT
+from .index import DEAD, loc_offset, loc_segment, pack_loc
 from .rids import RequestIds, rid_hash
 from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, decode_entry, encode_checkpoint,
                      encode_delete, encode_entry, encode_state, encode_truncate)
@@ -221,7 +221,7 @@ class QueueLog:
         self.next_index = index + 1
         rid = tags.get(REQUEST_ID)
         h = 0 if rid is None else rid_hash(rid)
-        ix.append(index, (seg.sid << SEG_SHIFT) | off, size, priority, h)
+        ix.append(index, pack_loc(seg.sid, off), size, priority, h)
         seg.note_entry(index, size)
         if self._rids is not None:
             self._rids.note(ix, h, index, self.__contains__)
@@ -239,7 +239,7 @@ class QueueLog:
 
     def _kill(self, pos: int) -> None:
         old = self._index.kill(pos)
-        seg = self._by_sid[(old >> SEG_SHIFT) & 0x7FFFFF]
+        seg = self._by_sid[loc_segment(old)]
         seg.live_bytes -= self._index.size[pos]
         seg.live_count -= 1
 
@@ -294,12 +294,12 @@ class QueueLog:
     def _entry_at(self, pos: int) -> Entry:
         ix = self._index
         loc = ix.loc[pos]
-        seg = self._by_sid[(loc >> SEG_SHIFT) & 0x7FFFFF]
+        seg = self._by_sid[loc_segment(loc)]
         try:
-            body = seg.read_body(loc & OFF_MASK, ix.size[pos])
+            body = seg.read_body(loc_offset(loc), ix.size[pos])
         except OSError as exc:
             raise io_error(exc, f"reading {seg.path}") from None
-        return self._decode_entry(seg, loc & OFF_MASK, pos, body)
+        return self._decode_entry(seg, loc_offset(loc), pos, body)
 
     def _decode_entry(self, seg: Segment, offset: int, pos: int, body: bytes) -> Entry:
         try:
@@ -331,17 +331,17 @@ class QueueLog:
                 k += 1
                 continue
             loc = ix.loc[pos]
-            start = loc & OFF_MASK
+            sid, start = loc_segment(loc), loc_offset(loc)
             end = start + ix.size[pos]
             j = k + 1   # extend the run while the next record starts where this one ends
             while j < len(positions) and positions[j] is not None and end - start < _READ_RUN_BYTES \
-                    and ix.loc[positions[j]] == (loc & ~OFF_MASK) | end:
+                    and ix.loc[positions[j]] == pack_loc(sid, end):
                 end += ix.size[positions[j]]
                 j += 1
             if j == k + 1:
                 out[k] = self._entry_at(pos)
             else:
-                seg = self._by_sid[(loc >> SEG_SHIFT) & 0x7FFFFF]
+                seg = self._by_sid[sid]
                 try:
                     buf = seg.io.pread(seg.fd, end - start, start)
                 except OSError as exc:

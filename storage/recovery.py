@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import CorruptLog
 from .fileio import FileIO
-from .index import DEAD, SEG_SHIFT, EntryIndex
+from .index import DEAD, EntryIndex, loc_segment, pack_loc
 from .record import (FRAMED_ENTRY_HEAD, FRAMED_ENTRY_HEAD_SIZE, HEADER_SIZE, REQUEST_ID,
                      CheckpointRecord, DeleteRecord, EntryRecord, StateRecord, TruncateRecord,
                      classify_bad_frame, decode_frame, encode_checkpoint)
@@ -91,14 +91,14 @@ class _Scan:
         pos = ix.pos_of(i)
         if pos is not None:
             old = ix.kill(pos)
-            seg = self.by_sid[(old >> SEG_SHIFT) & 0x7FFFFF]
+            seg = self.by_sid[loc_segment(old)]
             seg.live_bytes -= ix.size[pos]
             seg.live_count -= 1
             return
         m = self.moved.get(i)
         if m is not None and m[4]:
             m[4] = False
-            seg = self.by_sid[m[0] >> SEG_SHIFT]
+            seg = self.by_sid[loc_segment(m[0])]
             seg.live_bytes -= m[1]
             seg.live_count -= 1
 
@@ -133,7 +133,7 @@ class _Scan:
             if old & DEAD:                                # never resurrect a deleted entry
                 return
             seg.note_entry(r.index, size)
-            prev = self.by_sid[(old >> SEG_SHIFT) & 0x7FFFFF]
+            prev = self.by_sid[loc_segment(old)]
             prev.live_bytes -= ix.size[pos]
             prev.live_count -= 1
             ix.live -= 1
@@ -149,7 +149,7 @@ class _Scan:
             return
         m = self.moved.get(r.index)
         if m is not None and m[4]:
-            prev = self.by_sid[m[0] >> SEG_SHIFT]
+            prev = self.by_sid[loc_segment(m[0])]
             prev.live_bytes -= m[1]
             prev.live_count -= 1
         self.moved[r.index] = [loc, size, r.priority, h, True]
@@ -201,7 +201,7 @@ class _Scan:
         levels = ix.levels
         a_idx, a_loc, a_size, a_prio, a_rh = ix.idx.append, ix.loc.append, ix.size.append, \
             ix.prio.append, ix.rh.append
-        sidbits = seg.sid << SEG_SHIFT
+        sidbits = pack_loc(seg.sid, 0)
         last_main = self.last_main
         watermark = rec.watermark
         fast_end = n - FRAMED_ENTRY_HEAD_SIZE
