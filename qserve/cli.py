@@ -19,8 +19,8 @@ __all__ = ["main", "build_parser"]
 # subcommand -> (module, description); each module provides add_arguments(parser) and main(args) -> int
 EXTERNAL = {
     "log": ("qserve.tools.logtool", "inspect, verify and repair queue logs on disk"),
-    "stream": ("qserve.stream_cli", "the commands of `eascmd stream` against a queue"),
-    "worker": ("qserve.worker", "run an async-inference worker on a queue"),
+    "stream": ("qserve.stream.cli", "the commands of `eascmd stream` against a queue"),
+    "worker": ("qserve.worker.cli", "run an async-inference worker on a queue"),
     "chaos": ("qserve.tools.chaos", "kill -9 crash-recovery testing against a real server"),
     "completion": ("qserve.completion", "print a bash or zsh completion script for qserve"),
 }
@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from .config import ConfigError, load_config
-    from .server import run
-    from .startup import StartupError, listeners_for, prepare
+    from qserve.config import ConfigError, load_config
+    from qserve.server.server import run
+    from qserve.server.startup import StartupError, listeners_for, prepare
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -106,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     try:
         if config.worker:
-            from . import worker
+            from qserve.worker import cli as worker
             return worker.run_embedded(config, prepared.sockets)
         trio.run(lambda: run(config, listeners_for(prepared.sockets)))
         return 0
@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from qserve import __version__
     try:
         return version("qserve")
     except PackageNotFoundError:   # running from a source tree that was not installed

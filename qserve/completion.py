@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
         print("[ERROR] shell completion needs the shtab package: pip install 'shtab>=1.7,<2'",
               file=sys.stderr)
         return 1
-    from .cli import build_parser
+    from qserve.cli import build_parser
     script = shtab.complete(build_parser(), shell=args.shell)
     try:
         sys.stdout.write(script if script.endswith("\n") else script + "\n")

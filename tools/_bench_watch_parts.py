@@ -19,7 +19,7 @@ import trio
 import trio_websocket
 
 from qserve.tools._bench_ws import LeanWebSocket
-from qserve.protobuf import decode_frame
+from qserve.wire.protobuf import decode_frame
 
 GROUP = "bench-group"
 WS_CLIENT = "lean"   # or "trio-websocket"; set by bench_watch --ws-client (see tools/_bench_ws.py)

@@ -23,7 +23,7 @@ import trio
 import trio_websocket
 
 from qserve.tools import _benchlib as bl
-from qserve.protobuf import decode_frame
+from qserve.wire.protobuf import decode_frame
 
 SERVICE = "load"
 LORIS_SERVICE = "loris"

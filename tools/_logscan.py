@@ -3,9 +3,8 @@
 Strategy: nothing here knows the byte format. Segment files are read once each and handed to
 ``storage.iter_records(..., lenient=True)``, which yields typed records and ``ReadOutcome`` damage;
 ``read_segment`` turns that into ``Item``s carrying the byte span of each record or damaged stretch.
-``Replay`` applies FORMAT.md's recovery rule 5 to the typed records (storage's own replay lives inside
-``storage.recovery.recover``, which opens files for writing and repairs them, so a read-only tool cannot
-call it). ``verify_queue`` states every rule FORMAT.md gives for a readable log as a ``Problem``. All of
+What is live is ``storage.replay.Replay``'s to say (the rules recovery applies; ``qserve log stats``
+feeds it these records). ``verify_queue`` states every rule FORMAT.md gives for a readable log as a ``Problem``. All of
 it reads only and takes no lock (repairs go through ``storage.QueueLog``), so it also reads queues a
 running server has open: files that are not segments (the ``LOCK`` file) are ignored, and a segment
 that the server removes between the listing and the read (compaction) is marked ``gone`` and
@@ -25,7 +24,7 @@ from qserve.storage import ReadOutcome, iter_records, parse_segment_name, segmen
 from qserve.storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, Record, StateRecord,
                             TruncateRecord)
 
-__all__ = ["UsageError", "Segment", "Queue", "Item", "Problem", "Progress", "Replay", "VerifyResult",
+__all__ = ["UsageError", "Segment", "Queue", "Item", "Problem", "Progress", "VerifyResult",
            "find_queues", "read_segment", "verify_queue", "type_name", "TYPES", "PROGRESS_THRESHOLD",
            "GONE_NOTE"]
 
@@ -202,83 +201,6 @@ def read_segment(seg: Segment, progress: Progress | None = None, done: int = 0) 
         if progress is not None and off >= next_report:
             next_report = off + step
             progress.update(done + off)
-
-
-class Replay:
-    """FORMAT.md recovery rule 5 over typed records: which entry records are live at the end.
-
-    Feed ``apply(key, record)`` in log order (``key`` names the record's segment); then ``live_by``
-    gives, per key, the number and framed bytes of the entry records that hold a live entry.
-    """
-
-    def __init__(self) -> None:
-        self.next_index = 1
-        self.watermark = 0
-        self.state: dict[str, str] = {}
-        self.expected: tuple | None = None     # ``segs`` of the last checkpoint
-        self._current: dict[int, tuple] = {}   # index -> (key, size) of the copy that counts
-        self._dead: set[int] = set()
-        self._seq: list[int] = []              # increasing non-moved indexes, truncation walks it
-        self._lo = 0
-        self._other: set[int] = set()          # the rest (moved copies, out-of-order entries)
-
-    def apply(self, key, size: int, r: Record) -> None:
-        if isinstance(r, EntryRecord):
-            self._entry(key, size, r)
-        elif isinstance(r, DeleteRecord):
-            self._dead.update(i for i in r.indexes if i in self._current)
-        elif isinstance(r, TruncateRecord):
-            self._truncate(min(r.below, self.next_index))
-        elif isinstance(r, StateRecord):
-            self.state.update(r.values)
-        elif isinstance(r, CheckpointRecord):
-            self.next_index = max(self.next_index, r.next_index)
-            self._truncate(r.truncate_below)
-            self.state = dict(r.state)
-            self.expected = r.segments
-
-    def _entry(self, key, size: int, r: EntryRecord) -> None:
-        i = r.index
-        if i < self.watermark:
-            return
-        if i >= self.next_index:
-            self.next_index = i + 1
-        if i in self._current:                 # a moved copy replaces the earlier one...
-            if i not in self._dead:            # ...but never resurrects a deleted entry
-                self._current[i] = (key, size)
-            return
-        self._current[i] = (key, size)
-        if not r.moved and (not self._seq or i > self._seq[-1]):
-            self._seq.append(i)
-        else:
-            self._other.add(i)
-
-    def _truncate(self, below: int) -> None:
-        if below <= self.watermark:
-            return
-        self.watermark = below
-        seq, lo = self._seq, self._lo
-        while lo < len(seq) and seq[lo] < below:
-            self._dead.add(seq[lo])
-            lo += 1
-        self._lo = lo
-        for i in [i for i in self._other if i < below]:
-            self._dead.add(i)
-            self._other.discard(i)
-
-    def live_by(self) -> dict:
-        """``{key: (live entry records, their framed bytes)}``."""
-        res: dict = {}
-        dead = self._dead
-        for i, (key, size) in self._current.items():
-            if i not in dead:
-                n, b = res.get(key, (0, 0))
-                res[key] = (n + 1, b + size)
-        return res
-
-    @property
-    def live(self) -> int:
-        return len(self._current) - len(self._dead)
 
 
 @dataclass

@@ -179,7 +179,7 @@ def bench_group_aio(root, n, args):
     Returns None where kernel AIO is unavailable."""
     import trio
 
-    from qserve._aio import AioSync
+    from qserve.server.aio import AioSync
     aio = AioSync.open()
     if aio is None:
         return None

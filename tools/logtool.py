@@ -25,8 +25,10 @@ import sys
 from qserve.storage import DirectoryLocked, ReadOutcome, StorageError
 
 from ._logfmt import format_json, format_text, stats_table
-from ._logscan import (GONE_NOTE, TYPES, Progress, Queue, Replay, UsageError, find_queues, read_segment,
-                       type_name, verify_queue)
+from qserve.storage.replay import Replay
+
+from ._logscan import (GONE_NOTE, TYPES, Progress, Queue, UsageError, find_queues, read_segment, type_name,
+                       verify_queue)
 
 __all__ = ["add_arguments", "main"]
 
@@ -186,10 +188,12 @@ _STAT_KEYS = ("records", "entries", "live", "dead", "damage", "bytes", "live_byt
 
 
 def queue_stats(queue: Queue, progress: Progress) -> dict:
-    """Per-segment and total counts for one queue (live = after replaying the whole queue)."""
+    """Per-segment and total counts for one queue (live = after replaying the whole queue with the
+    rules recovery applies, storage's `Replay`; a segment's id there is its position in the queue)."""
     replay = Replay()
     rows = {seg.base: dict(segment=os.path.basename(seg.path), records=0, entries=0, live=0, dead=0,
                            damage=0, bytes=0, live_bytes=0) for seg in queue.segments}
+    sid_of = {seg.base: sid for sid, seg in enumerate(queue.segments)}
     for item in _segments(queue, progress):
         row = rows[item.seg.base]
         if isinstance(item.obj, ReadOutcome):
@@ -198,11 +202,14 @@ def queue_stats(queue: Queue, progress: Progress) -> dict:
         row["records"] += 1
         if type_name(item.obj) == "entry":
             row["entries"] += 1
-        replay.apply(item.seg.base, item.size, item.obj)
+        replay.apply(sid_of[item.seg.base], item.offset, item.size, item.obj)
+    replay.finish()
     for seg in queue.segments:
-        rows[seg.base]["bytes"] = seg.size
-    for base, (n, b) in replay.live_by().items():
-        rows[base]["live"], rows[base]["live_bytes"] = n, b
+        row = rows[seg.base]
+        row["bytes"] = seg.size
+        tally = replay.tallies.get(sid_of[seg.base])
+        if tally is not None:
+            row["live"], row["live_bytes"] = tally.live_count, tally.live_bytes
     for row in rows.values():
         row["dead"] = row["entries"] - row["live"]
     segs = [rows[seg.base] for seg in queue.segments if not seg.gone]

@@ -17,9 +17,9 @@ from contextlib import asynccontextmanager
 import trio
 import trio_websocket
 
-from qserve import protobuf
+from qserve.wire import protobuf
 from qserve.config import Config
-from qserve.server import Server
+from qserve.server.server import Server
 
 from .test_http_edge import Client, MemoryListener
 

@@ -18,8 +18,8 @@ import trio.testing
 from qserve.cli import build_parser
 from qserve.config import load_config
 
-from qserve.events import QueueRef
-from qserve.queues import queue_dir
+from qserve.core.events import QueueRef
+from qserve.backends.local.queues import queue_dir
 
 from .inproc import TOKEN, running_server
 from .test_fence import ENTRIES, build_queue, damage_sealed_segment

@@ -11,9 +11,9 @@ import trio
 import trio.testing
 
 from qserve import storage
-from qserve._aio import AioSync
-from qserve.events import QueueRef
-from qserve.queues import queue_dir
+from qserve.server.aio import AioSync
+from qserve.core.events import QueueRef
+from qserve.backends.local.queues import queue_dir
 
 from .inproc import running_server
 
@@ -123,8 +123,8 @@ async def test_first_waiters_resume_ahead_of_the_rest_of_their_round(tmp_path):
     """`wait_durable(first=True)` (an auto-commit watch's frames) resumes before the plain waiters
     of the same round (the put answers), every round; trio would otherwise run them in random order."""
     from qserve.config import Config
-    from qserve.events import QueueRef
-    from qserve.queues import QueueManager
+    from qserve.core.events import QueueRef
+    from qserve.backends.local.queues import QueueManager
     order = []
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
@@ -219,7 +219,7 @@ async def test_a_durable_waiter_resumes_one_scheduler_turn_after_the_kernel_answ
     scheduler turn right after the one that reaped the fsync; through the flusher it took two
     (reaper -> flusher -> waiter), and under load every turn is a whole batch of other requests."""
     from qserve.config import Config
-    from qserve.queues import Queue, QueueManager
+    from qserve.backends.local.queues import Queue, QueueManager
     open_or_skip().close()
     turns = [0]
 

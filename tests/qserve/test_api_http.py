@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from qserve import protobuf
+from qserve.wire import protobuf
 
 PROTO = "application/vnd.google.protobuf"
 

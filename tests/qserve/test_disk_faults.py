@@ -23,8 +23,8 @@ import trio
 import trio_websocket
 
 from qserve import storage
-from qserve.events import QueueRef
-from qserve.queues import queue_dir
+from qserve.core.events import QueueRef
+from qserve.backends.local.queues import queue_dir
 from qserve.tools._logscan import find_queues, verify_queue
 
 from .inproc import next_frame, running_server

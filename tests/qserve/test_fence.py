@@ -21,10 +21,10 @@ import trio
 import trio.testing
 
 from qserve import storage
-from qserve._fence import RETRY_AFTER, Fence, dir_stamp
+from qserve.backends.local.fence import RETRY_AFTER, Fence, dir_stamp
 from qserve.cli import main as cli_main
-from qserve.events import QueueRef
-from qserve.queues import queue_dir
+from qserve.core.events import QueueRef
+from qserve.backends.local.queues import queue_dir
 from qserve.storage import LogConfig, QueueLog, iter_records
 from qserve.storage.record import EntryRecord
 

@@ -52,7 +52,7 @@ import wsproto.utilities
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qserve import protobuf
+from qserve.wire import protobuf
 
 from .inproc import TOKEN, running_server
 

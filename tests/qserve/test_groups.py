@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from qserve._group_state import TRANSITIONS, EntryEvent, EntryState, step
-from qserve.errors import BadRequest
-from qserve.groups import ConsumerSpec, Dispatcher, format_go_duration
+from qserve.core.group_state import TRANSITIONS, EntryEvent, EntryState, step
+from qserve.core.errors import BadRequest
+from qserve.core.groups import ConsumerSpec, Dispatcher, format_go_duration
 
 
 class FakeSource:
@@ -725,7 +725,7 @@ def test_search_from_the_logs_rank_matches_the_walk(tmp_path, seed):
     entries) and must equal what walking the dispatch order gives, whatever is deleted or pending."""
     import random
 
-    from qserve.queues import LogSource
+    from qserve.backends.local.queues import LogSource
     from qserve.storage import QueueLog
     rng = random.Random(seed)
     log = QueueLog.open(tmp_path / "q")

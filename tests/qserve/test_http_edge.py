@@ -19,9 +19,10 @@ import trio_websocket
 import wsproto.connection
 import wsproto.events
 
-from qserve import errors
-from qserve.http import HTTPConfig, HTTPServer, Request, Response
-from qserve.websocket import ReplayStream, binary_frame
+from qserve.core import errors
+from qserve.server.http import HTTPServer
+from qserve.server.types import HTTPConfig, Request, Response
+from qserve.server.websocket import ReplayStream, binary_frame
 
 LIMIT = 10  # seconds (trio's clock) for any test
 
@@ -863,7 +864,7 @@ async def test_replay_stream_serializes_writers_and_notes_close_frames():
 def test_response_heads_are_cached_unless_they_carry_a_request_id():
     """Repeating heads (every commit's 200) are built and validated by h11 once; a put's head,
     unique by its request id, is not cached, so puts cannot evict the heads that do repeat."""
-    from qserve._http_connection import _h11_response
+    from qserve.server.connection import _h11_response
     ok = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "2")]
     head = _h11_response(200, ok)
     for i in range(200):

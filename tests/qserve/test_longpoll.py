@@ -59,7 +59,7 @@ async def test_zero_timeout_answers_at_once(tmp_path, autojump_clock):
 async def test_a_put_wakes_only_the_gets_it_can_answer(tmp_path, autojump_clock, monkeypatch):
     """Clients each waiting on the sink for their own requestId: a put wakes the one it answers
     (and gets whose tag filter it passes), not every waiting get."""
-    from qserve.app import App
+    from qserve.server.app import App
     looks = []
     real = App._matching
 

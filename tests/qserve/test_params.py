@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from qserve.params import (
-    ParamError, is_control_name, parse_bool, parse_duration, parse_index_list, parse_int, split_params,
-)
+from qserve.wire.params import (ParamError, is_control_name, parse_bool, parse_duration, parse_index_list,
+                                parse_int, split_params)
 
 U64 = 2**64 - 1
 MAX_NS = 2**63 - 1

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qserve._aio import AioSync
+from qserve.server.aio import AioSync
 
 from ..conftest import ServerProcess
 from .test_sdk import client
@@ -107,7 +107,7 @@ def test_other_fsync_policies_lose_nothing_on_a_process_crash(tmp_path, service,
 def test_standalone_server_freezes_its_startup_heap():
     """`qserve serve` moves its start-up objects out of the cyclic collector's reach (run in a child:
     frozen objects stay frozen for the life of the process)."""
-    code = ("import gc, qserve.server as s; before = gc.get_freeze_count(); n = s.freeze_startup_heap(); "
+    code = ("import gc, qserve.server.server as s; before = gc.get_freeze_count(); n = s.freeze_startup_heap(); "
             "print(before, n)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     before, frozen = map(int, out.stdout.split())

@@ -2,10 +2,10 @@
 
 import pytest
 
-from qserve import events as ev
+from qserve.core import events as ev
 from qserve.config import Config
-from qserve.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
-from qserve.routing import header_tags, route
+from qserve.core.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
+from qserve.core.routing import header_tags, route
 
 CFG = Config(token="tok")
 

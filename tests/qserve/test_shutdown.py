@@ -27,11 +27,11 @@ import trio_websocket
 
 from qserve import storage
 from qserve.config import Config
-from qserve.events import QueueRef
-from qserve.queues import queue_dir
-from qserve.server import Server
-from qserve.startup import StartupError
-from qserve.websocket import ReplayStream, binary_frame
+from qserve.core.events import QueueRef
+from qserve.backends.local.queues import queue_dir
+from qserve.server.server import Server
+from qserve.server.startup import StartupError
+from qserve.server.websocket import ReplayStream, binary_frame
 
 from ..conftest import ServerProcess
 from .inproc import TOKEN, Harness, next_frame

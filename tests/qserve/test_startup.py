@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from qserve.startup import DATA_LOCK_NAME
+from qserve.server.startup import DATA_LOCK_NAME
 
 from ..conftest import ServerProcess
 from .test_sdk import client

@@ -7,8 +7,8 @@ import re
 
 from qserve import cli as qserve_cli
 from qserve.client import BlockingQueueClient
-from qserve.events import QueueRef
-from qserve.queues import queue_dir
+from qserve.core.events import QueueRef
+from qserve.backends.local.queues import queue_dir
 from qserve.storage.lock import DirLock
 
 from .stream_cli_helpers import make_cli, wait_until

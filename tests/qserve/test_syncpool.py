@@ -8,7 +8,7 @@ import threading
 import pytest
 import trio
 
-from qserve._syncpool import SyncPool
+from qserve.server.syncpool import SyncPool
 
 LIMIT = 10
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qserve._tag_index import IDLE_KEPT, FilterIndex, FilterIndexes
+from qserve.core.tags import IDLE_KEPT, FilterIndex, FilterIndexes
 
 from .test_groups import FakeSource
 

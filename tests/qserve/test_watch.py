@@ -9,7 +9,8 @@ import pytest
 import trio
 import trio_websocket
 
-from qserve import protobuf, watch
+from qserve.server import watch
+from qserve.wire import protobuf
 
 from .inproc import TOKEN, next_frame, no_frame, running_server
 
@@ -261,7 +262,7 @@ async def test_a_put_wakes_one_member_per_group_at_once(tmp_path, autojump_clock
 
 
 async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move(tmp_path, autojump_clock):
-    from qserve.watch import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
+    from qserve.server.watch import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
 
     from .test_fuzz import RawWatcher
 
@@ -286,7 +287,7 @@ async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move
 @pytest.mark.parametrize("batch_bytes", [1, 100_000])
 async def test_a_window_of_large_frames_is_written_in_bounded_batches(tmp_path, autojump_clock, monkeypatch,
                                                                       batch_bytes):
-    from qserve.websocket import WebSocketUpgrade
+    from qserve.server.websocket import WebSocketUpgrade
     monkeypatch.setattr(watch, "SEND_BATCH_BYTES", batch_bytes)
     batches = []
     real = WebSocketUpgrade.send_messages

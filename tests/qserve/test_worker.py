@@ -22,8 +22,10 @@ import trio
 from qserve import cli
 from qserve.client import QueueClient
 from qserve.config import Config, ConfigError
-from qserve.worker import (HandlerSpecError, Retryable, Worker, demo, embedded_service, encode_result,
-                           load_handler, service_of)
+from qserve.worker import Retryable
+from qserve.worker.cli import embedded_service, service_of
+from qserve.worker.engine import Worker
+from qserve.worker.handler import HandlerSpecError, demo, encode_result, load_handler
 
 from ..conftest import ServerProcess
 from .test_sdk import client
@@ -437,7 +439,7 @@ def test_cli_handler_module_that_raises_on_import(tmp_path, monkeypatch, capsys)
 def test_cli_unexpected_error_is_one_line_unless_debug(monkeypatch, capfd, level):
     """Fault injection: whatever escapes the worker's trio run is one ERROR line; --log-level DEBUG
     adds the traceback."""
-    from qserve import worker as worker_module
+    from qserve.worker import cli as worker_module
 
     async def broken(args, handler):
         raise RuntimeError("something nobody expected\nwith a second line")

@@ -1,0 +1,1 @@
+"""Queue backends: what stores a queue's entries and dispatches them to consumer groups."""

@@ -1,0 +1,489 @@
+"""Consumer groups of one queue: which watcher gets which entry, window-limited (sans-I/O).
+
+Strategy: a `Dispatcher` is a plain synchronous object over a *source* (the queue's live
+entries, duck-typed as `DispatchSource`; the storage log in the server, a small in-memory class
+in tests). It keeps only dispatch state: per group, which consumer holds which entry
+(`_group_state.Group.owner`); per consumer, its window slots; per nacked entry, the last code and
+reason. It never reads payloads, never awaits and never touches a socket. The trio edge drives
+it: after a put, commit or nack it wakes the consumers in `wants()`, each of which calls
+`poll()` and sends what it gets; deletions it made on storage are reported with `removed()`.
+
+How the edge uses it, per consumer mode:
+- manual commit: ``poll()`` -> send frames; later an HTTP commit deletes on storage and calls
+  ``commit()`` (which also counts as ``removed()``), or ``negative()`` hands entries back.
+- auto-commit: ``poll()`` -> delete on storage -> ``removed()`` -> send frames -> ``sent()``.
+  A slot is freed once an entry is both removed and sent, in either order (see
+  `_group_state`), so the window bounds frames in flight on the socket.
+
+The per-entry state machine (AVAILABLE -> PENDING -> GONE, with NEGATIVE/DETACH back to
+AVAILABLE), its transition table and its Rule 1 / Rule 2 live in `_group_state`.
+
+Costs: `poll()` walks `source.iter_dispatch()` from the consumer's start and skips entries
+PENDING in its group, so it is O(pending in the group + entries returned), not O(queue length).
+With a tag filter it walks that filter's own index of matching entries instead (`_tag_index`:
+each entry's tags are read once per distinct filter, when the first poll after its put comes),
+so the same holds; entries that do not match are never passed over again. `search()` is
+O(position of the entry in dispatch order). Everything kept is bounded: per consumer by its
+window, per group by the sum of its members' windows, per-entry annotations by the live nacked
+entries (dropped on removal, and swept against the source when they double in number).
+
+Not task-safe in the threading sense; it is meant to be used from the one trio thread, and no
+method blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from qserve.core.group_state import Consumer, EntryEvent, EntryState, Group, Nack, step
+from qserve.core.tags import FilterIndex, FilterIndexes, matches
+from qserve.core.errors import BadRequest
+
+__all__ = ["ConsumerSpec", "Dispatcher", "DispatchSource", "format_go_duration"]
+
+
+class DispatchSource(Protocol):
+    """What the dispatcher needs of a queue."""
+
+    next_index: int  # index the next put will get
+
+    def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
+        """(index, priority) of live entries with index >= start: highest priority first,
+        index order within a priority."""
+
+    def tags_of(self, index: int) -> Mapping[str, str] | None:
+        """The entry's tags, None if it is not live. May read disk."""
+
+    def __contains__(self, index: int) -> bool:
+        """Whether the entry is live."""
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """How one watcher wants to consume: its identity, window, mode, start and tag filter.
+
+    Args:
+        group, user: non-empty; the consumer id is ``f"{group}.{user}"``.
+        window: >= 1; manual commit: max delivered-but-uncommitted entries; auto-commit: max
+            entries handed out but not yet confirmed written (`Dispatcher.sent`).
+        auto_commit: whether the edge deletes each entry as it sends it.
+        start: 0 = from the head; N > 0 = only entries with index >= N; -1 = only entries put
+            after the attach.
+        tags: filter; only entries whose tags contain all these key/value pairs. Normalised to
+            a sorted tuple; a mapping is accepted too.
+
+    Raises:
+        BadRequest: a value out of range (the edge maps it to a 400).
+    """
+
+    group: str
+    user: str
+    window: int = 10
+    auto_commit: bool = False
+    start: int = 0
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("group", "user"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise BadRequest(f"consumer {name} must be a non-empty string")
+        if not _is_int(self.window) or self.window < 1:
+            raise BadRequest("_window_ must be an integer >= 1")
+        if not _is_int(self.start) or self.start < -1:
+            raise BadRequest("_index_ must be an integer >= -1")
+        if not isinstance(self.auto_commit, bool):
+            raise BadRequest("_auto_commit_ must be a boolean")
+        pairs = list(self.tags.items()) if isinstance(self.tags, Mapping) else list(self.tags)
+        seen: dict[str, str] = {}
+        for pair in pairs:
+            if (not isinstance(pair, tuple) or len(pair) != 2
+                    or not all(isinstance(p, str) for p in pair)):
+                raise BadRequest("tag filters must be (key, value) string pairs")
+            key, value = pair
+            if seen.setdefault(key, value) != value:
+                raise BadRequest(f"tag filter {key!r} given twice with different values")
+        object.__setattr__(self, "tags", tuple(sorted(seen.items())))
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}.{self.user}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Dispatcher:
+    """The consumer groups of one queue.
+
+    Args:
+        source: the queue's live entries (`DispatchSource`).
+        now: clock for the Idle figures (the server passes ``trio.current_time``).
+        filters: the queue's `_tag_index.FilterIndexes`, when others use them too.
+    """
+
+    def __init__(self, source: DispatchSource, *, now: Callable[[], float] = time.monotonic,
+                 filters: FilterIndexes | None = None) -> None:
+        self._source = source
+        self._now = now
+        self._consumers: dict[str, Consumer] = {}   # attach order
+        self._groups: dict[str, Group] = {}
+        self._nacks: dict[int, Nack] = {}
+        self._nacks_swept_at = 0                    # len(_nacks) after the last sweep
+        self._delivered = 0
+        self._filters = filters or FilterIndexes()  # matching entries per tag filter in use
+        self._filter_of: dict[str, FilterIndex] = {}
+
+    # -- membership -------------------------------------------------------------------------
+    def attach(self, spec: ConsumerSpec) -> list[int]:
+        """Attach a consumer; an attached one with the same id is replaced.
+
+        Returns:
+            The indexes the replaced consumer held, already given back to its group (empty if
+            nothing was replaced). The edge closes the old socket.
+        """
+        released = self.detach(spec.id)
+        group = self._groups.get(spec.group)
+        if group is None:
+            group = self._groups[spec.group] = Group(spec.group)
+        start = self._source.next_index if spec.start == -1 else spec.start
+        consumer = Consumer(spec, group, start, last_active=self._now())
+        group.members[spec.id] = consumer
+        self._consumers[spec.id] = consumer
+        if spec.tags:
+            self._filter_of[spec.id] = self._filters.acquire(spec.tags)
+        return released
+
+    def detach(self, consumer_id: str) -> list[int]:
+        """Detach a consumer (disconnect). Unknown ids are ignored.
+
+        Returns:
+            The indexes it held, sorted; they are AVAILABLE to its group again at once.
+        """
+        consumer = self._consumers.pop(consumer_id, None)
+        if consumer is None:
+            return []
+        fi = self._filter_of.pop(consumer_id, None)
+        if fi is not None:
+            self._filters.release(fi)
+        group = consumer.group
+        released = sorted(consumer.pending)
+        for index in released:
+            self._release(group, index, EntryEvent.DETACH)
+        del group.members[consumer_id]
+        for index in [i for i, c in group.avoid.items() if c is consumer]:
+            del group.avoid[index]
+        if not group.members:  # nothing pending is left; the counters go with it
+            del self._groups[group.name]
+        return released
+
+    def consumers(self) -> list[str]:
+        """Attached consumer ids, in attach order."""
+        return list(self._consumers)
+
+    def pending_of(self, consumer_id: str) -> set[int]:
+        """Indexes PENDING in the group and held by this consumer (a copy; empty if unknown).
+        For an auto-commit consumer these are the ones handed out and not yet removed."""
+        consumer = self._consumers.get(consumer_id)
+        return set(consumer.pending) if consumer else set()
+
+    def in_flight_of(self, consumer_id: str) -> set[int]:
+        """Auto-commit: indexes handed out whose write the edge has not confirmed (a copy)."""
+        consumer = self._consumers.get(consumer_id)
+        return set(consumer.unsent) if consumer else set()
+
+    def wants(self) -> list[str]:
+        """Ids of consumers with free window slots, in attach order (the edge wakes these)."""
+        return [cid for cid, c in self._consumers.items() if c.free > 0]
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def poll(self, consumer_id: str, max_items: int | None = None) -> list[int]:
+        """Hand entries to one consumer, up to its free window (and `max_items`).
+
+        Entries come in dispatch order (priority, then index) from the consumer's start, skip
+        those PENDING in its group and those its tag filter rejects. An entry this consumer
+        nacked is left for another member that has a free slot and could take it; if there is
+        none, this consumer gets it back.
+
+        Returns:
+            The indexes, now PENDING (and, for auto-commit, in flight) for this consumer; the
+            edge sends them in this order. Empty for a consumer that is not attached.
+
+        Raises:
+            ValueError: `max_items` < 0.
+        """
+        if max_items is not None and max_items < 0:
+            raise ValueError("max_items must be >= 0")
+        consumer = self._consumers.get(consumer_id)
+        if consumer is None:
+            return []
+        limit = consumer.free if max_items is None else min(consumer.free, max_items)
+        if limit <= 0:
+            return []
+        group = consumer.group
+        chosen: list[int] = []
+        fi = self._filter_of.get(consumer_id)
+        if fi is None:
+            candidates = self._source.iter_dispatch(consumer.start)
+        else:   # only entries matching the filter (each entry's tags are read once per filter)
+            fi.refresh(self._source)
+            candidates = fi.iter_dispatch(consumer.start, self._source)
+        for index, _priority in candidates:
+            if index in group.owner:
+                continue
+            if group.avoid.get(index) is consumer and self._another_can_take(consumer, index):
+                continue
+            chosen.append(index)
+            if len(chosen) >= limit:
+                break
+        for index in chosen:
+            self._deliver(consumer, index)
+        return chosen
+
+    def sent(self, consumer_id: str, indexes: Iterable[int]) -> None:
+        """Auto-commit: the edge wrote these frames; their slots free once they are removed too.
+        A no-op for manual-commit consumers, unknown ids and indexes not in flight."""
+        consumer = self._consumers.get(consumer_id)
+        if consumer is None:
+            return
+        for index in indexes:
+            consumer.drop_unsent(index)
+
+    # -- acknowledgement --------------------------------------------------------------------
+    def commit(self, indexes: Iterable[int]) -> list[int]:
+        """Entries were committed (the edge deleted them from the queue): as `removed()`, and the
+        holders' Idle clocks restart. Idempotent.
+
+        Returns:
+            The indexes that were PENDING in some group, sorted.
+        """
+        wanted = _as_collection(indexes)
+        now = self._now()
+        hit: set[int] = set()
+        for group in self._groups.values():
+            for index in _common(wanted, group.owner):
+                group.owner[index].last_active = now
+                hit.add(index)
+        self.removed(wanted)
+        return sorted(hit)
+
+    def negative(self, indexes: Iterable[int], code: str = "", reason: str = "", *,
+                 group: str | None = None) -> list[int]:
+        """Negative commit: the entries go back to their group, to another member first.
+
+        For each index PENDING somewhere (only in `group` when given: the nacking identity's
+        group), the entry becomes AVAILABLE, its nack counter increments and `code`/`reason` are
+        kept for `annotations()`. Indexes nobody holds are ignored, so a retried nack does not
+        count twice.
+
+        Returns:
+            The indexes that were PENDING (in any group concerned), sorted.
+        """
+        wanted = _as_collection(indexes)
+        if group is None:
+            groups = list(self._groups.values())
+        else:
+            groups = [self._groups[group]] if group in self._groups else []
+        now = self._now()
+        hit: set[int] = set()
+        for grp in groups:
+            for index in _common(wanted, grp.owner):
+                holder = grp.owner[index]
+                holder.last_active = now
+                self._release(grp, index, EntryEvent.NEGATIVE)
+                grp.avoid.pop(index, None)
+                grp.avoid[index] = holder
+                while len(grp.avoid) > grp.avoid_cap():
+                    del grp.avoid[next(iter(grp.avoid))]
+                hit.add(index)
+        for index in hit:
+            nack = self._nacks.setdefault(index, Nack())
+            nack.count += 1
+            nack.code, nack.reason = code, reason
+        if len(self._nacks) > max(64, 2 * self._nacks_swept_at):
+            self._sweep_nacks()
+        return sorted(hit)
+
+    def removed(self, indexes: Iterable[int]) -> None:
+        """Entries are gone from the queue (commit, delete, truncate, auto-commit): GONE in every
+        group, their slots freed (auto-commit: once also `sent()`), their annotations dropped.
+
+        Cost is O(min(len(indexes), state kept)) when `indexes` supports fast membership, so a
+        truncation can pass ``range(1, below)``.
+        """
+        wanted = _as_collection(indexes)
+        for group in self._groups.values():
+            for index in _common(wanted, group.owner):
+                self._release(group, index, EntryEvent.REMOVE)
+            for index in _common(wanted, group.avoid):
+                del group.avoid[index]
+        for index in _common(wanted, self._nacks):
+            del self._nacks[index]
+
+    # -- queries ----------------------------------------------------------------------------
+    def annotations(self, index: int) -> dict[str, str]:
+        """``{"lastCode": ..., "lastReason": ...}`` if the entry was ever nacked, else ``{}``.
+        The edge adds these to the entry's tags when it sends or returns the entry."""
+        nack = self._nacks.get(index)
+        if nack is None:
+            return {}
+        return {"lastCode": nack.code, "lastReason": nack.reason}
+
+    def nack_count(self, index: int) -> int:
+        """How many negative commits the entry has had (its redelivery counter)."""
+        nack = self._nacks.get(index)
+        return nack.count if nack else 0
+
+    def search(self, index: int) -> dict[str, bool | int] | None:
+        """The queue position of one entry, for the ``_search_`` endpoint.
+
+        An entry is *waiting* when it is live and PENDING in no group. For a live entry that is
+        PENDING in some group the answer is ``{"IsPending": True, "WaitCount": 0}``; for a
+        waiting entry ``{"IsPending": False, "WaitCount": n}``, n being the number of waiting
+        entries ahead of it in dispatch order (higher priority first, then lower index),
+        whatever their tags. O(position in dispatch order), or O(pending) when the source can
+        count the live entries ahead itself (``dispatch_rank``, optional: the storage log does it
+        from memory when no priority entries are present).
+
+        Returns:
+            The answer, or None if the index is not live.
+        """
+        if index < 1 or index not in self._source:
+            return None
+        owners = [g.owner for g in self._groups.values()]
+        if any(index in owner for owner in owners):
+            return {"IsPending": True, "WaitCount": 0}
+        rank = getattr(self._source, "dispatch_rank", None)
+        ahead = rank(index) if rank is not None else None
+        if ahead is not None:   # index order: subtract the live pending entries before it
+            pending = {i for owner in owners for i in owner if i < index}
+            return {"IsPending": False, "WaitCount": ahead - sum(1 for i in pending if i in self._source)}
+        ahead = 0
+        for other, _priority in self._source.iter_dispatch(0):
+            if other == index:
+                break
+            if not any(other in owner for owner in owners):
+                ahead += 1
+        return {"IsPending": False, "WaitCount": ahead}
+
+    def attributes(self) -> dict[str, str]:
+        """The ``consumers.*`` and ``groups.*`` attribute keys (values are strings).
+
+        Consumers and groups are listed sorted by id. Index is the highest index delivered so
+        far (0 if none); a consumer's Pending counts its taken window slots (Window - Slots);
+        Idle is the time since its last delivery, commit or nack, as a Go duration rounded to
+        the millisecond.
+        """
+        now = self._now()
+        attrs = {
+            "consumers.stats.total": str(len(self._consumers)),
+            "consumers.status.total": str(len(self._consumers)),
+        }
+        for i, cid in enumerate(sorted(self._consumers)):
+            c = self._consumers[cid]
+            idle = format_go_duration(round(max(0.0, now - c.last_active) * 1000) * 1_000_000)
+            attrs[f"consumers.list.[{i}]"] = (
+                f"Id: {cid}, Index: {c.last_index}, Pending: {len(c.held)}, Status: Running, "
+                f"Idle: {idle}, Window: {c.spec.window}, Slots: {c.free}, "
+                f"AutoCommit: {'true' if c.spec.auto_commit else 'false'}")
+        for i, name in enumerate(sorted(self._groups)):
+            g = self._groups[name]
+            attrs[f"groups.list.[{i}]"] = (
+                f"Id: {name}, Index: {g.last_index}, Pending: {len(g.owner)}, "
+                f"Delivered: {g.delivered}, Consumers: {len(g.members)}")
+        return attrs
+
+    def statistics(self) -> dict[str, int]:
+        """Counters for monitoring: consumers, groups, pending and in-flight entries, annotated
+        (nacked, live) entries, nack hints kept, and deliveries since start."""
+        return {
+            "consumers": len(self._consumers),
+            "groups": len(self._groups),
+            "pending": sum(len(g.owner) for g in self._groups.values()),
+            "in_flight": sum(len(c.unsent) for c in self._consumers.values()),
+            "annotated": len(self._nacks),
+            "avoid_hints": sum(len(g.avoid) for g in self._groups.values()),
+            "delivered": self._delivered,
+        }
+
+    # -- internals: the only places that change `Group.owner` (Rule 1) ----------------------
+    def _deliver(self, consumer: Consumer, index: int) -> None:
+        group = consumer.group
+        state = EntryState.PENDING if index in group.owner else EntryState.AVAILABLE
+        step(state, EntryEvent.DELIVER)
+        group.owner[index] = consumer
+        group.avoid.pop(index, None)
+        consumer.take(index)
+        consumer.last_index = max(consumer.last_index, index)
+        consumer.delivered += 1
+        consumer.last_active = self._now()
+        group.last_index = max(group.last_index, index)
+        group.delivered += 1
+        self._delivered += 1
+
+    def _release(self, group: Group, index: int, event: EntryEvent) -> None:
+        step(EntryState.PENDING, event)  # callers only release PENDING entries
+        holder = group.owner.pop(index)
+        holder.drop_pending(index)
+
+    def _matches(self, consumer: Consumer, index: int) -> bool:
+        return matches(self._source.tags_of(index), consumer.spec.tags)
+
+    def _another_can_take(self, consumer: Consumer, index: int) -> bool:
+        for other in consumer.group.members.values():
+            if (other is not consumer and other.free > 0 and index >= other.start
+                    and (not other.spec.tags or self._matches(other, index))):
+                return True
+        return False
+
+    def _sweep_nacks(self) -> None:
+        """Drop annotations of entries no longer live (deletions the edge did not report)."""
+        for index in [i for i in self._nacks if i not in self._source]:
+            del self._nacks[index]
+        self._nacks_swept_at = len(self._nacks)
+
+
+def _as_collection(indexes: Iterable[int]) -> Collection[int]:
+    if isinstance(indexes, (range, set, frozenset)):
+        return indexes
+    return set(indexes)
+
+
+def _common(wanted: Collection[int], kept: Mapping[int, object]) -> list[int]:
+    """Indexes in both, iterating over the smaller side (a list: callers mutate `kept`)."""
+    if len(wanted) <= len(kept):
+        return [i for i in wanted if i in kept]
+    return [i for i in kept if i in wanted]
+
+
+def format_go_duration(ns: int) -> str:
+    """Format integer nanoseconds like Go's ``time.Duration.String()``: ``0s``, ``750ms``,
+    ``19.997s``, ``1m30s``, ``1h0m0s``, ``1.5µs``, ``42ns``."""
+    if ns == 0:
+        return "0s"
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    if ns < 1_000:
+        return f"{sign}{ns}ns"
+    if ns < 1_000_000:
+        return f"{sign}{_decimal(ns, 1_000)}µs"
+    if ns < 1_000_000_000:
+        return f"{sign}{_decimal(ns, 1_000_000)}ms"
+    hours, rest = divmod(ns, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    seconds = _decimal(rest, 1_000_000_000) + "s"
+    if hours:
+        return f"{sign}{hours}h{minutes}m{seconds}"
+    if minutes:
+        return f"{sign}{minutes}m{seconds}"
+    return sign + seconds
+
+
+def _decimal(value: int, unit: int) -> str:
+    whole, part = divmod(value, unit)
+    if not part:
+        return str(whole)
+    return f"{whole}.{part:0{len(str(unit)) - 1}d}".rstrip("0")

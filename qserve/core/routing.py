@@ -1,0 +1,270 @@
+"""Routing: an HTTP request (method, path, query, headers, body) becomes one `events` operation.
+
+Strategy: a pure function, no I/O, so every rule of PROTOCOL.md's path and parameter handling is
+tested without a server. The order of checks is fixed and matters for the status a client sees:
+path (404) -> token (401) -> method (405) -> parameters (400). Control parameters are the
+underscore-wrapped names (`_index_`); every other query parameter is a tag. Unknown control
+parameters are ignored and never stored. qserve's own endpoints under `/api/queues` (list the
+queues, create a service's) are matched before the queue paths, so `--root-service` does not take them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import urllib.parse
+from typing import Mapping, Sequence
+
+from qserve.core import events as ev
+from qserve.config import Config
+from qserve.core.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
+from qserve.wire.params import (ParamError, parse_bool, parse_duration, parse_index_list, parse_int,
+                     split_params)
+
+__all__ = ["route", "PROTOBUF", "MOUNT", "ADMIN", "identity_from", "header_tags", "MAX_PRIORITY",
+           "service_problem", "token_opens"]
+
+PROTOBUF = "application/vnd.google.protobuf"
+MOUNT = "/api/predict/"
+ADMIN = "/api/queues"          # qserve's own endpoints: list the queues, create a service's queues
+DEFAULT_GROUP = "default_group"
+MAX_PRIORITY = 2**31 - 1
+MAX_TIMEOUT = 3600.0
+NAME_MAX = 255                 # bytes in a file name (Linux, most file systems): a service's directory
+ALLOWED = "GET, POST, PUT, DELETE"
+
+# Identity headers: the ones the attributes advertise (Go) and the ones Python/Java hard-code.
+USER_HEADERS = ("x-eas-queueservice-uid", "x-eas-queueservice-redis-uid")
+GROUP_HEADERS = ("x-eas-queueservice-gid", "x-eas-queueservice-redis-gid")
+PRIORITY_HEADER = "x-eas-queueservice-priority"
+_NOT_TAGGED = {*USER_HEADERS, *GROUP_HEADERS, PRIORITY_HEADER, "x-eas-queueservice-request-id",
+               "authorization"}
+
+Headers = Mapping[str, str]   # lower-case names
+
+
+def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Headers, body: bytes,
+          config: Config, *, anonymous_user: str,
+          upgrade: bool = False) -> ev.Operation | ev.Health | ev.ListQueues | ev.CreateQueue:
+    """Map one request to an operation.
+
+    Args:
+        headers: lower-case header names to their (first) value.
+        anonymous_user: the user id to use when the request names none (unique per connection).
+        upgrade: the request asks for a WebSocket upgrade.
+
+    Raises:
+        NotFound, Unauthorized, MethodNotAllowed, BadRequest.
+    """
+    if path == "/healthz" and method == "GET":
+        return ev.Health()
+    if path == ADMIN or path.startswith(ADMIN + "/"):   # before --root-service takes every path
+        return _admin(method, path, headers, config)
+    queue, subpath = _queue_for(path, config)
+    if queue is None or (subpath and method != "POST"):
+        raise NotFound(f"no queue at {path}")
+    _authorize(headers, config, queue.service)
+    identity = identity_from(headers, anonymous_user)
+    try:
+        control, tags = split_params(query)
+        build = _BY_METHOD.get(method)
+        if build is None:
+            raise MethodNotAllowed(f"method {method} not allowed on a queue", headers=[("Allow", ALLOWED)])
+        return build(queue, identity, control, tags, headers, body, config, subpath, upgrade)
+    except ParamError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _queue_for(path: str, config: Config) -> tuple[ev.QueueRef | None, str]:
+    """The queue a path names and the custom sub-path of a put ('' if none)."""
+    if path.startswith(MOUNT):
+        parts = path[len(MOUNT):].split("/")
+        service, rest = parts[0], [p for p in parts[1:]]
+        if service_problem(service) is not None:
+            return None, ""
+        if config.queues and service not in config.queues and service != config.root_service:
+            return None, ""
+    elif config.root_service is not None and path.startswith("/"):
+        service, rest = config.root_service, path[1:].split("/")
+    else:
+        return None, ""
+    while rest and rest[-1] == "":
+        rest.pop()            # a trailing slash names the same queue
+    if not rest:
+        return ev.QueueRef(service), ""
+    if rest == ["sink"]:
+        return ev.QueueRef(service, sink=True), ""
+    return ev.QueueRef(service), "/".join(rest)
+
+
+def service_problem(service: str) -> str | None:
+    """Why `service` cannot name a queue, or None if it can. Its percent-encoded form is a
+    directory name (`queues.queue_dir`), so it must be one a file system takes."""
+    if not service or service in (".", "..") or "/" in service:
+        return "must not be empty, '.' or '..', nor contain '/'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in service):   # they would split log lines
+        return "must not contain control characters"
+    if len(urllib.parse.quote(service, safe="")) > NAME_MAX:
+        return f"too long (at most {NAME_MAX} bytes once percent-encoded)"
+    return None
+
+
+def _admin(method: str, path: str, headers: Headers, config: Config) -> ev.ListQueues | ev.CreateQueue:
+    """`GET /api/queues` and `POST /api/queues/{service}`, checked in the order of `route`."""
+    service = path[len(ADMIN) + 1:]          # '' for /api/queues and /api/queues/
+    if not service:
+        token = _listing_token(headers, config)
+        if method == "GET":
+            return ev.ListQueues(token)
+        if method == "POST":
+            raise BadRequest(f"no service named: POST {ADMIN}/SERVICE creates SERVICE's input and sink queues")
+        raise MethodNotAllowed(f"method {method} not allowed on {ADMIN}", headers=[("Allow", "GET")])
+    if "/" in service:
+        raise NotFound(f"nothing at {path}")
+    if config.queues and service not in config.queues and service != config.root_service:
+        raise NotFound(f"no queue named {service} (the server serves the services of --queues only)")
+    _authorize(headers, config, service)
+    if method != "POST":
+        raise MethodNotAllowed(f"method {method} not allowed on {ADMIN}/SERVICE", headers=[("Allow", "POST")])
+    problem = service_problem(service)
+    if problem is not None:
+        raise BadRequest(f"service name {service!r}: {problem}")
+    return ev.CreateQueue(service)
+
+
+def _given_token(headers: Headers) -> str:
+    given = headers.get("authorization", "")
+    if given[:7].lower() == "bearer ":
+        given = given[7:]
+    return given.strip()
+
+
+def token_opens(config: Config, token: str, service: str) -> bool:
+    """Does `token` (as the request carried it, without "Bearer ") open `service`'s queues?"""
+    expected = config.token_for(service)
+    return expected is None or hmac.compare_digest(token.encode(), expected.encode())
+
+
+def _listing_token(headers: Headers, config: Config) -> str:
+    """The token of a `GET /api/queues`. With tokens configured it must be one of them (the
+    global one or a service's); the listing then shows the services it opens (`token_opens`)."""
+    given = _given_token(headers)
+    configured = [t for t in (config.token, *config.tokens.values()) if t is not None]
+    if configured and not any(hmac.compare_digest(given.encode(), t.encode()) for t in configured):
+        raise Unauthorized("missing or wrong token in the Authorization header")
+    return given
+
+
+def _authorize(headers: Headers, config: Config, service: str) -> None:
+    if not token_opens(config, _given_token(headers), service):
+        raise Unauthorized("missing or wrong token in the Authorization header")
+
+
+def identity_from(headers: Headers, anonymous_user: str) -> ev.Identity:
+    user = next((headers[h] for h in USER_HEADERS if headers.get(h)), None)
+    group = next((headers[h] for h in GROUP_HEADERS if headers.get(h)), None) or DEFAULT_GROUP
+    if user is None:
+        return ev.Identity(group, anonymous_user, anonymous=True)
+    return ev.Identity(group, user)
+
+
+def canonical_header(name: str) -> str:
+    """Go's canonical MIME header key: `x-eas-foo` -> `X-Eas-Foo`."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def header_tags(headers: Headers) -> list[tuple[str, str]]:
+    """The `Header:<Name>` tags of a put: Content-Type and X-EAS-* but never identity or auth."""
+    out = []
+    for name, value in headers.items():
+        if name in _NOT_TAGGED:
+            continue
+        if name == "content-type" or name.startswith("x-eas-"):
+            out.append(("Header:" + canonical_header(name), value))
+    return out
+
+
+def _wants_protobuf(headers: Headers) -> bool:
+    return PROTOBUF in headers.get("accept", "")
+
+
+def _tag_tuple(tags: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(tags.items())
+
+
+def _get(queue, identity, control, tags, headers, body, config, subpath, upgrade):
+    if parse_bool("_attrs_", control.get("_attrs_"), False):
+        return ev.Attributes(queue, identity, protobuf=_wants_protobuf(headers))
+    if parse_bool("_search_", control.get("_search_"), False):
+        return ev.Search(queue, identity, parse_int("_index_", control.get("_index_"), 0, minimum=0))
+    if parse_bool("_count_", control.get("_count_"), False):
+        prio = control.get("_priority_")
+        priority = None if prio is None else parse_int("_priority_", prio, 0, minimum=0, maximum=MAX_PRIORITY)
+        return ev.Count(queue, identity, priority=priority, tags=_tag_tuple(tags))
+    if parse_bool("_watch_", control.get("_watch_"), False):
+        return ev.Watch(
+            queue, identity,
+            start=parse_int("_index_", control.get("_index_"), 0, minimum=-1),
+            window=parse_int("_window_", control.get("_window_"), 10, minimum=1, maximum=config.max_watch_window),
+            index_only=parse_bool("_index_only_", control.get("_index_only_"), False),
+            auto_commit=parse_bool("_auto_commit_", control.get("_auto_commit_"), False),
+            tags=_tag_tuple(tags), websocket=upgrade)
+    return ev.Get(
+        queue, identity,
+        start=parse_int("_index_", control.get("_index_"), 0, minimum=-1),
+        length=parse_int("_length_", control.get("_length_"), 1, minimum=1, maximum=config.max_get_length),
+        timeout=min(parse_duration("_timeout_", control.get("_timeout_"), 0.0), MAX_TIMEOUT),
+        auto_delete=parse_bool("_auto_delete_", control.get("_auto_delete_"), True),
+        raw=parse_bool("_raw_", control.get("_raw_"), True),
+        protobuf=_wants_protobuf(headers),
+        tags=_tag_tuple(tags))
+
+
+def _post(queue, identity, control, tags, headers, body, config, subpath, upgrade):
+    if parse_bool("_eos_", control.get("_eos_"), False):
+        return ev.End(queue, identity, force=parse_bool("_force_", control.get("_force_"), False))
+    prio = control.get("_priority_")
+    if prio is None:
+        prio = headers.get(PRIORITY_HEADER)
+        name = "X-EAS-QueueService-Priority"
+    else:
+        name = "_priority_"
+    priority = parse_int(name, prio, 0, minimum=0, maximum=MAX_PRIORITY)
+    all_tags = dict(tags)
+    for key, value in header_tags(headers):
+        all_tags.setdefault(key, value)
+    if subpath:
+        all_tags["_path_"] = subpath
+    return ev.Put(queue, identity, data=body, tags=_tag_tuple(all_tags), priority=priority)
+
+
+def _delete(queue, identity, control, tags, headers, body, config, subpath, upgrade):
+    if parse_bool("_trunc_", control.get("_trunc_"), False):
+        if control.get("_index_") is None:
+            raise BadRequest("_index_: required with _trunc_")
+        return ev.Truncate(queue, identity, parse_int("_index_", control.get("_index_"), 0, minimum=0))
+    if control.get("_indexes_") is not None:
+        return ev.Delete(queue, identity, tuple(parse_index_list("_indexes_", control["_indexes_"])))
+    if control.get("_index_") is not None:
+        return ev.Delete(queue, identity, (parse_int("_index_", control["_index_"], 0, minimum=0),))
+    raise BadRequest("_indexes_: required (or _index_)")
+
+
+def _put(queue, identity, control, tags, headers, body, config, subpath, upgrade):
+    if control.get("_indexes_") is None:
+        raise BadRequest("_indexes_: required")
+    indexes = tuple(parse_index_list("_indexes_", control["_indexes_"]))
+    if not parse_bool("_negative_", control.get("_negative_"), False):
+        return ev.Commit(queue, identity, indexes)
+    form = dict(control)
+    if body:
+        try:
+            form.update(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError:
+            raise BadRequest("negative commit: the form body is not UTF-8") from None
+    code, reason = form.get("_code_", ""), form.get("_reason_", "")
+    if len(code) > 64 or len(reason) > 1024:
+        raise BadRequest("_code_/_reason_: too long (64 / 1024 characters at most)")
+    return ev.Negative(queue, identity, indexes, code=code, reason=reason)
+
+
+_BY_METHOD = {"GET": _get, "POST": _post, "DELETE": _delete, "PUT": _put}

@@ -1,0 +1,366 @@
+"""Watch: push a queue's entries to consumers over WebSocket or a length-delimited HTTP stream.
+
+Strategy: the group logic (who gets which entry, windows, redelivery) is `groups.Dispatcher`,
+sans-I/O. This module is the thin trio edge around it: one `Session` per watching connection
+attaches a consumer, then loops *poll -> read entries -> send frames*, and sleeps on its own wake
+event when the dispatcher has nothing for it. Auto-commit deletes each batch and sends it once the
+delete is durable, taking the next batch one step ahead (see `Session._pump_auto`).
+`WatchService.wake` decides whom a change concerns: a put's new entry wakes one
+eligible consumer per group (free slots, start and tag filter match; round robin), any other
+change wakes every consumer with free slots; a consumer with a full window is never woken, and
+`WatchService.fallback` wakes every session every `WAKE_FALLBACK` seconds, which bounds the cost of
+any missed wake-up. A reader task drains client frames (trio-websocket answers pings)
+and notices the disconnect; a keep-alive task pings a silent client and drops it when no pong
+comes. Whatever ends a session (disconnect, replacement by the same consumer id, shutdown),
+`detach` gives its uncommitted entries back to its group at once.
+
+Shutdown: the edge cancels every watch (WebSocket close 1001, a streamed watch's body ends). An
+auto-commit batch that is already deleted has no way back into the queue, so it is handed out even
+then: from its delete to its last frame written it runs shielded (`Session._handing_out`), and a
+cancelled session takes no further batch. The shield is bounded: a write by the edge's
+``request_timeout`` (what the HTTP edge allows any write), and once `WatchService.shutdown` is
+called by its own bound (at most `CLOSE_GRACE`); `WatchService.abort` cuts it at once.
+
+Bounds: frames in flight per socket are bounded by the consumer's window (manual commit: entries
+held; auto-commit: entries handed out and not yet written); client messages are bounded by the
+edge's `max_message_size` and message queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+import trio_websocket
+
+from qserve.core import events as ev
+from qserve.wire import protobuf
+from qserve.core.errors import BadRequest
+from qserve.core.groups import ConsumerSpec
+from qserve.server.http import Request, Response
+from qserve.backends.local.queues import Queue
+
+__all__ = ["WatchService", "KEEPALIVE_INTERVAL", "KEEPALIVE_TIMEOUT"]
+
+log = logging.getLogger("qserve")
+
+KEEPALIVE_INTERVAL = 20.0   # seconds of client silence before the server pings
+KEEPALIVE_TIMEOUT = 20.0    # seconds to wait for the pong before dropping the consumer
+WAKE_FALLBACK = 1.0         # a sleeping session polls at least this often
+CLOSE_GRACE = 2.0           # bound on finishing a WebSocket closing handshake
+SEND_BATCH_BYTES = 256 * 1024   # frames of one poll are written together up to this many bytes
+
+
+def _sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error of a session's task group that is not a cancellation."""
+    for exc in _leaves(group):
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+class Session:
+    """One attached consumer on one queue; `run()` returns when it is over."""
+
+    def __init__(self, queue: Queue, op: ev.Watch) -> None:
+        self.queue = queue
+        self.op = op
+        self.spec = ConsumerSpec(group=op.identity.group, user=op.identity.user, window=op.window,
+                                 auto_commit=op.auto_commit, start=op.start, tags=op.tags)
+        self.cancel_scope = trio.CancelScope()
+        self.frames_sent = 0
+        self._wake = trio.Event()
+        self._tags = dict(op.tags)
+        self._stopping = False                    # take no further batch (shutdown)
+        self._stop_by = math.inf                  # shutdown's bound on handing out a batch in hand
+        self._handing_out: trio.CancelScope | None = None   # the shield of a deleted batch's write
+
+    def stop(self, by: float) -> None:
+        """Shutdown: take nothing more; a batch in hand must be written by ``by`` (trio clock)."""
+        self._stopping = True
+        self._stop_by = min(self._stop_by, by)
+        if self._handing_out is not None:
+            self._handing_out.deadline = min(self._handing_out.deadline, by)
+        self.wake()
+
+    def abort(self) -> None:
+        """Stop at once, a batch in hand included (it is lost: the process is being cut)."""
+        self.stop(-math.inf)
+        if self._handing_out is not None:
+            self._handing_out.cancel()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def accepts(self, entry) -> bool:
+        """Could this consumer take `entry` (start position and tag filter)?"""
+        if 0 < self.op.start and entry.index < self.op.start:
+            return False
+        tags = entry.tags
+        return all(tags.get(k) == v for k, v in self._tags.items())
+
+    @property
+    def consumer_id(self) -> str:
+        return self.spec.id
+
+    def frame_for(self, entry) -> bytes:
+        notes = self.queue.dispatcher.annotations(entry.index)
+        tags = {**entry.tags, **notes} if notes else entry.tags
+        return protobuf.encode_frame(entry.index, tags, b"" if self.op.index_only else entry.data)
+
+    async def pump(self, send) -> None:
+        """Deliver entries forever through ``await send(frames)``: a list of encoded frames of one
+        poll, written together, at most `SEND_BATCH_BYTES` of them unless a single frame is larger."""
+        if self.op.auto_commit:
+            await self._pump_auto(send)
+            return
+        dispatcher, cid = self.queue.dispatcher, self.consumer_id
+        while True:
+            self._wake = trio.Event()        # a wake-up from here on is not lost
+            indexes = dispatcher.poll(cid)
+            if not indexes:
+                await self._wake.wait()      # or `WatchService.fallback`'s periodic wake-up
+                continue
+            await self._send_frames(send, self._read(indexes))
+
+    async def _pump_auto(self, send) -> None:
+        """Auto-commit: a batch's frames go out once its delete is durable, and the next batch is
+        taken (polled and deleted) right then, before those frames are written: its delete joins
+        the fsync round that starts next, usually the one its put waits for too. Taken after the
+        write, it missed that round about as often as entries arrive during one (bench_watch's
+        "late" column at 700 puts/s: 24-49% of frames before, 4-30% this way, with the reaper
+        ending AIO rounds). Bound:
+        both batches together hold at most the window (`Dispatcher.sent` frees the slots once the
+        frames are written), which is also what a dying socket can lose.
+
+        Cancelled (shutdown, replacement, a dead keep-alive), the session still writes the batches
+        it has deleted and takes no more (module docstring); a write that cannot finish in time
+        ends the session with `trio.BrokenResourceError` (the stream may hold a partial frame)."""
+        queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
+        write_bound = queue.config.request_timeout
+        ahead = None
+        while True:
+            if ahead is None:
+                await trio.lowlevel.checkpoint_if_cancelled()   # nothing in hand: may end here
+                if self._stopping:
+                    await trio.sleep_forever()   # until the edge cancels the watch
+                self._wake = trio.Event()    # a wake-up from here on is not lost
+                ahead = self._take()
+                if ahead is None:
+                    await self._wake.wait()
+                    continue
+            mark, entries, indexes = ahead
+            last = self._stopping or trio.current_effective_deadline() == -math.inf  # cancelled
+            with trio.CancelScope(shield=True, deadline=self._stop_by) as shield:
+                self._handing_out = shield
+                try:
+                    if entries:
+                        # the frame goes out only once its delete is durable: it can never come
+                        # back; ahead of the same round's put answers (the latency a watcher
+                        # sees). A failed fsync raises here and ends the session before anything
+                        # else is deleted.
+                        await queue.wait_durable(mark, first=True)
+                    self._wake = trio.Event()
+                    ahead = None if last or self._stopping else self._take()
+                    if entries:
+                        shield.deadline = min(shield.deadline, trio.current_time() + write_bound)
+                        await self._send_frames(send, entries)
+                finally:
+                    self._handing_out = None
+            if shield.cancelled_caught:
+                raise trio.BrokenResourceError("watch frames could not be written in time")
+            dispatcher.sent(cid, indexes)
+            queue.notify()
+
+    def _take(self) -> tuple[tuple[int, int], list, list[int]] | None:
+        """Auto-commit: poll, read and delete the next batch -> (write mark, entries, indexes), or
+        None when there is nothing for this consumer."""
+        indexes = self.queue.dispatcher.poll(self.consumer_id)
+        if not indexes:
+            return None
+        entries = self._read(indexes)
+        if entries:
+            self.queue.dispatcher.removed(self.queue.log.delete([e.index for e in entries]))
+        return self.queue.write_mark(), entries, indexes
+
+    def _read(self, indexes: list[int]) -> list:
+        """The entries of `indexes` still stored; the dispatcher forgets the others."""
+        entries, gone = [], []
+        for index, entry in zip(indexes, self.queue.log.read_many(indexes)):
+            if entry is None:
+                gone.append(index)
+            else:
+                entries.append(entry)
+        if gone:
+            self.queue.dispatcher.removed(gone)
+        return entries
+
+    async def _send_frames(self, send, entries: list) -> None:
+        batch: list[bytes] = []
+        size = 0
+        for entry in entries:   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
+            frame = self.frame_for(entry)
+            if batch and size + len(frame) > SEND_BATCH_BYTES:
+                await send(batch)
+                self.frames_sent += len(batch)
+                batch, size = [], 0
+            batch.append(frame)
+            size += len(frame)
+        if batch:
+            await send(batch)
+            self.frames_sent += len(batch)
+
+
+class WatchService:
+    """Owns the watch sessions of every queue. Used from the trio thread only."""
+
+    def __init__(self, app, queues) -> None:
+        self.app = app
+        self.queues = queues
+        self._sessions: dict[tuple[object, str], Session] = {}
+        self._by_queue: dict[object, dict[str, Session]] = {}   # queue ref -> consumer id -> session
+        self._turn = 0                                           # round robin among a group's members
+
+    def statistics(self) -> dict:
+        return {"sessions": len(self._sessions)}
+
+    def shutdown(self, grace: float) -> None:
+        """The server is draining: no session takes another entry, and a batch an auto-commit
+        session has deleted must be written within ``min(grace, CLOSE_GRACE)`` seconds. (The edge
+        then cancels the sessions: WebSocket close 1001, streamed watches end.)"""
+        by = trio.current_time() + min(grace, CLOSE_GRACE)
+        for session in list(self._sessions.values()):
+            session.stop(by)
+
+    def abort(self) -> None:
+        """The server stops at once: cut even the batches being written."""
+        for session in list(self._sessions.values()):
+            session.abort()
+
+    def wake(self, queue: Queue, entry) -> None:
+        """`Queue.watch_hook`: wake the sessions a change concerns (see the module docstring)."""
+        sessions = self._by_queue.get(queue.ref)
+        if not sessions:
+            return
+        free = queue.dispatcher.wants()
+        if entry is None:
+            for cid in free:
+                session = sessions.get(cid)
+                if session is not None:
+                    session.wake()
+            return
+        by_group: dict[str, list[Session]] = {}
+        for cid in free:
+            session = sessions.get(cid)
+            if session is not None and session.accepts(entry):
+                by_group.setdefault(session.spec.group, []).append(session)
+        self._turn += 1
+        for members in by_group.values():
+            members[self._turn % len(members)].wake()
+
+    async def fallback(self) -> None:
+        """Wake every session each `WAKE_FALLBACK` seconds (bounds the cost of a missed wake-up).
+        One timer for all of them: a deadline per sleep cost every poll of every session ~20 us."""
+        while True:
+            await trio.sleep(WAKE_FALLBACK)
+            for session in list(self._sessions.values()):
+                session.wake()
+
+    def _open(self, queue: Queue, op: ev.Watch) -> Session:
+        session = Session(queue, op)
+        key = (op.queue, session.consumer_id)
+        old = self._sessions.get(key)
+        if old is not None:  # the same consumer reconnected: the stale socket goes
+            old.cancel_scope.cancel()
+        self._sessions[key] = session
+        self._by_queue.setdefault(queue.ref, {})[session.consumer_id] = session
+        queue.watch_hook = self.wake
+        queue.dispatcher.attach(session.spec)
+        queue.notify()
+        log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name)
+        return session
+
+    def _close(self, session: Session) -> None:
+        key = (session.op.queue, session.consumer_id)
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+            members = self._by_queue[session.op.queue]
+            del members[session.consumer_id]
+            if not members:
+                del self._by_queue[session.op.queue]
+            session.queue.dispatcher.detach(session.consumer_id)
+            session.queue.notify()
+            log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name)
+
+    # -- WebSocket ---------------------------------------------------------------------------
+    async def websocket(self, request: Request, upgrade) -> None:
+        """The edge's WebSocket handler: errors before `accept()` refuse the handshake."""
+        op = self.app.operation_for(request)
+        if not isinstance(op, ev.Watch):
+            raise BadRequest("a WebSocket upgrade must be a watch (_watch_=true)")
+        session = self._open(await self.queues.get(op.queue), op)
+        try:
+            with session.cancel_scope:
+                ws = await upgrade.accept()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._read_until_closed, ws, nursery.cancel_scope)
+                        nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                        try:
+                            await session.pump(upgrade.send_messages)
+                        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
+                                trio.ClosedResourceError):
+                            # the reader ends the nursery once trio-websocket has finished the
+                            # closing handshake (echoed the client's close); bounded here
+                            nursery.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+                except BaseExceptionGroup as group:
+                    # one session, one cause: the edge maps a plain error to its close code
+                    raise _sole_error(group) from None
+        finally:
+            self._close(session)
+
+    @staticmethod
+    async def _read_until_closed(ws, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                await ws.get_message()   # clients send nothing but pings (answered by trio-websocket)
+        except trio_websocket.ConnectionClosed:
+            pass
+        scope.cancel()
+
+    @staticmethod
+    async def _keepalive(ws, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                await trio.sleep(KEEPALIVE_INTERVAL)
+                with trio.move_on_after(KEEPALIVE_TIMEOUT) as waited:
+                    await ws.ping()
+                if waited.cancelled_caught:
+                    log.info("watcher at %s gave no pong in %.0fs; dropping it", ws.remote, KEEPALIVE_TIMEOUT)
+                    break
+        except trio_websocket.ConnectionClosed:
+            pass
+        scope.cancel()
+
+    # -- HTTP streaming watch (PROTOCOL.md 5.12) ----------------------------------------------
+    async def http_stream(self, op: ev.Watch) -> Response:
+        queue = await self.queues.get(op.queue)   # errors here are still a status line
+
+        async def stream(send) -> None:
+            session = self._open(queue, op)
+            try:
+                with session.cancel_scope:
+                    await session.pump(lambda frames: send(b"".join(map(protobuf.length_delimited, frames))))
+            finally:
+                self._close(session)
+
+        return Response(200, headers=[("Content-Type", "application/vnd.google.protobuf")], stream=stream)

@@ -1,0 +1,1 @@
+"""`qserve stream`: the commands of `eascmd stream` against a queue, built on `qserve.client`."""
