@@ -22,8 +22,8 @@ __all__ = [
     "FRAME", "HEADER_SIZE", "MAX_RECORD", "ENTRY", "DELETE", "TRUNCATE", "STATE", "CHECKPOINT",
     "EntryRecord", "DeleteRecord", "TruncateRecord", "StateRecord", "CheckpointRecord", "Record",
     "ReadOutcome", "encode_entry", "encode_delete", "encode_truncate", "encode_state",
-    "encode_checkpoint", "frame", "decode_body", "decode_entry", "decode_frame", "iter_records", "find_next_frame",
-    "REQUEST_ID",
+    "encode_checkpoint", "frame", "decode_body", "decode_entry", "decode_frame", "decode_entry_run",
+    "iter_records", "find_next_frame", "REQUEST_ID",
 ]
 
 FRAME = struct.Struct(">II")
@@ -37,7 +37,7 @@ ENTRY, DELETE, TRUNCATE, STATE, CHECKPOINT = 0, 1, 2, 3, 4
 # uint64 timestamp, bool moved. Legal msgpack, readable with one unpack_from.
 ENTRY_PREFIX = struct.Struct(">BBBQBqBQB")
 ENTRY_PREFIX_SIZE = ENTRY_PREFIX.size  # 30
-# Frame header + ENTRY prefix + the requestId's str8 marker and length: one unpack in recovery.
+# Frame header + ENTRY prefix + the requestId's str8 marker and length: one unpack (decode_entry_run).
 FRAMED_ENTRY_HEAD = struct.Struct(">IIHBQBqBQBBB")
 FRAMED_ENTRY_HEAD_SIZE = FRAMED_ENTRY_HEAD.size  # 40
 
@@ -233,6 +233,55 @@ def decode_frame(buf, offset: int) -> tuple[Record, int] | str:
         return decode_body(body), end
     except ValueError as exc:
         return str(exc)
+
+
+def decode_entry_run(buf, off: int, after: int, floor: int, verify: bool, loc_bias: int, cols) -> int:
+    """Decode the run of plain ENTRY frames starting at ``off`` of ``buf`` without msgpack: each
+    frame's header, ENTRY prefix and requestId header come from one ``FRAMED_ENTRY_HEAD.unpack_from``
+    (the fixed-width layout of `encode_entry`), which is what makes reopening a large log fast.
+
+    A plain ENTRY is one that is not ``moved``, whose requestId is nil or a str8 (a uuid, say) and whose
+    index exceeds ``after`` and the previous one of the run and is at least ``floor``. Anything else
+    (another record type, a moved or out-of-order entry, a bad or incomplete frame, a crc mismatch
+    when ``verify``) ends the run: the caller decodes that frame the general way (`decode_frame`).
+
+    Args:
+        buf: the whole segment file.
+        loc_bias: added to each record's offset to make its ``loc`` (see `index.pack_loc`).
+        cols: receives one row per record: ``idx``, ``loc``, ``size`` (framed), ``prio`` and ``rh``
+            (the requestId's `rids.rid_hash`, 0 if none) are appended to (``index.EntryIndex``'s
+            columns; priority levels and counters are the caller's).
+
+    Returns:
+        The offset where the run ends (the first frame not decoded here, or ``len(buf)``).
+    """
+    n = len(buf)
+    fast_end = n - FRAMED_ENTRY_HEAD_SIZE
+    mv = memoryview(buf)
+    unpack_head = FRAMED_ENTRY_HEAD.unpack_from
+    crc32 = zlib.crc32
+    a_idx, a_loc, a_size, a_prio, a_rh = cols.idx.append, cols.loc.append, cols.size.append, \
+        cols.prio.append, cols.rh.append
+    while off <= fast_end:
+        length, crc, head, _, index, _, prio, _, _, moved, rm, rl = unpack_head(buf, off)
+        end = off + HEADER_SIZE + length
+        if head != 0x9800 or moved != 0xC2 or end > n or length <= 32 or index <= after or index < floor:
+            break
+        if verify and crc32(mv[off + HEADER_SIZE:end]) != crc:
+            break
+        if rm == 0xD9:     # str8: its utf-8 bytes hash as rids.rid_hash hashes the str
+            a_rh(hash(buf[off + FRAMED_ENTRY_HEAD_SIZE:off + FRAMED_ENTRY_HEAD_SIZE + rl]) or 1)
+        elif rm == 0xC0:   # nil: no requestId
+            a_rh(0)
+        else:
+            break
+        a_idx(index)
+        a_loc(loc_bias + off)
+        a_size(end - off)
+        a_prio(prio)
+        after = index
+        off = end
+    return off
 
 
 _FIXARRAY = re.compile(rb"[\x91-\x9f]")

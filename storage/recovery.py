@@ -1,13 +1,14 @@
 """Recovery: rebuild the in-memory state of a queue directory by scanning every segment.
 
-Strategy (Kafka's LogLoader, etcd's repair): read each segment whole, walk its frames with a fast path
-for ENTRY records (fixed-width prefix, one ``struct.unpack_from`` + crc, no msgpack decode), and apply
-records in log order. Three outcomes per segment are told apart (record.py): a clean end (in the active
-segment possibly followed by preallocated zeros, left in place); a torn tail,
-which only the active segment may have and which is cut after a ``.broken`` copy; corruption, which is
-refused (``CorruptLog``) unless ``repair``, when the bad stretch is skipped, reported and the file rewritten
-without it. The last CHECKPOINT lists the segments that must exist: a missing one is corruption, an
-unlisted one is a leftover of compaction and is removed. The index is derived here and never persisted.
+Strategy (Kafka's LogLoader, etcd's repair): read each segment whole and walk its frames in log order,
+handing them to a `replay.Replay` (the rules of what is live), runs of plain ENTRY records through
+record.py's fast decoder, everything else decoded one frame at a time. What is recovery's own is the
+files: three outcomes per segment are told apart (record.py): a clean end (in the active segment
+possibly followed by preallocated zeros, left in place); a torn tail, which only the active segment may
+have and which is cut after a ``.broken`` copy; corruption, which is refused (``CorruptLog``) unless
+``repair``, when the bad stretch is skipped, reported and the file rewritten without it. The last
+CHECKPOINT lists the segments that must exist: a missing one is corruption, an unlisted one is a
+leftover of compaction and is removed. The index is derived here and never persisted.
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from array import array
-from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from .errors import CorruptLog
 from .fileio import FileIO
-from .index import DEAD, EntryIndex, loc_segment, pack_loc
-from .record import (FRAMED_ENTRY_HEAD, FRAMED_ENTRY_HEAD_SIZE, HEADER_SIZE, REQUEST_ID,
-                     CheckpointRecord, DeleteRecord, EntryRecord, StateRecord, TruncateRecord,
-                     classify_bad_frame, decode_frame, encode_checkpoint)
+from .index import EntryIndex
+from .record import CheckpointRecord, classify_bad_frame, decode_frame, encode_checkpoint
+from .replay import Replay
 from .segment import Segment, parse_segment_name, segment_name
-from .rids import rid_hash
 
 __all__ = ["RecoveryReport", "Recovered", "recover"]
 
@@ -75,172 +72,30 @@ def _broken_copy(io: FileIO, path: str, data: bytes) -> str:
 
 
 class _Scan:
-    """Mutable scan state shared by the per-segment loop."""
+    """Walks the segments' frames in log order for `recover`: plain ENTRY runs and every other record
+    go to the `Replay`; bad frames are told apart (torn tail, corruption) and cut or skipped."""
 
     def __init__(self, rec: Recovered, repair: bool) -> None:
         self.rec = rec
         self.repair = repair
-        self.moved: dict[int, list] = {}  # index -> [loc, size, prio, rid_hash, live] (no row yet)
-        self.by_sid: dict[int, Segment] = {}
-        self.last_main = 0
+        self.replay = Replay()
         self.logical_end = 0   # of the segment last scanned: where its records end
 
-    # -- record application (slow path; the ENTRY fast path is inlined in scan_segment) -----------
-    def kill_index(self, i: int) -> None:
-        ix = self.rec.index
-        pos = ix.pos_of(i)
-        if pos is not None:
-            old = ix.kill(pos)
-            seg = self.by_sid[loc_segment(old)]
-            seg.live_bytes -= ix.size[pos]
-            seg.live_count -= 1
-            return
-        m = self.moved.get(i)
-        if m is not None and m[4]:
-            m[4] = False
-            seg = self.by_sid[loc_segment(m[0])]
-            seg.live_bytes -= m[1]
-            seg.live_count -= 1
-
-    def truncate_below(self, below: int) -> None:
-        rec = self.rec
-        if below <= rec.watermark:
-            return
-        rec.watermark = below
-        ix = rec.index
-        p = ix.first_pos()
-        end = bisect_left(ix.idx, below)
-        while p is not None and p < end:
-            if not ix.loc[p] & DEAD:
-                self.kill_index(ix.idx[p])
-            p += 1
-        for i, m in self.moved.items():
-            if i < below and m[4]:
-                self.kill_index(i)
-
-    def apply_entry(self, seg: Segment, loc: int, size: int, r: EntryRecord) -> None:
-        rec = self.rec
-        if r.index < rec.watermark:
-            return
-        h = rid_hash(r.tags[REQUEST_ID]) if REQUEST_ID in r.tags else 0
-        if r.index >= rec.next_index:
-            rec.next_index = r.index + 1
-        ix = rec.index
-        idx = ix.idx
-        pos = bisect_left(idx, r.index)
-        if pos < len(idx) and idx[pos] == r.index:       # a moved copy replaces the earlier one
-            old = ix.loc[pos]
-            if old & DEAD:                                # never resurrect a deleted entry
-                return
-            seg.note_entry(r.index, size)
-            prev = self.by_sid[loc_segment(old)]
-            prev.live_bytes -= ix.size[pos]
-            prev.live_count -= 1
-            ix.live -= 1
-            ix.loc[pos] = loc
-            ix.size[pos] = size
-            ix.prio[pos] = r.priority
-            ix.rh[pos] = h
-            ix.live += 1
-            return
-        seg.note_entry(r.index, size)
-        if pos == len(idx) and not r.moved:
-            ix.append(r.index, loc, size, r.priority, h)
-            return
-        m = self.moved.get(r.index)
-        if m is not None and m[4]:
-            prev = self.by_sid[loc_segment(m[0])]
-            prev.live_bytes -= m[1]
-            prev.live_count -= 1
-        self.moved[r.index] = [loc, size, r.priority, h, True]
-
-    def apply(self, seg: Segment, loc: int, size: int, r) -> None:
-        rec = self.rec
-        if isinstance(r, EntryRecord):
-            self.apply_entry(seg, loc, size, r)
-        elif isinstance(r, DeleteRecord):
-            seg.deletes += 1
-            for i in r.indexes:
-                self.kill_index(i)
-        elif isinstance(r, TruncateRecord):
-            self.truncate_below(min(r.below, rec.next_index))
-        elif isinstance(r, StateRecord):
-            rec.state.update(r.values)
-        elif isinstance(r, CheckpointRecord):
-            rec.next_index = max(rec.next_index, r.next_index)
-            self.truncate_below(r.truncate_below)
-            rec.state = dict(r.state)
-            rec.expected = r.segments
-
-    # -- one segment -------------------------------------------------------------------------------
-
-    def _settle_fast_rows(self, seg, ix, rec, mark: int, fmin: int, last_main: int) -> int:
-        """Account the rows the fast path appended since ``mark`` (live counts and bytes) and carry
-        ``last_main`` into the next index; returns the segment's lowest new index so far."""
-        idx = ix.idx
-        if len(idx) > mark:
-            fmin = fmin or idx[mark]
-            added = len(idx) - mark
-            seg.live_bytes += sum(ix.size[mark:])
-            seg.live_count += added
-            ix.live += added
-        self.last_main = last_main
-        if last_main >= rec.next_index:
-            rec.next_index = last_main + 1
-        return fmin
     def scan_segment(self, seg: Segment, buf: bytes, is_last: bool, trusted: bool):
         """Apply every record of ``seg``. ``trusted``: the whole file matched its seal, so per-record
         crc32 is skipped. Returns None, or ``(content, torn_only)`` when the file must be cut (torn
         tail only) or rewritten (repair)."""
-        rec, report = self.rec, self.rec.report
-        ix = rec.index
+        report, replay = self.rec.report, self.replay
+        sid = seg.sid
         n = self.logical_end = len(buf)   # ``logical_end``: less when a zero tail follows the records
-        mv = memoryview(buf)
-        unpack_head = FRAMED_ENTRY_HEAD.unpack_from
-        crc32 = zlib.crc32
-        levels = ix.levels
-        a_idx, a_loc, a_size, a_prio, a_rh = ix.idx.append, ix.loc.append, ix.size.append, \
-            ix.prio.append, ix.rh.append
-        sidbits = pack_loc(seg.sid, 0)
-        last_main = self.last_main
-        watermark = rec.watermark
-        fast_end = n - FRAMED_ENTRY_HEAD_SIZE
         off = shift = span_start = 0
         keep: list[tuple[int, int]] = []   # good spans (cut / repair)
         first = True
         prefix = b""
         repaired = False
-        idx = ix.idx
-        mark = len(idx)                    # rows added by the fast path since ``mark`` not yet counted
-        fmin = 0
         while off < n:
             if not first:
-                # fast path: not-moved ENTRYs whose requestId is nil or a str8 (uuid): fixed offsets
-                while off <= fast_end:
-                    length, crc, head, _, index, _, prio, _, _, moved, rm, rl = unpack_head(buf, off)
-                    end = off + HEADER_SIZE + length
-                    if head != 0x9800 or moved != 0xC2 or end > n or length <= 32 \
-                            or index <= last_main or index < watermark:
-                        break
-                    if not trusted and crc32(mv[off + HEADER_SIZE:end]) != crc:
-                        break
-                    if rm == 0xD9:
-                        a_rh(hash(buf[off + 40:off + 40 + rl]) or 1)
-                    elif rm == 0xC0:
-                        a_rh(0)
-                    else:
-                        break
-                    a_idx(index)
-                    a_loc(sidbits | (off - shift))
-                    a_size(end - off)
-                    a_prio(prio)
-                    if prio:
-                        lv = levels.get(prio)
-                        if lv is None:
-                            lv = levels[prio] = array("Q")
-                        lv.append(index)
-                    last_main = index
-                    off = end
+                off = replay.entry_run(sid, buf, off, not trusted, shift)
                 if off >= n:
                     break
             res = decode_frame(buf, off)
@@ -270,30 +125,33 @@ class _Scan:
                 report.skipped.append((seg.path, off, "segment does not start with its checkpoint"))
                 # give the rewritten file a header carrying the state reached so far
                 prefix = encode_checkpoint(CheckpointRecord(
-                    seg.base, 0, max(rec.next_index, last_main + 1), rec.watermark, dict(rec.state),
-                    tuple(rec.expected or ()) + (seg.base,), "repair"))
+                    seg.base, 0, max(replay.next_index, replay.last_row + 1), replay.watermark,
+                    dict(replay.state), tuple(replay.expected or ()) + (seg.base,), "repair"))
                 shift -= len(prefix)
                 repaired = True
             if first:
                 seg.header_size = end - off
             first = False
-            # count the fast path's rows before the slow path touches shared state
-            fmin = self._settle_fast_rows(seg, ix, rec, mark, fmin, last_main)
-            self.apply(seg, sidbits | (off - shift), end - off, r)
-            last_main = self.last_main = max(self.last_main, idx[-1] if idx else 0)
-            watermark = rec.watermark
-            mark = len(idx)
+            replay.apply(sid, off - shift, end - off, r)
             off = end
         keep.append((span_start, n))
-        fmin = self._settle_fast_rows(seg, ix, rec, mark, fmin, last_main)
-        if fmin:
-            if not seg.min_index or fmin < seg.min_index:
-                seg.min_index = fmin
-            seg.max_index = max(seg.max_index, last_main)
         if repaired or n < self.logical_end:
+            mv = memoryview(buf)
             cleaned = prefix + b"".join(bytes(mv[a:b]) for a, b in keep if b > a)
             return cleaned, not repaired
         return None
+
+    def finish(self) -> None:
+        """The replay's results into ``rec`` and its segments."""
+        replay, rec = self.replay, self.rec
+        replay.finish()
+        rec.index, rec.next_index, rec.watermark = replay.index, replay.next_index, replay.watermark
+        rec.state, rec.expected = replay.state, replay.expected
+        for seg in rec.segments:
+            t = replay.tallies.get(seg.sid)
+            if t is not None:
+                seg.live_count, seg.live_bytes, seg.deletes = t.live_count, t.live_bytes, t.deletes
+                seg.min_index, seg.max_index = t.min_index, t.max_index
 
 
 def _seals(io: FileIO, directory: str, bases: list) -> dict:
@@ -333,7 +191,6 @@ def recover(directory: str, io: FileIO, repair: bool = False, sync: bool = True)
         buf = io.read_file(path)
         fd = io.open_rw(path)
         seg = Segment(io, directory, base, k, fd, len(buf))
-        scan.by_sid[k] = seg
         rec.segments.append(seg)
         crc = zlib.crc32(buf)
         trusted = not is_last and seals.get(base) == (len(buf), crc)
@@ -362,47 +219,14 @@ def recover(directory: str, io: FileIO, repair: bool = False, sync: bool = True)
             crc = zlib.crc32(cleaned)
         seg.crc = crc
         del buf, res
-    _merge_moved(rec, scan)
+    scan.finish()
     _check_set(rec, directory, io, repair)
     # the active segment may hold bytes the previous process wrote but never fsynced
     if rec.segments and sync:
         io.fsync(rec.segments[-1].fd)
-    ix = rec.index
-    if ix.live < len(ix.idx) // 2 and len(ix.idx) > 4096:
-        ix.purge()
-    report.entries = ix.live
+    report.entries = rec.index.live
     report.seconds = time.perf_counter() - t0
     return rec
-
-
-def _merge_moved(rec: Recovered, scan: _Scan) -> None:
-    """Insert moved entries whose original copy is gone into the sorted columns."""
-    if not scan.moved:
-        return
-    ix = rec.index
-    old = (ix.idx, ix.loc, ix.size, ix.prio, ix.rh)
-    ix.idx, ix.loc, ix.size, ix.prio = array("Q"), array("Q"), array("I"), array("q")
-    rh = ix.rh = array("q")
-    live = ix.live
-    items = sorted(scan.moved.items())
-    j = 0
-    oidx = old[0]
-    for pos in range(len(oidx) + 1):
-        cur = oidx[pos] if pos < len(oidx) else None
-        while j < len(items) and (cur is None or items[j][0] < cur):
-            i, (loc, size, prio, h, alive) = items[j]
-            j += 1
-            if alive:
-                ix.idx.append(i); ix.loc.append(loc); ix.size.append(size)
-                ix.prio.append(prio); rh.append(h)
-                live += 1
-        if cur is None:
-            break
-        ix.idx.append(cur); ix.loc.append(old[1][pos]); ix.size.append(old[2][pos])
-        ix.prio.append(old[3][pos]); rh.append(old[4][pos])
-    ix.live = live
-    ix.rebuild_levels()
-    ix.version += 1
 
 
 def _check_set(rec: Recovered, directory: str, io: FileIO, repair: bool) -> None:
