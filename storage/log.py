@@ -19,13 +19,14 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from .compaction import compact
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
 from .lock import DirLock
 from .index import DEAD, loc_offset, loc_segment, pack_loc
 from .rids import RequestIds, rid_hash
-from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, decode_entry, encode_checkpoint,
-                     encode_delete, encode_entry, encode_state, encode_truncate)
+from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, EntryRecord, decode_entry,
+                     encode_checkpoint, encode_delete, encode_entry, encode_state, encode_truncate)
 from .recovery import RecoveryReport, recover
 from .segment import Segment, io_error
 from .sync import SyncTicket
@@ -508,11 +509,64 @@ class QueueLog:
     def maybe_compact(self, budget_bytes: int | None = None) -> int:
         """Drop dead sealed segments and compact sparse ones; returns bytes reclaimed."""
         self._check()
-        from .compaction import compact
         self._request_ids()       # idle time: build the requestId table if reopen deferred it
         n = compact(self, budget_bytes)
         self._index.maybe_purge()
         return n
+
+    # The operations compaction.py uses (its `Compactable`), and nothing else of the log's insides.
+    @property
+    def watermark(self) -> int:
+        """The truncate watermark: every index below it is gone."""
+        return self._watermark
+
+    def sealed_segments(self) -> list[Segment]:
+        """The sealed segments, oldest first (a new list: compaction drops segments as it walks)."""
+        return self._segs[:-1]
+
+    def holds_live(self, seg: Segment, offset: int, index: int) -> bool:
+        """Whether the record at ``offset`` of ``seg`` is the copy live entry ``index`` is read from."""
+        pos = self._index.pos_of(index)
+        return pos is not None and self._index.loc[pos] == pack_loc(seg.sid, offset)
+
+    def move_forward(self, seg: Segment, r: EntryRecord) -> int:
+        """Rewrite live entry ``r``, read from sealed ``seg``, into the active segment as a moved copy
+        (same index) that reads now come from; returns the bytes written."""
+        rec = encode_entry(r.index, r.priority, r.timestamp_ms, r.tags, r.data, moved=True)
+        dst, off = self._write(rec)
+        self._index.move(self._index.pos_of(r.index), pack_loc(dst.sid, off), len(rec))
+        dst.note_entry(r.index, len(rec))
+        seg.live_bytes -= len(rec)
+        seg.live_count -= 1
+        return len(rec)
+
+    def carry_deletes(self, indexes: list[int]) -> None:
+        """Write a DELETE of ``indexes`` (sorted) again, into the active segment."""
+        dst, _ = self._write(encode_delete(indexes))
+        dst.deletes += 1
+
+    def drop_segment(self, seg: Segment, moved_bytes: int) -> int:
+        """Forget sealed ``seg`` once its live entries were moved (``moved_bytes`` of copies): a
+        CHECKPOINT without it, fsync, unlink, fsync of the directory. Returns the bytes reclaimed."""
+        segs = [s.base for s in self._segs if s is not seg]
+        # the checkpoint may itself roll: compute its list after that
+        dst, _ = self._write(encode_checkpoint(self._checkpoint("compact", segs=segs)))
+        if dst is not self._active or dst.base not in segs:
+            segs = [s.base for s in self._segs if s is not seg]
+            self._write(encode_checkpoint(self._checkpoint("compact", segs=segs)))
+        self._fsync_or_rollback(self._active)
+        self._segs.remove(seg)
+        del self._by_sid[seg.sid]
+        size = seg.size
+        seg.close()
+        try:
+            self.io.remove(seg.path)
+            self.io.fsync_dir(self.path)
+        except OSError as exc:
+            raise io_error(exc, f"removing {seg.path}") from None
+        self._counters["compactions"] += 1
+        self._counters["reclaimed_bytes"] += size - moved_bytes
+        return size - moved_bytes
 
     def close(self) -> None:
         """Sync and close. Later calls raise ``LogClosed``; closing twice is allowed."""
