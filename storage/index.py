@@ -9,10 +9,10 @@ increasing order, so appends keep the order; bisect finds a row):
 * ``prio`` i64  priority
 * ``rh``   i64  64-bit hash of the requestId (0 = none)
 
-Dead rows are purged by a periodic rebuild once they outnumber the live ones (at C speed: ~20 ms per
-million rows when they are a prefix, see `EntryIndex.purge`); until then scans step
-over them through skip links (a union-find over row positions, 4 bytes per row, see `next_live`), so a
-dead row costs O(1) amortised however often dispatch restarts behind it. Entries with a priority
+Dead rows are purged by a periodic rebuild once they outnumber the live ones (at C speed, see
+`EntryIndex.purge`); until then scans step over them through skip links (a union-find over row
+positions, 4 bytes per row, see `next_live`), so a dead row costs O(1) amortised however often
+dispatch restarts behind it. Entries with a priority
 other than 0 are also listed per level in ``levels`` (sorted index arrays, may hold dead rows, with
 skip links of their own) so dispatch order is computed from memory. The requestId lookups built from
 the ``rh`` column are in `storage.rids`. About 42 bytes per row. Not thread-safe.
@@ -286,8 +286,8 @@ class EntryIndex:
         """Drop the dead rows, at C speed: a live mask from the DEAD bits (the high byte of each
         ``loc``), then every column copied a run of live rows at a time when runs are few (a queue
         consumed in order: its dead rows are mostly one prefix), else filtered by the mask with
-        `itertools.compress`. Per million rows on the CI VM: ~20 ms for a dead prefix, ~0.3 s for
-        rows dead at random (a Python loop over the rows took ~0.6 s either way)."""
+        `itertools.compress` (a Python loop over the rows is several times slower either way; README,
+        "Storage", has the figures)."""
         cols = (self.idx, self.loc, self.size, self.prio, self.rh)
         mask = self.loc.tobytes()[_HIGH_BYTE::8].translate(_LIVE_BYTE)
         n = len(mask)

@@ -7,7 +7,7 @@ table is built from the ``rh`` column on first use (the slowest part of a reopen
 it in the thread that opens the queue), then kept up to date by `RequestIds.note` on every
 append. Deleted entries keep their slots until the table is replaced: a small table at once, a
 large one by a `RidBuilder` a few rows per append while the old one keeps answering, so no
-replacement stops the caller's thread for long (1,000,000 rows in one pass took ~1 s). About 32
+replacement stops the caller's thread for long (a large table built in one pass would). About 32
 bytes per entry, twice that while a replacement is being filled. Not thread-safe.
 """
 
@@ -152,7 +152,7 @@ class RidTable:
 
 class RidBuilder:
     """A fresh `RidTable` of the live rows, filled a few rows per call of `step` so that replacing a
-    large table never stalls the caller (built at once, 1,000,000 rows took ~1 s of the event loop).
+    large table never stalls the caller (built at once, it would hold the event loop for a long time).
     The old table stays complete, and keeps taking every insert, until the builder has copied all
     rows, the ones appended meanwhile included; the caller then swaps it in. Rows are followed by
     index, so purges (rows move) and deaths (skipped or verified later) do not disturb it."""
