@@ -22,7 +22,8 @@ from .errors import (CorruptLog, DiskFull, LogClosed, PayloadTooLarge, QueueFull
                      StorageIOError)
 from .fileio import FileIO
 from .lock import DirectoryLocked, DirLock, lock_holder
-from .log import Entry, LogConfig, QueueLog, SyncTicket
+from .log import LogConfig, QueueLog, SyncTicket
+from .reads import Entry
 from .record import ReadOutcome, iter_records
 from .recovery import RecoveryReport
 from .segment import parse_segment_name, segment_name

@@ -23,29 +23,16 @@ from .compaction import compact
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
 from .lock import DirLock
-from .index import DEAD, loc_offset, loc_segment, pack_loc
+from .index import DEAD, loc_segment, pack_loc
+from .reads import Entry, EntryReader
 from .rids import RequestIds, rid_hash
-from .record import (HEADER_SIZE, REQUEST_ID, CheckpointRecord, EntryRecord, decode_entry,
-                     encode_checkpoint, encode_delete, encode_entry, encode_state, encode_truncate)
+from .record import (REQUEST_ID, CheckpointRecord, EntryRecord, encode_checkpoint, encode_delete,
+                     encode_entry, encode_state, encode_truncate)
 from .recovery import RecoveryReport, recover
 from .segment import Segment, io_error
 from .sync import SyncTicket
 
 __all__ = ["QueueLog", "LogConfig", "Entry", "SyncTicket"]
-
-_READ_RUN_BYTES = 1024 * 1024   # read_many: a run of back-to-back records stops growing past this
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stored queue entry."""
-
-    index: int
-    tags: dict
-    data: bytes
-    priority: int
-    timestamp_ms: int
-
 
 @dataclass(frozen=True)
 class LogConfig:
@@ -115,6 +102,7 @@ class QueueLog:
         self._next_sid = (self._segs[-1].sid + 1) if self._segs else 0
         self._index = rec.index
         self._rids: RequestIds | None = None    # built on first use (see rids.py)
+        self._reader = EntryReader(self._index, self._by_sid)
         self.next_index = max(rec.next_index, keep_next)
         self._watermark = rec.watermark
         self._state = rec.state
@@ -291,100 +279,30 @@ class QueueLog:
     def state(self) -> dict:
         return dict(self._state)
 
-    # -- reading -----------------------------------------------------------------------------------
-    def _entry_at(self, pos: int) -> Entry:
-        ix = self._index
-        loc = ix.loc[pos]
-        seg = self._by_sid[loc_segment(loc)]
-        try:
-            body = seg.read_body(loc_offset(loc), ix.size[pos])
-        except OSError as exc:
-            raise io_error(exc, f"reading {seg.path}") from None
-        return self._decode_entry(seg, loc_offset(loc), pos, body)
-
-    def _decode_entry(self, seg: Segment, offset: int, pos: int, body: bytes) -> Entry:
-        try:
-            index, priority, ts, _, tags, data = decode_entry(body)
-        except ValueError as exc:
-            raise StorageIOError(f"{seg.path} at {offset}: unreadable record: {exc}") from None
-        if index != self._index.idx[pos]:
-            raise StorageIOError(f"{seg.path} at {offset}: index mismatch")
-        return Entry(index, tags, data, priority, ts)
-
+    # -- reading (reads.py) -------------------------------------------------------------------------
     def read(self, index: int) -> Entry | None:
         """The live entry ``index``, or None."""
         self._check()
-        pos = self._index.pos_of(index)
-        return None if pos is None else self._entry_at(pos)
+        return self._reader.read(index)
 
     def read_many(self, indexes: Sequence[int]) -> list[Entry | None]:
         """`read` of each of ``indexes``, in that order; records that lie back to back in one
-        segment (a watch's window, usually) are fetched with one ``pread`` of up to
-        `_READ_RUN_BYTES` (and one more record)."""
+        segment (a watch's window, usually) are fetched with one ``pread`` per run."""
         self._check()
-        ix = self._index
-        positions = [ix.pos_of(i) for i in indexes]
-        out: list[Entry | None] = [None] * len(positions)
-        k = 0
-        while k < len(positions):
-            pos = positions[k]
-            if pos is None:
-                k += 1
-                continue
-            loc = ix.loc[pos]
-            sid, start = loc_segment(loc), loc_offset(loc)
-            end = start + ix.size[pos]
-            j = k + 1   # extend the run while the next record starts where this one ends
-            while j < len(positions) and positions[j] is not None and end - start < _READ_RUN_BYTES \
-                    and ix.loc[positions[j]] == pack_loc(sid, end):
-                end += ix.size[positions[j]]
-                j += 1
-            if j == k + 1:
-                out[k] = self._entry_at(pos)
-            else:
-                seg = self._by_sid[sid]
-                try:
-                    buf = seg.io.pread(seg.fd, end - start, start)
-                except OSError as exc:
-                    raise io_error(exc, f"reading {seg.path}") from None
-                at = 0
-                for q in range(k, j):
-                    p = positions[q]
-                    size = ix.size[p]
-                    out[q] = self._decode_entry(seg, start + at, p, buf[at + HEADER_SIZE:at + size])
-                    at += size
-            k = j
-        return out
+        return self._reader.read_many(indexes)
 
     def scan(self, start: int = 0, tags: Mapping[str, str] | None = None, limit: int | None = None,
              priority: int | None = None) -> Iterator[Entry]:
         """Live entries with index >= start in index order, filtered by tags (all must match) and
         priority, at most ``limit``. Reads each entry from disk."""
         self._check()
-        n = 0
-        ix = self._index
-        for pos in ix.iter_live(start):
-            if limit is not None and n >= limit:
-                return
-            if priority is not None and ix.prio[pos] != priority:
-                continue
-            e = self._entry_at(pos)
-            if tags and any(e.tags.get(k) != v for k, v in tags.items()):
-                continue
-            n += 1
-            yield e
+        yield from self._reader.scan(start, tags, limit, priority)
 
     def find_request_id(self, request_id: str) -> Entry | None:
         """The live entry whose ``requestId`` tag is ``request_id`` (the newest if several)."""
         self._check()
-        for index in self._request_ids().candidates(rid_hash(request_id)):   # newest first
-            pos = self._index.pos_of(index)
-            if pos is None:
-                continue
-            e = self._entry_at(pos)
-            if e.tags.get(REQUEST_ID) == request_id:
-                return e
-        return None
+        candidates = self._request_ids().candidates(rid_hash(request_id))   # newest first
+        return self._reader.first_with_request_id(candidates, request_id)
 
     def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
         """(index, priority) of live entries >= start, highest priority first, FIFO in a level.

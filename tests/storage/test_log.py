@@ -198,8 +198,8 @@ def test_read_many_matches_read_across_segments_deletes_and_gaps(tmp_path, monke
     assert got == [log.read(i) for i in asked]
     assert [e.index for e in got if e is not None][:6] == [1, 2, 3, 4, 7, 8]
     assert log.read_many([]) == []
-    from qserve.storage import log as log_module
-    monkeypatch.setattr(log_module, "_READ_RUN_BYTES", 50)   # runs cut short: same answers
+    from qserve.storage import reads
+    monkeypatch.setattr(reads, "_READ_RUN_BYTES", 50)   # runs cut short: same answers
     assert log.read_many(asked) == got
     log.close()
 
