@@ -1,14 +1,17 @@
-"""QueueLog: the ordered segments of one queue directory.
+"""QueueLog: the ordered segments of one queue directory, and the one API over them.
 
 Strategy: every mutation is framed (record.py), written with one ``pwrite`` at the end of the active
 segment (over zeros written ahead of it, segment.py) and then applied to the derived in-memory index
-(index.py); a failed write changes nothing. Durability is
-group commit: ``sync_begin`` (owner thread) dups the active fd, ``SyncTicket.run`` (any thread) fsyncs
-it, ``sync_end`` (owner thread) advances ``durable_seq``. Rolls fsync the old segment first, so only the
-active segment ever holds non-durable bytes; that makes the fsync-failure rollback simple: cut the active
-segment back to its durable size and rebuild memory from disk. Compaction (compaction.py) rewrites live
-entries forward and drops segments. ``QueueLog`` is not thread-safe: one owner thread calls everything
-except ``SyncTicket.run``.
+(index.py); a failed write changes nothing. Opening rebuilds the index from disk (recovery.py, whose
+rules are replay.py's); reads go through an `EntryReader` (reads.py). Durability is group commit:
+``sync_begin`` (owner thread) dups the active fd, ``SyncTicket.run`` (any thread, sync.py) fsyncs it,
+``sync_end`` (owner thread) advances ``durable_seq``. Rolls fsync the old segment first, so only the
+active segment ever holds non-durable bytes; that makes the fsync-failure rollback simple: cut the
+active segment back to its durable size and rebuild memory from disk. Compaction (compaction.py)
+decides which sealed segments to drop and which records to carry; it does so through the few
+operations at the end of `QueueLog` (its `Compactable` protocol), which write the moved copies and
+drop the file. ``QueueLog`` is not thread-safe: one owner thread calls everything except
+``SyncTicket.run``.
 """
 
 from __future__ import annotations
