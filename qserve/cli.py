@@ -106,8 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     try:
         if config.worker:
-            from qserve.worker import cli as worker
-            return worker.run_embedded(config, prepared.sockets)
+            from qserve.server.embedded import run_embedded
+            return run_embedded(config, prepared.sockets)
         trio.run(lambda: run(config, listeners_for(prepared.sockets)))
         return 0
     except (StartupError, BaseExceptionGroup) as exc:   # a declared queue that cannot open

@@ -293,8 +293,8 @@ class QueueClient:
         query = [("_watch_", "true"), ("_index_", str(index)), ("_window_", str(window)),
                  ("_index_only_", "true" if index_only else "false"),
                  ("_auto_commit_", "true" if auto_commit else "false")] + _tag_params(tags)
-        return Watcher(self, self._target(query), reconnect_delay=reconnect_delay, ping_interval=ping_interval,
-                       on_link=on_link)
+        return Watcher(self._open_websocket, self._target(query), timeout=self.timeout,
+                       reconnect_delay=reconnect_delay, ping_interval=ping_interval, on_link=on_link)
 
     async def aclose(self) -> None:
         """Close the idle connections; the client must not be used afterwards."""

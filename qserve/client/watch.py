@@ -18,16 +18,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from contextlib import AbstractAsyncContextManager
 
 import trio
 import trio_websocket
 
 from qserve.wire import protobuf
 from qserve.client.http import QueueError, _describe as describe_os_error, reason_from
-
-if TYPE_CHECKING:
-    from qserve.client import QueueClient
 
 __all__ = ["Watcher"]
 
@@ -49,9 +46,11 @@ class Watcher:
     when a handshake succeeds after that.
     """
 
-    def __init__(self, client: "QueueClient", resource: str, *, reconnect_delay: float,
-                 ping_interval: float, on_link: Callable[[bool, str], None] | None = None) -> None:
-        self._client = client
+    def __init__(self, open_websocket: Callable[[str], AbstractAsyncContextManager[trio_websocket.WebSocketConnection]],
+                 resource: str, *, timeout: float, reconnect_delay: float, ping_interval: float,
+                 on_link: Callable[[bool, str], None] | None = None) -> None:
+        self._open_websocket = open_websocket   # the client's handshake: resource -> open connection
+        self._timeout = timeout                 # the client's timeout: a ping's pong must come within it
         self._resource = resource
         self._reconnect_delay = reconnect_delay
         self._ping_interval = ping_interval
@@ -98,7 +97,7 @@ class Watcher:
         lost = False
         while True:
             try:
-                async with self._client._open_websocket(self._resource) as ws:
+                async with self._open_websocket(self._resource) as ws:
                     self.connects += 1
                     if first:
                         first = False
@@ -133,10 +132,10 @@ class Watcher:
             with trio.move_on_after(quiet):
                 message = await ws.get_message()
             if message is None:
-                with trio.move_on_after(self._client.timeout) as scope:
+                with trio.move_on_after(self._timeout) as scope:
                     await ws.ping()
                 if scope.cancelled_caught:
-                    raise _Stalled(f"no pong within {self._client.timeout:g}s")
+                    raise _Stalled(f"no pong within {self._timeout:g}s")
                 continue
             if isinstance(message, str):
                 raise protobuf.DecodeError("text frame on a watch")

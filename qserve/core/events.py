@@ -7,11 +7,14 @@ wire to operations is tested without a server (h11 `_events.py` is the model).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from qserve.core.errors import BadRequest
 
 __all__ = [
     "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Truncate", "Commit", "Negative",
-    "Attributes", "Search", "Count", "End", "Watch", "Health", "ListQueues", "CreateQueue",
+    "Attributes", "Search", "Count", "End", "Watch", "Health", "ListQueues", "CreateQueue", "ConsumerSpec",
 ]
 
 
@@ -157,3 +160,59 @@ class CreateQueue:
 
     def __post_init__(self) -> None:
         QueueRef(self.service)   # the same rule as every queue name
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """How one watcher wants to consume: its identity, window, mode, start and tag filter.
+
+    Args:
+        group, user: non-empty; the consumer id is ``f"{group}.{user}"``.
+        window: >= 1; manual commit: max delivered-but-uncommitted entries; auto-commit: max
+            entries handed out but not yet confirmed written (`Dispatcher.sent`).
+        auto_commit: whether the edge deletes each entry as it sends it.
+        start: 0 = from the head; N > 0 = only entries with index >= N; -1 = only entries put
+            after the attach.
+        tags: filter; only entries whose tags contain all these key/value pairs. Normalised to
+            a sorted tuple; a mapping is accepted too.
+
+    Raises:
+        BadRequest: a value out of range (the edge maps it to a 400).
+    """
+
+    group: str
+    user: str
+    window: int = 10
+    auto_commit: bool = False
+    start: int = 0
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("group", "user"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise BadRequest(f"consumer {name} must be a non-empty string")
+        if not _is_int(self.window) or self.window < 1:
+            raise BadRequest("_window_ must be an integer >= 1")
+        if not _is_int(self.start) or self.start < -1:
+            raise BadRequest("_index_ must be an integer >= -1")
+        if not isinstance(self.auto_commit, bool):
+            raise BadRequest("_auto_commit_ must be a boolean")
+        pairs = list(self.tags.items()) if isinstance(self.tags, Mapping) else list(self.tags)
+        seen: dict[str, str] = {}
+        for pair in pairs:
+            if (not isinstance(pair, tuple) or len(pair) != 2
+                    or not all(isinstance(p, str) for p in pair)):
+                raise BadRequest("tag filters must be (key, value) string pairs")
+            key, value = pair
+            if seen.setdefault(key, value) != value:
+                raise BadRequest(f"tag filter {key!r} given twice with different values")
+        object.__setattr__(self, "tags", tuple(sorted(seen.items())))
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}.{self.user}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

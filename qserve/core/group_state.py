@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from qserve.core.groups import ConsumerSpec
+from qserve.core.events import ConsumerSpec
 
 __all__ = ["EntryState", "EntryEvent", "TRANSITIONS", "step", "Consumer", "Group", "Nack"]
 

@@ -38,11 +38,11 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from qserve.core.events import ConsumerSpec
 from qserve.core.group_state import Consumer, EntryEvent, EntryState, Group, Nack, step
 from qserve.core.tags import FilterIndex, FilterIndexes, matches
-from qserve.core.errors import BadRequest
 
-__all__ = ["ConsumerSpec", "Dispatcher", "DispatchSource", "format_go_duration"]
+__all__ = ["Dispatcher", "DispatchSource", "format_go_duration"]
 
 
 class DispatchSource(Protocol):
@@ -59,62 +59,6 @@ class DispatchSource(Protocol):
 
     def __contains__(self, index: int) -> bool:
         """Whether the entry is live."""
-
-
-@dataclass(frozen=True)
-class ConsumerSpec:
-    """How one watcher wants to consume: its identity, window, mode, start and tag filter.
-
-    Args:
-        group, user: non-empty; the consumer id is ``f"{group}.{user}"``.
-        window: >= 1; manual commit: max delivered-but-uncommitted entries; auto-commit: max
-            entries handed out but not yet confirmed written (`Dispatcher.sent`).
-        auto_commit: whether the edge deletes each entry as it sends it.
-        start: 0 = from the head; N > 0 = only entries with index >= N; -1 = only entries put
-            after the attach.
-        tags: filter; only entries whose tags contain all these key/value pairs. Normalised to
-            a sorted tuple; a mapping is accepted too.
-
-    Raises:
-        BadRequest: a value out of range (the edge maps it to a 400).
-    """
-
-    group: str
-    user: str
-    window: int = 10
-    auto_commit: bool = False
-    start: int = 0
-    tags: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("group", "user"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise BadRequest(f"consumer {name} must be a non-empty string")
-        if not _is_int(self.window) or self.window < 1:
-            raise BadRequest("_window_ must be an integer >= 1")
-        if not _is_int(self.start) or self.start < -1:
-            raise BadRequest("_index_ must be an integer >= -1")
-        if not isinstance(self.auto_commit, bool):
-            raise BadRequest("_auto_commit_ must be a boolean")
-        pairs = list(self.tags.items()) if isinstance(self.tags, Mapping) else list(self.tags)
-        seen: dict[str, str] = {}
-        for pair in pairs:
-            if (not isinstance(pair, tuple) or len(pair) != 2
-                    or not all(isinstance(p, str) for p in pair)):
-                raise BadRequest("tag filters must be (key, value) string pairs")
-            key, value = pair
-            if seen.setdefault(key, value) != value:
-                raise BadRequest(f"tag filter {key!r} given twice with different values")
-        object.__setattr__(self, "tags", tuple(sorted(seen.items())))
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}.{self.user}"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Dispatcher:

@@ -28,20 +28,18 @@ arrived are served, in a fresh scope: ``_renew``), and before the handler (408: 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import math
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 import h11
 import trio
 
 from qserve.core import errors
-from qserve.server.types import Request, Response
-from qserve.server.websocket import handshake_problem, run_upgrade
+from qserve.server.types import Handler, HTTPConfig, Request, Response
+from qserve.server.websocket import WebSocketHandler, handshake_problem, run_upgrade
 
-if TYPE_CHECKING:
-    from qserve.server.http import HTTPServer
 
 log = logging.getLogger("qserve.http")
 
@@ -65,6 +63,32 @@ class _TooLarge(Exception):
     pass
 
 
+class Edge:
+    """What the connections of one `HTTPServer` share: the application's handlers, the limits, the
+    shutdown flag and the counters `HTTPServer.statistics` reports. The server creates it and hands
+    it to each connection it accepts (so a connection knows nothing of the server itself)."""
+
+    __slots__ = ("handler", "ws_handler", "config", "body_limit_for", "shutting_down", "requests",
+                 "websockets", "errors")
+
+    def __init__(self, handler: Handler, ws_handler: WebSocketHandler | None, config: HTTPConfig,
+                 body_limit_for: Callable[[Request], int] | None) -> None:
+        self.handler = handler
+        self.ws_handler = ws_handler
+        self.config = config
+        self.body_limit_for = body_limit_for
+        self.shutting_down = False
+        self.requests = 0
+        self.websockets = 0
+        self.errors: Counter[int] = Counter()
+
+    def count(self, status: int) -> None:
+        """One request answered with ``status``."""
+        self.requests += 1
+        if status >= 400:
+            self.errors[status] += 1
+
+
 class _Connection:
     """One HTTP connection; run by a single task, which is its only reader and only writer.
 
@@ -72,9 +96,9 @@ class _Connection:
     calls); everything else belongs to the connection's task.
     """
 
-    def __init__(self, server: HTTPServer, stream: trio.abc.Stream) -> None:
-        self._server = server
-        self._config = server._config
+    def __init__(self, edge: Edge, stream: trio.abc.Stream) -> None:
+        self._edge = edge
+        self._config = edge.config
         self._stream = stream
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
         self._send_lock = trio.StrictFIFOLock()
@@ -106,7 +130,7 @@ class _Connection:
                 failure = errors.RequestTimeout("request not received in time")
             elif self._phase is _IDLE:
                 log.debug("closing idle connection (%s)",
-                          "shutdown" if self._server._shutting_down else "keep-alive timeout")
+                          "shutdown" if self._edge.shutting_down else "keep-alive timeout")
             if failure is not None:
                 await self._fail(failure)
         except (_Abandon, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -159,7 +183,7 @@ class _Connection:
         request = Request.from_h11(event, self._client)
         self._head_request = event.method == b"HEAD"
         log.debug("%s %s", request.method, request.target)
-        if self._server._ws_handler is not None and request.is_websocket_upgrade:
+        if self._edge.ws_handler is not None and request.is_websocket_upgrade:
             return await self._upgrade(request, event)
         self._raw = bytearray()
 
@@ -188,7 +212,7 @@ class _Connection:
     async def _wait_for_request(self) -> bool:
         """Wait (idle) for the first byte of the next request; False to close quietly."""
         self._phase = _IDLE
-        if self._server._shutting_down:
+        if self._edge.shutting_down:
             return False
         self._scope.deadline = trio.current_time() + self._config.keepalive_timeout
         await self._receive()
@@ -216,13 +240,13 @@ class _Connection:
                 raise _Abandon
 
     def _body_limit(self, request: Request) -> int:
-        if self._server._body_limit_for is None:
+        if self._edge.body_limit_for is None:
             return self._config.max_body_bytes
-        return self._server._body_limit_for(request)
+        return self._edge.body_limit_for(request)
 
     async def _call_handler(self, request: Request) -> Response:
         try:
-            response = await self._server._handler(request)
+            response = await self._edge.handler(request)
             if not isinstance(response, Response) or not 200 <= response.status <= 599:
                 raise TypeError(f"handler returned {response!r}, not a final Response")
             return response
@@ -235,7 +259,7 @@ class _Connection:
 
     def _next_cycle(self) -> bool:
         h = self._h11
-        if self._server._shutting_down or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        if self._edge.shutting_down or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
             return False
         h.start_next_cycle()
         self._raw = bytearray(h.trailing_data[0])
@@ -263,7 +287,7 @@ class _Connection:
     async def _respond(self, response: Response) -> None:
         status = response.status
         headers = [(k, v) for k, v in response.headers if k.lower() not in _EDGE_HEADERS]
-        if self._server._shutting_down:
+        if self._edge.shutting_down:
             headers.append(("Connection", "close"))
         streaming = response.stream is not None and status not in _NO_BODY
         body = b"" if status in _NO_BODY or streaming else response.body
@@ -276,7 +300,7 @@ class _Connection:
         except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
             log.error("handler returned an invalid response head: %r", exc)
             return await self._respond(_error_response(errors.InternalError()))
-        self._server._count(status)
+        self._edge.count(status)
         self._phase = _WRITING
         if self._head_request:  # h11 frames a response to HEAD as empty, whatever its headers say
             await self._send(head, h11.EndOfMessage(), final=True)
@@ -366,7 +390,7 @@ class _Connection:
         log.debug("closing connection with %d: %s", exc.http_status, exc.reason)
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status, headers, body = errors.error_response(exc)
-            self._server._count(status)
+            self._edge.count(status)
             events = [_h11_response(status, [*headers, ("Content-Length", str(len(body))), ("Connection", "close")])]
             if body and not self._head_request:
                 events.append(h11.Data(data=body))
@@ -426,19 +450,19 @@ class _Connection:
         problem = handshake_problem(request, event.http_version)
         if problem is not None:
             return self._fail_later(problem)
-        server = self._server
-        server._count(101)
-        server._websockets += 1
+        edge = self._edge
+        edge.count(101)
+        edge.websockets += 1
         self._phase = _UPGRADED
         self._scope.deadline = math.inf
         scope = trio.CancelScope()  # entered by run_upgrade around the handler
         self._phase_scope = scope
-        if server._shutting_down:
+        if edge.shutting_down:
             scope.cancel()
         try:
             upgrade = await run_upgrade(
                 self._stream, bytes(self._raw),
-                lambda upgrade: server._ws_handler(request, upgrade),
+                lambda upgrade: edge.ws_handler(request, upgrade),
                 max_message_size=self._config.ws_max_message_size,
                 message_queue_size=self._config.ws_message_queue_size,
                 handshake_timeout=self._config.request_timeout,
@@ -446,7 +470,7 @@ class _Connection:
             log.debug("websocket on %s ended (%s)", request.path, upgrade.state if upgrade else "no handshake")
         finally:
             self._phase_scope = None
-            server._websockets -= 1
+            edge.websockets -= 1
         return False
 
 
@@ -462,7 +486,7 @@ class _PhaseScope:
     def __enter__(self) -> trio.CancelScope:
         conn = self._conn
         conn._phase, conn._phase_scope = self._phase, self._scope
-        if conn._server._shutting_down:
+        if conn._edge.shutting_down:
             self._scope.cancel()
         return self._scope.__enter__()
 

@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import Counter
 from collections.abc import Callable
 
 import trio
 
 from qserve.core import errors
-from qserve.server.connection import _Connection
-from qserve.server.types import Handler, HTTPConfig, Request, Response, WebSocketHandler
-from qserve.server.websocket import WebSocketUpgrade
+from qserve.server.connection import Edge, _Connection
+from qserve.server.types import Handler, HTTPConfig, Request, Response
+from qserve.server.websocket import WebSocketHandler, WebSocketUpgrade
 
 __all__ = ["Request", "Response", "HTTPConfig", "HTTPServer", "Handler", "WebSocketHandler",
            "WebSocketUpgrade"]
@@ -65,12 +64,9 @@ class HTTPServer:
     def __init__(self, handler: Handler, ws_handler: WebSocketHandler | None = None,
                  config: HTTPConfig | None = None, *,
                  body_limit_for: Callable[[Request], int] | None = None) -> None:
-        self._handler = handler
-        self._ws_handler = ws_handler
-        self._config = config or HTTPConfig()
-        self._body_limit_for = body_limit_for
+        self._edge = Edge(handler, ws_handler, config or HTTPConfig(), body_limit_for)
+        self._config = self._edge.config
         self._serving = False
-        self._shutting_down = False
         self._accept_scope = trio.CancelScope()
         self._live: set[_Connection] = set()  # shutdown() tells each one (idle ones close)
         self._drained: trio.Event | None = None
@@ -78,9 +74,6 @@ class HTTPServer:
         self._connections = 0
         self._overflow = 0
         self._at_limit = False
-        self._requests = 0
-        self._websockets = 0
-        self._errors: Counter[int] = Counter()
 
     # -- public --------------------------------------------------------------------------------
 
@@ -98,7 +91,7 @@ class HTTPServer:
 
     def shutdown(self) -> None:
         """Stop accepting; close idle connections; end streams and WebSockets; let requests finish."""
-        self._shutting_down = True
+        self._edge.shutting_down = True
         self._accept_scope.cancel()
         for connection in list(self._live):
             connection.shutdown()
@@ -118,10 +111,10 @@ class HTTPServer:
         return {
             "connections_open": self._connections,
             "connections_refused_open": self._overflow,
-            "requests_served": self._requests,
-            "errors_by_status": dict(self._errors),
-            "websockets_open": self._websockets,
-            "shutting_down": self._shutting_down,
+            "requests_served": self._edge.requests,
+            "errors_by_status": dict(self._edge.errors),
+            "websockets_open": self._edge.websockets,
+            "shutting_down": self._edge.shutting_down,
         }
 
     # -- accepting -----------------------------------------------------------------------------
@@ -177,7 +170,7 @@ class HTTPServer:
             handlers.start_soon(self._refuse_connection, stream)
 
     async def _run_connection(self, stream: trio.abc.Stream) -> None:
-        connection = _Connection(self, stream)
+        connection = _Connection(self._edge, stream)
         self._live.add(connection)
         try:
             await connection.run()
@@ -189,7 +182,7 @@ class HTTPServer:
             self._check_drained()
 
     async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
-        connection = _Connection(self, stream)
+        connection = _Connection(self._edge, stream)
         self._live.add(connection)
         try:
             await connection.refuse(
@@ -200,10 +193,5 @@ class HTTPServer:
             self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._shutting_down and self._drained is not None and self._connections + self._overflow == 0:
+        if self._edge.shutting_down and self._drained is not None and self._connections + self._overflow == 0:
             self._drained.set()
-
-    def _count(self, status: int) -> None:
-        self._requests += 1
-        if status >= 400:
-            self._errors[status] += 1

@@ -2,7 +2,7 @@
 
 Strategy: plain data, no I/O. `Request` is built once per request from h11's event (`Request.from_h11`),
 on the hot path, so it does the least work that keeps its fields exact: header names lower-cased by h11
-and decoded as latin-1, the path percent-decoded, the query split. Imported from `qserve.http`, which
+and decoded as latin-1, the path percent-decoded, the query split. Imported from `qserve.server.http`, which
 re-exports every name here.
 """
 
@@ -11,15 +11,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
 
 import h11
 
-if TYPE_CHECKING:
-    from qserve.server.websocket import WebSocketUpgrade
-
-__all__ = ["Request", "Response", "HTTPConfig", "Handler", "WebSocketHandler"]
+__all__ = ["Request", "Response", "HTTPConfig", "Handler"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,4 +104,3 @@ class HTTPConfig:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-WebSocketHandler = Callable[[Request, "WebSocketUpgrade"], Awaitable[None]]

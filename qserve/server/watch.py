@@ -37,7 +37,7 @@ import trio_websocket
 from qserve.core import events as ev
 from qserve.wire import protobuf
 from qserve.core.errors import BadRequest
-from qserve.core.groups import ConsumerSpec
+from qserve.core.events import ConsumerSpec
 from qserve.server.http import Request, Response
 from qserve.backends.local.queues import Queue
 

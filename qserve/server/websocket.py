@@ -26,17 +26,14 @@ import logging
 import operator
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
 
 import trio
 import trio_websocket
 
 from qserve.core import errors
+from qserve.server.types import Request
 
-if TYPE_CHECKING:
-    from qserve.server.types import Request
-
-__all__ = ["ReplayStream", "WebSocketUpgrade", "binary_frame", "handshake_problem", "run_upgrade"]
+__all__ = ["ReplayStream", "WebSocketUpgrade", "WebSocketHandler", "binary_frame", "handshake_problem", "run_upgrade"]
 
 log = logging.getLogger("qserve.http")
 
@@ -213,6 +210,10 @@ class WebSocketUpgrade:
         if self.state != "pending":
             raise RuntimeError(f"WebSocket handshake already {self.state}")
         self.state = state
+
+
+#: the application's handler for a WebSocket upgrade: accept or reject it, then serve it
+WebSocketHandler = Callable[[Request, WebSocketUpgrade], Awaitable[None]]
 
 
 def handshake_problem(request: Request, http_version: bytes) -> errors.QServeError | None:

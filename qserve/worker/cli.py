@@ -1,15 +1,14 @@
 """`qserve worker` and `qserve serve --worker`: the async-inference framework.
 
 Strategy: this module is the thin outer layer (flags, signals, wiring); the engine is
-`_worker_core.Worker` and the handler plumbing `_worker_handler`. A worker watches a service's
+`worker.engine.Worker` and the handler plumbing `worker.handler`. A worker watches a service's
 input queue as consumer ``{service}.{hostname}-{pid}-{short uuid}`` (group = the service name),
 calls ``handler(data: bytes, tags: dict[str, str])`` on each entry, puts the result into
 ``SERVICE/sink`` with the input's ``requestId`` and ``ts@source``, and only then commits the input.
-SIGTERM or SIGINT drains it (see `_worker_core`); a second signal cuts the drain short.
+SIGTERM or SIGINT drains it (see `worker.engine`); a second signal cuts the drain short.
 
-`run_embedded(config)` runs a `qserve.server.Server` and one worker in a single trio run; the
-worker serves `embedded_service(config)` over loopback, and a signal drains the worker before the
-server shuts down.
+`qserve serve --worker` is wired on the server side (`qserve.server.embedded`), which uses
+`drain_on_signals` from here: this package never imports the server.
 """
 
 from __future__ import annotations
@@ -25,12 +24,11 @@ import uuid
 
 import trio
 
-from qserve.worker.engine import Worker, is_transient
-from qserve.worker.handler import Handler, HandlerSpecError, Retryable, demo, encode_result, load_handler
+from qserve.worker.engine import Worker
+from qserve.worker.handler import Handler, HandlerSpecError, load_handler
 
-__all__ = ["Worker", "Retryable", "Handler", "HandlerSpecError", "load_handler", "demo", "encode_result",
-           "is_transient", "add_arguments", "main", "run_embedded", "embedded_service", "service_of",
-           "default_user", "input_url_problem"]
+__all__ = ["add_arguments", "main", "service_of", "default_user", "input_url_problem", "serve_worker",
+           "drain_on_signals", "allow_cwd_imports"]
 
 log = logging.getLogger("qserve.worker")
 
@@ -52,25 +50,7 @@ def service_of(url: str) -> str:
     return path.strip("/") or "default"
 
 
-def embedded_service(config) -> str:
-    """The service `qserve serve --worker` works on: ``--root-service``, else the one service in
-    ``--queues``, else ``default``.
-
-    Raises:
-        ConfigError: several queues are declared and no root service picks one.
-    """
-    from qserve.config import ConfigError
-
-    if config.root_service:
-        return config.root_service
-    if len(config.queues) == 1:
-        return config.queues[0]
-    if not config.queues:
-        return "default"
-    raise ConfigError("worker: --queues declares several services; name the worker's with --root-service")
-
-
-def _allow_cwd_imports() -> None:
+def allow_cwd_imports() -> None:
     """Let `--handler mymodule:fn` find modules in the current directory, as `python -m` would."""
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
@@ -79,7 +59,7 @@ def _allow_cwd_imports() -> None:
 
 # ----------------------------------------------------------------------------------- running
 
-async def _drain_on_signals(signals, worker: Worker) -> None:
+async def drain_on_signals(signals, worker: Worker) -> None:
     received = 0
     async for signum in signals:
         received += 1
@@ -95,7 +75,7 @@ async def serve_worker(worker: Worker) -> None:
     """Run `worker` until SIGINT/SIGTERM has drained it."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_drain_on_signals, signals, worker)
+            nursery.start_soon(drain_on_signals, signals, worker)
             await worker.run()
             nursery.cancel_scope.cancel()
 
@@ -112,57 +92,6 @@ async def _standalone(args: argparse.Namespace, handler: Handler) -> None:
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
-
-
-def _loopback_host(host: str) -> str:
-    """Where this process reaches its own listener on `host`, formatted for a URL."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
-async def _embedded(config, service: str, handler: Handler, sockets=None) -> None:
-    from qserve.client import QueueClient
-    from qserve.server.server import Server
-    from qserve.server.startup import listeners_for
-
-    server = Server(config, None if sockets is None else listeners_for(sockets))
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(server.run)
-            url = f"http://{_loopback_host(config.host)}:{port}/api/predict/{urllib.parse.quote(service)}"
-            log.info("embedded worker: handler %s on %s", handler.name, url)
-            client = QueueClient(url, token=config.token_for(service), user=default_user(), group=service,
-                                 max_connections=max(4, config.worker_concurrency))
-            try:
-                async with trio.open_nursery() as inner:
-                    worker = Worker(client, handler, concurrency=config.worker_concurrency)
-                    inner.start_soon(_drain_on_signals, signals, worker)
-                    await worker.run()
-                    inner.cancel_scope.cancel()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-                server.shutdown()
-
-
-def run_embedded(config, sockets=None) -> int:
-    """`qserve serve --worker MODULE:FUNCTION`: the server and one worker (`--worker-concurrency`
-    entries at once) in one process, on ``sockets`` (bound by `startup.bind_sockets`; default: bind
-    here). Returns the exit status (2 for a bad handler or an ambiguous service)."""
-    from qserve.config import ConfigError
-
-    _allow_cwd_imports()
-    try:
-        service = embedded_service(config)
-        handler = load_handler(config.worker)
-    except (ConfigError, HandlerSpecError) as exc:
-        print(f"qserve: {exc}", file=sys.stderr)
-        return 2
-    trio.run(_embedded, config, service, handler, sockets)
-    return 0
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -201,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"qserve worker: {problem}", file=sys.stderr)
         return 2
-    _allow_cwd_imports()
+    allow_cwd_imports()
     try:
         handler = load_handler(args.handler)
     except HandlerSpecError as exc:

@@ -23,7 +23,8 @@ from qserve import cli
 from qserve.client import QueueClient
 from qserve.config import Config, ConfigError
 from qserve.worker import Retryable
-from qserve.worker.cli import embedded_service, service_of
+from qserve.server.embedded import embedded_service
+from qserve.worker.cli import service_of
 from qserve.worker.engine import Worker
 from qserve.worker.handler import HandlerSpecError, demo, encode_result, load_handler
 
