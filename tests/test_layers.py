@@ -262,3 +262,16 @@ def test_a_cycle_fails(tmp_path, extra):
 def test_a_longer_cycle_is_reported_whole(tmp_path):
     edges = graph(_tree(tmp_path, {**FINE, "storage/record.py": "from qserve.storage import log\n"}))
     assert cycles(edges) == [["qserve.storage.log", "qserve.storage.record"]]
+
+
+def test_the_public_api_loads_on_first_use():
+    import qserve
+    from qserve.client import BlockingQueueClient, QueueClient
+    from qserve.config import Config
+    from qserve.worker import Retryable
+
+    assert (qserve.QueueClient, qserve.BlockingQueueClient, qserve.Config, qserve.Retryable) == (
+        QueueClient, BlockingQueueClient, Config, Retryable)
+    assert set(qserve.__all__) <= set(dir(qserve)) | {"__version__"}
+    with pytest.raises(AttributeError):
+        qserve.nothing_here

@@ -18,7 +18,7 @@ policies, the time to reopen (recover) a large log, and RAM per stored entry (tr
                  the head stays pending (each poll restarts behind the rows already deleted)
 * ``group-aio``  group commit as the server runs it: ``--threads`` trio tasks, each appending and
                  waiting until its entry is durable, and a flusher task syncing each round through
-                 kernel AIO (``qserve._aio``); skipped where that is unavailable.
+                 kernel AIO (``qserve.server.aio``); skipped where that is unavailable.
 
 Durable appends/s counts entries whose durability was confirmed. Example:
 
@@ -173,9 +173,9 @@ def bench_group(root, n, args, clients=None):
 
 
 def bench_group_aio(root, n, args):
-    """Group commit exactly as the server runs it (qserve.queues.Queue): ``--threads`` trio tasks
+    """Group commit exactly as the server runs it (qserve.backends.local.queues.Queue): ``--threads`` trio tasks
     each append and wait until the entry is durable; one flusher task lets runnable appenders go
-    first (a checkpoint), then syncs the round through kernel AIO (`qserve._aio.AioSync`).
+    first (a checkpoint), then syncs the round through kernel AIO (`qserve.server.aio.AioSync`).
     Returns None where kernel AIO is unavailable."""
     import trio
 

@@ -13,7 +13,7 @@ What runs:
 - Consumers: WebSocket clients on ``ws://127.0.0.1:PORT/api/predict/SVC?_watch_=true&
   _index_=0&_window_=W&_auto_commit_=...`` with the token and ``X-EAS-QueueService-Uid`` (one per
   consumer) / ``-Gid`` (the same for all: one group, so they split the entries). Each binary
-  frame is decoded with ``qserve.protobuf.decode_frame``. ``--ws-client lean`` (default) is
+  frame is decoded with ``qserve.wire.protobuf.decode_frame``. ``--ws-client lean`` (default) is
   `tools/_bench_ws.py`, a strict minimal client that costs the client core less per frame than
   ``--ws-client trio-websocket`` (the library the server itself uses), so that the server, not
   the one client core, is what is measured.

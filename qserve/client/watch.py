@@ -1,7 +1,7 @@
 """The watch (subscription) side of the qserve client: a WebSocket that reconnects like the official SDKs.
 
 Strategy: a `Watcher` owns a nursery for the lifetime of its ``async with`` block. One background
-task keeps a WebSocket open (trio-websocket), decodes each binary frame with `qserve.protobuf` and
+task keeps a WebSocket open (trio-websocket), decodes each binary frame with `qserve.wire.protobuf` and
 hands the entries to the consumer through an unbuffered memory channel, so the consumer's pace is
 the only buffer besides the server's window. After any disconnect it waits ``reconnect_delay`` and
 dials again with the same URL and identity, forever, so entries the server redelivers (those not

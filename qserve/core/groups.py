@@ -3,7 +3,7 @@
 Strategy: a `Dispatcher` is a plain synchronous object over a *source* (the queue's live
 entries, duck-typed as `DispatchSource`; the storage log in the server, a small in-memory class
 in tests). It keeps only dispatch state: per group, which consumer holds which entry
-(`_group_state.Group.owner`); per consumer, its window slots; per nacked entry, the last code and
+(`core.group_state.Group.owner`); per consumer, its window slots; per nacked entry, the last code and
 reason. It never reads payloads, never awaits and never touches a socket. The trio edge drives
 it: after a put, commit or nack it wakes the consumers in `wants()`, each of which calls
 `poll()` and sends what it gets; deletions it made on storage are reported with `removed()`.
@@ -13,14 +13,14 @@ How the edge uses it, per consumer mode:
   ``commit()`` (which also counts as ``removed()``), or ``negative()`` hands entries back.
 - auto-commit: ``poll()`` -> delete on storage -> ``removed()`` -> send frames -> ``sent()``.
   A slot is freed once an entry is both removed and sent, in either order (see
-  `_group_state`), so the window bounds frames in flight on the socket.
+  `core.group_state`), so the window bounds frames in flight on the socket.
 
 The per-entry state machine (AVAILABLE -> PENDING -> GONE, with NEGATIVE/DETACH back to
-AVAILABLE), its transition table and its Rule 1 / Rule 2 live in `_group_state`.
+AVAILABLE), its transition table and its Rule 1 / Rule 2 live in `core.group_state`.
 
 Costs: `poll()` walks `source.iter_dispatch()` from the consumer's start and skips entries
 PENDING in its group, so it is O(pending in the group + entries returned), not O(queue length).
-With a tag filter it walks that filter's own index of matching entries instead (`_tag_index`:
+With a tag filter it walks that filter's own index of matching entries instead (`core.tags`:
 each entry's tags are read once per distinct filter, when the first poll after its put comes),
 so the same holds; entries that do not match are never passed over again. `search()` is
 O(position of the entry in dispatch order). Everything kept is bounded: per consumer by its
@@ -67,7 +67,7 @@ class Dispatcher:
     Args:
         source: the queue's live entries (`DispatchSource`).
         now: clock for the Idle figures (the server passes ``trio.current_time``).
-        filters: the queue's `_tag_index.FilterIndexes`, when others use them too.
+        filters: the queue's `core.tags.FilterIndexes`, when others use them too.
     """
 
     def __init__(self, source: DispatchSource, *, now: Callable[[], float] = time.monotonic,

@@ -5,7 +5,7 @@ Strategy: `routing` has already turned the request into `events.ListQueues` or `
 work on the `queues.QueueManager` and renders the answer, and `app.App.handle` renders its errors
 like any other. The listing's JSON shape is what `qserve stream ls` reads: one object per queue,
 sorted by service, input before sink; an open queue has its figures, a fenced one
-(`_fence`) its reason instead:
+(`backends.local.fence`) its reason instead:
 
     {"queues": [{"service": "demo", "queue": "input", "path": "/api/predict/demo", "status": "open",
                  "length": 3, "first_index": 1, "last_index": 3, "consumers": 1, "groups": 1},

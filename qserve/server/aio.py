@@ -1,6 +1,6 @@
 """AioSync: group-commit fsyncs handed to the kernel (Linux AIO, ``IOCB_CMD_FSYNC``), answered on an eventfd.
 
-Why: a round through a Python thread (`_syncpool.SyncPool`) wakes that thread, which must then take
+Why: a round through a Python thread (`server.syncpool.SyncPool`) wakes that thread, which must then take
 the GIL from the busy event loop to call ``os.fsync`` and again to report back. With Linux AIO the
 event loop submits the fsync with one ``io_submit`` (the kernel runs ``vfs_fsync`` in a worker,
 since 4.18) and a reaper task learns of the completion from an eventfd it waits on with

@@ -1,6 +1,6 @@
 """The HTTP/1.1 + WebSocket edge: h11 for the protocol, trio for the sockets; knows nothing of queues.
 
-Strategy: one task per connection (`_http_connection._Connection`) is the only reader of its socket
+Strategy: one task per connection (`server.connection._Connection`) is the only reader of its socket
 and, through `_Connection._send` (one lock), the only writer (STYLE rule 5). It loops over request cycles:
 wait for the next request (idle, bounded by ``keepalive_timeout``), read its head and body (bounded by
 ``request_timeout`` and by the size limits), call the application's `Handler`, write the `Response`
@@ -11,7 +11,7 @@ after a short bounded drain, so the client reads the response instead of a reset
 
 WebSocket shares the port (STYLE rule 6): `Request.is_websocket_upgrade` is the one place that decides,
 and `websocket.run_upgrade` replays the consumed bytes into trio-websocket (choice (b); see
-`qserve/websocket.py` for why). The WebSocket handler gets the `Request` and a
+`qserve/server/websocket.py` for why). The WebSocket handler gets the `Request` and a
 `websocket.WebSocketUpgrade` to ``accept()`` or ``reject(status, body)``.
 
 Concurrency (STYLE rule 7): `HTTPServer.serve` runs the accept loops in one nursery and the
@@ -21,8 +21,8 @@ accept loops, closes idle keep-alive connections, ends streaming responses and W
 WARNING line says how many were cut); `abort()` cancels what is left at once.
 
 Layout: this module is the server (accepting, limits, shutdown, statistics) and the public face of the
-edge; `_http_types` holds the values (`Request`, `Response`, `HTTPConfig`, re-exported here) and
-`_http_connection` the per-connection protocol loop, which is the hot path: one cancel scope per
+edge; `server.types` holds the values (`Request`, `Response`, `HTTPConfig`, re-exported here) and
+`server.connection` the per-connection protocol loop, which is the hot path: one cancel scope per
 connection whose deadline moves, and one write per response (see its module comment).
 """
 

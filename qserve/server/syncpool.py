@@ -5,7 +5,7 @@ CPU (thread-cache hand-off, then `TrioToken.run_sync_soon`'s wake-up), and every
 pays it once. Here a call is a `queue.SimpleQueue.put` to an idle thread, and the answer is a write
 to an eventfd (a socketpair where there is none) that one reaper task waits on with
 `trio.lowlevel.wait_readable`: ~100 us per round trip measured the same way (3,000 no-op calls).
-The server uses it where kernel AIO (`_aio.AioSync`) is unavailable, and for an injected file layer.
+The server uses it where kernel AIO (`server.aio.AioSync`) is unavailable, and for an injected file layer.
 
 Bounds: ``threads`` calls run at once; more wait in the job queue, which holds at most one call per
 flusher (one per open queue, itself bounded by ``max_queues``). Results wait in a deque until the

@@ -1,7 +1,7 @@
 """The WebSocket half of the edge: hand an HTTP connection that asked for an upgrade to trio-websocket.
 
 Strategy (STYLE rule 6, choice (b)): h11 parses every request first. When the edge
-(`_http_connection.py`) decides a request is a WebSocket upgrade (and `handshake_problem` finds none),
+(`server.connection`) decides a request is a WebSocket upgrade (and `handshake_problem` finds none),
 the connection stops using h11 and the bytes h11 already consumed for this request (its head plus
 anything the client sent after it) are put back in front of the socket by a `ReplayStream`.
 `trio_websocket.wrap_server_stream` then reads the handshake from that stream as if it were fresh, so

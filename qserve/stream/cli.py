@@ -1,11 +1,11 @@
 """`qserve stream ...`: the commands of Alibaba's `eascmd stream` (PROTOCOL.md section 8) against any queue.
 
 Strategy: argparse builds the commands (this module); each command is a small function
-``(args, out) -> status`` in a private module by concept: `_stream_settings` (the saved settings,
-``config``), `_stream_queue` (info, put, get, delete, trunc), `_stream_watch` (watch),
-`_stream_server` (ls, create: the server, not one queue). Queue commands run
+``(args, out) -> status`` in a private module by concept: `stream.settings` (the saved settings,
+``config``), `stream.queue` (info, put, get, delete, trunc), `stream.watch` (watch),
+`stream.server` (ls, create: the server, not one queue). Queue commands run
 over a `BlockingQueueClient` (the trio loop runs in a background thread, so prompts are plain
-blocking reads of stdin, line by line) and print through `_stream_out.Out`: eascmd's human format
+blocking reads of stdin, line by line) and print through `stream.out.Out`: eascmd's human format
 on stdout or, with ``--json``, one JSON object per line. Errors end up in `main` as exactly one
 ``[ERROR] ...`` line on stderr and exit status 1; argparse's usage errors exit with 2.
 
@@ -14,7 +14,7 @@ Decisions where eascmd is undocumented:
   read from the output queue"); ``--keep`` is the flag that reads without deleting.
 - A prompt answered with anything but y/Y/yes (an empty line and end of input included) prints
   ``[INFO] cancelled`` and exits 0: nothing failed, the user declined.
-- ``watch`` prompts ``commit: I ? [Y/n]`` (see `_stream_watch`). Ctrl-C stops it with status 0.
+- ``watch`` prompts ``commit: I ? [Y/n]`` (see `stream.watch`). Ctrl-C stops it with status 0.
 - With ``--json`` prompts go to stderr so that stdout stays parseable; payloads that are not
   UTF-8 appear as ``data_base64`` instead of ``data``.
 """

@@ -2,7 +2,7 @@
 
 Strategy: each command is a function ``(args, out) -> exit status`` over a blocking client of the
 configured queue; it prints eascmd's lines through `Out` and lets `QueueError` and `CLIError` rise
-to `stream_cli.main`, which turns them into one ``[ERROR]`` line. Destructive commands ask first
+to `stream.cli.main`, which turns them into one ``[ERROR]`` line. Destructive commands ask first
 (``[y/N]``; anything but y, end of input included, declines and exits 0). ``put -f`` never ends
 without its summary: after every line, after an error that stops it, and after Ctrl-C.
 """

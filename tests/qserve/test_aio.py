@@ -1,4 +1,4 @@
-"""`qserve._aio.AioSync`: fsyncs through Linux kernel AIO. Real files, real kernel; nothing sleeps."""
+"""`qserve.server.aio.AioSync`: fsyncs through Linux kernel AIO. Real files, real kernel; nothing sleeps."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Consumer-group core (`qserve.groups`), driven synchronously.
+"""Consumer-group core (`qserve.core.groups`), driven synchronously.
 
 The source of entries is `FakeSource`, a small in-memory queue with the same interface the
 storage log offers (a real data structure, not a mock). Unit tests pin each rule of the

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 + WebSocket edge (`qserve.http`, `qserve.websocket`), talked to by real peers.
+"""The HTTP/1.1 + WebSocket edge (`qserve.server.http`, `qserve.server.websocket`), talked to by real peers.
 
 Peers are h11 client connections, raw bytes, and trio-websocket clients, over a real loopback socket
 (`serve_tcp` on 127.0.0.1, port 0), or over memory streams through a `MemoryListener` when a test

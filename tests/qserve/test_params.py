@@ -1,4 +1,4 @@
-"""qserve.params: every accepted form and every rejection, table-driven, plus hypothesis properties."""
+"""qserve.wire.params: every accepted form and every rejection, table-driven, plus hypothesis properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""qserve.protobuf against the generated classes shipped in the official Python SDK.
+"""qserve.wire.protobuf against the generated classes shipped in the official Python SDK.
 
 Byte equality is asserted against ``SerializeToString()`` of the SDK's pure-Python protobuf
 runtime, which writes map entries in insertion order (``deterministic=True`` sorts them). Other

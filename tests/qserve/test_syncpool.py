@@ -1,4 +1,4 @@
-"""`qserve._syncpool.SyncPool`: the flushers' fsync threads. Real threads, so real time: nothing
+"""`qserve.server.syncpool.SyncPool`: the flushers' fsync threads. Real threads, so real time: nothing
 sleeps, each test waits on a threading.Event it sets itself, under `trio.fail_after`."""
 
 from __future__ import annotations

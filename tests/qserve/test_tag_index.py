@@ -1,4 +1,4 @@
-"""`qserve._tag_index`: per-filter indexes of matching entries, against an in-memory source."""
+"""`qserve.core.tags`: per-filter indexes of matching entries, against an in-memory source."""
 
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 Strategy: `storage.QueueLog` and `groups.Dispatcher` are synchronous and owned by the event-loop
 thread; this module adds the three things that need trio. (1) Group commit: one flusher task per
-queue fsyncs through kernel AIO (`_aio.AioSync`) or a worker thread of the manager's `SyncPool`
+queue fsyncs through kernel AIO (`server.aio.AioSync`) or a worker thread of the manager's `SyncPool`
 (`log.sync_begin()` / the ticket's fsyncs / `log.sync_end()`; through AIO the reaper ends the
 round) while other tasks keep appending, so every write made during one fsync shares the next one;
 a request that must be durable awaits `wait_durable(seq)`. (2) Wake-ups: `notify` tells the watch service of
 every change that can make an entry deliverable, and a put wakes the long-polling gets it may
 answer (`GetWaiters`). (3) The registry of queues (`QueueManager`), opening a queue directory on
-first use in a worker thread, fencing one on disk that cannot be opened (`_fence`: its requests get
+first use in a worker thread, fencing one on disk that cannot be opened (`backends.local.fence`: its requests get
 a 503 naming the cause, the other queues serve on, a later request retries) and closing them all
 (sync + close) at shutdown.
 """
@@ -272,7 +272,7 @@ def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
 
 class QueueManager:
     """Opens queues on first use (or the declared set at start), fences the ones on disk that
-    cannot be opened (`_fence`), and owns their tasks. Used from the trio thread only."""
+    cannot be opened (`backends.local.fence`), and owns their tasks. Used from the trio thread only."""
 
     def __init__(self, config: Config, nursery: trio.Nursery, *, fileio=None) -> None:
         self.config = config
@@ -334,7 +334,7 @@ class QueueManager:
         Raises:
             NotFound: --queues does not name its service, or it does not exist and the server runs
                 with --no-auto-create.
-            QueueFenced: it is on disk but cannot be opened (see `_fence`).
+            QueueFenced: it is on disk but cannot be opened (see `backends.local.fence`).
             InsufficientStorage: creating it would pass --max-queues, or the disk is full.
             Unavailable: creating it failed.
         """
