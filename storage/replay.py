@@ -11,8 +11,8 @@ offset), each named by its segment id (``sid``) and offset, and builds:
 * DELETE kills the listed live indexes; TRUNCATE kills every index below ``min(below, next_index)`` and
   raises the watermark; STATE merges its values; CHECKPOINT raises ``next_index``, truncates to its
   watermark, replaces the state and names the segments that must exist (``expected``);
-* a `Tally` per segment: live entries and their bytes (what compaction weighs), DELETE records held
-  and the range of indexes written there.
+* a `segment.Tally` per segment: live entries and their bytes (what compaction weighs), DELETE
+  records held and the range of indexes written there.
 
 Rows of increasing index (the usual case) go straight into the index's sorted columns, a run at a time
 through `entry_run` (record.py's `decode_entry_run`, no msgpack) or one by one through `apply`;
@@ -29,26 +29,9 @@ from .index import DEAD, EntryIndex, loc_segment, pack_loc
 from .record import (REQUEST_ID, CheckpointRecord, DeleteRecord, EntryRecord, Record, StateRecord,
                      TruncateRecord, decode_entry_run)
 from .rids import rid_hash
+from .segment import Tally
 
-__all__ = ["Replay", "Tally"]
-
-
-class Tally:
-    """What replay found in one segment: its live entries and their framed bytes, the DELETE
-    records it holds, and the lowest and highest entry index written to it (0 = none)."""
-
-    __slots__ = ("live_count", "live_bytes", "deletes", "min_index", "max_index")
-
-    def __init__(self) -> None:
-        self.live_count = self.live_bytes = self.deletes = self.min_index = self.max_index = 0
-
-    def note_entry(self, index: int, size: int) -> None:
-        self.live_bytes += size
-        self.live_count += 1
-        if not self.min_index or index < self.min_index:
-            self.min_index = index
-        if index > self.max_index:
-            self.max_index = index
+__all__ = ["Replay"]
 
 
 class Replay:

@@ -21,7 +21,7 @@ from .errors import DiskFull, StorageIOError
 from .fileio import FileIO, is_disk_full
 from .record import FRAME, HEADER_SIZE
 
-__all__ = ["Segment", "segment_name", "parse_segment_name", "SEGMENT_SUFFIX"]
+__all__ = ["Segment", "Tally", "segment_name", "parse_segment_name", "SEGMENT_SUFFIX"]
 
 _ZEROS = memoryview(bytes(1 << 20))   # written ahead of appends (read-only, shared)
 _MIN_CHUNK = 64 * 1024                 # the first chunk of zeros a segment gets
@@ -50,9 +50,28 @@ def io_error(exc: OSError, what: str) -> StorageIOError:
     return err
 
 
-class Segment:
-    __slots__ = ("base", "sid", "path", "fd", "size", "durable_size", "live_bytes", "live_count",
-                 "deletes", "min_index", "max_index", "io", "crc", "header_size", "allocated", "prealloc")
+class Tally:
+    """What one segment holds, counted: its live entries and their framed bytes (what compaction
+    weighs), the DELETE records in it (compaction looks for ones to carry) and the lowest and highest
+    entry index ever written to it (0 = none). Replay builds these; a `Segment` keeps its own."""
+
+    __slots__ = ("live_count", "live_bytes", "deletes", "min_index", "max_index")
+
+    def __init__(self) -> None:
+        self.live_count = self.live_bytes = self.deletes = self.min_index = self.max_index = 0
+
+    def note_entry(self, index: int, size: int) -> None:
+        self.live_bytes += size
+        self.live_count += 1
+        if not self.min_index or index < self.min_index:
+            self.min_index = index
+        if index > self.max_index:
+            self.max_index = index
+
+
+class Segment(Tally):
+    __slots__ = ("base", "sid", "path", "fd", "size", "durable_size", "io", "crc", "header_size",
+                 "allocated", "prealloc")
 
     def __init__(self, io: FileIO, directory: str, base: int, sid: int, fd: int, size: int) -> None:
         self.io = io
@@ -64,11 +83,7 @@ class Segment:
         self.durable_size = size
         self.allocated = size     # bytes the file spans; past ``size``: zeros
         self.prealloc = 0         # zeros to write ahead of appends (the log sets it; 0 = none)
-        self.live_bytes = 0
-        self.live_count = 0
-        self.deletes = 0          # DELETE records held (compaction must look for ones to carry)
-        self.min_index = 0        # range of entry indexes ever written here (0 = none)
-        self.max_index = 0
+        Tally.__init__(self)
         self.crc = 0              # crc32 of the whole file so far (its seal once sealed)
         self.header_size = 0      # size of the header CHECKPOINT (not counted against segment_bytes)
 
@@ -84,14 +99,6 @@ class Segment:
         seg.crc = zlib.crc32(header)
         seg.header_size = len(header)
         return seg
-
-    def note_entry(self, index: int, size: int) -> None:
-        self.live_bytes += size
-        self.live_count += 1
-        if not self.min_index or index < self.min_index:
-            self.min_index = index
-        if index > self.max_index:
-            self.max_index = index
 
     def append(self, data: bytes) -> int:
         """Write ``data`` at the end; returns its offset. On failure the file is restored and

@@ -19,7 +19,8 @@ from qserve.storage.index import DEAD, loc_offset, loc_segment, pack_loc
 from qserve.storage.record import (CheckpointRecord, encode_checkpoint, encode_delete, encode_entry,
                                    encode_state, encode_truncate)
 from qserve.storage.recovery import recover
-from qserve.storage.replay import Replay, Tally
+from qserve.storage.replay import Replay
+from qserve.storage.segment import Tally
 from qserve.tools._logscan import Progress, find_queues
 from qserve.tools.logtool import queue_stats
 
