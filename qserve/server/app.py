@@ -28,10 +28,12 @@ from qserve.core import events as ev
 from qserve.wire import protobuf
 from qserve.core.tags import FilterIndex
 from qserve.config import Config
-from qserve.core.errors import Conflict, QServeError, QueueFenced, error_response, translate
+from qserve.core.errors import BadRequest, Conflict, QServeError, QueueFenced, error_response, translate
 from qserve.server.http import Request, Response
 from qserve.backends.local.queues import Queue, QueueManager
 from qserve.core.routing import MAX_PRIORITY, route
+from qserve.server.watch import WatchService
+from qserve.server.websocket import WebSocketUpgrade
 
 __all__ = ["App", "attributes_of"]
 
@@ -56,12 +58,12 @@ def long_poll_deadline(timeout: float) -> float:
 class App:
     """The request handler. Task-safe within one trio run."""
 
-    def __init__(self, config: Config, queues: QueueManager) -> None:
+    def __init__(self, config: Config, queues: QueueManager, watch: WatchService) -> None:
         self.config = config
         self.queues = queues
+        self.watch = watch
         self._anon = itertools.count(1)
         self._boot = uuid.uuid4().hex[:8]
-        self.watch = None  # the server sets its qserve.watch.WatchService here
         self.stopping = False  # set by shutdown(): long-polling gets answer at once
 
     def shutdown(self) -> None:
@@ -84,13 +86,21 @@ class App:
                      anonymous_user=self.anonymous_user(),
                      upgrade=request.is_websocket_upgrade)
 
+    async def websocket(self, request: Request, upgrade: WebSocketUpgrade) -> None:
+        """The edge's WebSocket handler: a watch; errors before `accept()` refuse the handshake."""
+        op = self.operation_for(request)
+        if not isinstance(op, ev.Watch):
+            raise BadRequest("a WebSocket upgrade must be a watch (_watch_=true)")
+        await self.watch.websocket(await self.queues.get(op.queue), op, upgrade)
+
     async def handle(self, request: Request) -> Response:
         try:
             op = self.operation_for(request)
             if isinstance(op, ev.Health):
                 return Response(200, b"OK", list(TEXT))
             if isinstance(op, ev.Watch):
-                return await self.watch.http_stream(op)
+                queue = await self.queues.get(op.queue)   # errors here are still a status line
+                return await self.watch.http_stream(queue, op)
             if isinstance(op, (ev.ListQueues, ev.CreateQueue)):
                 return await _admin.handle(self.queues, self.config, op)
             try:

@@ -74,6 +74,7 @@ class Server:
         self._fileio = fileio
         self.port: int | None = None
         self.app: App | None = None
+        self.watch = WatchService()   # created first: every queue the manager opens wakes it
         self.http: HTTPServer | None = None
         self.queues: QueueManager | None = None
         self._stop = trio.Event()
@@ -90,8 +91,7 @@ class Server:
         """Stop at once: cut every connection now; the logs are still synced and closed."""
         self._aborted = True
         self.shutdown()
-        if self.app is not None and self.app.watch is not None:
-            self.app.watch.abort()
+        self.watch.abort()
         if self.http is not None:
             self.http.abort()
 
@@ -107,7 +107,7 @@ class Server:
         failure: StartupError | None = None
         try:
             async with trio.open_nursery() as queue_tasks:
-                self.queues = QueueManager(self.config, queue_tasks, fileio=self._fileio)
+                self.queues = QueueManager(self.config, queue_tasks, fileio=self._fileio, on_change=self.watch.wake)
                 with self._starting:
                     try:
                         await self._open_queues()
@@ -147,10 +147,9 @@ class Server:
     async def _serve(self, queue_tasks: trio.Nursery, task_status) -> None:
         config = self.config
         assert self.queues is not None
-        self.app = App(config, self.queues)
-        self.app.watch = WatchService(self.app, self.queues)
-        queue_tasks.start_soon(self.app.watch.fallback)   # stopped with the queue tasks
-        self.http = HTTPServer(self.app.handle, self.app.watch.websocket, http_config_for(config))
+        self.app = App(config, self.queues, self.watch)
+        queue_tasks.start_soon(self.watch.fallback)   # stopped with the queue tasks
+        self.http = HTTPServer(self.app.handle, self.app.websocket, http_config_for(config))
         async with trio.open_nursery() as front:
             if self._listeners is None:
                 self.port = await front.start(self.http.serve_tcp, config.host, config.port)
@@ -168,7 +167,7 @@ class Server:
                 log.info("draining %d connection%s (up to %g s)", n, "" if n == 1 else "s",
                          config.shutdown_timeout)
             self.app.shutdown()                                  # long-polls answer now
-            self.app.watch.shutdown(config.shutdown_timeout)     # a batch in hand goes out first
+            self.watch.shutdown(config.shutdown_timeout)     # a batch in hand goes out first
             self.http.shutdown()   # returns at once; `serve` drains and returns, ending `front`
 
 

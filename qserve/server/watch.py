@@ -36,9 +36,8 @@ import trio_websocket
 
 from qserve.core import events as ev
 from qserve.wire import protobuf
-from qserve.core.errors import BadRequest
 from qserve.core.events import ConsumerSpec
-from qserve.server.http import Request, Response
+from qserve.server.http import Response
 from qserve.backends.local.queues import Queue
 
 __all__ = ["WatchService", "KEEPALIVE_INTERVAL", "KEEPALIVE_TIMEOUT"]
@@ -223,9 +222,7 @@ class Session:
 class WatchService:
     """Owns the watch sessions of every queue. Used from the trio thread only."""
 
-    def __init__(self, app, queues) -> None:
-        self.app = app
-        self.queues = queues
+    def __init__(self) -> None:
         self._sessions: dict[tuple[object, str], Session] = {}
         self._by_queue: dict[object, dict[str, Session]] = {}   # queue ref -> consumer id -> session
         self._turn = 0                                           # round robin among a group's members
@@ -247,7 +244,7 @@ class WatchService:
             session.abort()
 
     def wake(self, queue: Queue, entry) -> None:
-        """`Queue.watch_hook`: wake the sessions a change concerns (see the module docstring)."""
+        """A queue's ``on_change``: wake the sessions a change concerns (see the module docstring)."""
         sessions = self._by_queue.get(queue.ref)
         if not sessions:
             return
@@ -283,7 +280,6 @@ class WatchService:
             old.cancel_scope.cancel()
         self._sessions[key] = session
         self._by_queue.setdefault(queue.ref, {})[session.consumer_id] = session
-        queue.watch_hook = self.wake
         queue.dispatcher.attach(session.spec)
         queue.notify()
         log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name)
@@ -302,12 +298,10 @@ class WatchService:
             log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name)
 
     # -- WebSocket ---------------------------------------------------------------------------
-    async def websocket(self, request: Request, upgrade) -> None:
-        """The edge's WebSocket handler: errors before `accept()` refuse the handshake."""
-        op = self.app.operation_for(request)
-        if not isinstance(op, ev.Watch):
-            raise BadRequest("a WebSocket upgrade must be a watch (_watch_=true)")
-        session = self._open(await self.queues.get(op.queue), op)
+    async def websocket(self, queue: Queue, op: ev.Watch, upgrade) -> None:
+        """Serve watch ``op`` on ``queue`` over ``upgrade`` (the app's WebSocket handler calls it):
+        errors before `accept()` refuse the handshake."""
+        session = self._open(queue, op)
         try:
             with session.cancel_scope:
                 ws = await upgrade.accept()
@@ -352,9 +346,7 @@ class WatchService:
         scope.cancel()
 
     # -- HTTP streaming watch (PROTOCOL.md 5.12) ----------------------------------------------
-    async def http_stream(self, op: ev.Watch) -> Response:
-        queue = await self.queues.get(op.queue)   # errors here are still a status line
-
+    async def http_stream(self, queue: Queue, op: ev.Watch) -> Response:
         async def stream(send) -> None:
             session = self._open(queue, op)
             try:

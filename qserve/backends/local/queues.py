@@ -16,6 +16,7 @@ a 503 naming the cause, the other queues serve on, a later request retries) and 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import logging
 import shlex
 import urllib.parse
@@ -37,6 +38,9 @@ from qserve.core.tags import FilterIndexes
 from qserve.core.groups import Dispatcher
 
 __all__ = ["Signal", "Queue", "QueueManager", "queue_dir"]
+
+#: called after every change of a queue: (the queue, its one new entry or None for anything else)
+OnChange = Callable[["Queue", "storage.Entry | None"], None]
 
 log = logging.getLogger("qserve")
 
@@ -89,8 +93,9 @@ class Queue:
     """One open queue. Not thread-safe: used from the trio thread only."""
 
     def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None = None,
-                 aio: AioSync | None = None) -> None:
+                 aio: AioSync | None = None, *, on_change: OnChange | None = None) -> None:
         self.ref = ref
+        self._on_change = on_change      # the watch service's wake-up: (queue, new entry or None) -> None
         self._pool = pool
         self._aio = aio
         self.log = qlog
@@ -99,7 +104,6 @@ class Queue:
         self.filters = FilterIndexes()   # tag filters of watchers and gets: each entry classified once
         self.dispatcher = Dispatcher(self.source, now=trio.current_time, filters=self.filters)
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
-        self.watch_hook = None           # watch.WatchService.wake: (queue, new entry or None) -> None
         self._durable = Signal()         # fired after each fsync round
         self._durable_first = Signal()   # fired just before it (`wait_durable(first=True)`)
         self._first_waiting = 0
@@ -114,8 +118,8 @@ class Queue:
         its one new entry; None means anything else may have changed) the gets it may answer."""
         if entry is not None:
             self.gets.put(entry)
-        if self.watch_hook is not None:
-            self.watch_hook(self, entry)
+        if self._on_change is not None:
+            self._on_change(self, entry)
 
     @property
     def ended(self) -> bool:
@@ -274,8 +278,10 @@ class QueueManager:
     """Opens queues on first use (or the declared set at start), fences the ones on disk that
     cannot be opened (`backends.local.fence`), and owns their tasks. Used from the trio thread only."""
 
-    def __init__(self, config: Config, nursery: trio.Nursery, *, fileio=None) -> None:
+    def __init__(self, config: Config, nursery: trio.Nursery, *, fileio=None,
+                 on_change: OnChange | None = None) -> None:
         self.config = config
+        self._on_change = on_change                      # handed to every queue it opens
         self._fileio = fileio
         self._nursery = nursery
         self._queues: dict[QueueRef, Queue] = {}
@@ -387,7 +393,7 @@ class QueueManager:
             if not self._sync_started:
                 self._sync_started = True
                 await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
-            queue = Queue(ref, qlog, self.config, self._pool, self._aio)
+            queue = Queue(ref, qlog, self.config, self._pool, self._aio, on_change=self._on_change)
             self._queues[ref] = queue
             self.fences.take_down(ref)
             self._report_open(queue, created)
