@@ -1,8 +1,10 @@
-"""The `qserve` command: `serve`, `log` (inspection tools) and, as they land, `stream` and `worker`.
+"""The `qserve` command: `serve`, and `log`, `stream`, `worker`, `chaos`, `completion` from their modules.
 
 Strategy: argparse only builds a dict of flags; `config.load_config` merges it with the file and
-the environment; each subcommand lives in its own module and is imported lazily, so `qserve log`
-does not pay for trio and `qserve serve` does not import the tools.
+the environment; each other subcommand lives in its own module (``add_arguments(parser)`` and
+``main(args) -> int``), imported by name only when it is the one chosen, so `qserve log` does not
+pay for trio, `qserve serve` does not import the tools, and qserve never imports `qserve.tools`
+statically.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ __all__ = ["main", "build_parser"]
 
 # subcommand -> (module, description); each module provides add_arguments(parser) and main(args) -> int
 EXTERNAL = {
-    "log": ("qserve.tools.logtool", "inspect, verify and repair queue logs on disk"),
+    "log": ("qserve.tools.logtool.cli", "inspect, verify and repair queue logs on disk"),
     "stream": ("qserve.stream.cli", "the commands of `eascmd stream` against a queue"),
     "worker": ("qserve.worker.cli", "run an async-inference worker on a queue"),
-    "chaos": ("qserve.tools.chaos", "kill -9 crash-recovery testing against a real server"),
+    "chaos": ("qserve.tools.chaos.cli", "kill -9 crash-recovery testing against a real server"),
     "completion": ("qserve.completion", "print a bash or zsh completion script for qserve"),
 }
 
@@ -65,23 +67,26 @@ def _add_serve(sub) -> None:
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `qserve` parser. Every subcommand is listed, but only ``command``'s module is imported
+    to declare its flags (None: every module, for the completion scripts): `qserve serve` loads
+    neither the tools nor the client, and a subcommand's module runs only when it is chosen."""
     parser = argparse.ArgumentParser(prog="qserve", description="A queue server for asynchronous inference, "
                                      "compatible with the PAI-EAS queue service clients.")
     parser.add_argument("--version", action="version", version=f"qserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     for name, (module, help_text) in EXTERNAL.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a subcommand not built yet
-            if exc.name != module:
-                raise
-            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod.add_arguments(p)
-        p.set_defaults(_module=mod)
+        p.set_defaults(_module=module)
+        if command is None or command == name:
+            importlib.import_module(module).add_arguments(p)
     return parser
+
+
+def _command(argv: list[str]) -> str:
+    """The subcommand named on the command line (its first word that is not an option), or ""."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -138,11 +143,12 @@ EX_SOFTWARE = 70   # sysexits.h: an internal error (a bug), as opposed to a usag
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Whatever escapes it is one line on stderr, never a traceback, unless
     the log level is DEBUG (`--log-level DEBUG` or QSERVE_LOG_LEVEL=DEBUG)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
-        return args._module.main(args)
+        return importlib.import_module(args._module).main(args)
     except KeyboardInterrupt:
         print(f"qserve {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -275,3 +275,13 @@ def test_the_public_api_loads_on_first_use():
     assert set(qserve.__all__) <= set(dir(qserve)) | {"__version__"}
     with pytest.raises(AttributeError):
         qserve.nothing_here
+
+
+def test_qserve_serve_imports_no_other_subcommand():
+    """The parser for `qserve serve --help` imports none of the other subcommands' modules."""
+    code = ("import sys\nfrom qserve import cli\ncli.build_parser('serve')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('qserve.tools', 'qserve.stream', "
+            "'qserve.worker', 'qserve.client', 'trio'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
