@@ -27,7 +27,7 @@ def test_the_wheel_installs_only_the_qserve_package(tmp_path):
     tops = {name.split("/")[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"qserve"}
     assert "qserve/storage/log.py" in names and "qserve/storage/FORMAT.md" in names
-    assert "qserve/tools/logtool.py" in names
+    assert "qserve/tools/logtool/cli.py" in names
     assert not any(name.startswith("qserve/tests") for name in names)
 
 

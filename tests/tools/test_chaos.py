@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from qserve.tools._chaos_history import History, id_of, payload_for
+from qserve.tools.chaos.history import History, id_of, payload_for
 
 REPO = Path(__file__).resolve().parents[2]
 

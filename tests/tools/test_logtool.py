@@ -27,7 +27,7 @@ import pytest
 from qserve.cli import main as cli_main
 from qserve.storage import LogConfig, QueueLog, iter_records, segment_name
 from qserve.storage.record import EntryRecord, encode_entry
-from qserve.tools._logscan import Progress
+from qserve.tools.logtool.scan import Progress
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from qserve.tools import logtool
-from qserve.tools._logscan import GONE_NOTE, Progress, find_queues, verify_queue
+from qserve.tools.logtool import cli as logtool
+from qserve.tools.logtool.scan import GONE_NOTE, Progress, find_queues, verify_queue
 
 from ..conftest import ServerProcess
 from ..qserve.test_sdk import client

@@ -16,7 +16,7 @@ from qserve.storage import ReadOutcome
 from qserve.storage.record import (CheckpointRecord, DeleteRecord, EntryRecord, StateRecord,
                             TruncateRecord)
 
-from ._logscan import Item, type_name
+from .scan import Item, type_name
 
 __all__ = ["record_fields", "format_text", "format_json", "preview", "ranges", "stats_table"]
 

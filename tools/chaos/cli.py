@@ -1,6 +1,6 @@
 """`qserve chaos`: kill -9 a real server again and again under load, then check that nothing was lost.
 
-Strategy: a `qserve serve` child (`_chaos_server`) runs on a fresh data directory with small segments
+Strategy: a `qserve serve` child (`chaos.server`) runs on a fresh data directory with small segments
 (64 KiB), so segment rolls and compactions happen all the time. Producers (some puts with a priority,
 all with random tags), consumers in groups (manual commits, negative commits, deliberate
 disconnects) and an admin task (deletes, now and then a truncate) work on one queue through
@@ -8,9 +8,9 @@ disconnects) and an admin task (deletes, now and then a truncate) work on one qu
 moment (a random time, or right when a segment file appears or disappears: a roll or a compaction),
 runs the log verifier on the dead server's directory (a torn tail is allowed there), and restarts it
 on the same directory and port; the clients reconnect by themselves. Every call and every delivery
-goes into a `_chaos_history.History`; at the end the workload stops, whatever is left is read with
+goes into a `chaos.history.History`; at the end the workload stops, whatever is left is read with
 non-deleting gets, the server is stopped gracefully, the log must verify clean, and the checker
-counts lost, resurrected, duplicated and corrupted entries (see `_chaos_history` for the rules).
+counts lost, resurrected, duplicated and corrupted entries (see `chaos.history` for the rules).
 
 Output: a progress line per round on stderr, a summary table (or ``--json``) on stdout. Exit status
 0 when nothing was lost, resurrected, duplicated, reordered or corrupted and the log verified clean;
@@ -37,8 +37,8 @@ import trio
 
 from qserve.client import QueueClient, QueueError
 
-from ._chaos_history import History, Report, payload_for
-from ._chaos_server import ChaosServer, ServerStartError, free_port, segment_files, verify_data_dir
+from .history import History, Report, payload_for
+from .server import ChaosServer, ServerStartError, free_port, segment_files, verify_data_dir
 
 __all__ = ["add_arguments", "main", "Settings", "run_chaos"]
 

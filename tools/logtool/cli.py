@@ -3,7 +3,7 @@
 Strategy: ``qserve.cli`` calls ``add_arguments`` to build the sub-subcommands and ``main(args)`` to run
 one. PATH is a data directory (every queue below it, sorted), one queue directory or, for dump and
 verify, one ``.seg`` file. dump, verify and stats only read, through storage's lenient decoder
-(``_logscan``), so a damaged log can still be inspected; repair is ``QueueLog.open`` with
+(``scan``), so a damaged log can still be inspected; repair is ``QueueLog.open`` with
 ``LogConfig(repair=True)``, i.e. exactly what storage itself does. Results go to stdout, progress and
 errors to stderr; errors are one line (``qserve log: <reason>``), never a traceback.
 
@@ -23,12 +23,11 @@ import os
 import sys
 
 from qserve.storage import DirectoryLocked, ReadOutcome, StorageError
-
-from ._logfmt import format_json, format_text, stats_table
 from qserve.storage.replay import Replay
 
-from ._logscan import (GONE_NOTE, TYPES, Progress, Queue, UsageError, find_queues, read_segment, type_name,
-                       verify_queue)
+from .render import format_json, format_text, stats_table
+from .scan import (GONE_NOTE, TYPES, Progress, Queue, UsageError, find_queues, read_segment, type_name,
+                   verify_queue)
 
 __all__ = ["add_arguments", "main"]
 

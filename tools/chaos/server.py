@@ -3,7 +3,7 @@
 Strategy: one fixed loopback port is picked once, so the clients' URLs stay valid across restarts
 (they simply reconnect). The child's stderr is pumped by a daemon thread into a bounded list of
 lines, which also tells when the server is listening; the trio side only polls that flag, so a
-start stays cancellable. `verify_data_dir` runs `qserve log verify`'s checks (`tools._logscan`) on
+start stays cancellable. `verify_data_dir` runs `qserve log verify`'s checks (`tools.logtool.scan`) on
 the data directory, read-only, while the server is down.
 """
 
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import trio
 
-from ._logscan import UsageError, find_queues, verify_queue
+from ..logtool.scan import UsageError, find_queues, verify_queue
 
 __all__ = ["ChaosServer", "ServerStartError", "verify_data_dir", "free_port", "segment_files"]
 
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
