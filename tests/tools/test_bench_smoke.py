@@ -2,7 +2,7 @@
 
 They prove the tools still work against the current server (exit status 0 = no request failed,
 and the table or JSON is printed); the numbers themselves are not checked. Each takes a few
-seconds; the full benchmarks are run by hand (see the docstrings of tools/bench_*.py).
+seconds; the full benchmarks are run by hand (see the docstrings of tools/bench/*.py).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_tool(name: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / name), *args], cwd=REPO, capture_output=True,
+    """`python -m tools.bench.<name> ...` from the repository root."""
+    proc = subprocess.run([sys.executable, "-m", f"tools.bench.{name}", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
     return proc
 
 
 def test_bench_http_quick_prints_table(tmp_path):
-    proc = run_tool("bench_http.py", "--quick", "--seconds", "0.3", "--warmup", "0.1", "--data-dir", str(tmp_path))
+    proc = run_tool("http", "--quick", "--seconds", "0.3", "--warmup", "0.1", "--data-dir", str(tmp_path))
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.startswith("scenario"))
     for column in ("req/s", "p50 ms", "p99 ms", "ratio"):
@@ -38,7 +39,7 @@ def test_bench_http_quick_prints_table(tmp_path):
 
 
 def test_bench_http_json(tmp_path):
-    proc = run_tool("bench_http.py", "--quick", "--seconds", "0.2", "--warmup", "0.1", "--connections", "2",
+    proc = run_tool("http", "--quick", "--seconds", "0.2", "--warmup", "0.1", "--connections", "2",
                     "--no-seq", "--json", "--data-dir", str(tmp_path))
     doc = json.loads(proc.stdout)
     rows = {(r["scenario"], r["server"]): r for r in doc["results"]}
@@ -49,7 +50,7 @@ def test_bench_http_json(tmp_path):
 
 
 def test_bench_watch_quick_prints_tables(tmp_path):
-    proc = run_tool("bench_watch.py", "--quick", "--data-dir", str(tmp_path))
+    proc = run_tool("watch", "--quick", "--data-dir", str(tmp_path))
     out = proc.stdout
     assert "## throughput" in out and "## put -> receive latency" in out
     assert "entries/s" in out and "p50 ms" in out and "p99 ms" in out
@@ -72,7 +73,7 @@ def test_bench_watch_quick_prints_tables(tmp_path):
 
 
 def test_bench_watch_json(tmp_path):
-    proc = run_tool("bench_watch.py", "--quick", "--entries", "100", "--consumers", "2", "--modes", "manual",
+    proc = run_tool("watch", "--quick", "--entries", "100", "--consumers", "2", "--modes", "manual",
                     "--no-latency", "--json", "--data-dir", str(tmp_path))
     doc = json.loads(proc.stdout)
     [row] = doc["throughput"]
@@ -82,7 +83,7 @@ def test_bench_watch_json(tmp_path):
 
 
 def test_bench_storage_small_run_prints_every_measure(tmp_path):
-    proc = run_tool("bench_storage.py", "--entries", "3000", "--appends", "400", "--every-appends", "40",
+    proc = run_tool("storage", "--entries", "3000", "--appends", "400", "--every-appends", "40",
                     "--more-clients", "", "--repeat", "1", "--drain-entries", "300", "--dir", str(tmp_path))
     rows = {line.split("  ")[0].strip() for line in proc.stdout.splitlines() if "  " in line}
     for measure in ("fsync of a 16-record round, p50", "drain 300 priority entries, head pending", "appends/s nosync", "ceiling, 16 outstanding, here", "appends/s every",
@@ -92,7 +93,7 @@ def test_bench_storage_small_run_prints_every_measure(tmp_path):
 
 
 def test_bench_waiters_small_run(tmp_path):
-    proc = run_tool("bench_waiters.py", "--waiters", "0,20", "--seconds", "0.3", "--warmup", "0.1", "--json",
+    proc = run_tool("waiters", "--waiters", "0,20", "--seconds", "0.3", "--warmup", "0.1", "--json",
                     "--data-dir", str(tmp_path))
     rows = json.loads(proc.stdout)
     assert [r["waiters"] for r in rows] == [0, 20] and rows[1]["parked"] == 20

@@ -1,4 +1,4 @@
-"""tools/load.py end to end: a real server under many keep-alive connections, watchers and slow-loris.
+"""tools/bench/load.py end to end: a real server under many keep-alive connections, watchers and slow-loris.
 
 The default suite runs a scaled-down load (200 connections, 20 watchers, 10 slow-loris connections
 against a 2 s request timeout, about 4 s of load) and checks the issue's properties with generous
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_load(tmp_path: Path, *args: str, timeout: float) -> tuple[int, dict, str]:
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "load.py"), "--json", "--data-dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "tools.bench.load", "--json", "--data-dir", str(tmp_path),
                            *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.stdout, f"no output (exit {proc.returncode})\nstderr:\n{proc.stderr[-3000:]}"
     return proc.returncode, json.loads(proc.stdout), proc.stderr

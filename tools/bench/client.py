@@ -1,4 +1,4 @@
-"""The benchmarks' HTTP/1.1 client (part of `tools/_benchlib.py`, which re-exports it; not a public API).
+"""The benchmarks' HTTP/1.1 client (part of `lib`, which re-exports it; not a public API).
 
 Strategy: requests are hand-built bytes (`request_bytes`, `auth_headers`) sent on one keep-alive
 trio socket per `HTTPConn`, one request at a time. The response parser is either h11

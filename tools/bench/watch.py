@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Watch benchmark: entries/s delivered to WebSocket consumers, and put -> receive latency.
 
-    python tools/bench_watch.py                # full run (about 1 min on 2 idle cores)
-    python tools/bench_watch.py --quick        # smoke run (a few seconds)
-    python tools/bench_watch.py --entries 20000 --json   # deeper queues, longer
+    python -m tools.bench.watch                # full run (about 1 min on 2 idle cores)
+    python -m tools.bench.watch --quick        # smoke run (a few seconds)
+    python -m tools.bench.watch --entries 20000 --json   # deeper queues, longer
 
 What runs:
 - qserve as a child process on 127.0.0.1 (``--fsync always`` unless ``--fsync``), pinned to CPU 0
@@ -14,7 +14,7 @@ What runs:
   _index_=0&_window_=W&_auto_commit_=...`` with the token and ``X-EAS-QueueService-Uid`` (one per
   consumer) / ``-Gid`` (the same for all: one group, so they split the entries). Each binary
   frame is decoded with ``qserve.wire.protobuf.decode_frame``. ``--ws-client lean`` (default) is
-  `tools/_bench_ws.py`, a strict minimal client that costs the client core less per frame than
+  `ws`, a strict minimal client that costs the client core less per frame than
   ``--ws-client trio-websocket`` (the library the server itself uses), so that the server, not
   the one client core, is what is measured.
 - Manual commit: each consumer has one keep-alive HTTP connection for ``PUT ?_indexes_=i,j,..``
@@ -43,7 +43,7 @@ What runs:
   of the peak (at most 200/s). Measured with an auto-commit consumer and a manual-commit consumer
   (the first window), after a warm-up.
 - Latency floor (``--no-floor`` skips it): afterwards the bare trio+h11 server of
-  `tools/bench_http.py` (parses each request and answers; no storage) runs pinned like qserve and
+  `http` (parses each request and answers; no storage) runs pinned like qserve and
   gets the same open-loop requests at each latency rate. Its round trip p50 is what any server on
   this stack and machine needs to take a put in and send a message out; an auto-commit frame
   also waits for the fsync that makes the put and its delete durable (PROTOCOL.md
@@ -81,9 +81,9 @@ from pathlib import Path
 
 import trio
 
-from qserve.tools import _benchlib as bl
-from qserve.tools import _bench_watch_parts as parts
-from qserve.tools._bench_watch_parts import BODY, Tally, _names, e2e_peak, render_peak, run_consumers
+from . import http, lib as bl
+from . import watch_parts as parts
+from .watch_parts import BODY, Tally, _names, e2e_peak, render_peak, run_consumers
 
 async def throughput(port: int, token: str, *, consumers: int, window: int, auto: bool, entries: int,
                      server: bl.ServerProc, timeout: float) -> dict:
@@ -172,7 +172,7 @@ async def open_loop(port: int, *, rate: float, seconds: float, warmup: float, co
 async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: float, connections: int = 32,
                            server: bl.ServerProc | None = None) -> dict:
     """The latency floor of this machine and stack at `rate`: request -> response of the bare
-    trio+h11 server of bench_http.py (it parses each request and answers, nothing else), driven
+    trio+h11 server of `http` (it parses each request and answers, nothing else), driven
     exactly like the latency runs' producer. A put -> frame delivery needs at least that much (a
     request in, a message out); an auto-commit frame also waits for an fsync. With `server` (the
     bare server's process) its CPU time per request is measured too."""
@@ -269,9 +269,8 @@ def add_floors(lat_rows: list[dict], *, cpu: int | None, fsync_p50_ms: float, se
     auto-commit the fsync probe's p50 (its frame waits for the fsync that makes the put and its
     delete durable; PROTOCOL.md "Durability"); the bare round trip's p99; and the bare server's
     CPU time per request at that rate. Same pinning as the qserve runs."""
-    from qserve.tools import bench_http
     trips: dict[float, dict] = {}
-    with bench_http.bare_server_proc(cpu) as bare:
+    with http.bare_server_proc(cpu) as bare:
         for r in lat_rows:
             rate = r["rate_target"]
             if rate not in trips:
@@ -372,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=None, help="latency: uncounted seconds first (default 0.5)")
     p.add_argument("--no-latency", action="store_true", help="skip the end-to-end peak and latency runs")
     p.add_argument("--no-floor", action="store_true", help="skip measuring the latency floor (the bare trio+h11 "
-                   "server of bench_http.py at each latency rate)")
+                   "server of tools.bench.http at each latency rate)")
     p.add_argument("--ws-client", choices=("lean", "trio-websocket"), default="lean",
-                   help="the consumers' WebSocket client (default lean: tools/_bench_ws.py)")
+                   help="the consumers' WebSocket client (default lean: tools/bench/ws.py)")
     p.add_argument("--fsync", choices=("always", "interval", "never"), default="always", help="qserve --fsync (default always)")
     p.add_argument("--timeout", type=float, default=60.0, help="give up on one throughput scenario after this long")
     p.add_argument("--quick", action="store_true", help="smallest configuration")

@@ -1,7 +1,7 @@
-"""Parts of `tools/bench_watch.py` (not a public API): the WebSocket consumers and the end-to-end peak.
+"""Parts of `watch` (not a public API): the WebSocket consumers and the end-to-end peak.
 
 - `Tally`, `consumer`, `run_consumers`: the watch consumers of one scenario (auto or manual commit,
-  one group), see the bench_watch docstring.
+  one group), see the `watch` docstring.
 - `e2e_peak`: the end-to-end peak load of one commit mode - closed-loop producers and one consumer
   at the same time; its received/s is what "half of peak load" of the latency runs is half of.
 """
@@ -14,15 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qserve.tools import _benchlib as bl
 import trio
 import trio_websocket
 
-from qserve.tools._bench_ws import LeanWebSocket
 from qserve.wire.protobuf import decode_frame
 
+from . import lib as bl
+from .ws import LeanWebSocket
+
 GROUP = "bench-group"
-WS_CLIENT = "lean"   # or "trio-websocket"; set by bench_watch --ws-client (see tools/_bench_ws.py)
+WS_CLIENT = "lean"   # or "trio-websocket"; set by `watch --ws-client` (see `ws`)
 BODY = b"x" * 100
 _names = itertools.count(1)
 

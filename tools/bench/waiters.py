@@ -7,8 +7,8 @@ must wake only the client it answers; this measures sink puts/s (keep-alive conn
 the server's default ``--fsync always``) with 0 and with N such clients parked on the sink, and
 their ratio. Every waiting client gets its own result at the end (checked).
 
-    python tools/bench_waiters.py                  # 0 and 300 waiting clients, 3 s each
-    python tools/bench_waiters.py --waiters 0,100,1000 --connections 4
+    python -m tools.bench.waiters                  # 0 and 300 waiting clients, 3 s each
+    python -m tools.bench.waiters --waiters 0,100,1000 --connections 4
 
 Talks to 127.0.0.1 only; at most ``max(--waiters) + --connections`` connections.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from qserve.tools import _benchlib as bl
+from . import lib as bl
 
 SERVICE = "bench-wait"
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """HTTP benchmark: put/s and get/s of qserve next to a bare trio+h11 server, as a ratio.
 
-    python tools/bench_http.py                 # full run (about 90 s on 2 cores)
-    python tools/bench_http.py --quick         # smoke run (a few seconds)
-    python tools/bench_http.py --seconds 2 --json
-    python tools/bench_http.py --bare-server --port 0   # just the baseline server (used internally)
+    python -m tools.bench.http                 # full run (about 90 s on 2 cores)
+    python -m tools.bench.http --quick         # smoke run (a few seconds)
+    python -m tools.bench.http --seconds 2 --json
+    python -m tools.bench.http --bare-server --port 0   # just the baseline server (used internally)
 
 What runs:
 - Servers, each a child process on 127.0.0.1 with an ephemeral port: qserve with
@@ -54,7 +54,7 @@ from pathlib import Path
 import h11
 import trio
 
-from qserve.tools import _benchlib as bl
+from . import lib as bl
 
 SERVICE = "bench"
 PUT_BODY = b"x" * 100
@@ -122,7 +122,7 @@ async def _bare_main(port: int) -> None:
 
 
 def bare_server_proc(cpu: int | None) -> bl.ServerProc:
-    return bl.ServerProc("bare", [sys.executable, str(Path(__file__).resolve()), "--bare-server", "--port", "0"],
+    return bl.ServerProc("bare", [sys.executable, "-m", __spec__.name, "--bare-server", "--port", "0"],
                          cpu=cpu)
 
 

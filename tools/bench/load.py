@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Load test: many keep-alive connections, watchers and slow-loris connections against one server.
 
-    python tools/load.py                          # full size: 1000 connections, 100 watchers, 20 s
-    python tools/load.py --connections 200 --watchers 20 --slow-loris 10 --seconds 4 --json
+    python -m tools.bench.load                          # full size: 1000 connections, 100 watchers, 20 s
+    python -m tools.bench.load --connections 200 --watchers 20 --slow-loris 10 --seconds 4 --json
 
 The claim under test (from the issue): with 1,000 concurrent keep-alive connections plus 100
 watchers the server stays responsive (a fresh client is served within 100 ms), its memory stays
@@ -13,7 +13,7 @@ What runs:
   ``--max-connections`` above everything this tool opens and the short ``--request-timeout`` and
   ``--keepalive-timeout`` given here (defaults 5 s and 10 s, so that the cuts happen inside the
   run). The RLIMIT_NOFILE soft limit of this process is raised to its hard limit first; the server
-  inherits it. Unlike the bench_* tools nothing is pinned by default: the question here is
+  inherits it. Unlike the other benchmarks nothing is pinned by default: the question here is
   latency, and a server pinned to a CPU that other programs also use waits for that CPU (on a
   2-CPU machine busy with other work, pinning made the probe's p99 about 1 s instead of 15 ms).
   ``--pin`` runs the server on CPU 0 and this process on CPU 1.
@@ -47,7 +47,7 @@ reported as met or MISSED. The numbers depend on how busy the machine is: the ``
 (CPU used by everything but the server and this process) says how much else was running.
 
 Layout: this file is the command line, the run and the report; the clients and their tallies are
-in ``tools/_load_clients.py``, the helpers shared with the bench_* tools in ``tools/_benchlib.py``.
+in ``load_clients``, the helpers shared with the other benchmarks in ``lib``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ from pathlib import Path
 
 import trio
 
-from qserve.tools import _benchlib as bl
-from qserve.tools._load_clients import (LORIS_KINDS, LORIS_SERVICE, PRODUCER_CONNECTIONS, SERVICE, LorisResult,
+from . import lib as bl
+from .load_clients import (LORIS_KINDS, LORIS_SERVICE, PRODUCER_CONNECTIONS, SERVICE, LorisResult,
                            Tally, WatchTally, keepalive_client, loris_ok, open_connections, probe_loop,
                            producer, slow_loris, watcher)
 

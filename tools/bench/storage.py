@@ -22,7 +22,7 @@ policies, the time to reopen (recover) a large log, and RAM per stored entry (tr
 
 Durable appends/s counts entries whose durability was confirmed. Example:
 
-    python tools/bench_storage.py --entries 1000000 --appends 100000
+    python -m tools.bench.storage --entries 1000000 --appends 100000
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The clients `tools/load.py` runs against the server, and their tallies (not a public API).
+"""The clients `load` runs against the server, and their tallies (not a public API).
 
 Strategy: every client is one small trio task (or, for the probe, one thread with blocking
 sockets) that counts into a tally owned by the run - no locks, since each tally is only touched
-from the trio thread. What runs and why is described in the docstring of `tools/load.py`:
+from the trio thread. What runs and why is described in the docstring of `load`:
 - `keepalive_client` / `open_connections`: the keep-alive connections, a request every ~interval s;
 - `producer`: open-loop puts at a fixed rate over a few connections;
-- `watcher`: one WebSocket watcher, with its manual commits batched by `_benchlib.CommitBatcher`
+- `watcher`: one WebSocket watcher, with its manual commits batched by `lib.CommitBatcher`
   on a `CommitConn` (reopened once if the server closed it while idle);
 - `slow_loris` / `loris_ok`: the slow-loris connections and the verdict on their cut;
 - `probe_loop`: the fresh-client probe thread.
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import trio
 import trio_websocket
 
-from qserve.tools import _benchlib as bl
 from qserve.wire.protobuf import decode_frame
+
+from . import lib as bl
 
 SERVICE = "load"
 LORIS_SERVICE = "loris"

@@ -1,11 +1,11 @@
-"""Shared helpers of `tools/bench_http.py`, `tools/bench_watch.py` and `tools/load.py` (not a public API).
+"""Shared helpers of the benchmarks `http`, `watch`, `waiters` and `load` (not a public API).
 
 What is here:
 - `ServerProc`: a server under test as a child process (qserve, or the bare baseline of
-  bench_http), started on 127.0.0.1 with an ephemeral port found in its log line, optionally pinned
+  `http`), started on 127.0.0.1 with an ephemeral port found in its log line, optionally pinned
   to one CPU, with its CPU time read from /proc for the "server CPU %" columns.
 - `HTTPConn`, `request_bytes`, `auth_headers`, `ProtocolError`: the minimal keep-alive HTTP/1.1
-  client, defined in `tools/_bench_client.py` and re-exported here.
+  client, defined in `client` and re-exported here.
 - `LoadRun`: N connections sending requests back to back for a fixed time (after a warm-up),
   recording the latency of every request completed in the measured window.
 - `CommitBatcher`: a watcher's manual commits, batched (one ``PUT ?_indexes_=`` in flight).
@@ -37,9 +37,9 @@ import h11
 import trio
 
 # re-exported as bl.HTTPConn etc.
-from qserve.tools._bench_client import LOCALHOST, TOKEN, HTTPConn, ProtocolError, auth_headers, request_bytes
+from .client import LOCALHOST, TOKEN, HTTPConn, ProtocolError, auth_headers, request_bytes
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 _LISTEN = re.compile(r"listening on http://\[?([0-9a-f.:]+)\]?:(\d+)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
