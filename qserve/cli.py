@@ -43,6 +43,9 @@ def _add_serve(sub) -> None:
                    help="always: answer writes after fsync (group commit, default); "
                         "interval: fsync every --fsync-interval; never: leave it to the OS")
     p.add_argument("--fsync-interval", type=float, help="seconds between fsyncs with --fsync interval")
+    p.add_argument("--fsync-backend", choices=("auto", "aio", "threads"),
+                   help="how fsyncs run: aio (Linux kernel AIO), threads, or auto (aio where it works, "
+                        "else threads; default)")
     p.add_argument("--max-payload-bytes", type=int, help="largest entry accepted (default 524288)")
     p.add_argument("--max-length", type=int, help="entries a queue holds before puts get 429")
     p.add_argument("--trim-oldest", action="store_const", const=True,
@@ -115,8 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
             return run_embedded(config, prepared.sockets)
         trio.run(lambda: run(config, listeners_for(prepared.sockets)))
         return 0
-    except (StartupError, BaseExceptionGroup) as exc:   # a declared queue that cannot open
-        failed = exc.subgroup(StartupError) if isinstance(exc, BaseExceptionGroup) else exc
+    except (StartupError, ConfigError, BaseExceptionGroup) as exc:   # a declared queue that cannot open, no AIO
+        failed = exc.subgroup((StartupError, ConfigError)) if isinstance(exc, BaseExceptionGroup) else exc
         if failed is None:
             raise
         while isinstance(failed, BaseExceptionGroup):

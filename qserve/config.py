@@ -19,6 +19,7 @@ from typing import Any, Mapping
 __all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "is_loopback"]
 
 FSYNC_POLICIES = ("always", "interval", "never")
+FSYNC_BACKENDS = ("auto", "aio", "threads")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,7 @@ class Config:
     insecure: bool = False                         # allow a non-loopback listener without a token
     fsync: str = "always"                          # always (group commit) | interval | never
     fsync_interval: float = 0.2                    # seconds, for fsync=interval
+    fsync_backend: str = "auto"                    # auto (kernel AIO where it works, else threads) | aio | threads
     max_payload_bytes: int = 524288
     max_length: int = 1_000_000                    # stream.approxMaxLength; a put beyond it gets 429
     trim_oldest: bool = False                      # instead of 429, drop the oldest entries (Redis MAXLEN)
@@ -59,6 +61,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}")
+        if self.fsync_backend not in FSYNC_BACKENDS:
+            raise ConfigError(f"fsync_backend: expected one of {', '.join(FSYNC_BACKENDS)}, "
+                              f"got {self.fsync_backend!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: out of range: {self.port}")
         for name in ("max_payload_bytes", "max_length", "segment_bytes", "max_connections",

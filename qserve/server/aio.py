@@ -16,8 +16,8 @@ answered, before the caller is rescheduled: the queue's flusher ends its round t
 
 Availability: Linux on x86_64 or aarch64 (the two syscall tables below) where ``io_setup`` is
 allowed and an fsync submitted at start-up completes (kernel 4.18 or later); `AioSync.open`
-returns None otherwise (or when ``QSERVE_NO_AIO`` is set), and the flushers
-use the thread pool. Only fds of the real file layer are synced this way
+returns None otherwise, and the flushers use the thread pool (``Config.fsync_backend = "auto"``;
+"threads" never opens a context, "aio" refuses to start without one). Only fds of the real file layer are synced this way
 (`storage.SyncTicket.plain_files`): tests that inject faults through `storage.FileIO` get the pool.
 
 Bounds: at most ``depth`` fsyncs in flight (a `trio.Semaphore`); completions are drained from the
@@ -102,8 +102,7 @@ class AioSync:
     def open(cls, depth: int = 64) -> AioSync | None:
         """An AIO context, or None where kernel AIO cannot be used here."""
         nr = _NR.get(platform.machine())
-        if nr is None or not sys.platform.startswith("linux") or os.environ.get("QSERVE_NO_AIO") \
-                or sys.byteorder != "little":
+        if nr is None or not sys.platform.startswith("linux") or sys.byteorder != "little":
             return None
         try:
             libc = ctypes.CDLL(None, use_errno=True)

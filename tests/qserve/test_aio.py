@@ -89,13 +89,24 @@ async def test_a_cancelled_caller_waits_for_its_fsync_and_shutdown_drains(tmp_pa
             os.close(fd)
 
 
-def test_opt_out_by_environment_and_by_a_failed_probe(monkeypatch):
-    monkeypatch.setenv("QSERVE_NO_AIO", "1")
-    assert AioSync.open() is None
-    monkeypatch.delenv("QSERVE_NO_AIO")
+async def test_the_backend_is_a_config_choice_and_a_failed_probe_means_threads(tmp_path, monkeypatch):
+    """`Config.fsync_backend`: "threads" opens no AIO context; "auto" uses AIO where it works, else
+    threads; "aio" refuses to start where it does not (one ConfigError line)."""
+    from qserve.backends.local.queues import QueueManager
+    from qserve.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="fsync_backend"):
+        Config(fsync_backend="io_uring")
     open_or_skip().close()
-    monkeypatch.setattr(AioSync, "_probe", staticmethod(lambda *a: False))   # a kernel before 4.18
-    assert AioSync.open() is None
+    async with trio.open_nursery() as nursery:
+        assert QueueManager(Config(data_dir=tmp_path, fsync_backend="threads"), nursery).fsync_mechanism == "threads"
+        assert QueueManager(Config(data_dir=tmp_path), nursery).fsync_mechanism == "kernel AIO"
+        assert QueueManager(Config(data_dir=tmp_path, fsync_backend="aio"), nursery).fsync_mechanism == "kernel AIO"
+        monkeypatch.setattr(AioSync, "_probe", staticmethod(lambda *a: False))   # a kernel before 4.18
+        assert AioSync.open() is None
+        assert QueueManager(Config(data_dir=tmp_path), nursery).fsync_mechanism == "threads"
+        with pytest.raises(ConfigError, match="fsync_backend: aio, but kernel AIO cannot be used here"):
+            QueueManager(Config(data_dir=tmp_path, fsync_backend="aio"), nursery)
 
 
 async def test_the_server_syncs_through_aio_unless_the_file_layer_is_injected(tmp_path, monkeypatch):

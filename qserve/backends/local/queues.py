@@ -31,7 +31,7 @@ from qserve.server.aio import AioSync
 from qserve.backends.local.fence import Fence, Fences, fence_reason
 from qserve.backends.local.get_waiters import GetWaiters
 from qserve.server.syncpool import SyncPool
-from qserve.config import Config
+from qserve.config import Config, ConfigError
 from qserve.core.errors import InsufficientStorage, NotFound, QServeError, QueueFenced, Unavailable
 from qserve.core.events import QueueRef
 from qserve.core.tags import FilterIndexes
@@ -287,9 +287,13 @@ class QueueManager:
         self._queues: dict[QueueRef, Queue] = {}
         self._opening: dict[QueueRef, trio.Event] = {}   # one open attempt per queue at a time
         self.fences = Fences(config)                     # queues on disk that failed to open
-        # How flushers fsync (started with the first queue): kernel AIO where it works, else a few
-        # threads. An injected file layer (tests' fault injection) is synced through its own fsync.
-        self._aio = AioSync.open() if fileio is None else None
+        # How flushers fsync (started with the first queue): `config.fsync_backend`. The rounds of
+        # an injected file layer (tests' fault injection) go through its own fsync in a thread
+        # whatever the backend (`storage.SyncTicket.plain_files`).
+        self._aio = AioSync.open() if config.fsync_backend != "threads" else None
+        if config.fsync_backend == "aio" and self._aio is None:
+            raise ConfigError("fsync_backend: aio, but kernel AIO cannot be used here (it needs Linux 4.18+ "
+                              "on x86_64 or aarch64, and io_setup allowed)")
         self._pool = SyncPool() if self._aio is None else None
         self._sync_started = False
         self._log_config = storage.LogConfig(
