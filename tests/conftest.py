@@ -1,88 +1,14 @@
-"""Shared fixtures: a real `qserve serve` process on loopback, and service names per test."""
+"""Fixtures more than one layer uses: a real `qserve serve` process on loopback (process/ and tools/),
+and service names per test (process/, server/ and tools/)."""
 
 from __future__ import annotations
 
 import itertools
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import uuid
-from pathlib import Path
 
 import pytest
 
-_LISTEN = re.compile(r"listening on http://\[?([0-9a-f.:]+)\]?:(\d+)")
-
-
-class ServerProcess:
-    """A `python -m qserve serve` child process on 127.0.0.1 with an ephemeral port.
-
-    The log is collected in `self.lines`; `start()` waits (bounded) for the listening line.
-    """
-
-    def __init__(self, data_dir: Path, *extra: str, token: str | None = "test-token") -> None:
-        self.data_dir = data_dir
-        self.token = token
-        self.extra = list(extra)
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self.lines: list[str] = []
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "ServerProcess":
-        args = [sys.executable, "-m", "qserve", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--data-dir", str(self.data_dir), *self.extra]
-        if self.token:
-            args += ["--token", self.token]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        found = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.lines.append(line.rstrip("\n"))
-                m = _LISTEN.search(line)
-                if m and not found.is_set():
-                    self.port = int(m.group(2))
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or self.port is None:
-            self.kill()
-            raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
-        return self
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait: the graceful path. Returns the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def restart(self) -> "ServerProcess":
-        self.kill()
-        self.port = None
-        return self.start()
+from .helpers.process import ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ import pytest
 
 from qserve.config import load_config
 
-from .helpers_readme import (ReadmeError, check_expectations, describe_failure, parse, run_session,
+from .helpers.readme import (ReadmeError, check_expectations, describe_failure, parse, run_session,
                              sessions)
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -1,4 +1,4 @@
-"""Handlers for the worker tests: `--handler tests.qserve.handlers:dispatch` (they run in the worker
+"""Handlers for the worker tests: `--handler tests.helpers.handlers:dispatch` (they run in the worker
 process). `dispatch` picks a behaviour by the entry's `mode` tag; the blocking modes announce on
 stderr when they start, so a test can wait on that line instead of polling."""
 

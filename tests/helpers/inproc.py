@@ -21,7 +21,7 @@ from qserve.wire import protobuf
 from qserve.config import Config
 from qserve.server.server import Server
 
-from .test_http_edge import Client, MemoryListener
+from .peers import Client, MemoryListener
 
 TOKEN = "tok"
 

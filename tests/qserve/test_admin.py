@@ -21,8 +21,8 @@ from qserve.config import load_config
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 
-from .inproc import TOKEN, running_server
-from .test_fence import ENTRIES, build_queue, damage_sealed_segment
+from ..helpers.inproc import TOKEN, running_server
+from ..helpers.queue_files import ENTRIES, build_queue, damage_sealed_segment
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from qserve.server.aio import AioSync
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 
-from .inproc import running_server
+from ..helpers.inproc import running_server
 
 LIMIT = 10
 

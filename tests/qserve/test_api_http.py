@@ -248,7 +248,7 @@ def test_racing_auto_delete_gets_return_each_entry_once(raw, server):
 async def test_queue_count_is_bounded(tmp_path):
     import trio
 
-    from .inproc import running_server
+    from ..helpers.inproc import running_server
 
     with trio.fail_after(30):
         async with running_server(tmp_path, max_queues=3) as srv:
@@ -266,7 +266,7 @@ async def test_queue_count_is_bounded(tmp_path):
 async def test_full_queue_is_429_with_retry_after_and_stores_nothing(tmp_path):
     import trio
 
-    from .inproc import running_server
+    from ..helpers.inproc import running_server
 
     with trio.fail_after(30):
         async with running_server(tmp_path, max_length=2) as srv:
@@ -285,7 +285,7 @@ async def test_full_queue_is_429_with_retry_after_and_stores_nothing(tmp_path):
 async def test_trim_oldest_makes_room_instead_of_429(tmp_path):
     import trio
 
-    from .inproc import running_server
+    from ..helpers.inproc import running_server
 
     with trio.fail_after(30):
         async with running_server(tmp_path, max_length=2, trim_oldest=True) as srv:

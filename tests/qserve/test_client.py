@@ -9,7 +9,7 @@ import trio
 
 from qserve.client import BlockingQueueClient, ConnectError, QueueClient, QueueError
 
-from ..conftest import ServerProcess
+from ..helpers.process import ServerProcess
 
 LIMIT = 30  # seconds of trio time for any one test
 

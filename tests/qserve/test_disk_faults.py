@@ -14,80 +14,18 @@ trio's autojump clock would skip past); every test is bounded by `trio.fail_afte
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import threading
 
 import trio
 import trio_websocket
 
-from qserve import storage
-from qserve.core.events import QueueRef
-from qserve.backends.local.queues import queue_dir
-from qserve.tools._logscan import find_queues, verify_queue
+from qserve.tools.logtool.scan import find_queues, verify_queue
 
-from .inproc import next_frame, running_server
-from .test_http_edge import Client
+from ..helpers.inproc import next_frame, running_server
+from ..helpers.peers import Client
+from ..helpers.queue_files import SwitchIO, contents, reopen
 
 LIMIT = 20  # seconds (real time) for any test
-
-
-class SwitchIO(storage.FileIO):
-    """A FileIO with fault switches, flipped by the test while the server runs.
-
-    - `full`: every write fails with ENOSPC (nothing written);
-    - `fail_fsync`: every fsync fails with EIO;
-    - `short`: the next write writes half its bytes and reports the short count (one-shot);
-    - `gate`: when set, an fsync made off the trio thread (the group-commit flusher) waits for it
-      to be released (`release()`); `gated` is set once one is waiting.
-    """
-
-    def __init__(self) -> None:
-        self.full = False
-        self.fail_fsync = False
-        self.short = False
-        self.writes = 0
-        self.fsyncs = 0
-        self.gate: threading.Event | None = None
-        self.gated = threading.Event()
-
-    def write(self, fd, data):
-        if self.full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.writes += 1
-        if self.short:
-            self.short = False
-            return os.write(fd, bytes(data[: len(data) // 2]))
-        return super().write(fd, data)
-
-    def pwrite(self, fd, data, offset):
-        if self.full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.writes += 1
-        if self.short:
-            self.short = False
-            return os.pwrite(fd, bytes(data[: len(data) // 2]), offset)
-        return super().pwrite(fd, data, offset)
-
-    def fsync(self, fd):
-        gate = self.gate
-        if gate is not None and threading.current_thread() is not threading.main_thread():
-            self.gated.set()
-            gate.wait(LIMIT)
-        self.fsyncs += 1
-        if self.fail_fsync:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        super().fsync(fd)
-
-    def hold(self) -> None:
-        self.gated.clear()
-        self.gate = threading.Event()
-
-    def release(self) -> None:
-        gate, self.gate = self.gate, None
-        if gate is not None:
-            gate.set()
 
 
 def one_line(body: bytes) -> str:
@@ -96,20 +34,11 @@ def one_line(body: bytes) -> str:
     return text.strip()
 
 
-def reopen(tmp_path, service: str, sink: bool = False) -> storage.QueueLog:
-    """The queue's directory opened afresh with the plain FileIO (after the server stopped)."""
-    return storage.QueueLog.open(queue_dir(tmp_path / "data", QueueRef(service, sink=sink)))
-
-
 def assert_clean(tmp_path) -> None:
     """`qserve log verify` finds nothing wrong anywhere in the data directory."""
     for q in find_queues(str(tmp_path / "data")):
         res = verify_queue(q)
         assert not res.problems, [(p.path, p.offset, p.reason) for p in res.problems]
-
-
-def contents(qlog: storage.QueueLog) -> list[tuple[int, bytes]]:
-    return [(e.index, e.data) for e in qlog.scan()]
 
 
 async def healthy(srv) -> bool:

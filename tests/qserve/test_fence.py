@@ -25,13 +25,11 @@ from qserve.backends.local.fence import RETRY_AFTER, Fence, dir_stamp
 from qserve.cli import main as cli_main
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
-from qserve.storage import LogConfig, QueueLog, iter_records
-from qserve.storage.record import EntryRecord
 
-from .inproc import running_server
+from ..helpers.inproc import running_server
+from ..helpers.queue_files import ENTRIES, build_queue, damage_sealed_segment
 
 LIMIT = 20   # seconds (real time) for any test on the real clock
-ENTRIES = 40
 
 
 @pytest.fixture
@@ -39,28 +37,6 @@ def clock():
     """trio's autojump clock, jumping only after 0.25 s of real idleness: a queue opened from disk
     recovers in a worker thread, and waiting for it must not let the clock jump to the test's limit."""
     return trio.testing.MockClock(autojump_threshold=0.25)
-
-
-def build_queue(path, entries: int, segment_bytes: int = 1024) -> None:
-    """A queue directory holding `entries` entries over several sealed segments."""
-    qlog = QueueLog.open(path, LogConfig(segment_bytes=segment_bytes))
-    try:
-        for i in range(1, entries + 1):
-            qlog.append(f"entry {i} ".encode() + b"x" * 60, {"requestId": f"r{i}"})
-    finally:
-        qlog.close()
-
-
-def damage_sealed_segment(path) -> tuple[str, int, int]:
-    """Flip a byte inside an entry record in the middle of the first (sealed) segment: not a torn
-    tail, so recovery refuses it. Returns the segment's path, the record's offset and its index."""
-    seg = sorted(p for p in path.iterdir() if p.suffix == ".seg")[0]
-    entries = [(off, r) for off, r in iter_records(seg) if isinstance(r, EntryRecord)]
-    off, rec = entries[len(entries) // 2]
-    data = bytearray(seg.read_bytes())
-    data[off + 12] ^= 0xFF   # past the 8-byte frame header: the CRC no longer matches
-    seg.write_bytes(bytes(data))
-    return str(seg), off, rec.index
 
 
 def errors_logged(caplog) -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from .inproc import running_server
+from ..helpers.inproc import running_server
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 
 from qserve.server.aio import AioSync
 
-from ..conftest import ServerProcess
-from .test_sdk import client
+from ..helpers.process import ServerProcess
+from ..helpers.sdk import client
 
 
 def test_acknowledged_put_survives_sigkill(fresh_server, service):
@@ -61,7 +61,7 @@ def test_bad_flag_value_is_one_line(tmp_path):
 
 
 def test_restart_redelivers_uncommitted_and_never_committed(fresh_server, service):
-    from .test_watch_sdk import collect
+    from ..helpers.sdk import collect
 
     fresh_server.start()
     q = client(fresh_server, service)

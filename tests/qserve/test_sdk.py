@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from eas_prediction import QueueClient
 from eas_prediction.exception import PredictException
 
-
-def client(server, name, token=None, **init):
-    c = QueueClient(server.endpoint, name)
-    c.set_token(server.token if token is None else token)
-    c.init(**init)
-    c.set_timeout(10000)  # ms; bounds every request of the tests
-    return c
+from ..helpers.sdk import client
 
 
 def test_put_get_by_index_and_request_id(server, service):

@@ -33,10 +33,10 @@ from qserve.server.server import Server
 from qserve.server.startup import StartupError
 from qserve.server.websocket import ReplayStream, binary_frame
 
-from ..conftest import ServerProcess
-from .inproc import TOKEN, Harness, next_frame
-from .test_disk_faults import SwitchIO, contents, reopen
-from .test_http_edge import Client, MemoryListener, read_to_eof
+from ..helpers.process import ServerProcess
+from ..helpers.inproc import TOKEN, Harness, next_frame
+from ..helpers.queue_files import SwitchIO, contents, reopen
+from ..helpers.peers import Client, MemoryListener, read_to_eof
 
 REAL = 20    # seconds (real time) for a test that holds an fsync or runs a process
 VIRTUAL = 120  # seconds (trio's clock) for the autojump tests

@@ -16,8 +16,8 @@ import pytest
 
 from qserve.server.startup import DATA_LOCK_NAME
 
-from ..conftest import ServerProcess
-from .test_sdk import client
+from ..helpers.process import ServerProcess
+from ..helpers.sdk import client
 
 
 def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import pytest
 from qserve import cli as qserve_cli
 from qserve.client import BlockingQueueClient
 
-from .stream_cli_helpers import TIMEOUT, make_cli
+from ..helpers.stream_cli import TIMEOUT, make_cli
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import subprocess
 
 from qserve.client import BlockingQueueClient
 
-from .stream_cli_helpers import TIMEOUT, LinePump, make_cli
+from ..helpers.stream_cli import TIMEOUT, LinePump, make_cli
 
 LINES = 200_000     # far more than a put -f sends in the test's lifetime: the SIGINT lands mid-file
 

@@ -11,7 +11,7 @@ from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 from qserve.storage.lock import DirLock
 
-from .stream_cli_helpers import make_cli, wait_until
+from ..helpers.stream_cli import make_cli, wait_until
 
 
 def _row(lines: list[str], service: str, queue: str) -> list[str]:

@@ -8,8 +8,8 @@ import signal
 
 from qserve.client import BlockingQueueClient
 
-from ..conftest import ServerProcess
-from .stream_cli_helpers import TIMEOUT, LinePump, make_cli, wait_until
+from ..helpers.process import ServerProcess
+from ..helpers.stream_cli import TIMEOUT, LinePump, make_cli, wait_until
 
 
 def _consumers(q: BlockingQueueClient) -> int:

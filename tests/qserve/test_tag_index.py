@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qserve.core.tags import IDLE_KEPT, FilterIndex, FilterIndexes
 
-from .test_groups import FakeSource
+from ..helpers.sources import FakeSource
 
 RED = (("color", "red"),)
 

@@ -12,7 +12,7 @@ import trio_websocket
 from qserve.server import watch
 from qserve.wire import protobuf
 
-from .inproc import TOKEN, next_frame, no_frame, running_server
+from ..helpers.inproc import TOKEN, next_frame, no_frame, running_server
 
 
 async def put_n(c, n, query=""):
@@ -264,7 +264,7 @@ async def test_a_put_wakes_one_member_per_group_at_once(tmp_path, autojump_clock
 async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move(tmp_path, autojump_clock):
     from qserve.server.watch import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
 
-    from .test_fuzz import RawWatcher
+    from ..helpers.rawws import RawWatcher
 
     with trio.fail_after(300):
         async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:

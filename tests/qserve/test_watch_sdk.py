@@ -3,41 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from eas_prediction.exception import PredictException
 
-from .test_sdk import client
-
-
-def collect(watcher, n, timeout=30.0, on_frame=None):
-    """Read n frames from an SDK watcher in a thread, bounded in time."""
-    got, done = [], threading.Event()
-
-    def run():
-        try:
-            for df in watcher.run():
-                got.append(df)
-                if on_frame:
-                    on_frame(df)
-                if len(got) >= n:
-                    break
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert done.wait(timeout), f"only {len(got)} of {n} frames in {timeout}s"
-    return got
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        threading.Event().wait(0.02)   # polling a real server process from a thread
-    return predicate()
+from ..helpers.sdk import client, collect, wait_for
 
 
 def test_ten_entries_in_order_with_auto_commit(server, service):

@@ -28,9 +28,8 @@ from qserve.worker.cli import service_of
 from qserve.worker.engine import Worker
 from qserve.worker.handler import HandlerSpecError, demo, encode_result, load_handler
 
-from ..conftest import ServerProcess
-from .test_sdk import client
-from .test_watch_sdk import collect, wait_for
+from ..helpers.process import ServerProcess
+from ..helpers.sdk import client, collect, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,7 +131,7 @@ def test_demo_worker_end_to_end(server, service, workers):
 def test_handler_errors_and_retries(server, service, workers):
     q, sink = client(server, service), client(server, service + "/sink")
     rid = {mode: q.put(mode.encode(), tags={"mode": mode})[1] for mode in ("fail", "coded", "retry", "echo", "huge")}
-    w = workers(server, service, "tests.qserve.handlers:dispatch", "--concurrency", "2")
+    w = workers(server, service, "tests.helpers.handlers:dispatch", "--concurrency", "2")
 
     failed = result_of(sink, rid["fail"])
     assert failed.tags["lastCode"] == "500"
@@ -161,7 +160,7 @@ def test_sigterm_drains_and_loses_nothing(server, service, workers, tmp_path):
     gate_listener, never_listener = closed_gate(gate), closed_gate(gate + ".never")
     modes = ["gate", "gate", "stuck", "gate", "gate", "gate"]
     rids = [q.put(f"job {i}".encode(), tags={"mode": m, "gate": gate})[1] for i, m in enumerate(modes)]
-    w = workers(server, service, "tests.qserve.handlers:dispatch", "--concurrency", "3", "--drain-seconds", "1.5")
+    w = workers(server, service, "tests.helpers.handlers:dispatch", "--concurrency", "3", "--drain-seconds", "1.5")
     started = {w.wait_line("HANDLER-STARTED").split()[-1] for _ in range(3)}
     assert started == set(rids[:3])              # two gated handlers and the stuck one are running
 
@@ -180,7 +179,7 @@ def test_sigterm_drains_and_loses_nothing(server, service, workers, tmp_path):
     assert stuck.tags["lastCode"] == "Shutdown"  # the unfinished one was negatively committed
 
     # a second worker picks up everything left, the stuck entry included
-    w2 = workers(server, service, "tests.qserve.handlers:dispatch", "--concurrency", "3")
+    w2 = workers(server, service, "tests.helpers.handlers:dispatch", "--concurrency", "3")
     for r in queued:
         result_of(sink, r)
     assert result_of(sink, rids[2]).data == b"redone after Shutdown"
@@ -222,7 +221,7 @@ async def test_in_process_async_handler_and_drain(server, service):
                 QueueClient(url, token=server.token, group=service) as consumer:
             sink = producer.sink()
             rids = [(await producer.put(b"x" * i))[1] for i in range(1, 6)]
-            worker = Worker(consumer, load_handler("tests.qserve.handlers:async_length"), concurrency=2)
+            worker = Worker(consumer, load_handler("tests.helpers.handlers:async_length"), concurrency=2)
             async with trio.open_nursery() as nursery:
                 await nursery.start(worker.run)
                 for i, rid in enumerate(rids, start=1):
@@ -256,10 +255,10 @@ def test_demo_is_stable_and_sums_to_one():
 
 def test_load_handler():
     assert load_handler("demo").fn is demo
-    h = load_handler("tests.qserve.handlers:async_length")
-    assert h.is_async and not load_handler("tests.qserve.handlers:dispatch").is_async
-    for bad in ("nocolon", "tests.qserve.handlers:missing", "no_such_module_x:f", ":f",
-                "tests.qserve.handlers:Unavailable.code"):
+    h = load_handler("tests.helpers.handlers:async_length")
+    assert h.is_async and not load_handler("tests.helpers.handlers:dispatch").is_async
+    for bad in ("nocolon", "tests.helpers.handlers:missing", "no_such_module_x:f", ":f",
+                "tests.helpers.handlers:Unavailable.code"):
         with pytest.raises(HandlerSpecError):
             load_handler(bad)
     assert Retryable("x").code == "Retry" and Retryable("x", code="Later").code == "Later"

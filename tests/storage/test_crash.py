@@ -11,14 +11,14 @@ from pathlib import Path
 
 from qserve.storage import LogConfig, QueueLog
 
-from .crash_child import payload
+from ..helpers.crash_child import payload
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_child(path, seg_bytes, lines, rng):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "tests.storage.crash_child", str(path), str(seg_bytes)],
+    p = subprocess.Popen([sys.executable, "-m", "tests.helpers.crash_child", str(path), str(seg_bytes)],
                          stdout=subprocess.PIPE, cwd=ROOT, env=env)
     durable = []
     try:

@@ -21,8 +21,8 @@ from qserve.storage.record import (CheckpointRecord, encode_checkpoint, encode_d
 from qserve.storage.recovery import recover
 from qserve.storage.replay import Replay
 from qserve.storage.segment import Tally
-from qserve.tools._logscan import Progress, find_queues
-from qserve.tools.logtool import queue_stats
+from qserve.tools.logtool.scan import Progress, find_queues
+from qserve.tools.logtool.cli import queue_stats
 
 UUID = "0f8fad5b-d9cb-469f-a165-70867728950e"   # 36 chars: a str8 requestId, the fast path's case
 
