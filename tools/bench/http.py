@@ -372,7 +372,7 @@ def targets(rows: list[dict], fsync_p50_ms: float | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=None, help="measured seconds per run (default 4; --quick 0.5)")
     p.add_argument("--warmup", type=float, default=None, help="uncounted seconds before each run (default 0.5)")

@@ -303,7 +303,7 @@ def render(res: dict, args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=int, default=1000, help="keep-alive connections (default 1000)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between requests per connection (default 5)")

@@ -43,19 +43,21 @@ from qserve.storage import QueueLog
 DATA = os.urandom(100)
 
 
-_POOL: list[dict] = []   # tags made before a timed run, so a run times the log, not uuid4()
-
-
 def _new_tags() -> dict:
     return {"requestId": str(uuid.uuid4()), "ts": f"{int(time.time())}@bench"}
 
 
-def tags() -> dict:
-    return _POOL.pop() if _POOL else _new_tags()
+class TagPool:
+    """Tags made before a timed run, so a run times the log, not uuid4(); made on demand once used up."""
 
+    def __init__(self) -> None:
+        self._made: list[dict] = []
 
-def prefill(n: int) -> None:
-    _POOL[:] = [_new_tags() for _ in range(n)]
+    def refill(self, n: int) -> None:
+        self._made = [_new_tags() for _ in range(n)]
+
+    def take(self) -> dict:
+        return self._made.pop() if self._made else _new_tags()
 
 
 def fresh(root: str, name: str) -> str:
@@ -64,33 +66,33 @@ def fresh(root: str, name: str) -> str:
     return path
 
 
-def bench_nosync(root, n, args):
+def bench_nosync(root, n, args, pool: TagPool):
     log = QueueLog.open(fresh(root, "nosync"))
     t0 = time.perf_counter()
     for _ in range(n):
-        log.append(DATA, tags())
+        log.append(DATA, pool.take())
     dt = time.perf_counter() - t0
     log.close()
     return n, dt
 
 
-def bench_every(root, n, args):
+def bench_every(root, n, args, pool: TagPool):
     log = QueueLog.open(fresh(root, "every"))
     t0 = time.perf_counter()
     for _ in range(n):
-        log.append(DATA, tags())
+        log.append(DATA, pool.take())
         log.sync()
     dt = time.perf_counter() - t0
     log.close()
     return n, dt
 
 
-def bench_interval(root, n, args):
+def bench_interval(root, n, args, pool: TagPool):
     log = QueueLog.open(fresh(root, "interval"))
     every = args.interval_ms / 1000
     t0 = last = time.perf_counter()
     for _ in range(n):
-        log.append(DATA, tags())
+        log.append(DATA, pool.take())
         now = time.perf_counter()
         if now - last >= every:
             log.sync()
@@ -101,13 +103,13 @@ def bench_interval(root, n, args):
     return n, dt
 
 
-def bench_group_sim(root, n, args):
+def bench_group_sim(root, n, args, pool: TagPool):
     log = QueueLog.open(fresh(root, "group-sim"))
     k = args.threads
     t0 = time.perf_counter()
     for _ in range(n // k):
         for _ in range(k):
-            log.append(DATA, tags())
+            log.append(DATA, pool.take())
         t = log.sync_begin()
         t.run()
         log.sync_end(t)
@@ -117,7 +119,7 @@ def bench_group_sim(root, n, args):
     return n // k * k, dt
 
 
-def bench_group(root, n, args, clients=None):
+def bench_group(root, n, args, pool: TagPool, clients=None):
     """Server-shaped group commit: one owner thread (the event loop) serves ``clients`` logical
     appenders, each with one append outstanding until it is durable; one flusher thread runs
     ``ticket.run()`` (the server's ``trio.to_thread.run_sync(t.run)``) while the owner keeps
@@ -147,7 +149,7 @@ def bench_group(root, n, args, clients=None):
     t0 = time.perf_counter()
     while done < n:
         while free and done + len(waiting) < n:
-            log.append(DATA, tags())
+            log.append(DATA, pool.take())
             waiting.append(log.appended_seq)
             free -= 1
         if ticket is None:
@@ -172,7 +174,7 @@ def bench_group(root, n, args, clients=None):
     return done, dt
 
 
-def bench_group_aio(root, n, args):
+def bench_group_aio(root, n, args, pool: TagPool):
     """Group commit exactly as the server runs it (qserve.backends.local.queues.Queue): ``--threads`` trio tasks
     each append and wait until the entry is durable; one flusher task lets runnable appenders go
     first (a checkpoint), then syncs the round through kernel AIO (`qserve.server.aio.AioSync`).
@@ -196,7 +198,7 @@ def bench_group_aio(root, n, args):
             nonlocal durable
             while left[0] > 0:
                 left[0] -= 1
-                log.append(DATA, tags())
+                log.append(DATA, pool.take())
                 seq = log.appended_seq
                 while log.durable_seq < seq:
                     wanted.set()
@@ -259,13 +261,13 @@ def fsync_latency(root, records: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def bench_drain(root, n, args):
+def bench_drain(root, n, args, pool: TagPool):
     """Poll + delete in dispatch order until a queue of priority entries is drained while its head
     stays pending (a consumer holds it): each poll restarts behind the dead rows. Returns (polls,
     seconds)."""
     log = QueueLog.open(fresh(root, "drain"))
     for i in range(n):
-        log.append(DATA, tags(), priority=1 + i % 2)
+        log.append(DATA, pool.take(), priority=1 + i % 2)
     head = next(log.iter_dispatch())[0]
     polls = 0
     t0 = time.perf_counter()
@@ -280,7 +282,7 @@ def bench_drain(root, n, args):
     return polls, dt
 
 
-def build_big(path: str, n: int) -> None:
+def build_big(path: str, n: int, pool: TagPool) -> None:
     if os.path.isdir(path):
         log = QueueLog.open(path)
         count = log.length
@@ -293,15 +295,15 @@ def build_big(path: str, n: int) -> None:
     log = QueueLog.open(path)
     t0 = time.perf_counter()
     for i in range(n):
-        log.append(DATA, tags())
+        log.append(DATA, pool.take())
         if i % 100000 == 99999:
             print(f"    {i + 1} ({time.perf_counter() - t0:.1f} s)", flush=True)
     log.close()
 
 
-def bench_reopen(root, n, args):
+def bench_reopen(root, n, args, pool: TagPool):
     path = args.big_dir or os.path.join(root, "big")
-    build_big(path, n)
+    build_big(path, n, pool)
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
@@ -329,7 +331,8 @@ MODES = {"nosync": bench_nosync, "every": bench_every, "interval": bench_interva
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, default=1_000_000, help="size of the reopen/RAM log")
     ap.add_argument("--appends", type=int, default=100_000, help="appends per throughput mode")
     ap.add_argument("--every-appends", type=int, default=3000, help="appends for the sync-every mode")
@@ -345,6 +348,7 @@ def main(argv=None) -> int:
     root = args.dir or tempfile.mkdtemp(prefix="bench-storage-")
     os.makedirs(root, exist_ok=True)
     rows = []
+    pool = TagPool()
     try:
         lat, lat_append = fsync_latency(root, args.threads)
         rows.append((f"fsync of a {args.threads}-record round, p50", f"{lat * 1e6:.0f} us",
@@ -353,7 +357,7 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             print(f"running {mode} ...", flush=True)
             if mode == "reopen":
-                r = bench_reopen(root, args.entries, args)
+                r = bench_reopen(root, args.entries, args, pool)
                 rows.append((f"reopen {args.entries} entries", f"{r['reopen_s']:.2f} s",
                              "runs: " + ", ".join(f"{t:.2f}" for t in r["reopen_all"])))
                 rows.append(("requestId table build (1st lookup)", f"{r['rid_table_s']:.2f} s", ""))
@@ -362,22 +366,22 @@ def main(argv=None) -> int:
                              f"peak during open {r['ram_peak']:.1f} B"))
                 continue
             if mode == "drain":
-                polls, dt = bench_drain(root, args.drain_entries, args)
+                polls, dt = bench_drain(root, args.drain_entries, args, pool)
                 rows.append((f"drain {args.drain_entries} priority entries, head pending",
                              f"{polls / dt:,.0f}", f"polls+deletes/s ({dt / polls * 1e6:.0f} us each)"))
                 print(f"    {polls / dt:,.0f} polls/s", flush=True)
                 continue
             n = args.every_appends if mode == "every" else args.appends
-            prefill(n + 64)
+            pool.refill(n + 64)
             runs = [(mode, None)]
             if mode == "group":
                 runs = [(f"group x{args.threads}", None)] + [
                     (f"group x{c}", int(c)) for c in args.more_clients.split(",") if c]
             for label, clients in runs:
                 if clients:
-                    result = bench_group(root, n, args, clients)
+                    result = bench_group(root, n, args, pool, clients)
                 else:
-                    result = MODES[mode](root, n, args)
+                    result = MODES[mode](root, n, args, pool)
                 if result is None:
                     rows.append((f"appends/s {label}", "-", "kernel AIO is not available here"))
                     continue

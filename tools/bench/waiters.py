@@ -75,7 +75,8 @@ async def run_one(port: int, waiters: int, args, server: bl.ServerProc) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--waiters", default="0,300", help="comma list of waiting-client counts")
     ap.add_argument("--connections", type=int, default=1, help="put connections (back to back)")
     ap.add_argument("--seconds", type=float, default=3.0)

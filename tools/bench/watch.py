@@ -82,13 +82,12 @@ from pathlib import Path
 import trio
 
 from . import http, lib as bl
-from . import watch_parts as parts
-from .watch_parts import BODY, Tally, _names, e2e_peak, render_peak, run_consumers
+from .watch_parts import BODY, Tally, e2e_peak, fresh_service, render_peak, run_consumers
 
 async def throughput(port: int, token: str, *, consumers: int, window: int, auto: bool, entries: int,
-                     server: bl.ServerProc, timeout: float) -> dict:
+                     server: bl.ServerProc, timeout: float, ws_client: str) -> dict:
     mode = "auto" if auto else "manual"
-    service = f"tp{next(_names)}-{mode}-w{window}-c{consumers}"
+    service = f"{fresh_service('tp', mode, window)}-c{consumers}"
     label = f"{mode} commit, window {window}, {consumers} consumer(s)"
     await bl.put_many(port, service, entries, connections=64, body=BODY, token=token, label=f"prefill {service}")
     tally = Tally(expected=entries, manual=not auto)
@@ -101,7 +100,7 @@ async def throughput(port: int, token: str, *, consumers: int, window: int, auto
         timed_out = scope.cancelled_caught
 
     res = await run_consumers(port, service, consumers, window, auto, tally, token, latency=False, until=until,
-                              server=server, label=label)
+                              server=server, label=label, ws_client=ws_client)
     if timed_out:
         tally.error(f"timed out after {timeout:.0f}s with {tally.received}/{entries} received, "
                     f"{tally.committed} committed")
@@ -201,9 +200,9 @@ async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: fl
 
 
 async def latency_run(port: int, token: str, *, rate: float, seconds: float, warmup: float, window: int,
-                      auto: bool, server: bl.ServerProc, connections: int = 32) -> dict:
+                      auto: bool, server: bl.ServerProc, ws_client: str, connections: int = 32) -> dict:
     mode = "auto" if auto else "manual"
-    service = f"lat{next(_names)}-{mode}-w{window}"
+    service = fresh_service("lat", mode, window)
     label = f"latency {mode} commit, window {window}, {rate:,.0f} puts/s"
     tally = Tally(expected=0, manual=not auto)
     headers = bl.auth_headers(token)
@@ -243,7 +242,7 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
                 await trio.sleep(0.01)
 
     res = await run_consumers(port, service, 1, window, auto, tally, token, latency=True, until=until,
-                              server=server, label=label)
+                              server=server, label=label, ws_client=ws_client)
     s = bl.summary(tally.latencies_ns)
     measured = len(tally.latencies_ns)
     row = {"mode": mode, "window": window, "rate_target": round(rate, 1),
@@ -352,7 +351,7 @@ def targets(tp_rows: list[dict], lat_rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entries", type=int, default=None, help="entries per throughput scenario (default 5000; --quick 300)")
     p.add_argument("--consumers", default="1,4", help="consumer counts (default 1,4)")
@@ -397,7 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         consumers, windows = consumers[-1:], windows[:1]
 
-    parts.WS_CLIENT = args.ws_client
     cpus = bl.default_pinning(args.pin)
     bl.pin_self(cpus[1])
     probe = bl.fsync_probe(Path(args.data_dir or os.environ.get("TMPDIR") or "/tmp"))
@@ -416,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                     for n in consumers:
                         tp_rows.append(trio.run(lambda: throughput(
                             port, token, consumers=n, window=window, auto=mode == "auto", entries=args.entries,
-                            server=server, timeout=args.timeout)))
+                            server=server, timeout=args.timeout, ws_client=args.ws_client)))
             if not args.no_latency:
                 lat_modes = ("auto", "manual")
                 peaks: dict[str, float] = {}
@@ -424,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = trio.run(lambda: e2e_peak(
                         port, token, window=windows[0], auto=mode == "auto", server=server,
                         seconds=args.peak_seconds, warmup=peak_warmup, connections=args.peak_connections,
-                        max_backlog=args.peak_backlog))
+                        max_backlog=args.peak_backlog, ws_client=args.ws_client))
                     peak_rows.append(row)
                     peaks[mode] = row["received_per_s"]
                 # per mode: (half-peak rate, light rate)
@@ -442,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         row = trio.run(lambda: latency_run(
                             port, token, rate=r, seconds=args.seconds, warmup=args.warmup, window=windows[0],
-                            auto=mode == "auto", server=server))
+                            auto=mode == "auto", server=server, ws_client=args.ws_client))
                         lat_rows.append({"load": load, "peak_per_s": None if args.rate is not None else peaks[mode],
                                          **row})
             if not server.alive():

@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,9 +23,7 @@ from . import lib as bl
 from .ws import LeanWebSocket
 
 GROUP = "bench-group"
-WS_CLIENT = "lean"   # or "trio-websocket"; set by `watch --ws-client` (see `ws`)
 BODY = b"x" * 100
-_names = itertools.count(1)
 
 
 @dataclass
@@ -58,6 +56,11 @@ class Tally:
             self.done.set()
 
 
+def fresh_service(kind: str, mode: str, window: int) -> str:
+    """A queue of its own for each scenario, so one scenario's leftovers never reach the next."""
+    return f"{kind}-{uuid.uuid4().hex[:8]}-{mode}-w{window}"
+
+
 def ws_target(service: str, window: int, auto: bool) -> str:
     return f"/api/predict/{service}?_watch_=true&_index_=0&_window_={window}&_auto_commit_={'true' if auto else 'false'}"
 
@@ -72,14 +75,15 @@ def identity(uid: str, token: str) -> list[tuple[bytes, bytes]]:
 
 
 async def consumer(n: int, port: int, service: str, window: int, auto: bool, tally: Tally, token: str,
-                   latency: bool, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                   latency: bool, ws_client: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """One watch consumer; `ws_client` is "lean" (`ws`) or "trio-websocket" (the library client)."""
     uid = f"consumer{n}"
     clock = time.perf_counter_ns
     tally.per_consumer.append(0)
     commit_headers = [("Authorization", token), ("X-EAS-QueueService-Uid", uid), ("X-EAS-QueueService-Gid", GROUP)]
 
     async with contextlib.AsyncExitStack() as stack:
-        if WS_CLIENT == "lean":
+        if ws_client == "lean":
             ws = await LeanWebSocket.connect(port, ws_target(service, window, auto), identity(uid, token))
             stack.push_async_callback(ws.aclose)
         else:
@@ -126,7 +130,8 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
 
 
 async def run_consumers(port: int, service: str, consumers: int, window: int, auto: bool, tally: Tally,
-                        token: str, *, latency: bool, until, server: bl.ServerProc, label: str) -> dict:
+                        token: str, *, latency: bool, until, server: bl.ServerProc, label: str,
+                        ws_client: str) -> dict:
     """Start the consumers, await `until()` (which returns when the scenario is over), stop them."""
     t0 = time.perf_counter()
     meter = bl.CpuMeter(server).start()
@@ -145,7 +150,7 @@ async def run_consumers(port: int, service: str, consumers: int, window: int, au
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reporter)
         for i in range(consumers):
-            await nursery.start(consumer, i, port, service, window, auto, tally, token, latency)
+            await nursery.start(consumer, i, port, service, window, auto, tally, token, latency, ws_client)
         await until()
         t1 = time.perf_counter()
         result["seconds"] = t1 - t0
@@ -155,7 +160,7 @@ async def run_consumers(port: int, service: str, consumers: int, window: int, au
 
 
 async def e2e_peak(port: int, token: str, *, window: int, auto: bool, server: bl.ServerProc, seconds: float,
-                   warmup: float, connections: int = 16, max_backlog: int = 500) -> dict:
+                   warmup: float, ws_client: str, connections: int = 16, max_backlog: int = 500) -> dict:
     """Peak end-to-end load of one commit mode: `connections` keep-alive connections put entries back
     to back (closed loop) into a fresh queue while one consumer (window `window`) receives - and, in
     manual mode, commits - them. After `warmup` s, puts answered and entries received are counted for
@@ -164,7 +169,7 @@ async def e2e_peak(port: int, token: str, *, window: int, auto: bool, server: bl
     than the consumer: then the cap sets the pace ("cap waits" > 0) and received/s is the rate the
     consumer sustains while the server also takes the puts."""
     mode = "auto" if auto else "manual"
-    service = f"peak{next(_names)}-{mode}-w{window}"
+    service = fresh_service("peak", mode, window)
     label = f"e2e peak {mode} commit, window {window}, {connections} put connections"
     tally = Tally(expected=0, manual=not auto)
     raw = bl.request_bytes("POST", f"/api/predict/{service}", port, body=BODY, headers=bl.auth_headers(token))
@@ -211,7 +216,7 @@ async def e2e_peak(port: int, token: str, *, window: int, auto: bool, server: bl
                 await trio.sleep(0.01)
 
     await run_consumers(port, service, 1, window, auto, tally, token, latency=False, until=until,
-                        server=server, label=label)
+                        server=server, label=label, ws_client=ws_client)
     w = window_stats
     received_per_s = w["received"] / w["seconds"]
     row = {"mode": mode, "window": window, "consumers": 1, "put_connections": connections,
