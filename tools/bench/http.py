@@ -54,7 +54,7 @@ from pathlib import Path
 import h11
 import trio
 
-from . import lib as bl
+from . import drive, lib as bl
 
 SERVICE = "bench"
 PUT_BODY = b"x" * 100
@@ -161,7 +161,7 @@ def get_request(port: int, token: str | None, first: int, count: int, mode: str)
 
 
 def stdlib_put_run(port: int, token: str | None, seconds: float, warmup: float, server: bl.ServerProc,
-                   label: str) -> bl.LoadResult:
+                   label: str) -> drive.LoadResult:
     """One sequential client with http.client (keep-alive), for warm-up + seconds."""
     conn = http.client.HTTPConnection(bl.LOCALHOST, port, timeout=10)
     headers = dict(bl.auth_headers(token))
@@ -200,11 +200,11 @@ def stdlib_put_run(port: int, token: str | None, seconds: float, warmup: float, 
         conn.close()
     if not meter.started:
         meter.start()
-    return bl.LoadResult(len(lat), seconds, errors, lat, meter.stop(seconds), first_error)
+    return drive.LoadResult(len(lat), seconds, errors, lat, meter.stop(seconds), first_error)
 
 
 def sdk_put_run(port: int, token: str, seconds: float, warmup: float, server: bl.ServerProc,
-                label: str) -> bl.LoadResult | None:
+                label: str) -> drive.LoadResult | None:
     """One sequential client with the official SDK (eas_prediction), if installed."""
     try:
         import logging
@@ -241,7 +241,7 @@ def sdk_put_run(port: int, token: str, seconds: float, warmup: float, server: bl
     if not meter.started:
         meter.start()
     bl.progress(f"  {label}: {len(lat) / seconds:,.0f} req/s")
-    return bl.LoadResult(len(lat), seconds, errors, lat, meter.stop(seconds), first_error)
+    return drive.LoadResult(len(lat), seconds, errors, lat, meter.stop(seconds), first_error)
 
 
 def run_server(kind: str, args, data_parent: str | None, cpus) -> list[dict]:
@@ -260,7 +260,7 @@ def run_server(kind: str, args, data_parent: str | None, cpus) -> list[dict]:
             port = proc.port
             bl.progress(f"{name} on port {port}")
 
-            def one(scenario: str, conns: int, result: bl.LoadResult | None, client: str) -> None:
+            def one(scenario: str, conns: int, result: drive.LoadResult | None, client: str) -> None:
                 if result is None:
                     return
                 row = {"scenario": scenario, "connections": conns, "client": client, "server": name,
@@ -273,7 +273,7 @@ def run_server(kind: str, args, data_parent: str | None, cpus) -> list[dict]:
 
             def load(scenario: str, conns: int, make, check, *, ok=frozenset({200}), stop=frozenset()):
                 label = f"{name} {scenario} c{conns}"
-                result = trio.run(lambda: bl.load_run(
+                result = trio.run(lambda: drive.load_run(
                     port, make, connections=conns, seconds=args.seconds, warmup=args.warmup,
                     parser=args.parser, label=label, server=proc, check=check, ok_status=ok,
                     stop_on_status=stop))
@@ -285,11 +285,11 @@ def run_server(kind: str, args, data_parent: str | None, cpus) -> list[dict]:
             if args.get_mode == "index":
                 count = 0
                 if kind != "bare":
-                    attrs = trio.run(bl.attributes, port, SERVICE)
+                    attrs = trio.run(drive.attributes, port, SERVICE)
                     count = int(attrs.get("stream.length", 0))
                     if count < 100:
-                        trio.run(lambda: bl.put_many(port, SERVICE, 1000, label=f"{name} prefill"))
-                        count = int(trio.run(bl.attributes, port, SERVICE)["stream.length"])
+                        trio.run(lambda: drive.put_many(port, SERVICE, 1000, label=f"{name} prefill"))
+                        count = int(trio.run(drive.attributes, port, SERVICE)["stream.length"])
                     count = min(count, 100_000)
                 get_make = get_request(port, token, 1, count, "index")
                 for conns in args.connections:
@@ -298,12 +298,12 @@ def run_server(kind: str, args, data_parent: str | None, cpus) -> list[dict]:
                 for conns in args.connections:
                     if kind != "bare":
                         # empty the queue, then pre-fill exactly what this run may pop
-                        n = int(trio.run(bl.attributes, port, SERVICE)["stream.lastEntry"])
+                        n = int(trio.run(drive.attributes, port, SERVICE)["stream.lastEntry"])
                         if n:
                             conn_raw = bl.request_bytes("DELETE", f"/api/predict/{SERVICE}?_index_={n + 1}&_trunc_=true",
                                                         port, headers=bl.auth_headers(token))
                             trio.run(_one_request, port, conn_raw)
-                        trio.run(lambda: bl.put_many(port, SERVICE, args.pop_prefill, label=f"{name} prefill"))
+                        trio.run(lambda: drive.put_many(port, SERVICE, args.pop_prefill, label=f"{name} prefill"))
                     load("get-pop", conns, get_request(port, token, 0, 0, "pop"), _check_get,
                          stop=frozenset({204}))
             if not args.no_seq:

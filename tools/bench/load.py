@@ -58,11 +58,10 @@ import resource
 import sys
 import threading
 import time
-from pathlib import Path
 
 import trio
 
-from . import lib as bl
+from . import drive, lib as bl
 from .load_clients import (LORIS_KINDS, LORIS_SERVICE, PRODUCER_CONNECTIONS, SERVICE, LorisResult,
                            Tally, WatchTally, keepalive_client, loris_ok, open_connections, probe_loop,
                            producer, slow_loris, watcher)
@@ -118,9 +117,9 @@ async def sample_memory(pid: int, out: list[int], every: float = 0.25) -> None:
 
 async def run_load(args: argparse.Namespace, server: bl.ServerProc) -> dict:
     port, token, pid = server.port, bl.TOKEN, server.proc.pid
-    await bl.put_many(port, SERVICE, 1, connections=1, token=token, label="warm-up")
-    await bl.attributes(port, SERVICE, token)
-    await bl.attributes(port, LORIS_SERVICE, token)
+    await drive.put_many(port, SERVICE, 1, connections=1, token=token, label="warm-up")
+    await drive.attributes(port, SERVICE, token)
+    await drive.attributes(port, LORIS_SERVICE, token)
     mem = {"start": server_memory(pid).get("VmRSS")}
 
     ka, puts, wt = Tally(), Tally(), WatchTally()

@@ -24,7 +24,7 @@ import trio_websocket
 
 from qserve.wire.protobuf import decode_frame
 
-from . import lib as bl
+from . import drive, lib as bl
 
 SERVICE = "load"
 LORIS_SERVICE = "loris"
@@ -140,7 +140,7 @@ async def producer(port: int, token: str, rate: float, tally: Tally) -> None:
             else:
                 tally.error(f"put: {status} {body[:80]!r}")
 
-    await bl.on_each(conns, worker)
+    await drive.on_each(conns, worker)
 
 
 # ---------------------------------------------------------------------------------- watchers
@@ -185,7 +185,7 @@ async def watcher(n: int, port: int, token: str, window: int, manual: bool, tall
     tally.per_watcher.append(0)
     started = False
     conn = CommitConn(port, tally) if manual else None
-    committer = bl.CommitBatcher(conn, port, SERVICE, commit_headers, tally) if conn is not None else None
+    committer = drive.CommitBatcher(conn, port, SERVICE, commit_headers, tally) if conn is not None else None
     try:
         async with trio_websocket.open_websocket_url(url, extra_headers=headers, connect_timeout=10,
                                                      disconnect_timeout=2) as ws:

@@ -195,7 +195,6 @@ def bench_group_aio(root, n, args, pool: TagPool):
         wanted = trio.Event()
 
         async def appender():
-            nonlocal durable
             while left[0] > 0:
                 left[0] -= 1
                 log.append(DATA, pool.take())

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import trio
 
-from . import lib as bl
+from . import drive, lib as bl
 
 SERVICE = "bench-wait"
 
@@ -51,7 +50,7 @@ async def run_one(port: int, waiters: int, args, server: bl.ServerProc) -> dict:
             await nursery.start(waiter, i)
         await trio.sleep(0.5)                   # let the server park them all
         body = b"x" * 100
-        result = await bl.load_run(
+        result = await drive.load_run(
             port, lambda n, seq: bl.request_bytes("POST", f"/api/predict/{SERVICE}/sink?requestId=other-{n}-{seq}",
                                                   port, body=body, headers=headers),
             connections=args.connections, seconds=args.seconds, warmup=args.warmup,

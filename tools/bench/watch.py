@@ -81,7 +81,7 @@ from pathlib import Path
 
 import trio
 
-from . import http, lib as bl
+from . import drive, http, lib as bl
 from .watch_parts import BODY, Tally, e2e_peak, fresh_service, render_peak, run_consumers
 
 async def throughput(port: int, token: str, *, consumers: int, window: int, auto: bool, entries: int,
@@ -89,7 +89,7 @@ async def throughput(port: int, token: str, *, consumers: int, window: int, auto
     mode = "auto" if auto else "manual"
     service = f"{fresh_service('tp', mode, window)}-c{consumers}"
     label = f"{mode} commit, window {window}, {consumers} consumer(s)"
-    await bl.put_many(port, service, entries, connections=64, body=BODY, token=token, label=f"prefill {service}")
+    await drive.put_many(port, service, entries, connections=64, body=BODY, token=token, label=f"prefill {service}")
     tally = Tally(expected=entries, manual=not auto)
     timed_out = False
 
@@ -125,7 +125,7 @@ async def _settled_length(port: int, service: str, token: str, wait: float = 5.0
     """stream.length, polled until it is 0 (bounded)."""
     deadline = time.monotonic() + wait
     while True:
-        length = int((await bl.attributes(port, service, token))["stream.length"])
+        length = int((await drive.attributes(port, service, token))["stream.length"])
         if length == 0 or time.monotonic() > deadline:
             return length
         await trio.sleep(0.05)
@@ -164,7 +164,7 @@ async def open_loop(port: int, *, rate: float, seconds: float, warmup: float, co
             status, _, body = await conn.request(request(t0))
             answered(t0, status, body)
 
-    await bl.on_each(conns, worker)
+    await drive.on_each(conns, worker)
     return late
 
 

@@ -19,7 +19,7 @@ import trio_websocket
 
 from qserve.wire.protobuf import decode_frame
 
-from . import lib as bl
+from . import drive, lib as bl
 from .ws import LeanWebSocket
 
 GROUP = "bench-group"
@@ -91,7 +91,7 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
                 ws_url(port, service, window, auto), extra_headers=identity(uid, token)))
         get_message = ws.get_message
         conn = await bl.HTTPConn.open(port) if not auto else None
-        committer = (bl.CommitBatcher(conn, port, service, commit_headers, tally, on_commit=tally.check_done)
+        committer = (drive.CommitBatcher(conn, port, service, commit_headers, tally, on_commit=tally.check_done)
                      if conn is not None else None)
         task_status.started()
         try:
