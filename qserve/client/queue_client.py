@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 import trio
 import trio_websocket
 
-from qserve.wire import protobuf
+from qserve.wire import names, protobuf
 from qserve.client.http import ConnectError, ConnectionPool, QueueError, QueueTimeout, QueueURL, Response, reason_from
 from qserve.client.watch import Watcher
 
@@ -40,7 +40,6 @@ __all__ = ["QueueClient", "Entry"]
 #: One queue entry: ``index``, ``tags`` (dict), ``data`` (bytes) and ``message`` (usually empty).
 Entry = protobuf.Frame
 
-_PROTOBUF = "application/vnd.google.protobuf"
 _MAX_BACKOFF = 1.0
 
 
@@ -121,7 +120,7 @@ class QueueClient:
 
     def _headers(self, extra: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
         headers = [("Host", self.url.host_header), ("User-Agent", "qserve-client"),
-                   ("X-EAS-QueueService-Uid", self.user), ("X-EAS-QueueService-Gid", self.group)]
+                   (names.USER_HEADER, self.user), (names.GROUP_HEADER, self.group)]
         if self.token is not None:
             headers.append(("Authorization", self.token))
         headers.extend(extra)
@@ -161,7 +160,7 @@ class QueueClient:
         return response
 
     def _open_websocket(self, resource: str):
-        headers = [(k.encode(), v.encode()) for k, v in self._headers([("Accept", _PROTOBUF)]) if k != "Host"]
+        headers = [(k.encode(), v.encode()) for k, v in self._headers([("Accept", names.PROTOBUF)]) if k != "Host"]
         use_ssl: bool | ssl.SSLContext = False
         if self.url.scheme == "https":
             use_ssl = self._ssl_context or True
@@ -192,7 +191,7 @@ class QueueClient:
             query.append(("_priority_", str(priority)))
         response = await self._call("POST", query, body=bytes(data), retry="before-response", path=path)
         try:
-            return int(response.body), response.headers["x-eas-queueservice-request-id"]
+            return int(response.body), response.headers[names.REQUEST_ID_HEADER.lower()]
         except (ValueError, KeyError):
             raise QueueError(response.status, "malformed put answer from server") from None
 
@@ -210,7 +209,7 @@ class QueueClient:
         if request_id is not None:
             query.append(("requestId", request_id))
         query += _tag_params(tags)
-        response = await self._call("GET", query, headers=[("Accept", _PROTOBUF)], wait=timeout,
+        response = await self._call("GET", query, headers=[("Accept", names.PROTOBUF)], wait=timeout,
                                     retry="never" if auto_delete else "always", ok=(200, 204))
         if response.status == 204 or not response.body:
             return []
@@ -221,7 +220,7 @@ class QueueClient:
 
     async def attributes(self) -> dict[str, str]:
         """The queue's attributes (``stream.length``, ``meta.state``, ...), all values strings."""
-        response = await self._call("GET", [("_attrs_", "true")], headers=[("Accept", _PROTOBUF)])
+        response = await self._call("GET", [("_attrs_", "true")], headers=[("Accept", names.PROTOBUF)])
         try:
             return protobuf.decode_attributes(response.body)
         except protobuf.DecodeError as exc:

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from qserve.core.events import ConsumerSpec
+from qserve.wire.durations import format_go_duration
 from qserve.core.group_state import Consumer, EntryEvent, EntryState, Group, Nack, step
 from qserve.core.tags import FilterIndex, FilterIndexes, matches
 
-__all__ = ["Dispatcher", "DispatchSource", "format_go_duration"]
+__all__ = ["Dispatcher", "DispatchSource"]
 
 
 class DispatchSource(Protocol):
@@ -402,32 +403,3 @@ def _common(wanted: Collection[int], kept: Mapping[int, object]) -> list[int]:
     if len(wanted) <= len(kept):
         return [i for i in wanted if i in kept]
     return [i for i in kept if i in wanted]
-
-
-def format_go_duration(ns: int) -> str:
-    """Format integer nanoseconds like Go's ``time.Duration.String()``: ``0s``, ``750ms``,
-    ``19.997s``, ``1m30s``, ``1h0m0s``, ``1.5µs``, ``42ns``."""
-    if ns == 0:
-        return "0s"
-    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
-    if ns < 1_000:
-        return f"{sign}{ns}ns"
-    if ns < 1_000_000:
-        return f"{sign}{_decimal(ns, 1_000)}µs"
-    if ns < 1_000_000_000:
-        return f"{sign}{_decimal(ns, 1_000_000)}ms"
-    hours, rest = divmod(ns, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    seconds = _decimal(rest, 1_000_000_000) + "s"
-    if hours:
-        return f"{sign}{hours}h{minutes}m{seconds}"
-    if minutes:
-        return f"{sign}{minutes}m{seconds}"
-    return sign + seconds
-
-
-def _decimal(value: int, unit: int) -> str:
-    whole, part = divmod(value, unit)
-    if not part:
-        return str(whole)
-    return f"{whole}.{part:0{len(str(unit)) - 1}d}".rstrip("0")

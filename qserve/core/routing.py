@@ -15,29 +15,26 @@ import urllib.parse
 from typing import Mapping, Sequence
 
 from qserve.core import events as ev
+from qserve.wire import names
 from qserve.config import Config
 from qserve.core.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
 from qserve.wire.params import (ParamError, parse_bool, parse_duration, parse_index_list, parse_int,
                      split_params)
 
-__all__ = ["route", "PROTOBUF", "MOUNT", "ADMIN", "identity_from", "header_tags", "MAX_PRIORITY",
+__all__ = ["route", "ADMIN", "identity_from", "header_tags", "MAX_PRIORITY",
            "service_problem", "token_opens"]
 
-PROTOBUF = "application/vnd.google.protobuf"
-MOUNT = "/api/predict/"
 ADMIN = "/api/queues"          # qserve's own endpoints: list the queues, create a service's queues
-DEFAULT_GROUP = "default_group"
 MAX_PRIORITY = 2**31 - 1
 MAX_TIMEOUT = 3600.0
 NAME_MAX = 255                 # bytes in a file name (Linux, most file systems): a service's directory
 ALLOWED = "GET, POST, PUT, DELETE"
 
-# Identity headers: the ones the attributes advertise (Go) and the ones Python/Java hard-code.
-USER_HEADERS = ("x-eas-queueservice-uid", "x-eas-queueservice-redis-uid")
-GROUP_HEADERS = ("x-eas-queueservice-gid", "x-eas-queueservice-redis-gid")
-PRIORITY_HEADER = "x-eas-queueservice-priority"
-_NOT_TAGGED = {*USER_HEADERS, *GROUP_HEADERS, PRIORITY_HEADER, "x-eas-queueservice-request-id",
-               "authorization"}
+# request headers, lower-cased as h11 delivers them
+_USER = names.lower(*names.USER_HEADERS)
+_GROUP = names.lower(*names.GROUP_HEADERS)
+_PRIORITY = names.PRIORITY_HEADER.lower()
+_NOT_TAGGED = {*_USER, *_GROUP, _PRIORITY, names.REQUEST_ID_HEADER.lower(), "authorization"}
 
 Headers = Mapping[str, str]   # lower-case names
 
@@ -76,8 +73,8 @@ def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Hea
 
 def _queue_for(path: str, config: Config) -> tuple[ev.QueueRef | None, str]:
     """The queue a path names and the custom sub-path of a put ('' if none)."""
-    if path.startswith(MOUNT):
-        parts = path[len(MOUNT):].split("/")
+    if path.startswith(names.MOUNT):
+        parts = path[len(names.MOUNT):].split("/")
         service, rest = parts[0], [p for p in parts[1:]]
         if service_problem(service) is not None:
             return None, ""
@@ -160,8 +157,8 @@ def _authorize(headers: Headers, config: Config, service: str) -> None:
 
 
 def identity_from(headers: Headers, anonymous_user: str) -> ev.Identity:
-    user = next((headers[h] for h in USER_HEADERS if headers.get(h)), None)
-    group = next((headers[h] for h in GROUP_HEADERS if headers.get(h)), None) or DEFAULT_GROUP
+    user = next((headers[h] for h in _USER if headers.get(h)), None)
+    group = next((headers[h] for h in _GROUP if headers.get(h)), None) or names.DEFAULT_GROUP
     if user is None:
         return ev.Identity(group, anonymous_user, anonymous=True)
     return ev.Identity(group, user)
@@ -184,7 +181,7 @@ def header_tags(headers: Headers) -> list[tuple[str, str]]:
 
 
 def _wants_protobuf(headers: Headers) -> bool:
-    return PROTOBUF in headers.get("accept", "")
+    return names.PROTOBUF in headers.get("accept", "")
 
 
 def _tag_tuple(tags: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -224,7 +221,7 @@ def _post(queue, identity, control, tags, headers, body, config, subpath, upgrad
         return ev.End(queue, identity, force=parse_bool("_force_", control.get("_force_"), False))
     prio = control.get("_priority_")
     if prio is None:
-        prio = headers.get(PRIORITY_HEADER)
+        prio = headers.get(_PRIORITY)
         name = "X-EAS-QueueService-Priority"
     else:
         name = "_priority_"

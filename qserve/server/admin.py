@@ -26,7 +26,8 @@ from qserve.config import Config
 from qserve.core.events import QueueRef
 from qserve.server.http import Response
 from qserve.backends.local.queues import QueueManager
-from qserve.core.routing import MOUNT, token_opens
+from qserve.core.routing import token_opens
+from qserve.wire.names import MOUNT
 
 __all__ = ["handle", "queue_listing", "queue_path"]
 

@@ -25,7 +25,7 @@ from qserve import storage
 
 from qserve.server import admin as _admin
 from qserve.core import events as ev
-from qserve.wire import protobuf
+from qserve.wire import names, protobuf
 from qserve.core.tags import FilterIndex
 from qserve.config import Config
 from qserve.core.errors import BadRequest, Conflict, QServeError, QueueFenced, error_response, translate
@@ -41,7 +41,7 @@ log = logging.getLogger("qserve")
 
 TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 JSON = [("Content-Type", "application/json")]
-PROTO = [("Content-Type", "application/vnd.google.protobuf")]
+PROTO = [("Content-Type", names.PROTOBUF)]
 OK = Response(200, b"OK", list(TEXT))
 
 
@@ -133,7 +133,7 @@ class App:
         queue.notify(entry)
         await queue.wait_durable(mark)
         return Response(200, str(entry.index).encode(),
-                        [*TEXT, ("X-Eas-Queueservice-Request-Id", request_id)])
+                        [*TEXT, (names.REQUEST_ID_HEADER, request_id)])
 
     def _trim_for_one_more(self, queue: Queue) -> None:
         """`--trim-oldest`: make room for one entry by truncating the oldest (durable with the put)."""
@@ -290,11 +290,7 @@ def attributes_of(queue: Queue, config: Config) -> dict[str, str]:
         "meta.backend": "qserve-segment-log",
         "meta.maxPayloadBytes": str(config.max_payload_bytes),
         "stream.maxPayloadBytes": str(config.max_payload_bytes),
-        "meta.header.user": "X-EAS-QueueService-Uid",
-        "meta.header.group": "X-EAS-QueueService-Gid",
-        "meta.header.priority": "X-EAS-QueueService-Priority",
-        "meta.header.userIdentifyHeader": "X-EAS-QueueService-Uid",
-        "meta.header.groupIdentifyHeader": "X-EAS-QueueService-Gid",
+        **names.HEADER_ATTRIBUTES,
         "meta.maxPriority": str(MAX_PRIORITY),
         "stream.length": str(qlog.length),
         "stream.approxMaxLength": str(config.max_length),

@@ -37,6 +37,7 @@ import h11
 import trio
 
 from qserve.core import errors
+from qserve.wire.names import REQUEST_ID_HEADER
 from qserve.server.types import Handler, HTTPConfig, Request, Response
 from qserve.server.websocket import WebSocketHandler, handshake_problem, run_upgrade
 
@@ -512,7 +513,7 @@ def _h11_response(status: int, headers: list[tuple[str, str]]) -> h11.Response:
 
 
 _HEAD_CACHE_SIZE = 64
-_UNIQUE = "X-Eas-Queueservice-Request-Id"   # differs on every put answer
+_UNIQUE = REQUEST_ID_HEADER   # differs on every put answer
 _head_cache: dict[tuple, h11.Response] = {}
 
 

@@ -19,6 +19,7 @@ from qserve.client import QueueClient
 from qserve.config import ConfigError
 from qserve.server.server import Server
 from qserve.server.startup import listeners_for
+from qserve.wire.names import MOUNT
 from qserve.worker.cli import allow_cwd_imports, default_user, drain_on_signals
 from qserve.worker.engine import Worker
 from qserve.worker.handler import Handler, HandlerSpecError, load_handler
@@ -58,7 +59,7 @@ async def _embedded(config, service: str, handler: Handler, sockets=None) -> Non
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.run)
-            url = f"http://{_loopback_host(config.host)}:{port}/api/predict/{urllib.parse.quote(service)}"
+            url = f"http://{_loopback_host(config.host)}:{port}{MOUNT}{urllib.parse.quote(service)}"
             log.info("embedded worker: handler %s on %s", handler.name, url)
             client = QueueClient(url, token=config.token_for(service), user=default_user(), group=service,
                                  max_connections=max(4, config.worker_concurrency))

@@ -35,7 +35,7 @@ import trio
 import trio_websocket
 
 from qserve.core import events as ev
-from qserve.wire import protobuf
+from qserve.wire import names, protobuf
 from qserve.core.events import ConsumerSpec
 from qserve.server.http import Response
 from qserve.backends.local.queues import Queue
@@ -355,4 +355,4 @@ class WatchService:
             finally:
                 self._close(session)
 
-        return Response(200, headers=[("Content-Type", "application/vnd.google.protobuf")], stream=stream)
+        return Response(200, headers=[("Content-Type", names.PROTOBUF)], stream=stream)

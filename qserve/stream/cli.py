@@ -24,14 +24,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qserve.stream.out import CLIError, Out, describe_queue_error, format_tags, go_duration
+from qserve.stream.out import CLIError, Out, describe_queue_error
 from qserve.stream.queue import cmd_delete, cmd_get, cmd_info, cmd_put, cmd_trunc
 from qserve.stream.server import cmd_create, cmd_ls
-from qserve.stream.settings import DEFAULT_GROUP, DEFAULT_USER, cmd_config, config_path
+from qserve.stream.settings import DEFAULT_USER, cmd_config, config_path
+from qserve.wire.names import DEFAULT_GROUP
 from qserve.stream.watch import cmd_watch
 from qserve.wire.params import ParamError, parse_duration
 
-__all__ = ["add_arguments", "main", "config_path", "format_tags", "go_duration"]
+__all__ = ["add_arguments", "main", "config_path"]
 
 COMMANDS = {"config": cmd_config, "info": cmd_info, "put": cmd_put, "get": cmd_get,
             "delete": cmd_delete, "trunc": cmd_trunc, "watch": cmd_watch, "ls": cmd_ls, "create": cmd_create}

@@ -3,8 +3,8 @@
 Strategy: every command writes through one `Out`, which prints either eascmd's format (``[OK] ...``,
 ``[INFO] ...`` on stdout) or, with ``--json``, one JSON object per line, so a command states both
 forms side by side and never branches on the mode itself. Diagnostics (``[WARN]``, ``[ERROR]``,
-progress) go to stderr in both modes, which keeps stdout parseable. The Go-style formatters
-(`format_tags`, `go_duration`) reproduce what eascmd, a Go program, prints.
+progress) go to stderr in both modes, which keeps stdout parseable. `format_tags` prints
+tags as eascmd, a Go program, does (durations: `qserve.wire.durations`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from qserve.client import Entry, QueueError
 
-__all__ = ["CLIError", "Out", "format_tags", "go_duration", "human_size", "describe_queue_error", "warn"]
+__all__ = ["CLIError", "Out", "format_tags", "human_size", "describe_queue_error", "warn"]
 
 
 class CLIError(Exception):
@@ -28,34 +28,6 @@ class CLIError(Exception):
 def format_tags(tags: dict[str, str]) -> str:
     """Go's ``types.Tags.String()``: ``tags[k=v k=v]`` sorted by key."""
     return "tags[" + " ".join(f"{k}={tags[k]}" for k in sorted(tags)) + "]"
-
-
-def go_duration(seconds: float) -> str:
-    """Go's ``time.Duration.String()``: ``401.892141ms``, ``1.5s``, ``2m3.5s``, ``0s``."""
-    ns = round(seconds * 1e9)
-    if ns == 0:
-        return "0s"
-    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
-    if ns < 1_000_000_000:
-        for unit, size in (("ns", 1), ("µs", 1_000), ("ms", 1_000_000)):
-            if ns < size * 1000:
-                return sign + _trim(ns, size) + unit
-    hours, rest = divmod(ns, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    text = _trim(rest, 1_000_000_000) + "s"
-    if hours or minutes:
-        text = f"{minutes}m" + text
-    if hours:
-        text = f"{hours}h" + text
-    return sign + text
-
-
-def _trim(value: int, size: int) -> str:
-    whole, frac = divmod(value, size)
-    if not frac:
-        return str(whole)
-    digits = len(str(size)) - 1
-    return f"{whole}.{frac:0{digits}d}".rstrip("0")
 
 
 def human_size(n: int) -> str:

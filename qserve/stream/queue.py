@@ -15,7 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from qserve.stream.out import CLIError, Out, describe_queue_error, go_duration, human_size, warn
+from qserve.stream.out import CLIError, Out, describe_queue_error, human_size, warn
+from qserve.wire.durations import format_seconds
 from qserve.stream.settings import client
 
 __all__ = ["cmd_info", "cmd_put", "cmd_get", "cmd_delete", "cmd_trunc", "PROGRESS_EVERY"]
@@ -162,7 +163,7 @@ def cmd_put(args: argparse.Namespace, out: Out) -> int:
 def _summary(out: Out, tally: _Tally, elapsed: float, interrupted: bool, fatal: Exception | None) -> int:
     ended = "interrupted" if interrupted else "stopped" if fatal is not None else "done"
     out.line(f"[INFO] Put data {ended}.")
-    out.line(f"Total time cost: {go_duration(elapsed)}")
+    out.line(f"Total time cost: {format_seconds(elapsed)}")
     out.line(f"Total size: {human_size(tally.size)}")
     out.line(tally.counts())
     extra = {"not_sent": tally.not_sent, "unknown": tally.unknown, "ended": ended} if ended != "done" else {}

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qserve.stream.out import CLIError, Out
+from qserve.wire.names import DEFAULT_GROUP
 
 if TYPE_CHECKING:   # the client (trio and all) is imported when a command runs, not when `qserve` starts
     from qserve.client import BlockingQueueClient
 
-__all__ = ["DEFAULT_GROUP", "DEFAULT_USER", "config_path", "load_config", "settings", "client", "cmd_config",
+__all__ = ["DEFAULT_USER", "config_path", "load_config", "settings", "client", "cmd_config",
            "mask_token"]
 
-DEFAULT_GROUP = "default_group"
 DEFAULT_USER = "default_user"
 _KEYS = ("url", "token", "group", "user")
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from qserve.wire.durations import DurationError, parse_go_duration
+
 __all__ = [
     "ParamError", "parse_bool", "parse_int", "parse_duration", "parse_index_list",
     "split_params", "is_control_name",
@@ -37,23 +39,6 @@ _INT_RE = re.compile(r"[+-]?[0-9]+")
 _UINT_RE = re.compile(r"[0-9]+")
 _PLAIN_LIST_RE = re.compile(r"[0-9]{1,20}(?:,[0-9]{1,20})*")
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
-
-# Go time.ParseDuration units, in nanoseconds.
-_UNITS = {
-    "ns": 1,
-    "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000,  # "us", micro sign, Greek mu
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60 * 1_000_000_000,
-    "h": 3600 * 1_000_000_000,
-}
-_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_UNIT = r"(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
-_DURATION_RE = re.compile(rf"([+-]?)((?:{_NUMBER}{_UNIT})+|{_NUMBER})")
-_COMPONENT_RE = re.compile(rf"({_NUMBER})({_UNIT})?")
-_MAX_DURATION_NS = (1 << 63) - 1  # Go's time.Duration is int64 nanoseconds
-_MAX_DIGITS = 30                  # beyond this a component overflows anyway; bounds int() work
-
 
 class ParamError(ValueError):
     """A query parameter has a value the server cannot accept.
@@ -136,19 +121,6 @@ def parse_int(name: str, value: str | None, default: int, *,
     return n
 
 
-def _component_ns(number: str, unit_ns: int) -> int:
-    """Exact nanoseconds of one ``number`` in a unit, fraction truncated (as Go does)."""
-    whole, _, frac = number.partition(".")
-    whole = whole.lstrip("0")
-    if len(whole) > _MAX_DIGITS:
-        return _MAX_DURATION_NS + 1
-    frac = frac[:_MAX_DIGITS]
-    ns = int(whole or "0") * unit_ns
-    if frac:
-        ns += int(frac) * unit_ns // 10 ** len(frac)
-    return ns
-
-
 def parse_duration(name: str, value: str | None, default: float) -> float:
     """Parse a duration parameter into seconds.
 
@@ -165,20 +137,13 @@ def parse_duration(name: str, value: str | None, default: float) -> float:
     """
     if value is None:
         return default
-    if value == "":
-        return 0.0
-    match = _DURATION_RE.fullmatch(value)
-    if match is None:
-        raise ParamError(name, "a duration such as 5s, 1m30s, 500ms or 2.5", value)
-    sign, body = match.groups()
-    total = 0
-    for number, unit in _COMPONENT_RE.findall(body):
-        total += _component_ns(number, _UNITS[unit] if unit else _UNITS["s"])
-    if total > _MAX_DURATION_NS:
-        raise ParamError(name, "a duration within about 292 years", value)
-    if sign == "-" and total:
+    try:
+        ns = parse_go_duration(value)
+    except DurationError as exc:
+        raise ParamError(name, exc.expected, value) from None
+    if ns < 0:
         raise ParamError(name, "a non-negative duration", value)
-    return total / 1e9
+    return ns / 1e9
 
 
 def parse_index_list(name: str, value: str | None) -> list[int]:

@@ -24,6 +24,7 @@ import uuid
 
 import trio
 
+from qserve.wire.names import MOUNT
 from qserve.worker.engine import Worker
 from qserve.worker.handler import Handler, HandlerSpecError, load_handler
 
@@ -44,9 +45,8 @@ def service_of(url: str) -> str:
     """The service name in a queue URL: what follows ``/api/predict/``; for a root-mounted URL
     (``http://host:port/``) the path itself, else ``default``. Used as the consumer group."""
     path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
-    marker = "/api/predict/"
-    if marker in path:
-        path = path.split(marker, 1)[1]
+    if MOUNT in path:
+        path = path.split(MOUNT, 1)[1]
     return path.strip("/") or "default"
 
 

@@ -28,6 +28,7 @@ from qserve.storage.lock import LOCK_NAME
 from qserve.config import Config
 from qserve.core.errors import QueueFenced
 from qserve.core.events import QueueRef
+from qserve.wire.names import HEADER_ATTRIBUTES
 
 __all__ = ["Fence", "Fences", "RETRY_AFTER", "dir_stamp", "fence_reason", "fenced_attributes"]
 
@@ -129,9 +130,5 @@ def fenced_attributes(ref: QueueRef, reason: str, config: Config) -> dict[str, s
         "meta.backend": "qserve-segment-log",
         "meta.maxPayloadBytes": str(config.max_payload_bytes),
         "stream.maxPayloadBytes": str(config.max_payload_bytes),
-        "meta.header.user": "X-EAS-QueueService-Uid",
-        "meta.header.group": "X-EAS-QueueService-Gid",
-        "meta.header.priority": "X-EAS-QueueService-Priority",
-        "meta.header.userIdentifyHeader": "X-EAS-QueueService-Uid",
-        "meta.header.groupIdentifyHeader": "X-EAS-QueueService-Gid",
+        **HEADER_ATTRIBUTES,
     }
