@@ -3,6 +3,6 @@
 ``http`` (puts/gets against a bare trio+h11 server), ``watch`` (watch throughput and put -> receive
 latency), ``storage`` (appends per fsync policy, drain, reopen), ``waiters`` (puts while clients
 long-poll) and ``load`` (many connections, watchers, slow-loris) print a table and the targets they
-meet or miss; ``lib``, ``drive``, ``client``, ``ws``, ``watch_parts``, ``watch_latency`` and
-``load_clients`` are their parts.
+meet or miss; ``bare`` is the baseline server they compare qserve with; ``lib``, ``drive``,
+``client``, ``ws``, ``watch_parts``, ``watch_latency`` and ``load_clients`` are their parts.
 """

@@ -4,13 +4,12 @@
     python -m tools.bench.http                 # full run (about 90 s on 2 cores)
     python -m tools.bench.http --quick         # smoke run (a few seconds)
     python -m tools.bench.http --seconds 2 --json
-    python -m tools.bench.http --bare-server --port 0   # just the baseline server (used internally)
 
 What runs:
 - Servers, each a child process on 127.0.0.1 with an ephemeral port: qserve with
   ``--fsync always`` (the default: a put is answered after an fsync covers it, group commit),
   qserve with ``--fsync never`` (for context: the same work without waiting for the disk), and
-  the *bare* server of this file (``--bare-server``): trio + h11, keep-alive, no storage, no
+  the *bare* server (``tools.bench.bare``): trio + h11, keep-alive, no storage, no
   routing; it answers ``POST`` with 200, a counter body and an ``X-Eas-Queueservice-Request-Id``
   header, and ``GET`` with 200 and a fixed 200-byte body.
 - The load generator is this process (not the server's): trio, N keep-alive connections, each
@@ -48,82 +47,16 @@ import http.client
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import h11
 import trio
 
 from . import drive, lib as bl
+from .bare import bare_server_proc
 
 SERVICE = "bench"
 PUT_BODY = b"x" * 100
 GET_ACCEPT = ("Accept", "application/vnd.google.protobuf")
-BARE_GET_BODY = b"\x08\x01" + b"g" * 198
-
-
-# ------------------------------------------------------------------------------ bare server
-
-async def _bare_connection(stream: trio.SocketStream) -> None:
-    conn = h11.Connection(h11.SERVER)
-    counter = 0
-    try:
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.ConnectionClosed):
-                return
-            if not isinstance(event, h11.Request):
-                raise h11.RemoteProtocolError("unexpected event")
-            while True:   # read (and drop) the body
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(ev, h11.EndOfMessage):
-                    break
-                elif isinstance(ev, h11.ConnectionClosed):
-                    return
-            if event.method == b"POST":
-                counter += 1
-                body = str(counter).encode()
-                headers = [(b"Content-Type", b"text/plain; charset=utf-8"),
-                           (b"X-Eas-Queueservice-Request-Id", str(uuid.uuid4()).encode()),
-                           (b"Content-Length", str(len(body)).encode())]
-                status = 200
-            elif event.method == b"GET":
-                body = BARE_GET_BODY
-                headers = [(b"Content-Type", b"application/vnd.google.protobuf"),
-                           (b"Content-Length", str(len(body)).encode())]
-                status = 200
-            else:
-                body, headers, status = b"", [], 204
-            out = conn.send(h11.Response(status_code=status, headers=headers))
-            if body:
-                out += conn.send(h11.Data(data=body))
-            out += conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            conn.start_next_cycle()
-    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def _bare_main(port: int) -> None:
-    listeners = await trio.open_tcp_listeners(port, host=bl.LOCALHOST)
-    print(f"bare server listening on http://{bl.LOCALHOST}:{listeners[0].socket.getsockname()[1]}",
-          file=sys.stderr, flush=True)
-    await trio.serve_listeners(_bare_connection, listeners)
-
-
-def bare_server_proc(cpu: int | None) -> bl.ServerProc:
-    return bl.ServerProc("bare", [sys.executable, "-m", __spec__.name, "--bare-server", "--port", "0"],
-                         cpu=cpu)
 
 
 # ------------------------------------------------------------------------------ scenarios
@@ -389,16 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="parent of the temporary data directories (default: system temp)")
     p.add_argument("--no-seq", action="store_true", help="skip the sequential http.client / SDK put runs")
     p.add_argument("--no-sdk", action="store_true", help="skip the official SDK put run")
-    p.add_argument("--bare-server", action="store_true", help="run only the bare baseline server")
-    p.add_argument("--port", type=int, default=0, help="port of --bare-server (0 = ephemeral)")
     args = p.parse_args(argv)
-
-    if args.bare_server:
-        try:
-            trio.run(_bare_main, args.port)
-        except KeyboardInterrupt:
-            pass
-        return 0
 
     if args.seconds is None:
         args.seconds = 0.5 if args.quick else 4.0

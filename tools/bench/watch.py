@@ -43,7 +43,7 @@ What runs:
   of the peak (at most 200/s). Measured with an auto-commit consumer and a manual-commit consumer
   (the first window), after a warm-up.
 - Latency floor (``--no-floor`` skips it): afterwards the bare trio+h11 server of
-  `http` (parses each request and answers; no storage) runs pinned like qserve and
+  `bare` (parses each request and answers; no storage) runs pinned like qserve and
   gets the same open-loop requests at each latency rate. Its round trip p50 is what any server on
   this stack and machine needs to take a put in and send a message out; an auto-commit frame
   also waits for the fsync that makes the put and its delete durable (PROTOCOL.md
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=None, help="latency: uncounted seconds first (default 0.5)")
     p.add_argument("--no-latency", action="store_true", help="skip the end-to-end peak and latency runs")
     p.add_argument("--no-floor", action="store_true", help="skip measuring the latency floor (the bare trio+h11 "
-                   "server of tools.bench.http at each latency rate)")
+                   "server of tools.bench.bare at each latency rate)")
     p.add_argument("--ws-client", choices=("lean", "trio-websocket"), default="lean",
                    help="the consumers' WebSocket client (default lean: tools/bench/ws.py)")
     p.add_argument("--fsync", choices=("always", "interval", "never"), default="always", help="qserve --fsync (default always)")

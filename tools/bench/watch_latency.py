@@ -2,7 +2,7 @@
 
 - `latency_run`: an open-loop producer at a fixed rate (`open_loop`) and one watch consumer; every
   entry carries its put's send time, so each frame's latency is measured end to end.
-- `add_floors`: the same rates against the bare trio+h11 server of `http` (`bare_round_trips`): the
+- `add_floors`: the same rates against the bare trio+h11 server of `bare` (`bare_round_trips`): the
   round trip no queue server can beat on this machine, next to each latency row.
 """
 
@@ -13,7 +13,8 @@ import time
 
 import trio
 
-from . import drive, http, lib as bl
+from . import drive, lib as bl
+from .bare import bare_server_proc
 from .watch_parts import BODY, Tally, fresh_service, run_consumers
 
 
@@ -57,7 +58,7 @@ async def open_loop(port: int, *, rate: float, seconds: float, warmup: float, co
 async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: float, connections: int = 32,
                            server: bl.ServerProc | None = None) -> dict:
     """The latency floor of this machine and stack at `rate`: request -> response of the bare
-    trio+h11 server of `http` (it parses each request and answers, nothing else), driven
+    trio+h11 server of `bare` (it parses each request and answers, nothing else), driven
     exactly like the latency runs' producer. A put -> frame delivery needs at least that much (a
     request in, a message out); an auto-commit frame also waits for an fsync. With `server` (the
     bare server's process) its CPU time per request is measured too."""
@@ -155,7 +156,7 @@ def add_floors(lat_rows: list[dict], *, cpu: int | None, fsync_p50_ms: float, se
     delete durable; PROTOCOL.md "Durability"); the bare round trip's p99; and the bare server's
     CPU time per request at that rate. Same pinning as the qserve runs."""
     trips: dict[float, dict] = {}
-    with http.bare_server_proc(cpu) as bare:
+    with bare_server_proc(cpu) as bare:
         for r in lat_rows:
             rate = r["rate_target"]
             if rate not in trips:
