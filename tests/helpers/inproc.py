@@ -6,7 +6,7 @@ long-poll's timeout or a watcher's keep-alive can be driven deterministically.
 
 These servers run with `fsync="never"` unless told otherwise: an fsync runs in a worker thread, and
 trio's autojump clock treats a task waiting for a thread as idle and jumps to the next deadline.
-Durability is proven against real server processes (test_durability.py), not here.
+Durability is proven against real server processes (tests/process/test_process.py, tests/process/test_crash.py), not here.
 """
 
 from __future__ import annotations

@@ -104,3 +104,15 @@ def reopen(tmp_path, service: str, sink: bool = False) -> storage.QueueLog:
 
 def contents(qlog: storage.QueueLog) -> list[tuple[int, bytes]]:
     return [(e.index, e.data) for e in qlog.scan()]
+
+
+def damaged_queue(data_dir, service: str) -> None:
+    qdir = queue_dir(data_dir, QueueRef(service))
+    qlog = storage.QueueLog.open(qdir, storage.LogConfig())
+    for i in range(3):
+        qlog.append(b"x" * 100, {"n": str(i)}, 0)
+    qlog.close()
+    segment = sorted(qdir.glob("*.seg"))[0]
+    data = bytearray(segment.read_bytes())
+    data[60] ^= 0xFF    # inside the first entry record: a CRC mismatch recovery refuses to skip
+    segment.write_bytes(bytes(data))

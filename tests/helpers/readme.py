@@ -6,7 +6,7 @@ bash script and runs it in a fresh directory, in a process group of its own, wit
 and stops the whole group (SIGTERM, then SIGKILL) when it is over; `check_expectations` compares
 each block's output with the `# -> ...` lines written under its commands.
 
-The rules a README follows (stated here and in tests/test_readme.py):
+The rules a README follows (stated here and in tests/process/test_readme.py):
 
 - Every fence names its language. ``sh`` and ``python`` blocks are run, ``toml`` blocks are
   loaded as configuration files (by the test), ``text`` blocks are never run. Any other

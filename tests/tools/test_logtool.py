@@ -29,27 +29,13 @@ from qserve.storage import LogConfig, QueueLog, iter_records, segment_name
 from qserve.storage.record import EntryRecord, encode_entry
 from qserve.tools.logtool.scan import Progress
 
+from ..helpers.logfiles import NOW, build_input, run, segs
+
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
-NOW = 1700000000.0
 
 
 # -- building logs -------------------------------------------------------------------------------
-def build_input(path: Path) -> None:
-    """Several sealed segments, deletes, a truncate and a state change; no compaction."""
-    log = QueueLog.open(path, LogConfig(segment_bytes=400), now=lambda: NOW)
-    try:
-        for i in range(1, 11):
-            log.append(f"payload {i}".encode(), {"requestId": f"req-{i}", "kind": "even" if i % 2 == 0
-                                                  else "odd"}, priority=i % 3)
-        log.append(b'\x00\xff\n"quoted"\\' + b"x" * 60, {"requestId": "req-bin", "kind": "bin"})
-        log.delete([3, 7, 8])
-        log.truncate(3)
-        log.set_state(state="End")
-    finally:
-        log.close()
-
-
 def build_sink(path: Path) -> None:
     """A log where compaction dropped a segment and moved live entries forward (moved=yes)."""
     log = QueueLog.open(path, LogConfig(segment_bytes=300), now=lambda: NOW)
@@ -72,10 +58,6 @@ def data(tmp_path, monkeypatch) -> Path:
     return Path("data")
 
 
-def segs(queue: Path) -> list[Path]:
-    return sorted(queue.glob("*.seg"))
-
-
 def records(path: Path) -> list[tuple[int, object]]:
     return [(off, r) for off, r in iter_records(path) if isinstance(r, EntryRecord)]
 
@@ -96,13 +78,6 @@ def tear(path: Path) -> int:
 
 
 # -- running the tool ----------------------------------------------------------------------------
-def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = cli_main(["log", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def golden(name: str, text: str) -> None:
     path = GOLDEN / name
     if os.environ.get("QSERVE_UPDATE_GOLDEN") == "1":

@@ -18,9 +18,9 @@ import pytest
 from qserve.tools.logtool import cli as logtool
 from qserve.tools.logtool.scan import GONE_NOTE, Progress, find_queues, verify_queue
 
-from ..conftest import ServerProcess
-from ..qserve.test_sdk import client
-from .test_logtool import build_input, run, segs
+from ..helpers.process import ServerProcess
+from ..helpers.sdk import client
+from ..helpers.logfiles import build_input, run, segs
 
 COMMANDS = ("dump", "verify", "stats", "repair")
 

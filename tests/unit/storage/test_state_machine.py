@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from qserve.storage import LogConfig, QueueLog
 
-from ..helpers.storage import Model
+from ...helpers.storage import Model
 
 RIDS = ["a", "b", "c", "d", "e", "f"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qserve.storage import LogConfig, QueueLog
 
-from ..helpers.storage import segments, snapshot
+from ...helpers.storage import segments, snapshot
 
 
 def test_churn_stays_bounded(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from qserve.storage import CorruptLog, LogConfig, QueueLog, iter_records
 from qserve.storage.record import ReadOutcome
 
-from ..helpers.storage import corrupt, cut, segments, snapshot, tiny, zero_tail
+from ...helpers.storage import corrupt, cut, segments, snapshot, tiny, zero_tail
 
 
 def fill(d, n=40, config=None):

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 import h11
 import pytest
 import trio
-import wsproto
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -798,10 +798,12 @@ async def test_replay_stream_serializes_writers_and_notes_close_frames():
 def test_response_heads_are_cached_unless_they_carry_a_request_id():
     """Repeating heads (every commit's 200) are built and validated by h11 once; a put's head,
     unique by its request id, is not cached, so puts cannot evict the heads that do repeat."""
-    from qserve.server.connection import _h11_response
+    from qserve.server.edge import HeadCache
+    heads = HeadCache()   # each server owns one (no module-level state)
     ok = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "2")]
-    head = _h11_response(200, ok)
+    head = heads.response(200, ok)
     for i in range(200):
-        put = _h11_response(200, [*ok, ("X-Eas-Queueservice-Request-Id", f"rid-{i}")])
+        put = heads.response(200, [*ok, ("X-Eas-Queueservice-Request-Id", f"rid-{i}")])
         assert put.headers[-1] == (b"x-eas-queueservice-request-id", f"rid-{i}".encode())
-    assert _h11_response(200, ok) is head
+    assert heads.response(200, ok) is head
+    assert HeadCache().response(200, ok) is not head

@@ -1,6 +1,6 @@
 """README.md's examples run as written, against real servers, so the README cannot drift.
 
-Strategy: `tests/helpers_readme.py` parses the README's fenced blocks and runs them, one test per
+Strategy: `tests/helpers/readme.py` parses the README's fenced blocks and runs them, one test per
 *session* (by default a section: its blocks share one bash, in README order), each in a fresh
 temporary directory with the directory of `sys.executable` (the venv's bin) first on PATH, in a
 process group of its own, with a deadline; the group is stopped (SIGTERM, then SIGKILL) when the
@@ -26,10 +26,10 @@ import pytest
 
 from qserve.config import load_config
 
-from .helpers.readme import (ReadmeError, check_expectations, describe_failure, parse, run_session,
+from ..helpers.readme import (ReadmeError, check_expectations, describe_failure, parse, run_session,
                              sessions)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 # The skips today: the two install commands, `log repair` (it needs the server stopped), chaos and
 # the benchmarks (minutes; scaled-down runs are tests of their own). Raise this only with a reason.
 MAX_SKIPPED = 5

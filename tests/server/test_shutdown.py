@@ -5,18 +5,13 @@ time where an fsync has to be held, bounded by `trio.fail_after`) pin each drain
 long-poll answered 204 at once, watchers closed with 1001, an in-flight durable put answered 200
 and on disk, idle keep-alive connections closed, the drain deadline cutting a slow client, abort,
 an auto-commit batch in hand delivered, and the start-up refusals. Real `qserve serve` processes
-pin the signals: one SIGTERM drains and exits 0 with one "draining" line; two SIGINTs exit at once
-with 130; neither prints a traceback.
+pin the signals in tests/process/test_shutdown.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
-import subprocess
-import sys
 from contextlib import asynccontextmanager
 
 import h11
@@ -33,9 +28,8 @@ from qserve.server.server import Server
 from qserve.server.startup import StartupError
 from qserve.server.websocket import ReplayStream, binary_frame
 
-from ..helpers.process import ServerProcess
 from ..helpers.inproc import TOKEN, Harness, next_frame
-from ..helpers.queue_files import SwitchIO, contents, reopen
+from ..helpers.queue_files import SwitchIO, contents, damaged_queue, reopen
 from ..helpers.peers import Client, MemoryListener, read_to_eof
 
 REAL = 20    # seconds (real time) for a test that holds an fsync or runs a process
@@ -254,18 +248,6 @@ async def test_auto_commit_batch_in_hand_is_delivered_before_the_1001(tmp_path):
 # -- start-up ---------------------------------------------------------------------------------------
 
 
-def damaged_queue(data_dir, service: str) -> None:
-    qdir = queue_dir(data_dir, QueueRef(service))
-    qlog = storage.QueueLog.open(qdir, storage.LogConfig())
-    for i in range(3):
-        qlog.append(b"x" * 100, {"n": str(i)}, 0)
-    qlog.close()
-    segment = sorted(qdir.glob("*.seg"))[0]
-    data = bytearray(segment.read_bytes())
-    data[60] ^= 0xFF    # inside the first entry record: a CRC mismatch recovery refuses to skip
-    segment.write_bytes(bytes(data))
-
-
 def no_listening_or_stopped_line(caplog) -> bool:
     return not messages(caplog, "listening on") and not messages(caplog, "stopped; all queues")
 
@@ -339,93 +321,6 @@ async def test_given_listeners_log_their_real_port(tmp_path, caplog):
             server.shutdown()
     [line] = messages(caplog, "listening")
     assert line.startswith(f"qserve listening on http://127.0.0.1:{bound} (data in ")
-
-
-# -- the process and its signals ----------------------------------------------------------------------
-
-
-async def wait_line(srv: ServerProcess, pattern: str, timeout: float = 10.0) -> str:
-    """The first stderr line matching ``pattern`` (polls the collected lines; bounded)."""
-    with trio.fail_after(timeout):
-        while True:
-            for line in list(srv.lines):
-                if re.search(pattern, line):
-                    return line
-            assert srv.proc.poll() is None, "server exited:\n" + "\n".join(srv.lines)
-            await trio.sleep(0.02)
-
-
-def no_traceback(srv: ServerProcess) -> bool:
-    text = "\n".join(srv.lines)
-    return "Traceback" not in text and "KeyboardInterrupt" not in text
-
-
-async def test_sigterm_answers_long_polls_closes_watchers_and_exits_zero(tmp_path, service):
-    srv = ServerProcess(tmp_path / "data", "--log-level", "DEBUG")
-    await trio.to_thread.run_sync(srv.start)
-    try:
-        with trio.fail_after(REAL):
-            result = {}
-            base = f"/api/predict/{service}"
-            async with trio.open_nursery() as nursery:
-                ws = await trio_websocket.connect_websocket_url(
-                    nursery, f"ws://127.0.0.1:{srv.port}{base}?_watch_=true",
-                    extra_headers=[(b"Authorization", srv.token.encode())])
-                poller = Client(await trio.open_tcp_stream("127.0.0.1", srv.port))
-
-                async def long_poll():
-                    head, _ = await poller.request("GET", f"{base}?_timeout_=60s", headers=[
-                        ("Authorization", srv.token)])
-                    result["status"] = head.status_code
-
-                nursery.start_soon(long_poll)
-                await wait_line(srv, rf"GET {base}\?_timeout_=60s")   # the server read it
-                srv.proc.send_signal(signal.SIGTERM)
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                    await ws.get_message()
-            status = await trio.to_thread.run_sync(srv.proc.wait, 15)
-        assert result == {"status": 204}
-        assert closed.value.reason.code == 1001
-        assert status == 0
-        assert [line for line in srv.lines if "draining" in line][0].endswith("draining 2 connections (up to 10 s)")
-        assert len([line for line in srv.lines if "draining" in line]) == 1
-        assert any(line.endswith("stopped; all queues synced and closed") for line in srv.lines)
-        assert no_traceback(srv), "\n".join(srv.lines)
-    finally:
-        srv.kill()
-
-
-async def test_second_sigint_stops_at_once_with_130(tmp_path, service):
-    srv = ServerProcess(tmp_path / "data", "--shutdown-timeout", "60", "--request-timeout", "120")
-    await trio.to_thread.run_sync(srv.start)
-    try:
-        with trio.fail_after(REAL):
-            slow = await trio.open_tcp_stream("127.0.0.1", srv.port)   # a put whose body never ends
-            await slow.send_all(f"POST /api/predict/{service} HTTP/1.1\r\nHost: t\r\nAuthorization: "
-                                f"{srv.token}\r\nContent-Length: 100\r\n\r\nxx".encode())
-            srv.proc.send_signal(signal.SIGINT)
-            await wait_line(srv, r"draining 1 connection \(up to 60 s\)")
-            srv.proc.send_signal(signal.SIGINT)
-            status = await trio.to_thread.run_sync(srv.proc.wait, 15)   # not the 60 s drain
-            assert await read_to_eof(slow) == b""
-        assert status == 130
-        assert any("received SIGINT again: stopping at once" in line for line in srv.lines)
-        assert any(line.endswith("stopped; all queues synced and closed") for line in srv.lines)
-        assert no_traceback(srv), "\n".join(srv.lines)
-    finally:
-        srv.kill()
-
-
-def test_a_named_queue_that_cannot_open_is_one_line_and_exit_1(tmp_path):
-    damaged_queue(tmp_path / "data", "bad")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
-    proc = subprocess.run([sys.executable, "-m", "qserve", "serve", "--host", "127.0.0.1", "--port", "0",
-                           "--data-dir", str(tmp_path / "data"), "--token", "t", "--queues", "bad"],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 1, proc.stderr
-    [line] = proc.stderr.splitlines()   # one line: the refusal, nothing logged before it
-    assert line.startswith("qserve: queue bad cannot be opened: damage in ")
-    assert "Traceback" not in proc.stderr and "listening" not in proc.stderr and "stopped" not in proc.stderr
 
 
 async def test_a_websocket_send_cut_inside_a_frame_lets_nothing_follow_it():

@@ -8,7 +8,7 @@ import pytest
 
 from qserve.storage import DiskFull, LogConfig, QueueLog, StorageIOError
 
-from ..helpers.storage import EIO, ENOSPC, FaultyIO, crash, segments, snapshot, tiny
+from ...helpers.storage import EIO, ENOSPC, FaultyIO, crash, segments, snapshot, tiny
 
 
 def test_enospc_on_write_changes_nothing(tmp_path):

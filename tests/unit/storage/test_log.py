@@ -14,7 +14,7 @@ from qserve.storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueF
 from qserve.storage.index import DEAD, EntryIndex, pack_loc
 from qserve.storage.rids import RidBuilder, RidTable, rid_hash
 
-from ..helpers.storage import segments, snapshot, tiny
+from ...helpers.storage import segments, snapshot, tiny
 
 
 def clock(start=1000.0):
