@@ -1,41 +1,37 @@
 """The queue API: executes one `events` operation against the open queues and renders the answer.
 
 Strategy: the edge (`http.HTTPServer`) hands every request to `App.handle`; `routing.route` turns
-it into an operation; one method per operation type does the work on the storage log and the
-group dispatcher, awaits durability where the answer promises it, and returns a `Response`. Reads
-and the deletes that follow them happen with no `await` in between, so two concurrent
-auto-deleting gets never return the same entry. Every error is raised and rendered by
-`errors.error_response` in `handle` (the one place).
+it into an operation; one method per operation type asks the queue's backend (`backends.base`:
+only that interface, whatever stores the queue) and returns a `Response`. What the server adds
+itself lives here: a put's requestId and timestamp tags, the long-poll loop of a get and its
+deadline, rendering. The backend's calls are atomic and durable when they return (an auto-deleting
+get reads and deletes in one call, so two concurrent ones never return the same entry). Every error
+is raised and rendered by `errors.error_response` in `handle` (the one place).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 
 import trio
 
-from qserve import storage
-
+from qserve.backends.base import Backend, QueueBackend, StoredEntry
 from qserve.server import admin as _admin
 from qserve.core import events as ev
 from qserve.wire import names, protobuf
-from qserve.core.tags import FilterIndex
 from qserve.config import Config
-from qserve.core.errors import BadRequest, Conflict, QServeError, QueueFenced, error_response, translate
+from qserve.core.errors import BadRequest, InternalError, QServeError, QueueFenced, error_response, translate
 from qserve.server.http import Request, Response
-from qserve.backends.local.queues import Queue, QueueManager
-from qserve.core.routing import MAX_PRIORITY, route
+from qserve.core.routing import route
 from qserve.server.watch import WatchService
 from qserve.server.websocket import WebSocketUpgrade
 
-__all__ = ["App", "attributes_of"]
+__all__ = ["App"]
 
 log = logging.getLogger("qserve")
 
@@ -58,7 +54,7 @@ def long_poll_deadline(timeout: float) -> float:
 class App:
     """The request handler. Task-safe within one trio run."""
 
-    def __init__(self, config: Config, queues: QueueManager, watch: WatchService) -> None:
+    def __init__(self, config: Config, queues: Backend, watch: WatchService) -> None:
         self.config = config
         self.queues = queues
         self.watch = watch
@@ -70,8 +66,7 @@ class App:
         """The server is draining: every long-polling get answers now (204 when nothing came, as on
         its timeout), and a get that arrives from now on does not wait."""
         self.stopping = True
-        for queue in self.queues:
-            queue.gets.wake_all()
+        self.queues.wake_long_polls()
 
     def anonymous_user(self) -> str:
         """A fresh user id for a request that names none: a watch is one request on its own
@@ -114,81 +109,40 @@ class App:
             err = translate(exc)
             if err.http_status >= 500 and not err.logged:
                 log.error("%s %s failed: %s", request.method, request.path, err.reason,
-                          exc_info=not isinstance(exc, (QServeError, storage.StorageError)))
+                          exc_info=isinstance(err, InternalError) and not isinstance(exc, QServeError))
             status, headers, body = error_response(err)
             return Response(status, body, headers)
 
     # -- operations ---------------------------------------------------------------------------
-    async def put(self, queue: Queue, op: ev.Put) -> Response:
-        if queue.ended:
-            raise Conflict(f"queue {queue.ref.name} has ended; no more puts")
+    async def put(self, queue: QueueBackend, op: ev.Put) -> Response:
         tags = dict(op.tags)
         request_id = tags.get("requestId") or str(uuid.uuid4())
         tags["requestId"] = request_id
         tags["ts@sink" if queue.ref.sink else "ts@source"] = str(_now_ms())
-        if self.config.trim_oldest and len(op.data) <= self.config.max_payload_bytes:
-            self._trim_for_one_more(queue)
-        entry = queue.log.append(op.data, tags, op.priority)
-        mark = queue.write_mark()
-        queue.notify(entry)
-        await queue.wait_durable(mark)
-        return Response(200, str(entry.index).encode(),
-                        [*TEXT, (names.REQUEST_ID_HEADER, request_id)])
+        index = await queue.put(op.data, tags, op.priority)
+        return Response(200, str(index).encode(), [*TEXT, (names.REQUEST_ID_HEADER, request_id)])
 
-    def _trim_for_one_more(self, queue: Queue) -> None:
-        """`--trim-oldest`: make room for one entry by truncating the oldest (durable with the put)."""
-        qlog = queue.log
-        while qlog.length >= self.config.max_length:
-            below = qlog.first_index + 1
-            qlog.truncate(below)
-            _forget(queue, range(1, below))
-
-    def _matching(self, queue: Queue, op: ev.Get, start: int) -> list[storage.Entry]:
-        tags = dict(op.tags)
-        request_id = tags.pop("requestId", None)
-        if request_id is not None:
-            entry = queue.log.find_request_id(request_id)
-            if entry is None or entry.index < start or any(entry.tags.get(k) != v for k, v in tags.items()):
-                return []
-            return [entry]
-        limit = 1 if op.raw else op.length
-        if not tags:
-            return list(queue.log.scan(start, None, limit))
-        out: list[storage.Entry] = []
-        with _filter(queue, tags) as fi:
-            for index in fi.iter_index_order(start, queue.source):
-                entry = queue.log.read(index)
-                if entry is not None:
-                    out.append(entry)
-                    if len(out) >= limit:
-                        break
-        return out
-
-    async def get(self, queue: Queue, op: ev.Get) -> Response:
-        start = queue.log.next_index if op.start == -1 else op.start
+    async def get(self, queue: QueueBackend, op: ev.Get) -> Response:
+        start = await queue.next_index() if op.start == -1 else op.start
         deadline = trio.current_time() + long_poll_deadline(op.timeout)
+        tags = dict(op.tags)
+        limit = 1 if op.raw else op.length
         while True:
-            entries = self._matching(queue, op, start)
+            entries = await queue.read(start, tags, limit, delete=op.auto_delete)
             if entries or trio.current_time() >= deadline or self.stopping:
                 break
-            with queue.gets.waiting(start, dict(op.tags)) as put_came, trio.move_on_at(deadline):
+            with queue.put_waiter(start, tags) as put_came, trio.move_on_at(deadline):
                 await put_came.wait()
         if not entries:
             return Response(204)
-        if op.auto_delete:
-            _forget(queue, queue.log.delete([e.index for e in entries]))
-            await queue.wait_durable()
         return self._render_entries(queue, op, entries)
 
-    def _render_entries(self, queue: Queue, op: ev.Get, entries: list[storage.Entry]) -> Response:
-        def tags_of(entry):
-            notes = queue.dispatcher.annotations(entry.index)
-            return {**entry.tags, **notes} if notes else entry.tags
-
+    def _render_entries(self, queue: QueueBackend, op: ev.Get, entries: list[StoredEntry]) -> Response:
         if op.raw:
             entry = entries[0]
             ctype = entry.tags.get("Header:Content-Type", "text/plain; charset=utf-8")
             return Response(200, entry.data, [("Content-Type", ctype)])
+        tags_of = queue.tags_of
         if op.protobuf:
             body = protobuf.encode_frame_list(
                 protobuf.encode_frame(e.index, tags_of(e), e.data) for e in entries)
@@ -197,56 +151,35 @@ class App:
                for e in entries]
         return Response(200, json.dumps(doc).encode(), list(JSON))
 
-    async def delete(self, queue: Queue, op: ev.Delete) -> Response:
-        _forget(queue, queue.log.delete(op.indexes))
-        await queue.wait_durable()
+    async def delete(self, queue: QueueBackend, op: ev.Delete) -> Response:
+        await queue.delete(op.indexes)
         return OK
 
-    async def commit(self, queue: Queue, op: ev.Commit) -> Response:
-        queue.log.delete(op.indexes)
-        queue.dispatcher.commit(op.indexes)
-        queue.notify()  # window slots freed
-        await queue.wait_durable()
+    async def commit(self, queue: QueueBackend, op: ev.Commit) -> Response:
+        await queue.commit(op.indexes)
         return OK
 
-    async def negative(self, queue: Queue, op: ev.Negative) -> Response:
-        queue.dispatcher.negative(op.indexes, op.code, op.reason)
-        queue.notify()
+    async def negative(self, queue: QueueBackend, op: ev.Negative) -> Response:
+        await queue.negative(op.indexes, op.code, op.reason)
         return OK
 
-    async def truncate(self, queue: Queue, op: ev.Truncate) -> Response:
-        if queue.log.truncate(op.below):
-            _forget(queue, range(1, op.below))   # cost bounded by the dispatcher's state, not the range
-        await queue.wait_durable()
+    async def truncate(self, queue: QueueBackend, op: ev.Truncate) -> Response:
+        await queue.truncate(op.below)
         return OK
 
-    async def end(self, queue: Queue, op: ev.End) -> Response:
-        queue.log.set_state(state="End")
-        if op.force:
-            pending = set()
-            for cid in queue.dispatcher.consumers():
-                pending |= queue.dispatcher.pending_of(cid)
-            undelivered = [i for i, _ in queue.log.iter_dispatch(0) if i not in pending]
-            _forget(queue, queue.log.delete(undelivered))
-        queue.notify()
-        await queue.wait_durable()
+    async def end(self, queue: QueueBackend, op: ev.End) -> Response:
+        await queue.end(op.force)
         return OK
 
-    async def attributes(self, queue: Queue, op: ev.Attributes) -> Response:
-        return _render_attributes(attributes_of(queue, self.config), op)
+    async def attributes(self, queue: QueueBackend, op: ev.Attributes) -> Response:
+        return _render_attributes(await queue.attributes(), op)
 
-    async def search(self, queue: Queue, op: ev.Search) -> Response:
-        found = queue.dispatcher.search(op.index) if op.index else None
+    async def search(self, queue: QueueBackend, op: ev.Search) -> Response:
+        found = await queue.search(op.index) if op.index else None
         return Response(200, json.dumps(found or {}).encode(), list(JSON))
 
-    async def count(self, queue: Queue, op: ev.Count) -> Response:
-        if op.priority is None and not op.tags:
-            n = queue.log.length
-        elif not op.tags:
-            n = queue.log.count(op.priority)
-        else:
-            with _filter(queue, dict(op.tags)) as fi:
-                n = sum(1 for _ in fi.iter_index_order(0, queue.source, op.priority))
+    async def count(self, queue: QueueBackend, op: ev.Count) -> Response:
+        n = await queue.count(op.priority, dict(op.tags))
         return Response(200, str(n).encode(), list(TEXT))
 
     _HANDLERS = {
@@ -261,41 +194,3 @@ def _render_attributes(attrs: dict[str, str], op: ev.Attributes) -> Response:
         return Response(200, protobuf.encode_attributes(attrs), list(PROTO))
     return Response(200, json.dumps(attrs, sort_keys=True).encode(), list(JSON))
 
-
-def _forget(queue: Queue, removed) -> None:
-    """Entries left the queue: drop them from the groups and wake watchers whose slots freed."""
-    if removed:
-        queue.dispatcher.removed(removed)
-        queue.notify()
-
-
-@contextlib.contextmanager
-def _filter(queue: Queue, tags: dict[str, str]) -> Iterator[FilterIndex]:
-    """The queue's index of entries matching ``tags``, brought up to date, for one request."""
-    fi = queue.filters.acquire(tuple(sorted(tags.items())))
-    try:
-        fi.refresh(queue.source)
-        yield fi
-    finally:
-        queue.filters.release(fi)
-
-
-def attributes_of(queue: Queue, config: Config) -> dict[str, str]:
-    """Every attribute key of PROTOCOL.md section 7, values as strings."""
-    qlog = queue.log
-    attrs = {
-        "queue.state": "open",   # "fenced" for a queue that failed to open (_fence.fenced_attributes)
-        "meta.name": queue.ref.name,
-        "meta.state": "End" if queue.ended else "Normal",
-        "meta.backend": "qserve-segment-log",
-        "meta.maxPayloadBytes": str(config.max_payload_bytes),
-        "stream.maxPayloadBytes": str(config.max_payload_bytes),
-        **names.HEADER_ATTRIBUTES,
-        "meta.maxPriority": str(MAX_PRIORITY),
-        "stream.length": str(qlog.length),
-        "stream.approxMaxLength": str(config.max_length),
-        "stream.firstEntry": str(qlog.first_index),
-        "stream.lastEntry": str(qlog.last_index),
-    }
-    attrs.update(queue.dispatcher.attributes())
-    return attrs

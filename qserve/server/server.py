@@ -35,7 +35,7 @@ from qserve.config import Config
 from qserve.core.errors import QServeError
 from qserve.core.events import QueueRef
 from qserve.server.http import HTTPConfig, HTTPServer
-from qserve.backends.local.queues import QueueManager
+from qserve.backends.local.manager import QueueManager
 from qserve.server.startup import StartupError
 from qserve.server.watch import WatchService
 
@@ -74,7 +74,7 @@ class Server:
         self._fileio = fileio
         self.port: int | None = None
         self.app: App | None = None
-        self.watch = WatchService()   # created first: every queue the manager opens wakes it
+        self.watch = WatchService(config.request_timeout)   # created first: every queue opened wakes it
         self.http: HTTPServer | None = None
         self.queues: QueueManager | None = None
         self._stop = trio.Event()

@@ -1,9 +1,9 @@
 """Watch: push a queue's entries to consumers over WebSocket or a length-delimited HTTP stream.
 
-Strategy: the group logic (who gets which entry, windows, redelivery) is `groups.Dispatcher`,
-sans-I/O. This module is the thin trio edge around it: one `Session` per watching connection
-attaches a consumer, then loops *poll -> read entries -> send frames*, and sleeps on its own wake
-event when the dispatcher has nothing for it. Auto-commit deletes each batch and sends it once the
+Strategy: the group logic (who gets which entry, windows, redelivery) is the queue's backend's
+(`backends.base.QueueBackend`: attach, deliver, take, sent, release). This module is the thin trio
+edge around it: one `Session` per watching connection attaches a consumer, then loops *deliver a
+batch -> send frames*, and sleeps on its own wake event when the backend has nothing for it. Auto-commit deletes each batch and sends it once the
 delete is durable, taking the next batch one step ahead (see `Session._pump_auto`).
 `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
 eligible consumer per group (free slots, start and tag filter match; round robin), any other
@@ -37,8 +37,8 @@ import trio_websocket
 from qserve.core import events as ev
 from qserve.wire import names, protobuf
 from qserve.core.events import ConsumerSpec
+from qserve.backends.base import QueueBackend, StoredEntry, Taken
 from qserve.server.http import Response
-from qserve.backends.local.queues import Queue
 
 __all__ = ["WatchService", "KEEPALIVE_INTERVAL", "KEEPALIVE_TIMEOUT"]
 
@@ -70,8 +70,9 @@ def _leaves(exc: BaseException):
 class Session:
     """One attached consumer on one queue; `run()` returns when it is over."""
 
-    def __init__(self, queue: Queue, op: ev.Watch) -> None:
+    def __init__(self, queue: QueueBackend, op: ev.Watch, write_bound: float) -> None:
         self.queue = queue
+        self._write_bound = write_bound               # the edge's bound on one write (request_timeout)
         self.op = op
         self.spec = ConsumerSpec(group=op.identity.group, user=op.identity.user, window=op.window,
                                  auto_commit=op.auto_commit, start=op.start, tags=op.tags)
@@ -100,7 +101,7 @@ class Session:
     def wake(self) -> None:
         self._wake.set()
 
-    def accepts(self, entry) -> bool:
+    def accepts(self, entry: StoredEntry) -> bool:
         """Could this consumer take `entry` (start position and tag filter)?"""
         if 0 < self.op.start and entry.index < self.op.start:
             return False
@@ -111,25 +112,20 @@ class Session:
     def consumer_id(self) -> str:
         return self.spec.id
 
-    def frame_for(self, entry) -> bytes:
-        notes = self.queue.dispatcher.annotations(entry.index)
-        tags = {**entry.tags, **notes} if notes else entry.tags
-        return protobuf.encode_frame(entry.index, tags, b"" if self.op.index_only else entry.data)
-
     async def pump(self, send) -> None:
         """Deliver entries forever through ``await send(frames)``: a list of encoded frames of one
         poll, written together, at most `SEND_BATCH_BYTES` of them unless a single frame is larger."""
         if self.op.auto_commit:
             await self._pump_auto(send)
             return
-        dispatcher, cid = self.queue.dispatcher, self.consumer_id
+        deliver, cid = self.queue.deliver, self.consumer_id
         while True:
             self._wake = trio.Event()        # a wake-up from here on is not lost
-            indexes = dispatcher.poll(cid)
-            if not indexes:
+            entries = await deliver(cid)
+            if not entries:
                 await self._wake.wait()      # or `WatchService.fallback`'s periodic wake-up
                 continue
-            await self._send_frames(send, self._read(indexes))
+            await self._send_frames(send, entries)
 
     async def _pump_auto(self, send) -> None:
         """Auto-commit: a batch's frames go out once its delete is durable, and the next batch is
@@ -144,16 +140,16 @@ class Session:
         Cancelled (shutdown, replacement, a dead keep-alive), the session still writes the batches
         it has deleted and takes no more (module docstring); a write that cannot finish in time
         ends the session with `trio.BrokenResourceError` (the stream may hold a partial frame)."""
-        queue, dispatcher, cid = self.queue, self.queue.dispatcher, self.consumer_id
-        write_bound = queue.config.request_timeout
-        ahead = None
+        queue, cid = self.queue, self.consumer_id
+        write_bound = self._write_bound
+        ahead: Taken | None = None
         while True:
             if ahead is None:
                 await trio.lowlevel.checkpoint_if_cancelled()   # nothing in hand: may end here
                 if self._stopping:
                     await trio.sleep_forever()   # until the edge cancels the watch
                 self._wake = trio.Event()    # a wake-up from here on is not lost
-                ahead = self._take()
+                ahead = await queue.take(cid)
                 if ahead is None:
                     await self._wake.wait()
                     continue
@@ -169,7 +165,7 @@ class Session:
                         # else is deleted.
                         await queue.wait_durable(mark, first=True)
                     self._wake = trio.Event()
-                    ahead = None if last or self._stopping else self._take()
+                    ahead = None if last or self._stopping else await queue.take(cid)
                     if entries:
                         shield.deadline = min(shield.deadline, trio.current_time() + write_bound)
                         await self._send_frames(send, entries)
@@ -177,37 +173,14 @@ class Session:
                     self._handing_out = None
             if shield.cancelled_caught:
                 raise trio.BrokenResourceError("watch frames could not be written in time")
-            dispatcher.sent(cid, indexes)
-            queue.notify()
+            queue.sent(cid, indexes)
 
-    def _take(self) -> tuple[tuple[int, int], list, list[int]] | None:
-        """Auto-commit: poll, read and delete the next batch -> (write mark, entries, indexes), or
-        None when there is nothing for this consumer."""
-        indexes = self.queue.dispatcher.poll(self.consumer_id)
-        if not indexes:
-            return None
-        entries = self._read(indexes)
-        if entries:
-            self.queue.dispatcher.removed(self.queue.log.delete([e.index for e in entries]))
-        return self.queue.write_mark(), entries, indexes
-
-    def _read(self, indexes: list[int]) -> list:
-        """The entries of `indexes` still stored; the dispatcher forgets the others."""
-        entries, gone = [], []
-        for index, entry in zip(indexes, self.queue.log.read_many(indexes)):
-            if entry is None:
-                gone.append(index)
-            else:
-                entries.append(entry)
-        if gone:
-            self.queue.dispatcher.removed(gone)
-        return entries
-
-    async def _send_frames(self, send, entries: list) -> None:
+    async def _send_frames(self, send, entries: list[StoredEntry]) -> None:
         batch: list[bytes] = []
         size = 0
+        tags_of, encode, index_only = self.queue.tags_of, protobuf.encode_frame, self.op.index_only
         for entry in entries:   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
-            frame = self.frame_for(entry)
+            frame = encode(entry.index, tags_of(entry), b"" if index_only else entry.data)
             if batch and size + len(frame) > SEND_BATCH_BYTES:
                 await send(batch)
                 self.frames_sent += len(batch)
@@ -222,7 +195,8 @@ class Session:
 class WatchService:
     """Owns the watch sessions of every queue. Used from the trio thread only."""
 
-    def __init__(self) -> None:
+    def __init__(self, write_bound: float) -> None:
+        self._write_bound = write_bound   # seconds a write of frames may take (the edge's request_timeout)
         self._sessions: dict[tuple[object, str], Session] = {}
         self._by_queue: dict[object, dict[str, Session]] = {}   # queue ref -> consumer id -> session
         self._turn = 0                                           # round robin among a group's members
@@ -243,12 +217,12 @@ class WatchService:
         for session in list(self._sessions.values()):
             session.abort()
 
-    def wake(self, queue: Queue, entry) -> None:
+    def wake(self, queue: QueueBackend, entry: StoredEntry | None) -> None:
         """A queue's ``on_change``: wake the sessions a change concerns (see the module docstring)."""
         sessions = self._by_queue.get(queue.ref)
         if not sessions:
             return
-        free = queue.dispatcher.wants()
+        free = queue.wants()
         if entry is None:
             for cid in free:
                 session = sessions.get(cid)
@@ -272,20 +246,19 @@ class WatchService:
             for session in list(self._sessions.values()):
                 session.wake()
 
-    def _open(self, queue: Queue, op: ev.Watch) -> Session:
-        session = Session(queue, op)
+    async def _open(self, queue: QueueBackend, op: ev.Watch) -> Session:
+        session = Session(queue, op, self._write_bound)
         key = (op.queue, session.consumer_id)
         old = self._sessions.get(key)
         if old is not None:  # the same consumer reconnected: the stale socket goes
             old.cancel_scope.cancel()
         self._sessions[key] = session
         self._by_queue.setdefault(queue.ref, {})[session.consumer_id] = session
-        queue.dispatcher.attach(session.spec)
-        queue.notify()
+        await queue.attach(session.spec)
         log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name)
         return session
 
-    def _close(self, session: Session) -> None:
+    async def _close(self, session: Session) -> None:
         key = (session.op.queue, session.consumer_id)
         if self._sessions.get(key) is session:
             del self._sessions[key]
@@ -293,15 +266,14 @@ class WatchService:
             del members[session.consumer_id]
             if not members:
                 del self._by_queue[session.op.queue]
-            session.queue.dispatcher.detach(session.consumer_id)
-            session.queue.notify()
+            await session.queue.release(session.consumer_id)
             log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name)
 
     # -- WebSocket ---------------------------------------------------------------------------
-    async def websocket(self, queue: Queue, op: ev.Watch, upgrade) -> None:
+    async def websocket(self, queue: QueueBackend, op: ev.Watch, upgrade) -> None:
         """Serve watch ``op`` on ``queue`` over ``upgrade`` (the app's WebSocket handler calls it):
         errors before `accept()` refuse the handshake."""
-        session = self._open(queue, op)
+        session = await self._open(queue, op)
         try:
             with session.cancel_scope:
                 ws = await upgrade.accept()
@@ -320,7 +292,7 @@ class WatchService:
                     # one session, one cause: the edge maps a plain error to its close code
                     raise _sole_error(group) from None
         finally:
-            self._close(session)
+            await self._close(session)
 
     @staticmethod
     async def _read_until_closed(ws, scope: trio.CancelScope) -> None:
@@ -346,13 +318,13 @@ class WatchService:
         scope.cancel()
 
     # -- HTTP streaming watch (PROTOCOL.md 5.12) ----------------------------------------------
-    async def http_stream(self, queue: Queue, op: ev.Watch) -> Response:
+    async def http_stream(self, queue: QueueBackend, op: ev.Watch) -> Response:
         async def stream(send) -> None:
-            session = self._open(queue, op)
+            session = await self._open(queue, op)
             try:
                 with session.cancel_scope:
                     await session.pump(lambda frames: send(b"".join(map(protobuf.length_delimited, frames))))
             finally:
-                self._close(session)
+                await self._close(session)
 
         return Response(200, headers=[("Content-Type", names.PROTOBUF)], stream=stream)

@@ -92,7 +92,7 @@ async def test_a_cancelled_caller_waits_for_its_fsync_and_shutdown_drains(tmp_pa
 async def test_the_backend_is_a_config_choice_and_a_failed_probe_means_threads(tmp_path, monkeypatch):
     """`Config.fsync_backend`: "threads" opens no AIO context; "auto" uses AIO where it works, else
     threads; "aio" refuses to start where it does not (one ConfigError line)."""
-    from qserve.backends.local.queues import QueueManager
+    from qserve.backends.local.manager import QueueManager
     from qserve.config import Config, ConfigError
 
     with pytest.raises(ConfigError, match="fsync_backend"):
@@ -135,7 +135,7 @@ async def test_first_waiters_resume_ahead_of_the_rest_of_their_round(tmp_path):
     of the same round (the put answers), every round; trio would otherwise run them in random order."""
     from qserve.config import Config
     from qserve.core.events import QueueRef
-    from qserve.backends.local.queues import QueueManager
+    from qserve.backends.local.manager import QueueManager
     order = []
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
@@ -230,7 +230,8 @@ async def test_a_durable_waiter_resumes_one_scheduler_turn_after_the_kernel_answ
     scheduler turn right after the one that reaped the fsync; through the flusher it took two
     (reaper -> flusher -> waiter), and under load every turn is a whole batch of other requests."""
     from qserve.config import Config
-    from qserve.backends.local.queues import Queue, QueueManager
+    from qserve.backends.local.manager import QueueManager
+    from qserve.backends.local.queues import Queue
     open_or_skip().close()
     turns = [0]
 

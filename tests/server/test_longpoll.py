@@ -59,15 +59,15 @@ async def test_zero_timeout_answers_at_once(tmp_path, autojump_clock):
 async def test_a_put_wakes_only_the_gets_it_can_answer(tmp_path, autojump_clock, monkeypatch):
     """Clients each waiting on the sink for their own requestId: a put wakes the one it answers
     (and gets whose tag filter it passes), not every waiting get."""
-    from qserve.server.app import App
+    from qserve.backends.local.queues import Queue
     looks = []
-    real = App._matching
+    real = Queue._matching
 
-    def counting(self, queue, op, start):
-        looks.append(dict(op.tags))
-        return real(self, queue, op, start)
+    def counting(self, start, tags, limit):
+        looks.append(dict(tags))
+        return real(self, start, tags, limit)
 
-    monkeypatch.setattr(App, "_matching", counting)
+    monkeypatch.setattr(Queue, "_matching", counting)
     n = 30
     with trio.fail_after(60):
         async with running_server(tmp_path) as srv:

@@ -1,0 +1,193 @@
+"""Group commit for a local queue: one flusher task per queue fsyncs while other tasks keep appending.
+
+Strategy: every write made during one fsync shares the next one. The flusher fsyncs through kernel
+AIO (`server.aio.AioSync`, whose reaper ends the round the moment the kernel answers) or a worker
+thread of the manager's `SyncPool` (`log.sync_begin()` / the ticket's fsyncs / `log.sync_end()`);
+a request that must be durable awaits `wait_durable(mark)`. A failed fsync rolls the round's
+writes back (storage does), and its waiters get `Unavailable`. `GroupCommit` is the base of
+`queues.Queue`, which is told of every rollback (an undone delete makes entries deliverable again).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from qserve import storage
+
+from qserve.backends.base import WriteMark
+from qserve.config import Config
+from qserve.core.errors import Unavailable
+from qserve.core.events import QueueRef
+from qserve.server.aio import AioSync
+from qserve.server.syncpool import SyncPool
+
+__all__ = ["Signal", "GroupCommit"]
+
+log = logging.getLogger("qserve")
+
+_EPOCHS_KEPT = 64   # rollback epochs whose durable point `GroupCommit` remembers (see `_observe`)
+
+
+class Signal:
+    """A level-less broadcast: `wait()` returns at the next `fire()`. Task-safe within one trio run."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class GroupCommit:
+    """The durability side of one open queue. Not thread-safe: used from the trio thread only."""
+
+    def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None,
+                 aio: AioSync | None, *, on_rollback: Callable[[], None]) -> None:
+        self.ref = ref
+        self._on_rollback = on_rollback  # entries whose delete was undone are deliverable again
+        self.log = qlog
+        self.config = config
+        self._pool = pool
+        self._aio = aio
+        self._durable = Signal()         # fired after each fsync round
+        self._durable_first = Signal()   # fired just before it (`wait_durable(first=True)`)
+        self._first_waiting = 0
+        self._flush_wanted = trio.Event()
+        # epoch = the log's rollback count; epoch -> highest durable_seq seen during that epoch
+        self._durable_in: dict[int, int] = {}
+        self._epoch = qlog.rollbacks
+        self.closed = False
+
+    def _observe(self) -> int:
+        """Note the log's durable point in the current epoch; returns the epoch.
+
+        An epoch ends with every rollback, and rollbacks also happen outside the flusher: a failed
+        fsync while rolling a segment (inside any append, delete, ...) or compacting rolls back
+        what the flusher was about to make durable. The log's rollback count is the one record of
+        all of them. Observations are kept for the last `_EPOCHS_KEPT` epochs; a waiter from an
+        older one is failed (the safe answer: a client retry duplicates, nothing is lost).
+        """
+        epoch = self.log.rollbacks
+        durable = self.log.durable_seq
+        if epoch != self._epoch:   # entries whose delete was rolled back are deliverable again
+            self._epoch = epoch
+            self._on_rollback()
+        if self._durable_in.get(epoch, -1) < durable:
+            self._durable_in[epoch] = durable
+            while len(self._durable_in) > _EPOCHS_KEPT:
+                del self._durable_in[next(iter(self._durable_in))]
+        return epoch
+
+    def write_mark(self) -> WriteMark:
+        """A token for "everything written so far", to pass to `wait_durable` later."""
+        return self._observe(), self.log.appended_seq
+
+    async def wait_durable(self, mark: WriteMark | None = None, *, first: bool = False) -> None:
+        """Return once everything written up to `mark` (default: now) is durable under the fsync
+        policy; raise `Unavailable` if an fsync failed first and the write was rolled back.
+        ``first``: resume ahead of the other waiters of the same round (an auto-commit watch's
+        frames go out before the round's put answers, which are not what anybody waits on).
+
+        Failures are tracked by epoch (the log's rollback count), not by sequence number alone:
+        a rollback marks its sequence numbers durable without writing them.
+        """
+        if self.config.fsync != "always":
+            return
+        epoch, seq = self.write_mark() if mark is None else mark
+        while True:
+            if self._observe() != epoch:
+                # a rollback came after this write: it survived only if it was durable before
+                if seq > self._durable_in.get(epoch, 0):
+                    raise Unavailable("the write could not be made durable (fsync failed); not stored")
+                return
+            if self.log.durable_seq >= seq:
+                return
+            if self.closed:
+                raise Unavailable("queue closed before the write was durable")
+            self._flush_wanted.set()
+            if first:
+                self._first_waiting += 1
+                try:
+                    await self._durable_first.wait()
+                finally:
+                    self._first_waiting -= 1
+            else:
+                await self._durable.wait()
+
+    async def _round_done(self) -> None:
+        """Wake the waiters of a finished round, the ``first`` ones one scheduling batch ahead:
+        they are rescheduled now, this task after them, and the others only when it runs again
+        (trio runs a batch in random order, so one checkpoint is what orders them)."""
+        if self._first_waiting:
+            self._durable_first.fire()
+            await trio.lowlevel.checkpoint()
+        self._durable.fire()
+
+    async def flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run group-commit rounds until cancelled; the final sync is done by `close()`."""
+        task_status.started()
+        while True:
+            if self.config.fsync == "always":
+                await self._flush_wanted.wait()
+                self._flush_wanted = trio.Event()
+            elif self.config.fsync == "interval":
+                await trio.sleep(self.config.fsync_interval)
+            else:
+                await trio.sleep_forever()
+            if self.log.appended_seq > self.log.durable_seq and await self._sync_round():
+                self._durable.fire()   # the reaper already woke the first waiters (or everyone)
+            else:
+                await self._round_done()
+
+    async def _sync_round(self) -> bool:
+        """One group-commit round. Through kernel AIO the reaper ends it (`_end_round`) the moment
+        the kernel answers, and wakes the ``first`` waiters then (all waiters when there are none):
+        a scheduling batch sooner than this task could, and every durable answer and auto-commit
+        frame waits for that. Returns True then; False when this task ended the round."""
+        # let requests that are already runnable append first, so this round covers them too
+        await trio.lowlevel.checkpoint()
+        self._observe()
+        ticket = self.log.sync_begin()
+        aio = self._aio
+        if aio is not None and aio.serving and ticket.plain_files:
+            await aio.fsync(ticket.fds, on_done=lambda error: self._end_round(ticket, error, wake=True))
+            return True
+        failure: OSError | None = None
+        try:
+            if self._pool is not None:
+                await self._pool.run(ticket.run)
+            else:
+                await trio.to_thread.run_sync(ticket.run)
+        except OSError as exc:
+            failure = exc
+        self._end_round(ticket, failure)
+        return False
+
+    def _end_round(self, ticket: storage.SyncTicket, failure: BaseException | None, *, wake: bool = False) -> None:
+        if wake:   # an AIO round: ``failure`` is the fsyncs' outcome, not yet on the ticket
+            ticket.complete(failure)
+        try:
+            self.log.sync_end(ticket)   # after a failed fsync this rolls back and raises
+        except storage.StorageError as exc:
+            failure = exc
+        self._observe()
+        if failure is not None:
+            log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, failure)
+        if wake:
+            self._durable_first.fire()
+            if not self._first_waiting:
+                self._durable.fire()
+
+    def close_log(self) -> None:
+        """Sync and close the log, and wake every durability waiter (blocking; at shutdown, once)."""
+        self.closed = True
+        self.log.close()
+        self._durable_first.fire()
+        self._durable.fire()

@@ -1,0 +1,222 @@
+"""The local backend's registry of queues (`backends.base.Backend`): queue directories under the data directory.
+
+Strategy: a queue is opened on first use (recovery in a worker thread, so the event loop stays
+free), or at start for the declared ones and every one already on disk. A directory that cannot be
+opened is fenced (`backends.local.fence`: its requests get a 503 naming the cause, the other
+queues serve on, a later request retries); creating one is refused instead. The manager starts the
+group-commit machinery (kernel AIO or a `SyncPool`, `Config.fsync_backend`) with the first queue,
+runs each queue's flusher and housekeeping in the server's queue nursery, and syncs and closes
+them all at shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import urllib.parse
+from pathlib import Path
+
+import trio
+
+from qserve import storage
+
+from qserve.backends.base import OnChange, QueueStatus
+from qserve.backends.local.fence import Fences, fence_reason
+from qserve.backends.local.queues import Queue, queue_dir
+from qserve.config import Config, ConfigError
+from qserve.core.errors import InsufficientStorage, NotFound, QServeError, QueueFenced, Unavailable
+from qserve.core.events import QueueRef
+from qserve.server.aio import AioSync
+from qserve.server.syncpool import SyncPool
+
+__all__ = ["QueueManager"]
+
+log = logging.getLogger("qserve")
+
+
+class QueueManager:
+    """Opens queues on first use (or the declared set at start), fences the ones on disk that
+    cannot be opened (`backends.local.fence`), and owns their tasks. Used from the trio thread only."""
+
+    def __init__(self, config: Config, nursery: trio.Nursery, *, fileio=None,
+                 on_change: OnChange | None = None) -> None:
+        self.config = config
+        self._on_change = on_change                      # handed to every queue it opens
+        self._fileio = fileio
+        self._nursery = nursery
+        self._queues: dict[QueueRef, Queue] = {}
+        self._opening: dict[QueueRef, trio.Event] = {}   # one open attempt per queue at a time
+        self.fences = Fences(config)                     # queues on disk that failed to open
+        # How flushers fsync (started with the first queue): `config.fsync_backend`. The rounds of
+        # an injected file layer (tests' fault injection) go through its own fsync in a thread
+        # whatever the backend (`storage.SyncTicket.plain_files`).
+        self._aio = AioSync.open() if config.fsync_backend != "threads" else None
+        if config.fsync_backend == "aio" and self._aio is None:
+            raise ConfigError("fsync_backend: aio, but kernel AIO cannot be used here (it needs Linux 4.18+ "
+                              "on x86_64 or aarch64, and io_setup allowed)")
+        self._pool = SyncPool() if self._aio is None else None
+        self._sync_started = False
+        self._log_config = storage.LogConfig(
+            segment_bytes=config.segment_bytes,
+            max_payload_bytes=config.max_payload_bytes,
+            max_entries=config.max_length,
+        )
+
+    @property
+    def fsync_mechanism(self) -> str:
+        """How group-commit fsyncs run: "kernel AIO" or "threads" (for the start-up log line)."""
+        return "kernel AIO" if self._aio is not None else "threads"
+
+    async def listing(self) -> list[QueueStatus]:
+        """Every open or fenced queue, sorted by service, input before sink."""
+        found: list[QueueStatus] = [QueueStatus(ref, fenced=fence.reason) for ref, fence in self.fences.by_ref.items()
+                                    if ref not in self._queues]
+        for ref, queue in self._queues.items():
+            qlog, groups = queue.log, queue.dispatcher.statistics()
+            found.append(QueueStatus(ref, length=qlog.length, first_index=qlog.first_index,
+                                     last_index=qlog.last_index, consumers=groups["consumers"],
+                                     groups=groups["groups"]))
+        return sorted(found, key=lambda status: (status.ref.service, status.ref.sink))
+
+    def wake_long_polls(self) -> None:
+        """The server is draining: every long-polling get answers now."""
+        for queue in self._queues.values():
+            queue.gets.wake_all()
+
+    def declared(self, service: str) -> bool:
+        """Is `service` named by --queues or --root-service?"""
+        return service in self.config.queues or service == self.config.root_service
+
+    async def open_declared(self) -> None:
+        """Open the declared queues (creating them) and every served queue already on disk, so
+        each one's recovery report, or its fence, is logged at start. A queue that cannot be
+        opened is fenced: it does not stop the server."""
+        refs = [QueueRef(service, sink=sink) for service in self.config.queues for sink in (False, True)]
+        if self.config.root_service:
+            refs += [QueueRef(self.config.root_service), QueueRef(self.config.root_service, sink=True)]
+        data = Path(self.config.data_dir)
+        if data.is_dir():
+            for svc_dir in sorted(data.iterdir()):
+                service = urllib.parse.unquote(svc_dir.name)
+                if self.config.queues and not self.declared(service):
+                    continue   # on disk, but --queues does not serve it
+                refs += [QueueRef(service, sink=kind == "sink") for kind in ("input", "sink")
+                         if (svc_dir / kind).is_dir()]
+        for ref in refs:
+            with contextlib.suppress(QueueFenced):   # logged when the fence went up
+                await self._acquire(ref, create=True)
+
+    async def get(self, ref: QueueRef) -> Queue:
+        """The open queue for `ref`, opening (and recovering) it on first use.
+
+        Raises:
+            NotFound: --queues does not name its service, or it does not exist and the server runs
+                with --no-auto-create.
+            QueueFenced: it is on disk but cannot be opened (see `backends.local.fence`).
+            InsufficientStorage: creating it would pass --max-queues, or the disk is full.
+            Unavailable: creating it failed.
+        """
+        return await self._acquire(ref, create=self.config.auto_create or self.declared(ref.service))
+
+    async def open_required(self, ref: QueueRef) -> Queue:
+        """Open (creating if missing) a queue the user named with --queues or --root-service, at
+        start. A failure fences nothing and logs nothing: it raises `Unavailable` with the one-line
+        reason (and for damage the repair command), for the server to refuse to start with."""
+        return await self._acquire(ref, create=True, required=True)
+
+    async def create(self, service: str) -> None:
+        """Create a service's input and sink queues on purpose (the admin call); queues that exist
+        are just opened. Raises like `get`, but never refuses for --no-auto-create."""
+        for ref in (QueueRef(service), QueueRef(service, sink=True)):
+            await self._acquire(ref, create=True)
+
+    async def _acquire(self, ref: QueueRef, *, create: bool, required: bool = False) -> Queue:
+        while True:
+            queue = self._queues.get(ref)
+            if queue is not None:
+                return queue
+            if self.config.queues and not self.declared(ref.service):
+                raise NotFound(f"no queue named {ref.name}")
+            pending = self._opening.get(ref)
+            if pending is None:
+                break
+            await pending.wait()   # another request's attempt: take its outcome (a queue or a fence)
+        self.fences.check(ref, trio.current_time())   # raises QueueFenced until a retry is due
+        path = queue_dir(self.config.data_dir, ref)
+        created = not path.exists()
+        if created:
+            self.fences.take_down(ref)   # its directory is gone: nothing left to fence
+            if not create:
+                raise NotFound(f"no queue named {ref.name} (the server runs with --no-auto-create; "
+                               f"create it with: qserve stream create {shlex.quote(ref.service)})")
+            if len(self._queues) + len(self._opening) >= self.config.max_queues:
+                # a bound on directories, open files and memory; queues already on disk always open
+                raise InsufficientStorage(
+                    f"cannot create queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
+        self._opening[ref] = done = trio.Event()
+        try:
+            try:
+                if created:  # nothing to recover: opening is a few small file operations
+                    qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
+                else:        # recovery scans the segments: keep the event loop free meanwhile
+                    qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
+            except storage.StorageError as exc:
+                raise self._refused(ref, path, exc, created, required) from exc
+            if not self._sync_started:
+                self._sync_started = True
+                await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
+            queue = Queue(ref, qlog, self.config, self._pool, self._aio, on_change=self._on_change)
+            self._queues[ref] = queue
+            self.fences.take_down(ref)
+            self._report_open(queue, created)
+            await self._nursery.start(queue.flusher)
+            self._nursery.start_soon(queue.housekeeping)
+            return queue
+        finally:
+            del self._opening[ref]
+            done.set()
+
+    def _open_and_warm(self, path: Path) -> storage.QueueLog:
+        """Open and recover a queue directory, and build its requestId table (worker thread)."""
+        qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
+        qlog.warm()
+        return qlog
+
+    def _refused(self, ref: QueueRef, path: Path, exc: storage.StorageError, created: bool,
+                 required: bool) -> QServeError:
+        """The error for a queue that failed to open: one on disk is fenced, one being created is
+        refused (a fence per bad name would be unbounded), one required at start is neither."""
+        if required:
+            return Unavailable(fence_reason(ref, path, exc, fenced=False))
+        if not created:
+            return self.fences.put_up(ref, path, exc, trio.current_time())
+        log.error("queue %s: cannot create: %s", ref.name, exc)
+        if isinstance(exc, storage.DiskFull):
+            return InsufficientStorage(f"queue {ref.name} cannot be created: no space left on the server's disk")
+        return Unavailable(f"queue {ref.name} cannot be created")
+
+    def _report_open(self, queue: Queue, created: bool) -> None:
+        """Log the open: `queue X created` once, when its directory is made; later opens report
+        what recovery found."""
+        rec = queue.log.recovery
+        if created:
+            log.info("queue %s created", queue.ref.name)
+            return
+        log.info("queue %s opened: %d entries, recovered in %.3fs", queue.ref.name, queue.log.length,
+                 getattr(rec, "seconds", 0.0))
+        if getattr(rec, "truncated_bytes", 0) or getattr(rec, "skipped", None):
+            log.warning("queue %s: recovery dropped a torn tail of %d bytes, skipped %d records",
+                        queue.ref.name, rec.truncated_bytes, len(rec.skipped or ()))
+
+    def close_all(self) -> None:
+        """Sync and close every open queue (at shutdown, after the queue tasks stopped)."""
+        for queue in list(self._queues.values()):
+            try:
+                queue.close()
+            except storage.StorageError as exc:
+                log.error("queue %s: close failed: %s", queue.ref.name, exc)
+
+    def statistics(self) -> dict:
+        """Each open queue's log figures, by queue name."""
+        return {q.ref.name: q.log.statistics() for q in self._queues.values()}
