@@ -12,7 +12,7 @@ durable put measured the same within noise (end to end, sequential puts: 854-932
 
 Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
 answered, before the caller is rescheduled: the queue's flusher ends its round there
-(`Queue._end_round`), one scheduler turn earlier for every waiter.
+(`backends.local.commit.GroupCommit._end_round`), one scheduler turn earlier for every waiter.
 
 Availability: Linux on x86_64 or aarch64 (the two syscall tables below) where ``io_setup`` is
 allowed and an fsync submitted at start-up completes (kernel 4.18 or later); `AioSync.open`

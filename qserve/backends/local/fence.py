@@ -3,7 +3,7 @@
 Strategy: opening a queue directory can fail for reasons that belong to that queue alone: damage
 that recovery refuses to skip (`storage.CorruptLog`), another process holding the directory
 (`storage.DirectoryLocked`: a second server, or `qserve log repair` running right now), or an I/O
-error (permissions). `queues.QueueManager` then records a `Fence` instead of failing: every request
+error (permissions). `manager.QueueManager` then records a `Fence` instead of failing: every request
 to the queue gets a 503 whose one-line reason says what is wrong and what to do (the damaged file,
 its offset and the repair command), the queue's attributes say it is fenced, and the server logs
 one ERROR line per fence, not one per request. A fence is not final: a request retries the open
