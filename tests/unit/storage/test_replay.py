@@ -191,11 +191,11 @@ class Model:
         self.rows: dict[int, tuple[int, int]] = {}   # index -> (sid, framed size)
         self.dead: set[int] = set()
 
-    def entry(self, sid: int, size: int, index: int) -> None:
+    def entry(self, sid: int, size: int, index: int, moved: bool) -> None:
         if index < self.watermark:
             return
         self.next_index = max(self.next_index, index + 1)
-        if index not in self.dead:
+        if index not in self.dead and (moved or index not in self.rows):
             self.rows[index] = (sid, size)
 
     def truncate(self, below: int) -> None:
@@ -231,8 +231,10 @@ def build(segments: list[list[tuple]], seal: bool) -> tuple[list[bytes], Model]:
             kind = op[0]
             if kind == "entry":
                 _, index, prio, rid, moved = op
+                if not moved:   # the server appends new indexes only; compaction's copies repeat them
+                    index = max(index, m.next_index)
                 rec = entry(index, prio, rid, moved)
-                m.entry(sid, len(rec), index)
+                m.entry(sid, len(rec), index, moved)
             elif kind == "delete":
                 rec = encode_delete(op[1])
                 m.dead |= {i for i in op[1] if i in m.rows}
