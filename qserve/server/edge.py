@@ -1,0 +1,94 @@
+"""What the connections of one `HTTPServer` share (`Edge`), and the response-head cache it owns.
+
+Kept apart from `connection` so that the per-connection protocol loop stays one module of one
+concern; the server creates one `Edge` and hands it to every connection it accepts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from http import HTTPStatus
+
+import h11
+import trio
+
+from qserve.core import errors
+from qserve.server.types import Handler, HTTPConfig, Request, Response
+from qserve.server.websocket import WebSocketHandler
+from qserve.wire.names import REQUEST_ID_HEADER
+
+__all__ = ["Edge", "HeadCache", "error_response", "peer_of"]
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_UNIQUE = REQUEST_ID_HEADER   # differs on every put answer
+
+
+class HeadCache:
+    """The h11 events of the last ``size`` distinct response heads. Heads repeat (every commit is
+    ``200 OK`` with the same three headers), and h11 validates a head's every header when it is
+    built; h11 events are immutable, so one can be sent many times."""
+
+    __slots__ = ("_heads", "_size")
+
+    def __init__(self, size: int = 64) -> None:
+        self._heads: dict[tuple, h11.Response] = {}
+        self._size = size
+
+    def response(self, status: int, headers: list[tuple[str, str]]) -> h11.Response:
+        """The h11 event for a response head (raises what h11 raises for an invalid one)."""
+        key = (status, tuple(headers))
+        head = self._heads.get(key)
+        if head is None:
+            head = h11.Response(status_code=status, reason=_REASONS.get(status, b""),
+                                headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+            if not any(k == _UNIQUE for k, _ in headers):   # a put's head never repeats: keep it out
+                if len(self._heads) >= self._size:
+                    del self._heads[next(iter(self._heads))]   # the oldest
+                self._heads[key] = head
+        return head
+
+
+class Edge:
+    """What the connections of one `HTTPServer` share: the application's handlers, the limits, the
+    shutdown flag and the counters `HTTPServer.statistics` reports. The server creates it and hands
+    it to each connection it accepts (so a connection knows nothing of the server itself)."""
+
+    __slots__ = ("handler", "ws_handler", "config", "body_limit_for", "shutting_down", "requests",
+                 "websockets", "errors", "heads")
+
+    def __init__(self, handler: Handler, ws_handler: WebSocketHandler | None, config: HTTPConfig,
+                 body_limit_for: Callable[[Request], int] | None) -> None:
+        self.handler = handler
+        self.ws_handler = ws_handler
+        self.config = config
+        self.body_limit_for = body_limit_for
+        self.shutting_down = False
+        self.requests = 0
+        self.websockets = 0
+        self.errors: Counter[int] = Counter()
+        self.heads = HeadCache()
+
+    def count(self, status: int) -> None:
+        """One request answered with ``status``."""
+        self.requests += 1
+        if status >= 400:
+            self.errors[status] += 1
+
+
+def error_response(exc: BaseException) -> Response:
+    """The `Response` for an exception (`errors.error_response` decides status, headers and body)."""
+    status, headers, body = errors.error_response(exc)
+    return Response(status, body, headers)
+
+
+def peer_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The client's (address, port) of a socket stream; None for other streams."""
+    sock = getattr(stream, "socket", None)
+    try:
+        address = sock.getpeername() if sock is not None else None
+    except OSError:
+        return None
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
