@@ -27,6 +27,7 @@ import trio
 from qserve.wire.names import MOUNT
 from qserve.worker.engine import Worker
 from qserve.worker.handler import Handler, HandlerSpecError, load_handler
+from qserve.worker.probe import leaves
 
 __all__ = ["add_arguments", "main", "service_of", "default_user", "input_url_problem", "serve_worker",
            "drain_on_signals", "allow_cwd_imports"]
@@ -142,16 +143,16 @@ def main(args: argparse.Namespace) -> int:
     try:
         trio.run(_standalone, args, handler)
     except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the CLI's last line of defence
-        leaves = _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        failures = leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+        if any(isinstance(e, KeyboardInterrupt) for e in failures):
             print("qserve worker: interrupted", file=sys.stderr)
             return 130
-        if all(isinstance(e, QueueError) for e in leaves):
+        if all(isinstance(e, QueueError) for e in failures):
             # the first watch handshake was refused: bad token, unknown queue
-            log.error("worker could not start: %s", "; ".join(map(str, leaves)))
+            log.error("worker could not start: %s", "; ".join(map(str, failures)))
             return 1
         debug = log.isEnabledFor(logging.DEBUG)
-        log.error("worker failed: %s%s", "; ".join(map(_describe, leaves)),
+        log.error("worker failed: %s%s", "; ".join(map(_describe, failures)),
                   "" if debug else " (--log-level DEBUG shows the traceback)", exc_info=exc if debug else None)
         return 1
     return 0
@@ -187,10 +188,3 @@ def input_url_problem(url: str) -> str | None:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out

@@ -2,8 +2,8 @@
 the sink, then commit the input; drain on request.
 
 Strategy: one trio nursery holds the watch task, one task per entry in hand and a reporter. Before
-the watch is opened the queue must be ready: at start-up the worker probes the server with a plain
-TCP connect, then asks for the queue's attributes (a 5xx, or a queue the server has fenced off
+the watch is opened the queue must be ready: at start-up the worker probes the server (`probe`) with
+a plain TCP connect, then asks for the queue's attributes (a 5xx, or a queue the server has fenced off
 because it cannot open it, is an outage; a 401 or 404 is a configuration error and ends the
 worker). While that fails it logs one WARNING line per attempt (``cannot reach ORIGIN: connection
 refused; retrying in 1s``) and waits with exponential backoff (``connect_delay`` doubling up to
@@ -39,56 +39,22 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
-from qserve.worker.handler import Done, Failed, Handler, Outcome, Retry, call_handler, one_line
 from qserve.client import ConnectError, Entry, QueueClient, QueueError, QueueTimeout
+from qserve.worker.handler import Done, Failed, Handler, Outcome, Retry, call_handler, one_line
+from qserve.worker.probe import is_transient, obstacle
 
-__all__ = ["Worker", "is_transient"]
+__all__ = ["Worker"]
 
 log = logging.getLogger("qserve.worker")
 
 _RECENT = 1024                 # committed indexes remembered, to re-commit a stale redelivery
 _COPIED_TAGS = ("requestId", "ts@source")
-
-
-def connect_failure(exc: OSError) -> str:
-    """Why a TCP connect failed, in a few lower-case words (``connection refused``).
-
-    trio's `open_tcp_stream` raises an OSError whose cause groups the error of each address it
-    tried; the first of those names the reason."""
-    leaves: list[BaseException] = [exc]
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        leaves = [e for e in _leaves(cause) if isinstance(e, OSError)] or leaves
-    elif isinstance(cause, OSError):
-        leaves = [cause]
-    first = leaves[0]
-    if isinstance(first, socket.gaierror):
-        text = f"cannot resolve the host name ({first.strerror})"
-    elif isinstance(first, OSError) and first.errno:
-        text = os.strerror(first.errno)
-    else:
-        text = str(first) or type(first).__name__
-    return text[:1].lower() + text[1:]
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
-def is_transient(exc: QueueError) -> bool:
-    """Worth another try: no answer (status 0), 408, 429, or a server-side 5xx other than 501."""
-    return exc.status in (0, 408, 429) or (exc.status >= 500 and exc.status != 501)
 
 
 class _State(enum.Enum):
@@ -214,7 +180,7 @@ class Worker:
         Reports started once the server has accepted the subscription."""
         delay = self._connect_delay
         while True:
-            reason = await self._obstacle()
+            reason = await obstacle(self.client)
             if reason is None:
                 async with self.client.watch(index=0, window=self.concurrency, auto_commit=False) as watcher:
                     if watcher.connects:         # the first handshake succeeded (else it retries alone)
@@ -228,39 +194,6 @@ class Worker:
             log.warning("%s; retrying in %gs", reason, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, self._connect_delay_max)
-
-    async def _obstacle(self) -> str | None:
-        """What keeps the worker from subscribing right now (one line), or None: try the watch.
-
-        Raises:
-            QueueError: a refusal that waiting does not cure (401 bad token, 404 unknown queue).
-        """
-        url = self.client.url
-        reason = await self._unreachable()
-        if reason is not None:
-            return f"cannot reach {url.origin}: {reason}"
-        try:
-            attributes = await self.client.attributes()
-        except QueueError as exc:
-            if not is_transient(exc):
-                raise
-            return str(exc) if isinstance(exc, ConnectError) else f"cannot subscribe to {url}: {exc}"
-        if attributes.get("queue.state") == "fenced":
-            return f"cannot subscribe to {url}: {attributes.get('queue.fenced') or 'the queue is fenced'}"
-        return None
-
-    async def _unreachable(self) -> str | None:
-        """Why a TCP connection to the server cannot be opened right now; None when it can."""
-        url = self.client.url
-        try:
-            with trio.fail_after(self.client.timeout):
-                stream = await trio.open_tcp_stream(url.host, url.port)
-        except trio.TooSlowError:
-            return f"no answer within {self.client.timeout:g}s"
-        except OSError as exc:
-            return connect_failure(exc)
-        await stream.aclose()
-        return None
 
     def _accept(self, entry: Entry, nursery: trio.Nursery) -> None:
         index = entry.index
