@@ -816,7 +816,7 @@ def ws_actions():
 WS_OK, WS_END = ws_actions()
 
 # What the client sees for a frame the server cannot parse: a 1002 (1007: bad UTF-8) close frame,
-# then the TCP close (qserve.websocket.ReplayStream sends the frame trio-websocket 0.12 leaves out).
+# then the TCP close (qserve.server.websocket.ReplayStream sends the frame trio-websocket 0.12 leaves out).
 CLOSED_AS = {1002: {1002}, 1007: {1007}}
 ws_scripts = st.tuples(st.lists(WS_OK, max_size=6), st.one_of(st.none(), WS_END), st.booleans())
 
