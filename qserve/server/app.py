@@ -21,7 +21,7 @@ import uuid
 import trio
 
 from qserve.backends.base import Backend, QueueBackend, StoredEntry
-from qserve.server import admin as _admin
+from qserve.server import admin
 from qserve.core import events as ev
 from qserve.wire import names, protobuf
 from qserve.config import Config
@@ -97,7 +97,7 @@ class App:
                 queue = await self.queues.get(op.queue)   # errors here are still a status line
                 return await self.watch.http_stream(queue, op)
             if isinstance(op, (ev.ListQueues, ev.CreateQueue)):
-                return await _admin.handle(self.queues, self.config, op)
+                return await admin.handle(self.queues, self.config, op)
             try:
                 queue = await self.queues.get(op.queue)
             except QueueFenced as fenced:   # its attributes say so; everything else is a 503
