@@ -18,7 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from qserve.core.group_state import TRANSITIONS, EntryEvent, EntryState, step
 from qserve.core.errors import BadRequest
 from qserve.core.events import ConsumerSpec
-from qserve.core.groups import Dispatcher, format_go_duration
+from qserve.core.groups import Dispatcher
+from qserve.wire.durations import format_go_duration
 
 from ..helpers.sources import FakeSource
 
