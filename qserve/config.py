@@ -147,6 +147,9 @@ def load_config(flags: Mapping[str, Any] | None = None, *, environ: Mapping[str,
         ConfigError: a file, variable or flag is invalid.
     """
     environ = os.environ if environ is None else environ
+    if "QSERVE_NO_AIO" in environ:   # read by earlier versions: refuse rather than silently ignore it
+        raise ConfigError("QSERVE_NO_AIO is no longer read: use --fsync-backend threads "
+                          "(QSERVE_FSYNC_BACKEND=threads)")
     values: dict[str, Any] = {}
     config_file = config_file or environ.get("QSERVE_CONFIG")
     if config_file:

@@ -88,3 +88,8 @@ def test_example_config_documents_every_setting():
     assert not undescribed, f"docs/qserve.toml: no comment with 'Default:' above {undescribed}"
     unknown = sorted(set(documented) - {f.name for f in dataclasses.fields(Config)})
     assert not unknown, f"docs/qserve.toml names settings Config does not have: {unknown}"
+
+
+def test_the_retired_no_aio_variable_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="QSERVE_NO_AIO is no longer read: use --fsync-backend threads"):
+        load_config(environ={"QSERVE_NO_AIO": "1"})
