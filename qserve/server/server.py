@@ -38,6 +38,7 @@ from qserve.server.http import HTTPConfig, HTTPServer
 from qserve.backends.local.manager import QueueManager
 from qserve.server.startup import StartupError
 from qserve.server.watch import WatchService
+from qserve.signals import numbered
 
 __all__ = ["Server", "run", "http_config_for", "freeze_startup_heap"]
 
@@ -233,16 +234,13 @@ class _SignalWatcher:
         self.forced: int | None = None
 
     async def watch(self, signals) -> None:
-        received = 0
-        async for signum in signals:
-            received += 1
-            name = signal.Signals(signum).name
+        async for received, sig in numbered(signals):
             if received == 1:
-                log.info("received %s: shutting down (send it again to stop at once)", name)
+                log.info("received %s: shutting down (send it again to stop at once)", sig.name)
                 self._server.shutdown()
             elif received == 2:
-                log.warning("received %s again: stopping at once", name)
-                self.forced = signum
+                log.warning("received %s again: stopping at once", sig.name)
+                self.forced = int(sig)
                 self._server.abort()
 
 

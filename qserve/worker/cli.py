@@ -24,6 +24,7 @@ import uuid
 
 import trio
 
+from qserve.signals import numbered
 from qserve.wire.names import MOUNT
 from qserve.worker.engine import Worker
 from qserve.worker.handler import Handler, HandlerSpecError, load_handler
@@ -61,14 +62,11 @@ def allow_cwd_imports() -> None:
 # ----------------------------------------------------------------------------------- running
 
 async def drain_on_signals(signals, worker: Worker) -> None:
-    received = 0
-    async for signum in signals:
-        received += 1
-        name = signal.Signals(signum).name
+    async for received, sig in numbered(signals):
         if received == 1:
-            log.info("received %s: draining (send it again to stop at once)", name)
+            log.info("received %s: draining (send it again to stop at once)", sig.name)
         else:
-            log.warning("received %s again: cutting the drain short", name)
+            log.warning("received %s again: cutting the drain short", sig.name)
         worker.drain(now=received > 1)
 
 
