@@ -33,7 +33,6 @@ method blocks.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,11 +66,13 @@ class Dispatcher:
 
     Args:
         source: the queue's live entries (`DispatchSource`).
-        now: clock for the Idle figures (the server passes ``trio.current_time``).
+        now: the clock of the Idle figures and of the consumers' last activity, in seconds;
+            injected, so that the core reads no clock itself (the server passes
+            ``trio.current_time``, a test its own clock).
         filters: the queue's `core.tags.FilterIndexes`, when others use them too.
     """
 
-    def __init__(self, source: DispatchSource, *, now: Callable[[], float] = time.monotonic,
+    def __init__(self, source: DispatchSource, *, now: Callable[[], float],
                  filters: FilterIndexes | None = None) -> None:
         self._source = source
         self._now = now

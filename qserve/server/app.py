@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import trio
 
@@ -41,10 +42,6 @@ PROTO = [("Content-Type", names.PROTOBUF)]
 OK = Response(200, b"OK", list(TEXT))
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def long_poll_deadline(timeout: float) -> float:
     """Answer a little before the client's own timeout (the Python SDK's `_timeout_` equals its
     HTTP timeout: an answer at the deadline could arrive after the client gave up)."""
@@ -52,10 +49,16 @@ def long_poll_deadline(timeout: float) -> float:
 
 
 class App:
-    """The request handler. Task-safe within one trio run."""
+    """The request handler. Task-safe within one trio run.
 
-    def __init__(self, config: Config, queues: Backend, watch: WatchService) -> None:
+    ``wall_clock`` (unix seconds, default `time.time`) stamps a put's ``ts@source`` / ``ts@sink``
+    tag in milliseconds; injected so that a test can fix it.
+    """
+
+    def __init__(self, config: Config, queues: Backend, watch: WatchService, *,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._wall_clock = wall_clock
         self.queues = queues
         self.watch = watch
         self._anon = itertools.count(1)
@@ -118,7 +121,7 @@ class App:
         tags = dict(op.tags)
         request_id = tags.get("requestId") or str(uuid.uuid4())
         tags["requestId"] = request_id
-        tags["ts@sink" if queue.ref.sink else "ts@source"] = str(_now_ms())
+        tags["ts@sink" if queue.ref.sink else "ts@source"] = str(int(self._wall_clock() * 1000))
         index = await queue.put(op.data, tags, op.priority)
         return Response(200, str(index).encode(), [*TEXT, (names.REQUEST_ID_HEADER, request_id)])
 

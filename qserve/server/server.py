@@ -27,6 +27,8 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import time
+from collections.abc import Callable
 
 import trio
 
@@ -66,11 +68,14 @@ class Server:
         listeners: already listening (the CLI binds its sockets before start, so that a busy port
             is a one-line error); default: TCP on ``config.host:config.port``.
         fileio: the `storage.FileIO` of every queue (tests inject disk faults).
+        wall_clock: unix seconds for the entries' timestamps and ``ts@source`` / ``ts@sink`` tags
+            (default `time.time`; a test fixes it).
     """
 
     def __init__(self, config: Config, listeners: list[trio.abc.Listener] | None = None, *,
-                 fileio=None) -> None:
+                 fileio=None, wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._wall_clock = wall_clock
         self._listeners = listeners
         self._fileio = fileio
         self.port: int | None = None
@@ -108,7 +113,8 @@ class Server:
         failure: StartupError | None = None
         try:
             async with trio.open_nursery() as queue_tasks:
-                self.queues = QueueManager(self.config, queue_tasks, fileio=self._fileio, on_change=self.watch.wake)
+                self.queues = QueueManager(self.config, queue_tasks, fileio=self._fileio, on_change=self.watch.wake,
+                                           wall_clock=self._wall_clock)
                 with self._starting:
                     try:
                         await self._open_queues()
@@ -148,7 +154,7 @@ class Server:
     async def _serve(self, queue_tasks: trio.Nursery, task_status) -> None:
         config = self.config
         assert self.queues is not None
-        self.app = App(config, self.queues, self.watch)
+        self.app = App(config, self.queues, self.watch, wall_clock=self._wall_clock)
         queue_tasks.start_soon(self.watch.fallback)   # stopped with the queue tasks
         self.http = HTTPServer(self.app.handle, self.app.websocket, http_config_for(config))
         async with trio.open_nursery() as front:

@@ -12,6 +12,7 @@ Durability is proven against real server processes (tests/process/test_process.p
 from __future__ import annotations
 
 import json
+import time
 from contextlib import asynccontextmanager
 
 import trio
@@ -79,12 +80,12 @@ async def no_frame(ws, wait: float = 2.0) -> bool:
 
 
 @asynccontextmanager
-async def running_server(tmp_path, *, fileio=None, **settings):
+async def running_server(tmp_path, *, fileio=None, wall_clock=time.time, **settings):
     settings.setdefault("data_dir", tmp_path / "data")
     settings.setdefault("token", TOKEN)
     settings.setdefault("fsync", "never")
     listener = MemoryListener()
-    server = Server(Config(**settings), listeners=[listener], fileio=fileio)
+    server = Server(Config(**settings), listeners=[listener], fileio=fileio, wall_clock=wall_clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         try:

@@ -694,7 +694,7 @@ def test_search_from_the_logs_rank_matches_the_walk(tmp_path, seed):
         log.append(b"x", {}, priority=rng.choice([0, 0, 0, 2]) if with_priorities else 0)
     log.delete(rng.sample(range(1, 301), 120))
     source = LogSource(log)
-    d = Dispatcher(source)
+    d = Dispatcher(source, now=Clock())
     for g, u, w in (("g1", "a", 5), ("g1", "b", 3), ("g2", "c", 7)):
         d.attach(ConsumerSpec(g, u, window=w))
         d.poll(f"{g}.{u}")

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import shlex
+import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -40,8 +42,9 @@ class QueueManager:
     cannot be opened (`backends.local.fence`), and owns their tasks. Used from the trio thread only."""
 
     def __init__(self, config: Config, nursery: trio.Nursery, *, fileio=None,
-                 on_change: OnChange | None = None) -> None:
+                 on_change: OnChange | None = None, wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._wall_clock = wall_clock                    # each entry's timestamp (`storage.QueueLog`)
         self._on_change = on_change                      # handed to every queue it opens
         self._fileio = fileio
         self._nursery = nursery
@@ -158,7 +161,7 @@ class QueueManager:
         try:
             try:
                 if created:  # nothing to recover: opening is a few small file operations
-                    qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
+                    qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio, now=self._wall_clock)
                 else:        # recovery scans the segments: keep the event loop free meanwhile
                     qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
             except storage.StorageError as exc:
@@ -179,7 +182,7 @@ class QueueManager:
 
     def _open_and_warm(self, path: Path) -> storage.QueueLog:
         """Open and recover a queue directory, and build its requestId table (worker thread)."""
-        qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio)
+        qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio, now=self._wall_clock)
         qlog.warm()
         return qlog
 
