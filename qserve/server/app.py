@@ -154,24 +154,15 @@ class App:
                for e in entries]
         return Response(200, json.dumps(doc).encode(), list(JSON))
 
-    async def delete(self, queue: QueueBackend, op: ev.Delete) -> Response:
-        await queue.delete(op.indexes)
-        return OK
-
-    async def commit(self, queue: QueueBackend, op: ev.Commit) -> Response:
-        await queue.commit(op.indexes)
-        return OK
-
-    async def negative(self, queue: QueueBackend, op: ev.Negative) -> Response:
-        await queue.negative(op.indexes, op.code, op.reason)
-        return OK
-
-    async def truncate(self, queue: QueueBackend, op: ev.Truncate) -> Response:
-        await queue.truncate(op.below)
-        return OK
-
-    async def end(self, queue: QueueBackend, op: ev.End) -> Response:
-        await queue.end(op.force)
+    async def acknowledge(self, queue: QueueBackend,
+                          op: ev.Delete | ev.Commit | ev.Negative | ev.Truncate | ev.End) -> Response:
+        """The operations whose answer is a plain ``OK`` once the backend has done them."""
+        match op:
+            case ev.Delete(): await queue.delete(op.indexes)
+            case ev.Commit(): await queue.commit(op.indexes)
+            case ev.Negative(): await queue.negative(op.indexes, op.code, op.reason)
+            case ev.Truncate(): await queue.truncate(op.below)
+            case ev.End(): await queue.end(op.force)
         return OK
 
     async def attributes(self, queue: QueueBackend, op: ev.Attributes) -> Response:
@@ -186,8 +177,8 @@ class App:
         return Response(200, str(n).encode(), list(TEXT))
 
     _HANDLERS = {
-        ev.Put: put, ev.Get: get, ev.Delete: delete, ev.Commit: commit, ev.Negative: negative,
-        ev.Truncate: truncate, ev.End: end, ev.Attributes: attributes, ev.Search: search,
+        ev.Put: put, ev.Get: get, ev.Delete: acknowledge, ev.Commit: acknowledge, ev.Negative: acknowledge,
+        ev.Truncate: acknowledge, ev.End: acknowledge, ev.Attributes: attributes, ev.Search: search,
         ev.Count: count,
     }
 
