@@ -4,11 +4,9 @@ Why: a round through a Python thread (`server.syncpool.SyncPool`) wakes that thr
 the GIL from the busy event loop to call ``os.fsync`` and again to report back. With Linux AIO the
 event loop submits the fsync with one ``io_submit`` (the kernel runs ``vfs_fsync`` in a worker,
 since 4.18) and a reaper task learns of the completion from an eventfd it waits on with
-`trio.lowlevel.wait_readable`. Measured on the 2-core CI VM, per round (append + fsync of 100
-bytes, in isolation): ~80-100 us less wall time and ~60 us less user CPU than the thread pool; the
-fsync's kernel work moves from the process to a kernel worker, so the whole machine's CPU per
-durable put measured the same within noise (end to end, sequential puts: 854-932/s with AIO,
-798-895/s with the pool, alternating runs).
+`trio.lowlevel.wait_readable`: less wall time and less user CPU per round than the thread pool.
+The fsync's kernel work moves from the process to a kernel worker, so the whole machine's CPU per
+durable put stays about the same (README, "Development", has the figures).
 
 Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
 answered, before the caller is rescheduled: the queue's flusher ends its round there

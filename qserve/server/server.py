@@ -251,11 +251,10 @@ class _SignalWatcher:
 
 
 def freeze_startup_heap() -> int:
-    """Move what is alive once the server listens (modules, classes, functions: ~30,000 objects)
-    out of the cyclic collector's reach, so that every later full collection, a pause of the event
-    loop, skips them (~13 ms less per full collection on the CI VM, where a loaded server's took
-    60-85 ms). For the standalone process only: frozen objects are never collected, which a test
-    process running many servers must not accumulate. Returns how many objects were frozen."""
+    """Move what is alive once the server listens (modules, classes, functions) out of the cyclic
+    collector's reach, so that every later full collection, a pause of the event loop, skips them
+    (README, "Development", has the figures). For the standalone process only: frozen objects are
+    never collected, which a test process running many servers must not accumulate. Returns how many objects were frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

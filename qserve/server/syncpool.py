@@ -1,10 +1,10 @@
 """SyncPool: a few persistent threads that run the flushers' fsyncs, answering through one doorbell fd.
 
-Why not `trio.to_thread.run_sync`: on the 2-core CI VM one round trip through it costs ~250 us of
-CPU (thread-cache hand-off, then `TrioToken.run_sync_soon`'s wake-up), and every group-commit round
-pays it once. Here a call is a `queue.SimpleQueue.put` to an idle thread, and the answer is a write
-to an eventfd (a socketpair where there is none) that one reaper task waits on with
-`trio.lowlevel.wait_readable`: ~100 us per round trip measured the same way (3,000 no-op calls).
+Why not `trio.to_thread.run_sync`: one round trip through it costs a thread-cache hand-off, then
+`TrioToken.run_sync_soon`'s wake-up, and every group-commit round pays it once. Here a call is a
+`queue.SimpleQueue.put` to an idle thread, and the answer is a write to an eventfd (a socketpair
+where there is none) that one reaper task waits on with `trio.lowlevel.wait_readable`: well under
+half the CPU per round trip (README, "Development", has the figures).
 The server uses it where kernel AIO (`server.aio.AioSync`) is unavailable, and for an injected file layer.
 
 Bounds: ``threads`` calls run at once; more wait in the job queue, which holds at most one call per

@@ -131,10 +131,9 @@ class Session:
         """Auto-commit: a batch's frames go out once its delete is durable, and the next batch is
         taken (polled and deleted) right then, before those frames are written: its delete joins
         the fsync round that starts next, usually the one its put waits for too. Taken after the
-        write, it missed that round about as often as entries arrive during one (bench_watch's
-        "late" column at 700 puts/s: 24-49% of frames before, 4-30% this way, with the reaper
-        ending AIO rounds). Bound:
-        both batches together hold at most the window (`Dispatcher.sent` frees the slots once the
+        write, it missed that round about as often as entries arrive during one (`tools.bench.watch`'s
+        "late" column shows the difference; README, "Development", has the figures). Bound: both
+        batches together hold at most the window (`Dispatcher.sent` frees the slots once the
         frames are written), which is also what a dying socket can lose.
 
         Cancelled (shutdown, replacement, a dead keep-alive), the session still writes the batches
@@ -240,7 +239,8 @@ class WatchService:
 
     async def fallback(self) -> None:
         """Wake every session each `WAKE_FALLBACK` seconds (bounds the cost of a missed wake-up).
-        One timer for all of them: a deadline per sleep cost every poll of every session ~20 us."""
+        One timer for all of them: a deadline per sleep made every poll of every session pay for
+        a timer of its own (README, "Development", has the figure)."""
         while True:
             await trio.sleep(WAKE_FALLBACK)
             for session in list(self._sessions.values()):

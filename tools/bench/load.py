@@ -14,8 +14,8 @@ What runs:
   ``--keepalive-timeout`` given here (defaults 5 s and 10 s, so that the cuts happen inside the
   run). The RLIMIT_NOFILE soft limit of this process is raised to its hard limit first; the server
   inherits it. Unlike the other benchmarks nothing is pinned by default: the question here is
-  latency, and a server pinned to a CPU that other programs also use waits for that CPU (on a
-  2-CPU machine busy with other work, pinning made the probe's p99 about 1 s instead of 15 ms).
+  latency, and a server pinned to a CPU that other programs also use waits for that CPU (README,
+  "Development", has what pinning did to the probe's p99 on a busy 2-CPU machine).
   ``--pin`` runs the server on CPU 0 and this process on CPU 1.
 - Ramp (not measured): ``--connections`` keep-alive connections are opened, then the
   ``--watchers`` WebSocket watchers connect (trio-websocket, one service, one group, window

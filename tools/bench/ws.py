@@ -1,8 +1,8 @@
 """The benchmarks' lean WebSocket client (not a public API): a watch consumer's receiving side.
 
 Why not trio-websocket here: its reader task, wsproto's event objects and the message channel cost
-the client process ~40 us per frame on the CI VM, which made the one client core (the server has
-the other) the limit of `tools.bench.watch` before the server was. This client does what a watch
+the client process enough CPU per frame to make the one client core (the server has the other) the
+limit of `tools.bench.watch` before the server was (README, "Development", has the figure). This client does what a watch
 consumer needs and nothing more, strictly: the RFC 6455 handshake (it checks the 101 and
 ``Sec-WebSocket-Accept``), unmasked server frames (binary, continuation, ping, pong, close), masked
 replies (pong, close echo). A text frame, a masked server frame, reserved bits or an unknown opcode
