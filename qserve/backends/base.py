@@ -11,8 +11,8 @@ answers over the network are ``async``; the ones the watch's delivery path makes
 
 Durability: every write's ``await`` returns once the write is durable under the server's fsync
 policy (`Config.fsync`), or raises `Unavailable` when it could not be made durable and was undone.
-Errors: `qserve.core.errors` types, or exceptions `errors.translate` maps (the local backend lets
-`qserve.storage`'s errors through: 413, 429, 503, 507).
+Errors: `qserve.core.errors` types only (the local backend maps `qserve.storage`'s errors to them
+itself: `backends.local.errors`); anything else is a bug, reported to the client as a 500.
 
 Wake-ups: a backend calls the ``on_change(queue, entry)`` it was built with after every change that
 can make an entry deliverable (``entry``: the one new entry of a put; None: anything else), and
@@ -80,8 +80,9 @@ class QueueBackend(Protocol):
         are truncated to make room in the same step. Returns the index once durable; watchers and
         long-polling gets it may answer are woken first.
 
-        Raises: `Conflict` when the queue has ended; storage errors for a payload over the limit
-        (413), a full queue (429), a full disk (507); `Unavailable` when it was not made durable."""
+        Raises: `Conflict` when the queue has ended; `PayloadTooLarge` for a payload over the
+        limit, `QueueFull` for a full queue, `InsufficientStorage` for a full disk; `Unavailable`
+        when it was not made durable."""
         ...
 
     async def next_index(self) -> int:

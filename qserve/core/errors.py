@@ -4,15 +4,14 @@ Strategy: every failure that reaches a client is a `QServeError`. Its branch say
 was (`ClientError`: the request; `ServerError`: this server or its disk), and its class carries the
 hint for each transport (`http_status`, `ws_close_code`). Handlers raise; only `error_response()`
 and `ws_close_for()` turn an exception into bytes on the wire. Storage errors never mention HTTP:
-`translate()` maps them here, at the layer boundary.
+the backends raise these types (the local one maps its storage errors itself:
+`qserve.backends.local.errors`), and `translate()` makes anything else a generic 500.
 
 A reason is always one line of plain text written for the client; internal exception text is never
 sent (an unexpected exception becomes a generic 500 and is logged).
 """
 
 from __future__ import annotations
-
-from qserve import storage
 
 __all__ = [
     "QServeError", "ClientError", "ServerError",
@@ -25,6 +24,10 @@ __all__ = [
 class QServeError(Exception):
     """Base of every error the server reports to a client.
 
+    A subclass states its transport hints in its header (``class NotFound(ClientError,
+    status=404)``): ``status`` is the HTTP status, ``close`` the WebSocket close code; what it
+    does not state it inherits.
+
     Args:
         reason: one line of plain text for the client.
         headers: extra response headers (for example ``Retry-After``).
@@ -33,6 +36,13 @@ class QServeError(Exception):
     http_status = 500
     ws_close_code = 1011
     logged = False   # True: the server logged this failure where it arose; do not log it per request
+
+    def __init_subclass__(cls, *, status: int | None = None, close: int | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.http_status = status
+        if close is not None:
+            cls.ws_close_code = close
 
     def __init__(self, reason: str = "", *, headers: list[tuple[str, str]] | None = None):
         reason = " ".join((reason or self.default_reason()).split())  # one line, always
@@ -45,67 +55,30 @@ class QServeError(Exception):
         return cls.__name__
 
 
-class ClientError(QServeError):
+class ClientError(QServeError, status=400, close=1008):
     """The request was at fault; retrying it unchanged will fail again."""
 
-    http_status = 400
-    ws_close_code = 1008
 
-
-class ServerError(QServeError):
+class ServerError(QServeError, status=500, close=1011):
     """This server (or its disk) failed; the request may succeed later."""
 
-    http_status = 500
-    ws_close_code = 1011
+
+# the request's fault (WebSocket close 1008 unless stated)
+class BadRequest(ClientError, status=400): pass
+class Unauthorized(ClientError, status=401): pass
+class NotFound(ClientError, status=404): pass
+class MethodNotAllowed(ClientError, status=405): pass
+class RequestTimeout(ClientError, status=408): pass
+class Conflict(ClientError, status=409): pass
+class PayloadTooLarge(ClientError, status=413, close=1009): pass
+class QueueFull(ClientError, status=429, close=1013): pass
+class HeadersTooLarge(ClientError, status=431): pass
 
 
-class BadRequest(ClientError):
-    http_status = 400
-    ws_close_code = 1008
-
-
-class Unauthorized(ClientError):
-    http_status = 401
-    ws_close_code = 1008
-
-
-class NotFound(ClientError):
-    http_status = 404
-
-
-class MethodNotAllowed(ClientError):
-    http_status = 405
-
-
-class RequestTimeout(ClientError):
-    http_status = 408
-
-
-class Conflict(ClientError):
-    http_status = 409
-
-
-class PayloadTooLarge(ClientError):
-    http_status = 413
-    ws_close_code = 1009
-
-
-class QueueFull(ClientError):
-    http_status = 429
-    ws_close_code = 1013
-
-
-class HeadersTooLarge(ClientError):
-    http_status = 431
-
-
-class InternalError(ServerError):
-    http_status = 500
-
-
-class Unavailable(ServerError):
-    http_status = 503
-    ws_close_code = 1013
+# the server's or its disk's fault (WebSocket close 1011 unless stated)
+class InternalError(ServerError, status=500): pass
+class Unavailable(ServerError, status=503, close=1013): pass
+class InsufficientStorage(ServerError, status=507): pass
 
 
 class QueueFenced(Unavailable):
@@ -124,23 +97,9 @@ class QueueFenced(Unavailable):
         self.attributes = dict(attributes or {})
 
 
-class InsufficientStorage(ServerError):
-    http_status = 507
-
-
 def translate(exc: BaseException) -> QServeError:
-    """Map any exception to a `QServeError` (storage errors by type, anything unknown to a 500)."""
-    if isinstance(exc, QServeError):
-        return exc
-    if isinstance(exc, storage.PayloadTooLarge):
-        return PayloadTooLarge(str(exc) or "payload too large")
-    if isinstance(exc, storage.QueueFull):
-        return QueueFull(str(exc) or "queue is full", headers=[("Retry-After", "1")])
-    if isinstance(exc, storage.DiskFull):
-        return InsufficientStorage("no space left on the server's disk")
-    if isinstance(exc, storage.StorageError):  # I/O errors, closed or corrupt logs
-        return Unavailable("storage unavailable, try again later")
-    return InternalError("internal server error")
+    """The `QServeError` to report for any exception: itself, or a 500 for anything unexpected."""
+    return exc if isinstance(exc, QServeError) else InternalError("internal server error")
 
 
 def error_response(exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:

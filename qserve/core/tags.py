@@ -10,8 +10,9 @@ Strategy: a `FilterIndex` classifies entries up to the source's ``next_index`` w
 (`refresh`: each entry's tags read once, in batches through the source's ``tags_many`` when it has
 one), and keeps the matching indexes per priority level in ascending arrays (`_Run`). Entries
 deleted on storage are noticed when a scan meets them (the dispatcher is not told of every
-deletion) and stepped over from then on through skip links (`storage.index.next_live`); a run is
-rewritten once its dead outnumber its live. `FilterIndexes` (one per queue) keeps one per distinct
+deletion) and stepped over from then on through skip links, walked by the source's ``next_live``
+(the local backend's is the storage index's own union-find walk: one definition, and the core
+imports nothing of storage); a run is rewritten once its dead outnumber its live. `FilterIndexes` (one per queue) keeps one per distinct
 filter, shared by the consumers and gets using it, and the `IDLE_KEPT` most recently used ones
 nobody uses (the official clients reconnect every few seconds, and a client long-polls get after
 get, which must not mean reading the whole queue again).
@@ -27,8 +28,6 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-
-from qserve.storage.index import next_live
 
 __all__ = ["FilterIndex", "FilterIndexes", "matches"]
 
@@ -54,15 +53,16 @@ class _Run:
         self.links.append(len(self.idx))
         self.idx.append(index)
 
-    def iter_from(self, start: int, alive: Callable[[int], bool]) -> Iterator[int]:
-        idx, links = self.idx, self.links
+    def iter_from(self, start: int, source) -> Iterator[int]:
+        """Indexes >= ``start`` that ``source`` still holds; the others are linked over."""
+        idx, links, next_live = self.idx, self.links, source.next_live
         i = bisect_left(idx, start)
         while True:
             i = next_live(links, i)
             if i >= len(idx):
                 return
             index = idx[i]
-            if alive(index):
+            if index in source:
                 yield index
             else:                      # deleted on storage: never looked at again
                 links[i] = i + 1
@@ -81,7 +81,11 @@ class _Run:
 
 
 class FilterIndex:
-    """The live entries matching ``tags`` (a sorted tuple of pairs), per priority level."""
+    """The live entries matching ``tags`` (a sorted tuple of pairs), per priority level.
+
+    Every method's ``source`` is the queue's `groups.DispatchSource`, whose
+    ``next_live(links, pos)`` also walks the runs' skip links (see the module docstring).
+    """
 
     def __init__(self, tags: tuple[tuple[str, str], ...]) -> None:
         self.tags = tags
@@ -117,19 +121,17 @@ class FilterIndex:
     def iter_dispatch(self, start: int, source) -> Iterator[tuple[int, int]]:
         """(index, priority) of matching live entries >= ``start``: highest priority first, index
         order within a level (the order of ``source.iter_dispatch``). Call `refresh` first."""
-        alive = source.__contains__
         for prio in sorted(self.levels, reverse=True):
-            for index in self.levels[prio].iter_from(start, alive):
+            for index in self.levels[prio].iter_from(start, source):
                 yield index, prio
 
     def iter_index_order(self, start: int, source, priority: int | None = None) -> Iterator[int]:
         """Matching live indexes >= ``start`` in index order (only ``priority``'s level if given).
         Call `refresh` first."""
-        alive = source.__contains__
         if priority is not None:
             run = self.levels.get(priority)
-            return iter(()) if run is None else run.iter_from(start, alive)
-        return heapq.merge(*(run.iter_from(start, alive) for run in self.levels.values()))
+            return iter(()) if run is None else run.iter_from(start, source)
+        return heapq.merge(*(run.iter_from(start, source) for run in self.levels.values()))
 
 
 class FilterIndexes:

@@ -3,9 +3,13 @@ in-memory queue with the storage log's interface: a real data structure, not a m
 
 from __future__ import annotations
 
+from qserve.storage.index import next_live
+
 
 class FakeSource:
     """An in-memory queue: entries by priority level, index order within a level."""
+
+    next_live = staticmethod(next_live)   # the skip-link walk of the tag index (`core.tags`), as the log's
 
     def __init__(self) -> None:
         self.levels: dict[int, dict[int, dict[str, str]]] = {}

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from qserve.backends.base import QueueStatus
-from qserve.core.errors import Conflict, NotFound
+from qserve.core.errors import Conflict, NotFound, PayloadTooLarge, QueueFull
 from qserve.core.events import ConsumerSpec, QueueRef
 
 from ..helpers.backends import BACKENDS, open_backend
@@ -196,3 +196,18 @@ async def test_a_durable_put_survives_reopening(kind, tmp_path):
             assert await queue.next_index() == 3
             with pytest.raises(Conflict):
                 await queue.put(b"late", {"requestId": "late"}, 0)
+
+
+async def test_refusals_are_the_core_errors_a_client_sees(kind, tmp_path):
+    """The seam raises `qserve.core.errors` types only: the server maps nothing of a backend's own."""
+    with trio.fail_after(LIMIT):
+        async with open_backend(kind, tmp_path, max_payload_bytes=8, max_length=2) as backend:
+            queue = await backend.get(Q)
+            with pytest.raises(PayloadTooLarge) as too_large:
+                await queue.put(b"123456789", {"requestId": "big"}, 0)
+            assert (too_large.value.http_status, too_large.value.ws_close_code) == (413, 1009)
+            await _put_many(queue, 2)
+            with pytest.raises(QueueFull) as full:
+                await queue.put(b"one more", {"requestId": "more"}, 0)
+            assert (full.value.http_status, full.value.headers) == (429, [("Retry-After", "1")])
+            assert await queue.count(None, {}) == 2

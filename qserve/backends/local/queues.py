@@ -6,7 +6,8 @@ the log and the dispatcher with no ``await`` before its last write (that is what
 atomic here: no other task runs in between), then awaits durability through its group commit
 (`commit.GroupCommit`, its base). Wake-ups: `notify` tells the server's ``on_change`` (the watch
 service) of every change that can make an entry deliverable, and a put wakes the long-polling gets
-it may answer (`GetWaiters`). The registry of queues is `manager.QueueManager`.
+it may answer (`GetWaiters`). The registry of queues is `manager.QueueManager`. Errors: every
+async operation raises `qserve.core.errors` types only (`errors.raising_core_errors`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import Iterator
 import trio
 
 from qserve import storage
+from qserve.storage.index import next_live
 
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.local.commit import GroupCommit
+from qserve.backends.local.errors import raising_core_errors
 from qserve.backends.local.get_waiters import GetWaiters
 from qserve.config import Config
 from qserve.core.errors import Conflict
@@ -42,6 +45,9 @@ log = logging.getLogger("qserve")
 
 class LogSource:
     """What `groups.Dispatcher` needs of a queue, read from the storage log."""
+
+    #: the skip-link walk of the tag index's runs (`core.tags`): the storage index's own
+    next_live = staticmethod(next_live)
 
     def __init__(self, qlog: storage.QueueLog) -> None:
         self._log = qlog
@@ -99,6 +105,7 @@ class Queue(GroupCommit):
             self.notify()
 
     # -- entries ------------------------------------------------------------------------------
+    @raising_core_errors
     async def put(self, data: bytes, tags: Mapping[str, str], priority: int) -> int:
         if self.ended:
             raise Conflict(f"queue {self.ref.name} has ended; no more puts")
@@ -115,9 +122,11 @@ class Queue(GroupCommit):
         await self.wait_durable(mark)
         return entry.index
 
+    @raising_core_errors
     async def next_index(self) -> int:
         return self.log.next_index
 
+    @raising_core_errors
     async def read(self, start: int, tags: Mapping[str, str], limit: int, *,
                    delete: bool = False) -> list[storage.Entry]:
         entries = self._matching(start, tags, limit)
@@ -163,15 +172,18 @@ class Queue(GroupCommit):
         notes = self.dispatcher.annotations(entry.index)
         return {**entry.tags, **notes} if notes else entry.tags
 
+    @raising_core_errors
     async def delete(self, indexes: Sequence[int]) -> None:
         self._forget(self.log.delete(indexes))
         await self.wait_durable()
 
+    @raising_core_errors
     async def truncate(self, below: int) -> None:
         if self.log.truncate(below):
             self._forget(range(1, below))   # cost bounded by the dispatcher's state, not the range
         await self.wait_durable()
 
+    @raising_core_errors
     async def end(self, force: bool) -> None:
         self.log.set_state(state="End")
         if force:
@@ -183,6 +195,7 @@ class Queue(GroupCommit):
         self.notify()
         await self.wait_durable()
 
+    @raising_core_errors
     async def count(self, priority: int | None, tags: Mapping[str, str]) -> int:
         if priority is None and not tags:
             return self.log.length
@@ -191,6 +204,7 @@ class Queue(GroupCommit):
         with self._filter(dict(tags)) as fi:
             return sum(1 for _ in fi.iter_index_order(0, self.source, priority))
 
+    @raising_core_errors
     async def attributes(self) -> dict[str, str]:
         qlog, config = self.log, self.config
         attrs = {
@@ -210,14 +224,17 @@ class Queue(GroupCommit):
         attrs.update(self.dispatcher.attributes())
         return attrs
 
+    @raising_core_errors
     async def search(self, index: int) -> dict[str, bool | int] | None:
         return self.dispatcher.search(index)
 
     # -- consumer groups ----------------------------------------------------------------------
+    @raising_core_errors
     async def attach(self, spec: ConsumerSpec) -> None:
         self.dispatcher.attach(spec)
         self.notify()
 
+    @raising_core_errors
     async def release(self, consumer_id: str) -> None:
         self.dispatcher.detach(consumer_id)
         self.notify()
@@ -225,6 +242,7 @@ class Queue(GroupCommit):
     def wants(self) -> list[str]:
         return self.dispatcher.wants()
 
+    @raising_core_errors
     async def deliver(self, consumer_id: str) -> list[storage.Entry]:
         while True:
             indexes = self.dispatcher.poll(consumer_id)
@@ -235,6 +253,7 @@ class Queue(GroupCommit):
                 return entries
             # all of them were gone: their slots are free again, poll once more
 
+    @raising_core_errors
     async def take(self, consumer_id: str) -> Taken | None:
         indexes = self.dispatcher.poll(consumer_id)
         if not indexes:
@@ -260,12 +279,14 @@ class Queue(GroupCommit):
         self.dispatcher.sent(consumer_id, indexes)
         self.notify()
 
+    @raising_core_errors
     async def commit(self, indexes: Sequence[int]) -> None:
         self.log.delete(indexes)
         self.dispatcher.commit(indexes)
         self.notify()  # window slots freed
         await self.wait_durable()
 
+    @raising_core_errors
     async def negative(self, indexes: Sequence[int], code: str, reason: str) -> None:
         self.dispatcher.negative(indexes, code, reason)
         self.notify()
