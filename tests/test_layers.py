@@ -5,7 +5,8 @@ import still ties the two modules together. The rules:
 
 - `storage` imports nothing of qserve or tools (it is the bottom layer);
 - `qserve.core` and `qserve.wire` import neither trio nor the server, client, worker, stream or
-  backends packages (they are sans-I/O and shared by all of them);
+  backends packages (they are sans-I/O and shared by all of them); nor does `qserve.signals` (the
+  stop-signal counting the server and the worker share);
 - `client`, `worker` and `stream` never import `server` or `backends` (they talk to a server over
   the network; `qserve serve --worker` is wired by the server side);
 - nothing in qserve imports `tools` (`qserve log` and `qserve chaos` are loaded by module name by
@@ -54,6 +55,7 @@ RULES = (
          allowed=("qserve.storage",)),
     Rule("qserve.core", SANS_IO_FORBIDDEN, "the core is sans-I/O and shared"),
     Rule("qserve.wire", SANS_IO_FORBIDDEN, "the wire format is sans-I/O and shared"),
+    Rule("qserve.signals", SANS_IO_FORBIDDEN, "the stop-signal counting is shared by the server and the worker"),
     Rule("qserve.client", ("qserve.server", "qserve.backends", "qserve.tools"), "a client talks to a server over the network"),
     Rule("qserve.worker", ("qserve.server", "qserve.backends", "qserve.tools"), "a worker talks to a server over the network"),
     Rule("qserve.stream", ("qserve.server", "qserve.backends", "qserve.tools"), "`qserve stream` talks to a server over the network"),
@@ -222,6 +224,8 @@ FINE = {
     "qserve/backends/local/queues.py": "import trio\nfrom qserve.core.groups import Dispatcher\nfrom qserve import storage\n",
     "qserve/client/http.py": "import trio\nfrom qserve.wire import params\n",
     "qserve/worker/engine.py": "from qserve.client import http\n",
+    "qserve/worker/cli.py": "from qserve.signals import numbered\n",
+    "qserve/signals.py": "import signal\n",
     "qserve/stream/cli.py": "from ..client import http\n",
     "qserve/cli.py": "import importlib\n\ndef run():\n    importlib.import_module('qserve.tools.logtool')\n",
     "tools/logtool.py": "from qserve.storage import log\nfrom qserve.core import groups\n",
@@ -246,6 +250,7 @@ def test_a_clean_fake_tree_passes(tmp_path):
      "qserve.wire.params imports qserve.client.http"),
     ("qserve/wire/params.py", "from ..worker import engine\n", "qserve.wire.params imports qserve.worker.engine"),
     ("qserve/wire/params.py", "import trio_websocket\n", "qserve.wire.params imports trio_websocket"),
+    ("qserve/signals.py", "from qserve.server import app\n", "qserve.signals imports qserve.server.app"),
     ("qserve/client/http.py", "from qserve.server.app import App\n", "qserve.client.http imports qserve.server.app"),
     ("qserve/worker/engine.py", "def run():\n    from qserve.server import app\n", "qserve.worker.engine imports qserve.server.app"),
     ("qserve/worker/engine.py", "from qserve.backends.local import queues\n",
