@@ -5,7 +5,7 @@ segment (over zeros written ahead of it, segment.py) and then applied to the der
 (index.py); a failed write changes nothing. Opening rebuilds the index from disk (recovery.py, whose
 rules are replay.py's); reads go through an `EntryReader` (reads.py). Durability is group commit:
 ``sync_begin`` (owner thread) dups the active fd, ``SyncTicket.run`` (any thread, sync.py) fsyncs it,
-``sync_end`` (owner thread) advances ``durable_seq``. Rolls fsync the old segment first, so only the
+``sync_end`` (owner thread) advances ``durable_seq`` (durability.py). Rolls fsync the old segment first, so only the
 active segment ever holds non-durable bytes; that makes the fsync-failure rollback simple: cut the
 active segment back to its durable size and rebuild memory from disk. Compaction (compaction.py)
 decides which sealed segments to drop and which records to carry; it does so through the few
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .compaction import compact
+from .durability import Durability
 from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
 from .lock import DirLock
@@ -51,8 +52,12 @@ class LogConfig:
         return max(0, min(self.preallocate_bytes, self.segment_bytes))
 
 
-class QueueLog:
-    """A crash-safe log of queue entries in one directory. Not thread-safe (see module docstring)."""
+class QueueLog(Durability):
+    """A crash-safe log of queue entries in one directory. Not thread-safe (see module docstring).
+
+    ``appended_seq`` counts the records written, ``durable_seq`` the ones known to be fsynced;
+    group commit (``sync_begin`` / ``sync_end`` / ``sync``) and the rollback after a failed fsync
+    are durability.py's `Durability`."""
 
     def __init__(self) -> None:  # use QueueLog.open()
         raise TypeError("use QueueLog.open(path, config)")
@@ -77,7 +82,6 @@ class QueueLog:
         self.durable_seq = 0
         self._closed = False
         self._failed: str | None = None
-        self._tickets: list[SyncTicket] = []
         self._counters = {"compactions": 0, "reclaimed_bytes": 0, "rollbacks": 0, "rolls": 0}
         try:
             self.io.makedirs(self.path)
@@ -141,10 +145,6 @@ class QueueLog:
         self._fresh = True
         return seg
 
-    @property
-    def _active(self) -> Segment:
-        return self._segs[-1]
-
     def _check(self) -> None:
         if self._closed:
             raise LogClosed(f"log {self.path} is closed")
@@ -174,16 +174,6 @@ class QueueLog:
         self._segs.append(seg)
         self._by_sid[seg.sid] = seg
         self._counters["rolls"] += 1
-
-    def _fsync_or_rollback(self, seg: Segment) -> None:
-        """fsync the active segment inline; on failure roll back and raise."""
-        target, size = self.appended_seq, seg.size
-        try:
-            self.io.fsync(seg.fd)
-        except OSError as exc:
-            self._rollback(exc)
-        seg.durable_size = size
-        self.durable_seq = max(self.durable_seq, target)
 
     def append(self, data: bytes, tags: Mapping[str, str], priority: int = 0) -> Entry:
         """Append one entry with the next index.
@@ -368,63 +358,6 @@ class QueueLog:
             "next_index": self.next_index, "first_index": self.first_index,
             "last_index": self.last_index, **self._counters,
         }
-
-    # -- durability --------------------------------------------------------------------------------
-    def sync_begin(self) -> SyncTicket:
-        """Start a group-commit round (owner thread). Covers every record written so far."""
-        self._check()
-        seg = self._active
-        target = self.appended_seq
-        fds = [self.io.dup(seg.fd)] if target > self.durable_seq else []
-        return SyncTicket(self.io, fds, target, seg, seg.size)
-
-    def sync_end(self, ticket: SyncTicket) -> None:
-        """Finish a round (owner thread): ``durable_seq = ticket.target``.
-
-        Raises:
-            StorageIOError: the fsync failed. Every record written since ``durable_seq`` was rolled
-                back (``exc.rolled_back = (first_seq, last_seq)``; fail those requests); afterwards
-                ``durable_seq == last_seq`` and one CHECKPOINT (the next index) is pending.
-        """
-        self._check()
-        if ticket.error is not None:
-            self._rollback(ticket.error)
-        if not ticket.done:
-            ticket.close()
-            raise RuntimeError("sync_end() before ticket.run() finished")
-        if ticket.target > self.durable_seq:
-            self.durable_seq = ticket.target
-            if ticket.seg is self._active:
-                ticket.seg.durable_size = max(ticket.seg.durable_size, ticket.size)
-
-    def sync(self) -> None:
-        """fsync everything written so far (sync_begin + run + sync_end inline)."""
-        t = self.sync_begin()
-        try:
-            t.run()
-        except OSError:
-            pass                  # recorded in the ticket: sync_end rolls back and raises
-        self.sync_end(t)
-
-    def _rollback(self, exc: OSError) -> None:
-        first, last = self.durable_seq + 1, self.appended_seq
-        self._counters["rollbacks"] += 1
-        seg = self._active
-        try:
-            seg.truncate_to(seg.durable_size)
-            keep_next = self.next_index
-            for s in self._segs:
-                s.close()
-            wrote = self._load(keep_next=keep_next)   # memory := what is on disk
-        except Exception as exc2:                     # cannot get back to a known state
-            self._failed = f"rollback failed: {exc2}"
-            wrote = False
-        self.durable_seq = self.appended_seq
-        if wrote:
-            self.appended_seq += 1
-        err = io_error(exc, f"fsync failed, rolled back records {first}..{last}")
-        err.rolled_back = (first, last)
-        raise err
 
     # -- space -------------------------------------------------------------------------------------
     def maybe_compact(self, budget_bytes: int | None = None) -> int:
