@@ -2,7 +2,9 @@
 
 Strategy: a pure function, no I/O, so every rule of PROTOCOL.md's path and parameter handling is
 tested without a server. The order of checks is fixed and matters for the status a client sees:
-path (404) -> token (401) -> method (405) -> parameters (400). Control parameters are the
+path (404) -> token (401) -> method (405) -> parameters (400). Parameters are checked by
+`qserve.wire.params` alone (a bad or missing one is a `ParamError` naming it), and `route` makes
+every `ParamError` the 400 with its reason, in one place. Control parameters are the
 underscore-wrapped names (`_index_`); every other query parameter is a tag. Unknown control
 parameters are ignored and never stored. qserve's own endpoints under `/api/queues` (list the
 queues, create a service's) are matched before the queue paths, so `--root-service` does not take them.
@@ -19,7 +21,7 @@ from qserve.wire import names
 from qserve.config import Config
 from qserve.core.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
 from qserve.wire.params import (ParamError, parse_bool, parse_duration, parse_index_list, parse_int,
-                     split_params)
+                                required, split_params)
 
 __all__ = ["route", "ADMIN", "identity_from", "header_tags", "MAX_PRIORITY",
            "service_problem", "token_opens"]
@@ -67,7 +69,7 @@ def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Hea
         if build is None:
             raise MethodNotAllowed(f"method {method} not allowed on a queue", headers=[("Allow", ALLOWED)])
         return build(queue, identity, control, tags, headers, body, config, subpath, upgrade)
-    except ParamError as exc:
+    except ParamError as exc:   # the one place a parameter's problem becomes a 400
         raise BadRequest(str(exc)) from None
 
 
@@ -236,20 +238,17 @@ def _post(queue, identity, control, tags, headers, body, config, subpath, upgrad
 
 def _delete(queue, identity, control, tags, headers, body, config, subpath, upgrade):
     if parse_bool("_trunc_", control.get("_trunc_"), False):
-        if control.get("_index_") is None:
-            raise BadRequest("_index_: required with _trunc_")
-        return ev.Truncate(queue, identity, parse_int("_index_", control.get("_index_"), 0, minimum=0))
+        index = required("_index_", control.get("_index_"), "with _trunc_")
+        return ev.Truncate(queue, identity, parse_int("_index_", index, 0, minimum=0))
     if control.get("_indexes_") is not None:
         return ev.Delete(queue, identity, tuple(parse_index_list("_indexes_", control["_indexes_"])))
     if control.get("_index_") is not None:
         return ev.Delete(queue, identity, (parse_int("_index_", control["_index_"], 0, minimum=0),))
-    raise BadRequest("_indexes_: required (or _index_)")
+    raise ParamError("_indexes_", "required (or _index_)")
 
 
 def _put(queue, identity, control, tags, headers, body, config, subpath, upgrade):
-    if control.get("_indexes_") is None:
-        raise BadRequest("_indexes_: required")
-    indexes = tuple(parse_index_list("_indexes_", control["_indexes_"]))
+    indexes = tuple(parse_index_list("_indexes_", required("_indexes_", control.get("_indexes_"))))
     if not parse_bool("_negative_", control.get("_negative_"), False):
         return ev.Commit(queue, identity, indexes)
     form = dict(control)
@@ -260,7 +259,7 @@ def _put(queue, identity, control, tags, headers, body, config, subpath, upgrade
             raise BadRequest("negative commit: the form body is not UTF-8") from None
     code, reason = form.get("_code_", ""), form.get("_reason_", "")
     if len(code) > 64 or len(reason) > 1024:
-        raise BadRequest("_code_/_reason_: too long (64 / 1024 characters at most)")
+        raise ParamError("_code_/_reason_", "too long (64 / 1024 characters at most)")
     return ev.Negative(queue, identity, indexes, code=code, reason=reason)
 
 

@@ -3,7 +3,8 @@
 Strategy: every parser takes the parameter's name, its raw (already URL-decoded) value or ``None``
 when absent, and a default; it returns the typed value or raises `ParamError` with a one-line
 reason that names the parameter and quotes (a bounded, escaped prefix of) the offending value.
-The caller turns `ParamError` into a 400 (PROTOCOL.md "Decisions": bad requests). No I/O, no
+`ParamError` is the one error of a bad or missing query parameter: `qserve.core.routing.route`
+turns every one into a 400 (PROTOCOL.md "Decisions": bad requests), in one place. No I/O, no
 state, nothing here knows about HTTP.
 
 Accepted forms (PROTOCOL.md 2.2 and "Decisions for qserve"):
@@ -27,7 +28,7 @@ from collections.abc import Iterable
 from qserve.wire.durations import DurationError, parse_go_duration
 
 __all__ = [
-    "ParamError", "parse_bool", "parse_int", "parse_duration", "parse_index_list",
+    "ParamError", "parse_bool", "parse_int", "parse_duration", "parse_index_list", "required",
     "split_params", "is_control_name",
 ]
 
@@ -41,15 +42,20 @@ _PLAIN_LIST_RE = re.compile(r"[0-9]{1,20}(?:,[0-9]{1,20})*")
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 
 class ParamError(ValueError):
-    """A query parameter has a value the server cannot accept.
+    """A query parameter is missing or has a value the server cannot accept.
 
-    ``str(exc)`` is a one-line reason naming the parameter, fit to send to the client.
+    ``str(exc)`` is a one-line reason that starts with the parameter's wire name (``_index_: ...``),
+    fit to send to the client; `qserve.core.routing.route` turns it into the 400.
     """
 
-    def __init__(self, name: str, expected: str, value: str | None):
-        got = "nothing" if value is None else _show(value)
-        super().__init__(f"{name}: expected {expected}, got {got}")
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name}: {problem}")
         self.name = name
+
+
+def _wrong(name: str, expected: str, value: str | None) -> ParamError:
+    got = "nothing" if value is None else _show(value)
+    return ParamError(name, f"expected {expected}, got {got}")
 
 
 def _show(value: str) -> str:
@@ -78,7 +84,7 @@ def parse_bool(name: str, value: str | None, default: bool) -> bool:
     try:
         return _BOOLS[value.lower()]
     except KeyError:
-        raise ParamError(name, "true, false, 1 or 0", value) from None
+        raise _wrong(name, "true, false, 1 or 0", value) from None
 
 
 def _int_expectation(minimum: int | None, maximum: int | None) -> str:
@@ -112,12 +118,12 @@ def parse_int(name: str, value: str | None, default: int, *,
         return default
     expected = _int_expectation(minimum, maximum)
     if not _INT_RE.fullmatch(value) or len(value.lstrip("+-0")) > 20:
-        raise ParamError(name, expected, value)
+        raise _wrong(name, expected, value)
     n = int(value)
     if not _I64_MIN <= n <= _U64_MAX:
-        raise ParamError(name, expected, value)
+        raise _wrong(name, expected, value)
     if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
-        raise ParamError(name, expected, value)
+        raise _wrong(name, expected, value)
     return n
 
 
@@ -140,9 +146,9 @@ def parse_duration(name: str, value: str | None, default: float) -> float:
     try:
         ns = parse_go_duration(value)
     except DurationError as exc:
-        raise ParamError(name, exc.expected, value) from None
+        raise _wrong(name, exc.expected, value) from None
     if ns < 0:
-        raise ParamError(name, "a non-negative duration", value)
+        raise _wrong(name, "a non-negative duration", value)
     return ns / 1e9
 
 
@@ -161,23 +167,34 @@ def parse_index_list(name: str, value: str | None) -> list[int]:
     """
     expected = "a comma-separated list of unsigned integers"
     if value is None:
-        raise ParamError(name, expected, None)
+        raise _wrong(name, expected, None)
     if _PLAIN_LIST_RE.fullmatch(value):   # the usual form (no blanks, empty items or long zeros)
         indexes = list(dict.fromkeys(map(int, value.split(","))))
         if max(indexes) <= _U64_MAX:
             return indexes
-        raise ParamError(name, expected, value)
+        raise _wrong(name, expected, value)
     seen: dict[int, None] = {}
     for item in value.split(","):
         item = item.strip(" \t")
         if not item:
             continue
         if not _UINT_RE.fullmatch(item) or len(item.lstrip("0")) > 20 or int(item) > _U64_MAX:
-            raise ParamError(name, expected, value)
+            raise _wrong(name, expected, value)
         seen[int(item)] = None
     if not seen:
-        raise ParamError(name, expected, value)
+        raise _wrong(name, expected, value)
     return list(seen)
+
+
+def required(name: str, value: str | None, when: str = "") -> str:
+    """The value of a parameter the request must carry (``when``: in which case, for the reason).
+
+    Raises:
+        ParamError: absent (``_index_: required with _trunc_``).
+    """
+    if value is None:
+        raise ParamError(name, f"required {when}".rstrip())
+    return value
 
 
 def is_control_name(name: str) -> bool:

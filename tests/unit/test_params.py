@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from qserve.wire.params import (ParamError, is_control_name, parse_bool, parse_duration, parse_index_list,
-                                parse_int, split_params)
+                                parse_int, required, split_params)
 
 U64 = 2**64 - 1
 MAX_NS = 2**63 - 1
@@ -238,6 +238,15 @@ def test_index_list_round_trip(indexes, sep):
 
 
 # ---------------------------------------------------------------------------------- split_params
+
+def test_required_returns_a_present_value_and_names_a_missing_one():
+    assert required("_index_", "", "with _trunc_") == ""
+    with pytest.raises(ParamError, match=r"^_index_: required with _trunc_$") as info:
+        required("_index_", None, "with _trunc_")
+    assert info.value.name == "_index_"
+    with pytest.raises(ParamError, match=r"^_indexes_: required$"):
+        required("_indexes_", None)
+
 
 @pytest.mark.parametrize("name, control", [
     ("_length_", True), ("_x_", True), ("___", True), ("_a_b_", True), ("_Length_", True), ("_unknown_", True),

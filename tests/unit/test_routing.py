@@ -141,3 +141,20 @@ def test_end_delete_truncate_commit_negative():
                           ("DELETE", [("_trunc_", "true")])]:
         with pytest.raises(BadRequest):
             r(method, "/api/predict/s", query)
+
+
+@pytest.mark.parametrize("method, query, body, reason", [
+    ("DELETE", [("_trunc_", "true")], b"", "_index_: required with _trunc_"),
+    ("DELETE", [], b"", "_indexes_: required (or _index_)"),
+    ("PUT", [], b"", "_indexes_: required"),
+    ("PUT", [("_indexes_", "1"), ("_negative_", "true")], b"_code_=" + b"x" * 65,
+     "_code_/_reason_: too long (64 / 1024 characters at most)"),
+    ("GET", [("_length_", "0")], b"", "_length_: expected an integer between 1 and 1000, got '0'"),
+    ("GET", [("_timeout_", "soon")], b"", "_timeout_: expected "),
+])
+def test_a_bad_or_missing_parameter_is_one_400_naming_it(method, query, body, reason):
+    """Every parameter problem is a `wire.params.ParamError`, made the 400 by `route` alone: the
+    reason starts with the parameter's wire name."""
+    with pytest.raises(BadRequest) as bad:
+        r(method, "/api/predict/s", query, body=body)
+    assert bad.value.reason.startswith(reason) and bad.value.http_status == 400
