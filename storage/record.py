@@ -13,7 +13,7 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from typing import Iterator, Union
 
 import msgpack
@@ -52,19 +52,16 @@ class EntryRecord:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class DeleteRecord:
-    indexes: tuple
+def _value_record(name: str, field: str, kind: type, doc: str) -> type:
+    """A record class whose body is ``[type code, value]`` (DELETE, TRUNCATE, STATE): a frozen
+    dataclass with the one field ``field``."""
+    return make_dataclass(name, [(field, kind)], frozen=True, slots=True,
+                          namespace={"__module__": __name__, "__doc__": doc})
 
 
-@dataclass(frozen=True, slots=True)
-class TruncateRecord:
-    below: int
-
-
-@dataclass(frozen=True, slots=True)
-class StateRecord:
-    values: dict
+DeleteRecord = _value_record("DeleteRecord", "indexes", tuple, "DELETE: these indexes (sorted) are deleted.")
+TruncateRecord = _value_record("TruncateRecord", "below", int, "TRUNCATE: every index below ``below`` is deleted.")
+StateRecord = _value_record("StateRecord", "values", dict, "STATE: these queue-state key/values are set.")
 
 
 @dataclass(frozen=True, slots=True)
