@@ -15,6 +15,7 @@ trio's autojump clock would skip past); every test is bounded by `trio.fail_afte
 from __future__ import annotations
 
 import json
+import logging
 
 import trio
 import trio_websocket
@@ -408,3 +409,21 @@ async def test_a_put_rolled_back_by_a_failed_roll_fsync_is_not_answered_200(tmp_
     stored = [i for i, _ in contents(qlog)]
     qlog.close()
     assert set(acked) <= set(stored), f"answered 200 but not stored: {sorted(set(acked) - set(stored))}"
+
+
+async def test_a_disk_failure_is_logged_once_in_storages_words(tmp_path, caplog):
+    """The local backend logs what storage said (the client's reason leaves it out) and the edge
+    does not log the same failure again."""
+    io = SwitchIO()
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fileio=io, fsync="always") as srv:
+            c = await srv.client("full")
+            assert await put(c, b"a") == (200, b"1")
+            io.full = True
+            caplog.clear()
+            status, body = await put(c, b"x")
+            assert (status, one_line(body)) == (507, "no space left on the server's disk")
+            io.full = False
+    errors = [r.getMessage() for r in caplog.records if r.name == "qserve" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("queue full: put failed: "), errors
+    assert errors[0] != "queue full: put failed: no space left on the server's disk"

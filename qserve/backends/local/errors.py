@@ -3,20 +3,26 @@
 Why here: the seam (`backends.base`) promises the server `qserve.core.errors` types, so the core
 and the server know nothing of `qserve.storage`; the one backend that uses storage says what each
 of its errors is, at its own boundary. `Queue`'s operations are wrapped with `raising_core_errors`
-(opening a queue maps its errors itself: `manager.QueueManager`, `fence`).
+(opening a queue maps its errors itself: `manager.QueueManager`, `fence`). A failure of the disk
+(503, 507) is logged there once, in storage's own words, which the client's reason leaves out; the
+error is marked logged, so the edge (an HTTP answer or a watch's close) does not log it again.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from qserve import storage
 
-from qserve.core.errors import InsufficientStorage, PayloadTooLarge, QServeError, QueueFull, Unavailable
+from qserve.core.errors import (InsufficientStorage, PayloadTooLarge, QServeError, QueueFull, ServerError,
+                                Unavailable)
 
 __all__ = ["core_error", "raising_core_errors"]
+
+log = logging.getLogger("qserve")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,11 +40,16 @@ def core_error(exc: storage.StorageError) -> QServeError:
 
 
 def raising_core_errors(operation: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """``operation`` (an async seam call) with storage's errors raised as their `core_error`."""
+    """``operation`` (an async method of a `queues.Queue`) with storage's errors raised as their
+    `core_error`; a disk failure is logged with the queue's name and storage's reason."""
     @functools.wraps(operation)
     async def run(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await operation(*args, **kwargs)
         except storage.StorageError as exc:
-            raise core_error(exc) from exc
+            err = core_error(exc)
+            if isinstance(err, ServerError):
+                log.error("queue %s: %s failed: %s", args[0].ref.name, operation.__name__, exc)
+                err.logged = True
+            raise err from exc
     return run
