@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 import trio
 import trio_websocket
 
-from qserve.wire import names, protobuf
+from qserve.wire import framing, names, protobuf
 from qserve.client.http import ConnectError, ConnectionPool, QueueError, QueueTimeout, QueueURL, Response, reason_from
 from qserve.client.watch import Watcher
 
@@ -166,7 +166,7 @@ class QueueClient:
             use_ssl = self._ssl_context or True
         return trio_websocket.open_websocket(
             self.url.host, self.url.port, resource, use_ssl=use_ssl, extra_headers=headers,
-            max_message_size=protobuf.DEFAULT_MAX_FRAME_SIZE, connect_timeout=self.timeout,
+            max_message_size=framing.DEFAULT_MAX_FRAME_SIZE, connect_timeout=self.timeout,
             disconnect_timeout=1.0)
 
     # ---------------------------------------------------------------------------- operations

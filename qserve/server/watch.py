@@ -35,7 +35,7 @@ import trio
 import trio_websocket
 
 from qserve.core import events as ev
-from qserve.wire import names, protobuf
+from qserve.wire import framing, names, protobuf
 from qserve.core.events import ConsumerSpec
 from qserve.backends.base import QueueBackend, StoredEntry, Taken
 from qserve.server.http import Response
@@ -323,7 +323,7 @@ class WatchService:
             session = await self._open(queue, op)
             try:
                 with session.cancel_scope:
-                    await session.pump(lambda frames: send(b"".join(map(protobuf.length_delimited, frames))))
+                    await session.pump(lambda frames: send(b"".join(map(framing.length_delimited, frames))))
             finally:
                 await self._close(session)
 

@@ -10,7 +10,7 @@ import trio
 import trio_websocket
 
 from qserve.server import watch
-from qserve.wire import protobuf
+from qserve.wire import framing, protobuf
 
 from ..helpers.inproc import TOKEN, next_frame, no_frame, running_server
 
@@ -213,7 +213,7 @@ async def test_http_streaming_watch_sends_length_delimited_frames(tmp_path, auto
             import h11
             conn = h11.Connection(h11.CLIENT)
             conn.send(h11.Request(method="GET", target="/", headers=[("Host", "t")]))
-            reader = protobuf.LengthDelimitedReader()
+            reader = framing.LengthDelimitedReader()
             frames = []
             while len(frames) < 3:
                 conn.receive_data(await stream.receive_some(65536))

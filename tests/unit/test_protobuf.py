@@ -18,9 +18,9 @@ from hypothesis import given, settings, strategies as st
 pb2 = pytest.importorskip("eas_prediction.queue_types.queueservice_pb2")
 from google.protobuf.internal import api_implementation  # noqa: E402
 
-from qserve.wire.protobuf import (DecodeError, Frame, LengthDelimitedReader, decode_attributes, decode_frame,  # noqa: E402
-                                  decode_frame_list, encode_attributes, encode_frame, encode_frame_list,
-                                  length_delimited)
+from qserve.wire.framing import LengthDelimitedReader, length_delimited  # noqa: E402
+from qserve.wire.protobuf import (DecodeError, Frame, decode_attributes, decode_frame,  # noqa: E402
+                                  decode_frame_list, encode_attributes, encode_frame, encode_frame_list)
 
 U64 = 2**64 - 1
 INSERTION_ORDERED_MAPS = api_implementation.Type() == "python"
