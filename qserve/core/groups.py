@@ -34,11 +34,10 @@ method blocks.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 from qserve.core.events import ConsumerSpec
-from qserve.wire.durations import format_go_duration
+from qserve.core.group_report import render_attributes
 from qserve.core.group_state import Consumer, EntryEvent, EntryState, Group, Nack, step
 from qserve.core.tags import FilterIndex, FilterIndexes, matches
 
@@ -317,31 +316,8 @@ class Dispatcher:
         return {"IsPending": False, "WaitCount": ahead}
 
     def attributes(self) -> dict[str, str]:
-        """The ``consumers.*`` and ``groups.*`` attribute keys (values are strings).
-
-        Consumers and groups are listed sorted by id. Index is the highest index delivered so
-        far (0 if none); a consumer's Pending counts its taken window slots (Window - Slots);
-        Idle is the time since its last delivery, commit or nack, as a Go duration rounded to
-        the millisecond.
-        """
-        now = self._now()
-        attrs = {
-            "consumers.stats.total": str(len(self._consumers)),
-            "consumers.status.total": str(len(self._consumers)),
-        }
-        for i, cid in enumerate(sorted(self._consumers)):
-            c = self._consumers[cid]
-            idle = format_go_duration(round(max(0.0, now - c.last_active) * 1000) * 1_000_000)
-            attrs[f"consumers.list.[{i}]"] = (
-                f"Id: {cid}, Index: {c.last_index}, Pending: {len(c.held)}, Status: Running, "
-                f"Idle: {idle}, Window: {c.spec.window}, Slots: {c.free}, "
-                f"AutoCommit: {'true' if c.spec.auto_commit else 'false'}")
-        for i, name in enumerate(sorted(self._groups)):
-            g = self._groups[name]
-            attrs[f"groups.list.[{i}]"] = (
-                f"Id: {name}, Index: {g.last_index}, Pending: {len(g.owner)}, "
-                f"Delivered: {g.delivered}, Consumers: {len(g.members)}")
-        return attrs
+        """The ``consumers.*`` and ``groups.*`` attribute keys (`core.group_report`)."""
+        return render_attributes(self._consumers, self._groups, self._now())
 
     def statistics(self) -> dict[str, int]:
         """Counters for monitoring: consumers, groups, pending and in-flight entries, annotated
