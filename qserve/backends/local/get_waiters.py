@@ -24,8 +24,9 @@ class GetWaiters:
     """Long-polling gets, filed by what can answer them. Only a put makes an entry appear (deletes,
     truncates and commits take entries away), so a put wakes the gets waiting for its requestId and
     the others whose start and tag filter its entry passes, nothing else: with many clients each
-    waiting on the sink for their own result, a put wakes one of them, not all (300 waiting clients
-    used to cut sink puts from ~1,100/s to ~100/s). Bounded by the server's connection limit."""
+    waiting on the sink for their own result, a put wakes one of them, not all (waking all of them
+    made the sink's put rate fall with the number of waiting clients; README "Development" has the
+    figures). Bounded by the server's connection limit."""
 
     def __init__(self) -> None:
         self._by_rid: dict[str, dict[int, trio.Event]] = {}
