@@ -193,11 +193,11 @@ class ConsumerSpec:
             if not isinstance(value, str) or not value:
                 raise BadRequest(f"consumer {name} must be a non-empty string")
         if not _is_int(self.window) or self.window < 1:
-            raise BadRequest("_window_ must be an integer >= 1")
+            raise BadRequest("consumer window must be an integer >= 1")
         if not _is_int(self.start) or self.start < -1:
-            raise BadRequest("_index_ must be an integer >= -1")
+            raise BadRequest("consumer start must be an integer >= -1")
         if not isinstance(self.auto_commit, bool):
-            raise BadRequest("_auto_commit_ must be a boolean")
+            raise BadRequest("consumer auto_commit must be a boolean")
         pairs = list(self.tags.items()) if isinstance(self.tags, Mapping) else list(self.tags)
         seen: dict[str, str] = {}
         for pair in pairs:

@@ -59,6 +59,10 @@ class DispatchSource(Protocol):
     def __contains__(self, index: int) -> bool:
         """Whether the entry is live."""
 
+    def next_live(self, links, pos: int) -> int:
+        """The first position >= ``pos`` that the skip links ``links`` do not jump over (the walk
+        `core.tags` uses to step over deleted rows of a filter's runs)."""
+
 
 class Dispatcher:
     """The consumer groups of one queue.
