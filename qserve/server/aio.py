@@ -36,6 +36,8 @@ from itertools import count
 
 import trio
 
+from .reaping import reap_then_drain
+
 __all__ = ["AioSync"]
 
 _NR = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4)}   # io_setup, io_destroy, io_submit, io_getevents
@@ -175,14 +177,12 @@ class AioSync:
         self.serving = True
         task_status.started()
         try:
-            while True:
-                await self._wait_and_reap()
+            await reap_then_drain(self._wait_and_reap, lambda: bool(self._jobs), self._stop_serving)
         finally:
-            self.serving = False
-            with trio.CancelScope(shield=True):
-                while self._jobs:
-                    await self._wait_and_reap()
             self.close()
+
+    def _stop_serving(self) -> None:
+        self.serving = False
 
     def close(self) -> None:
         """Release the kernel context and the eventfd (nothing may be in flight: `serve` drains)."""

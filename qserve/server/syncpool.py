@@ -29,6 +29,8 @@ from typing import Any
 
 import trio
 
+from .reaping import reap_then_drain
+
 __all__ = ["SyncPool"]
 
 
@@ -123,19 +125,20 @@ class SyncPool:
             t.start()
         self._serving = True
         task_status.started()
+
+        async def reap() -> None:
+            await bell.wait()
+            self._hand_over()
+
         try:
-            while True:
-                await bell.wait()
-                self._hand_over()
+            await reap_then_drain(reap, lambda: bool(self._outstanding), self._stop_serving)
         finally:
-            self._serving = False
-            with trio.CancelScope(shield=True):
-                while self._outstanding:
-                    await bell.wait()
-                    self._hand_over()
             # the last thread to stop closes the bell: no thread can ring it after that
             for _ in threads:
                 self._jobs.put(None)
+
+    def _stop_serving(self) -> None:
+        self._serving = False
 
     def _hand_over(self) -> None:
         finished = self._finished

@@ -17,6 +17,8 @@ import uuid
 import h11
 import trio
 
+from qserve.wire.names import PROTOBUF
+
 from . import lib as bl
 
 BARE_GET_BODY = b"\x08\x01" + b"g" * 198
@@ -53,7 +55,7 @@ async def _connection(stream: trio.SocketStream) -> None:
                 status = 200
             elif event.method == b"GET":
                 body = BARE_GET_BODY
-                headers = [(b"Content-Type", b"application/vnd.google.protobuf"),
+                headers = [(b"Content-Type", PROTOBUF.encode()),
                            (b"Content-Length", str(len(body)).encode())]
                 status = 200
             else:

@@ -51,12 +51,14 @@ from pathlib import Path
 
 import trio
 
+from qserve.wire.names import PROTOBUF
+
 from . import drive, lib as bl
 from .bare import bare_server_proc
 
 SERVICE = "bench"
 PUT_BODY = b"x" * 100
-GET_ACCEPT = ("Accept", "application/vnd.google.protobuf")
+GET_ACCEPT = ("Accept", PROTOBUF)
 
 
 # ------------------------------------------------------------------------------ scenarios

@@ -23,6 +23,7 @@ import trio
 import trio_websocket
 
 from qserve.wire.protobuf import decode_frame
+from qserve.wire.names import PROTOBUF
 
 from . import drive, lib as bl
 
@@ -180,7 +181,7 @@ async def watcher(n: int, port: int, token: str, window: int, manual: bool, tall
     url = (f"ws://{bl.LOCALHOST}:{port}/api/predict/{SERVICE}?_watch_=true&_index_=0&_window_={window}"
            f"&_auto_commit_={'false' if manual else 'true'}")
     headers = [(b"Authorization", token.encode()), (b"X-EAS-QueueService-Uid", uid.encode()),
-               (b"X-EAS-QueueService-Gid", GROUP.encode()), (b"Accept", b"application/vnd.google.protobuf")]
+               (b"X-EAS-QueueService-Gid", GROUP.encode()), (b"Accept", PROTOBUF.encode())]
     commit_headers = [("Authorization", token), ("X-EAS-QueueService-Uid", uid), ("X-EAS-QueueService-Gid", GROUP)]
     tally.per_watcher.append(0)
     started = False

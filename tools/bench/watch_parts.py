@@ -18,6 +18,7 @@ import trio
 import trio_websocket
 
 from qserve.wire.protobuf import decode_frame
+from qserve.wire.names import PROTOBUF
 
 from . import drive, lib as bl
 from .ws import LeanWebSocket
@@ -71,7 +72,7 @@ def ws_url(port: int, service: str, window: int, auto: bool) -> str:
 
 def identity(uid: str, token: str) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", token.encode()), (b"X-EAS-QueueService-Uid", uid.encode()),
-            (b"X-EAS-QueueService-Gid", GROUP.encode()), (b"Accept", b"application/vnd.google.protobuf")]
+            (b"X-EAS-QueueService-Gid", GROUP.encode()), (b"Accept", PROTOBUF.encode())]
 
 
 async def consumer(n: int, port: int, service: str, window: int, auto: bool, tally: Tally, token: str,
