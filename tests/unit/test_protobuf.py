@@ -4,8 +4,8 @@ Byte equality is asserted against ``SerializeToString()`` of the SDK's pure-Pyth
 runtime, which writes map entries in insertion order (``deterministic=True`` sorts them). Other
 runtimes (upb, cpp) order map entries by hash, so with more than one tag there we only compare
 decoded messages. Decoding is checked both ways and differentially on truncated and
-unknown-field-laden input; the length-delimited reader is fed whole, one byte at a time, and with
-trailing data.
+unknown-field-laden input. The length-delimited framing around these messages is in
+test_protobuf_framing.py.
 """
 
 from __future__ import annotations
@@ -18,20 +18,12 @@ from hypothesis import given, settings, strategies as st
 pb2 = pytest.importorskip("eas_prediction.queue_types.queueservice_pb2")
 from google.protobuf.internal import api_implementation  # noqa: E402
 
-from qserve.wire.framing import LengthDelimitedReader, length_delimited  # noqa: E402
 from qserve.wire.protobuf import (DecodeError, Frame, decode_attributes, decode_frame,  # noqa: E402
                                   decode_frame_list, encode_attributes, encode_frame, encode_frame_list)
 
-U64 = 2**64 - 1
+from ..helpers.protobuf_frames import EXAMPLE_FRAME, U64, frames, tag_dicts  # noqa: E402
+
 INSERTION_ORDERED_MAPS = api_implementation.Type() == "python"
-
-# ------------------------------------------------------------------------------------ strategies
-
-indexes = st.one_of(st.integers(0, U64), st.sampled_from([0, 1, 127, 128, 16383, 16384, 2**63, U64]))
-texts = st.text(max_size=20)  # hypothesis' default alphabet leaves out surrogates
-tag_dicts = st.dictionaries(texts, texts, max_size=6)
-datas = st.binary(max_size=300)
-frames = st.builds(Frame, index=indexes, tags=tag_dicts, data=datas, message=texts)
 
 
 def theirs(frame: Frame):
@@ -64,8 +56,6 @@ def varint(n: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- PROTOCOL.md examples
-
-EXAMPLE_FRAME = bytes.fromhex("088908 120f0a09") + b"requestId" + b"\x12\x02ab" + b"\x1a\x04[{}]"
 
 
 def test_protocol_examples():
@@ -346,92 +336,3 @@ def test_decode_accepts_bytes_like():
 def test_decode_list_skips_unknown_fields():
     buf = b"\x10\x01" + b"\x0a\x02\x08\x01" + b"\x12\x00" + b"\x0a\x02\x08\x02"
     assert decode_frame_list(buf) == [Frame(index=1), Frame(index=2)]
-
-
-# -------------------------------------------------------------------------- length-delimited framing
-
-def test_length_delimited_prefix():
-    assert length_delimited(b"") == b"\x00\x00\x00\x00"
-    assert length_delimited(EXAMPLE_FRAME) == b"\x00\x00\x00\x1a" + EXAMPLE_FRAME
-    assert length_delimited(b"x" * 300)[:4] == b"\x00\x00\x01\x2c"
-
-
-def read_all(reader: LengthDelimitedReader, chunks) -> list[bytes]:
-    out = []
-    for chunk in chunks:
-        reader.receive_data(chunk)
-        while (frame := reader.next_frame()) is not None:
-            out.append(frame)
-    return out
-
-
-def feeds(stream: bytes):
-    """The three ways every parser is fed: whole, one byte at a time, and in uneven chunks."""
-    yield [stream]
-    yield [stream[i:i + 1] for i in range(len(stream))]
-    yield [stream[i:i + 7] for i in range(0, len(stream), 7)]
-
-
-@given(st.lists(frames, max_size=5))
-def test_reader_round_trip(items):
-    encoded = [f.encode() for f in items]
-    stream = b"".join(length_delimited(e) for e in encoded)
-    for chunks in feeds(stream):
-        reader = LengthDelimitedReader()
-        assert read_all(reader, chunks) == encoded
-        reader.receive_data(b"")
-        assert reader.next_frame() is None and reader.at_eof
-    assert [decode_frame(e) for e in encoded] == items
-
-
-def test_reader_trailing_data():
-    stream = length_delimited(EXAMPLE_FRAME) + length_delimited(b"\x08\x07")
-    tail = length_delimited(EXAMPLE_FRAME)[:10]
-    for chunks in feeds(stream + tail):
-        reader = LengthDelimitedReader()
-        assert read_all(reader, chunks) == [EXAMPLE_FRAME, b"\x08\x07"]
-        assert reader.trailing_data == tail and not reader.at_eof
-        reader.receive_data(b"")
-        with pytest.raises(DecodeError, match="ended inside a frame"):
-            reader.next_frame()
-
-
-def test_reader_waits_for_header_and_body():
-    reader = LengthDelimitedReader()
-    assert reader.next_frame() is None
-    reader.receive_data(b"\x00\x00")
-    assert reader.next_frame() is None
-    reader.receive_data(b"\x00\x02\x08")
-    assert reader.next_frame() is None and reader.trailing_data == b"\x00\x00\x00\x02\x08"
-    reader.receive_data(b"\x01\x00\x00\x00\x00")
-    assert reader.next_frame() == b"\x08\x01"
-    assert reader.next_frame() == b""  # an all-default frame is an empty body
-    assert reader.next_frame() is None and reader.trailing_data == b""
-
-
-def test_reader_bounds_frame_size():
-    reader = LengthDelimitedReader(max_frame_size=4)
-    reader.receive_data(length_delimited(b"abcd"))
-    assert reader.next_frame() == b"abcd"
-    reader.receive_data(b"\x00\x00\x00\x05")  # refused as soon as the prefix is in
-    with pytest.raises(ValueError, match="exceeds max_frame_size"):
-        reader.next_frame()
-    with pytest.raises(DecodeError):
-        reader.next_frame()  # and it stays refused
-
-
-def test_reader_rejects_data_after_eof():
-    reader = LengthDelimitedReader()
-    reader.receive_data(b"")
-    assert reader.next_frame() is None and reader.at_eof
-    with pytest.raises(RuntimeError):
-        reader.receive_data(b"\x00")
-
-
-def test_reader_compacts_its_buffer():
-    reader = LengthDelimitedReader()
-    frame = length_delimited(b"x" * 100)
-    for _ in range(1000):
-        reader.receive_data(frame)
-        assert reader.next_frame() == b"x" * 100
-    assert len(reader._buf) < 4 * len(frame)
