@@ -1,12 +1,12 @@
-"""Disk faults under a running server: ENOSPC, fsync failures and short writes, injected through
-`storage.FileIO`, answered over HTTP and WebSocket.
+"""Disk faults on writes under a running server: ENOSPC, short writes and fsync failures on puts,
+injected through `storage.FileIO` and answered over HTTP.
 
 The guarantees pinned here (README "Errors", FORMAT.md "Write and fsync faults", PROTOCOL.md
 "Durability"): a full disk is a 507 and an I/O error a 503, each with a one-line reason; a failed
 request stores nothing, not even part of a record; reads keep working during the fault; writes work
 again once it clears, with the next index (a rolled-back index is never handed out again); a write
-whose fsync failed is never answered 200, and an auto-committed frame goes out only once its delete
-is durable.
+whose fsync failed is never answered 200; the failure is logged once, in storage's words. Deletes and
+watchers under fsync failures are in test_disk_faults_watch.py.
 
 These servers run with fsync="always" and so on real time (an fsync runs in a worker thread, which
 trio's autojump clock would skip past); every test is bounded by `trio.fail_after`.
@@ -14,51 +14,13 @@ trio's autojump clock would skip past); every test is bounded by `trio.fail_afte
 
 from __future__ import annotations
 
-import json
 import logging
 
 import trio
-import trio_websocket
 
-from qserve.tools.logtool.scan import find_queues, verify_queue
-
-from ..helpers.inproc import next_frame, running_server
-from ..helpers.peers import Client
+from ..helpers.disk_faults import LIMIT, assert_clean, get_index, healthy, one_line, put
+from ..helpers.inproc import running_server
 from ..helpers.queue_files import SwitchIO, contents, reopen
-
-LIMIT = 20  # seconds (real time) for any test
-
-
-def one_line(body: bytes) -> str:
-    text = body.decode()
-    assert text.endswith("\n") and text.count("\n") == 1 and text.strip(), body
-    return text.strip()
-
-
-def assert_clean(tmp_path) -> None:
-    """`qserve log verify` finds nothing wrong anywhere in the data directory."""
-    for q in find_queues(str(tmp_path / "data")):
-        res = verify_queue(q)
-        assert not res.problems, [(p.path, p.offset, p.reason) for p in res.problems]
-
-
-async def healthy(srv) -> bool:
-    head, body = await Client(await srv.listener.connect()).request("GET", "/healthz")
-    return (head.status_code, body) == (200, b"OK")
-
-
-async def put(c, data: bytes, query: str = "") -> tuple[int, bytes]:
-    return await c.call("POST", query, data)
-
-
-async def get_index(c, index: int):
-    """Non-deleting JSON get of exactly `index` (None if absent)."""
-    status, body = await c.call("GET", f"_index_={index}&_raw_=false&_auto_delete_=false")
-    if status == 204:
-        return None
-    assert status == 200, (status, body)
-    doc = json.loads(body)
-    return doc[0] if doc and doc[0]["index"] == index else None
 
 
 # -- ENOSPC --------------------------------------------------------------------------------------------
@@ -221,159 +183,6 @@ async def test_concurrent_puts_sharing_a_failed_fsync_all_fail(tmp_path):
     qlog = reopen(tmp_path, "grp")
     assert [d for _, d in contents(qlog)] == [b"d", b"ok"]
     qlog.close()
-
-
-async def test_fsync_failure_on_delete_commit_truncate_end_keeps_the_entries(tmp_path):
-    io = SwitchIO()
-    with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv:
-            c = await srv.client("del")
-            for i in range(4):
-                assert (await put(c, b"e%d" % i))[0] == 200
-            io.fail_fsync = True
-            for method, query in [("DELETE", "_indexes_=1,2"), ("PUT", "_indexes_=3"),
-                                  ("DELETE", "_index_=4&_trunc_=true"), ("POST", "_eos_=true"),
-                                  ("GET", "_index_=2")]:   # the last one: an auto-deleting get
-                status, body = await c.call(method, query)
-                assert status == 503, (method, query, status, body)
-                one_line(body)
-            for i in range(1, 5):
-                assert (await get_index(c, i))["index"] == i
-            attrs = await c.attrs()
-            assert (attrs["stream.length"], attrs["meta.state"]) == ("4", "Normal")
-            io.fail_fsync = False
-            assert await c.call("PUT", "_indexes_=3") == (200, b"OK")
-            assert await get_index(c, 3) is None
-    qlog = reopen(tmp_path, "del")
-    assert [i for i, _ in contents(qlog)] == [1, 2, 4]
-    assert qlog.state.get("state") != "End"
-    qlog.close()
-    assert_clean(tmp_path)
-
-
-async def test_manual_watcher_commit_during_fsync_failure_is_503_and_the_entry_stays(tmp_path):
-    io = SwitchIO()
-    with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("wm")
-            assert await put(c, b"job") == (200, b"1")
-            ws = await srv.watch(nursery, "wm", "_window_=1", user="u")
-            frame = await next_frame(ws)
-            assert frame.index == 1
-            io.fail_fsync = True
-            status, body = await c.call("PUT", "_indexes_=1")
-            assert status == 503 and one_line(body)
-            io.fail_fsync = False
-            assert (await get_index(c, 1))["index"] == 1
-            # the commit is retried and sticks
-            assert await c.call("PUT", "_indexes_=1") == (200, b"OK")
-            assert await get_index(c, 1) is None
-            await ws.aclose()
-    qlog = reopen(tmp_path, "wm")
-    assert contents(qlog) == []
-    qlog.close()
-
-
-async def test_auto_commit_watch_sends_nothing_whose_delete_failed_to_become_durable(tmp_path):
-    """PROTOCOL.md: "an auto-commit frame goes out once its delete is on disk". With fsync failing
-    the delete is rolled back, so the frame must not go out; the entry stays and a later consumer
-    gets it (at-least-once, never lost)."""
-    io = SwitchIO()
-    with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("wa")
-            assert await put(c, b"keep-me") == (200, b"1")
-            io.fail_fsync = True
-            ws = await srv.watch(nursery, "wa", "_auto_commit_=true", user="a")
-            with trio.fail_after(5):
-                try:
-                    message = await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    closed = exc.reason
-                else:
-                    raise AssertionError(f"a frame went out although its delete was not durable: {message!r}")
-            # the server closed the socket with an "try again later" code, not normally
-            assert closed.code in (1011, 1013), closed
-            io.fail_fsync = False
-            assert (await get_index(c, 1))["data"] == "a2VlcC1tZQ=="
-            ws2 = await srv.watch(nursery, "wa", "_auto_commit_=true", user="b")
-            frame = await next_frame(ws2)
-            assert (frame.index, frame.data) == (1, b"keep-me")
-            await ws2.aclose()
-            with trio.fail_after(5):
-                while (await c.attrs())["stream.length"] != "0":
-                    await trio.sleep(0.01)
-    qlog = reopen(tmp_path, "wa")
-    assert contents(qlog) == []   # delivered once, auto-committed durably
-    qlog.close()
-
-
-async def test_auto_commit_watch_close_code_is_1013_for_a_storage_failure(tmp_path):
-    """errors.Unavailable maps to close code 1013 (try again later), not 1011 (internal error)."""
-    io = SwitchIO()
-    with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("wc")
-            assert await put(c, b"x") == (200, b"1")
-            io.fail_fsync = True
-            ws = await srv.watch(nursery, "wc", "_auto_commit_=true", user="a")
-            with trio.fail_after(5):
-                try:
-                    await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    closed = exc.reason
-            io.fail_fsync = False
-            assert closed.code == 1013, closed
-
-
-async def test_auto_commit_http_stream_watch_sends_nothing_during_fsync_failure(tmp_path):
-    """The length-delimited HTTP watch (no Upgrade) keeps the same promise as the WebSocket one."""
-    io = SwitchIO()
-    with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv:
-            c = await srv.client("hs")
-            assert await put(c, b"keep") == (200, b"1")
-            io.fail_fsync = True
-            raw = await srv.listener.connect()
-            await raw.send_all(b"GET /api/predict/hs?_watch_=true&_auto_commit_=true HTTP/1.1\r\n"
-                               b"Host: t\r\nAuthorization: tok\r\n\r\n")
-            got = b""
-            with trio.move_on_after(3):
-                while chunk := await raw.receive_some(65536):
-                    got += chunk
-            await raw.aclose()
-            io.fail_fsync = False
-            assert b"keep" not in got, got
-            assert (await get_index(c, 1))["data"] == "a2VlcA=="
-
-
-async def test_a_watcher_handed_a_rolled_back_put_is_not_stuck(tmp_path):
-    """A manual-commit watcher may be handed an entry before its put is durable. If the put's fsync
-    then fails (503, the entry rolled back), committing the ghost index is a harmless 200, the index is
-    never reused, and the watcher's window slot comes back for the next entry."""
-    io = SwitchIO()
-    with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("gh")
-            assert await put(c, b"first") == (200, b"1")
-            ws = await srv.watch(nursery, "gh", "_window_=1", user="u")
-            assert (await next_frame(ws)).index == 1
-            assert await c.call("PUT", "_indexes_=1") == (200, b"OK")
-            io.fail_fsync = True
-            status, _ = await put(c, b"ghost")
-            assert status == 503
-            io.fail_fsync = False
-            ghost = None
-            with trio.move_on_after(0.5):
-                ghost = (await next_frame(ws)).index   # the frame may have gone out before the fsync
-            if ghost is not None:
-                assert ghost == 2 and await get_index(c, 2) is None
-                assert await c.call("PUT", f"_indexes_={ghost}") == (200, b"OK")
-            status, body = await put(c, b"real")
-            assert status == 200 and int(body) == 3
-            frame = await next_frame(ws)
-            assert (frame.index, frame.data) == (3, b"real")
-            await ws.aclose()
 
 
 async def test_a_put_rolled_back_by_a_failed_roll_fsync_is_not_answered_200(tmp_path):
