@@ -7,7 +7,8 @@ rules are replay.py's); reads go through an `EntryReader` (reads.py). Durability
 ``sync_begin`` (owner thread) dups the active fd, ``SyncTicket.run`` (any thread, sync.py) fsyncs it,
 ``sync_end`` (owner thread) advances ``durable_seq`` (durability.py). Rolls fsync the old segment first, so only the
 active segment ever holds non-durable bytes; that makes the fsync-failure rollback simple: cut the
-active segment back to its durable size and rebuild memory from disk. Compaction (compaction.py)
+active segment back to its durable size and rebuild memory from disk. Answers from memory alone
+(counts, bounds, dispatch order, statistics) are inspection.py's. Compaction (compaction.py)
 decides which sealed segments to drop and which records to carry; it does so through the few
 operations at the end of `QueueLog` (its `Compactable` protocol), which write the moved copies and
 drop the file. ``QueueLog`` is not thread-safe: one owner thread calls everything except
@@ -28,6 +29,7 @@ from .errors import LogClosed, PayloadTooLarge, QueueFull, StorageIOError
 from .fileio import FileIO
 from .lock import DirLock
 from .index import DEAD, loc_segment, pack_loc
+from .inspection import Inspection
 from .reads import Entry, EntryReader
 from .rids import RequestIds, rid_hash
 from .record import (REQUEST_ID, CheckpointRecord, EntryRecord, encode_checkpoint, encode_delete,
@@ -52,12 +54,13 @@ class LogConfig:
         return max(0, min(self.preallocate_bytes, self.segment_bytes))
 
 
-class QueueLog(Durability):
+class QueueLog(Durability, Inspection):
     """A crash-safe log of queue entries in one directory. Not thread-safe (see module docstring).
 
     ``appended_seq`` counts the records written, ``durable_seq`` the ones known to be fsynced;
     group commit (``sync_begin`` / ``sync_end`` / ``sync``) and the rollback after a failed fsync
-    are durability.py's `Durability`."""
+    are durability.py's `Durability`; the memory-only views (``count``, ``first_index``,
+    ``iter_dispatch``, ``statistics``, ...) are inspection.py's `Inspection`."""
 
     def __init__(self) -> None:  # use QueueLog.open()
         raise TypeError("use QueueLog.open(path, config)")
@@ -296,68 +299,6 @@ class QueueLog(Durability):
         self._check()
         candidates = self._request_ids().candidates(rid_hash(request_id))   # newest first
         return self._reader.first_with_request_id(candidates, request_id)
-
-    def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
-        """(index, priority) of live entries >= start, highest priority first, FIFO in a level.
-        From memory only."""
-        self._check()
-        return self._index.iter_dispatch(start)
-
-    def count(self, priority: int | None = None) -> int:
-        """Live entries (only those with ``priority`` if given), from memory."""
-        self._check()
-        return self._index.live if priority is None else self._index.count_priority(priority)
-
-    def dispatch_rank(self, index: int) -> int | None:
-        """Live entries ahead of live ``index`` in dispatch order, from memory, when that is cheap
-        (no priority entries present); None otherwise. See `EntryIndex.dispatch_rank`."""
-        self._check()
-        return self._index.dispatch_rank(index)
-
-    def priority_of(self, index: int) -> int | None:
-        pos = self._index.pos_of(index)
-        return None if pos is None else self._index.prio[pos]
-
-    def __contains__(self, index: int) -> bool:
-        return self._index.pos_of(index) is not None
-
-    def __len__(self) -> int:
-        return self._index.live
-
-    @property
-    def length(self) -> int:
-        return self._index.live
-
-    @property
-    def first_index(self) -> int:
-        p = self._index.first_pos()
-        return 0 if p is None else self._index.idx[p]
-
-    @property
-    def last_index(self) -> int:
-        p = self._index.last_pos()
-        return 0 if p is None else self._index.idx[p]
-
-    @property
-    def bytes_on_disk(self) -> int:
-        """Bytes of the segments' records (the active segment's file also holds up to
-        ``preallocate_bytes`` of zeros written ahead of appends)."""
-        return sum(s.size for s in self._segs)
-
-    @property
-    def rollbacks(self) -> int:
-        """How many times unsynced records were rolled back after a failed fsync (cheap to read)."""
-        return self._counters["rollbacks"]
-
-    def statistics(self) -> dict:
-        ix = self._index
-        return {
-            "segments": len(self._segs), "live_entries": ix.live, "dead_entries": len(ix.idx) - ix.live,
-            "bytes": self.bytes_on_disk, "live_bytes": sum(s.live_bytes for s in self._segs),
-            "appended_seq": self.appended_seq, "durable_seq": self.durable_seq,
-            "next_index": self.next_index, "first_index": self.first_index,
-            "last_index": self.last_index, **self._counters,
-        }
 
     # -- space -------------------------------------------------------------------------------------
     def maybe_compact(self, budget_bytes: int | None = None) -> int:
