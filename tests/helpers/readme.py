@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -267,6 +268,30 @@ def _live_members(pgid: int) -> list[int]:
     return live
 
 
+def _wait_for_exits(pids: list[int], deadline: float) -> None:
+    """Block until every one of ``pids`` has exited or ``deadline`` (time.monotonic) passes. They
+    are not our children (a session's background processes), so they cannot be waited for; a
+    pidfd becomes readable when its process exits, which poll() waits on without sleeping."""
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue
+    try:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                pending.discard(fd)
+                poller.unregister(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def stop_group(pgid: int, *, grace: float = 10.0) -> list[int]:
     """SIGTERM the process group, wait (bounded) for its members to exit, SIGKILL what is left.
     Returns the pids that needed the SIGKILL."""
@@ -279,8 +304,8 @@ def stop_group(pgid: int, *, grace: float = 10.0) -> list[int]:
         except ProcessLookupError:
             return []
         deadline = time.monotonic() + wait
-        while _live_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.02)   # waiting for the processes to exit, bounded by the deadline
+        while (live := _live_members(pgid)) and time.monotonic() < deadline:
+            _wait_for_exits(live, deadline)
         if sig == signal.SIGTERM:
             stubborn = _live_members(pgid)
     return stubborn
