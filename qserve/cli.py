@@ -35,7 +35,18 @@ def _add_serve(sub) -> None:
     p.add_argument("--config", help="TOML file with settings")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080; 0 = any free port)")
-    p.add_argument("--data-dir", help="where queues live (default ./qserve-data)")
+    p.add_argument("--data-dir", help="where queues live with the local backend (default ./qserve-data; "
+                                      "not used with --backend)")
+    p.add_argument("--backend", metavar="URL",
+                   help="redis://[user:password@]host:port[/db] or rediss://...; default: the local segment "
+                        "log in --data-dir (a password is shown as ***; QSERVE_BACKEND keeps it out of ps)")
+    p.add_argument("--redis-wait", type=int, metavar="N",
+                   help="Redis: answer a write only once N replicas have it (WAIT; default 0)")
+    p.add_argument("--redis-wait-timeout", type=float, metavar="SECONDS",
+                   help="Redis: seconds --redis-wait may take before the write is answered 503 (default 1)")
+    p.add_argument("--node-lease", type=float, metavar="SECONDS",
+                   help="Redis: seconds after which a node that stopped renewing its lease is taken as dead "
+                        "and its consumers' entries go back to their groups (default 10)")
     p.add_argument("--token", help="token every request must carry in Authorization")
     p.add_argument("--insecure", action="store_const", const=True,
                    help="allow a non-loopback address without a token")
@@ -108,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        prepared = prepare(config)   # the data directory's lock and the bound sockets, or one line
+        prepared = prepare(config)   # the data directory's lock (local backend) and the bound sockets, or one line
     except StartupError as exc:
         print(f"qserve: {exc}", file=sys.stderr)
         return 1

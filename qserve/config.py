@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "is_loopback"]
+__all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "BACKEND_SCHEMES", "is_loopback",
+           "check_backend_url", "redact_url"]
 
 FSYNC_POLICIES = ("always", "interval", "never")
 FSYNC_BACKENDS = ("auto", "aio", "threads")
@@ -57,6 +59,10 @@ class Config:
     worker: str | None = None                      # MODULE:FUNCTION run inside the server
     worker_concurrency: int = 1                    # entries the embedded worker handles at once
     log_level: str = "INFO"
+    backend: str = ""                              # "" = the local segment log in data_dir; redis://... = Redis
+    redis_wait: int = 0                            # Redis: answer a write once this many replicas have it (WAIT)
+    redis_wait_timeout: float = 1.0                # seconds WAIT may take before the write is answered 503
+    node_lease: float = 10.0                       # Redis: seconds a dead node's consumers keep their entries
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -71,7 +77,12 @@ class Config:
                      "max_queues"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        for name in ("fsync_interval", "keepalive_timeout", "request_timeout", "shutdown_timeout"):
+        if self.backend:
+            check_backend_url(self.backend)
+        if self.redis_wait < 0:
+            raise ConfigError("redis_wait: must be >= 0")
+        for name in ("fsync_interval", "keepalive_timeout", "request_timeout", "shutdown_timeout",
+                     "redis_wait_timeout", "node_lease"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
         for svc in (*self.queues, *self.tokens, *([self.root_service] if self.root_service else [])):
@@ -85,6 +96,89 @@ class Config:
     def token_for(self, service: str) -> str | None:
         """The token a request to `service` must carry, or None when none is configured."""
         return self.tokens.get(service, self.token)
+
+    def redacted_backend(self) -> str:
+        """``backend`` as it may be shown (logs, errors, listings): its password as ``***``."""
+        return redact_url(self.backend)
+
+    def __repr__(self) -> str:
+        """The dataclass repr, but with `redacted_backend()`: a Config in a log line or a
+        traceback never shows the Redis password."""
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["backend"] = self.redacted_backend()
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+BACKEND_SCHEMES = ("redis", "rediss")
+_BACKEND_FORM = "redis://[user:password@]host[:port][/db] or rediss://..."
+_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::(.*))?", re.DOTALL)
+
+
+def check_backend_url(url: str) -> None:
+    """Check a Redis URL completely, so that a typo is a one-line error at start-up rather than a
+    client that connects somewhere else or silently drops a part: scheme ``redis`` or ``rediss``
+    (lower case), a host, a port from 1 to 65535 if given, a database (the path) that is a
+    non-negative integer if given, and nothing else (no query, no fragment). Messages show the URL
+    through `redact_url`.
+
+    Raises:
+        ConfigError: one line naming ``backend`` and what is wrong.
+    """
+    shown = redact_url(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in BACKEND_SCHEMES:
+        raise ConfigError(f"backend: expected {_BACKEND_FORM}, got {shown!r}")
+    userinfo, _, rest = rest.rpartition("@")
+    if any(c in userinfo for c in "/?#"):   # a URL parser would end the host there: mis-parsed
+        raise ConfigError(f"backend: percent-encode '/', '?' and '#' in the user name and password "
+                          f"(%2F, %3F, %23) in {shown!r}")
+    if any(c.isspace() for c in rest):
+        raise ConfigError(f"backend: white space in {shown!r}")
+    hostport, path, query, fragment = _split_location(rest)
+    if query or fragment:
+        raise ConfigError(f"backend: no query (?...) or fragment (#...) is accepted, got {shown!r}")
+    match = _HOST_PORT.fullmatch(hostport)
+    if match is None:
+        raise ConfigError(f"backend: {hostport!r} is not host[:port] in {shown!r}")
+    host, port = match.groups()
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ConfigError(f"backend: {host} is not an IPv6 address in {shown!r}") from None
+    if not host:
+        raise ConfigError(f"backend: no host in {shown!r} (expected {_BACKEND_FORM})")
+    if port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5
+                                 and 1 <= int(port) <= 65535):
+        raise ConfigError(f"backend: port {port!r} is not a number from 1 to 65535 in {shown!r}")
+    db = path[1:]
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigError(f"backend: database {db!r} is not a non-negative integer in {shown!r}")
+
+
+def _split_location(rest: str) -> tuple[str, str, str, str]:
+    """``host:port/db?query#fragment`` -> its four parts (each "" when absent)."""
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    hostport, slash, path = rest.partition("/")
+    return hostport, slash + path, query, fragment
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***`` (the user name kept).
+
+    Works on any string, valid URL or not, so that an error message quoting a mistyped URL does
+    not print the password either: everything between the user name's ``:`` and the last ``@``
+    is masked.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, location = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}{':***' if colon else ''}@{location}"
 
 
 def is_loopback(host: str) -> bool:

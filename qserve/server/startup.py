@@ -6,6 +6,10 @@ missing), its ownership (an exclusive lock held for the process's life, so a sec
 same data is refused instead of handing out the same indexes twice), and the listening address
 (the sockets are bound here, so a busy port or a foreign address is refused before anything is
 opened). A failure is a `StartupError` whose message is the one line the CLI prints.
+
+With a Redis backend (``config.backend``) the data directory is not used: it is neither created
+nor locked, since any number of nodes share one Redis by design (whether Redis can be reached is
+the backend's start, not a check here).
 """
 
 from __future__ import annotations
@@ -36,28 +40,32 @@ class StartupError(Exception):
 
 @dataclass
 class Prepared:
-    """What `prepare` checked and holds: the data directory's lock and the bound sockets."""
+    """What `prepare` checked and holds: the data directory's lock (None with a Redis backend,
+    which uses no data directory) and the bound sockets."""
 
-    lock: storage.DirLock
+    lock: storage.DirLock | None
     sockets: list[socket.socket]
 
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def prepare(config: Config) -> Prepared:
-    """Claim the data directory, then bind the listening sockets; release both on failure.
+    """Claim the data directory (local backend only), then bind the listening sockets; release
+    both on failure.
 
     Raises:
         StartupError: one line naming what is wrong.
     """
-    lock = claim_data_dir(config.data_dir)
+    lock = None if config.backend else claim_data_dir(config.data_dir)
     try:
         return Prepared(lock, bind_sockets(config.host, config.port))
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
 
 

@@ -93,3 +93,113 @@ def test_example_config_documents_every_setting():
 def test_the_retired_no_aio_variable_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="QSERVE_NO_AIO is no longer read: use --fsync-backend threads"):
         load_config(environ={"QSERVE_NO_AIO": "1"})
+
+
+# -- the Redis backend's settings -------------------------------------------------------------
+
+def test_redis_settings_from_file_env_and_flags(tmp_path):
+    """The four settings go through the generic loader: TOML keys, QSERVE_* variables, flags."""
+    f = tmp_path / "q.toml"
+    f.write_text('backend = "redis://10.0.0.5:6380/2"\nredis_wait = 1\nredis_wait_timeout = 0.5\n'
+                 'node_lease = 30\n')
+    cfg = load_config({}, environ={}, config_file=f)
+    assert (cfg.backend, cfg.redis_wait, cfg.redis_wait_timeout, cfg.node_lease) == \
+        ("redis://10.0.0.5:6380/2", 1, 0.5, 30.0)
+    env = {"QSERVE_BACKEND": "rediss://cache:6379", "QSERVE_REDIS_WAIT": "2",
+           "QSERVE_REDIS_WAIT_TIMEOUT": "2.5", "QSERVE_NODE_LEASE": "15"}
+    cfg = load_config({}, environ=env, config_file=f)
+    assert (cfg.backend, cfg.redis_wait, cfg.redis_wait_timeout, cfg.node_lease) == \
+        ("rediss://cache:6379", 2, 2.5, 15.0)
+    cfg = load_config({"backend": "redis://127.0.0.1", "redis_wait": 0, "redis_wait_timeout": 3.0,
+                       "node_lease": 4.0}, environ=env, config_file=f)
+    assert (cfg.backend, cfg.redis_wait, cfg.redis_wait_timeout, cfg.node_lease) == \
+        ("redis://127.0.0.1", 0, 3.0, 4.0)
+    assert load_config({}, environ={"QSERVE_BACKEND": ""}).backend == ""   # empty: the local log
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1",
+    "redis://localhost:6379",
+    "redis://redis.internal:6379/0",
+    "rediss://cache.example.com:6380/15",
+    "redis://[::1]:6379/3",
+    "redis://user:pw@host:1",
+    "redis://:pw@host:65535",
+    "redis://user@host",
+    "redis://u:p%2Fw@host/",
+    "redis://u:p@ss@host/2",          # '@' in the password: the last '@' ends the user part
+])
+def test_valid_backend_urls(url):
+    assert load_config({"backend": url}, environ={}).backend == url
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("http://x", "expected redis://[user:password@]host[:port][/db] or rediss://..., got 'http://x'"),
+    ("REDIS://host", "expected redis://"),
+    ("host:6379", "expected redis://"),
+    ("redis:/host", "expected redis://"),
+    ("redis://host:notaport", "port 'notaport' is not a number from 1 to 65535 in 'redis://host:notaport'"),
+    ("redis://host:0", "port '0' is not a number from 1 to 65535"),
+    ("redis://host:65536", "port '65536' is not a number from 1 to 65535"),
+    ("redis://host:-1", "port '-1'"),
+    ("redis://host:+80", "port '+80'"),
+    ("redis://host:", "port ''"),
+    ("redis://host:" + "9" * 5000, "is not a number from 1 to 65535"),
+    ("redis://", "no host in 'redis://'"),
+    ("redis:///0", "no host in 'redis:///0'"),
+    ("redis://:6379", "no host"),
+    ("redis://host/db1", "database 'db1' is not a non-negative integer"),
+    ("redis://host/-1", "database '-1'"),
+    ("redis://host/0/1", "database '0/1'"),
+    ("redis://host/0?ssl=1", "no query (?...) or fragment (#...) is accepted"),
+    ("redis://host#x", "no query"),
+    ("redis://[::1", "is not host[:port]"),
+    ("redis://[nothex]:6379", "[nothex] is not an IPv6 address"),
+    ("redis://ho st:6379", "white space"),
+])
+def test_invalid_backend_urls_are_one_line_naming_the_setting(url, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config({"backend": url}, environ={})
+    message = str(info.value)
+    assert message.startswith("backend: ") and needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ({"redis_wait": -1}, "redis_wait: must be >= 0"),
+    ({"redis_wait_timeout": 0}, "redis_wait_timeout: must be > 0"),
+    ({"node_lease": -5}, "node_lease: must be > 0"),
+    ({"redis_wait": "two"}, "redis_wait: invalid value 'two'"),
+    ({"node_lease": "10s"}, "node_lease: invalid value '10s'"),
+])
+def test_invalid_redis_numbers(flags, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(flags, environ={})
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("redis://user:s3cret@host:6379/1", "redis://user:***@host:6379/1"),
+    ("rediss://:s3cret@host", "rediss://:***@host"),
+    ("redis://u:s3:cr@et@host", "redis://u:***@host"),
+    ("redis://user@host", "redis://user@host"),          # a user name alone is no secret
+    ("redis://host:6379", "redis://host:6379"),
+    ("", ""),
+])
+def test_redacted_backend(url, shown):
+    cfg = Config(backend=url)
+    assert cfg.redacted_backend() == shown
+    assert "s3" not in repr(cfg) and f"backend={shown!r}" in repr(cfg)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://user:s3cret@host:notaport",
+    "http://user:s3cret@host",
+    "user:s3cret@host:6379",                 # the scheme forgotten
+    "redis://user:s3c/ret@host:6379",        # an unencoded '/' would make a parser take "s3c" as the port
+    "redis://user:s3cret@host:6379/x",
+    "redis://user:s3cret@host?db=1",
+    "redis://:s3cret@",
+])
+def test_the_password_of_a_bad_url_is_not_in_the_error(url):
+    with pytest.raises(ConfigError) as info:
+        load_config({"backend": url}, environ={})
+    assert "s3" not in str(info.value) and "***" in str(info.value)
