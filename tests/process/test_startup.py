@@ -1,11 +1,14 @@
-"""Start-up as a user meets it: one data directory per server, and every refusal one line.
+"""Start-up as a user meets it: one data directory per server (none with a Redis backend, which
+nodes share), and every refusal one line.
 
 Real `qserve serve` processes on 127.0.0.1; each refusal must be a single line on stderr (no
 traceback, no "stopped; all queues synced" line) and a non-zero exit, before the server listens.
+A Redis URL's password is never printed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -14,7 +17,8 @@ import sys
 
 import pytest
 
-from qserve.server.startup import DATA_LOCK_NAME
+from qserve.config import Config
+from qserve.server.startup import DATA_LOCK_NAME, StartupError, prepare
 
 from ..helpers.process import ServerProcess
 from ..helpers.sdk import client
@@ -139,3 +143,55 @@ def test_interrupted_refusal_leaves_data_untouched(tmp_path):
     finally:
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(20)
+
+
+# -- the Redis backend's settings -------------------------------------------------------------
+
+def test_help_lists_the_redis_settings():
+    proc = subprocess.run([sys.executable, "-m", "qserve", "serve", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    flat = " ".join(proc.stdout.split())   # argparse wraps the help to the terminal's width
+    for flag in ("--backend URL", "--redis-wait N", "--redis-wait-timeout SECONDS", "--node-lease SECONDS"):
+        assert flag in flat, flag
+    assert "redis://[user:password@]host:port[/db] or rediss://...; default: the local segment log in " \
+           "--data-dir" in flat
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("http://x", "backend: expected redis://"),
+    ("redis://host:notaport", "backend: port 'notaport' is not a number from 1 to 65535"),
+])
+def test_a_bad_backend_url_is_one_line(tmp_path, url, needle):
+    data = tmp_path / "d"
+    assert_one_line(serve("--port", "0", "--data-dir", str(data), "--backend", url), needle, status=2)
+    assert not data.exists()                                  # refused before anything was touched
+
+
+def test_a_bad_backend_url_does_not_show_its_password(tmp_path):
+    proc = serve("--port", "0", "--data-dir", str(tmp_path / "d"),
+                 "--backend", "redis://admin:s3cret@cache:6379/zero")
+    assert_one_line(proc, "backend: database 'zero'", "redis://admin:***@cache:6379/zero", status=2)
+    assert "s3cret" not in proc.stderr + proc.stdout
+
+
+def test_a_redis_backend_neither_creates_nor_locks_the_data_directory(tmp_path):
+    """Redis nodes share one Redis by design: the data directory's lock (one server per segment
+    log) must not stop a second node, and a directory that does not exist is not created."""
+    missing = tmp_path / "never-made"
+    config = Config(port=0, data_dir=missing, backend="redis://127.0.0.1:6379")
+    first, second = prepare(config), prepare(config)
+    try:
+        assert first.lock is None and second.lock is None
+        assert not missing.exists()
+        assert first.sockets and second.sockets
+    finally:
+        first.close()
+        second.close()
+    local = prepare(dataclasses.replace(config, backend=""))     # the local backend still claims it
+    try:
+        assert (missing / DATA_LOCK_NAME).exists()
+        with pytest.raises(StartupError, match="is in use by process"):
+            prepare(dataclasses.replace(config, backend=""))
+    finally:
+        local.close()
