@@ -8,37 +8,67 @@ Kept apart from the dispatcher because it is presentation only: the key names an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from qserve.core.group_state import Consumer, Group
 from qserve.wire.durations import format_go_duration
 
-__all__ = ["render_attributes"]
+__all__ = ["render_attributes", "render_rows", "ConsumerRow", "GroupRow"]
+
+
+@dataclass(frozen=True)
+class ConsumerRow:
+    """One consumer's figures, whichever backend keeps them."""
+
+    id: str
+    last_index: int     # the highest index delivered to it so far (0 if none)
+    pending: int        # its taken window slots
+    idle: float         # seconds since its last delivery, commit or nack
+    window: int
+    auto_commit: bool
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One group's figures, whichever backend keeps them."""
+
+    name: str
+    last_index: int     # the highest index the group delivered so far
+    pending: int        # entries its members hold
+    delivered: int
+    consumers: int
 
 
 def render_attributes(consumers: Mapping[str, Consumer], groups: Mapping[str, Group],
                       now: float) -> dict[str, str]:
+    """The ``consumers.*`` and ``groups.*`` keys of `core.groups.Dispatcher`'s state; Idle is
+    measured to ``now`` (the dispatcher's clock)."""
+    return render_rows(
+        [ConsumerRow(cid, c.last_index, len(c.held), max(0.0, now - c.last_active), c.spec.window,
+                     c.spec.auto_commit) for cid, c in consumers.items()],
+        [GroupRow(name, g.last_index, len(g.owner), g.delivered, len(g.members)) for name, g in groups.items()])
+
+
+def render_rows(consumers: Sequence[ConsumerRow], groups: Sequence[GroupRow]) -> dict[str, str]:
     """The ``consumers.*`` and ``groups.*`` attribute keys (values are strings).
 
     Consumers and groups are listed sorted by id. Index is the highest index delivered so
     far (0 if none); a consumer's Pending counts its taken window slots (Window - Slots);
-    Idle is the time from its last delivery, commit or nack to ``now`` (the dispatcher's clock),
-    as a Go duration rounded to the millisecond.
+    Idle is rounded to the millisecond and written as a Go duration.
     """
     attrs = {
         "consumers.stats.total": str(len(consumers)),
         "consumers.status.total": str(len(consumers)),
     }
-    for i, cid in enumerate(sorted(consumers)):
-        c = consumers[cid]
-        idle = format_go_duration(round(max(0.0, now - c.last_active) * 1000) * 1_000_000)
+    for i, c in enumerate(sorted(consumers, key=lambda row: row.id)):
+        idle = format_go_duration(round(c.idle * 1000) * 1_000_000)
         attrs[f"consumers.list.[{i}]"] = (
-            f"Id: {cid}, Index: {c.last_index}, Pending: {len(c.held)}, Status: Running, "
-            f"Idle: {idle}, Window: {c.spec.window}, Slots: {c.free}, "
-            f"AutoCommit: {'true' if c.spec.auto_commit else 'false'}")
-    for i, name in enumerate(sorted(groups)):
-        g = groups[name]
+            f"Id: {c.id}, Index: {c.last_index}, Pending: {c.pending}, Status: Running, "
+            f"Idle: {idle}, Window: {c.window}, Slots: {c.window - c.pending}, "
+            f"AutoCommit: {'true' if c.auto_commit else 'false'}")
+    for i, g in enumerate(sorted(groups, key=lambda row: row.name)):
         attrs[f"groups.list.[{i}]"] = (
-            f"Id: {name}, Index: {g.last_index}, Pending: {len(g.owner)}, "
-            f"Delivered: {g.delivered}, Consumers: {len(g.members)}")
+            f"Id: {g.name}, Index: {g.last_index}, Pending: {g.pending}, "
+            f"Delivered: {g.delivered}, Consumers: {g.consumers}")
     return attrs

@@ -37,7 +37,9 @@ from qserve.config import Config
 from qserve.core.errors import QServeError
 from qserve.core.events import QueueRef
 from qserve.server.http import HTTPConfig, HTTPServer
+from qserve.backends.base import Backend
 from qserve.backends.local.manager import QueueManager
+from qserve.backends.redis.manager import RedisBackend
 from qserve.server.startup import StartupError
 from qserve.server.watch import WatchService
 from qserve.signals import numbered
@@ -82,7 +84,7 @@ class Server:
         self.app: App | None = None
         self.watch = WatchService(config.request_timeout)   # created first: every queue opened wakes it
         self.http: HTTPServer | None = None
-        self.queues: QueueManager | None = None
+        self.queues: Backend | None = None
         self._stop = trio.Event()
         self._starting = trio.CancelScope()   # cancelled by shutdown()/abort() while starting
         self._served = False                  # it listened: the "stopped" line is true
@@ -113,10 +115,9 @@ class Server:
         failure: StartupError | None = None
         try:
             async with trio.open_nursery() as queue_tasks:
-                self.queues = QueueManager(self.config, queue_tasks, fileio=self._fileio, on_change=self.watch.wake,
-                                           wall_clock=self._wall_clock)
                 with self._starting:
                     try:
+                        self.queues = await self._open_backend(queue_tasks)
                         await self._open_queues()
                     except StartupError as exc:
                         failure = exc   # raised outside the nursery: one plain error, no group
@@ -133,6 +134,19 @@ class Server:
                     log.info("stopped; all queues synced and closed")
                 elif failure is None:
                     log.info("stopped before listening; the queues opened so far are synced and closed")
+
+    async def _open_backend(self, queue_tasks: trio.Nursery) -> Backend:
+        """The queues' backend: the segment log in ``data_dir``, or Redis with ``--backend``."""
+        if not self.config.backend:
+            return QueueManager(self.config, queue_tasks, fileio=self._fileio, on_change=self.watch.wake,
+                                wall_clock=self._wall_clock)
+        try:
+            backend = RedisBackend(self.config, queue_tasks, on_change=self.watch.wake, on_evict=self.watch.evict,
+                                   wall_clock=self._wall_clock)
+            await backend.start()
+        except QServeError as exc:
+            raise StartupError(exc.reason) from None
+        return backend
 
     async def _open_queues(self) -> None:
         """The queues the user named must open (or the server does not start); the others on disk
@@ -164,9 +178,13 @@ class Server:
                 await front.start(self.http.serve, self._listeners)
                 self.port = _bound_port(self._listeners)
             self._served = True
-            log.info("qserve listening on http://%s:%s (data in %s, fsync=%s%s)",
-                     _host_for_url(config.host), self.port, config.data_dir, config.fsync,
-                     "" if config.fsync == "never" else f" via {self.queues.fsync_mechanism}")
+            if isinstance(self.queues, RedisBackend):
+                log.info("qserve listening on http://%s:%s (queues in redis at %s, node %s)",
+                         _host_for_url(config.host), self.port, self.queues.where, self.queues.node)
+            else:
+                log.info("qserve listening on http://%s:%s (data in %s, fsync=%s%s)",
+                         _host_for_url(config.host), self.port, config.data_dir, config.fsync,
+                         "" if config.fsync == "never" else f" via {self.queues.fsync_mechanism}")
             task_status.started(self.port)
             await self._stop.wait()
             if not self._aborted:

@@ -36,7 +36,7 @@ import trio_websocket
 
 from qserve.core import events as ev
 from qserve.wire import framing, names, protobuf
-from qserve.core.events import ConsumerSpec
+from qserve.core.events import ConsumerSpec, QueueRef
 from qserve.backends.base import QueueBackend, StoredEntry, Taken
 from qserve.server.http import Response
 
@@ -236,6 +236,13 @@ class WatchService:
         self._turn += 1
         for members in by_group.values():
             members[self._turn % len(members)].wake()
+
+    def evict(self, queue: QueueRef, consumer_id: str) -> None:
+        """The backend says this consumer is not ours any more (the same id attached through
+        another node, or this node's lease on it ran out): close its session as a replaced one."""
+        session = self._sessions.get((queue, consumer_id))
+        if session is not None:
+            session.cancel_scope.cancel()
 
     async def fallback(self) -> None:
         """Wake every session each `WAKE_FALLBACK` seconds (bounds the cost of a missed wake-up).

@@ -27,7 +27,7 @@ from qserve.storage.index import next_live
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.local.commit import GroupCommit
 from qserve.backends.local.errors import raising_core_errors
-from qserve.backends.local.get_waiters import GetWaiters
+from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
 from qserve.core.errors import Conflict
 from qserve.core.events import ConsumerSpec, QueueRef

@@ -2,7 +2,8 @@
 
 Strategy: only a put makes an entry appear (deletes, truncates and commits take entries away), so a
 put wakes the gets waiting for its requestId and the others whose start and tag filter its entry
-passes, nothing else (see `GetWaiters`). Used by `queues.Queue`; split out of it by concept.
+passes, nothing else (see `GetWaiters`). Shared by the backends (`local.queues.Queue`,
+`redis.queue.RedisQueue`): it only needs an entry's index and tags.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import Iterator, Mapping
 
 import trio
 
-from qserve import storage
-
+from qserve.backends.base import StoredEntry
 from qserve.core.tags import matches
 
 __all__ = ["GetWaiters"]
@@ -53,7 +53,7 @@ class GetWaiters:
                 if not waiting:
                     del self._by_rid[rid]
 
-    def put(self, entry: storage.Entry) -> None:
+    def put(self, entry: StoredEntry) -> None:
         rid = entry.tags.get("requestId")
         if rid is not None and rid in self._by_rid:
             for event in self._by_rid[rid].values():

@@ -1,0 +1,94 @@
+"""Where a queue lives in Redis: one hash tag per queue, every key of the queue under it.
+
+Strategy: all keys of one queue share the hash tag ``{qs:<service>}`` (input) or
+``{qs:<service>:sink}`` (sink), the service percent-encoded so that no name can break out of the
+braces; so a queue lives in one Cluster slot and each operation on it can be one Lua script
+(`scripts`). The scripts get the tag as ``KEYS[1]`` and derive the other names from it, exactly as
+`QueueKeys` does here (``<tag>:<suffix>``):
+
+=================  ======  =====================================================================
+suffix             type    what
+=================  ======  =====================================================================
+``m``              hash    ``last``: the last index handed out (never reset); ``state``: "End"
+                           once ended; ``created``: server time (ms) of creation
+``s``              stream  the live entries, stream id ``<index>-0``; fields ``d`` payload,
+                           ``t`` tags (msgpack map), ``i`` requestId, ``p`` priority (only > 0)
+``p``              zset    live entries of priority > 0 (score 0, member ``%08x%016x`` of
+                           (2**31-1 - priority, index): lexical order is dispatch order)
+``r``              hash    requestId -> index of its newest live entry
+``n``              hash    index -> msgpack [count, lastCode, lastReason] of negative commits
+``gs``             set     names of the groups with members
+``gm:<G>``         set     consumer ids of group G
+``o:<G>``          hash    index -> consumer id: what G's members hold (pending)
+``a:<G>``          hash    index -> consumer id that nacked it (another member gets it first)
+``gi:<G>``         hash    ``d``: entries G delivered; ``l``: the highest index it delivered
+``c``              hash    consumer id -> msgpack map: group ``g``, attach token ``tok``,
+                           window ``win``, ``start``, ``auto`` (0/1), tag filter ``tags`` (flat
+                           list), ``node``
+``h``              hash    consumer id -> entries it holds (its taken window slots)
+``la``             hash    consumer id -> server time (ms) of its last delivery/commit/nack
+``cs``             hash    ``<id>:d`` entries delivered, ``<id>:l`` highest index delivered
+``lease``          hash    consumer id -> server time (ms) its node's lease runs out
+``ev``             channel what changed: ``p<index> <msgpack tags>`` a put, ``c`` anything
+                           else, ``k<consumer id> <token>`` a consumer was replaced or expired
+=================  ======  =====================================================================
+
+Outside the queues, ``qs:queues`` (a hash: tag -> msgpack [service, sink]) lists every queue ever
+created, for listings; it is written when a queue is created, outside the queue's own script (a
+listing may briefly miss a queue being created; nothing else reads it).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from qserve.core.events import QueueRef
+
+__all__ = ["queue_tag", "QueueKeys", "REGISTRY", "EVENT_PATTERN", "tag_of_channel"]
+
+#: every queue ever created: hash tag -> msgpack [service, sink]
+REGISTRY = "qs:queues"
+#: the pub/sub pattern that matches every queue's ``ev`` channel
+EVENT_PATTERN = "{qs:*}:ev"
+
+
+def queue_tag(ref: QueueRef) -> str:
+    """The hash tag of ``ref``'s keys: ``{qs:<service>}`` or ``{qs:<service>:sink}``."""
+    return "{qs:" + urllib.parse.quote(ref.service, safe="") + (":sink" if ref.sink else "") + "}"
+
+
+def tag_of_channel(channel: bytes | str) -> str:
+    """The queue tag of an ``<tag>:ev`` channel name."""
+    name = channel.decode() if isinstance(channel, bytes) else channel
+    return name[:-len(":ev")]
+
+
+class QueueKeys:
+    """The key names of one queue (the same names the Lua scripts derive from ``KEYS[1]``)."""
+
+    __slots__ = ("tag",)
+
+    def __init__(self, ref: QueueRef) -> None:
+        self.tag = queue_tag(ref)
+
+    def key(self, suffix: str) -> str:
+        return f"{self.tag}:{suffix}"
+
+    @property
+    def meta(self) -> str:
+        return self.key("m")
+
+    @property
+    def stream(self) -> str:
+        return self.key("s")
+
+    @property
+    def channel(self) -> str:
+        return self.key("ev")
+
+    def group_keys(self, group: str) -> list[str]:
+        return [self.key(f"{kind}:{group}") for kind in ("gm", "o", "a", "gi")]
+
+    def queue_keys(self) -> list[str]:
+        """The fixed keys (not the per-group ones: `group_keys`)."""
+        return [self.key(s) for s in ("m", "s", "p", "r", "n", "gs", "c", "h", "la", "cs", "lease")]

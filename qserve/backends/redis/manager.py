@@ -1,0 +1,268 @@
+"""The queues of a node whose storage is Redis (`backends.base.Backend`), and the node's upkeep.
+
+Strategy: a node holds no state of its own that another node needs: queues live in Redis
+(`keys`, `scripts`), so any number of nodes serve the same queues. Each node runs three tasks in
+the server's queue nursery: the client's connection pool (`_hold`), one pub/sub subscription to
+every queue's channel (`_listen`: a put, commit or release through any node wakes this node's
+watchers and long-polls; after a reconnect everything is woken once, since messages may have been
+missed), and the lease renewal (`_leases`: every third of ``--node-lease`` each open queue renews
+its consumers' leases in Redis and gives back the entries of any node whose lease ran out, which
+is how a node killed with SIGKILL loses its consumers' entries to the rest of their groups).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+
+import msgpack
+import trio
+
+from qserve.backends.base import OnChange, QueueStatus
+from qserve.backends.redis import scripts
+from qserve.backends.redis.keys import EVENT_PATTERN, REGISTRY, QueueKeys, tag_of_channel
+from qserve.backends.redis.link import Link, redis_error
+from qserve.backends.redis.queue import RedisQueue
+from qserve.backends.redis.url import parse_redis_url
+from qserve.config import Config
+from qserve.core.errors import InsufficientStorage, NotFound, QServeError, Unavailable
+from qserve.core.events import QueueRef
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger("qserve")
+
+#: seconds between reconnection attempts of the event subscription: doubling up to the maximum
+LISTEN_BACKOFF = (0.1, 5.0)
+
+
+class RedisBackend:
+    """Queues in Redis, served by this node. Trio thread only.
+
+    Args:
+        config: ``backend`` is the redis:// URL; ``redis_wait``, ``redis_wait_timeout`` and
+            ``node_lease`` apply.
+        nursery: runs the node's tasks (stopped with it).
+        on_change: the watch service's wake-up, called for every queue's events.
+        on_evict: ``(queue ref, consumer id)``: a consumer of this node was replaced by the same id
+            on another node, or its lease expired: its session must close.
+        wall_clock: unused here (entries carry their timestamps in their tags); accepted for the
+            same constructor as the local backend.
+    """
+
+    fsync_mechanism = "redis"
+
+    def __init__(self, config: Config, nursery: trio.Nursery, *, on_change: OnChange | None = None,
+                 on_evict: Callable[[QueueRef, str], None] | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._nursery = nursery
+        self._on_change = on_change
+        self._on_evict = on_evict
+        try:
+            self.target = parse_redis_url(config.backend)
+        except ValueError as exc:
+            raise Unavailable(f"backend: {exc}") from None
+        self.link = Link(self.target, wait_replicas=config.redis_wait, wait_timeout=config.redis_wait_timeout)
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._queues: dict[QueueRef, RedisQueue] = {}
+        self._by_tag: dict[str, RedisQueue] = {}
+        self._closed = False
+
+    @property
+    def where(self) -> str:
+        return self.target.where
+
+    # -- start and the node's tasks -----------------------------------------------------------
+    async def start(self) -> None:
+        """Connect and check Redis; start the node's tasks.
+
+        Raises: `Unavailable` with a one-line reason when Redis cannot be used."""
+        await self._nursery.start(self._hold)
+        try:
+            await self.link.client.ping()
+            await self._check_durability()
+        except Exception as exc:
+            err = redis_error(exc, self.where)
+            if err is None:
+                raise
+            raise Unavailable(f"cannot use redis at {self.where}: {_why(exc)}") from None
+        await self._nursery.start(self._listen)
+        self._nursery.start_soon(self._leases)
+
+    async def _check_durability(self) -> None:
+        """Warn when Redis does not fsync every write: a 200 then means less (README table)."""
+        try:
+            found = await self.link.client.config_get(["appendonly", "appendfsync"])
+        except Exception as exc:   # CONFIG may be renamed or denied (managed Redis): say so, go on
+            if redis_error(exc, self.where) is None or "unknown command" in str(exc).lower() or "NOPERM" in str(exc):
+                log.warning("redis at %s: cannot read its persistence settings (%s); a 200 is as durable "
+                            "as that server's appendfsync makes it", self.where, _why(exc))
+                return
+            raise
+        settings = {_text(k): _text(v) for k, v in found.items()}
+        if settings.get("appendonly") != "yes" or settings.get("appendfsync") != "always":
+            log.warning("redis at %s runs with appendonly %s, appendfsync %s: an acknowledged put can be "
+                        "lost if Redis stops (use appendonly yes, appendfsync always)", self.where,
+                        settings.get("appendonly", "?"), settings.get("appendfsync", "?"))
+
+    async def _hold(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the client's connection pool open for the life of the nursery."""
+        async with self.link.client:
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _listen(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Every queue's channel, for the life of the nursery; reconnects with backoff."""
+        delay = LISTEN_BACKOFF[0]
+        while True:
+            try:
+                pubsub = self.link.client.pubsub(patterns=[EVENT_PATTERN], ignore_subscribe_messages=True,
+                                                  retry_policy=None)
+                async with pubsub:
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    delay = LISTEN_BACKOFF[0]
+                    for queue in list(self._queues.values()):
+                        queue.wake_all()   # what happened while the subscription was down
+                    async for message in pubsub:
+                        queue = self._by_tag.get(tag_of_channel(message["channel"]))
+                        if queue is not None:
+                            queue.on_event(message["data"])
+            except Exception as exc:
+                if redis_error(exc, self.where) is None:
+                    raise
+                self.link.failed(f"redis at {self.where} is unreachable")
+            await trio.sleep(delay)
+            delay = min(delay * 2, LISTEN_BACKOFF[1])
+
+    async def _leases(self) -> None:
+        """Renew this node's consumers' leases and expire other nodes' lapsed ones, every third of
+        the lease."""
+        while True:
+            await trio.sleep(self.config.node_lease / 3)
+            for queue in list(self._queues.values()):
+                try:
+                    await queue.lease()
+                except QServeError:
+                    break   # Redis is down (logged once by the link); try again next round
+
+    # -- the seam -----------------------------------------------------------------------------
+    def declared(self, service: str) -> bool:
+        return service in self.config.queues or service == self.config.root_service
+
+    async def get(self, ref: QueueRef) -> RedisQueue:
+        return await self._open(ref, create=self.config.auto_create or self.declared(ref.service))
+
+    async def open_required(self, ref: QueueRef) -> RedisQueue:
+        try:
+            return await self._open(ref, create=True)
+        except QServeError as exc:
+            raise Unavailable(f"cannot open queue {ref.name}: {exc.reason}") from None
+
+    async def create(self, service: str) -> None:
+        for ref in (QueueRef(service), QueueRef(service, sink=True)):
+            await self._open(ref, create=True)
+
+    async def _open(self, ref: QueueRef, *, create: bool) -> RedisQueue:
+        queue = self._queues.get(ref)
+        if queue is not None:
+            return queue
+        if self.config.queues and not self.declared(ref.service):
+            raise NotFound(f"no queue named {ref.name}")
+        if len(self._queues) >= self.config.max_queues:
+            raise InsufficientStorage(
+                f"cannot open queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
+        keys = QueueKeys(ref)
+        if create:
+            created = await self.link.run(scripts.CREATE, keys.tag, ())
+            if created:
+                await self._register(ref, keys)
+                log.info("queue %s created", ref.name)
+        else:
+            try:
+                exists = await self.link.client.hexists(keys.meta, "created")
+            except Exception as exc:
+                raise _as_error(exc, self.where) from None
+            if not exists:
+                raise NotFound(f"no queue named {ref.name} (the server runs with --no-auto-create; "
+                               f"create it with: qserve stream create {ref.service})")
+        queue = self._queues.get(ref)   # another request may have opened it meanwhile
+        if queue is None:
+            queue = RedisQueue(ref, self.link, self.config, self.node, on_change=self._on_change)
+            queue.on_evict = self._on_evict
+            self._queues[ref] = queue
+            self._by_tag[keys.tag] = queue
+        return queue
+
+    async def _register(self, ref: QueueRef, keys: QueueKeys) -> None:
+        try:
+            await self.link.client.hset(REGISTRY, {keys.tag: msgpack.packb([ref.service, ref.sink])})
+        except Exception as exc:
+            raise _as_error(exc, self.where) from None
+
+    async def registered(self) -> list[QueueRef]:
+        """Every queue created in this Redis database (by any node), sorted."""
+        try:
+            found = await self.link.client.hgetall(REGISTRY)
+        except Exception as exc:
+            raise _as_error(exc, self.where) from None
+        refs = [QueueRef(service, sink=sink) for service, sink in (msgpack.unpackb(v) for v in found.values())]
+        return sorted(refs, key=lambda ref: (ref.service, ref.sink))
+
+    async def open_declared(self) -> None:
+        refs = [QueueRef(s, sink=sink) for s in self.config.queues for sink in (False, True)]
+        if self.config.root_service:
+            refs += [QueueRef(self.config.root_service), QueueRef(self.config.root_service, sink=True)]
+        for ref in await self.registered():
+            if not self.config.queues or self.declared(ref.service):
+                refs.append(ref)
+        for ref in refs:
+            await self._open(ref, create=True)
+
+    async def listing(self) -> list[QueueStatus]:
+        found = []
+        for ref in await self.registered():
+            if self.config.queues and not self.declared(ref.service):
+                continue
+            queue = await self._open(ref, create=True)
+            state, length, first, last, _now, consumers, groups = await self.link.run(
+                scripts.STATE, queue.keys.tag, (), write=False)
+            found.append(QueueStatus(ref, length=int(length), first_index=int(first), last_index=int(last),
+                                     consumers=len(consumers), groups=len(groups)))
+        return found
+
+    def wake_long_polls(self) -> None:
+        for queue in self._queues.values():
+            queue.gets.wake_all()
+
+    def statistics(self) -> dict:
+        return {q.ref.name: {"consumers_here": len(q.consumers())} for q in self._queues.values()}
+
+    def close_all(self) -> None:
+        """Nothing to sync (Redis made every write durable before answering); wake what waits."""
+        if not self._closed:
+            self._closed = True
+            for queue in self._queues.values():
+                queue.gets.wake_all()
+
+
+def _as_error(exc: Exception, where: str) -> Exception:
+    err = redis_error(exc, where)
+    return exc if err is None else err
+
+
+def _why(exc: Exception) -> str:
+    err = redis_error(exc, "")
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if err is not None and "unreachable" in err.reason:
+        return f"unreachable ({text[:160]})"
+    return text[:200]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,292 @@
+"""One queue stored in Redis: the backend seam's operations, each one Lua script.
+
+Strategy: `RedisQueue` implements `backends.base.QueueBackend` by calling the scripts of
+`scripts` through the node's `link.Link` (which maps Redis failures to `qserve.core.errors` and
+adds WAIT for ``--redis-wait``). Everything shared between nodes (entries, who holds what, the
+consumers of every node) is in Redis; what this node keeps in memory is only about its own
+sockets: the attach token of each of its consumers (a consumer id reattached elsewhere replaces
+it), the auto-commit frames it has not written yet, and which of its consumers were full at their
+last delivery (`wants`). Wake-ups come from the queue's pub/sub channel for every node alike
+(`manager.RedisBackend` listens and calls `on_event`), so a put through another node wakes this
+node's watchers and long-polls exactly as a local one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+import trio
+
+from qserve.backends.base import OnChange, Taken
+from qserve.backends.get_waiters import GetWaiters
+from qserve.backends.redis import scripts
+from qserve.backends.redis.keys import QueueKeys
+from qserve.backends.redis.link import Link
+from qserve.config import Config
+from qserve.core.errors import Conflict, PayloadTooLarge, QueueFull
+from qserve.core.events import ConsumerSpec, QueueRef
+from qserve.core.group_report import ConsumerRow, GroupRow, render_rows
+from qserve.core.routing import MAX_PRIORITY
+from qserve.wire.names import HEADER_ATTRIBUTES
+
+__all__ = ["RedisEntry", "RedisQueue"]
+
+#: bound on how long giving a consumer's entries back may take when its session is cancelled
+RELEASE_TIMEOUT = 5.0
+#: `QueueBackend.take`'s mark: a script's reply is already durable (and replicated, with WAIT)
+DURABLE = (0, 0)
+
+
+@dataclass(slots=True)
+class RedisEntry:
+    """One entry as read from Redis (`backends.base.StoredEntry`), with its group annotations."""
+
+    index: int
+    data: bytes
+    tags: dict[str, str]
+    priority: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _entry(row) -> RedisEntry:
+    index, data, tags, priority, notes = row
+    entry = RedisEntry(int(index), bytes(data), msgpack.unpackb(tags), int(priority))
+    if notes:
+        _count, code, reason = msgpack.unpackb(notes)
+        entry.notes = {"lastCode": code, "lastReason": reason}
+    return entry
+
+
+def _pairs(tags: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[str]:
+    items = tags.items() if isinstance(tags, Mapping) else tags
+    return [x for pair in sorted(items) for x in pair]
+
+
+class RedisQueue:
+    """One queue in Redis, as seen from this node (`backends.base.QueueBackend`). Trio thread only."""
+
+    def __init__(self, ref: QueueRef, link: Link, config: Config, node: str, *,
+                 on_change: OnChange | None = None) -> None:
+        self.ref = ref
+        self.keys = QueueKeys(ref)
+        self._link = link
+        self.config = config
+        self._node = node
+        self._on_change = on_change
+        self.gets = GetWaiters()
+        self._tokens: dict[str, str] = {}      # this node's consumers: id -> attach token
+        self._unsent: dict[str, set[int]] = {}  # auto-commit consumers: taken, frames not written
+        self._full: set[str] = set()           # consumers that had no free slot at their last poll
+        self.on_evict: Callable[[QueueRef, str], None] | None = None   # a consumer replaced elsewhere
+
+    async def _run(self, script: str, *args, write: bool = True):
+        return await self._link.run(script, self.keys.tag, args, write=write)
+
+    # -- events from the queue's channel ------------------------------------------------------
+    def on_event(self, message: bytes) -> None:
+        """A message of the queue's ``ev`` channel (see `keys`), from any node."""
+        kind, rest = message[:1], message[1:]
+        if kind == b"p":
+            index, _, packed = rest.partition(b" ")
+            entry = RedisEntry(int(index), b"", msgpack.unpackb(packed))
+            self.gets.put(entry)
+            self._notify(entry)
+        elif kind == b"k":
+            cid, _, token = rest.decode().partition(" ")
+            if self._tokens.get(cid) == token:   # ours, replaced on another node or expired
+                del self._tokens[cid]
+                self._unsent.pop(cid, None)
+                if self.on_evict is not None:
+                    self.on_evict(self.ref, cid)
+        else:
+            self._full.clear()   # a commit, nack or release anywhere may have freed slots
+            self._notify(None)
+
+    def wake_all(self) -> None:
+        """Events may have been missed (the channel reconnected): wake every watcher and get."""
+        self._full.clear()
+        self.gets.wake_all()
+        self._notify(None)
+
+    def _notify(self, entry: RedisEntry | None) -> None:
+        if self._on_change is not None:
+            self._on_change(self, entry)
+
+    # -- entries ------------------------------------------------------------------------------
+    async def put(self, data: bytes, tags: Mapping[str, str], priority: int) -> int:
+        config = self.config
+        if len(data) > config.max_payload_bytes:
+            raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the limit of "
+                                  f"{config.max_payload_bytes} bytes")
+        index = await self._run(scripts.PUT, data, msgpack.packb(dict(tags)), priority,
+                                tags.get("requestId", ""), config.max_length, int(config.trim_oldest))
+        if index == -1:
+            raise Conflict(f"queue {self.ref.name} has ended; no more puts")
+        if index == -2:
+            raise QueueFull(f"queue {self.ref.name} is full ({config.max_length} entries)",
+                            headers=[("Retry-After", "1")])
+        return int(index)
+
+    async def next_index(self) -> int:
+        last = await self._link.client.hget(self.keys.meta, "last")
+        return int(last or 0) + 1
+
+    async def read(self, start: int, tags: Mapping[str, str], limit: int, *,
+                   delete: bool = False) -> list[RedisEntry]:
+        tags = dict(tags)
+        request_id = tags.pop("requestId", "")
+        rows = await self._run(scripts.READ, start, limit, int(delete), request_id, *_pairs(tags),
+                               write=delete)
+        return [_entry(row) for row in rows]
+
+    def put_waiter(self, start: int, tags: Mapping[str, str]) -> contextlib.AbstractContextManager[trio.Event]:
+        return self.gets.waiting(start, tags)
+
+    def tags_of(self, entry: RedisEntry) -> Mapping[str, str]:
+        return {**entry.tags, **entry.notes} if entry.notes else entry.tags
+
+    async def delete(self, indexes: Sequence[int]) -> None:
+        if indexes:
+            await self._run(scripts.DELETE, *indexes)
+
+    async def truncate(self, below: int) -> None:
+        await self._run(scripts.TRUNCATE, below)
+
+    async def end(self, force: bool) -> None:
+        await self._run(scripts.END, int(force))
+
+    async def count(self, priority: int | None, tags: Mapping[str, str]) -> int:
+        return int(await self._run(scripts.COUNT, -1 if priority is None else priority, *_pairs(tags),
+                                   write=False))
+
+    async def attributes(self) -> dict[str, str]:
+        state, length, first, last, now, consumers, groups = await self._run(scripts.STATE, write=False)
+        config = self.config
+        attrs = {
+            "queue.state": "open",
+            "meta.name": self.ref.name,
+            "meta.state": _text(state),
+            "meta.backend": "qserve-redis",
+            "meta.nodeLease": f"{config.node_lease:g}s",
+            "meta.maxPayloadBytes": str(config.max_payload_bytes),
+            "stream.maxPayloadBytes": str(config.max_payload_bytes),
+            **HEADER_ATTRIBUTES,
+            "meta.maxPriority": str(MAX_PRIORITY),
+            "stream.length": str(length),
+            "stream.approxMaxLength": str(config.max_length),
+            "stream.firstEntry": str(first),
+            "stream.lastEntry": str(last),
+        }
+        rows = []
+        for cid, record, held, active, delivered, last_index in consumers:
+            spec = msgpack.unpackb(record)
+            unsent = len(self._unsent.get(_text(cid), ()))
+            rows.append(ConsumerRow(_text(cid), last_index=int(last_index), pending=int(held) + unsent,
+                                    idle=max(0, int(now) - int(active)) / 1000, window=int(spec["win"]),
+                                    auto_commit=bool(spec["auto"])))
+        group_rows = [GroupRow(_text(name), last_index=int(last_index), pending=int(pending),
+                               delivered=int(delivered), consumers=int(members))
+                      for name, pending, delivered, last_index, members in groups]
+        attrs.update(render_rows(rows, group_rows))
+        return attrs
+
+    async def search(self, index: int) -> dict[str, bool | int] | None:
+        found = await self._run(scripts.SEARCH, index, write=False)
+        if found is None:
+            return None
+        pending, ahead = found
+        return {"IsPending": bool(pending), "WaitCount": int(ahead)}
+
+    # -- consumer groups ----------------------------------------------------------------------
+    async def attach(self, spec: ConsumerSpec) -> None:
+        token = secrets.token_hex(8)
+        self._tokens[spec.id] = token
+        self._full.discard(spec.id)
+        if spec.auto_commit:
+            self._unsent[spec.id] = set()
+        await self._run(scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
+                        int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
+                        *_pairs(spec.tags))
+
+    async def release(self, consumer_id: str) -> None:
+        token = self._tokens.pop(consumer_id, None)
+        self._unsent.pop(consumer_id, None)
+        self._full.discard(consumer_id)
+        if token is None:
+            return   # replaced or expired: its entries went back already
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+            await self._run(scripts.RELEASE, consumer_id, token)
+
+    def wants(self) -> list[str]:
+        return [cid for cid in self._tokens if cid not in self._full]
+
+    def consumers(self) -> list[tuple[str, str]]:
+        """This node's consumers and their attach tokens (for the lease renewal)."""
+        return list(self._tokens.items())
+
+    def forget(self, consumer_ids: Iterable[str]) -> None:
+        """These consumers are not attached any more (their lease expired while this node could not
+        renew it): close their sessions; their entries went back to their groups already."""
+        for cid in consumer_ids:
+            if self._tokens.pop(cid, None) is not None:
+                self._unsent.pop(cid, None)
+                if self.on_evict is not None:
+                    self.on_evict(self.ref, cid)
+
+    async def deliver(self, consumer_id: str) -> list[RedisEntry]:
+        return await self._poll(consumer_id, auto=False)
+
+    async def take(self, consumer_id: str) -> Taken | None:
+        entries = await self._poll(consumer_id, auto=True)
+        if not entries:
+            return None
+        indexes = [e.index for e in entries]
+        self._unsent.setdefault(consumer_id, set()).update(indexes)
+        return DURABLE, entries, indexes
+
+    async def _poll(self, consumer_id: str, *, auto: bool) -> list[RedisEntry]:
+        token = self._tokens.get(consumer_id)
+        if token is None:
+            return []
+        unsent = len(self._unsent.get(consumer_id, ()))
+        reply = await self._run(scripts.DELIVER, consumer_id, token, unsent, int(auto))
+        if reply == -1 or self._tokens.get(consumer_id) != token:
+            return []   # replaced meanwhile: the eviction closes the session
+        free, rows = reply[0], reply[1:]
+        if int(free) <= 0:
+            self._full.add(consumer_id)   # until a commit, nack or release anywhere frees a slot
+        return [_entry(row) for row in rows]
+
+    def sent(self, consumer_id: str, indexes: Iterable[int]) -> None:
+        unsent = self._unsent.get(consumer_id)
+        if unsent is not None:
+            unsent.difference_update(indexes)
+            self._full.discard(consumer_id)
+            self._notify(None)
+
+    async def commit(self, indexes: Sequence[int]) -> None:
+        if indexes:
+            await self._run(scripts.COMMIT, *indexes)
+
+    async def negative(self, indexes: Sequence[int], code: str, reason: str) -> None:
+        if indexes:
+            await self._run(scripts.NEGATIVE, code, reason, *indexes)
+
+    # -- durability ---------------------------------------------------------------------------
+    async def wait_durable(self, mark, *, first: bool = False) -> None:
+        """A script's reply is durable already (appendfsync always; WAIT for --redis-wait)."""
+
+    async def lease(self) -> None:
+        """Renew the leases of this node's consumers and expire other nodes' lapsed ones."""
+        mine = self.consumers()
+        gone = await self._run(scripts.LEASE, round(self.config.node_lease * 1000),
+                               *[x for pair in mine for x in pair])
+        self.forget(_text(cid) for cid in gone)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

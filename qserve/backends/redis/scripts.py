@@ -1,0 +1,447 @@
+"""The Lua scripts that change a queue in Redis: each operation of the seam is one script.
+
+Strategy: a script runs atomically in Redis, so an operation that touches several keys (a put's
+index, entry and requestId; a commit's delete in every group; a truncate) is never half-done,
+whatever happens to the node that sent it. With ``appendfsync always`` Redis writes a script's
+effects to its AOF and fsyncs before it replies, so a reply means durable. Every script gets the
+queue's hash tag as ``KEYS[1]`` and derives the other key names from it (`keys` documents them;
+all in one Cluster slot). Shared functions are in `PRELUDE`, prepended to each script. The clock is
+Redis's (``TIME``), so consumers' idle times and leases agree across nodes.
+
+This is the consumer-group state machine of `qserve.core.groups` (and `core.group_state`'s Rules
+1 and 2), kept in Redis instead of one process's memory: per group, ``o:<G>`` says who holds what
+(PENDING), everything else stored is AVAILABLE, and a removal is GONE in every group at once.
+
+Costs: a delivery walks the priority set, then the stream from the consumer's start, skipping what
+its group holds: O(pending in the group + entries returned), plus, for a consumer with a tag
+filter, every entry that does not match (no per-filter index here, unlike the local backend).
+"""
+
+from __future__ import annotations
+
+__all__ = ["PRELUDE", "PUT", "READ", "DELIVER", "COMMIT", "NEGATIVE", "ATTACH", "RELEASE", "DELETE",
+           "TRUNCATE", "END", "COUNT", "SEARCH", "STATE", "LEASE", "CREATE"]
+
+PRELUDE = r"""
+local T = KEYS[1]
+local function k(s) return T .. ':' .. s end
+local function sid(i) return string.format('%d-0', i) end
+local function idx_of(id) return tonumber(string.match(id, '^(%d+)')) end
+local function fields(flat)
+  local f = {}
+  for j = 1, #flat, 2 do f[flat[j]] = flat[j + 1] end
+  return f
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function prio_member(p, i) return string.format('%08x%016x', 2147483647 - p, i) end
+local function entry(i)
+  local e = redis.call('XRANGE', k('s'), sid(i), sid(i))
+  if #e == 0 then return nil end
+  return fields(e[1][2])
+end
+-- does the entry's tags (msgpack map) include every pair of the flat filter list?
+local function matches(packed, filter)
+  if #filter == 0 then return true end
+  local tags = cmsgpack.unpack(packed)
+  for j = 1, #filter, 2 do
+    if tags[filter[j]] ~= filter[j + 1] then return false end
+  end
+  return true
+end
+local function groups() return redis.call('SMEMBERS', k('gs')) end
+local function held_anywhere(i)
+  for _, g in ipairs(groups()) do
+    if redis.call('HEXISTS', k('o:' .. g), i) == 1 then return true end
+  end
+  return false
+end
+-- GONE in every group: the entry, its priority slot, requestId, annotations, holders' slots
+local function remove(i)
+  local f = entry(i)
+  if f == nil then return 0 end
+  redis.call('XDEL', k('s'), sid(i))
+  if f.p then redis.call('ZREM', k('p'), prio_member(tonumber(f.p), i)) end
+  if f.i and redis.call('HGET', k('r'), f.i) == tostring(i) then redis.call('HDEL', k('r'), f.i) end
+  redis.call('HDEL', k('n'), i)
+  for _, g in ipairs(groups()) do
+    local c = redis.call('HGET', k('o:' .. g), i)
+    if c then
+      redis.call('HDEL', k('o:' .. g), i)
+      redis.call('HINCRBY', k('h'), c, -1)
+    end
+    redis.call('HDEL', k('a:' .. g), i)
+  end
+  return 1
+end
+-- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
+local function drop_member(cid)
+  local rec = redis.call('HGET', k('c'), cid)
+  if not rec then return nil end
+  local m = cmsgpack.unpack(rec)
+  local g = m.g
+  for _, name in ipairs({'o:' .. g, 'a:' .. g}) do
+    local flat = redis.call('HGETALL', k(name))
+    for j = 1, #flat, 2 do
+      if flat[j + 1] == cid then redis.call('HDEL', k(name), flat[j]) end
+    end
+  end
+  redis.call('HDEL', k('c'), cid)
+  redis.call('HDEL', k('h'), cid)
+  redis.call('HDEL', k('la'), cid)
+  redis.call('HDEL', k('lease'), cid)
+  redis.call('HDEL', k('cs'), cid .. ':d', cid .. ':l')
+  redis.call('SREM', k('gm:' .. g), cid)
+  if redis.call('SCARD', k('gm:' .. g)) == 0 then
+    redis.call('DEL', k('o:' .. g), k('a:' .. g), k('gi:' .. g))
+    redis.call('SREM', k('gs'), g)
+  end
+  return m
+end
+local function changed() redis.call('PUBLISH', k('ev'), 'c') end
+local function annotated(i, f)
+  return {i, f.d, f.t, f.p or '0', redis.call('HGET', k('n'), i) or ''}
+end
+-- the dispatch order from `start`: priority entries (highest first), then the others by index;
+-- calls visit(i, f) until it returns true (stop)
+local function walk(start, visit)
+  local off = 0
+  while true do
+    local ms = redis.call('ZRANGEBYLEX', k('p'), '-', '+', 'LIMIT', off, 128)
+    for _, mem in ipairs(ms) do
+      local i = tonumber(string.sub(mem, 9), 16)
+      if i >= start then
+        local f = entry(i)
+        if f and visit(i, f) then return end
+      end
+    end
+    if #ms < 128 then break end
+    off = off + #ms
+  end
+  local from = math.max(start, 1)
+  while true do
+    local es = redis.call('XRANGE', k('s'), sid(from), '+', 'COUNT', 128)
+    for _, e in ipairs(es) do
+      local f = fields(e[2])
+      if not f.p and visit(idx_of(e[1]), f) then return end
+    end
+    if #es < 128 then return end
+    from = idx_of(es[#es][1]) + 1
+  end
+end
+"""
+
+#: ARGV: payload, tags (msgpack), priority, requestId, max length, trim oldest (0/1), created ms
+#: -> the index; -1 ended; -2 full
+PUT = r"""
+if redis.call('HGET', k('m'), 'state') == 'End' then return -1 end
+local maxlen = tonumber(ARGV[5])
+while redis.call('XLEN', k('s')) >= maxlen do
+  if ARGV[6] ~= '1' then return -2 end
+  local first = redis.call('XRANGE', k('s'), '-', '+', 'COUNT', 1)
+  remove(idx_of(first[1][1]))
+end
+local n = redis.call('HINCRBY', k('m'), 'last', 1)
+local p = tonumber(ARGV[3])
+if p > 0 then
+  redis.call('XADD', k('s'), sid(n), 'd', ARGV[1], 't', ARGV[2], 'i', ARGV[4], 'p', p)
+  redis.call('ZADD', k('p'), 0, prio_member(p, n))
+else
+  redis.call('XADD', k('s'), sid(n), 'd', ARGV[1], 't', ARGV[2], 'i', ARGV[4])
+end
+redis.call('HSET', k('r'), ARGV[4], n)
+redis.call('PUBLISH', k('ev'), 'p' .. n .. ' ' .. ARGV[2])
+return n
+"""
+
+#: ARGV: start, limit, delete (0/1), requestId ('' = none), filter pairs...
+#: -> entries [index, payload, tags, priority, annotations]
+READ = r"""
+local start, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local filter = {}
+for j = 5, #ARGV do filter[#filter + 1] = ARGV[j] end
+local out = {}
+if ARGV[4] ~= '' then
+  local i = tonumber(redis.call('HGET', k('r'), ARGV[4]))
+  if i and i >= start then
+    local f = entry(i)
+    if f and matches(f.t, filter) then out[1] = annotated(i, f) end
+  end
+else
+  local from = math.max(start, 1)
+  while #out < limit do
+    local es = redis.call('XRANGE', k('s'), sid(from), '+', 'COUNT', math.max(limit, 128))
+    for _, e in ipairs(es) do
+      local f = fields(e[2])
+      if matches(f.t, filter) then
+        out[#out + 1] = annotated(idx_of(e[1]), f)
+        if #out >= limit then break end
+      end
+    end
+    if #es < math.max(limit, 128) then break end
+    from = idx_of(es[#es][1]) + 1
+  end
+end
+if ARGV[3] == '1' and #out > 0 then
+  for _, e in ipairs(out) do remove(e[1]) end
+  changed()
+end
+return out
+"""
+
+#: ARGV: consumer id, its attach token, slots in use outside Redis (auto-commit frames not yet
+#: written), delete (0/1: auto-commit) -> {free slots left, entries...}; -1: not attached here
+DELIVER = r"""
+local cid = ARGV[1]
+local rec = redis.call('HGET', k('c'), cid)
+if not rec then return -1 end
+local m = cmsgpack.unpack(rec)
+if m.tok ~= ARGV[2] then return -1 end
+local free = m.win - tonumber(redis.call('HGET', k('h'), cid) or '0') - tonumber(ARGV[3])
+if free <= 0 then return {0} end
+local g = m.g
+local own, avoid = k('o:' .. g), k('a:' .. g)
+local others = nil
+local function another_can_take(i, f)
+  if others == nil then
+    others = {}
+    for _, o in ipairs(redis.call('SMEMBERS', k('gm:' .. g))) do
+      if o ~= cid then
+        local om = cmsgpack.unpack(redis.call('HGET', k('c'), o))
+        om.free = om.win - tonumber(redis.call('HGET', k('h'), o) or '0')
+        others[#others + 1] = om
+      end
+    end
+  end
+  for _, om in ipairs(others) do
+    if om.free > 0 and i >= om.start and matches(f.t, om.tags) then return true end
+  end
+  return false
+end
+local chosen = {}
+walk(m.start, function(i, f)
+  if redis.call('HEXISTS', own, i) == 1 then return false end
+  if not matches(f.t, m.tags) then return false end
+  if redis.call('HGET', avoid, i) == cid and another_can_take(i, f) then return false end
+  chosen[#chosen + 1] = annotated(i, f)
+  return #chosen >= free
+end)
+if #chosen == 0 then return {free} end
+local now, top = now_ms(), 0
+for _, e in ipairs(chosen) do
+  redis.call('HSET', own, e[1], cid)
+  redis.call('HDEL', avoid, e[1])
+  if e[1] > top then top = e[1] end
+end
+redis.call('HINCRBY', k('h'), cid, #chosen)
+redis.call('HINCRBY', k('gi:' .. g), 'd', #chosen)
+if top > tonumber(redis.call('HGET', k('gi:' .. g), 'l') or '0') then redis.call('HSET', k('gi:' .. g), 'l', top) end
+redis.call('HINCRBY', k('cs'), cid .. ':d', #chosen)
+if top > tonumber(redis.call('HGET', k('cs'), cid .. ':l') or '0') then redis.call('HSET', k('cs'), cid .. ':l', top) end
+redis.call('HSET', k('la'), cid, now)
+if ARGV[4] == '1' then
+  for _, e in ipairs(chosen) do remove(e[1]) end
+  changed()
+end
+local out = {free - #chosen}
+for _, e in ipairs(chosen) do out[#out + 1] = e end
+return out
+"""
+
+#: ARGV: indexes... -> how many were live
+COMMIT = r"""
+local now, n = now_ms(), 0
+for j = 1, #ARGV do
+  local i = tonumber(ARGV[j])
+  for _, g in ipairs(groups()) do
+    local c = redis.call('HGET', k('o:' .. g), i)
+    if c then redis.call('HSET', k('la'), c, now) end
+  end
+  n = n + remove(i)
+end
+changed()
+return n
+"""
+
+#: ARGV: code, reason, indexes... -> how many were held
+NEGATIVE = r"""
+local now, hit = now_ms(), {}
+for _, g in ipairs(groups()) do
+  for j = 3, #ARGV do
+    local i = tonumber(ARGV[j])
+    local c = redis.call('HGET', k('o:' .. g), i)
+    if c then
+      redis.call('HDEL', k('o:' .. g), i)
+      redis.call('HINCRBY', k('h'), c, -1)
+      redis.call('HSET', k('la'), c, now)
+      redis.call('HSET', k('a:' .. g), i, c)
+      hit[i] = true
+    end
+  end
+end
+local n = 0
+for i, _ in pairs(hit) do
+  local old = redis.call('HGET', k('n'), i)
+  local count = old and cmsgpack.unpack(old)[1] or 0
+  redis.call('HSET', k('n'), i, cmsgpack.pack({count + 1, ARGV[1], ARGV[2]}))
+  n = n + 1
+end
+if n > 0 then changed() end
+return n
+"""
+
+#: ARGV: consumer id, token, group, window, start (-1 = from the next put), auto (0/1), node,
+#: lease ms, filter pairs... -> the token of the consumer it replaced, or ''
+ATTACH = r"""
+local cid = ARGV[1]
+local old = drop_member(cid)
+local start = tonumber(ARGV[5])
+if start == -1 then start = tonumber(redis.call('HGET', k('m'), 'last') or '0') + 1 end
+local filter = {}
+for j = 9, #ARGV do filter[#filter + 1] = ARGV[j] end
+local g, now = ARGV[3], now_ms()
+redis.call('HSET', k('c'), cid, cmsgpack.pack({g = g, tok = ARGV[2], win = tonumber(ARGV[4]),
+  start = start, auto = tonumber(ARGV[6]), tags = filter, node = ARGV[7]}))
+redis.call('SADD', k('gm:' .. g), cid)
+redis.call('SADD', k('gs'), g)
+redis.call('HSET', k('h'), cid, 0)
+redis.call('HSET', k('la'), cid, now)
+redis.call('HSET', k('lease'), cid, now + tonumber(ARGV[8]))
+if old then redis.call('PUBLISH', k('ev'), 'k' .. cid .. ' ' .. old.tok) end
+changed()
+if old then return old.tok end
+return ''
+"""
+
+#: ARGV: consumer id, token -> 1 if it was attached with that token
+RELEASE = r"""
+local rec = redis.call('HGET', k('c'), ARGV[1])
+if not rec or cmsgpack.unpack(rec).tok ~= ARGV[2] then return 0 end
+drop_member(ARGV[1])
+changed()
+return 1
+"""
+
+#: ARGV: indexes... -> how many were live
+DELETE = r"""
+local n = 0
+for j = 1, #ARGV do n = n + remove(tonumber(ARGV[j])) end
+if n > 0 then changed() end
+return n
+"""
+
+#: ARGV: below -> how many were live
+TRUNCATE = r"""
+local below, n = tonumber(ARGV[1]), 0
+while below > 1 do
+  local es = redis.call('XRANGE', k('s'), '-', sid(below - 1), 'COUNT', 256)
+  if #es == 0 then break end
+  for _, e in ipairs(es) do n = n + remove(idx_of(e[1])) end
+end
+if n > 0 then changed() end
+return n
+"""
+
+#: ARGV: force (0/1) -> entries deleted
+END = r"""
+redis.call('HSET', k('m'), 'state', 'End')
+local n = 0
+if ARGV[1] == '1' then
+  local doomed = {}
+  walk(0, function(i, f)
+    if not held_anywhere(i) then doomed[#doomed + 1] = i end
+    return false
+  end)
+  for _, i in ipairs(doomed) do n = n + remove(i) end
+end
+changed()
+return n
+"""
+
+#: ARGV: priority (-1 = any), filter pairs... -> live entries matching
+COUNT = r"""
+local prio = tonumber(ARGV[1])
+local filter = {}
+for j = 2, #ARGV do filter[#filter + 1] = ARGV[j] end
+if prio == -1 and #filter == 0 then return redis.call('XLEN', k('s')) end
+local n = 0
+walk(0, function(i, f)
+  if (prio == -1 or tonumber(f.p or '0') == prio) and matches(f.t, filter) then n = n + 1 end
+  return false
+end)
+return n
+"""
+
+#: ARGV: index -> nil (not live), {1, 0} pending somewhere, {0, waiting entries ahead}
+SEARCH = r"""
+local target = tonumber(ARGV[1])
+if target < 1 or entry(target) == nil then return nil end
+if held_anywhere(target) then return {1, 0} end
+local ahead = 0
+walk(0, function(i, f)
+  if i == target then return true end
+  if not held_anywhere(i) then ahead = ahead + 1 end
+  return false
+end)
+return {0, ahead}
+"""
+
+#: -> {state, length, first, last, now, {consumer rows}, {group rows}}; a consumer row: id, record,
+#: held, last active, delivered, last index; a group row: name, pending, delivered, last index, members
+STATE = r"""
+local first = redis.call('XRANGE', k('s'), '-', '+', 'COUNT', 1)
+local last = tonumber(redis.call('HGET', k('m'), 'last') or '0')
+local consumers = {}
+local flat = redis.call('HGETALL', k('c'))
+for j = 1, #flat, 2 do
+  local cid = flat[j]
+  consumers[#consumers + 1] = {cid, flat[j + 1], redis.call('HGET', k('h'), cid) or '0',
+    redis.call('HGET', k('la'), cid) or '0', redis.call('HGET', k('cs'), cid .. ':d') or '0',
+    redis.call('HGET', k('cs'), cid .. ':l') or '0'}
+end
+local rows = {}
+for _, g in ipairs(groups()) do
+  rows[#rows + 1] = {g, redis.call('HLEN', k('o:' .. g)), redis.call('HGET', k('gi:' .. g), 'd') or '0',
+    redis.call('HGET', k('gi:' .. g), 'l') or '0', redis.call('SCARD', k('gm:' .. g))}
+end
+local firstIndex = 0
+if #first > 0 then firstIndex = idx_of(first[1][1]) end
+return {redis.call('HGET', k('m'), 'state') or 'Normal', redis.call('XLEN', k('s')), firstIndex, last,
+  now_ms(), consumers, rows}
+"""
+
+#: ARGV: lease ms, then consumer id, token pairs of this node's consumers: renews their leases and
+#: expires the consumers of any node whose lease ran out -> the ids given that are not attached
+#: (with their token) any more
+LEASE = r"""
+local now, lease = now_ms(), tonumber(ARGV[1])
+local gone = {}
+for j = 2, #ARGV, 2 do
+  local rec = redis.call('HGET', k('c'), ARGV[j])
+  if rec and cmsgpack.unpack(rec).tok == ARGV[j + 1] then
+    redis.call('HSET', k('lease'), ARGV[j], now + lease)
+  else
+    gone[#gone + 1] = ARGV[j]
+  end
+end
+local flat = redis.call('HGETALL', k('lease'))
+local expired = false
+for j = 1, #flat, 2 do
+  if tonumber(flat[j + 1]) < now then
+    local m = drop_member(flat[j])
+    if m then
+      redis.call('PUBLISH', k('ev'), 'k' .. flat[j] .. ' ' .. m.tok)
+      expired = true
+    end
+  end
+end
+if expired then changed() end
+return gone
+"""
+
+#: -> 1 if the queue was created now, 0 if it existed
+CREATE = r"""
+return redis.call('HSETNX', k('m'), 'created', now_ms())
+"""
