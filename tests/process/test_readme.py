@@ -17,7 +17,6 @@ hanging block are reported, and a background process a block leaves is stopped.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 from qserve.config import load_config
 
+from ..helpers.machine import command_missing
 from ..helpers.readme import (ReadmeError, check_expectations, describe_failure, parse, run_session,
                              sessions)
 
@@ -47,10 +47,7 @@ def require_commands(*names: str) -> None:
     README uses; under CI (CI=true, set by .ci/run, which installs them) a missing one fails."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        reason = f"the README's examples need {', '.join(missing)} (apt-get install {' '.join(missing)})"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        command_missing(f"the README's examples need {', '.join(missing)} (apt-get install {' '.join(missing)})")
 
 
 def _slug(name: str) -> str:
