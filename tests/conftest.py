@@ -1,5 +1,6 @@
 """Fixtures more than one layer uses: a real `qserve serve` process on loopback (process/ and tools/),
-and service names per test (process/, server/ and tools/)."""
+service names per test (process/, server/ and tools/), and a real `redis-server` for the Redis
+backend (one per session, emptied before each test that asks for its URL)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 import pytest
 
 from .helpers.process import ServerProcess
+from .helpers.redis_server import RedisServer, require_redis_server
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +36,30 @@ _names = itertools.count()
 def service() -> str:
     """A service name no other test uses."""
     return f"svc{next(_names)}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real `redis-server` for the session (append-only file, fsync always), stopped at the end.
+    Without `redis-server` on PATH the tests that need it are skipped with the reason (failed under CI)."""
+    require_redis_server()
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied (FLUSHALL) for this test: its URL, database 0."""
+    redis_server.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def fresh_redis_server(tmp_path):
+    """A `redis-server` of this test's own, not started yet, for kill -9 / restart scenarios; stopped
+    (by pid) at the end. Skipped like `redis_server` where there is none."""
+    require_redis_server()
+    srv = RedisServer(tmp_path / "redis")
+    yield srv
+    srv.stop()
