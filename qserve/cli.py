@@ -116,8 +116,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"qserve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, config.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:   # the Redis client logs each retried command at INFO: noise (a start
+        # against an unreachable Redis would not be one line); the backend logs an outage itself
+        logging.getLogger("coredis").setLevel(max(level, logging.WARNING))
     try:
         prepared = prepare(config)   # the data directory's lock (local backend) and the bound sockets, or one line
     except StartupError as exc:

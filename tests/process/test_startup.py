@@ -195,3 +195,17 @@ def test_a_redis_backend_neither_creates_nor_locks_the_data_directory(tmp_path):
             prepare(dataclasses.replace(config, backend=""))
     finally:
         local.close()
+
+
+def test_an_unreachable_redis_is_one_line(tmp_path):
+    """Nothing listens on the port (a socket is bound there but not listening, so no other
+    process can take it meanwhile and every connection is refused): one line naming Redis as
+    unreachable, no traceback, no password, no data directory."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        proc = serve("--port", "0", "--data-dir", str(tmp_path / "d"),
+                     "--backend", f"redis://admin:s3cret@127.0.0.1:{port}")
+    assert_one_line(proc, "redis", f"127.0.0.1:{port}", "unreachable")
+    assert "s3cret" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "d").exists()
