@@ -1,6 +1,7 @@
 """Fixtures more than one layer uses: a real `qserve serve` process on loopback (process/ and tools/),
-service names per test (process/, server/ and tools/), and a real `redis-server` for the Redis
-backend (one per session, emptied before each test that asks for its URL)."""
+service names per test (process/, server/ and tools/), a real `redis-server` for the Redis
+backend (one per session, emptied before each test that asks for its URL), and the parametrization
+of a test by queue backend (`backend_name`, `backend_url`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 
 import pytest
 
+from .helpers.backends import BACKENDS
 from .helpers.process import ServerProcess
 from .helpers.redis_server import RedisServer, require_redis_server
 
@@ -63,3 +65,16 @@ def fresh_redis_server(tmp_path):
     srv = RedisServer(tmp_path / "redis")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request) -> str:
+    """Runs the test once per queue backend of `helpers.backends.BACKENDS` ("local", "redis")."""
+    return request.param
+
+
+@pytest.fixture
+def backend_url(request, backend_name) -> str | None:
+    """The Redis URL for "redis" (the `redis_url` fixture, requested only then, so a machine without
+    `redis-server` skips just the Redis cases); None for "local"."""
+    return request.getfixturevalue("redis_url") if backend_name == "redis" else None

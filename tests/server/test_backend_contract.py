@@ -1,7 +1,8 @@
 """The backend seam's contract (`qserve.backends.base`), exercised directly on every backend.
 
-Each test runs once per name in `helpers.backends.BACKENDS` (today "local"; issue 15 adds
-"redis"), through the Protocol's operations only: what the server relies on, stated once for all.
+Each test runs once per name in `helpers.backends.BACKENDS` ("local", "redis": the `backend_name`
+and `backend_url` fixtures of tests/conftest.py; "redis" on a real `redis-server`), through the
+Protocol's operations only: what the server relies on, stated once for all.
 """
 
 from __future__ import annotations
@@ -14,24 +15,19 @@ from qserve.backends.base import QueueStatus
 from qserve.core.errors import Conflict, NotFound, PayloadTooLarge, QueueFull
 from qserve.core.events import ConsumerSpec, QueueRef
 
-from ..helpers.backends import BACKENDS, open_backend
+from ..helpers.backends import open_backend
 
 LIMIT = 10
 Q = QueueRef("svc")
-
-
-@pytest.fixture(params=BACKENDS)
-def kind(request) -> str:
-    return request.param
 
 
 async def _put_many(queue, n, **tags):
     return [await queue.put(f"e{i}".encode(), {"requestId": f"r{i}", **tags}, 0) for i in range(n)]
 
 
-async def test_put_and_read_by_index_request_id_and_tags(kind, tmp_path):
+async def test_put_and_read_by_index_request_id_and_tags(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             assert queue.ref == Q and await queue.next_index() == 1
             assert await _put_many(queue, 3) == [1, 2, 3]          # indexes from 1
@@ -46,9 +42,9 @@ async def test_put_and_read_by_index_request_id_and_tags(kind, tmp_path):
             assert await queue.read(0, {"kind": "y"}, 10) == []
 
 
-async def test_read_with_delete_takes_the_entries_once(kind, tmp_path):
+async def test_read_with_delete_takes_the_entries_once(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 4)
             first = await queue.read(0, {}, 2, delete=True)
@@ -57,9 +53,9 @@ async def test_read_with_delete_takes_the_entries_once(kind, tmp_path):
             assert await queue.count(None, {}) == 0
 
 
-async def test_delete_truncate_and_count_indexes_never_reused(kind, tmp_path):
+async def test_delete_truncate_and_count_indexes_never_reused(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 3, kind="a")
             await queue.put(b"p", {"requestId": "rp"}, 5)
@@ -76,9 +72,9 @@ async def test_delete_truncate_and_count_indexes_never_reused(kind, tmp_path):
             assert await queue.put(b"after", {"requestId": "ra"}, 0) == 5
 
 
-async def test_end_refuses_puts_and_force_keeps_only_pending(kind, tmp_path):
+async def test_end_refuses_puts_and_force_keeps_only_pending(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 4)
             await queue.attach(ConsumerSpec("g", "a", window=1))
@@ -90,9 +86,9 @@ async def test_end_refuses_puts_and_force_keeps_only_pending(kind, tmp_path):
                 await queue.put(b"late", {"requestId": "late"}, 0)
 
 
-async def test_attributes_listing_and_search(kind, tmp_path):
+async def test_attributes_listing_and_search(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 3)
             await queue.delete([1])
@@ -107,18 +103,18 @@ async def test_attributes_listing_and_search(kind, tmp_path):
             assert (await queue.search(2)) is not None
 
 
-async def test_get_honours_auto_create(kind, tmp_path):
+async def test_get_honours_auto_create(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path, auto_create=False) as backend:
+        async with open_backend(backend_name, tmp_path, auto_create=False, redis_url=backend_url) as backend:
             with pytest.raises(NotFound):
                 await backend.get(Q)
             await backend.create("svc")
             assert (await backend.get(QueueRef("svc", sink=True))).ref.sink
 
 
-async def test_window_commit_and_negative_to_another_member(kind, tmp_path):
+async def test_window_commit_and_negative_to_another_member(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 3)
             await queue.attach(ConsumerSpec("g", "a", window=2))
@@ -137,9 +133,9 @@ async def test_window_commit_and_negative_to_another_member(kind, tmp_path):
             assert (tags["lastCode"], tags["lastReason"]) == ("500", "worker failed")
 
 
-async def test_release_gives_entries_back_to_the_group(kind, tmp_path):
+async def test_release_gives_entries_back_to_the_group(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 2)
             await queue.attach(ConsumerSpec("g", "a", window=5))
@@ -150,9 +146,9 @@ async def test_release_gives_entries_back_to_the_group(kind, tmp_path):
             assert [e.index for e in await queue.deliver("g.b")] == [1, 2]
 
 
-async def test_take_deletes_the_batch_and_sent_frees_the_window(kind, tmp_path):
+async def test_take_deletes_the_batch_and_sent_frees_the_window(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path, fsync="always") as backend:
+        async with open_backend(backend_name, tmp_path, fsync="always", redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 3)
             await queue.attach(ConsumerSpec("g", "a", window=2, auto_commit=True))
@@ -166,10 +162,10 @@ async def test_take_deletes_the_batch_and_sent_frees_the_window(kind, tmp_path):
             assert [e.index for e in entries] == [3]
 
 
-async def test_wake_ups_on_change_and_put_waiters(kind, tmp_path):
+async def test_wake_ups_on_change_and_put_waiters(backend_name, backend_url, tmp_path):
     changes = []
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path, changes) as backend:
+        async with open_backend(backend_name, tmp_path, changes, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             with queue.put_waiter(1, {"kind": "x"}) as for_x, queue.put_waiter(1, {"requestId": "r9"}) as for_r9:
                 await queue.put(b"y", {"requestId": "r1", "kind": "y"}, 0)
@@ -184,13 +180,13 @@ async def test_wake_ups_on_change_and_put_waiters(kind, tmp_path):
                 assert for_r9.is_set()
 
 
-async def test_a_durable_put_survives_reopening(kind, tmp_path):
+async def test_a_durable_put_survives_reopening(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path, fsync="always") as backend:
+        async with open_backend(backend_name, tmp_path, fsync="always", redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             await _put_many(queue, 2)
             await queue.end(force=False)
-        async with open_backend(kind, tmp_path) as backend:
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             assert [e.data for e in await queue.read(0, {}, 10)] == [b"e0", b"e1"]
             assert await queue.next_index() == 3
@@ -198,10 +194,11 @@ async def test_a_durable_put_survives_reopening(kind, tmp_path):
                 await queue.put(b"late", {"requestId": "late"}, 0)
 
 
-async def test_refusals_are_the_core_errors_a_client_sees(kind, tmp_path):
+async def test_refusals_are_the_core_errors_a_client_sees(backend_name, backend_url, tmp_path):
     """The seam raises `qserve.core.errors` types only: the server maps nothing of a backend's own."""
     with trio.fail_after(LIMIT):
-        async with open_backend(kind, tmp_path, max_payload_bytes=8, max_length=2) as backend:
+        async with open_backend(backend_name, tmp_path, max_payload_bytes=8, max_length=2,
+                                redis_url=backend_url) as backend:
             queue = await backend.get(Q)
             with pytest.raises(PayloadTooLarge) as too_large:
                 await queue.put(b"123456789", {"requestId": "big"}, 0)
