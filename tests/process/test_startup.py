@@ -209,3 +209,25 @@ def test_an_unreachable_redis_is_one_line(tmp_path):
     assert_one_line(proc, "redis", f"127.0.0.1:{port}", "unreachable")
     assert "s3cret" not in proc.stderr + proc.stdout
     assert not (tmp_path / "d").exists()
+
+
+def test_two_redis_nodes_share_one_data_dir_setting_and_never_show_the_password(redis_url, tmp_path, service):
+    """What the data directory's lock refuses for the local backend is the point of Redis: two
+    nodes given the same --data-dir both start (it is neither created nor locked) and serve the
+    same queue; their logs name Redis without the password (Redis's default user takes any)."""
+    url = redis_url.replace("redis://", "redis://default:s3cret@", 1)
+    data = tmp_path / "shared"
+    nodes = [ServerProcess(data, "--backend", url) for _ in range(2)]
+    try:
+        for node in nodes:
+            node.start()
+        assert client(nodes[0], service).put(b"from a")[0] == "1"
+        got = client(nodes[1], service).get(index=1, length=1, auto_delete=False, timeout="0s")
+        assert [(df.index, df.data) for df in got] == [(1, b"from a")]
+        assert not data.exists()
+    finally:
+        statuses = [node.stop() for node in nodes if node.proc is not None]
+    assert statuses == [0, 0]
+    lines = [line for node in nodes for line in node.lines]
+    assert sum("listening on" in line and "redis" in line for line in lines) == 2, lines
+    assert not any("s3cret" in line or "Traceback" in line for line in lines), lines
