@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import anyio
 import coredis
 import coredis.exceptions as rx
 
@@ -49,7 +50,8 @@ def redis_error(exc: Exception, where: str) -> QServeError | None:
         if text.startswith(("MISCONF", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
             return Unavailable(f"redis at {where}: {text.splitlines()[0][:200]}")
         return None
-    if isinstance(exc, (rx.ConnectionError, rx.RedisError, OSError, TimeoutError)):
+    if isinstance(exc, (rx.ConnectionError, rx.RedisError, OSError, TimeoutError, anyio.ClosedResourceError,
+                        anyio.BrokenResourceError)):
         return Unavailable(f"redis at {where} is unreachable; retry")
     return None
 

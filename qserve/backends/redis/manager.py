@@ -19,6 +19,8 @@ import socket
 import time
 from collections.abc import Callable
 
+import anyio
+import coredis.exceptions as rx
 import msgpack
 import trio
 
@@ -72,6 +74,7 @@ class RedisBackend:
         self._queues: dict[QueueRef, RedisQueue] = {}
         self._by_tag: dict[str, RedisQueue] = {}
         self._closed = False
+        self._tasks: trio.Nursery | None = None   # the node's tasks, inside the client's lifetime
 
     @property
     def where(self) -> str:
@@ -82,7 +85,7 @@ class RedisBackend:
         """Connect and check Redis; start the node's tasks.
 
         Raises: `Unavailable` with a one-line reason when Redis cannot be used."""
-        await self._nursery.start(self._hold)
+        self._tasks = await self._nursery.start(self._hold)
         try:
             await self.link.client.ping()
             await self._check_durability()
@@ -91,8 +94,8 @@ class RedisBackend:
             if err is None:
                 raise
             raise Unavailable(f"cannot use redis at {self.where}: {_why(exc)}") from None
-        await self._nursery.start(self._listen)
-        self._nursery.start_soon(self._leases)
+        await self._tasks.start(self._listen)
+        self._tasks.start_soon(self._leases)
 
     async def _check_durability(self) -> None:
         """Warn when Redis does not fsync every write: a 200 then means less (README table)."""
@@ -111,9 +114,10 @@ class RedisBackend:
                         settings.get("appendonly", "?"), settings.get("appendfsync", "?"))
 
     async def _hold(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the client's connection pool open for the life of the nursery."""
-        async with self.link.client:
-            task_status.started()
+        """Keep the client's connection pool open for the life of the nursery; the node's other
+        tasks run inside it (reported as the nursery to start them in), so they stop first."""
+        async with self.link.client, trio.open_nursery() as tasks:
+            task_status.started(tasks)
             await trio.sleep_forever()
 
     async def _listen(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -133,9 +137,9 @@ class RedisBackend:
                         queue = self._by_tag.get(tag_of_channel(message["channel"]))
                         if queue is not None:
                             queue.on_event(message["data"])
-            except Exception as exc:
-                if redis_error(exc, self.where) is None:
-                    raise
+            except* anyio.ClosedResourceError:
+                pass   # coredis closing the subscription's connection under it (a reset, or shutdown)
+            except* (rx.RedisError, OSError, TimeoutError):
                 self.link.failed(f"redis at {self.where} is unreachable")
             await trio.sleep(delay)
             delay = min(delay * 2, LISTEN_BACKOFF[1])
