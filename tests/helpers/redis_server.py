@@ -114,7 +114,7 @@ class RedisServer:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
+        self.directory = directory.resolve()
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -144,8 +144,8 @@ class RedisServer:
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--dir", str(self.directory),
                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
                 "--logfile", str(self.log_path)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, cwd=self.directory)
+        with open(self.log_path, "ab") as log:   # what Redis says before it opens its log, e.g. a bad flag
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.directory)
         try:
             self._wait_ready(timeout)
         except BaseException:
