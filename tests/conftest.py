@@ -9,6 +9,7 @@ import itertools
 import uuid
 
 import pytest
+from trio.testing import MockClock
 
 from .helpers.backends import BACKENDS
 from .helpers.process import ServerProcess
@@ -78,3 +79,20 @@ def backend_url(request, backend_name) -> str | None:
     """The Redis URL for "redis" (the `redis_url` fixture, requested only then, so a machine without
     `redis-server` skips just the Redis cases); None for "local"."""
     return request.getfixturevalue("redis_url") if backend_name == "redis" else None
+
+
+@pytest.fixture
+def backend(backend_name, backend_url) -> dict:
+    """The server settings of the backend under test (once per `BACKENDS` entry): ``{}`` for the
+    local segment log, ``{"backend": url}`` for Redis. Pass them on: ``running_server(tmp_path,
+    **backend)``."""
+    return {"backend": backend_url} if backend_name == "redis" else {}
+
+
+@pytest.fixture
+def autojump_clock(request):
+    """trio's autojump clock (pytest-trio's fixture of the same name), made safe for a Redis backend:
+    a task waiting for Redis's reply looks idle to the clock, so with Redis under test the clock
+    jumps only after 0.25 s of real idleness (Redis answers in well under a millisecond here)."""
+    redis = "backend_name" in request.fixturenames and request.getfixturevalue("backend_name") == "redis"
+    return MockClock(autojump_threshold=0.25 if redis else 0)

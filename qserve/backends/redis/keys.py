@@ -29,8 +29,9 @@ suffix             type    what
 ``la``             hash    consumer id -> server time (ms) of its last delivery/commit/nack
 ``cs``             hash    ``<id>:d`` entries delivered, ``<id>:l`` highest index delivered
 ``lease``          hash    consumer id -> server time (ms) its node's lease runs out
-``ev``             channel what changed: ``p<index> <msgpack tags>`` a put, ``c`` anything
-                           else, ``k<consumer id> <token>`` a consumer was replaced or expired
+``ev``             channel what changed: ``p<node> <index> <msgpack tags>`` a put, ``c<node>``
+                           anything else (node: the writer's id), ``k<consumer id> <token>`` a
+                           consumer was replaced or expired
 =================  ======  =====================================================================
 
 Outside the queues, ``qs:queues`` (a hash: tag -> msgpack [service, sink]) lists every queue ever

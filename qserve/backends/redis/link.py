@@ -59,8 +59,9 @@ def redis_error(exc: Exception, where: str) -> QServeError | None:
 class Link:
     """This node's Redis client (`client`), for every queue. Trio thread only."""
 
-    def __init__(self, target: RedisTarget, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
+    def __init__(self, target: RedisTarget, node: str, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.target = target
+        self.node = node   # this node's id: the first argument of every script (`scripts.PRELUDE`)
         self.client = coredis.Redis(
             host=target.host, port=target.port, db=target.db, username=target.username,
             password=target.password, ssl=target.ssl, decode_responses=False,
@@ -80,12 +81,13 @@ class Link:
 
         Raises: `Unavailable` (503) or `InsufficientStorage` (507), see the module docstring."""
         script = self._script(body)
+        args = [self.node, *args]
         try:
             if write and self._wait[0]:
                 with self.client.ensure_replication(*self._wait):
-                    reply = await script(keys=[tag], args=list(args))
+                    reply = await script(keys=[tag], args=args)
             else:
-                reply = await script(keys=[tag], args=list(args))
+                reply = await script(keys=[tag], args=args)
         except Exception as exc:
             err = redis_error(exc, self.target.where)
             if err is None:

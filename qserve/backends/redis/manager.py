@@ -65,12 +65,11 @@ class RedisBackend:
         self._nursery = nursery
         self._on_change = on_change
         self._on_evict = on_evict
-        try:
-            self.target = parse_redis_url(config.backend)
-        except ValueError as exc:
-            raise Unavailable(f"backend: {exc}") from None
-        self.link = Link(self.target, wait_replicas=config.redis_wait, wait_timeout=config.redis_wait_timeout)
+        self.target = parse_redis_url(config.backend)
+        # the node's name in the consumers' records and logs; the short id tags its events
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.link = Link(self.target, secrets.token_hex(4), wait_replicas=config.redis_wait,
+                         wait_timeout=config.redis_wait_timeout)
         self._queues: dict[QueueRef, RedisQueue] = {}
         self._by_tag: dict[str, RedisQueue] = {}
         self._closed = False

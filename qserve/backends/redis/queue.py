@@ -82,29 +82,42 @@ class RedisQueue:
         self._unsent: dict[str, set[int]] = {}  # auto-commit consumers: taken, frames not written
         self._full: set[str] = set()           # consumers that had no free slot at their last poll
         self.on_evict: Callable[[QueueRef, str], None] | None = None   # a consumer replaced elsewhere
+        self._node_id = link.node.encode()      # events this node published carry it
 
     async def _run(self, script: str, *args, write: bool = True):
         return await self._link.run(script, self.keys.tag, args, write=write)
 
     # -- events from the queue's channel ------------------------------------------------------
     def on_event(self, message: bytes) -> None:
-        """A message of the queue's ``ev`` channel (see `keys`), from any node."""
+        """A message of the queue's ``ev`` channel (see `keys`), from any node; this node's own
+        puts and changes were announced already (`_announce`, `_changed`)."""
         kind, rest = message[:1], message[1:]
-        if kind == b"p":
-            index, _, packed = rest.partition(b" ")
-            entry = RedisEntry(int(index), b"", msgpack.unpackb(packed))
-            self.gets.put(entry)
-            self._notify(entry)
-        elif kind == b"k":
+        if kind == b"k":
             cid, _, token = rest.decode().partition(" ")
             if self._tokens.get(cid) == token:   # ours, replaced on another node or expired
                 del self._tokens[cid]
                 self._unsent.pop(cid, None)
                 if self.on_evict is not None:
                     self.on_evict(self.ref, cid)
+            return
+        node, _, rest = rest.partition(b" ")
+        if node == self._node_id:
+            return
+        if kind == b"p":
+            index, _, packed = rest.partition(b" ")
+            self._announce(RedisEntry(int(index), b"", msgpack.unpackb(packed)))
         else:
-            self._full.clear()   # a commit, nack or release anywhere may have freed slots
-            self._notify(None)
+            self._changed()
+
+    def _announce(self, entry: RedisEntry) -> None:
+        """A put: wake the gets it may answer and the watchers it may concern."""
+        self.gets.put(entry)
+        self._notify(entry)
+
+    def _changed(self) -> None:
+        """A commit, nack, delete or release may have freed slots: wake the watchers."""
+        self._full.clear()
+        self._notify(None)
 
     def wake_all(self) -> None:
         """Events may have been missed (the channel reconnected): wake every watcher and get."""
@@ -129,6 +142,7 @@ class RedisQueue:
         if index == -2:
             raise QueueFull(f"queue {self.ref.name} is full ({config.max_length} entries)",
                             headers=[("Retry-After", "1")])
+        self._announce(RedisEntry(int(index), b"", dict(tags)))
         return int(index)
 
     async def next_index(self) -> int:
@@ -141,6 +155,8 @@ class RedisQueue:
         request_id = tags.pop("requestId", "")
         rows = await self._run(scripts.READ, start, limit, int(delete), request_id, *_pairs(tags),
                                write=delete)
+        if delete and rows:
+            self._changed()
         return [_entry(row) for row in rows]
 
     def put_waiter(self, start: int, tags: Mapping[str, str]) -> contextlib.AbstractContextManager[trio.Event]:
@@ -152,12 +168,15 @@ class RedisQueue:
     async def delete(self, indexes: Sequence[int]) -> None:
         if indexes:
             await self._run(scripts.DELETE, *indexes)
+            self._changed()
 
     async def truncate(self, below: int) -> None:
         await self._run(scripts.TRUNCATE, below)
+        self._changed()
 
     async def end(self, force: bool) -> None:
         await self._run(scripts.END, int(force))
+        self._changed()
 
     async def count(self, priority: int | None, tags: Mapping[str, str]) -> int:
         return int(await self._run(scripts.COUNT, -1 if priority is None else priority, *_pairs(tags),
@@ -211,6 +230,7 @@ class RedisQueue:
         await self._run(scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
                         int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
                         *_pairs(spec.tags))
+        self._changed()
 
     async def release(self, consumer_id: str) -> None:
         token = self._tokens.pop(consumer_id, None)
@@ -220,6 +240,7 @@ class RedisQueue:
             return   # replaced or expired: its entries went back already
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
             await self._run(scripts.RELEASE, consumer_id, token)
+        self._changed()
 
     def wants(self) -> list[str]:
         return [cid for cid in self._tokens if cid not in self._full]
@@ -271,10 +292,12 @@ class RedisQueue:
     async def commit(self, indexes: Sequence[int]) -> None:
         if indexes:
             await self._run(scripts.COMMIT, *indexes)
+            self._changed()
 
     async def negative(self, indexes: Sequence[int], code: str, reason: str) -> None:
         if indexes:
             await self._run(scripts.NEGATIVE, code, reason, *indexes)
+            self._changed()
 
     # -- durability ---------------------------------------------------------------------------
     async def wait_durable(self, mark, *, first: bool = False) -> None:
@@ -286,6 +309,7 @@ class RedisQueue:
         gone = await self._run(scripts.LEASE, round(self.config.node_lease * 1000),
                                *[x for pair in mine for x in pair])
         self.forget(_text(cid) for cid in gone)
+        self._changed()   # entries of an expired consumer (of any node) may be free now
 
 
 def _text(value) -> str:

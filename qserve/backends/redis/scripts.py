@@ -6,7 +6,10 @@ whatever happens to the node that sent it. With ``appendfsync always`` Redis wri
 effects to its AOF and fsyncs before it replies, so a reply means durable. Every script gets the
 queue's hash tag as ``KEYS[1]`` and derives the other key names from it (`keys` documents them;
 all in one Cluster slot). Shared functions are in `PRELUDE`, prepended to each script. The clock is
-Redis's (``TIME``), so consumers' idle times and leases agree across nodes.
+Redis's (``TIME``), so consumers' idle times and leases agree across nodes. Every script's first
+argument is the calling node's id (the prelude takes it off ``ARGV``), which the events it
+publishes carry: a node wakes its own watchers itself, before the reply is used, and skips the
+echo.
 
 This is the consumer-group state machine of `qserve.core.groups` (and `core.group_state`'s Rules
 1 and 2), kept in Redis instead of one process's memory: per group, ``o:<G>`` says who holds what
@@ -24,6 +27,7 @@ __all__ = ["PRELUDE", "PUT", "READ", "DELIVER", "COMMIT", "NEGATIVE", "ATTACH", 
 
 PRELUDE = r"""
 local T = KEYS[1]
+local NODE = table.remove(ARGV, 1)   -- the calling node's id: it skips its own events
 local function k(s) return T .. ':' .. s end
 local function sid(i) return string.format('%d-0', i) end
 local function idx_of(id) return tonumber(string.match(id, '^(%d+)')) end
@@ -100,7 +104,7 @@ local function drop_member(cid)
   end
   return m
 end
-local function changed() redis.call('PUBLISH', k('ev'), 'c') end
+local function changed() redis.call('PUBLISH', k('ev'), 'c' .. NODE) end
 local function annotated(i, f)
   return {i, f.d, f.t, f.p or '0', redis.call('HGET', k('n'), i) or ''}
 end
@@ -152,7 +156,7 @@ else
   redis.call('XADD', k('s'), sid(n), 'd', ARGV[1], 't', ARGV[2], 'i', ARGV[4])
 end
 redis.call('HSET', k('r'), ARGV[4], n)
-redis.call('PUBLISH', k('ev'), 'p' .. n .. ' ' .. ARGV[2])
+redis.call('PUBLISH', k('ev'), 'p' .. NODE .. ' ' .. n .. ' ' .. ARGV[2])
 return n
 """
 

@@ -1,13 +1,16 @@
-"""The ``--backend`` URL of a Redis server: ``redis://[user:password@]host:port[/db]`` or ``rediss://``.
+"""The ``--backend`` URL of a Redis server, as the client connects to it.
 
-Parsed once at start (`parse_redis_url`); the password is kept for connecting and never shown:
-`RedisTarget.where` (host:port/db) is what logs and error messages name.
+`qserve.config.check_backend_url` has checked the URL completely when the settings were loaded
+(one-line errors there); `parse_redis_url` only converts it. The password is kept for connecting
+and never shown: `RedisTarget.where` (host:port/db) is what logs and error messages name.
 """
 
 from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass
+
+from qserve.config import check_backend_url
 
 __all__ = ["RedisTarget", "parse_redis_url"]
 
@@ -29,28 +32,11 @@ class RedisTarget:
 
 
 def parse_redis_url(url: str) -> RedisTarget:
-    """The target of ``url``.
-
-    Raises:
-        ValueError: not a redis:// or rediss:// URL with a host, a port in 1-65535 and a
-            non-negative db number; the one-line message names what is wrong (never the password).
-    """
+    """The target of ``url`` (raises `qserve.config.ConfigError` for a URL the settings refuse)."""
+    check_backend_url(url)
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("expected redis://[user:password@]host:port[/db] or rediss://...")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("the port must be a number from 1 to 65535") from None
-    if not parts.hostname:
-        raise ValueError("the URL names no host")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"the database must be a non-negative number, got {path!r}")
-    if port == 0:
-        raise ValueError("the port must be a number from 1 to 65535")
     return RedisTarget(
-        host=parts.hostname, port=port or 6379, db=int(path or 0),
+        host=parts.hostname or "", port=parts.port or 6379, db=int(parts.path.strip("/") or 0),
         username=urllib.parse.unquote(parts.username) if parts.username else None,
         password=urllib.parse.unquote(parts.password) if parts.password is not None else None,
         ssl=parts.scheme == "rediss")
