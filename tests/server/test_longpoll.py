@@ -1,4 +1,5 @@
-"""Long-poll gets under trio's clock: woken at once by a put, answered a little before the timeout."""
+"""Long-poll gets under trio's clock: woken at once by a put, answered a little before the timeout;
+on every queue backend (the `backend` fixture)."""
 
 import json
 
@@ -14,9 +15,9 @@ def limit():
     return trio.fail_after(60)
 
 
-async def test_long_poll_woken_by_a_put_from_another_connection(tmp_path, autojump_clock):
+async def test_long_poll_woken_by_a_put_from_another_connection(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             waiter, putter = await srv.client("lp"), await srv.client("lp")
             result = {}
 
@@ -36,9 +37,9 @@ async def test_long_poll_woken_by_a_put_from_another_connection(tmp_path, autoju
             assert 5 <= result["t1"] - result["t0"] < 6
 
 
-async def test_long_poll_answers_204_just_before_the_client_timeout(tmp_path, autojump_clock):
+async def test_long_poll_answers_204_just_before_the_client_timeout(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             c = await srv.client("lp")
             t0 = trio.current_time()
             status, body = await c.call("GET", "_timeout_=5s&_raw_=false")
@@ -47,9 +48,9 @@ async def test_long_poll_answers_204_just_before_the_client_timeout(tmp_path, au
             assert 4.4 <= waited < 5.0
 
 
-async def test_zero_timeout_answers_at_once(tmp_path, autojump_clock):
+async def test_zero_timeout_answers_at_once(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             c = await srv.client("lp")
             t0 = trio.current_time()
             assert (await c.call("GET", "_timeout_=0"))[0] == 204
@@ -58,7 +59,8 @@ async def test_zero_timeout_answers_at_once(tmp_path, autojump_clock):
 
 async def test_a_put_wakes_only_the_gets_it_can_answer(tmp_path, autojump_clock, monkeypatch):
     """Clients each waiting on the sink for their own requestId: a put wakes the one it answers
-    (and gets whose tag filter it passes), not every waiting get."""
+    (and gets whose tag filter it passes), not every waiting get. (Local backend: it counts the
+    local queue's lookups; the Redis backend files its gets in the same `GetWaiters`.)"""
     from qserve.backends.local.queues import Queue
     looks = []
     real = Queue._matching

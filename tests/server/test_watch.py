@@ -1,5 +1,6 @@
 """Watch over WebSocket and HTTP streaming, in process on trio's clock: groups, windows, commits,
-negative commits, redelivery, priority, tag filters and the figures attributes and search report."""
+negative commits, redelivery, priority, tag filters and the figures attributes and search report;
+on every queue backend (the `backend` fixture: local and Redis)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ async def drain(ws, n):
     return [await next_frame(ws) for _ in range(n)]
 
 
-async def test_two_consumers_split_a_group_within_their_windows(tmp_path, autojump_clock):
+async def test_two_consumers_split_a_group_within_their_windows(tmp_path, backend, autojump_clock):
     with trio.fail_after(120):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await put_n(c, 10)
             a = await srv.watch(nursery, "w", "_window_=3", user="a")
@@ -65,9 +66,9 @@ async def test_two_consumers_split_a_group_within_their_windows(tmp_path, autoju
             nursery.cancel_scope.cancel()
 
 
-async def test_killed_consumer_hands_its_entries_to_the_other(tmp_path, autojump_clock):
+async def test_killed_consumer_hands_its_entries_to_the_other(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await put_n(c, 4)
             a = await srv.watch(nursery, "w", "_window_=4", user="a")
@@ -80,9 +81,9 @@ async def test_killed_consumer_hands_its_entries_to_the_other(tmp_path, autojump
             nursery.cancel_scope.cancel()
 
 
-async def test_negative_commit_is_redelivered_with_last_code(tmp_path, autojump_clock):
+async def test_negative_commit_is_redelivered_with_last_code(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await put_n(c, 1)
             a = await srv.watch(nursery, "w", "_window_=1", user="a")
@@ -97,9 +98,9 @@ async def test_negative_commit_is_redelivered_with_last_code(tmp_path, autojump_
             nursery.cancel_scope.cancel()
 
 
-async def test_negative_prefers_another_consumer(tmp_path, autojump_clock):
+async def test_negative_prefers_another_consumer(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             a = await srv.watch(nursery, "w", "_window_=1", user="a")
             b = await srv.watch(nursery, "w", "_window_=1", user="b")
@@ -115,9 +116,9 @@ async def test_negative_prefers_another_consumer(tmp_path, autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_two_groups_each_get_every_entry(tmp_path, autojump_clock):
+async def test_two_groups_each_get_every_entry(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await put_n(c, 3)
             x = await srv.watch(nursery, "w", "_window_=5", user="u", group="gx")
@@ -130,9 +131,9 @@ async def test_two_groups_each_get_every_entry(tmp_path, autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_priority_first_then_fifo(tmp_path, autojump_clock):
+async def test_priority_first_then_fifo(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await c.call("POST", "", b"low1")
             await c.call("POST", "_priority_=1", b"high1")
@@ -144,9 +145,9 @@ async def test_priority_first_then_fifo(tmp_path, autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_tag_filter_and_start_positions(tmp_path, autojump_clock):
+async def test_tag_filter_and_start_positions(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             for i in range(6):
                 await c.call("POST", f"kind={'img' if i % 2 else 'txt'}", f"d{i}".encode())
@@ -162,9 +163,9 @@ async def test_tag_filter_and_start_positions(tmp_path, autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_same_consumer_reconnecting_replaces_the_stale_socket(tmp_path, autojump_clock):
+async def test_same_consumer_reconnecting_replaces_the_stale_socket(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await put_n(c, 2)
             old = await srv.watch(nursery, "w", "_window_=2", user="same")
@@ -176,9 +177,9 @@ async def test_same_consumer_reconnecting_replaces_the_stale_socket(tmp_path, au
             nursery.cancel_scope.cancel()
 
 
-async def test_anonymous_watchers_never_share_an_id(tmp_path, autojump_clock):
+async def test_anonymous_watchers_never_share_an_id(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await put_n(c, 2)
             a = await srv.watch(nursery, "w", "_window_=1")
@@ -187,9 +188,9 @@ async def test_anonymous_watchers_never_share_an_id(tmp_path, autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_refused_handshake_gets_a_status(tmp_path, autojump_clock):
+async def test_refused_handshake_gets_a_status(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             stream = await srv.listener.connect()
             rejected = []
             try:
@@ -201,9 +202,9 @@ async def test_refused_handshake_gets_a_status(tmp_path, autojump_clock):
             assert [e.status_code for e in rejected] == [401]
 
 
-async def test_http_streaming_watch_sends_length_delimited_frames(tmp_path, autojump_clock):
+async def test_http_streaming_watch_sends_length_delimited_frames(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             c = await srv.client("w")
             await put_n(c, 3)
             stream = await srv.listener.connect()
@@ -234,9 +235,9 @@ async def test_http_streaming_watch_sends_length_delimited_frames(tmp_path, auto
                     await trio.sleep(0.1)
 
 
-async def test_a_put_wakes_one_member_per_group_at_once(tmp_path, autojump_clock):
+async def test_a_put_wakes_one_member_per_group_at_once(tmp_path, backend, autojump_clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             members = [await srv.watch(nursery, "w", "_window_=1", user=f"m{i}") for i in range(8)]
             other = await srv.watch(nursery, "w", "_window_=1&kind=x", user="o", group="g2")
@@ -261,13 +262,13 @@ async def test_a_put_wakes_one_member_per_group_at_once(tmp_path, autojump_clock
             nursery.cancel_scope.cancel()
 
 
-async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move(tmp_path, autojump_clock):
+async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move(tmp_path, backend, autojump_clock):
     from qserve.server.watch import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
 
     from ..helpers.rawws import RawWatcher
 
     with trio.fail_after(300):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("w")
             await put_n(c, 2)
             dead = await RawWatcher.connect(srv.listener, "w", "_window_=2", "dead")   # never reads again
@@ -285,7 +286,7 @@ async def test_a_silent_watcher_is_dropped_by_the_keepalive_and_its_entries_move
 
 
 @pytest.mark.parametrize("batch_bytes", [1, 100_000])
-async def test_a_window_of_large_frames_is_written_in_bounded_batches(tmp_path, autojump_clock, monkeypatch,
+async def test_a_window_of_large_frames_is_written_in_bounded_batches(tmp_path, backend, autojump_clock, monkeypatch,
                                                                       batch_bytes):
     from qserve.server.websocket import WebSocketUpgrade
     monkeypatch.setattr(watch, "SEND_BATCH_BYTES", batch_bytes)
@@ -297,7 +298,7 @@ async def test_a_window_of_large_frames_is_written_in_bounded_batches(tmp_path, 
         await real(self, messages)
     monkeypatch.setattr(WebSocketUpgrade, "send_messages", recording)
     with trio.fail_after(120):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("big")
             bodies = [bytes([i]) * (40_000 + i) for i in range(12)]
             for body in bodies:
@@ -314,7 +315,8 @@ async def test_a_window_of_large_frames_is_written_in_bounded_batches(tmp_path, 
 async def test_a_missed_wake_up_costs_at_most_the_fallback_period(tmp_path, autojump_clock):
     """Every change normally wakes the sessions it concerns; should one be missed (here: an entry
     appended to the log behind the service's back), `WatchService.fallback` wakes every session
-    each `WAKE_FALLBACK` seconds, so the entry still goes out within that period."""
+    each `WAKE_FALLBACK` seconds, so the entry still goes out within that period. (Local backend: the
+    entry is appended behind the service's back through the segment log.)"""
     with trio.fail_after(60):
         async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
             c = await srv.client("fb")
