@@ -13,6 +13,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import coredis
 import h11
 import trio
 from hypothesis import HealthCheck, settings
@@ -24,6 +25,15 @@ MAX_PAYLOAD = 2048      # the servers' max_payload_bytes (small, so 413s are che
 MAX_HEADER = 16 * 1024  # qserve's default max_header_bytes
 WS_MAX = 64 * 1024      # the edge's ws_max_message_size
 SETTINGS = dict(fsync="never", max_payload_bytes=MAX_PAYLOAD, request_timeout=5.0, keepalive_timeout=5.0)
+
+
+async def fresh_backend(backend: dict) -> dict:
+    """The `backend` fixture's settings for one example: a Redis database is emptied first (hypothesis
+    runs every example with the same fixtures, as with `fresh_dir`)."""
+    if backend.get("backend"):
+        async with coredis.Redis.from_url(backend["backend"]) as client:
+            await client.flushall()
+    return backend
 
 
 def fresh_dir(tmp_path) -> Path:

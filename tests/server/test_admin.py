@@ -48,9 +48,9 @@ async def listing(srv, token: str | None = TOKEN) -> list[dict]:
     return json.loads(body)["queues"]
 
 
-async def test_the_listing_has_every_queue_with_its_figures(tmp_path, clock):
+async def test_the_listing_has_every_queue_with_its_figures(tmp_path, backend, clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             assert await listing(srv) == []
             demo, other = await srv.client("demo"), await srv.client("a%20b")   # service "a b"
             for data in (b"1", b"2", b"3"):
@@ -73,9 +73,9 @@ async def test_the_listing_has_every_queue_with_its_figures(tmp_path, clock):
     ]
 
 
-async def test_the_listing_shows_only_what_the_token_opens(tmp_path, clock):
+async def test_the_listing_shows_only_what_the_token_opens(tmp_path, backend, clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path, token=None, tokens={"a": "ta", "b": "tb"}) as srv:
+        async with running_server(tmp_path, **backend, token=None, tokens={"a": "ta", "b": "tb"}) as srv:
             for service, token in (("a", "ta"), ("b", "tb")):
                 c = await srv.client(service, headers=[("Authorization", token)])
                 status, _ = await c.request("POST", f"/api/predict/{service}", b"x", [("Authorization", token)])
@@ -87,14 +87,14 @@ async def test_the_listing_shows_only_what_the_token_opens(tmp_path, clock):
                 assert (status, body) == (401, b"missing or wrong token in the Authorization header\n")
             status, headers, _ = await call(srv, "DELETE", "/api/queues", "ta")
             assert (status, headers["allow"]) == (405, "GET")
-        async with running_server(tmp_path, token=None) as srv:   # no token configured: open
+        async with running_server(tmp_path, **backend, token=None) as srv:   # no token configured: open
             assert [q["service"] for q in await listing(srv, None)] == ["a", "b"]
 
 
-async def test_create_makes_both_queues_once(tmp_path, caplog, clock):
+async def test_create_makes_both_queues_once(tmp_path, backend, caplog, clock):
     caplog.set_level(logging.INFO, logger="qserve")
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             for _ in range(2):   # idempotent
                 status, headers, body = await call(srv, "POST", "/api/queues/demo")
                 assert (status, body) == (200, b"OK")
@@ -108,33 +108,33 @@ async def test_create_makes_both_queues_once(tmp_path, caplog, clock):
                 status, _, body = await call(srv, "POST", target)
                 assert status == 400 and body.count(b"\n") == 1, (target, body)
             assert (await call(srv, "POST", "/api/queues/a/b"))[0] == 404
-        async with running_server(tmp_path) as srv:   # a restart opens them: not created again
+        async with running_server(tmp_path, **backend) as srv:   # a restart opens them: not created again
             assert len(await listing(srv)) == 2
     assert [m for m in caplog.messages if m.endswith(" created")] == ["queue demo created", "queue demo/sink created"]
     assert "queue demo opened: 0 entries" in " ".join(caplog.messages)
 
 
-async def test_create_is_refused_like_an_auto_created_queue(tmp_path, clock):
+async def test_create_is_refused_like_an_auto_created_queue(tmp_path, backend, clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path, max_queues=2) as srv:
+        async with running_server(tmp_path, **backend, max_queues=2) as srv:
             assert (await call(srv, "POST", "/api/queues/one"))[0] == 200
             status, _, body = await call(srv, "POST", "/api/queues/two")
             assert (status, body) == (507, b"cannot create queue two: the server holds its limit of 2 queues\n")
-        async with running_server(tmp_path, queues=("one",)) as srv:
+        async with running_server(tmp_path, **backend, queues=("one",)) as srv:
             status, _, body = await call(srv, "POST", "/api/queues/two")
             assert (status, body) == (404, b"no queue named two (the server serves the services of --queues only)\n")
             assert (await call(srv, "POST", "/api/queues/one"))[0] == 200
 
 
-async def test_no_auto_create_serves_only_known_queues(tmp_path, clock):
+async def test_no_auto_create_serves_only_known_queues(tmp_path, backend, clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:   # made earlier, on disk
+        async with running_server(tmp_path, **backend) as srv:   # made earlier, on disk
             assert (await (await srv.client("old")).call("POST", body=b"x"))[0] == 200
-        async with running_server(tmp_path, auto_create=False, queues=("declared", "old"), root_service="root") as srv:
+        async with running_server(tmp_path, **backend, auto_create=False, queues=("declared", "old"), root_service="root") as srv:
             assert (await (await srv.client("declared")).call("POST", body=b"x"))[0] == 200
             assert (await (await srv.client("root")).call("POST", body=b"x"))[0] == 200
             assert (await (await srv.client("old")).call("GET", "_count_=true")) == (200, b"1")
-        async with running_server(tmp_path, auto_create=False) as srv:
+        async with running_server(tmp_path, **backend, auto_create=False) as srv:
             demo = await srv.client("demo")
             for sink in (False, True):
                 status, body = await demo.call("POST", body=b"x", sink=sink)
@@ -164,18 +164,18 @@ async def test_the_listing_shows_a_fenced_queue_with_its_reason(tmp_path):
                  "reason": body.decode().strip()}]}
 
 
-async def test_the_admin_paths_are_not_taken_by_the_root_service(tmp_path, clock):
+async def test_the_admin_paths_are_not_taken_by_the_root_service(tmp_path, backend, clock):
     with trio.fail_after(60):
-        async with running_server(tmp_path, root_service="root") as srv:
+        async with running_server(tmp_path, **backend, root_service="root") as srv:
             assert (await call(srv, "POST", "/api/queues/demo"))[0] == 200
             assert {q["service"] for q in await listing(srv)} == {"demo", "root"}
 
 
-async def test_a_service_name_no_directory_can_have_is_no_queue(tmp_path, clock):
+async def test_a_service_name_no_directory_can_have_is_no_queue(tmp_path, backend, clock):
     """A control character (it would split the server's log lines) or a name longer than a file
     name (it used to be a 500 with a traceback) names no queue: a one-line 404, nothing created."""
     with trio.fail_after(60):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             for service in ("a%00b", "a%0Ab", "x" * 256):
                 status, _, body = await call(srv, "POST", f"/api/predict/{service}", body=b"x")
                 assert status == 404 and body.startswith(b"no queue at /api/predict/"), (service, body)

@@ -27,13 +27,14 @@ from hypothesis import given, settings
 
 from ..helpers.fuzz_model import Model, check_state, run_ops
 from ..helpers.fuzz_ops import FRAMING, op_groups, services
-from ..helpers.fuzz_wire import FUZZ, SETTINGS, check_answer, exchange, fresh_dir, healthy, parse_answers
+from ..helpers.fuzz_wire import (FUZZ, SETTINGS, check_answer, exchange, fresh_backend, fresh_dir, healthy,
+                                 parse_answers)
 from ..helpers.inproc import running_server
 
-async def http_example(tmp_path, service, groups) -> None:
+async def http_example(tmp_path, backend, service, groups) -> None:
     model = Model()
     with trio.fail_after(60):
-        async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv:
+        async with running_server(fresh_dir(tmp_path), **SETTINGS, **await fresh_backend(backend)) as srv:
             await run_ops(srv, groups, model, service)
             await check_state(srv, model, service)
             await healthy(srv.listener)
@@ -41,21 +42,21 @@ async def http_example(tmp_path, service, groups) -> None:
 
 @FUZZ
 @given(service=services, groups=op_groups)
-async def test_http_fuzz(tmp_path, service, groups):
-    await http_example(tmp_path, service, groups)
+async def test_http_fuzz(tmp_path, backend, service, groups):
+    await http_example(tmp_path, backend, service, groups)
 
 
 @pytest.mark.slow
 @settings(FUZZ, max_examples=3000)
 @given(service=services, groups=op_groups)
-async def test_http_fuzz_long(tmp_path, service, groups):
-    await http_example(tmp_path, service, groups)
+async def test_http_fuzz_long(tmp_path, backend, service, groups):
+    await http_example(tmp_path, backend, service, groups)
 
 
-async def test_every_framing_case_once(tmp_path):
+async def test_every_framing_case_once(tmp_path, backend):
     """Each broken-framing case of the list, one by one, then the server still answers."""
     with trio.fail_after(60):
-        async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv:
+        async with running_server(fresh_dir(tmp_path), **SETTINGS, **await fresh_backend(backend)) as srv:
             for name, data in FRAMING:
                 raw = await exchange(srv.listener, data)
                 answers = parse_answers(raw, [b"GET"] * 4)

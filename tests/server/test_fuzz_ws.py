@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from qserve.wire import protobuf
 
 from ..helpers.fuzz_ops import SAFE_TEXT
-from ..helpers.fuzz_wire import FUZZ, LIMIT, SETTINGS, WS_MAX, fresh_dir, healthy, ws_frame
+from ..helpers.fuzz_wire import FUZZ, LIMIT, SETTINGS, WS_MAX, fresh_backend, fresh_dir, healthy, ws_frame
 from ..helpers.inproc import running_server
 from ..helpers.rawws import RawWatcher
 
@@ -72,10 +72,11 @@ CLOSED_AS = {1002: {1002}, 1007: {1007}}
 ws_scripts = st.tuples(st.lists(WS_OK, max_size=6), st.one_of(st.none(), WS_END), st.booleans())
 
 
-async def ws_example(tmp_path, script) -> None:
+async def ws_example(tmp_path, backend, script) -> None:
     ok_actions, ending, auto_commit = script
     with trio.fail_after(60):
-        async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv, trio.open_nursery() as nursery:
+        settings = await fresh_backend(backend)
+        async with running_server(fresh_dir(tmp_path), **SETTINGS, **settings) as srv, trio.open_nursery() as nursery:
             c = await srv.client("ws")
             puts = [int((await c.call("POST", "", b"entry-%d" % i))[1]) for i in range(8)]
             query = "_window_=4" + ("&_auto_commit_=true" if auto_commit else "")
@@ -123,20 +124,20 @@ async def ws_example(tmp_path, script) -> None:
 
 @settings(FUZZ, max_examples=60)
 @given(script=ws_scripts)
-async def test_websocket_fuzz(tmp_path, script):
-    await ws_example(tmp_path, script)
+async def test_websocket_fuzz(tmp_path, backend, script):
+    await ws_example(tmp_path, backend, script)
 
 
 @pytest.mark.slow
 @settings(FUZZ, max_examples=1000)
 @given(script=ws_scripts)
-async def test_websocket_fuzz_long(tmp_path, script):
-    await ws_example(tmp_path, script)
+async def test_websocket_fuzz_long(tmp_path, backend, script):
+    await ws_example(tmp_path, backend, script)
 
 
-async def test_a_malformed_frame_is_answered_with_a_1002_close_frame(tmp_path):
+async def test_a_malformed_frame_is_answered_with_a_1002_close_frame(tmp_path, backend):
     with trio.fail_after(30):
-        async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv:
+        async with running_server(fresh_dir(tmp_path), **SETTINGS, **await fresh_backend(backend)) as srv:
             for name, data in [("reserved bits", ws_frame(0x2, b"r", rsv=1)),
                                ("reserved opcode", ws_frame(0x3, b"x")),
                                ("unmasked", ws_frame(0x2, b"u", masked=False))]:
@@ -147,9 +148,9 @@ async def test_a_malformed_frame_is_answered_with_a_1002_close_frame(tmp_path):
                 assert w.close_code == 1002, (name, w.close_code)
 
 
-async def test_a_client_close_is_echoed_while_frames_flow(tmp_path):
+async def test_a_client_close_is_echoed_while_frames_flow(tmp_path, backend):
     with trio.fail_after(30):
-        async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv:
+        async with running_server(fresh_dir(tmp_path), **SETTINGS, **await fresh_backend(backend)) as srv:
             c = await srv.client("ws")
             for _ in range(8):
                 await c.call("POST", "", b"e")
@@ -160,10 +161,10 @@ async def test_a_client_close_is_echoed_while_frames_flow(tmp_path):
             assert w.close_code == 1000
 
 
-async def test_websocket_ping_flood_is_answered_and_the_watch_still_works(tmp_path):
+async def test_websocket_ping_flood_is_answered_and_the_watch_still_works(tmp_path, backend):
     n = 10_000
     with trio.fail_after(60):
-        async with running_server(fresh_dir(tmp_path), **SETTINGS) as srv:
+        async with running_server(fresh_dir(tmp_path), **SETTINGS, **await fresh_backend(backend)) as srv:
             c = await srv.client("flood")
             await c.call("POST", "", b"before")
             w = await RawWatcher.connect(srv.listener, "flood", "_window_=5", "flooder")

@@ -8,9 +8,9 @@ import trio
 from ..helpers.inproc import running_server
 
 
-async def test_queue_count_is_bounded(tmp_path):
+async def test_queue_count_is_bounded(tmp_path, backend):
     with trio.fail_after(30):
-        async with running_server(tmp_path, max_queues=3) as srv:
+        async with running_server(tmp_path, **backend, max_queues=3) as srv:
             a = await srv.client("a")
             assert (await a.call("POST", "", b"x"))[0] == 200          # queue 1: a
             assert (await a.call("POST", "", b"x", sink=True))[0] == 200  # queue 2: a/sink
@@ -22,9 +22,9 @@ async def test_queue_count_is_bounded(tmp_path):
             assert (await a.call("POST", "", b"y"))[0] == 200          # existing queues keep working
 
 
-async def test_full_queue_is_429_with_retry_after_and_stores_nothing(tmp_path):
+async def test_full_queue_is_429_with_retry_after_and_stores_nothing(tmp_path, backend):
     with trio.fail_after(30):
-        async with running_server(tmp_path, max_length=2) as srv:
+        async with running_server(tmp_path, **backend, max_length=2) as srv:
             c = await srv.client("full")
             assert [(await c.call("POST", "", b"x"))[0] for _ in range(2)] == [200, 200]
             head, body = await c.request("POST", "/api/predict/full", b"x", [("Authorization", "tok")])
@@ -37,9 +37,9 @@ async def test_full_queue_is_429_with_retry_after_and_stores_nothing(tmp_path):
             assert (status, body) == (200, b"3")
 
 
-async def test_trim_oldest_makes_room_instead_of_429(tmp_path):
+async def test_trim_oldest_makes_room_instead_of_429(tmp_path, backend):
     with trio.fail_after(30):
-        async with running_server(tmp_path, max_length=2, trim_oldest=True) as srv:
+        async with running_server(tmp_path, **backend, max_length=2, trim_oldest=True) as srv:
             c = await srv.client("trim")
             assert [(await c.call("POST", "", f"d{i}".encode()))[1] for i in range(5)] == \
                 [b"1", b"2", b"3", b"4", b"5"]

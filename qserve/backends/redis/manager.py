@@ -177,15 +177,17 @@ class RedisBackend:
             return queue
         if self.config.queues and not self.declared(ref.service):
             raise NotFound(f"no queue named {ref.name}")
-        if len(self._queues) >= self.config.max_queues:
+        if len(self._queues) >= self.config.max_queues:   # a bound on this node's memory per queue
             raise InsufficientStorage(
-                f"cannot open queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
+                f"cannot create queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
         keys = QueueKeys(ref)
         if create:
             created = await self.link.run(scripts.CREATE, keys.tag, ())
             if created:
                 await self._register(ref, keys)
                 log.info("queue %s created", ref.name)
+            elif ref not in self._queues:
+                log.info("queue %s opened: %d entries", ref.name, await self._length(keys))
         else:
             try:
                 exists = await self.link.client.hexists(keys.meta, "created")
@@ -201,6 +203,12 @@ class RedisBackend:
             self._queues[ref] = queue
             self._by_tag[keys.tag] = queue
         return queue
+
+    async def _length(self, keys: QueueKeys) -> int:
+        try:
+            return int(await self.link.client.xlen(keys.stream))
+        except Exception as exc:
+            raise _as_error(exc, self.where) from None
 
     async def _register(self, ref: QueueRef, keys: QueueKeys) -> None:
         try:

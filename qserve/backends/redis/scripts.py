@@ -392,11 +392,12 @@ end)
 return {0, ahead}
 """
 
-#: -> {state, length, first, last, now, {consumer rows}, {group rows}}; a consumer row: id, record,
+#: -> {state, length, first and last live index (0: none), now, {consumer rows}, {group rows}}; a
+#: consumer row: id, record,
 #: held, last active, delivered, last index; a group row: name, pending, delivered, last index, members
 STATE = r"""
 local first = redis.call('XRANGE', k('s'), '-', '+', 'COUNT', 1)
-local last = tonumber(redis.call('HGET', k('m'), 'last') or '0')
+local newest = redis.call('XREVRANGE', k('s'), '+', '-', 'COUNT', 1)
 local consumers = {}
 local flat = redis.call('HGETALL', k('c'))
 for j = 1, #flat, 2 do
@@ -410,9 +411,9 @@ for _, g in ipairs(groups()) do
   rows[#rows + 1] = {g, redis.call('HLEN', k('o:' .. g)), redis.call('HGET', k('gi:' .. g), 'd') or '0',
     redis.call('HGET', k('gi:' .. g), 'l') or '0', redis.call('SCARD', k('gm:' .. g))}
 end
-local firstIndex = 0
-if #first > 0 then firstIndex = idx_of(first[1][1]) end
-return {redis.call('HGET', k('m'), 'state') or 'Normal', redis.call('XLEN', k('s')), firstIndex, last,
+local firstIndex, lastIndex = 0, 0
+if #first > 0 then firstIndex, lastIndex = idx_of(first[1][1]), idx_of(newest[1][1]) end
+return {redis.call('HGET', k('m'), 'state') or 'Normal', redis.call('XLEN', k('s')), firstIndex, lastIndex,
   now_ms(), consumers, rows}
 """
 
