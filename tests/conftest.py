@@ -94,5 +94,6 @@ def autojump_clock(request):
     """trio's autojump clock (pytest-trio's fixture of the same name), made safe for a Redis backend:
     a task waiting for Redis's reply looks idle to the clock, so with Redis under test the clock
     jumps only after 0.25 s of real idleness (Redis answers in well under a millisecond here)."""
-    redis = "backend_name" in request.fixturenames and request.getfixturevalue("backend_name") == "redis"
+    redis = ("redis_url" in request.fixturenames
+             or "backend_name" in request.fixturenames and request.getfixturevalue("backend_name") == "redis")
     return MockClock(autojump_threshold=0.25 if redis else 0)

@@ -1,0 +1,130 @@
+"""Two nodes on one Redis, in process (each a whole server over memory streams): what one node does
+reaches the other's clients at once, and the consumer-group state is one for both; plus the Redis
+failure modes a client meets (out of memory: 507; a WAIT that replicas do not meet: 503)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import coredis
+import trio
+
+from ..helpers.inproc import next_frame, no_frame, running_server
+
+LIMIT = 60
+
+
+async def test_a_long_poll_on_one_node_is_woken_by_a_put_through_another(tmp_path, redis_url, autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url) as a, \
+                running_server(tmp_path / "b", backend=redis_url) as b:
+            waiter, putter = await b.client("x"), await a.client("x")
+            result = {}
+
+            async def wait_get():
+                result["t0"] = trio.current_time()
+                result["resp"] = await waiter.call("GET", "_timeout_=20s&_raw_=false")
+                result["t1"] = trio.current_time()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_get)
+                await trio.sleep(5)
+                assert "resp" not in result
+                assert (await putter.call("POST", "", b"across"))[0] == 200
+            status, body = result["resp"]
+            assert status == 200 and base64.b64decode(json.loads(body)[0]["data"]) == b"across"
+            assert 5 <= result["t1"] - result["t0"] < 6   # woken by the put, not by the timeout
+
+
+async def test_one_group_across_two_nodes_splits_the_entries_within_windows(tmp_path, redis_url,
+                                                                             autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url) as a, \
+                running_server(tmp_path / "b", backend=redis_url) as b, trio.open_nursery() as nursery:
+            c = await a.client("g")
+            wa = await a.watch(nursery, "g", "_window_=2", user="on-a")
+            wb = await b.watch(nursery, "g", "_window_=3", user="on-b")
+            for i in range(8):
+                assert (await c.call("POST", "", f"e{i}".encode()))[0] == 200
+            got_a = [await next_frame(wa) for _ in range(2)]
+            got_b = [await next_frame(wb) for _ in range(3)]
+            assert await no_frame(wa) and await no_frame(wb)      # both windows full
+            ia, ib = {f.index for f in got_a}, {f.index for f in got_b}
+            assert not ia & ib and len(ia | ib) == 5
+            attrs = await (await b.client("g")).attrs()         # node B lists node A's consumer too
+            assert attrs["consumers.stats.total"] == "2"
+            lines = [v for k, v in attrs.items() if k.startswith("consumers.list.")]
+            assert any("Id: g.on-a," in v and "Pending: 2" in v for v in lines)
+            assert any("Id: g.on-b," in v and "Pending: 3" in v for v in lines)
+            # a commit through node B frees node A's consumer's slots: A's watcher gets more at once
+            assert (await (await b.client("g")).call("PUT", "_indexes_=" + ",".join(map(str, ia))))[0] == 200
+            more = {(await next_frame(wa)).index, (await next_frame(wa)).index}
+            assert not more & (ia | ib)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_negative_commit_on_one_node_goes_to_the_member_on_the_other(tmp_path, redis_url,
+                                                                           autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url) as a, \
+                running_server(tmp_path / "b", backend=redis_url) as b, trio.open_nursery() as nursery:
+            c = await a.client("n")
+            wa = await a.watch(nursery, "n", "_window_=1", user="on-a")
+            assert (await c.call("POST", "", b"poison"))[0] == 200
+            first = await next_frame(wa)
+            wb = await b.watch(nursery, "n", "_window_=1", user="on-b")
+            assert (await c.call("PUT", f"_indexes_={first.index}&_negative_=true", b"_code_=500"))[0] == 200
+            moved = await next_frame(wb)
+            assert moved.index == first.index and moved.tags["lastCode"] == "500"
+            assert await no_frame(wa)
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_same_consumer_on_another_node_replaces_the_stale_socket(tmp_path, redis_url,
+                                                                         autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url) as a, \
+                running_server(tmp_path / "b", backend=redis_url) as b, trio.open_nursery() as nursery:
+            c = await a.client("r")
+            for i in range(2):
+                await c.call("POST", "", f"e{i}".encode())
+            old = await a.watch(nursery, "r", "_window_=2", user="same")
+            assert {(await next_frame(old)).index for _ in range(2)} == {1, 2}
+            new = await b.watch(nursery, "r", "_window_=2", user="same")
+            assert sorted([(await next_frame(new)).index for _ in range(2)]) == [1, 2]   # given back, redelivered
+            with trio.fail_after(5):   # node A closed the stale socket
+                while True:
+                    try:
+                        await old.get_message()
+                    except Exception:
+                        break
+            assert (await c.attrs())["consumers.stats.total"] == "1"
+            nursery.cancel_scope.cancel()
+
+
+async def test_redis_out_of_memory_is_507_and_stores_nothing(tmp_path, redis_url, autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_url) as srv:
+            c = await srv.client("oom")
+            assert (await c.call("POST", "", b"before"))[0] == 200
+            async with coredis.Redis.from_url(redis_url) as r:
+                await r.config_set({"maxmemory": "1"})
+                try:
+                    status, body = await c.call("POST", "", b"x" * 1000)
+                    assert status == 507 and b"out of memory" in body and body.count(b"\n") == 1
+                finally:
+                    await r.config_set({"maxmemory": "0"})
+            status, body = await c.call("GET", "_index_=0&_length_=10&_raw_=false")
+            assert [base64.b64decode(e["data"]) for e in json.loads(body)] == [b"before"]
+            assert (await c.call("POST", "", b"after"))[0] == 200
+
+
+async def test_a_write_no_replica_acknowledges_is_503(tmp_path, redis_url, autojump_clock):
+    """--redis-wait 1 on a Redis without replicas: the WAIT times out, the put is answered 503 with
+    a one-line reason (the entry is on the primary: WAIT cannot undo it, the README says so)."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_url, redis_wait=1, redis_wait_timeout=0.05) as srv:
+            c = await srv.client("w")
+            status, body = await c.call("POST", "", b"x")
+            assert status == 503 and b"replicas" in body and body.count(b"\n") == 1
