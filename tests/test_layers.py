@@ -12,7 +12,7 @@ import still ties the two modules together. The rules:
 - nothing in qserve imports `tools` (`qserve log` and `qserve chaos` are loaded by module name by
   `qserve.cli` when they run);
 - the server speaks to queues only through the backend seam (`qserve.backends.base`): no server
-  module but the wiring (`server.server`, `server.embedded`) imports `backends.local`;
+  module but the wiring (`server.server`, `server.embedded`) imports a backend (`backends.local`, `backends.redis`);
 - in qserve only `backends.local` and `server.startup` (the data directory's lock) import
   `storage`: the core's errors know nothing of storage's (the local backend maps them);
 - no import cycles at all.
@@ -60,8 +60,9 @@ RULES = (
     Rule("qserve.worker", ("qserve.server", "qserve.backends", "qserve.tools"), "a worker talks to a server over the network"),
     Rule("qserve.stream", ("qserve.server", "qserve.backends", "qserve.tools"), "`qserve stream` talks to a server over the network"),
     Rule("qserve", ("qserve.tools",), "qserve loads the tools by module name only (qserve.cli)"),
-    Rule("qserve.server", ("qserve.backends.local",), "the server uses queues through qserve.backends.base; "
-         "only the wiring picks the backend", exempt=("qserve.server.server", "qserve.server.embedded")),
+    Rule("qserve.server", ("qserve.backends.local", "qserve.backends.redis"), "the server uses queues through "
+         "qserve.backends.base; only the wiring picks the backend",
+         exempt=("qserve.server.server", "qserve.server.embedded")),
     Rule("qserve", ("qserve.storage",), "storage is the local backend's business (and the data directory's "
          "lock, server.startup's)", exempt=("qserve.backends.local", "qserve.server.startup")),
 )
