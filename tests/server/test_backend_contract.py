@@ -42,6 +42,21 @@ async def test_put_and_read_by_index_request_id_and_tags(backend_name, backend_u
             assert await queue.read(0, {"kind": "y"}, 10) == []
 
 
+async def test_a_repeated_request_id_names_its_newest_live_entry(backend_name, backend_url, tmp_path):
+    with trio.fail_after(LIMIT):
+        async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:
+            queue = await backend.get(Q)
+            for data in (b"first", b"second", b"third"):
+                await queue.put(data, {"requestId": "same"}, 0)
+            assert [e.data for e in await queue.read(0, {"requestId": "same"}, 10)] == [b"third"]
+            await queue.delete([3])                       # the newest goes: the one before answers
+            assert [e.data for e in await queue.read(0, {"requestId": "same"}, 10)] == [b"second"]
+            await queue.delete([1])                       # an older one goes: nothing changes
+            assert [e.data for e in await queue.read(0, {"requestId": "same"}, 10)] == [b"second"]
+            await queue.delete([2])
+            assert await queue.read(0, {"requestId": "same"}, 10) == []
+
+
 async def test_read_with_delete_takes_the_entries_once(backend_name, backend_url, tmp_path):
     with trio.fail_after(LIMIT):
         async with open_backend(backend_name, tmp_path, redis_url=backend_url) as backend:

@@ -16,6 +16,7 @@ suffix             type    what
 ``p``              zset    live entries of priority > 0 (score 0, member ``%08x%016x`` of
                            (2**31-1 - priority, index): lexical order is dispatch order)
 ``r``              hash    requestId -> index of its newest live entry
+``rr``             hash    requestId -> msgpack list of its older live entries (repeated ids only)
 ``n``              hash    index -> msgpack [count, lastCode, lastReason] of negative commits
 ``gs``             set     names of the groups with members
 ``gm:<G>``         set     consumer ids of group G
@@ -92,4 +93,4 @@ class QueueKeys:
 
     def queue_keys(self) -> list[str]:
         """The fixed keys (not the per-group ones: `group_keys`)."""
-        return [self.key(s) for s in ("m", "s", "p", "r", "n", "gs", "c", "h", "la", "cs", "lease")]
+        return [self.key(s) for s in ("m", "s", "p", "r", "rr", "n", "gs", "c", "h", "la", "cs", "lease")]

@@ -62,13 +62,43 @@ local function held_anywhere(i)
   end
   return false
 end
+-- a requestId names its newest live entry (`r`); older live ones with the same id wait in `rr`
+local function older_copies(rid)
+  local packed = redis.call('HGET', k('rr'), rid)
+  if packed then return cmsgpack.unpack(packed) end
+  return {}
+end
+local function keep_older_copies(rid, list)
+  if #list == 0 then redis.call('HDEL', k('rr'), rid) else redis.call('HSET', k('rr'), rid, cmsgpack.pack(list)) end
+end
+local function remember_request_id(rid, i)
+  local newest = tonumber(redis.call('HGET', k('r'), rid))
+  if newest then
+    local list = older_copies(rid)
+    list[#list + 1] = newest
+    keep_older_copies(rid, list)
+  end
+  redis.call('HSET', k('r'), rid, i)
+end
+local function forget_request_id(rid, i)
+  local list = older_copies(rid)
+  if redis.call('HGET', k('r'), rid) == tostring(i) then
+    if #list == 0 then redis.call('HDEL', k('r'), rid) return end
+    redis.call('HSET', k('r'), rid, table.remove(list))
+  else
+    for j = #list, 1, -1 do
+      if list[j] == i then table.remove(list, j) end
+    end
+  end
+  keep_older_copies(rid, list)
+end
 -- GONE in every group: the entry, its priority slot, requestId, annotations, holders' slots
 local function remove(i)
   local f = entry(i)
   if f == nil then return 0 end
   redis.call('XDEL', k('s'), sid(i))
   if f.p then redis.call('ZREM', k('p'), prio_member(tonumber(f.p), i)) end
-  if f.i and redis.call('HGET', k('r'), f.i) == tostring(i) then redis.call('HDEL', k('r'), f.i) end
+  if f.i then forget_request_id(f.i, i) end
   redis.call('HDEL', k('n'), i)
   for _, g in ipairs(groups()) do
     local c = redis.call('HGET', k('o:' .. g), i)
@@ -155,7 +185,7 @@ if p > 0 then
 else
   redis.call('XADD', k('s'), sid(n), 'd', ARGV[1], 't', ARGV[2], 'i', ARGV[4])
 end
-redis.call('HSET', k('r'), ARGV[4], n)
+remember_request_id(ARGV[4], n)
 redis.call('PUBLISH', k('ev'), 'p' .. NODE .. ' ' .. n .. ' ' .. ARGV[2])
 return n
 """
