@@ -17,6 +17,7 @@ hanging block are reported, and a background process a block leaves is stopped.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,8 +69,9 @@ def test_readme_markers_are_valid():
 
 @pytest.mark.parametrize("name", list(SESSIONS), ids=[_slug(n) for n in SESSIONS])
 def test_readme_session(name, tmp_path):
-    require_commands("bash", "curl")
     blocks = SESSIONS[name]
+    uses_redis = any(re.search(r"^\s*redis-(server|cli)\b", b.code, re.M) for b in blocks if b.runs)
+    require_commands("bash", "curl", *(("redis-server", "redis-cli") if uses_redis else ()))
     result = run_session(blocks, tmp_path / "session")
     assert result.ok, describe_failure(blocks, result)
     problems = check_expectations(blocks, result)
