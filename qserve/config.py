@@ -109,17 +109,20 @@ class Config:
         return f"Config({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
-BACKEND_SCHEMES = ("redis", "rediss")
-_BACKEND_FORM = "redis://[user:password@]host[:port][/db] or rediss://..."
+BACKEND_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel")
+_BACKEND_FORM = ("redis://[user:password@]host[:port][/db], rediss://..., "
+                 "redis+cluster://host:port[,host:port...] or redis+sentinel://host:port[,host:port...]/PRIMARY[/db]")
 _HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::(.*))?", re.DOTALL)
 
 
 def check_backend_url(url: str) -> None:
     """Check a Redis URL completely, so that a typo is a one-line error at start-up rather than a
     client that connects somewhere else or silently drops a part: scheme ``redis`` or ``rediss``
-    (lower case), a host, a port from 1 to 65535 if given, a database (the path) that is a
-    non-negative integer if given, and nothing else (no query, no fragment). Messages show the URL
-    through `redact_url`.
+    (one server), ``redis+cluster``/``rediss+cluster`` (a Redis Cluster: its seed nodes) or
+    ``redis+sentinel`` (Sentinels, then the primary's name in the path), in lower case; hosts, each
+    with a port from 1 to 65535 if given (a comma-separated list only for cluster and sentinel); a
+    database that is a non-negative integer if given (not for a cluster); and nothing else (no
+    query, no fragment). Messages show the URL through `redact_url`.
 
     Raises:
         ConfigError: one line naming ``backend`` and what is wrong.
@@ -134,9 +137,27 @@ def check_backend_url(url: str) -> None:
                           f"(%2F, %3F, %23) in {shown!r}")
     if any(c.isspace() for c in rest):
         raise ConfigError(f"backend: white space in {shown!r}")
-    hostport, path, query, fragment = _split_location(rest)
+    hostports, path, query, fragment = _split_location(rest)
     if query or fragment:
         raise ConfigError(f"backend: no query (?...) or fragment (#...) is accepted, got {shown!r}")
+    many = "+" in scheme
+    if "," in hostports and not many:
+        raise ConfigError(f"backend: several hosts need redis+cluster:// or redis+sentinel://, got {shown!r}")
+    for hostport in hostports.split(",") if many else [hostports]:
+        _check_host_port(hostport, shown)
+    parts = path[1:].split("/") if path[1:] else []
+    if scheme.endswith("+sentinel"):
+        if not parts or not parts[0]:
+            raise ConfigError(f"backend: name the primary after the Sentinels (redis+sentinel://host:port/PRIMARY), "
+                              f"got {shown!r}")
+        primary, parts = parts[0], parts[1:]
+    if scheme.endswith("+cluster") and parts and parts != ["0"]:
+        raise ConfigError(f"backend: a Redis Cluster has only database 0, got {shown!r}")
+    if len(parts) > 1 or parts and not (parts[0].isascii() and parts[0].isdigit()):
+        raise ConfigError(f"backend: database {'/'.join(parts)!r} is not a non-negative integer in {shown!r}")
+
+
+def _check_host_port(hostport: str, shown: str) -> None:
     match = _HOST_PORT.fullmatch(hostport)
     if match is None:
         raise ConfigError(f"backend: {hostport!r} is not host[:port] in {shown!r}")
@@ -151,9 +172,6 @@ def check_backend_url(url: str) -> None:
     if port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5
                                  and 1 <= int(port) <= 65535):
         raise ConfigError(f"backend: port {port!r} is not a number from 1 to 65535 in {shown!r}")
-    db = path[1:]
-    if db and not (db.isascii() and db.isdigit()):
-        raise ConfigError(f"backend: database {db!r} is not a non-negative integer in {shown!r}")
 
 
 def _split_location(rest: str) -> tuple[str, str, str, str]:

@@ -128,13 +128,18 @@ def test_redis_settings_from_file_env_and_flags(tmp_path):
     "redis://user@host",
     "redis://u:p%2Fw@host/",
     "redis://u:p@ss@host/2",          # '@' in the password: the last '@' ends the user part
+    "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+    "rediss+cluster://a:7000/0",
+    "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster",
+    "redis+sentinel://:pw@s1:26379/mymaster/2",
 ])
 def test_valid_backend_urls(url):
     assert load_config({"backend": url}, environ={}).backend == url
 
 
 @pytest.mark.parametrize("url,needle", [
-    ("http://x", "expected redis://[user:password@]host[:port][/db] or rediss://..., got 'http://x'"),
+    ("http://x", "expected redis://[user:password@]host[:port][/db], rediss://..., redis+cluster://host:port"
+                 "[,host:port...] or redis+sentinel://host:port[,host:port...]/PRIMARY[/db], got 'http://x'"),
     ("REDIS://host", "expected redis://"),
     ("host:6379", "expected redis://"),
     ("redis:/host", "expected redis://"),
@@ -156,6 +161,11 @@ def test_valid_backend_urls(url):
     ("redis://[::1", "is not host[:port]"),
     ("redis://[nothex]:6379", "[nothex] is not an IPv6 address"),
     ("redis://ho st:6379", "white space"),
+    ("redis://a:1,b:2", "several hosts need redis+cluster:// or redis+sentinel://"),
+    ("redis+cluster://a:1,b:x", "port 'x'"),
+    ("redis+cluster://a:1/3", "a Redis Cluster has only database 0"),
+    ("redis+sentinel://s:26379", "name the primary after the Sentinels"),
+    ("redis+sentinel://s:26379/p/x", "database 'x'"),
 ])
 def test_invalid_backend_urls_are_one_line_naming_the_setting(url, needle):
     with pytest.raises(ConfigError) as info:

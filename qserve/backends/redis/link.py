@@ -12,8 +12,9 @@ when it ends, not per request and never with a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 import coredis
@@ -62,13 +63,48 @@ class Link:
     def __init__(self, target: RedisTarget, node: str, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.target = target
         self.node = node   # this node's id: the first argument of every script (`scripts.PRELUDE`)
-        self.client = coredis.Redis(
-            host=target.host, port=target.port, db=target.db, username=target.username,
-            password=target.password, ssl=target.ssl, decode_responses=False,
-            connect_timeout=CONNECT_TIMEOUT, stream_timeout=REPLY_TIMEOUT)
+        common = dict(username=target.username, password=target.password, decode_responses=False,
+                      connect_timeout=CONNECT_TIMEOUT, stream_timeout=REPLY_TIMEOUT)
+        self._sentinel = None
+        if target.kind == "cluster":
+            # MOVED/ASK and the slot map are coredis's; a queue's keys share one slot (`keys`)
+            self.client = coredis.RedisCluster(
+                startup_nodes=[{"host": h, "port": p} for h, p in target.hosts], ssl=target.ssl, **common)
+        elif target.kind == "sentinel":
+            # the client asks the Sentinels for the primary, and again after a fail-over
+            self._sentinel = coredis.Sentinel(list(target.hosts), decode_responses=False,
+                                              sentinel_kwargs={"connect_timeout": CONNECT_TIMEOUT,
+                                                               "stream_timeout": REPLY_TIMEOUT})
+            self.client = self._sentinel.primary_for(target.primary, db=target.db, **common)
+        else:
+            self.client = coredis.Redis(host=target.host, port=target.port, db=target.db, ssl=target.ssl,
+                                        **common)
         self._wait = (wait_replicas, max(1, round(wait_timeout * 1000)))
         self._scripts: dict[str, coredis.commands.Script] = {}
         self.down: str | None = None   # the reason while Redis is failing (logged once)
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[None]:
+        """The client's connections (and the Sentinels' ones) for the life of the block."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._sentinel is not None:
+                await stack.enter_async_context(self._sentinel)
+            await stack.enter_async_context(self.client)
+            yield
+
+    async def persistence(self) -> list[tuple[str, dict[str, str]]]:
+        """``(where, {"appendonly": .., "appendfsync": ..})`` of the server (the primary), or of each
+        seed node of a cluster (CONFIG is per node there)."""
+        names = ["appendonly", "appendfsync"]
+        if self.target.kind != "cluster":
+            return [(self.target.where, _texts(await self.client.config_get(names)))]
+        found = []
+        for host, port in self.target.hosts:
+            node = coredis.Redis(host=host, port=port, username=self.target.username, password=self.target.password,
+                                 ssl=self.target.ssl, connect_timeout=CONNECT_TIMEOUT, stream_timeout=REPLY_TIMEOUT)
+            async with node:
+                found.append((f"{host}:{port}", _texts(await node.config_get(names))))
+        return found
 
     def _script(self, body: str):
         script = self._scripts.get(body)
@@ -109,3 +145,8 @@ class Link:
         if self.down is not None:
             self.down = None
             log.info("redis at %s answers again", self.target.where)
+
+
+def _texts(found) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+            for k, v in found.items()}

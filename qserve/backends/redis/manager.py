@@ -99,23 +99,23 @@ class RedisBackend:
     async def _check_durability(self) -> None:
         """Warn when Redis does not fsync every write: a 200 then means less (README table)."""
         try:
-            found = await self.link.client.config_get(["appendonly", "appendfsync"])
+            found = await self.link.persistence()
         except Exception as exc:   # CONFIG may be renamed or denied (managed Redis): say so, go on
             if redis_error(exc, self.where) is None or "unknown command" in str(exc).lower() or "NOPERM" in str(exc):
                 log.warning("redis at %s: cannot read its persistence settings (%s); a 200 is as durable "
                             "as that server's appendfsync makes it", self.where, _why(exc))
                 return
             raise
-        settings = {_text(k): _text(v) for k, v in found.items()}
-        if settings.get("appendonly") != "yes" or settings.get("appendfsync") != "always":
-            log.warning("redis at %s runs with appendonly %s, appendfsync %s: an acknowledged put can be "
-                        "lost if Redis stops (use appendonly yes, appendfsync always)", self.where,
-                        settings.get("appendonly", "?"), settings.get("appendfsync", "?"))
+        for where, settings in found:
+            if settings.get("appendonly") != "yes" or settings.get("appendfsync") != "always":
+                log.warning("redis at %s runs with appendonly %s, appendfsync %s: an acknowledged put can be "
+                            "lost if Redis stops (use appendonly yes, appendfsync always)", where,
+                            settings.get("appendonly", "?"), settings.get("appendfsync", "?"))
 
     async def _hold(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the client's connection pool open for the life of the nursery; the node's other
         tasks run inside it (reported as the nursery to start them in), so they stop first."""
-        async with self.link.client, trio.open_nursery() as tasks:
+        async with self.link.connected(), trio.open_nursery() as tasks:
             task_status.started(tasks)
             await trio.sleep_forever()
 
