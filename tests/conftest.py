@@ -1,7 +1,8 @@
-"""Fixtures more than one layer uses: a real `qserve serve` process on loopback (process/ and tools/),
-service names per test (process/, server/ and tools/), a real `redis-server` for the Redis
-backend (one per session, emptied before each test that asks for its URL), and the parametrization
-of a test by queue backend (`backend_name`, `backend_url`)."""
+"""Fixtures more than one layer uses: a real `qserve serve` process on loopback (process/ and tools/;
+one per backend for the suites parametrized by backend: `backend_server`), service names per test
+(process/, server/ and tools/), a real `redis-server` for the Redis backend (one per session,
+emptied before each test that asks for its URL), and the parametrization of a test by queue
+backend (`backend_name`, `backend_url`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,29 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("qserve-data")).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_backed_server(tmp_path_factory):
+    """One real server on the Redis backend for the session, on a `redis-server` of its own (the
+    shared `redis_server` is emptied by every test that asks for `redis_url`, which would pull the
+    queues and the node's keys from under a server that outlives the test); tests use their own
+    service names. Skipped like `redis_server` where there is none."""
+    require_redis_server()
+    redis = RedisServer(tmp_path_factory.mktemp("redis-for-server")).start()
+    try:
+        srv = ServerProcess(tmp_path_factory.mktemp("qserve-redis-data"), "--backend", redis.url).start()
+        yield srv
+        srv.stop()
+    finally:
+        redis.stop()
+
+
+@pytest.fixture
+def backend_server(request, backend_name):
+    """The session's server on the backend under test (once per `BACKENDS` entry): `server` for
+    "local", `redis_backed_server` for "redis"."""
+    return request.getfixturevalue("server" if backend_name == "local" else "redis_backed_server")
 
 
 @pytest.fixture

@@ -14,6 +14,12 @@ from pathlib import Path
 _LISTEN = re.compile(r"listening on http://\[?([0-9a-f.:]+)\]?:(\d+)")
 
 
+def backend_args(url: str | None) -> list[str]:
+    """The `qserve serve` flags that put a `ServerProcess` on the backend at ``url`` (the
+    `backend_url` fixture): ``--backend URL`` for Redis, none for the local segment log."""
+    return ["--backend", url] if url else []
+
+
 class ServerProcess:
     """A `python -m qserve serve` child process on 127.0.0.1 with an ephemeral port.
 

@@ -1,4 +1,5 @@
-"""Raw HTTP against a real server: every operation and parameter, and every kind of bad input.
+"""Raw HTTP against a real server: every operation and parameter, and every kind of bad input; on
+every queue backend (local and Redis: the `server` fixture below).
 
 Each bad request gets its status and a one-line reason, the queue is unchanged afterwards, and the
 server keeps serving.
@@ -17,6 +18,12 @@ import pytest
 from qserve.wire import protobuf
 
 PROTO = "application/vnd.google.protobuf"
+
+
+@pytest.fixture
+def server(backend_server):
+    """The session's server on the backend under test: this module runs on every backend."""
+    return backend_server
 
 
 class Raw:

@@ -1,4 +1,5 @@
-"""qserve's own client (`qserve.client`) against a real `qserve serve` process on loopback."""
+"""qserve's own client (`qserve.client`) against a real `qserve serve` process on loopback, on every
+queue backend (local and Redis: the `server` fixture below; the restart test starts its own)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import trio
 
 from qserve.client import BlockingQueueClient, ConnectError, QueueClient, QueueError
 
-from ..helpers.process import ServerProcess
+from ..helpers.process import ServerProcess, backend_args
 
 LIMIT = 30  # seconds of trio time for any one test
+
+
+@pytest.fixture
+def server(backend_server):
+    """The session's server on the backend under test: this module runs on every backend."""
+    return backend_server
 
 
 def make(server, service, **kwargs) -> QueueClient:
@@ -130,8 +137,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_watch_reconnects_after_a_restart_and_gets_uncommitted_entries_again(tmp_path):
-    srv = ServerProcess(tmp_path / "data", "--port", str(free_port())).start()
+async def test_watch_reconnects_after_a_restart_and_gets_uncommitted_entries_again(tmp_path, backend_url):
+    srv = ServerProcess(tmp_path / "data", "--port", str(free_port()), *backend_args(backend_url)).start()
     try:
         with trio.fail_after(LIMIT):
             async with make(srv, "restart") as q:

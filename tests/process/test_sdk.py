@@ -1,4 +1,5 @@
-"""The official `eas_prediction.QueueClient` against a real `qserve serve` process."""
+"""The official `eas_prediction.QueueClient` against a real `qserve serve` process, on every queue
+backend (local and Redis: the `server` fixture below)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import pytest
 from eas_prediction.exception import PredictException
 
 from ..helpers.sdk import client
+
+
+@pytest.fixture
+def server(backend_server):
+    """The session's server on the backend under test: this module runs on every backend."""
+    return backend_server
 
 
 def test_put_get_by_index_and_request_id(server, service):

@@ -1,4 +1,5 @@
-"""The official SDK's watcher against a real server: push, commits, auto-commit, one watcher per client."""
+"""The official SDK's watcher against a real server: push, commits, auto-commit, one watcher per client;
+on every queue backend (local and Redis: the `server` fixture below)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import pytest
 from eas_prediction.exception import PredictException
 
 from ..helpers.sdk import client, collect, wait_for
+
+
+@pytest.fixture
+def server(backend_server):
+    """The session's server on the backend under test: this module runs on every backend."""
+    return backend_server
 
 
 def test_ten_entries_in_order_with_auto_commit(server, service):
