@@ -8,9 +8,13 @@ seconds; the full benchmarks are run by hand (see the docstrings of tools/bench/
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from ..helpers.redis_server import require_redis_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,3 +102,37 @@ def test_bench_waiters_small_run(tmp_path):
     rows = json.loads(proc.stdout)
     assert [r["waiters"] for r in rows] == [0, 20] and rows[1]["parked"] == 20
     assert all(r["errors"] == 0 and r["puts_per_s"] > 0 for r in rows)
+
+
+def test_bench_redis_quick_prints_table(tmp_path):
+    """One short run of each scenario against a node on the local backend, a node on Redis and (when
+    this Python has redis-py) redis-py itself; every process it started is gone and its temporary
+    directories removed."""
+    require_redis_server()
+    proc = run_tool("redis", "--quick", "--seconds", "1", "--entries", "100", "--data-dir", str(tmp_path),
+                    timeout=120.0)
+    out = proc.stdout
+    header = next(line for line in out.splitlines() if line.startswith("scenario"))
+    for column in ("median", "vs local", "vs redis-py", "node cpu", "redis cpu", "loadgen cpu", "other cpu"):
+        assert column in header
+    rows = {tuple(re.split(r"\s{2,}", line)[:2]) for line in out.splitlines() if line.startswith(("put ", "watch "))}
+    expected = {("put seq (http.client)", "local"), ("put seq (http.client)", "redis"),
+                ("watch manual w10 c1", "local"), ("watch manual w10 c1", "redis"),
+                ("watch manual w10 c4", "local"), ("watch manual w10 c4", "redis")}
+    if shutil.which("wrk"):
+        expected |= {("put c16 (wrk)", "local"), ("put c16 (wrk)", "redis")}
+        assert "target put c16 (wrk): redis node >= 0.70x the local node" in out
+    else:
+        assert "wrk not installed" in proc.stderr
+    assert expected <= rows, out
+    assert "redis-server pid" in proc.stderr and "round 1/1" in proc.stderr    # progress went to stderr
+    assert list(tmp_path.iterdir()) == []
+    running = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _cmdline_has(pid, str(tmp_path))]
+    assert running == []                       # redis-server and both nodes stopped
+
+
+def _cmdline_has(proc_dir: Path, text: str) -> bool:
+    try:
+        return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:                            # the process ended meanwhile
+        return False
