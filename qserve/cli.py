@@ -1,4 +1,5 @@
-"""The `qserve` command: `serve`, and `log`, `stream`, `worker`, `chaos`, `completion` from their modules.
+"""The `qserve` command: `serve`, and `log`, `stream`, `worker`, `chaos`, `migrate`, `redis`,
+`completion` from their modules.
 
 Strategy: argparse only builds a dict of flags; `config.load_config` merges it with the file and
 the environment; each other subcommand lives in its own module (``add_arguments(parser)`` and
@@ -24,6 +25,8 @@ EXTERNAL = {
     "stream": ("qserve.stream.cli", "the commands of `eascmd stream` against a queue"),
     "worker": ("qserve.worker.cli", "run an async-inference worker on a queue"),
     "chaos": ("qserve.tools.chaos.cli", "kill -9 crash-recovery testing against a real server"),
+    "migrate": ("qserve.backends.redis.cli", "copy a data directory's queues into Redis and verify the copy"),
+    "redis": ("qserve.backends.redis.cli", "inspect a queue kept in Redis (qserve redis inspect QUEUE)"),
     "completion": ("qserve.completion", "print a bash or zsh completion script for qserve"),
 }
 
