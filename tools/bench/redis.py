@@ -33,7 +33,9 @@ What runs (everything on 127.0.0.1; every process started here is stopped by its
 
 Output: progress lines on stderr; the table (or ``--json``) on stdout. "vs local" is the redis node's
 figure divided by the local node's; "vs redis-py" divides a node's figure by redis-py's (XADD seq for
-puts, XREADGROUP + XACK for watch). Target (from the issue): the redis node's durable put >= 0.7x the
+puts, XREADGROUP + XACK for watch). "node us/op" and "redis us/op" are CPU microseconds per request
+(or entry) of the node and of redis-server: unlike the rates they hardly change when other programs
+share the machine ("other cpu" says how much they did). Target (from the issue): the redis node's durable put >= 0.7x the
 local node's. Without wrk, the peerbench scripts or redis-py, the rows needing them are skipped with one
 line saying why. Exit status 1 when a request failed.
 """
@@ -254,6 +256,8 @@ class Bench:
             for key in ("rate", "p50_ms", "node_cpu_pct", "redis_cpu_pct", "gen_cpu_pct", "other_cpu_pct"):
                 vals = [r[key] for r in runs if r.get(key) is not None]
                 row[key] = statistics.median(vals) if vals else None
+            row["node_us"] = bl.per_item_us(row["node_cpu_pct"], row["rate"])
+            row["redis_us"] = bl.per_item_us(row["redis_cpu_pct"], row["rate"])
             med[(scenario, side)] = row
         for (scenario, side), row in med.items():
             local = med.get((scenario, "local"))
@@ -270,9 +274,10 @@ def render(rows: list[dict]) -> str:
     pct = lambda x: "-" if x is None else f"{x:.0f}%"
     return bl.table([[r["scenario"], r["side"], bl.fmt_num(r["rate"]), r["unit"], bl.fmt_num(r["p50_ms"], 2),
                       ratio(r["vs_local"]), ratio(r["vs_redis_py"]), pct(r["node_cpu_pct"]), pct(r["redis_cpu_pct"]),
-                      pct(r["gen_cpu_pct"]), pct(r["other_cpu_pct"]), r["runs"], r["errors"]] for r in rows],
+                      pct(r["gen_cpu_pct"]), pct(r["other_cpu_pct"]), bl.fmt_num(r["node_us"]),
+                      bl.fmt_num(r["redis_us"]), r["runs"], r["errors"]] for r in rows],
                     ["scenario", "side", "median", "unit", "p50 ms", "vs local", "vs redis-py", "node cpu",
-                     "redis cpu", "loadgen cpu", "other cpu", "runs", "errors"])
+                     "redis cpu", "loadgen cpu", "other cpu", "node us/op", "redis us/op", "runs", "errors"])
 
 
 def targets(rows: list[dict]) -> list[str]:
