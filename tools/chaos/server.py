@@ -1,7 +1,7 @@
-"""The server under test for `qserve chaos`: a `python -m qserve serve` child that is killed and restarted.
+"""The servers under test for `qserve chaos`: `python -m qserve serve` children killed and restarted.
 
-Strategy: one fixed loopback port is picked once, so the clients' URLs stay valid across restarts
-(they simply reconnect). The child's stderr is pumped by a daemon thread into a bounded list of
+Strategy: each server (the one local server, or each node on Redis) gets one fixed loopback port,
+picked once, so the clients' URLs stay valid across restarts (they simply reconnect). The child's stderr is pumped by a daemon thread into a bounded list of
 lines, which also tells when the server is listening; the trio side only polls that flag, so a
 start stays cancellable. `verify_data_dir` runs `qserve log verify`'s checks (`tools.logtool.scan`) on
 the data directory, read-only, while the server is down.
@@ -45,19 +45,19 @@ class ServerStartError(RuntimeError):
 
 
 class ChaosServer:
-    """A qserve child process on ``127.0.0.1:port`` over ``data_dir``. Used from one trio task.
+    """A qserve child process on ``127.0.0.1:port``, started with ``qserve serve`` and ``options``
+    (its storage: ``--data-dir ...`` or ``--backend ...``). Used from one trio task.
 
     Attributes:
+        name: what messages call it ("the server", "node 2").
         starts: how many times it was started; ``kills``: SIGKILLs sent to a running server.
     """
 
-    def __init__(self, data_dir: Path, *, port: int, token: str, segment_bytes: int,
-                 extra: tuple[str, ...] = ()) -> None:
-        self.data_dir = Path(data_dir)
+    def __init__(self, *, port: int, token: str, options: tuple[str, ...], name: str = "the server") -> None:
         self.port = port
         self.token = token
-        self.segment_bytes = segment_bytes
-        self.extra = tuple(extra)
+        self.options = tuple(options)
+        self.name = name
         self.proc: subprocess.Popen | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
         self.starts = 0
@@ -69,8 +69,7 @@ class ChaosServer:
 
     def _args(self) -> list[str]:
         return [sys.executable, "-m", "qserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--token", self.token,
-                "--segment-bytes", str(self.segment_bytes), *self.extra]
+                "--token", self.token, *self.options]
 
     async def start(self, timeout: float = 30.0) -> float:
         """Start the server and wait until it listens. Returns the seconds it took.
@@ -100,7 +99,7 @@ class ChaosServer:
             proc.stderr.close()
             pump_done.set()
 
-        threading.Thread(target=pump, name="chaos-server-log", daemon=True).start()
+        threading.Thread(target=pump, name=f"chaos-log-{self.port}", daemon=True).start()
         deadline = began + timeout
         while not listening.is_set():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -109,7 +108,7 @@ class ChaosServer:
                 await trio.to_thread.run_sync(pump_done.wait, 2.0)    # its last lines say why
                 why = (f"exited with status {proc.returncode}" if exited
                        else f"did not listen within {timeout:g}s")
-                raise ServerStartError(f"the server on port {self.port} {why}: {self.last_line()}",
+                raise ServerStartError(f"{self.name} on port {self.port} {why}: {self.last_line()}",
                                        self.log_tail())
             await trio.sleep(0.01)
         return time.monotonic() - began
