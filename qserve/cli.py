@@ -38,6 +38,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--config", help="TOML file with settings")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="server processes sharing the port (SO_REUSEPORT), kept by one supervisor that "
+                        "restarts one that dies; needs --backend (default 1)")
     p.add_argument("--data-dir", help="where queues live with the local backend (default ./qserve-data; "
                                       "not used with --backend)")
     p.add_argument("--backend", metavar="URL",
@@ -106,12 +109,13 @@ def _command(argv: list[str]) -> str:
     return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     import trio
 
     from qserve.config import ConfigError, load_config
     from qserve.server.server import run
     from qserve.server.startup import StartupError, listeners_for, prepare
+    from qserve.server.supervisor import supervise, supervised_process
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
@@ -124,8 +128,12 @@ def _serve(args: argparse.Namespace) -> int:
     if level > logging.DEBUG:   # the Redis client logs each retried command at INFO: noise (a start
         # against an unreachable Redis would not be one line); the backend logs an outage itself
         logging.getLogger("coredis").setLevel(max(level, logging.WARNING))
+    if config.processes > 1:   # a supervisor of N server processes sharing the port
+        return supervise(config, argv)
     try:
-        prepared = prepare(config)   # the data directory's lock (local backend) and the bound sockets, or one line
+        supervised = supervised_process(os.environ)   # a process of `--processes N` (shares the port), or None
+        # the data directory's lock (local backend) and the bound sockets, or one line
+        prepared = prepare(config, reuse_port=supervised is not None)
     except StartupError as exc:
         print(f"qserve: {exc}", file=sys.stderr)
         return 1
@@ -133,7 +141,8 @@ def _serve(args: argparse.Namespace) -> int:
         if config.worker:
             from qserve.server.embedded import run_embedded
             return run_embedded(config, prepared.sockets)
-        trio.run(lambda: run(config, listeners_for(prepared.sockets)))
+        trio.run(lambda: run(config, listeners_for(prepared.sockets),
+                             on_listening=None if supervised is None else supervised.listening))
         return 0
     except (StartupError, ConfigError, BaseExceptionGroup) as exc:   # a declared queue that cannot open, no AIO
         failed = exc.subgroup((StartupError, ConfigError)) if isinstance(exc, BaseExceptionGroup) else exc
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_command(argv)).parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, argv)
         return importlib.import_module(args._module).main(args)
     except KeyboardInterrupt:
         print(f"qserve {args.command}: interrupted", file=sys.stderr)

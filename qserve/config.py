@@ -34,6 +34,7 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    processes: int = 1                             # server processes sharing the port (Redis backend only)
     data_dir: Path = Path("qserve-data")
     token: str | None = None                       # one token for every queue
     tokens: Mapping[str, str] = field(default_factory=dict)   # per service, overrides `token`
@@ -74,11 +75,17 @@ class Config:
             raise ConfigError(f"port: out of range: {self.port}")
         for name in ("max_payload_bytes", "max_length", "segment_bytes", "max_connections",
                      "max_header_bytes", "max_get_length", "max_watch_window", "worker_concurrency",
-                     "max_queues"):
+                     "max_queues", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.backend:
             check_backend_url(self.backend)
+        if self.processes > 1 and not self.backend:
+            raise ConfigError(f"processes: {self.processes} server processes need --backend redis://...: "
+                              "a segment log has one owner (the local backend runs in one process)")
+        if self.processes > 1 and self.worker:
+            raise ConfigError("processes: --worker runs inside one server process; with --processes run "
+                              "`qserve worker` beside the servers")
         if self.redis_wait < 0:
             raise ConfigError("redis_wait: must be >= 0")
         for name in ("fsync_interval", "keepalive_timeout", "request_timeout", "shutdown_timeout",

@@ -212,13 +212,16 @@ def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def run(config: Config, listeners: list[trio.abc.Listener] | None = None) -> None:
+async def run(config: Config, listeners: list[trio.abc.Listener] | None = None, *,
+              on_listening: Callable[[], None] | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully (a second signal: at once).
 
     Args:
         config: the settings.
         listeners: already bound (the CLI binds them before start, so that a busy port is a
             one-line error); default: bind here.
+        on_listening: called once the server listens (a process of `--processes N` tells its
+            supervisor).
 
     Raises:
         StartupError: a named queue cannot be opened (plain, not in an exception group).
@@ -231,7 +234,7 @@ async def run(config: Config, listeners: list[trio.abc.Listener] | None = None) 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(signals_seen.watch, signals)
             try:
-                await server.run(task_status=_FreezeOnStart())
+                await server.run(task_status=_FreezeOnStart(on_listening))
             except StartupError as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -242,11 +245,16 @@ async def run(config: Config, listeners: list[trio.abc.Listener] | None = None) 
 
 
 class _FreezeOnStart:
-    """The ``task_status`` `run` gives `Server.run`: once it listens, freeze the start-up heap."""
+    """The ``task_status`` `run` gives `Server.run`: once it listens, freeze the start-up heap,
+    then call ``then`` (if any)."""
 
-    @staticmethod
-    def started(value=None) -> None:
+    def __init__(self, then: Callable[[], None] | None = None) -> None:
+        self._then = then
+
+    def started(self, value=None) -> None:
         freeze_startup_heap()
+        if self._then is not None:
+            self._then()
 
 
 class _SignalWatcher:

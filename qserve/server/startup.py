@@ -9,7 +9,8 @@ opened). A failure is a `StartupError` whose message is the one line the CLI pri
 
 With a Redis backend (``config.backend``) the data directory is not used: it is neither created
 nor locked, since any number of nodes share one Redis by design (whether Redis can be reached is
-the backend's start, not a check here).
+the backend's start, not a check here). The processes of `qserve serve --processes N` (see
+`server.supervisor`) bind their sockets with SO_REUSEPORT, so that they share one port.
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ class Prepared:
             self.lock.release()
 
 
-def prepare(config: Config) -> Prepared:
-    """Claim the data directory (local backend only), then bind the listening sockets; release
-    both on failure.
+def prepare(config: Config, *, reuse_port: bool = False) -> Prepared:
+    """Claim the data directory (local backend only), then bind the listening sockets (with
+    SO_REUSEPORT when ``reuse_port``: a process of `--processes N`); release both on failure.
 
     Raises:
         StartupError: one line naming what is wrong.
     """
     lock = None if config.backend else claim_data_dir(config.data_dir)
     try:
-        return Prepared(lock, bind_sockets(config.host, config.port))
+        return Prepared(lock, bind_sockets(config.host, config.port, reuse_port=reuse_port))
     except BaseException:
         if lock is not None:
             lock.release()
@@ -92,9 +93,15 @@ def claim_data_dir(path: str | os.PathLike) -> storage.DirLock:
         raise StartupError(f"data directory {path}: {exc}") from None
 
 
-def bind_sockets(host: str, port: int) -> list[socket.socket]:
+def bind_sockets(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
     """Bind and listen on every address `host` resolves to (as `trio.open_tcp_listeners` does);
-    with port 0 every socket gets the port the first one was given."""
+    with port 0 every socket gets the port the first one was given.
+
+    ``reuse_port`` sets SO_REUSEPORT: other sockets of this user that set it too may bind the same
+    address, and the kernel spreads new connections over those that listen. Without ``listen``
+    the sockets are only bound: they keep the port (a supervisor's, for its processes) and take
+    no connection.
+    """
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -105,13 +112,16 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(sockets) > 1:
                 addr = (addr[0], sockets[0].getsockname()[1], *addr[2:])
             try:
                 sock.bind(addr)
-                sock.listen(BACKLOG)
+                if listen:
+                    sock.listen(BACKLOG)
             except OSError as exc:
                 raise StartupError(f"cannot listen on {_hostport(addr[0], addr[1])}: {_reason(exc)}") from None
     except BaseException:

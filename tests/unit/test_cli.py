@@ -7,11 +7,11 @@ import pytest
 from qserve import cli
 
 
-def _boom(args):
+def _boom(args, argv):
     raise RuntimeError("it broke\nacross two lines")
 
 
-def _interrupted(args):
+def _interrupted(args, argv):
     raise KeyboardInterrupt
 
 
