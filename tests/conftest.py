@@ -15,6 +15,7 @@ from trio.testing import MockClock
 from .helpers.backends import BACKENDS
 from .helpers.process import ServerProcess
 from .helpers.redis_server import RedisServer, require_redis_server
+from .helpers.thread_server import ThreadServer
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +122,35 @@ def autojump_clock(request):
     redis = ("redis_url" in request.fixturenames
              or "backend_name" in request.fixturenames and request.getfixturevalue("backend_name") == "redis")
     return MockClock(autojump_threshold=0.25 if redis else 0)
+
+
+@pytest.fixture(scope="session")
+def inprocess_server(tmp_path_factory):
+    """One server running in a thread of this process (`ThreadServer`), local backend, for the
+    session; tests use their own service names."""
+    srv = ThreadServer(tmp_path_factory.mktemp("qserve-inprocess")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def inprocess_redis_server(tmp_path_factory):
+    """`inprocess_server` on the Redis backend, on a `redis-server` of its own (as
+    `redis_backed_server`, for the same reason). Skipped like `redis_server` where there is none."""
+    require_redis_server()
+    redis = RedisServer(tmp_path_factory.mktemp("redis-for-inprocess")).start()
+    try:
+        srv = ThreadServer(tmp_path_factory.mktemp("qserve-inprocess-redis"), backend=redis.url).start()
+        yield srv
+        srv.stop()
+    finally:
+        redis.stop()
+
+
+@pytest.fixture(params=["process", "in-process"])
+def sdk_server(request, backend_name):
+    """The server the official SDK suites run against: a real `qserve serve` process or a server in a
+    thread of the test process, on the backend under test (every combination)."""
+    if request.param == "process":
+        return request.getfixturevalue("backend_server")
+    return request.getfixturevalue("inprocess_server" if backend_name == "local" else "inprocess_redis_server")

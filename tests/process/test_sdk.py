@@ -1,5 +1,5 @@
-"""The official `eas_prediction.QueueClient` against a real `qserve serve` process, on every queue
-backend (local and Redis: the `server` fixture below)."""
+"""The official `eas_prediction.QueueClient` against a real `qserve serve` process and a server running
+in-process, on every queue backend (local and Redis: the `server` fixture below)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from ..helpers.sdk import client
 
 
 @pytest.fixture
-def server(backend_server):
-    """The session's server on the backend under test: this module runs on every backend."""
-    return backend_server
+def server(sdk_server):
+    """The session's server on the backend under test, as a process and in-process: this module
+    runs on every combination."""
+    return sdk_server
 
 
 def test_put_get_by_index_and_request_id(server, service):

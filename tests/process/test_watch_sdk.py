@@ -1,5 +1,6 @@
-"""The official SDK's watcher against a real server: push, commits, auto-commit, one watcher per client;
-on every queue backend (local and Redis: the `server` fixture below)."""
+"""The official SDK's watcher against a real server process and an in-process one: push, commits,
+auto-commit, one watcher per client; on every queue backend (local and Redis: the `server` fixture
+below)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from ..helpers.sdk import client, collect, wait_for
 
 
 @pytest.fixture
-def server(backend_server):
-    """The session's server on the backend under test: this module runs on every backend."""
-    return backend_server
+def server(sdk_server):
+    """The session's server on the backend under test, as a process and in-process: this module
+    runs on every combination."""
+    return sdk_server
 
 
 def test_ten_entries_in_order_with_auto_commit(server, service):
