@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,26 +17,9 @@ import pytest
 from qserve import storage
 from qserve.backends.redis.migrate import BATCH_ENTRIES
 
+from ..helpers.commands import assert_one_line, run_qserve as qserve
 from ..helpers.process import ServerProcess
 from ..helpers.queue_files import damage_sealed_segment
-
-
-def qserve(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m qserve ARGS`` (bounded in time), without the caller's QSERVE_* settings."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
-    return subprocess.run([sys.executable, "-m", "qserve", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**clean, **(env or {})})
-
-
-def assert_one_line(proc: subprocess.CompletedProcess, command: str, *needles: str, status: int = 1) -> str:
-    """The command failed with ``status`` and one line on stderr naming every needle."""
-    assert proc.returncode == status, (proc.stdout, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"qserve {command}: "), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert proc.stdout == ""
-    return lines[0]
 
 
 def request(srv: ServerProcess, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:

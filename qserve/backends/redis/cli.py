@@ -3,10 +3,11 @@
 Strategy: one module for the two subcommands that work on a Redis deployment outside a server
 (`qserve.cli` registers both under their names and calls ``add_arguments``/``main`` here, which
 dispatch on the subcommand). Argument parsing stays cheap: trio, coredis and storage are imported
-only when a command runs. Every failure is one line on stderr: a bad URL exits 2 like a bad flag;
-a refusal (`MigrateError`, `InspectError`) or a Redis failure (`link.redis_error`'s one line)
-exits 1; anything else is a bug for `qserve.cli.main` to report. The URL may come from
-``QSERVE_BACKEND``, as for `qserve serve`, which keeps a password out of ``ps``.
+only when a command runs. Every failure is one line on stderr: a bad URL or queue name exits 2, as
+a bad flag does; a refusal (`MigrateError`, `InspectError`) or a Redis failure
+(`link.redis_error`'s one line) exits 1; anything else is a bug for `qserve.cli.main` to report.
+The URL may come from ``QSERVE_BACKEND``, as for `qserve serve`, which keeps a password out of
+``ps``.
 """
 
 from __future__ import annotations
@@ -75,12 +76,16 @@ def main(args: argparse.Namespace) -> int:
     from qserve.backends.redis.link import redis_error
     if args.command == "migrate":
         from qserve.backends.redis.migrate import MigrateError as Refused
-        run = _migrate
+        run, what = _migrate, Path(args.data_dir)
     else:
         from qserve.backends.redis.inspect import InspectError as Refused
-        run = _inspect
+        from qserve.backends.redis.inspect import parse_queue
+        try:
+            run, what = _inspect, parse_queue(args.queue)
+        except Refused as exc:
+            return _fail(command, str(exc), 2)
     try:
-        return trio.run(run, args, target)
+        return trio.run(run, args, what, target)
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, Refused):
@@ -91,13 +96,12 @@ def main(args: argparse.Namespace) -> int:
         return _fail(command, err.reason, 1)
 
 
-async def _migrate(args: argparse.Namespace, target) -> int:
+async def _migrate(args: argparse.Namespace, data_dir: Path, target) -> int:
     from qserve.backends.redis.migrate import migrate
 
     def progress(line: str) -> None:
         print(f"qserve migrate: {line}", file=sys.stderr, flush=True)
 
-    data_dir = Path(args.data_dir)
     reports = await migrate(data_dir, target, say=lambda line: print(line, flush=True), progress=progress,
                             every=max(0, args.progress))
     entries = sum(r.entries for r in reports)
@@ -106,11 +110,10 @@ async def _migrate(args: argparse.Namespace, target) -> int:
     return 0
 
 
-async def _inspect(args: argparse.Namespace, target) -> int:
-    from qserve.backends.redis.inspect import inspect, parse_queue
+async def _inspect(args: argparse.Namespace, ref, target) -> int:
+    from qserve.backends.redis.inspect import inspect
     from qserve.backends.redis.link import Link
 
-    ref = parse_queue(args.queue)
     link = Link(target, "inspect")
     async with link.connected():
         report = await inspect(link, ref)
