@@ -3,7 +3,10 @@
 The checker tests are synchronous and exact: they build a `History` by hand, including one lost and
 one resurrected entry, and an in-flight delivery that must not count as a resurrection. The run
 tests start the real tool (`python -m qserve chaos`, which starts and SIGKILLs real servers) and read
-its JSON summary; the short one is part of the default suite (about 10 s), the long one is `slow`.
+its JSON summary. On the local backend the short run is part of the default suite (about 10 s), the
+long one is `slow`; on Redis the default suite runs two nodes on the session's redis-server (the
+`redis_url` fixture) with three node kills, and the `slow` runs kill nodes and Redis primaries
+(chaos's own redis-server, and a primary + replica + Sentinels) at least 50 times each.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from qserve.tools.chaos.history import History, id_of, payload_for
+
+from ..helpers.redis_server import require_redis_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,12 +144,13 @@ def run_chaos(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, 
     return proc, json.loads(proc.stdout)
 
 
-def _assert_clean(proc: subprocess.CompletedProcess, summary: dict, rounds: int) -> None:
+def _assert_clean(proc: subprocess.CompletedProcess, summary: dict, rounds: int, verify: str = "clean") -> None:
     detail = json.dumps({k: summary[k] for k in ("problems", "verify_problems", "seed")}, indent=1)
     assert proc.returncode == 0, f"exit {proc.returncode}: {detail}\n{proc.stderr[-2000:]}"
     assert summary["lost"] == 0 and summary["resurrected"] == 0, detail
     assert summary["duplicates_index"] == 0 and summary["corrupted"] == 0, detail
-    assert summary["verify"] == "clean", detail
+    assert summary["out_of_order"] == 0 and summary["ok"], detail
+    assert summary["verify"] == verify, detail
     assert summary["kills"] == rounds and summary["restarts"] == rounds
     assert summary["puts_acknowledged"] > 0 and summary["deliveries"] > 0 and summary["commits"] > 0
 
@@ -199,3 +205,69 @@ def test_chaos_on_a_busy_port_is_one_line(tmp_path):
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"qserve chaos: failed: the server on port {port} exited with status 1: ")
     assert "address already in use" in line.lower() and line.endswith(f"; data kept in {tmp_path / 'data'}")
+
+
+# -- on Redis ------------------------------------------------------------------------------------
+
+def test_short_multi_node_chaos_on_redis(redis_server, redis_url):
+    """Two nodes on the session's Redis, three node kills (seed 2: node 1, node 2, node 1), a lease
+    of 1 s: clean. The database held a key, so --flush was needed, and it emptied it first."""
+    redis_server.call("SET", "left-over", "x")
+    proc, summary = run_chaos("--backend", redis_url, "--flush", "--rounds", "3", "--seconds", "1.5", "--seed", "2",
+                              "--producers", "2", "--consumers", "4", "--node-lease", "1", timeout=90)
+    _assert_clean(proc, summary, 3, verify="n/a")
+    assert (summary["nodes"], summary["backend"], summary["kill_kinds"]) == (2, redis_url, {"node": 3})
+    assert f"flushed 1 key from {redis_url.removeprefix('redis://')}" in proc.stderr
+    assert "killed node 1" in proc.stderr and "killed node 2" in proc.stderr
+    assert proc.stderr.count("round ") >= 3 and summary["redeliveries"] > 0
+    assert redis_server.call("EXISTS", "left-over") == 0
+
+
+def test_chaos_leaves_a_redis_with_keys_alone(redis_server, redis_url):
+    redis_server.call("SET", "precious", "x")
+    proc = _chaos("--backend", redis_url)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"qserve chaos: redis at {redis_url.removeprefix('redis://')} holds 1 key; chaos needs "
+                           f"an empty database (--flush empties it first)\n")
+    assert redis_server.call("GET", "precious") == b"x"
+
+
+def test_chaos_on_redis_usage_errors_are_one_line(tmp_path):
+    for args, text in [
+        (("--nodes", "3"), "--nodes needs --backend or --kill-redis"),
+        (("--replica",), "--replica needs --kill-redis"),
+        (("--backend", "redis://127.0.0.1:1", "--kill-redis"), "give --backend or --kill-redis, not both"),
+        (("--flush",), "--flush empties the --backend database; it needs --backend"),
+        (("--backend", "http://u:pw@x"), "--backend: expected redis://"),
+        (("--backend", "redis://127.0.0.1:1", "--data-dir", str(tmp_path)), "--backend needs none"),
+        (("--kill-redis", "--nodes", "0"), "--nodes 0 is not between 1 and 64"),
+        (("--kill-redis", "--node-lease", "0"), "--node-lease must be at least 0.1 seconds"),
+        (("--kill-redis", "--port", "65535"), "2 nodes need ports 65535-65536"),
+    ]:
+        proc = _chaos(*args)
+        assert (proc.returncode, proc.stdout) == (2, ""), args
+        assert proc.stderr.startswith("qserve chaos: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert text in proc.stderr and "pw" not in proc.stderr, (args, proc.stderr)
+    assert not any(tmp_path.iterdir())
+
+
+def test_chaos_on_an_unreachable_redis_is_one_line():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]          # bound, not listening: connections are refused
+        proc = _chaos("--backend", f"redis://user:secret@127.0.0.1:{port}/0")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"qserve chaos: failed: cannot use redis at 127.0.0.1:{port}/0: ")
+    assert "secret" not in line and "data kept" not in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", [(), ("--replica",)], ids=["primary", "sentinel"])
+def test_long_chaos_run_on_redis(setup):
+    """At least 50 kills of nodes and Redis primaries (chaos's own redis-server; with --replica the
+    Sentinels fail over to the replica and the nodes write with --redis-wait 1)."""
+    require_redis_server()
+    proc, summary = run_chaos("--kill-redis", *setup, "--rounds", "50", "--seconds", "2", timeout=1500)
+    _assert_clean(proc, summary, 50, verify="n/a")
+    assert summary["kill_kinds"]["node"] > 0 and summary["kill_kinds"]["redis"] > 0

@@ -91,6 +91,8 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return "--replica needs --kill-redis (chaos starts the primary, the replica and the Sentinels)"
     if args.flush and not args.backend:
         return "--flush empties the --backend database; it needs --backend"
+    if args.backend and args.data_dir is not None:
+        return "--data-dir is for the local log or --kill-redis's Redis; --backend needs none"
     if args.nodes is not None and not on_redis:
         return "--nodes needs --backend or --kill-redis (the local segment log has one owner)"
     if not 1 <= nodes <= 64:
@@ -121,11 +123,14 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
     own_dir = args.data_dir is None
-    try:
-        data_dir = _fresh_data_dir(args.data_dir)
-    except _Refused as exc:
-        say(str(exc))
-        return 2
+    data_dir = None
+    if not args.backend:           # a Redis the user runs needs no directory here
+        try:
+            data_dir = _fresh_data_dir(args.data_dir)
+        except _Refused as exc:
+            say(str(exc))
+            return 2
+    kept = f"; data kept in {data_dir}" if data_dir else ""
     on_redis = bool(args.backend) or args.kill_redis
     settings = Settings(args.rounds, args.seconds, args.producers, args.consumers, args.groups, seed,
                         args.segment_bytes, data_dir, args.port, backend=args.backend or "",
@@ -135,19 +140,19 @@ def main(args: argparse.Namespace) -> int:
         summary = trio.run(run_chaos, settings)
     except Refused as exc:
         say(str(exc))
-        _remove_if(own_dir, data_dir)
         return 2
     except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the CLI's last line of defence
         leaves = _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
         if any(isinstance(e, KeyboardInterrupt) for e in leaves):
-            say(f"interrupted; data kept in {data_dir}")
+            say(f"interrupted{kept}")
             return 130
-        say(f"failed: {'; '.join(map(_describe, leaves))}; data kept in {data_dir}")
+        say(f"failed: {'; '.join(map(_describe, leaves))}{kept}")
         return 1
     ok = summary["ok"]
-    if ok and not args.keep:
-        _remove_if(own_dir, data_dir)
-    else:
+    if data_dir and ok and not args.keep:
+        if own_dir:                # a directory the user named stays
+            shutil.rmtree(data_dir, ignore_errors=True)
+    elif data_dir:
         summary["data_dir"] = str(data_dir)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
@@ -159,12 +164,6 @@ def main(args: argparse.Namespace) -> int:
 async def run_chaos(settings: Settings) -> dict:
     """One run on the backend ``settings`` name; returns the summary (`report.summarize`)."""
     return await (run_nodes(settings) if settings.on_redis else run_local(settings))
-
-
-def _remove_if(own: bool, data_dir: Path) -> None:
-    """Remove a temporary data directory chaos made itself (a directory the user named stays)."""
-    if own:
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 class _Refused(Exception):

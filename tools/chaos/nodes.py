@@ -67,9 +67,13 @@ async def prepare_backend(url: str, *, flush: bool) -> int:
                 raise BackendError(f"cannot use redis at {target.where}: {text}") from None
         raise
     if keys and not flush:
-        raise Refused(f"redis at {target.where} holds {keys} keys; chaos needs an empty database "
+        raise Refused(f"redis at {target.where} holds {_keys(keys)}; chaos needs an empty database "
                       f"(--flush empties it first)")
     return keys
+
+
+def _keys(n: int) -> str:
+    return "1 key" if n == 1 else f"{n} keys"
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -95,7 +99,7 @@ async def run_nodes(settings: Settings) -> dict:
         if setup is None:
             flushed = await prepare_backend(url, flush=settings.flush)
             if flushed:
-                say(f"flushed {flushed} keys from {parse_redis_url(url).where}")
+                say(f"flushed {_keys(flushed)} from {parse_redis_url(url).where}")
         else:
             await setup.start()
         for node in nodes:
