@@ -83,7 +83,7 @@ def test_an_ended_sink_and_the_url_from_qserve_backend(node, redis_url, service)
     proc = inspect(f"{service}/sink", env={"QSERVE_BACKEND": redis_url})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[1] == "state End; 1 entries (first 1, last 1); next index 2"
+    assert lines[1] == "state End; 1 entry (first 1, last 1); next index 2"
     assert lines[-2:] == ["groups: none", "consumers: none"]
 
 

@@ -104,9 +104,10 @@ async def _migrate(args: argparse.Namespace, data_dir: Path, target) -> int:
 
     reports = await migrate(data_dir, target, say=lambda line: print(line, flush=True), progress=progress,
                             every=max(0, args.progress))
+    queues = "1 queue" if len(reports) == 1 else f"{len(reports)} queues"
     entries = sum(r.entries for r in reports)
-    print(f"migrated {len(reports)} queue{'s' if len(reports) != 1 else ''}, {entries} entries, from {data_dir} "
-          f"to redis at {target.where}: verified")
+    entries_text = "1 entry" if entries == 1 else f"{entries} entries"
+    print(f"migrated {queues}, {entries_text}, from {data_dir} to redis at {target.where}: verified")
     return 0
 
 

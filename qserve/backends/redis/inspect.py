@@ -70,8 +70,9 @@ class Report:
             "groups": self.groups, "consumers": self.consumers})
 
     def to_text(self) -> list[str]:
+        entries = "1 entry" if self.length == 1 else f"{self.length} entries"
         lines = [f"queue {self.queue} in redis at {self.redis}, keys {self.tag}:*",
-                 f"state {self.state}; {self.length} entries (first {self.first_index}, last {self.last_index}); "
+                 f"state {self.state}; {entries} (first {self.first_index}, last {self.last_index}); "
                  f"next index {self.next_index}"]
         lines += _table("keys", ("NAME", "TYPE", "LENGTH"), [(k["name"], k["type"], k["length"]) for k in self.keys])
         lines += _table("groups", ("NAME", "PENDING", "DELIVERED", "LAST INDEX", "MEMBERS"),
