@@ -40,8 +40,8 @@ def _url_flag(parser: argparse.ArgumentParser, flag: str) -> None:
 def _add_migrate(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Copy every queue of a local data directory (entries with their indexes, next index, "
                           "requestIds, ended state) into Redis, then read the copy back and compare. The data "
-                          "directory is locked meanwhile (refused while a server uses it) and not changed; a queue "
-                          "that exists in Redis already is refused before anything is copied.")
+                          "directory is locked meanwhile (refused while a server uses it); its entries are not "
+                          "changed. A queue that exists in Redis already is refused before anything is copied.")
     parser.add_argument("--from", dest="data_dir", metavar="DATA_DIR", required=True,
                         help="the data directory of a stopped local qserve serve")
     _url_flag(parser, "--to")

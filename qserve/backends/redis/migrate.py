@@ -26,7 +26,8 @@ partial copy (its first batch deletes the entry keys) and starts again. A queue 
 The verification reads everything back: every entry (index, payload, tags, priority, priority
 set member, requestId lookup), the counts (``XLEN``, ``ZCARD``, the requestId hashes), ``m`` and
 the registry, against a second pass over the local queue. Memory stays bounded by one batch.
-Not the local backend's business: nothing here writes the data directory.
+No entry of the data directory is changed (opening a queue recovers it as a server start does: a
+torn tail is cut, after a ``.broken`` copy).
 """
 
 from __future__ import annotations
