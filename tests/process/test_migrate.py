@@ -10,12 +10,19 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+
+import msgpack
+import trio
 from pathlib import Path
 
 import pytest
 
 from qserve import storage
-from qserve.backends.redis.migrate import BATCH_ENTRIES
+from qserve.backends.redis.keys import REGISTRY
+from qserve.backends.redis.link import Link
+from qserve.backends.redis.migrate import BATCH_ENTRIES, Copier, MigrateError
+from qserve.backends.redis.url import parse_redis_url
+from qserve.core.events import QueueRef
 
 from ..helpers.commands import assert_one_line, run_qserve as qserve
 from ..helpers.process import ServerProcess
@@ -195,6 +202,45 @@ def test_a_partial_copy_left_by_an_interrupted_run_is_replaced(redis_url, redis_
     assert proc.stdout.splitlines()[0] == "a: 3 entries, next index 4, verified"
     assert redis_server.call("XLEN", "{qs:a}:s") == 3
     assert redis_server.call("HGET", "{qs:a}:r", "stale") is None
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    (("HSET", "{qs:q}:m", "last", "9"), "next index 10, not 5"),
+    (("HSET", "{qs:q}:m", "state", "End"), "queue state"),
+    (("HDEL", REGISTRY, "{qs:q}"), f"not listed in {REGISTRY}"),
+    (("XDEL", "{qs:q}:s", "3-0"), "entry 3 is missing"),
+    (("XADD", "{qs:q}:s", "9-0", "d", "x", "t", b"\x80"), "entry 9 is not live here"),
+    (("ZREM", "{qs:q}:p", "%08x%016x" % (2**31 - 1 - 4, 2)), "missing from the priority set"),
+    (("HSET", "{qs:q}:r", "dup", "1"), "requestId dup names entry 1, not 3"),
+    (("HSET", "{qs:q}:rr", "dup", msgpack.packb([])), "entry 1: not kept as an older copy of requestId dup"),
+    (("HSET", "{qs:q}:r", "other", "2"), "the requestId hash holds other requestIds"),
+])
+async def test_the_verification_names_what_differs(redis_url, redis_server, tmp_path, tamper, needle):
+    """A copy changed after `qserve migrate` wrote it is found by the verification it runs."""
+    data = tmp_path / "data"
+    qlog = storage.QueueLog.open(data / "q" / "input")
+    try:
+        qlog.append(b"one", {"requestId": "dup"})
+        qlog.append(b"two", {"requestId": "solo"}, priority=4)
+        qlog.append(b"three", {"requestId": "dup"})
+        qlog.append(b"gone", {"requestId": "gone"})
+        qlog.delete([4])
+    finally:
+        qlog.close()
+    proc = qserve("migrate", "--from", str(data), "--to", redis_url)
+    assert proc.returncode == 0, proc.stderr
+    redis_server.call(*tamper)
+    link = Link(parse_redis_url(redis_url), "test")
+    qlog = storage.QueueLog.open(data / "q" / "input")
+    try:
+        with trio.fail_after(60):
+            async with link.connected():
+                with pytest.raises(MigrateError) as found:
+                    await Copier(link, progress=print, every=0).verify(QueueRef("q"), qlog)
+    finally:
+        qlog.close()
+    assert str(found.value).startswith(f"queue q: the copy in redis at {link.target.where} differs: ")
+    assert needle in str(found.value)
 
 
 def test_refused_when_a_queue_exists_in_redis(redis_url, redis_server, tmp_path):
