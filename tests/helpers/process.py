@@ -23,7 +23,8 @@ def backend_args(url: str | None) -> list[str]:
 class ServerProcess:
     """A `python -m qserve serve` child process on 127.0.0.1 with an ephemeral port.
 
-    The log is collected in `self.lines`; `start()` waits (bounded) for the listening line.
+    The log is collected in `self.lines`; `start()` waits (bounded) for the listening line,
+    `wait_line()` for any other.
     """
 
     def __init__(self, data_dir: Path, *extra: str, token: str | None = "test-token") -> None:
@@ -33,6 +34,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.lines: list[str] = []
+        self._more = threading.Condition()   # notified for each line, and at the end of the output
+        self._ended = False
 
     @property
     def endpoint(self) -> str:
@@ -50,14 +53,20 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         found = threading.Event()
+        self._ended = False
 
         def pump():
             for line in self.proc.stderr:
-                self.lines.append(line.rstrip("\n"))
+                with self._more:
+                    self.lines.append(line.rstrip("\n"))
+                    self._more.notify_all()
                 m = _LISTEN.search(line)
                 if m and not found.is_set():
                     self.port = int(m.group(2))
                     found.set()
+            with self._more:
+                self._ended = True
+                self._more.notify_all()
             found.set()
 
         threading.Thread(target=pump, daemon=True).start()
@@ -65,6 +74,24 @@ class ServerProcess:
             self.kill()
             raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
         return self
+
+    def wait_line(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list[re.Match]:
+        """The first ``count`` matches of ``pattern`` in the log, once there are that many (waits
+        on the reader thread's notifications, bounded; fails if the output ends first)."""
+        regex = re.compile(pattern)
+
+        def matches() -> list[re.Match]:
+            return [m for m in map(regex.search, self.lines) if m][:count]
+
+        with self._more:
+            if not self._more.wait_for(lambda: len(matches()) >= count or self._ended, timeout):
+                raise AssertionError(f"no {count} lines matching {pattern!r} within {timeout} s:\n"
+                                     + "\n".join(self.lines))
+            found = matches()
+        if len(found) < count:
+            raise AssertionError(f"the server's output ended before {count} lines matching {pattern!r}:\n"
+                                 + "\n".join(self.lines))
+        return found
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
