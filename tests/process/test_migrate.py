@@ -278,6 +278,18 @@ def test_a_damaged_queue_is_one_line_naming_the_repair(redis_url, redis_server, 
     assert_one_line(proc, "migrate", "queue dmg cannot be read", f"qserve log repair {queue}")
 
 
+def test_a_redis_that_does_not_fsync_every_write_is_warned_about(redis_url, redis_server, tmp_path):
+    redis_server.call("CONFIG", "SET", "appendfsync", "everysec")
+    try:
+        proc = qserve("migrate", "--from", str(_bulk_data(tmp_path)), "--to", redis_url)
+    finally:
+        redis_server.call("CONFIG", "SET", "appendfsync", "always")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"qserve migrate: warning: redis at {redis_url.removeprefix('redis://')} runs with "
+        "appendonly yes, appendfsync everysec: keep the data directory until Redis has saved the copy"]
+
+
 def test_the_url_comes_from_qserve_backend_too(redis_url, tmp_path):
     proc = qserve("migrate", "--from", str(_bulk_data(tmp_path)), env={"QSERVE_BACKEND": redis_url})
     assert proc.returncode == 0, proc.stderr
