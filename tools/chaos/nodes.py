@@ -142,10 +142,8 @@ async def _rounds(nodes: list[ChaosServer], setup: RedisSetup | None, settings: 
         await trio.sleep_until(t0 + rng.uniform(0.1, 0.9) * settings.seconds)
         killed_at = trio.current_time() - t0
         if setup is not None and rng.random() < 0.5:
-            primary = await setup.primary()
             delay = rng.uniform(0, 0.5)
-            history.tick()
-            writable, back = await setup.kill_primary(delay)
+            primary, writable, back = await setup.kill_primary(delay)
             history.tick()
             counters.kill_kinds["redis"] += 1
             counters.restart_seconds += back

@@ -255,10 +255,10 @@ class RedisSetup:
                         return server
         raise RedisStartError("no Sentinel names the primary")
 
-    async def kill_primary(self, delay: float) -> tuple[float, float]:
+    async def kill_primary(self, delay: float) -> tuple[RedisProcess, float, float]:
         """SIGKILL the primary, restart it (after ``delay`` s; with Sentinels only once the replica
-        was promoted, then until it is an online replica). Returns (seconds until writes are possible
-        again, seconds until the killed server runs again)."""
+        was promoted, then until it is an online replica). Returns the killed server, the seconds
+        until there was a primary again and the seconds until the killed server was back."""
         victim = await self.primary()
         began = time.monotonic()
         victim.kill()
@@ -266,7 +266,7 @@ class RedisSetup:
             await trio.sleep(delay)
             await victim.start()
             took = time.monotonic() - began
-            return took, took
+            return victim, took, took
         other = next(s for s in self.servers if s is not victim)
         await self._until(lambda: self._sentinels_agree(other), 60.0,
                           f"the Sentinels did not promote {other.name} within 60s")
@@ -279,7 +279,7 @@ class RedisSetup:
         if isinstance(reply, RedisStartError):
             raise RedisStartError(f"{victim.name} refused REPLICAOF: {reply}")
         await self._until_synced(other, timeout=60.0)
-        return promoted, time.monotonic() - began
+        return victim, promoted, time.monotonic() - began
 
     async def _sentinels_agree(self, server: RedisProcess) -> bool:
         """Every Sentinel names ``server`` as primary, and it says it is one."""
