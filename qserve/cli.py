@@ -85,6 +85,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--worker", help="MODULE:FUNCTION (or demo): run an inference worker inside the server")
     p.add_argument("--worker-concurrency", type=int, help="entries the embedded worker handles at once (default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text (default) or json: one JSON object a line (time, level, event, queue, ...)")
+    p.add_argument("--access-log", action="store_const", const=True,
+                   help="log one line per request: method, path, status, duration, bytes (never a header)")
+    p.add_argument("--metrics-token",
+                   help="a token GET /metrics takes besides --token (for Prometheus scrapers)")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -113,6 +119,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     import trio
 
     from qserve.config import ConfigError, load_config
+    from qserve.server.logs import configure_logging
     from qserve.server.server import run
     from qserve.server.startup import StartupError, listeners_for, prepare
     from qserve.server.supervisor import supervise, supervised_process
@@ -123,8 +130,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"qserve: {exc}", file=sys.stderr)
         return 2
-    level = getattr(logging, config.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config)   # --log-format, --log-level, --access-log
+    level = logging.getLogger().getEffectiveLevel()
     if level > logging.DEBUG:   # the Redis client logs each retried command at INFO: noise (a start
         # against an unreachable Redis would not be one line); the backend logs an outage itself
         logging.getLogger("coredis").setLevel(max(level, logging.WARNING))

@@ -22,6 +22,7 @@ __all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "BACKEND_SC
 
 FSYNC_POLICIES = ("always", "interval", "never")
 FSYNC_BACKENDS = ("auto", "aio", "threads")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,9 @@ class Config:
     worker: str | None = None                      # MODULE:FUNCTION run inside the server
     worker_concurrency: int = 1                    # entries the embedded worker handles at once
     log_level: str = "INFO"
+    log_format: str = "text"                       # text | json (one JSON object a line)
+    access_log: bool = False                       # one log line per request (qserve.access)
+    metrics_token: str | None = None               # GET /metrics also takes this token (scrapers)
     backend: str = ""                              # "" = the local segment log in data_dir; redis://... = Redis
     redis_wait: int = 0                            # Redis: answer a write once this many replicas have it (WAIT)
     redis_wait_timeout: float = 1.0                # seconds WAIT may take before the write is answered 503
@@ -71,6 +75,8 @@ class Config:
         if self.fsync_backend not in FSYNC_BACKENDS:
             raise ConfigError(f"fsync_backend: expected one of {', '.join(FSYNC_BACKENDS)}, "
                               f"got {self.fsync_backend!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: out of range: {self.port}")
         for name in ("max_payload_bytes", "max_length", "segment_bytes", "max_connections",

@@ -14,7 +14,8 @@ from qserve.core.errors import BadRequest
 
 __all__ = [
     "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Truncate", "Commit", "Negative",
-    "Attributes", "Search", "Count", "End", "Watch", "Health", "ListQueues", "CreateQueue", "ConsumerSpec",
+    "Attributes", "Search", "Count", "End", "Watch", "Health", "Ready", "Metrics", "ListQueues", "CreateQueue",
+    "ConsumerSpec",
 ]
 
 
@@ -139,6 +140,20 @@ class Watch(Operation):
 @dataclass(frozen=True, slots=True)
 class Health:
     """The server's own liveness endpoint (`GET /healthz`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The server's readiness endpoint (`GET /readyz`): 200 once it can serve, else 503 and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """`GET /metrics`: the server's figures in Prometheus's text format (as ``accept`` negotiates),
+    or as one JSON document (``json``: ``?format=json``, for the dashboard)."""
+
+    accept: str = ""
+    json: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,9 @@ path (404) -> token (401) -> method (405) -> parameters (400). Parameters are ch
 every `ParamError` the 400 with its reason, in one place. Control parameters are the
 underscore-wrapped names (`_index_`); every other query parameter is a tag. Unknown control
 parameters are ignored and never stored. qserve's own endpoints under `/api/queues` (list the
-queues, create a service's) are matched before the queue paths, so `--root-service` does not take them.
+queues, create a service's) are matched before the queue paths, so `--root-service` does not take them;
+so are `GET /healthz`, `GET /readyz` (no token: load balancers ask them) and `GET /metrics` (the
+global token, or `--metrics-token` for scrapers).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ Headers = Mapping[str, str]   # lower-case names
 
 def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Headers, body: bytes,
           config: Config, *, anonymous_user: str,
-          upgrade: bool = False) -> ev.Operation | ev.Health | ev.ListQueues | ev.CreateQueue:
+          upgrade: bool = False) -> ev.Operation | ev.Health | ev.Ready | ev.Metrics | ev.ListQueues | ev.CreateQueue:
     """Map one request to an operation.
 
     Args:
@@ -54,8 +56,8 @@ def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Hea
     Raises:
         NotFound, Unauthorized, MethodNotAllowed, BadRequest.
     """
-    if path == "/healthz" and method == "GET":
-        return ev.Health()
+    if method == "GET" and path in _SERVER_PATHS:
+        return _server_path(path, query, headers, config)
     if path == ADMIN or path.startswith(ADMIN + "/"):   # before --root-service takes every path
         return _admin(method, path, headers, config)
     queue, subpath = _queue_for(path, config)
@@ -93,6 +95,34 @@ def _queue_for(path: str, config: Config) -> tuple[ev.QueueRef | None, str]:
     if rest == ["sink"]:
         return ev.QueueRef(service, sink=True), ""
     return ev.QueueRef(service), "/".join(rest)
+
+
+def _server_path(path: str, query: Sequence[tuple[str, str]], headers: Headers,
+                 config: Config) -> ev.Health | ev.Ready | ev.Metrics:
+    """The server's own GET endpoints: health, readiness, metrics."""
+    if path == "/healthz":
+        return ev.Health()
+    if path == "/readyz":
+        return ev.Ready()
+    _authorize_metrics(headers, config)
+    form = dict(query).get("format", "prometheus")
+    if form not in ("prometheus", "json"):
+        raise BadRequest(f"format: expected prometheus or json, got {form!r}")
+    return ev.Metrics(accept=headers.get("accept", ""), json=form == "json")
+
+
+_SERVER_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def _authorize_metrics(headers: Headers, config: Config) -> None:
+    """`GET /metrics` takes the global token (as the API does) or `--metrics-token`; with neither
+    configured but per-service tokens, any of those (the figures name every service)."""
+    accepted = [t for t in (config.metrics_token, config.token) if t is not None]
+    if not accepted:
+        accepted = list(config.tokens.values())
+    given = _given_token(headers).encode()
+    if accepted and not any(hmac.compare_digest(given, t.encode()) for t in accepted):
+        raise Unauthorized("missing or wrong token in the Authorization header")
 
 
 def service_problem(service: str) -> str | None:

@@ -7,6 +7,11 @@ itself lives here: a put's requestId and timestamp tags, the long-poll loop of a
 deadline, rendering. The backend's calls are atomic and durable when they return (an auto-deleting
 get reads and deletes in one call, so two concurrent ones never return the same entry). Every error
 is raised and rendered by `errors.error_response` in `handle` (the one place).
+
+Observability: `handle` counts every answer by operation and status and, with ``--access-log``,
+logs one line per request (`server.logs`); the operations count what they did in `server.meters`
+(one increment each) and a put and a get their latency. The server's own endpoints are answered
+here too: `/healthz`, `/readyz` (`server.health`) and `/metrics` (`server.metrics`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from qserve.config import Config
 from qserve.core.errors import BadRequest, InternalError, QServeError, QueueFenced, error_response, translate
 from qserve.server.http import Request, Response
 from qserve.core.routing import route
+from qserve.server import health
+from qserve.server.logs import log_access
+from qserve.server.meters import Meters
+from qserve.server.metrics import Metrics
 from qserve.server.watch import WatchService
 from qserve.server.websocket import WebSocketUpgrade
 
@@ -41,6 +50,12 @@ JSON = [("Content-Type", "application/json")]
 PROTO = [("Content-Type", names.PROTOBUF)]
 OK = Response(200, b"OK", list(TEXT))
 
+#: the ``operation`` label of `Meters.request` (a request that routing refused: "none")
+OPERATIONS = {ev.Put: "put", ev.Get: "get", ev.Delete: "delete", ev.Truncate: "truncate", ev.Commit: "commit",
+              ev.Negative: "negative", ev.End: "end", ev.Attributes: "attributes", ev.Search: "search",
+              ev.Count: "count", ev.Watch: "watch", ev.Health: "health", ev.Ready: "ready",
+              ev.Metrics: "metrics", ev.ListQueues: "list", ev.CreateQueue: "create"}
+
 
 def long_poll_deadline(timeout: float) -> float:
     """Answer a little before the client's own timeout (the Python SDK's `_timeout_` equals its
@@ -52,15 +67,21 @@ class App:
     """The request handler. Task-safe within one trio run.
 
     ``wall_clock`` (unix seconds, default `time.time`) stamps a put's ``ts@source`` / ``ts@sink``
-    tag in milliseconds; injected so that a test can fix it.
+    tag in milliseconds; injected so that a test can fix it. ``meters`` is where the requests are
+    counted (the watch service counts its deliveries there too); ``edge_statistics`` is the HTTP
+    edge's `statistics()`, for `/metrics`.
     """
 
-    def __init__(self, config: Config, queues: Backend, watch: WatchService, *,
+    def __init__(self, config: Config, queues: Backend, watch: WatchService, meters: Meters, *,
+                 edge_statistics: Callable[[], dict] = dict,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._wall_clock = wall_clock
         self.queues = queues
         self.watch = watch
+        self.meters = meters
+        self.metrics = Metrics(meters, queues, edge=edge_statistics, watch=watch.statistics,
+                               readiness=self.not_ready)
         self._anon = itertools.count(1)
         self._boot = uuid.uuid4().hex[:8]
         self.stopping = False  # set by shutdown(): long-polling gets answer at once
@@ -71,12 +92,16 @@ class App:
         self.stopping = True
         self.queues.wake_long_polls()
 
+    async def not_ready(self) -> str | None:
+        """Why this server should get no traffic now (one line), or None (`server.health`)."""
+        return await health.not_ready(self.config, self.queues, stopping=self.stopping)
+
     def anonymous_user(self) -> str:
         """A fresh user id for a request that names none: a watch is one request on its own
         connection, so two anonymous watchers never share a consumer id."""
         return f"anon-{self._boot}-{next(self._anon)}"
 
-    def operation_for(self, request: Request) -> ev.Operation | ev.Health:
+    def operation_for(self, request: Request) -> ev.Operation | ev.Health | ev.Ready | ev.Metrics:
         headers = {}
         for name, value in request.headers:
             headers.setdefault(name, value)
@@ -85,49 +110,96 @@ class App:
                      upgrade=request.is_websocket_upgrade)
 
     async def websocket(self, request: Request, upgrade: WebSocketUpgrade) -> None:
-        """The edge's WebSocket handler: a watch; errors before `accept()` refuse the handshake."""
-        op = self.operation_for(request)
-        if not isinstance(op, ev.Watch):
-            raise BadRequest("a WebSocket upgrade must be a watch (_watch_=true)")
-        await self.watch.websocket(await self.queues.get(op.queue), op, upgrade)
-
-    async def handle(self, request: Request) -> Response:
+        """The edge's WebSocket handler: a watch; errors before `accept()` refuse the handshake.
+        Counted (and access-logged) when it ends: 101 if it was accepted, else the refusal's status."""
+        start = trio.current_time()
+        failure: BaseException | None = None
         try:
             op = self.operation_for(request)
-            if isinstance(op, ev.Health):
-                return Response(200, b"OK", list(TEXT))
-            if isinstance(op, ev.Watch):
-                queue = await self.queues.get(op.queue)   # errors here are still a status line
-                return await self.watch.http_stream(queue, op)
-            if isinstance(op, (ev.ListQueues, ev.CreateQueue)):
-                return await admin.handle(self.queues, self.config, op)
-            try:
-                queue = await self.queues.get(op.queue)
-            except QueueFenced as fenced:   # its attributes say so; everything else is a 503
-                if not isinstance(op, ev.Attributes):
-                    raise
-                return _render_attributes(fenced.attributes, op)
-            return await self._HANDLERS[type(op)](self, queue, op)
+            if not isinstance(op, ev.Watch):
+                raise BadRequest("a WebSocket upgrade must be a watch (_watch_=true)")
+            await self.watch.websocket(await self.queues.get(op.queue), op, upgrade)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            if upgrade.state == "accepted":
+                status = 101
+            else:   # the edge refuses the handshake with this status (503: cut by the shutdown)
+                status = translate(failure).http_status if isinstance(failure, Exception) else 503
+            self.meters.request("watch", status)
+            if self.config.access_log:
+                log_access(request, status, trio.current_time() - start, None)
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request (counted by operation and status; logged with ``--access-log``)."""
+        if not self.config.access_log:
+            return await self._answer(request)
+        start = trio.current_time()
+        response = await self._answer(request)
+        log_access(request, response.status, trio.current_time() - start,
+                   None if response.stream is not None else len(response.body))
+        return response
+
+    async def _answer(self, request: Request) -> Response:
+        op = None
+        try:
+            op = self.operation_for(request)
+            response = await self._dispatch(op)
         except Exception as exc:  # noqa: BLE001 - rendered in the one place below
             err = translate(exc)
             if err.http_status >= 500 and not err.logged:
                 log.error("%s %s failed: %s", request.method, request.path, err.reason,
-                          exc_info=isinstance(err, InternalError) and not isinstance(exc, QServeError))
+                          exc_info=isinstance(err, InternalError) and not isinstance(exc, QServeError),
+                          extra={"status": err.http_status, "queue": _queue_name(op)})
             status, headers, body = error_response(err)
-            return Response(status, body, headers)
+            response = Response(status, body, headers)
+        self.meters.request(OPERATIONS.get(type(op), "none"), response.status)
+        return response
+
+    async def _dispatch(self, op) -> Response:
+        match op:
+            case ev.Health():
+                return Response(200, b"OK", list(TEXT))
+            case ev.Ready():
+                problem = await self.not_ready()
+                if problem is None:
+                    return Response(200, b"ready\n", list(TEXT))
+                return Response(503, f"not ready: {problem}\n".encode(), list(TEXT))
+            case ev.Metrics(json=True):
+                return Response(200, json.dumps(await self.metrics.snapshot()).encode(), list(JSON))
+            case ev.Metrics():
+                body, content_type = await self.metrics.exposition(op.accept)
+                return Response(200, body, [("Content-Type", content_type)])
+            case ev.Watch():
+                queue = await self.queues.get(op.queue)   # errors here are still a status line
+                return await self.watch.http_stream(queue, op)
+            case ev.ListQueues() | ev.CreateQueue():
+                return await admin.handle(self.queues, self.config, op)
+        try:
+            queue = await self.queues.get(op.queue)
+        except QueueFenced as fenced:   # its attributes say so; everything else is a 503
+            if not isinstance(op, ev.Attributes):
+                raise
+            return _render_attributes(fenced.attributes, op)
+        return await self._HANDLERS[type(op)](self, queue, op)
 
     # -- operations ---------------------------------------------------------------------------
     async def put(self, queue: QueueBackend, op: ev.Put) -> Response:
+        start = trio.current_time()
         tags = dict(op.tags)
         request_id = tags.get("requestId") or str(uuid.uuid4())
         tags["requestId"] = request_id
         tags["ts@sink" if queue.ref.sink else "ts@source"] = str(int(self._wall_clock() * 1000))
         index = await queue.put(op.data, tags, op.priority)
+        self.meters.put_seconds.observe(trio.current_time() - start)
+        self.meters.of(queue.ref).puts += 1
         return Response(200, str(index).encode(), [*TEXT, (names.REQUEST_ID_HEADER, request_id)])
 
     async def get(self, queue: QueueBackend, op: ev.Get) -> Response:
+        began = trio.current_time()
         start = await queue.next_index() if op.start == -1 else op.start
-        deadline = trio.current_time() + long_poll_deadline(op.timeout)
+        deadline = began + long_poll_deadline(op.timeout)
         tags = dict(op.tags)
         limit = 1 if op.raw else op.length
         while True:
@@ -136,8 +208,13 @@ class App:
                 break
             with queue.put_waiter(start, tags) as put_came, trio.move_on_at(deadline):
                 await put_came.wait()
+        self.meters.get_seconds.observe(trio.current_time() - began)
         if not entries:
             return Response(204)
+        counted = self.meters.of(queue.ref)
+        counted.gets += len(entries)
+        if op.auto_delete:
+            counted.settled(entry.index for entry in entries)
         return self._render_entries(queue, op, entries)
 
     def _render_entries(self, queue: QueueBackend, op: ev.Get, entries: list[StoredEntry]) -> Response:
@@ -157,11 +234,23 @@ class App:
     async def acknowledge(self, queue: QueueBackend,
                           op: ev.Delete | ev.Commit | ev.Negative | ev.Truncate | ev.End) -> Response:
         """The operations whose answer is a plain ``OK`` once the backend has done them."""
+        counted = self.meters.of(queue.ref)
         match op:
-            case ev.Delete(): await queue.delete(op.indexes)
-            case ev.Commit(): await queue.commit(op.indexes)
-            case ev.Negative(): await queue.negative(op.indexes, op.code, op.reason)
-            case ev.Truncate(): await queue.truncate(op.below)
+            case ev.Delete():
+                await queue.delete(op.indexes)
+                counted.deletes += len(op.indexes)
+                counted.settled(op.indexes)
+            case ev.Commit():
+                await queue.commit(op.indexes)
+                counted.commits += len(op.indexes)
+                counted.settled(op.indexes)
+            case ev.Negative():
+                await queue.negative(op.indexes, op.code, op.reason)
+                counted.negatives += len(op.indexes)
+            case ev.Truncate():
+                await queue.truncate(op.below)
+                counted.truncates += 1
+                counted.truncated(op.below)
             case ev.End(): await queue.end(op.force)
         return OK
 
@@ -181,6 +270,11 @@ class App:
         ev.Truncate: acknowledge, ev.End: acknowledge, ev.Attributes: attributes, ev.Search: search,
         ev.Count: count,
     }
+
+
+def _queue_name(op) -> str | None:
+    """The name of the queue ``op`` concerns (None: it concerns none, or routing refused it)."""
+    return op.queue.name if isinstance(op, ev.Operation) else None
 
 
 def _render_attributes(attrs: dict[str, str], op: ev.Attributes) -> Response:

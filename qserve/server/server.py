@@ -36,7 +36,9 @@ from qserve.server.app import App
 from qserve.config import Config
 from qserve.core.errors import QServeError
 from qserve.core.events import QueueRef
+from qserve.server.health import reporting_progress
 from qserve.server.http import HTTPConfig, HTTPServer
+from qserve.server.meters import Meters
 from qserve.backends.base import Backend
 from qserve.backends.local.manager import QueueManager
 from qserve.backends.redis.manager import RedisBackend
@@ -82,7 +84,8 @@ class Server:
         self._fileio = fileio
         self.port: int | None = None
         self.app: App | None = None
-        self.watch = WatchService(config.request_timeout)   # created first: every queue opened wakes it
+        self.meters = Meters(wall_clock)   # what `/metrics` reports: counted by the app and the watch
+        self.watch = WatchService(config.request_timeout, self.meters)   # created first: every queue opened wakes it
         self.http: HTTPServer | None = None
         self.queues: Backend | None = None
         self._stop = trio.Event()
@@ -117,8 +120,11 @@ class Server:
             async with trio.open_nursery() as queue_tasks:
                 with self._starting:
                     try:
+                        began = trio.current_time()
                         self.queues = await self._open_backend(queue_tasks)
-                        await self._open_queues()
+                        with reporting_progress(queue_tasks, self._opened):
+                            await self._open_queues()
+                        await self._record_start(trio.current_time() - began)
                     except StartupError as exc:
                         failure = exc   # raised outside the nursery: one plain error, no group
                 if failure is None and not self._starting.cancelled_caught:
@@ -159,6 +165,19 @@ class Server:
                 raise StartupError(exc.reason) from None
         await self.queues.open_declared()
 
+    def _opened(self) -> int:
+        """Queues opened so far (for the start-up's progress lines)."""
+        return 0 if self.queues is None else len(self.queues.statistics())
+
+    async def _record_start(self, seconds: float) -> None:
+        """For `/metrics`: how long the start-up took to open every queue, and the entries in them."""
+        assert self.queues is not None
+        try:
+            found: int | None = sum(status.length for status in await self.queues.listing())
+        except QServeError:   # Redis went away meanwhile: the figure stays unknown
+            found = None
+        self.meters.started(seconds, found)
+
     def _demanded(self) -> list[QueueRef]:
         services = list(self.config.queues)
         if self.config.root_service and self.config.root_service not in services:
@@ -168,7 +187,8 @@ class Server:
     async def _serve(self, queue_tasks: trio.Nursery, task_status) -> None:
         config = self.config
         assert self.queues is not None
-        self.app = App(config, self.queues, self.watch, wall_clock=self._wall_clock)
+        self.app = App(config, self.queues, self.watch, self.meters, wall_clock=self._wall_clock,
+                       edge_statistics=lambda: self.http.statistics() if self.http is not None else {})
         queue_tasks.start_soon(self.watch.fallback)   # stopped with the queue tasks
         self.http = HTTPServer(self.app.handle, self.app.websocket, http_config_for(config))
         async with trio.open_nursery() as front:

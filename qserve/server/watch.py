@@ -21,6 +21,9 @@ cancelled session takes no further batch. The shield is bounded: a write by the 
 ``request_timeout`` (what the HTTP edge allows any write), and once `WatchService.shutdown` is
 called by its own bound (at most `CLOSE_GRACE`); `WatchService.abort` cuts it at once.
 
+Counting: a batch's frames, once written, are counted as deliveries (`server.meters`: redeliveries
+and the time from put to first delivery too), the same for every backend.
+
 Bounds: frames in flight per socket are bounded by the consumer's window (manual commit: entries
 held; auto-commit: entries handed out and not yet written); client messages are bounded by the
 edge's `max_message_size` and message queue.
@@ -39,6 +42,7 @@ from qserve.wire import framing, names, protobuf
 from qserve.core.events import ConsumerSpec, QueueRef
 from qserve.backends.base import QueueBackend, StoredEntry, Taken
 from qserve.server.http import Response
+from qserve.server.meters import Meters
 
 __all__ = ["WatchService", "KEEPALIVE_INTERVAL", "KEEPALIVE_TIMEOUT"]
 
@@ -70,8 +74,9 @@ def _leaves(exc: BaseException):
 class Session:
     """One attached consumer on one queue; `run()` returns when it is over."""
 
-    def __init__(self, queue: QueueBackend, op: ev.Watch, write_bound: float) -> None:
+    def __init__(self, queue: QueueBackend, op: ev.Watch, write_bound: float, meters: Meters) -> None:
         self.queue = queue
+        self._meters = meters
         self._write_bound = write_bound               # the edge's bound on one write (request_timeout)
         self.op = op
         self.spec = ConsumerSpec(group=op.identity.group, user=op.identity.user, window=op.window,
@@ -176,26 +181,32 @@ class Session:
 
     async def _send_frames(self, send, entries: list[StoredEntry]) -> None:
         batch: list[bytes] = []
-        size = 0
+        size = first = 0
         tags_of, encode, index_only = self.queue.tags_of, protobuf.encode_frame, self.op.index_only
-        for entry in entries:   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
+        for n, entry in enumerate(entries):   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
             frame = encode(entry.index, tags_of(entry), b"" if index_only else entry.data)
             if batch and size + len(frame) > SEND_BATCH_BYTES:
                 await send(batch)
-                self.frames_sent += len(batch)
-                batch, size = [], 0
+                self._written(entries[first:n])
+                batch, size, first = [], 0, n
             batch.append(frame)
             size += len(frame)
         if batch:
             await send(batch)
-            self.frames_sent += len(batch)
+            self._written(entries[first:] if first else entries)
+
+    def _written(self, entries: list[StoredEntry]) -> None:
+        """These entries' frames are written: delivered (`server.meters`)."""
+        self.frames_sent += len(entries)
+        self._meters.delivered(self.queue.ref, self.spec.group, entries, held=not self.op.auto_commit)
 
 
 class WatchService:
     """Owns the watch sessions of every queue. Used from the trio thread only."""
 
-    def __init__(self, write_bound: float) -> None:
+    def __init__(self, write_bound: float, meters: Meters) -> None:
         self._write_bound = write_bound   # seconds a write of frames may take (the edge's request_timeout)
+        self._meters = meters             # where sessions count their deliveries
         self._sessions: dict[tuple[object, str], Session] = {}
         self._by_queue: dict[object, dict[str, Session]] = {}   # queue ref -> consumer id -> session
         self._turn = 0                                           # round robin among a group's members
@@ -254,7 +265,7 @@ class WatchService:
                 session.wake()
 
     async def _open(self, queue: QueueBackend, op: ev.Watch) -> Session:
-        session = Session(queue, op, self._write_bound)
+        session = Session(queue, op, self._write_bound, self._meters)
         key = (op.queue, session.consumer_id)
         old = self._sessions.get(key)
         if old is not None:  # the same consumer reconnected: the stale socket goes
@@ -262,7 +273,8 @@ class WatchService:
         self._sessions[key] = session
         self._by_queue.setdefault(queue.ref, {})[session.consumer_id] = session
         await queue.attach(session.spec)
-        log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name)
+        log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name,
+                  extra={"queue": queue.ref.name, "consumer": session.consumer_id})
         return session
 
     async def _close(self, session: Session) -> None:
@@ -274,7 +286,8 @@ class WatchService:
             if not members:
                 del self._by_queue[session.op.queue]
             await session.queue.release(session.consumer_id)
-            log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name)
+            log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name,
+                      extra={"queue": session.queue.ref.name, "consumer": session.consumer_id})
 
     # -- WebSocket ---------------------------------------------------------------------------
     async def websocket(self, queue: QueueBackend, op: ev.Watch, upgrade) -> None:
