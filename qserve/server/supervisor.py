@@ -163,7 +163,7 @@ class Supervisor:
         if self._forced is not None:
             return 128 + self._forced
         if self._status == 0:
-            log.info("stopped: all %d processes exited", self._config.processes)
+            log.info("stopped: every process exited")
         return self._status
 
     async def _start_all(self, slots: trio.Nursery) -> None:

@@ -171,7 +171,7 @@ def test_sigterm_stops_every_process_cleanly_with_status_zero(box, service):
     assert box.srv.stop() == 0
     assert wait_gone(pids, timeout=0) == set(), "the supervisor exits after its processes"
     box.srv.wait_line(r"stopped; all queues synced and closed", count=2)
-    box.srv.wait_line(r"stopped: all 2 processes exited")
+    box.srv.wait_line(r"stopped: every process exited")
     assert "Traceback" not in "\n".join(box.srv.lines)
 
 
@@ -204,8 +204,15 @@ def test_a_process_that_keeps_dying_before_listening_makes_it_give_up(tmp_path, 
         stop_all(box.srv, box.seen)
 
 
-def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
+def test_a_supervisor_killed_with_sigkill_leaves_no_process_behind(box):
+    box.start()
+    pids = box.pids()
+    box.srv.kill()   # the kernel sends each process SIGTERM (PR_SET_PDEATHSIG): they drain and exit
+    assert wait_gone(pids) == set()
+
+
+def _serve(tmp_path: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")} | env_vars
     return subprocess.run([sys.executable, "-m", "qserve", "serve", "--port", "0", "--data-dir",
                            str(tmp_path / "data"), *args], capture_output=True, text=True, timeout=60, env=env)
 
@@ -225,6 +232,12 @@ def test_refused_in_one_line_with_status_two(tmp_path, args, message):
 def test_processes_zero_is_refused(tmp_path):
     done = _serve(tmp_path, "--processes", "0")
     assert (done.returncode, done.stderr) == (2, "qserve: processes: must be >= 1\n")
+
+
+def test_the_environment_sets_it_too(tmp_path):
+    done = _serve(tmp_path, QSERVE_PROCESSES="3")
+    assert (done.returncode, done.stderr.split(": a segment")[0]) == (
+        2, "qserve: processes: 3 server processes need --backend redis://...")
 
 
 def test_an_unreachable_redis_is_the_first_process_s_one_line(tmp_path):
