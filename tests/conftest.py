@@ -13,7 +13,9 @@ import pytest
 from trio.testing import MockClock
 
 from .helpers.backends import BACKENDS
+from .helpers.machine import command_missing
 from .helpers.process import ServerProcess
+from .helpers.redis_cluster import ClusterServers, SentinelServers, redis_cluster_missing
 from .helpers.redis_server import RedisServer, require_redis_server
 from .helpers.thread_server import ThreadServer
 
@@ -154,3 +156,38 @@ def sdk_server(request, backend_name):
     if request.param == "process":
         return request.getfixturevalue("backend_server")
     return request.getfixturevalue("inprocess_server" if backend_name == "local" else "inprocess_redis_server")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A 3-primary Redis Cluster for the session (`helpers.redis_cluster.ClusterServers`), stopped
+    by pid at the end. Without `redis-server` or `redis-cli` the tests that need it are skipped with
+    the reason (failed under CI)."""
+    reason = redis_cluster_missing()
+    if reason:
+        command_missing(reason)
+    cluster = ClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster) -> str:
+    """The session's Redis Cluster, emptied (FLUSHALL on every node) for this test: its
+    ``redis+cluster://`` URL."""
+    redis_cluster.flushall()
+    return redis_cluster.url
+
+
+@pytest.fixture
+def redis_sentinels(tmp_path):
+    """A primary, a replica and three Sentinels of this test's own (`helpers.redis_cluster.
+    SentinelServers`), started; stopped by pid at the end. Skipped like `redis_cluster`."""
+    reason = redis_cluster_missing()
+    if reason:
+        command_missing(reason)
+    deployment = SentinelServers(tmp_path / "sentinel")
+    try:
+        yield deployment.start()
+    finally:
+        deployment.stop()

@@ -113,8 +113,13 @@ class RedisServer:
     directory, so the append-only file is replayed.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str, config: Path | None = None) -> None:
+        """``options``: more redis-server options, after the durable ones (a cluster node's, a
+        replica's ``--replicaof``, ``--sentinel``); ``config``: a configuration file, which Redis
+        takes only as its first argument (a Sentinel needs one it can rewrite)."""
         self.directory = directory.resolve()
+        self.options = options
+        self.config = config
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -141,9 +146,9 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.port is None:
             self.port = _free_port()
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--dir", str(self.directory),
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-                "--logfile", str(self.log_path)]
+        args = [REDIS_SERVER, *([str(self.config)] if self.config else []), "--port", str(self.port), "--bind", HOST,
+                "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                "--daemonize", "no", "--logfile", str(self.log_path), *self.options]
         with open(self.log_path, "ab") as log:   # what Redis says before it opens its log, e.g. a bad flag
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.directory)
         try:
