@@ -43,11 +43,11 @@ COUNTERS = {
 }
 SEEN_CAP = 16384   # indexes remembered per group for telling a redelivery (module docstring)
 
-# seconds; a put waits for its fsync round (or Redis's answer), a get may long-poll
-PUT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-GET_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
-               300.0, 900.0, 3600.0)
+# seconds; a put waits for its fsync round (or Redis's answer), a get may long-poll, an entry may
+# wait in its queue for long; few buckets each: every one is a sample in every scrape
+PUT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+GET_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+LAG_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
 
 def queue_kind(ref: QueueRef) -> str:
