@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import sys
 
 import pytest
 import trio
 import trio.testing
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 from qserve.cli import main as cli_main
+from qserve.server.logs import JsonFormatter
 
 from ..helpers.inproc import TOKEN, next_frame, no_frame, running_server
 from ..helpers.queue_files import ENTRIES, build_queue, damage_sealed_segment
@@ -168,7 +171,10 @@ async def test_openmetrics_is_negotiated_and_json_has_the_same_figures(tmp_path,
             client = await srv.client("unused")
             head, body = await client.request("GET", "/metrics", headers=[
                 ("Authorization", TOKEN), ("Accept", "application/openmetrics-text; version=1.0.0")])
-            assert head.status_code == 200 and body.endswith(b"# EOF\n")
+            assert head.status_code == 200 and body.endswith(b"# EOF\n") and body.count(b"# EOF") == 1
+            families = {f.name: f for f in openmetrics_families(body.decode())}   # the strict parser
+            assert [s.value for s in families["qserve_puts"].samples
+                    if s.labels == {"service": "j", "queue": "input"}] == [3]
             assert dict(head.headers)[b"content-type"].startswith(b"application/openmetrics-text")
             status, text, _ = await scrape(srv, query="?format=json")
             doc = json.loads(text)
@@ -269,3 +275,19 @@ async def test_access_log_only_when_asked_and_never_the_token(tmp_path, caplog, 
     text = "\n".join(r.getMessage() for r in lines)
     assert "POST /api/predict/a 200 " in text and TOKEN not in text and "private" not in text
     assert shlex.split(lines[0].getMessage())[:3] == ["POST", "/api/predict/a", "200"]
+
+
+def test_a_json_log_line_is_one_object_with_the_fields_the_call_gave():
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        record = logging.LogRecord("qserve", logging.ERROR, __file__, 1, "queue %s: %s", ("q", "failed"),
+                                   exc_info=sys.exc_info())
+    record.queue, record.consumer, record.status = "q", "g.u", 503
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert doc["level"] == "ERROR" and doc["logger"] == "qserve" and doc["event"] == "queue q: failed"
+    assert (doc["queue"], doc["consumer"], doc["status"]) == ("q", "g.u", 503)
+    assert "duration" not in doc and "ValueError: boom" in doc["error"]
+    assert doc["time"].endswith("+00:00")
