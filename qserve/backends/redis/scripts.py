@@ -179,13 +179,18 @@ while redis.call('XLEN', k('s')) >= maxlen do
 end
 local n = redis.call('HINCRBY', k('m'), 'last', 1)
 local p = tonumber(ARGV[3])
-if p > 0 then
-  redis.call('XADD', k('s'), sid(n), 'd', ARGV[1], 't', ARGV[2], 'i', ARGV[4], 'p', p)
-  redis.call('ZADD', k('p'), 0, prio_member(p, n))
-else
-  redis.call('XADD', k('s'), sid(n), 'd', ARGV[1], 't', ARGV[2], 'i', ARGV[4])
+local fields = {'d', ARGV[1], 't', ARGV[2]}
+if ARGV[4] ~= '' then
+  fields[#fields + 1] = 'i'
+  fields[#fields + 1] = ARGV[4]
 end
-remember_request_id(ARGV[4], n)
+if p > 0 then
+  fields[#fields + 1] = 'p'
+  fields[#fields + 1] = p
+  redis.call('ZADD', k('p'), 0, prio_member(p, n))
+end
+redis.call('XADD', k('s'), sid(n), unpack(fields))
+if ARGV[4] ~= '' then remember_request_id(ARGV[4], n) end
 redis.call('PUBLISH', k('ev'), 'p' .. NODE .. ' ' .. n .. ' ' .. ARGV[2])
 return n
 """
