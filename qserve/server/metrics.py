@@ -15,6 +15,9 @@ prometheus-client's encoding, about 10 us per sample on the CI VM (a server of 5
 samples). The families are collected at once (one consistent reading) and then encoded
 `ENCODE_CHUNK` families at a time, with a checkpoint in between, so that a scrape never holds the
 event loop for more than a fraction of a millisecond: puts and fsync completions go on meanwhile.
+A rendering is reused for the scrapes (of the same format) that come within `RENDER_EVERY`
+seconds of it, so that scrapers in a loop (or many of them) cost at most a few renderings a
+second whatever their pace; a scraper every second or slower always gets a fresh one.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from qserve.core.events import QueueRef
 from qserve.server.meters import COUNTERS, Histogram, Meters, queue_kind
 from qserve.wire.durations import DurationError, parse_go_duration
 
-__all__ = ["Metrics", "QueueFigures", "parse_groups", "ENCODE_CHUNK"]
+__all__ = ["Metrics", "QueueFigures", "parse_groups", "ENCODE_CHUNK", "RENDER_EVERY"]
 
 QUEUE_LABELS = ["service", "queue"]
 ENCODE_CHUNK = 8            # metric families encoded between two checkpoints
+RENDER_EVERY = 0.25         # seconds (trio clock) a rendering answers the scrapes that follow it
 _OPENMETRICS_END = b"# EOF\n"
 
 # the ``consumers.list.[i]`` / ``groups.list.[i]`` attribute values (`core.group_report.render_rows`,
@@ -115,6 +119,7 @@ class Metrics:
         self.figures: list[QueueFigures] = []   # the last `refresh`
         self.not_ready: str | None = None
         self.storage_problem: str | None = None   # the listing failed (Redis down): no queue figures
+        self._rendered: dict[str, tuple[float, bytes]] = {}   # content type -> (when, body)
 
     async def refresh(self) -> None:
         """Read every queue's figures and the readiness (before the registry is collected)."""
@@ -143,9 +148,13 @@ class Metrics:
 
     async def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The figures in the format ``accept`` asks for (Prometheus text by default, OpenMetrics
-        if asked): the body and its Content-Type."""
-        await self.refresh()
+        if asked): the body and its Content-Type; the last one if it is younger than `RENDER_EVERY`."""
         encoder, content_type = choose_encoder(accept)
+        last = self._rendered.get(content_type)
+        if last is not None and trio.current_time() - last[0] < RENDER_EVERY:
+            return last[1], content_type
+        when = trio.current_time()
+        await self.refresh()
         families = list(self.registry.collect())
         parts = []
         for start in range(0, len(families), ENCODE_CHUNK):
@@ -156,7 +165,9 @@ class Metrics:
             await trio.lowlevel.checkpoint()
         if content_type.startswith("application/openmetrics-text"):
             parts.append(_OPENMETRICS_END)
-        return b"".join(parts), content_type
+        body = b"".join(parts)
+        self._rendered[content_type] = (when, body)
+        return body, content_type
 
     async def snapshot(self) -> dict:
         """The same figures as one JSON-ready document."""

@@ -23,6 +23,7 @@ from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 from qserve.cli import main as cli_main
 from qserve.server.logs import JsonFormatter
+from qserve.server.metrics import RENDER_EVERY
 
 from ..helpers.inproc import TOKEN, next_frame, no_frame, running_server
 from ..helpers.queue_files import ENTRIES, build_queue, damage_sealed_segment
@@ -37,8 +38,11 @@ def slow_clock():
     return trio.testing.MockClock(autojump_threshold=0.25)
 
 
-async def scrape(srv, token: str = TOKEN, query: str = "") -> tuple[int, str, dict]:
-    """GET /metrics: (status, body, {(sample name, frozen labels): value})."""
+async def scrape(srv, token: str = TOKEN, query: str = "", *, fresh: bool = True) -> tuple[int, str, dict]:
+    """GET /metrics: (status, body, {(sample name, frozen labels): value}); ``fresh``: first let
+    the last rendering age past `RENDER_EVERY` (instant on trio's autojump clock)."""
+    if fresh:
+        await trio.sleep(RENDER_EVERY)
     client = await srv.client("unused")
     head, body = await client.request("GET", "/metrics" + query, headers=[("Authorization", token)])
     text = body.decode()
@@ -142,7 +146,7 @@ async def test_a_consumer_gone_gives_redeliveries_and_auto_commit_none(tmp_path,
             nursery.cancel_scope.cancel()
 
 
-async def test_metrics_token(tmp_path, autojump_clock):
+async def test_metrics_token_and_the_rendering_reused_for_a_quarter_second(tmp_path, slow_clock):
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path) as srv:
             assert (await scrape(srv, token="wrong"))[0] == 401
@@ -151,6 +155,10 @@ async def test_metrics_token(tmp_path, autojump_clock):
             assert status == 200 and "# TYPE qserve_put_seconds histogram" in text
             assert value(samples, "qserve_ready") == 1
             assert value(samples, "process_open_fds") > 0   # the process collector, on our registry
+            await (await srv.client("p")).call("POST", body=b"1")
+            assert (await scrape(srv, fresh=False))[1] == text   # within RENDER_EVERY: the same bytes
+            _, _, samples = await scrape(srv)
+            assert value(samples, "qserve_puts_total", queue_labels("p")) == 1
         async with running_server(tmp_path, metrics_token="scraper") as srv:
             assert (await scrape(srv, token="scraper"))[0] == 200
             assert (await scrape(srv, token=TOKEN))[0] == 200   # the API's own token still opens it
@@ -248,7 +256,7 @@ async def test_readyz_is_503_while_redis_is_down(tmp_path, fresh_redis_server):
             head, body = await c.request("GET", "/readyz")
             assert head.status_code == 503 and body.count(b"\n") == 1, body
             assert body.startswith(b"not ready: redis at ") and b"unreachable" in body
-            status, _, samples = await scrape(srv)   # the server's own figures are still there
+            status, _, samples = await scrape(srv, fresh=False)   # its first: the server's own figures
             assert status == 200 and value(samples, "qserve_storage_up") == 0
             assert value(samples, "qserve_puts_total", queue_labels("rd")) == 1
             await trio.to_thread.run_sync(redis.start)
