@@ -1,16 +1,22 @@
 """A `qserve serve` node on Redis behind Sentinels (``--backend redis+sentinel://s1,s2,s3/mymaster``):
 the primary killed with SIGKILL under load, a fail-over to the replica, and nothing acknowledged lost.
 The deployment is real (tests/helpers/redis_cluster.py `SentinelServers`: a primary, one replica, three
-Sentinels, all redis-server processes on loopback)."""
+Sentinels, all redis-server processes on loopback), and it is what it says: checked here too, with its
+end (every process stopped by its pid) and the reason it gives where `redis-cli` is missing."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 
+import pytest
 from eas_prediction.exception import PredictException
 
 from ..helpers.process import ServerProcess
+from ..helpers.redis_cluster import info_fields, redis_cluster_missing
+from ..helpers.redis_server import require_redis_server
 from ..helpers.sdk import client
 
 PRODUCERS = 3
@@ -92,3 +98,23 @@ def test_a_sentinel_fail_over_under_load_loses_no_acknowledged_put(tmp_path, red
         for thread in producers:
             thread.join(10)
         node.kill()
+
+
+def test_the_deployment_is_a_primary_a_replica_and_three_sentinels_stopped_by_pid(redis_sentinels):
+    deployment = redis_sentinels
+    assert deployment.current_primary() is deployment.primary
+    assert info_fields(deployment.primary.call("INFO", "replication"))["connected_slaves"] == "1"
+    assert info_fields(deployment.sentinels[0].call("INFO", "server"))["redis_mode"] == "sentinel"
+    pids = [server.pid for server in deployment.redis + deployment.sentinels]
+    assert len(set(pids)) == 5
+    deployment.stop()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_without_redis_cli_the_reason_is_one_line(tmp_path, monkeypatch):
+    require_redis_server()
+    (tmp_path / "redis-server").symlink_to(shutil.which("redis-server"))
+    monkeypatch.setenv("PATH", str(tmp_path))                 # redis-server only
+    assert redis_cluster_missing() == "redis-cli not installed (apt-get install redis-tools)"
