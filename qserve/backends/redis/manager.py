@@ -5,9 +5,9 @@ Strategy: a node holds no state of its own that another node needs: queues live 
 the server's queue nursery: the client's connection pool (`_hold`), one pub/sub subscription to
 every queue's channel (`_listen`: a put, commit or release through any node wakes this node's
 watchers and long-polls; after a reconnect everything is woken once, since messages may have been
-missed), and the lease renewal (`_leases`: every third of ``--node-lease`` each open queue renews
-its consumers' leases in Redis and gives back the entries of any node whose lease ran out, which
-is how a node killed with SIGKILL loses its consumers' entries to the rest of their groups).
+missed), and the lease renewal (`_leases`: every third of ``--node-lease``, at most `LEASE_CHECK`
+apart, each open queue renews its consumers' leases in Redis and gives back the entries of any
+node whose lease ran out, which is how a node killed with SIGKILL loses its consumers' entries to the rest of their groups).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ __all__ = ["RedisBackend"]
 
 log = logging.getLogger("qserve")
 
+#: at most this many seconds between lease rounds, so a dead node's entries return within about
+#: the lease plus this (a round is one small script per open queue)
+LEASE_CHECK = 0.5
 #: seconds between reconnection attempts of the event subscription: doubling up to the maximum
 LISTEN_BACKOFF = (0.1, 5.0)
 
@@ -72,6 +75,7 @@ class RedisBackend:
                          wait_timeout=config.redis_wait_timeout)
         self._queues: dict[QueueRef, RedisQueue] = {}
         self._by_tag: dict[str, RedisQueue] = {}
+        self._opening: dict[QueueRef, trio.Lock] = {}   # queues being opened (bounded by requests)
         self._closed = False
         self._tasks: trio.Nursery | None = None   # the node's tasks, inside the client's lifetime
 
@@ -145,9 +149,9 @@ class RedisBackend:
 
     async def _leases(self) -> None:
         """Renew this node's consumers' leases and expire other nodes' lapsed ones, every third of
-        the lease."""
+        the lease (at most `LEASE_CHECK` apart)."""
         while True:
-            await trio.sleep(self.config.node_lease / 3)
+            await trio.sleep(min(self.config.node_lease / 3, LEASE_CHECK))
             for queue in list(self._queues.values()):
                 try:
                     await queue.lease()
@@ -175,6 +179,15 @@ class RedisBackend:
         queue = self._queues.get(ref)
         if queue is not None:
             return queue
+        lock = self._opening.setdefault(ref, trio.Lock())   # one open attempt per queue at a time
+        try:
+            async with lock:
+                return self._queues.get(ref) or await self._open_now(ref, create=create)
+        finally:
+            if not lock.statistics().tasks_waiting:
+                self._opening.pop(ref, None)
+
+    async def _open_now(self, ref: QueueRef, *, create: bool) -> RedisQueue:
         if self.config.queues and not self.declared(ref.service):
             raise NotFound(f"no queue named {ref.name}")
         if len(self._queues) >= self.config.max_queues:   # a bound on this node's memory per queue
@@ -186,7 +199,7 @@ class RedisBackend:
             if created:
                 await self._register(ref, keys)
                 log.info("queue %s created", ref.name)
-            elif ref not in self._queues:
+            else:
                 log.info("queue %s opened: %d entries", ref.name, await self._length(keys))
         else:
             try:
@@ -196,12 +209,10 @@ class RedisBackend:
             if not exists:
                 raise NotFound(f"no queue named {ref.name} (the server runs with --no-auto-create; "
                                f"create it with: qserve stream create {ref.service})")
-        queue = self._queues.get(ref)   # another request may have opened it meanwhile
-        if queue is None:
-            queue = RedisQueue(ref, self.link, self.config, self.node, on_change=self._on_change)
-            queue.on_evict = self._on_evict
-            self._queues[ref] = queue
-            self._by_tag[keys.tag] = queue
+        queue = RedisQueue(ref, self.link, self.config, self.node, on_change=self._on_change)
+        queue.on_evict = self._on_evict
+        self._queues[ref] = queue
+        self._by_tag[keys.tag] = queue
         return queue
 
     async def _length(self, keys: QueueKeys) -> int:
