@@ -3,6 +3,7 @@
 
     python -m tools.bench.metrics_cost                  # 3 rounds; the scraper 1,000 scrapes back to back
     python -m tools.bench.metrics_cost --interval 0.01  # the scraper: one scrape every 10 ms
+    python -m tools.bench.metrics_cost --path /healthz  # the control: a loop of the cheapest request
     python -m tools.bench.metrics_cost --quick          # smoke run (100 scrapes, 1 round)
 
 What runs:
@@ -14,6 +15,9 @@ What runs:
 - The scraper (a thread of this process): ``--scrapes`` GET /metrics on one keep-alive connection,
   back to back, or one each ``--interval`` seconds; every answer must be a 200 holding
   ``qserve_puts_total``. wrk is stopped (SIGINT: it prints its report) when the scraper is done.
+  ``--path /healthz`` runs the same loop on the cheapest request there is: back to back, any
+  request loop is one more client sharing the node's CPU with the 16 putting, and this control says
+  how much of the cost is that rather than the scrape.
 - Each round runs the load once with the scraper and once without it for the same wall time; the
   order flips every round (without-first rounds reuse the last with-scraper wall time). Figures are
   medians over ``--rounds``.
@@ -49,9 +53,9 @@ TARGET = 0.05
 class Scraper(threading.Thread):
     """``count`` scrapes of /metrics on one keep-alive connection (``interval`` apart, 0: back to back)."""
 
-    def __init__(self, port: int, count: int, interval: float) -> None:
+    def __init__(self, port: int, count: int, interval: float, path: str) -> None:
         super().__init__(daemon=True)
-        self.port, self.count, self.interval = port, count, interval
+        self.port, self.count, self.interval, self.path = port, count, interval, path
         self.latencies_ns: list[int] = []
         self.errors = 0
         self.size = 0
@@ -63,10 +67,10 @@ class Scraper(threading.Thread):
         for i in range(self.count):
             t = time.perf_counter_ns()
             try:
-                conn.request("GET", "/metrics")
+                conn.request("GET", self.path)
                 response = conn.getresponse()
                 body = response.read()
-                ok = response.status == 200 and b"qserve_puts_total" in body
+                ok = response.status == 200 and (self.path != "/metrics" or b"qserve_puts_total" in body)
                 self.size = len(body)
             except (OSError, http.client.HTTPException):
                 ok = False
@@ -79,7 +83,7 @@ class Scraper(threading.Thread):
         conn.close()
 
 
-def put_run(node: bl.ServerProc, lua: Path, cpu: int | None, *, scrapes: int, interval: float,
+def put_run(node: bl.ServerProc, lua: Path, cpu: int | None, *, scrapes: int, interval: float, path: str,
             wall: float | None) -> dict:
     """One load run: with a scraper (``scrapes`` > 0: it sets the wall time) or for ``wall`` seconds."""
     before_cpu, busy0, self0 = node.cpu_seconds(), bl.system_busy_seconds(), bl.self_cpu_seconds()
@@ -91,7 +95,7 @@ def put_run(node: bl.ServerProc, lua: Path, cpu: int | None, *, scrapes: int, in
     scraper = None
     try:
         if scrapes:
-            scraper = Scraper(node.port, scrapes, interval)
+            scraper = Scraper(node.port, scrapes, interval, path)
             scraper.start()
             scraper.join()
         else:
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scrapes", type=int, default=1000, help="scrapes per run with the scraper (default 1000)")
     p.add_argument("--interval", type=float, default=0.0, help="seconds between scrapes (default 0: back to back)")
+    p.add_argument("--path", default="/metrics", help="what the scraper asks for (/healthz: the control)")
     p.add_argument("--queues", type=int, default=4, help="other services in the node (default 4)")
     p.add_argument("--quick", action="store_true", help="1 round of 100 scrapes")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 for side in order:
                     scraping = side == "with scraper"
                     row = put_run(node, lua, client_cpu, scrapes=args.scrapes if scraping else 0,
-                                  interval=args.interval, wall=wall)
+                                  interval=args.interval, path=args.path, wall=wall)
                     if scraping:
                         wall = row["wall"]
                     runs[side].append(row)
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                         "scrapes", "scrape p50 ms", "scrape p99 ms"], file=sys.stdout)
         size = median(runs["with scraper"], "exposition_bytes")
         print(f"\nratio {scraped / base:.3f}, cost {100 * cost:.1f}% (target < {100 * TARGET:.0f}%); "
-              f"{args.scrapes} scrapes a run {'back to back' if not args.interval else f'every {args.interval} s'}, "
+              f"{args.scrapes} GET {args.path} a run {'back to back' if not args.interval else f'every {args.interval} s'}, "
               f"exposition {bl.fmt_num(size)} bytes; {errors} errors")
     return 1 if errors else 0
 
