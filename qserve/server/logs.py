@@ -9,7 +9,10 @@ unexpected error) stays inside its one JSON line.
 
 Access log (``--access-log``, off by default): one INFO line per request on the ``qserve.access``
 logger: method, path (as sent, percent-encoded, without the query, whose tags may be private), status, duration and body
-bytes (``-`` for a streamed body or a WebSocket); never a header, so never the token.
+bytes (``-`` for a streamed body or a WebSocket); never a header, so never the token. It is
+written by the application (`server.app`): a request the HTTP edge refuses before the application
+sees it (malformed, a head or body over the limits, too slow to arrive) has no line; the edge
+counts those (`HTTPServer.statistics`).
 """
 
 from __future__ import annotations

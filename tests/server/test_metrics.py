@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 from qserve.cli import main as cli_main
+from qserve.server.health import reporting_progress
 from qserve.server.logs import JsonFormatter
 from qserve.server.metrics import RENDER_EVERY
 
@@ -299,3 +300,16 @@ def test_a_json_log_line_is_one_object_with_the_fields_the_call_gave():
     assert (doc["queue"], doc["consumer"], doc["status"]) == ("q", "g.u", 503)
     assert "duration" not in doc and "ValueError: boom" in doc["error"]
     assert doc["time"].endswith("+00:00")
+
+
+async def test_a_long_start_up_logs_its_progress_every_ten_seconds(caplog, autojump_clock):
+    caplog.set_level(logging.INFO, logger="qserve")
+    opened = iter(range(1, 10))
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            with reporting_progress(nursery, lambda: next(opened)):
+                await trio.sleep(25)   # the queues being opened
+            await trio.sleep(30)       # done: no more lines
+    assert [r.getMessage() for r in caplog.records] == [
+        "starting: 1 queue opened in 10 s so far; recovering the others",
+        "starting: 2 queues opened in 20 s so far; recovering the others"]
