@@ -29,6 +29,12 @@ def test_the_wheel_installs_only_the_qserve_package(tmp_path):
     assert "qserve/storage/log.py" in names and "qserve/storage/FORMAT.md" in names
     assert "qserve/tools/logtool/cli.py" in names
     assert not any(name.startswith("qserve/tests") for name in names)
+    # every package of the tree is in the wheel (a package missing from pyproject's list would
+    # work in an editable install and fail in a real one)
+    for root, installed in (("qserve", "qserve"), ("storage", "qserve/storage"), ("tools", "qserve/tools")):
+        for init in (REPO / root).rglob("__init__.py"):
+            module = f"{installed}/{init.relative_to(REPO / root).as_posix()}"
+            assert module in names, f"{module} is not in the wheel: add its package to pyproject.toml"
 
 
 def _top_level_imports(path: Path):
