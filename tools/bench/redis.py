@@ -28,8 +28,8 @@ What runs (everything on 127.0.0.1; every process started here is stopped by its
   the node's place (the nodes are idle then).
 - CPU: of the node, redis-server (/proc/PID/stat utime + stime before and after) and the load
   generator (its rusage once it has exited; this process's own for the watch consumers), in % of
-  one core over the run. The watch runs show the node's and the consumers' CPU over the consume
-  phase only (redis-server's is not taken there: the run includes its pre-fill).
+  one core over the run; in the watch runs over the consume phase only (not the pre-fill), the
+  consumers being this process.
 
 Output: progress lines on stderr; the table (or ``--json``) on stdout. "vs local" is the redis node's
 figure divided by the local node's; "vs redis-py" divides a node's figure by redis-py's (XADD seq for
@@ -166,6 +166,20 @@ def parse_wrk(out: str) -> dict:
     return {"rate": float(rps.group(1)), "p50_ms": lat.get("50"), "p99_ms": lat.get("99"), "errors": bad}
 
 
+class _Paired:
+    """The node as `watch.throughput`'s CPU meter sees it. The meter reads `cpu_seconds()` once when
+    the consumers start and once when the last commit is answered; each reading also takes
+    redis-server's, so its CPU over the same phase is known (the pre-fill before it not counted)."""
+
+    def __init__(self, node: bl.ServerProc, redis: RedisProc) -> None:
+        self.node, self.redis = node, redis
+        self.readings: list[float] = []
+
+    def cpu_seconds(self) -> float:
+        self.readings.append(self.redis.cpu_seconds())
+        return self.node.cpu_seconds()
+
+
 class Bench:
     """One run: the processes, the scenarios, the runs recorded per (scenario, side)."""
 
@@ -222,13 +236,16 @@ class Bench:
 
     def watch(self, side: str, consumers: int) -> None:
         n = self.nodes[side]
+        paired = _Paired(n, self.redis)
         row = trio.run(lambda: throughput(n.port, bl.TOKEN, consumers=consumers, window=WINDOW, auto=False,
-                                          entries=self.args.entries, server=n, timeout=self.args.timeout,
+                                          entries=self.args.entries, server=paired, timeout=self.args.timeout,
                                           ws_client="lean"))
+        redis_pct = round(100 * (paired.readings[-1] - paired.readings[0]) / row["seconds"], 1)
         self.record(f"watch manual w{WINDOW} c{consumers}", side,
                     {"rate": row["entries_per_s"], "p50_ms": None, "errors": row["errors"],
-                     "node_cpu_pct": row["server_cpu_pct"], "gen_cpu_pct": row["client_cpu_pct"],
-                     "other_cpu_pct": row["other_cpu_pct"]}, "entries/s")
+                     "node_cpu_pct": row["server_cpu_pct"], "redis_cpu_pct": redis_pct,
+                     "gen_cpu_pct": row["client_cpu_pct"],
+                     "other_cpu_pct": round(max(0.0, row["other_cpu_pct"] - redis_pct), 1)}, "entries/s")
 
     def round(self, i: int, have: dict[str, bool]) -> None:
         sides = ("local", "redis") if i % 2 == 0 else ("redis", "local")
@@ -281,12 +298,9 @@ def render(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    lines = []
-    for r in rows:
-        if r["side"] == "redis" and r["scenario"] in (PUT_C16, PUT_SEQ) and r["vs_local"] is not None:
-            met = "met" if r["vs_local"] >= TARGET else "MISSED"
-            lines.append(f"target {r['scenario']}: redis node >= {TARGET:.2f}x the local node: {r['vs_local']:.2f}x -> {met}")
-    return lines
+    return [f"target {r['scenario']}: redis node >= {TARGET:.2f}x the local node: {r['vs_local']:.2f}x -> "
+            + ("met" if r["vs_local"] >= TARGET else "MISSED") for r in rows
+            if r["side"] == "redis" and r["scenario"] in (PUT_C16, PUT_SEQ) and r["vs_local"] is not None]
 
 
 def available(args: argparse.Namespace) -> dict[str, bool]:
@@ -299,8 +313,11 @@ def available(args: argparse.Namespace) -> dict[str, bool]:
     elif not have["wrk"]:
         bl.progress("wrk not installed (apt-get install wrk): the put c16 rows are skipped")
     have["wrk"] = have["wrk"] and have["scripts"]
-    probe = subprocess.run([args.peer_python, "-c", "import redis"], capture_output=True)
-    have["redis-py"] = have["scripts"] and probe.returncode == 0
+    try:
+        have["redis-py"] = have["scripts"] and subprocess.run([args.peer_python, "-c", "import redis"],
+                                                              capture_output=True).returncode == 0
+    except OSError:                  # no such interpreter
+        have["redis-py"] = False
     if have["scripts"] and not have["redis-py"]:
         bl.progress(f"{args.peer_python} cannot import redis (pip install redis, or --peer-python): the redis-py rows are skipped")
     return have
