@@ -15,7 +15,7 @@ from qserve.core.errors import BadRequest
 __all__ = [
     "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Truncate", "Commit", "Negative",
     "Attributes", "Search", "Count", "End", "Watch", "Health", "Ready", "Metrics", "ListQueues", "CreateQueue",
-    "ConsumerSpec",
+    "DashboardFile", "DashboardData", "ConsumerSpec",
 ]
 
 
@@ -154,6 +154,22 @@ class Metrics:
 
     accept: str = ""
     json: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardFile:
+    """`GET /dashboard[/NAME]`: one of the dashboard page's static files (no token: they hold no
+    data; the page asks `DashboardData` with the token)."""
+
+    name: str = "index.html"
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardData:
+    """`GET /api/dashboard` (a qserve extension): the figures the dashboard shows, of the services
+    ``token`` opens (checked by routing as for `ListQueues`) and of the server."""
+
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
