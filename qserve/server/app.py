@@ -69,13 +69,16 @@ class App:
     ``wall_clock`` (unix seconds, default `time.time`) stamps a put's ``ts@source`` / ``ts@sink``
     tag in milliseconds; injected so that a test can fix it. ``meters`` is where the requests are
     counted (the watch service counts its deliveries there too); ``edge_statistics`` is the HTTP
-    edge's `statistics()`, for `/metrics`.
+    edge's `statistics()`, for `/metrics`; ``recovered`` is set once the start-up has opened every
+    queue in the store (until then `/readyz` is 503 and a listing of the queues waits for it).
     """
 
     def __init__(self, config: Config, queues: Backend, watch: WatchService, meters: Meters, *,
                  edge_statistics: Callable[[], dict] = dict,
+                 recovered: trio.Event | None = None,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._recovered = recovered     # set once the start-up has opened every queue in the store
         self._wall_clock = wall_clock
         self.queues = queues
         self.watch = watch
@@ -94,7 +97,8 @@ class App:
 
     async def not_ready(self) -> str | None:
         """Why this server should get no traffic now (one line), or None (`server.health`)."""
-        return await health.not_ready(self.config, self.queues, stopping=self.stopping)
+        return await health.not_ready(self.config, self.queues, stopping=self.stopping,
+                                      recovering=self._recovered is not None and not self._recovered.is_set())
 
     def anonymous_user(self) -> str:
         """A fresh user id for a request that names none: a watch is one request on its own
@@ -175,6 +179,8 @@ class App:
                 queue = await self.queues.get(op.queue)   # errors here are still a status line
                 return await self.watch.http_stream(queue, op)
             case ev.ListQueues() | ev.CreateQueue():
+                if isinstance(op, ev.ListQueues) and self._recovered is not None:
+                    await self._recovered.wait()   # a listing names every queue in the store
                 return await admin.handle(self.queues, self.config, op)
         try:
             queue = await self.queues.get(op.queue)

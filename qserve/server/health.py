@@ -1,7 +1,9 @@
 """Readiness (`GET /readyz`): can this server take traffic now, and if not, why (one line).
 
-Strategy: the server answers requests only once its start-up has opened (recovered) every queue
-that opens at start, so the question left is whether storage accepts writes now. It is asked
+Strategy: the server listens once the queues it must serve (`--queues`, `--root-service`) are
+open; the others in the store are opened (recovered) after that, and until they all are the
+server is not ready (a request to one of them opens it at once). Then the question is whether
+storage accepts writes now. It is asked
 through the backend seam, so it holds for every backend: `Backend.listing` answers (with Redis:
 Redis answered; unreachable, loading or refusing it raises `Unavailable`, whose one-line reason
 is the answer) and lists no fenced queue (a queue on disk that cannot be opened: its requests get
@@ -36,10 +38,13 @@ log = logging.getLogger("qserve")
 PROGRESS_EVERY = 10.0   # seconds between two "still starting" lines
 
 
-async def not_ready(config: Config, queues: Backend, *, stopping: bool) -> str | None:
+async def not_ready(config: Config, queues: Backend, *, stopping: bool, recovering: bool = False) -> str | None:
     """Why the server is not ready (one line), or None when it is."""
     if stopping:
         return "shutting down"
+    if recovering:
+        opened = len(queues.statistics())
+        return f"starting: recovering the queues on disk ({opened} open so far)"
     if not config.backend:
         problem = data_dir_problem(Path(config.data_dir), config.max_payload_bytes)
         if problem is not None:

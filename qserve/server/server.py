@@ -91,6 +91,7 @@ class Server:
         self._stop = trio.Event()
         self._starting = trio.CancelScope()   # cancelled by shutdown()/abort() while starting
         self._served = False                  # it listened: the "stopped" line is true
+        self.recovered = trio.Event()         # every queue in the store is open (`_recover`)
         self._aborted = False
 
     def shutdown(self) -> None:
@@ -122,12 +123,11 @@ class Server:
                     try:
                         began = trio.current_time()
                         self.queues = await self._open_backend(queue_tasks)
-                        with reporting_progress(queue_tasks, self._opened):
-                            await self._open_queues()
-                        await self._record_start(trio.current_time() - began)
+                        await self._open_required()
                     except StartupError as exc:
                         failure = exc   # raised outside the nursery: one plain error, no group
                 if failure is None and not self._starting.cancelled_caught:
+                    queue_tasks.start_soon(self._recover, queue_tasks, began)
                     await self._serve(queue_tasks, task_status)
                 # the front is drained; stop the queue tasks (a flusher finishes its fsync first)
                 queue_tasks.cancel_scope.cancel()
@@ -154,16 +154,24 @@ class Server:
             raise StartupError(exc.reason) from None
         return backend
 
-    async def _open_queues(self) -> None:
-        """The queues the user named must open (or the server does not start); the others on disk
-        are opened too, so that each one's recovery report (or its fence) is logged at start."""
+    async def _open_required(self) -> None:
+        """The queues the user named must open, or the server does not start (before it listens)."""
         assert self.queues is not None
         for ref in self._demanded():
             try:
                 await self.queues.open_required(ref)
             except QServeError as exc:
                 raise StartupError(exc.reason) from None
-        await self.queues.open_declared()
+
+    async def _recover(self, queue_tasks: trio.Nursery, began: float) -> None:
+        """Once listening: open every other queue the store holds, so that each one's recovery report
+        (or its fence) is logged at start; until this is done `/readyz` answers 503 and a listing waits,
+        while a request to a queue opens (recovers) that one at once."""
+        assert self.queues is not None
+        with reporting_progress(queue_tasks, self._opened):
+            await self.queues.open_declared()
+        await self._record_start(trio.current_time() - began)
+        self.recovered.set()
 
     def _opened(self) -> int:
         """Queues opened so far (for the start-up's progress lines)."""
@@ -188,6 +196,7 @@ class Server:
         config = self.config
         assert self.queues is not None
         self.app = App(config, self.queues, self.watch, self.meters, wall_clock=self._wall_clock,
+                       recovered=self.recovered,
                        edge_statistics=lambda: self.http.statistics() if self.http is not None else {})
         queue_tasks.start_soon(self.watch.fallback)   # stopped with the queue tasks
         self.http = HTTPServer(self.app.handle, self.app.websocket, http_config_for(config))

@@ -220,6 +220,7 @@ async def test_readyz_is_503_with_the_reason_while_a_queue_is_fenced(tmp_path, c
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path) as srv:
             c = await srv.client("bad")
+            await srv.server.recovered.wait()        # the start-up has tried every queue on disk
             head, body = await c.request("GET", "/readyz")
             assert (head.status_code, body) == (503, b"not ready: 1 queue cannot be opened (fenced; "
                                                      b"GET /api/queues and the log say why)\n")
