@@ -8,8 +8,9 @@ every `ParamError` the 400 with its reason, in one place. Control parameters are
 underscore-wrapped names (`_index_`); every other query parameter is a tag. Unknown control
 parameters are ignored and never stored. qserve's own endpoints under `/api/queues` (list the
 queues, create a service's) are matched before the queue paths, so `--root-service` does not take them;
-so are `GET /healthz`, `GET /readyz` (no token: load balancers ask them) and `GET /metrics` (the
-global token, or `--metrics-token` for scrapers).
+so are `GET /healthz`, `GET /readyz` (no token: load balancers ask them), `GET /metrics` (the
+global token, or `--metrics-token` for scrapers), the dashboard's static files under `GET /dashboard`
+(no token: they hold no data) and its figures, `GET /api/dashboard` (the token rule of `/api/queues`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from qserve.core.errors import BadRequest, MethodNotAllowed, NotFound, Unauthori
 from qserve.wire.params import (ParamError, parse_bool, parse_duration, parse_index_list, parse_int,
                                 required, split_params)
 
-__all__ = ["route", "ADMIN", "identity_from", "header_tags", "MAX_PRIORITY",
+__all__ = ["route", "ADMIN", "DASHBOARD", "DASHBOARD_DATA", "identity_from", "header_tags", "MAX_PRIORITY",
            "service_problem", "token_opens"]
 
 ADMIN = "/api/queues"          # qserve's own endpoints: list the queues, create a service's queues
+DASHBOARD = "/dashboard"       # the dashboard page and its files
+DASHBOARD_DATA = "/api/dashboard"   # the figures the dashboard shows (JSON)
 MAX_PRIORITY = 2**31 - 1
 MAX_TIMEOUT = 3600.0
 NAME_MAX = 255                 # bytes in a file name (Linux, most file systems): a service's directory
@@ -45,7 +48,8 @@ Headers = Mapping[str, str]   # lower-case names
 
 def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Headers, body: bytes,
           config: Config, *, anonymous_user: str,
-          upgrade: bool = False) -> ev.Operation | ev.Health | ev.Ready | ev.Metrics | ev.ListQueues | ev.CreateQueue:
+          upgrade: bool = False) -> (ev.Operation | ev.Health | ev.Ready | ev.Metrics | ev.ListQueues | ev.CreateQueue
+                                     | ev.DashboardFile | ev.DashboardData):
     """Map one request to an operation.
 
     Args:
@@ -60,6 +64,13 @@ def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Hea
         return _server_path(path, query, headers, config)
     if path == ADMIN or path.startswith(ADMIN + "/"):   # before --root-service takes every path
         return _admin(method, path, headers, config)
+    if method == "GET" and (path == DASHBOARD or path.startswith(DASHBOARD + "/")):
+        return ev.DashboardFile(path[len(DASHBOARD) + 1:] or "index.html")
+    if path == DASHBOARD_DATA:
+        token = _listing_token(headers, config)
+        if method != "GET":
+            raise MethodNotAllowed(f"method {method} not allowed on {DASHBOARD_DATA}", headers=[("Allow", "GET")])
+        return ev.DashboardData(token)
     queue, subpath = _queue_for(path, config)
     if queue is None or (subpath and method != "POST"):
         raise NotFound(f"no queue at {path}")

@@ -11,7 +11,8 @@ is raised and rendered by `errors.error_response` in `handle` (the one place).
 Observability: `handle` counts every answer by operation and status and, with ``--access-log``,
 logs one line per request (`server.logs`); the operations count what they did in `server.meters`
 (one increment each) and a put and a get their latency. The server's own endpoints are answered
-here too: `/healthz`, `/readyz` (`server.health`) and `/metrics` (`server.metrics`).
+here too: `/healthz`, `/readyz` (`server.health`), `/metrics` (`server.metrics`) and the dashboard
+(`server.dashboard`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from qserve.server.http import Request, Response
 from qserve.core.routing import route
 from qserve.server import health
 from qserve.server.logs import log_access
+from qserve.server.dashboard import Dashboard
 from qserve.server.meters import Meters
 from qserve.server.metrics import Metrics
 from qserve.server.watch import WatchService
@@ -54,7 +56,8 @@ OK = Response(200, b"OK", list(TEXT))
 OPERATIONS = {ev.Put: "put", ev.Get: "get", ev.Delete: "delete", ev.Truncate: "truncate", ev.Commit: "commit",
               ev.Negative: "negative", ev.End: "end", ev.Attributes: "attributes", ev.Search: "search",
               ev.Count: "count", ev.Watch: "watch", ev.Health: "health", ev.Ready: "ready",
-              ev.Metrics: "metrics", ev.ListQueues: "list", ev.CreateQueue: "create"}
+              ev.Metrics: "metrics", ev.ListQueues: "list", ev.CreateQueue: "create",
+              ev.DashboardFile: "dashboard", ev.DashboardData: "dashboard"}
 
 
 def long_poll_deadline(timeout: float) -> float:
@@ -85,6 +88,7 @@ class App:
         self.meters = meters
         self.metrics = Metrics(meters, queues, edge=edge_statistics, watch=watch.statistics,
                                readiness=self.not_ready)
+        self.dashboard = Dashboard(self.metrics, config, wall_clock=wall_clock)
         self._anon = itertools.count(1)
         self._boot = uuid.uuid4().hex[:8]
         self.stopping = False  # set by shutdown(): long-polling gets answer at once
@@ -175,6 +179,11 @@ class App:
             case ev.Metrics():
                 body, content_type = await self.metrics.exposition(op.accept)
                 return Response(200, body, [("Content-Type", content_type)])
+            case ev.DashboardFile():
+                return self.dashboard.file(op.name)
+            case ev.DashboardData():
+                document = await self.dashboard.document(op.token)
+                return Response(200, json.dumps(document).encode(), [*JSON, ("Cache-Control", "no-cache")])
             case ev.Watch():
                 queue = await self.queues.get(op.queue)   # errors here are still a status line
                 return await self.watch.http_stream(queue, op)
