@@ -136,3 +136,25 @@ def _cmdline_has(proc_dir: Path, text: str) -> bool:
         return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
     except OSError:                            # the process ended meanwhile
         return False
+
+
+def test_bench_ratios_quick_prints_table(tmp_path):
+    """One short round of every target next to its reference (bare trio+h11, the fsync floor, Redis
+    when it is here), the table on stdout; every process it started is gone and its directories removed."""
+    require_redis_server()
+    proc = run_tool("ratios", "--quick", "--data-dir", str(tmp_path), timeout=240.0)
+    out = proc.stdout
+    header = next(line for line in out.splitlines() if line.startswith("target"))
+    for column in ("qserve", "reference", "ratio", "target", "verdict"):
+        assert column in header
+    for row in ("durable put seq (http.client)", "push+manual commit w10, 4 consumers", "latency manual p50",
+                "latency manual p99", "latency auto p50", "restart, 5,000 entries", "RAM per stored entry",
+                "idle conns"):
+        assert row in out, (row, out)
+    if shutil.which("wrk"):
+        assert "durable put c16 (wrk)" in out and "bare trio+h11" in out
+    assert "round 1/1" in proc.stderr                # progress went to stderr
+    assert "writing" not in out                      # the storage bench's progress too
+    assert list(tmp_path.iterdir()) == []
+    running = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _cmdline_has(pid, str(tmp_path))]
+    assert running == []

@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Issue #19's performance targets in one command: qserve next to its reference, measured in the
+same run, alternating, medians; one table of target, qserve figure, reference figure, ratio, target.
+
+    python -m tools.bench.ratios                                  # full run (about 6 min on 2 cores)
+    python -m tools.bench.ratios --quick                          # smoke run (about 1 min)
+    python -m tools.bench.ratios --peer-python /tmp/peervenv/bin/python   # a Python with redis-py
+
+What runs (everything on 127.0.0.1; every process started here is stopped by its pid at the end):
+- Servers, each started once and idle while another is measured: qserve (``--fsync always``, a
+  temporary ``--data-dir``, no token: the reference scripts send none), the bare trio + h11 server
+  ``h11_server.py`` of ``--peerbench`` on a free port, and ``redis-server --appendonly yes
+  --appendfsync always --save ''`` (`redis.RedisProc`). With ``--pin`` (default on 2+ CPUs) the
+  servers run on CPU 0 and the load generators (wrk, the client scripts, this process) on CPU 1.
+- The reference scripts run exactly as ``peerbench/README.md`` says. Each round runs every pair
+  once, the side that goes first flipping every round; a figure is the median over ``--rounds``:
+  durable put c16 = ``wrk -t1 -c16 -d5s -s post.lua`` on ``/api/predict/perf``, qserve / bare;
+  durable put seq = ``http_client_seq.py PORT 4 /api/predict/perfseq``, qserve / ceiling where the
+  ceiling is 1 / (bare p50 of the same script + ``fsync_bench.py DATA_DIR 2 fsync 1`` p50), with
+  qserve / ``redis_streams.py PORT seq 4`` next to it; push + manual commit, window 10, one
+  consumer = ``watch_rate.py PORT 15000`` / ``redis_streams.py PORT group 3``; four consumers are
+  `watch.throughput` (the lean client of `ws`, one commit in flight per consumer), reported.
+- Latency: the end-to-end peak of each commit mode (`watch_parts.e2e_peak`, once), then per round
+  an open-loop producer at half of it with one consumer (`watch_latency.latency_run`) and the bare
+  server's round trip at the same rate (`watch_latency.bare_round_trips`). Manual commit: p50 < 1 ms
+  and p99 < 5 ms; auto commit: p50 <= 1.5x its floor = bare round trip p50 + fsync p50.
+- No regression, once each: reopen of a log of ``--entries`` entries (`storage.bench_reopen`: best
+  of 3, and RAM per entry with the requestId table) and `load` (1,000 keep-alive connections, 100
+  watchers, a fresh-client probe) as a child process.
+
+Output: progress lines on stderr; the table (or ``--json``) on stdout. Without wrk, redis-server,
+redis-py (``--peer-python``) or eas-prediction, the rows needing them say "skipped" and why.
+Exit status 1 when a request failed or a child tool failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from . import drive, lib as bl
+from .redis import PEERBENCH, RedisProc, parse_wrk, run_child
+from .storage import TagPool, bench_reopen
+from .watch import throughput
+from .watch_latency import bare_round_trips, latency_run
+from .watch_parts import e2e_peak
+
+WINDOW = 10
+_NOT_RUN = "skipped"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((bl.LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+class PeerServer(bl.ServerProc):
+    """``h11_server.py PORT`` of the peerbench on a free port; started once it accepts connections."""
+
+    def __init__(self, script: Path, *, cpu: int | None) -> None:
+        port = free_port()
+        super().__init__("bare trio+h11", [sys.executable, str(script), str(port)], cpu=cpu)
+        self.port = port
+
+    def start(self, timeout: float = 20.0) -> "PeerServer":
+        cpu = self.cpu
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=bl.REPO,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((bl.LOCALHOST, self.port), timeout=1.0).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"{self.args[1]} did not start on port {self.port}") from None
+                time.sleep(0.02)
+
+
+class Ratios:
+    """The run: the processes, every measurement recorded by name (one list of figures per side)."""
+
+    def __init__(self, args: argparse.Namespace, cpus, qserve: bl.ServerProc, bare: PeerServer,
+                 redis: RedisProc | None, data_dir: Path, have: dict[str, str | None]) -> None:
+        self.args, self.cpus, self.qserve, self.bare, self.redis = args, cpus, qserve, bare, redis
+        self.data_dir, self.have = data_dir, have
+        self.peer = Path(args.peerbench)
+        self.runs: dict[str, list[float]] = {}
+        self.errors = 0
+        self.rates: dict[str, float] = {}
+
+    def note(self, key: str, value: float | None, label: str = "") -> None:
+        if value is not None:
+            self.runs.setdefault(key, []).append(value)
+        if label:
+            bl.progress(f"  {label}")
+
+    def median(self, key: str) -> float | None:
+        vals = self.runs.get(key)
+        return statistics.median(vals) if vals else None
+
+    def script(self, name: str, *argv: str, python: str | None = None, cpu: int | None = None,
+               timeout: float = 120.0) -> dict:
+        """Run a peerbench script to its end; its one JSON line."""
+        out, _, _ = run_child([python or sys.executable, str(self.peer / name), *argv],
+                              cpu=self.cpus[1] if cpu is None else cpu, timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+    # -- the pairs -----------------------------------------------------------------------------
+    def wrk(self, side: str) -> None:
+        server = self.qserve if side == "qserve" else self.bare
+        out, _, _ = run_child(["wrk", "-t1", "-c16", f"-d{self.args.wrk_seconds}s", "--latency", "-s",
+                               str(self.peer / "post.lua"), f"http://{bl.LOCALHOST}:{server.port}/api/predict/perf"],
+                              cpu=self.cpus[1], timeout=self.args.wrk_seconds + 30)
+        r = parse_wrk(out)
+        self.errors += r["errors"]
+        self.note(f"wrk {side}", r["rate"], f"wrk c16 [{side}]: {r['rate']:,.0f} req/s, p50 {r['p50_ms']} ms"
+                  + (f", {r['errors']} errors" if r["errors"] else ""))
+
+    def seq(self, side: str) -> None:
+        server = self.qserve if side == "qserve" else self.bare
+        doc = self.script("http_client_seq.py", str(server.port), str(self.args.seq_seconds), "/api/predict/perfseq")
+        self.errors += doc["non_200"]
+        self.note(f"seq {side}", doc["req_per_s"])
+        self.note(f"seq {side} p50", doc["p50_us"] / 1000,
+                  f"seq http.client [{side}]: {doc['req_per_s']:,} req/s, p50 {doc['p50_us']:.0f} us")
+
+    def fsync(self) -> None:
+        doc = self.script("fsync_bench.py", str(self.data_dir), str(self.args.fsync_seconds), "fsync", "1")
+        self.note("fsync p50", doc["p50_us"] / 1000, f"fsync_bench: p50 {doc['p50_us']:.0f} us")
+
+    def redis_py(self, mode: str) -> None:
+        if self.have["redis"]:
+            return
+        seconds = self.args.seq_seconds if mode == "seq" else self.args.group_seconds
+        doc = self.script("redis_streams.py", str(self.redis.port), mode, str(seconds), python=self.args.peer_python,
+                          timeout=seconds + 120)
+        self.note(f"redis {mode}", doc["ops_per_s"], f"redis-py {mode}: {doc['ops_per_s']:,} ops/s")
+
+    def watch_rate(self) -> None:
+        if self.have["watch_rate"]:
+            return
+        doc = self.script("watch_rate.py", str(self.qserve.port), str(self.args.entries), timeout=300)
+        self.note("watch c1", doc["entries_per_s"], f"watch_rate.py [qserve]: {doc['entries_per_s']:,} entries/s")
+
+    def watch4(self) -> None:
+        row = trio.run(lambda: throughput(self.qserve.port, bl.TOKEN, consumers=4, window=WINDOW, auto=False,
+                                          entries=self.args.entries4, server=self.qserve,
+                                          timeout=self.args.timeout, ws_client="lean"))
+        self.errors += row["errors"]
+        self.note("watch c4", row["entries_per_s"])
+
+    def peaks(self) -> None:
+        for mode in ("manual", "auto"):
+            row = trio.run(lambda: e2e_peak(self.qserve.port, bl.TOKEN, window=WINDOW, auto=mode == "auto",
+                                            server=self.qserve, seconds=self.args.peak_seconds,
+                                            warmup=self.args.peak_seconds / 3, ws_client="lean"))
+            self.errors += row["errors"]
+            self.rates[mode] = max(50.0, row["received_per_s"] / 2)
+            self.note(f"peak {mode}", row["received_per_s"])
+
+    def latency(self, side: str) -> None:
+        a = self.args
+        for mode in ("manual", "auto"):
+            rate = self.rates[mode]
+            if side == "qserve":
+                row = trio.run(lambda: latency_run(self.qserve.port, bl.TOKEN, rate=rate, seconds=a.lat_seconds,
+                                                   warmup=a.lat_warmup, window=WINDOW, auto=mode == "auto",
+                                                   server=self.qserve, ws_client="lean"))
+                self.errors += row["errors"]
+                self.note(f"lat {mode} p50", row["p50_ms"])
+                self.note(f"lat {mode} p99", row["p99_ms"])
+            else:
+                floor = trio.run(lambda: bare_round_trips(self.bare.port, rate=rate, seconds=a.lat_seconds,
+                                                          warmup=a.lat_warmup))
+                self.note(f"floor {mode} p50", floor["p50_ms"])
+                self.note(f"floor {mode} p99", floor["p99_ms"])
+
+    def round(self, i: int) -> None:
+        first, second = ("qserve", "bare") if i % 2 == 0 else ("bare", "qserve")
+        bl.progress(f"round {i + 1}/{self.args.rounds} ({first} first)")
+        if not self.have["wrk"]:
+            for side in (first, second):
+                self.wrk(side)
+        for side in (first, second):
+            self.seq(side)
+        self.fsync()
+        self.redis_py("seq")
+        if i % 2 == 0:
+            self.watch_rate()
+            self.redis_py("group")
+        else:
+            self.redis_py("group")
+            self.watch_rate()
+        self.watch4()
+        for side in (first, second):
+            self.latency(side)
+
+    # -- the table -----------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        m = self.median
+        rows = []
+
+        def add(target: str, q: float | None, ref: float | None, ref_name: str, goal: str, *, unit: str,
+                ratio: float | None = None, met: bool | None = None, why: str | None = None) -> None:
+            if ratio is None and q is not None and ref:
+                ratio = q / ref
+            rows.append({"target": target, "unit": unit, "qserve": q, "reference": ref, "reference_is": ref_name,
+                         "ratio": ratio, "goal": goal, "met": met, "skipped": why,
+                         "runs": len(self.runs.get(_first_key(target), []))})
+
+        def at_least(r, x):
+            return None if r is None else r >= x
+
+        rq, rb = m("wrk qserve"), m("wrk bare")
+        add("durable put c16 (wrk)", rq, rb, "bare trio+h11", ">= 0.70x", unit="req/s",
+            met=at_least(rq / rb if rq and rb else None, 0.70), why=self.have["wrk"])
+        sq, sb50, f50 = m("seq qserve"), m("seq bare p50"), m("fsync p50")
+        ceiling = 1000 / (sb50 + f50) if sb50 is not None and f50 is not None else None
+        add("durable put seq (http.client)", sq, ceiling, "1/(bare p50 + fsync p50)", ">= 0.80x", unit="req/s",
+            met=at_least(sq / ceiling if sq and ceiling else None, 0.80))
+        add("durable put seq vs Redis XADD", sq, m("redis seq"), "redis-py, appendfsync always", "report",
+            unit="req/s", why=self.have["redis"])
+        wq, wr = m("watch c1"), m("redis group")
+        add("push+manual commit w10, 1 consumer", wq, wr, "redis-py XREADGROUP 10 + XACK", ">= 1.00x",
+            unit="entries/s", met=at_least(wq / wr if wq and wr else None, 1.0),
+            why=self.have["watch_rate"] or self.have["redis"])
+        add("push+manual commit w10, 4 consumers", m("watch c4"), wr, "redis-py XREADGROUP 10 + XACK (1)", "report",
+            unit="entries/s", why=self.have["redis"] and None)
+        for mode in ("manual", "auto"):
+            p50, p99 = m(f"lat {mode} p50"), m(f"lat {mode} p99")
+            fl50, fl99 = m(f"floor {mode} p50"), m(f"floor {mode} p99")
+            rate = self.rates.get(mode)
+            at = f" at {rate:,.0f}/s" if rate else ""
+            if mode == "manual":
+                add(f"latency manual p50{at}", p50, fl50, "bare round trip p50", "< 1 ms", unit="ms",
+                    met=None if p50 is None else p50 < 1.0)
+                add(f"latency manual p99{at}", p99, fl99, "bare round trip p99", "< 5 ms", unit="ms",
+                    met=None if p99 is None else p99 < 5.0)
+            else:
+                floor = fl50 + f50 if fl50 is not None and f50 is not None else None
+                add(f"latency auto p50{at}", p50, floor, "bare p50 + fsync p50", "<= 1.50x", unit="ms",
+                    met=None if p50 is None or floor is None else p50 <= 1.5 * floor)
+        rs, ram = m("reopen s"), m("ram B")
+        add(f"restart, {self.args.reopen_entries:,} entries", rs, 2.0, "limit", "<= 2 s", unit="s",
+            met=None if rs is None else rs <= 2.0)
+        add("RAM per stored entry", ram, 100.0, "limit", "<= 100 B", unit="B", met=None if ram is None else ram <= 100)
+        lp = m("load probe p99")
+        add(f"{self.args.load_connections} idle conns + {self.args.load_watchers} watchers: probe p99", lp,
+            100.0, "limit", "served, < 100 ms", unit="ms",
+            met=None if lp is None else (lp < 100.0 and not self.runs.get("load errors", [1])[0]),
+            why=None if lp is not None else self.have.get("load"))
+        return rows
+
+    # -- no regression -------------------------------------------------------------------------
+    def reopen(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="qserve-reopen-", dir=self.args.data_dir) as root:
+            ns = argparse.Namespace(big_dir=None, repeat=3)
+            with contextlib.redirect_stdout(sys.stderr):   # its progress lines: stdout is the table's
+                r = bench_reopen(root, self.args.reopen_entries, ns, TagPool())
+        self.note("reopen s", r["reopen_s"])
+        self.note("ram B", r["ram_full"], f"reopen {self.args.reopen_entries:,} entries: {r['reopen_s']:.2f} s "
+                  f"(runs {', '.join(f'{t:.2f}' for t in r['reopen_all'])}); RAM/entry {r['ram_full']:.1f} B")
+
+    def load(self) -> None:
+        a = self.args
+        argv = [sys.executable, "-m", "tools.bench.load", "--json", "--connections", str(a.load_connections),
+                "--watchers", str(a.load_watchers), "--seconds", str(a.load_seconds),
+                "--slow-loris", str(a.load_loris)]
+        if a.data_dir:
+            argv += ["--data-dir", a.data_dir]
+        proc = subprocess.run(argv, cwd=bl.REPO, capture_output=True, text=True, timeout=a.load_seconds + 180)
+        try:
+            doc = json.loads(proc.stdout)
+        except ValueError:
+            self.have["load"] = f"tools.bench.load exited {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
+            self.errors += 1
+            return
+        self.note("load errors", doc["errors"])
+        self.errors += doc["errors"]
+        self.note("load probe p99", doc["probe"]["p99_ms"],
+                  f"load: probe p99 {doc['probe']['p99_ms']} ms, errors {doc['errors']}, memory growth "
+                  f"{doc['memory']['growth_mb']} MB")
+
+
+def _first_key(target: str) -> str:
+    return {"durable put c16 (wrk)": "wrk qserve", "durable put seq (http.client)": "seq qserve",
+            "durable put seq vs Redis XADD": "redis seq", "push+manual commit w10, 1 consumer": "watch c1",
+            "push+manual commit w10, 4 consumers": "watch c4"}.get(target, "lat manual p50" if "latency" in target
+                                                                   else "")
+
+
+def render(rows: list[dict]) -> str:
+    def fig(x, unit):
+        if x is None:
+            return "-"
+        return bl.fmt_num(x, 2 if unit in ("ms", "s") else (1 if unit == "B" else 0))
+
+    def verdict(r):
+        if r["skipped"]:
+            return f"{_NOT_RUN}: {r['skipped']}"
+        if r["met"] is None:
+            return "report" if r["goal"] == "report" else "-"
+        return "met" if r["met"] else "MISSED"
+
+    return bl.table([[r["target"], fig(r["qserve"], r["unit"]), fig(r["reference"], r["unit"]), r["unit"],
+                      r["reference_is"], "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["goal"], verdict(r)]
+                     for r in rows],
+                    ["target", "qserve", "reference", "unit", "reference is", "ratio", "target", "verdict"])
+
+
+def available(args: argparse.Namespace) -> dict[str, str | None]:
+    """Why each optional part cannot run (None: it can)."""
+    peer = Path(args.peerbench)
+    missing = [f for f in ("h11_server.py", "post.lua", "http_client_seq.py", "fsync_bench.py",
+                           "redis_streams.py", "watch_rate.py") if not (peer / f).is_file()]
+    if missing:
+        raise RuntimeError(f"peerbench scripts missing in {peer} (--peerbench): {', '.join(missing)}")
+    have: dict[str, str | None] = {"wrk": None if shutil.which("wrk") else "wrk not installed",
+                                   "redis": None, "watch_rate": None}
+    if shutil.which("redis-server") is None:
+        have["redis"] = "redis-server not installed"
+    else:
+        try:
+            ok = subprocess.run([args.peer_python, "-c", "import redis"], capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+        have["redis"] = None if ok else f"{args.peer_python} cannot import redis (--peer-python)"
+    if subprocess.run([sys.executable, "-c", "import eas_prediction, websocket"], capture_output=True).returncode:
+        have["watch_rate"] = "eas-prediction / websocket-client not installed"
+    for k, why in have.items():
+        if why:
+            bl.progress(f"{k}: {why}: its rows are skipped")
+    return have
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one short run of each, small sizes (smoke run)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; --quick 1)")
+    p.add_argument("--entries", type=int, default=None, help="watch_rate.py entries (default 15000; --quick 300)")
+    p.add_argument("--entries4", type=int, default=None, help="4-consumer watch entries (default 10000; --quick 200)")
+    p.add_argument("--reopen-entries", type=int, default=None, help="restart log size (default 1000000; --quick 5000)")
+    p.add_argument("--load-connections", type=int, default=None, help="load: connections (default 1000; --quick 50)")
+    p.add_argument("--load-watchers", type=int, default=None, help="load: watchers (default 100; --quick 5)")
+    p.add_argument("--load-seconds", type=float, default=None, help="load: seconds (default 8; --quick 1)")
+    p.add_argument("--no-regression", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the restart, RAM and load checks (default on)")
+    p.add_argument("--timeout", type=float, default=120.0, help="give up on one watch run after this long")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="servers on CPU 0, load generators on CPU 1 (default on with 2+ CPUs)")
+    p.add_argument("--peerbench", default=str(PEERBENCH), help=f"the reference scripts (default {PEERBENCH})")
+    p.add_argument("--peer-python", default=sys.executable, help="the Python that runs redis_streams.py (needs redis-py)")
+    p.add_argument("--data-dir", default=None, help="parent of the temporary directories (default: system temp)")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.rounds = args.rounds or (1 if q else 3)
+    args.entries = args.entries or (300 if q else 15000)
+    args.entries4 = args.entries4 or (200 if q else 10000)
+    args.reopen_entries = args.reopen_entries or (5000 if q else 1_000_000)
+    args.load_connections = args.load_connections if args.load_connections is not None else (50 if q else 1000)
+    args.load_watchers = args.load_watchers if args.load_watchers is not None else (5 if q else 100)
+    args.load_seconds = args.load_seconds or (1.0 if q else 8.0)
+    args.load_loris = 0 if q else 10
+    args.wrk_seconds = 1 if q else 5
+    args.seq_seconds = 0.5 if q else 4
+    args.group_seconds = 0.5 if q else 3
+    args.fsync_seconds = 0.5 if q else 2
+    args.peak_seconds = 0.6 if q else 3.0
+    args.lat_seconds, args.lat_warmup = (0.5, 0.2) if q else (4.0, 0.5)
+    try:
+        return run(args)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines() or ["failed"]
+        print("bench ratios: " + lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else ""), file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    cpus = bl.default_pinning(args.pin)
+    bl.pin_self(cpus[1])
+    have = available(args)
+    t0 = time.monotonic()
+    with bl.TempDataDir(args.data_dir) as tmp:
+        (tmp / "redis").mkdir()
+        (tmp / "qserve").mkdir()
+        redis = RedisProc(tmp / "redis", cpu=cpus[0]).start() if not have["redis"] else None
+        try:
+            qserve = bl.ServerProc("qserve", [sys.executable, "-m", "qserve", "serve", "--host", bl.LOCALHOST,
+                                              "--port", "0", "--data-dir", str(tmp / "qserve"), "--fsync", "always"],
+                                   cpu=cpus[0])
+            with qserve, PeerServer(Path(args.peerbench) / "h11_server.py", cpu=cpus[0]) as bare:
+                bl.progress(f"qserve pid {qserve.proc.pid} port {qserve.port}; bare pid {bare.proc.pid} port "
+                            f"{bare.port}" + (f"; redis-server pid {redis.proc.pid} port {redis.port}" if redis else "")
+                            + f"; servers cpu {cpus[0]}, load generators cpu {cpus[1]}")
+                for queue in ("perf", "perfseq"):      # warm-up: the queues exist, the code paths ran once
+                    trio.run(lambda: drive.put_many(qserve.port, queue, 200, connections=16, label=f"warm-up {queue}"))
+                bench = Ratios(args, cpus, qserve, bare, redis, tmp / "qserve", have)
+                bench.peaks()
+                for i in range(args.rounds):
+                    bench.round(i)
+                for proc in (qserve, bare, *([redis] if redis else [])):
+                    if not proc.alive():
+                        raise RuntimeError(f"{proc.name} died: {(proc.lines or ['no output'])[-1]}")
+        finally:
+            if redis is not None:
+                redis.stop()
+    if args.no_regression:
+        bl.progress("no-regression checks: restart, RAM per entry, load")
+        bench.reopen()
+        bench.load()
+    else:
+        for k in ("load",):
+            have[k] = "--no-no-regression"
+    rows = bench.rows()
+    bl.progress(f"done in {time.monotonic() - t0:.1f}s")
+    if args.json:
+        bl.dump_json({"benchmark": "ratios", "environment": bl.environment(args), "rows": rows,
+                      "runs": bench.runs, "latency_rates": bench.rates, "errors": bench.errors})
+    else:
+        print(f"# bench ratios: medians of {args.rounds} alternating round(s); wrk {args.wrk_seconds} s, "
+              f"http_client_seq {args.seq_seconds} s, watch_rate {args.entries} entries, latency "
+              f"{args.lat_seconds:g} s at half the end-to-end peak; servers cpu {cpus[0]}, load generators cpu "
+              f"{cpus[1]}; fsync always")
+        print(render(rows))
+    return 1 if bench.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
