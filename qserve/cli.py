@@ -53,6 +53,18 @@ def _add_serve(sub) -> None:
     p.add_argument("--node-lease", type=float, metavar="SECONDS",
                    help="Redis: seconds after which a node that stopped renewing its lease is taken as dead "
                         "and its consumers' entries go back to their groups (default 10)")
+    p.add_argument("--max-deliveries", type=int, metavar="N",
+                   help="move an entry delivered N times to a group without a commit to the service's "
+                        "dead-letter queue /api/predict/S/dlq (default 0: never)")
+    p.add_argument("--retry-backoff", metavar="INITIAL,FACTOR,MAX",
+                   help="a negative commit without _delay_ hides the entry for INITIAL*FACTOR^(n-1), at most "
+                        "MAX, after its n-th delivery (e.g. 1s,2,1m; default: redeliver at once)")
+    p.add_argument("--dedup-window", metavar="DURATION",
+                   help="a put whose client-supplied requestId was stored in the queue within DURATION "
+                        "answers the original index and stores nothing (e.g. 5m; default 0: off)")
+    p.add_argument("--delivery-timeout", metavar="DURATION",
+                   help="an entry a consumer holds this long without a commit goes back to its group "
+                        "(lastCode=timeout; e.g. 30s; default 0: no limit)")
     p.add_argument("--token", help="token every request must carry in Authorization")
     p.add_argument("--insecure", action="store_const", const=True,
                    help="allow a non-loopback address without a token")

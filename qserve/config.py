@@ -3,7 +3,8 @@
 Strategy: nothing below the CLI reads the environment or files; `load_config()` does it once and
 passes the result down explicitly (no module-level state). Every setting has a flag `--x-y`, an
 environment variable `QSERVE_X_Y` and a TOML key `x_y` (plus `[tokens]` and `queues` tables in the
-file).
+file), and a ``[services.NAME]`` table of the file overrides the delivery policies
+(`core.policy`) for one service.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from qserve.core import policy as _policy
+from qserve.core.policy import Policy, PolicyError
 
 __all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "BACKEND_SCHEMES", "is_loopback",
            "check_backend_url", "redact_url"]
@@ -68,6 +72,12 @@ class Config:
     redis_wait: int = 0                            # Redis: answer a write once this many replicas have it (WAIT)
     redis_wait_timeout: float = 1.0                # seconds WAIT may take before the write is answered 503
     node_lease: float = 10.0                       # Redis: seconds a dead node's consumers keep their entries
+    # delivery policies (`core.policy`), every queue's unless its service's [services.NAME] table says otherwise
+    max_deliveries: int = 0                        # dead-letter an entry after this many deliveries (0: off)
+    retry_backoff: tuple[float, float, float] | None = None   # a negative commit's delay: initial, factor, max
+    dedup_window: float = 0.0                      # seconds a client's requestId deduplicates puts (0: off)
+    delivery_timeout: float = 0.0                  # seconds a consumer may hold an entry (0: no limit)
+    services: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # per-service policy overrides
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -101,6 +111,17 @@ class Config:
         for svc in (*self.queues, *self.tokens, *([self.root_service] if self.root_service else [])):
             if not svc or "/" in svc or svc in (".", ".."):
                 raise ConfigError(f"service name {svc!r}: must be non-empty and contain no '/'")
+        try:
+            default = self.default_policy()
+            for svc, table in self.services.items():
+                if not isinstance(table, Mapping):
+                    raise PolicyError(f"services.{svc}: expected a table of settings")
+                default.merged(table, f"services.{svc}")
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.backend and (self.default_policy().active or self.services):
+            raise ConfigError("max_deliveries, retry_backoff, dedup_window, delivery_timeout and [services] "
+                              "are not available with --backend redis yet: the local backend has them")
         if not self.insecure and self.token is None and not self.tokens and not is_loopback(self.host):
             raise ConfigError(
                 f"host {self.host}: refusing to listen on a non-loopback address without --token "
@@ -109,6 +130,16 @@ class Config:
     def token_for(self, service: str) -> str | None:
         """The token a request to `service` must carry, or None when none is configured."""
         return self.tokens.get(service, self.token)
+
+    def default_policy(self) -> Policy:
+        """The delivery policies of a queue whose service has no ``[services.NAME]`` table."""
+        return Policy(self.max_deliveries, self.retry_backoff, self.dedup_window, self.delivery_timeout)
+
+    def policy_for(self, service: str) -> Policy:
+        """The delivery policies of ``service``'s queues (checked at start: never raises)."""
+        table = self.services.get(service)
+        default = self.default_policy()
+        return default if not table else default.merged(table, f"services.{service}")
 
     def redacted_backend(self) -> str:
         """``backend`` as it may be shown (logs, errors, listings): its password as ``***``."""
@@ -241,6 +272,10 @@ def _coerce(name: str, value: Any) -> Any:
                 pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
                 return {k.strip(): v.strip() for k, v in pairs}
             return {str(k): str(v) for k, v in dict(value).items()}
+        if name in _policy.POLICY_KEYS:
+            return _policy.coerce(name, value)
+        if name == "services":
+            return {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in dict(value).items()}
         if kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -255,6 +290,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "float":
             return float(value)
         return str(value)
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: invalid value {value!r}") from None
 

@@ -163,13 +163,16 @@ class QueueBackend(Protocol):
         """Auto-commit: the frames of a `take` are written; their window slots are free again."""
         ...
 
-    async def commit(self, indexes: Sequence[int]) -> None:
-        """Entries were processed: delete them for every group; durable on return."""
+    async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:
+        """Entries were processed: delete them for every group; durable on return. ``holder``
+        (group, consumer id) names who commits, when known: with ``delivery_timeout`` an entry
+        another member of that group holds now is left alone (a late commit is harmless)."""
         ...
 
-    async def negative(self, indexes: Sequence[int], code: str, reason: str) -> None:
+    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
         """Entries were refused by their consumer: deliver them to another member of the group,
-        annotated with ``code`` and ``reason`` (`tags_of`)."""
+        annotated with ``code`` and ``reason`` (`tags_of`); ``delay`` seconds later (None: the
+        queue's ``retry_backoff``, if any), or to its dead-letter queue after ``max_deliveries``."""
         ...
 
     # -- durability ---------------------------------------------------------------------------

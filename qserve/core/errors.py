@@ -16,7 +16,7 @@ from __future__ import annotations
 __all__ = [
     "QServeError", "ClientError", "ServerError",
     "BadRequest", "Unauthorized", "NotFound", "MethodNotAllowed", "RequestTimeout", "Conflict",
-    "PayloadTooLarge", "QueueFull", "HeadersTooLarge", "Unavailable", "QueueFenced", "InsufficientStorage",
+    "PayloadTooLarge", "QueueFull", "HeadersTooLarge", "Unavailable", "QueueFenced", "InsufficientStorage", "Unsupported",
     "InternalError", "translate", "error_response", "ws_close_for",
 ]
 
@@ -79,6 +79,7 @@ class HeadersTooLarge(ClientError, status=431): pass
 class InternalError(ServerError, status=500): pass
 class Unavailable(ServerError, status=503, close=1013): pass
 class InsufficientStorage(ServerError, status=507): pass
+class Unsupported(ServerError, status=501): pass   # a feature this backend does not have
 
 
 class QueueFenced(Unavailable):

@@ -21,18 +21,36 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class QueueRef:
-    """One queue: a service's input queue or its sink."""
+    """One queue: a service's input queue, its sink or its dead-letter queue (`core.policy`)."""
 
     service: str
     sink: bool = False
+    dlq: bool = False
 
     def __post_init__(self) -> None:
         if not self.service or "/" in self.service or self.service in (".", ".."):
             raise ValueError(f"bad service name {self.service!r}")
+        if self.sink and self.dlq:
+            raise ValueError("a queue is a sink or a dead-letter queue, not both")
+
+    @property
+    def kind(self) -> str:
+        """``input``, ``sink`` or ``dlq``: the last part of its path, its directory, its metrics label."""
+        return "sink" if self.sink else "dlq" if self.dlq else "input"
 
     @property
     def name(self) -> str:
-        return f"{self.service}/sink" if self.sink else self.service
+        return self.service if not (self.sink or self.dlq) else f"{self.service}/{self.kind}"
+
+    @property
+    def order(self) -> tuple[str, int]:
+        """Sort key of listings: by service, then input, sink, dead-letter queue."""
+        return (self.service, ("input", "sink", "dlq").index(self.kind))
+
+    @classmethod
+    def of_kind(cls, service: str, kind: str) -> "QueueRef":
+        """The queue of ``service`` named by its `kind`."""
+        return cls(service, sink=kind == "sink", dlq=kind == "dlq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +118,7 @@ class Negative(Operation):
     indexes: tuple[int, ...]
     code: str = ""
     reason: str = ""
+    delay: float | None = None         # _delay_ (seconds): hidden from the group until then
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,18 @@ O(position of the entry in dispatch order). Everything kept is bounded: per cons
 window, per group by the sum of its members' windows, per-entry annotations by the live nacked
 entries (dropped on removal, and swept against the source when they double in number).
 
+Delivery policies (`core.policy`, all off by default, so this state stays empty): with
+``max_deliveries`` or ``retry_backoff`` each entry's deliveries are counted per group (kept while
+the entry is live, also when its group has no member left, so a worker that crashes on an entry
+and comes back still counts); an entry that comes back to its group (negative commit, consumer
+gone, lease run out) after ``max_deliveries`` deliveries is handed to the edge as a `DeadLetter`
+(`dead_letters()`) and delivered to nobody until the edge has moved it; a negative commit's delay
+(``_delay_``, else the backoff for its count) hides the entry from that group until due (walked
+over by polls, so O(delayed) per poll); with ``delivery_timeout`` each delivery has a deadline,
+kept in delivery order (one timeout per queue, a monotonic clock), and `expire()` hands back
+those that passed as if negatively committed with ``lastCode=timeout``. Everything here is bounded
+by the live entries (counts, delays) or the pending ones (deadlines).
+
 Not task-safe in the threading sense; it is meant to be used from the one trio thread, and no
 method blocks.
 """
@@ -34,14 +46,28 @@ method blocks.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from qserve.core.events import ConsumerSpec
 from qserve.core.group_report import render_attributes
 from qserve.core.group_state import Consumer, EntryEvent, EntryState, Group, Nack, step
+from qserve.core.policy import TIMEOUT_CODE, Policy
 from qserve.core.tags import FilterIndex, FilterIndexes, matches
 
-__all__ = ["Dispatcher", "DispatchSource"]
+__all__ = ["Dispatcher", "DispatchSource", "DeadLetter"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry that came back to ``group`` after ``deliveries`` deliveries (``max_deliveries``):
+    the edge moves it to the dead-letter queue and reports it `removed()`."""
+
+    index: int
+    group: str
+    deliveries: int
+    code: str
+    reason: str
 
 
 class DispatchSource(Protocol):
@@ -73,10 +99,11 @@ class Dispatcher:
             injected, so that the core reads no clock itself (the server passes
             ``trio.current_time``, a test its own clock).
         filters: the queue's `core.tags.FilterIndexes`, when others use them too.
+        policy: the queue's delivery policies (`core.policy`; default: none).
     """
 
     def __init__(self, source: DispatchSource, *, now: Callable[[], float],
-                 filters: FilterIndexes | None = None) -> None:
+                 filters: FilterIndexes | None = None, policy: Policy = Policy()) -> None:
         self._source = source
         self._now = now
         self._consumers: dict[str, Consumer] = {}   # attach order
@@ -86,6 +113,15 @@ class Dispatcher:
         self._delivered = 0
         self._filters = filters or FilterIndexes()  # matching entries per tag filter in use
         self._filter_of: dict[str, FilterIndex] = {}
+        self.policy = policy
+        self._counting = policy.max_deliveries > 0 or policy.retry_backoff is not None
+        self._counts: dict[int, dict[str, int]] = {}       # entry -> group -> deliveries (live entries)
+        self._delayed: dict[int, dict[str, float]] = {}    # entry -> group -> due (clock), live entries
+        self._deadlines: dict[tuple[str, int], tuple[Consumer, float]] = {}   # delivery order = deadline order
+        self._dead: dict[int, DeadLetter] = {}             # handed to the edge, not yet removed
+        self._dead_new: list[DeadLetter] = []              # not yet taken by `dead_letters()`
+        self.timed_out = 0                                 # counters (metrics)
+        self.delayed_total = 0
 
     # -- membership -------------------------------------------------------------------------
     def attach(self, spec: ConsumerSpec) -> list[int]:
@@ -123,6 +159,7 @@ class Dispatcher:
         released = sorted(consumer.pending)
         for index in released:
             self._release(group, index, EntryEvent.DETACH)
+            self._returned(group, index, None)
         del group.members[consumer_id]
         for index in [i for i, c in group.avoid.items() if c is consumer]:
             del group.avoid[index]
@@ -181,8 +218,12 @@ class Dispatcher:
         else:   # only entries matching the filter (each entry's tags are read once per filter)
             fi.refresh(self._source)
             candidates = fi.iter_dispatch(consumer.start, self._source)
+        dead, delayed = self._dead, self._delayed
+        now = self._now() if delayed else 0.0
         for index, _priority in candidates:
-            if index in group.owner:
+            if index in group.owner or index in dead:
+                continue
+            if delayed and index in delayed and not self._due(delayed, index, group.name, now):
                 continue
             if group.avoid.get(index) is consumer and self._another_can_take(consumer, index):
                 continue
@@ -221,13 +262,14 @@ class Dispatcher:
         return sorted(hit)
 
     def negative(self, indexes: Iterable[int], code: str = "", reason: str = "", *,
-                 group: str | None = None) -> list[int]:
+                 group: str | None = None, delay: float | None = None) -> list[int]:
         """Negative commit: the entries go back to their group, to another member first.
 
         For each index PENDING somewhere (only in `group` when given: the nacking identity's
         group), the entry becomes AVAILABLE, its nack counter increments and `code`/`reason` are
         kept for `annotations()`. Indexes nobody holds are ignored, so a retried nack does not
-        count twice.
+        count twice. ``delay`` (seconds; None: the policy's backoff for the entry's deliveries)
+        hides it from the group until due; after ``max_deliveries`` it is dead-lettered instead.
 
         Returns:
             The indexes that were PENDING (in any group concerned), sorted.
@@ -248,11 +290,10 @@ class Dispatcher:
                 grp.avoid[index] = holder
                 while len(grp.avoid) > grp.avoid_cap():
                     del grp.avoid[next(iter(grp.avoid))]
+                if index not in hit:
+                    self._annotate(index, code, reason)
                 hit.add(index)
-        for index in hit:
-            nack = self._nacks.setdefault(index, Nack())
-            nack.count += 1
-            nack.code, nack.reason = code, reason
+                self._returned(grp, index, delay)
         if len(self._nacks) > max(64, 2 * self._nacks_swept_at):
             self._sweep_nacks()
         return sorted(hit)
@@ -272,6 +313,113 @@ class Dispatcher:
                 del group.avoid[index]
         for index in _common(wanted, self._nacks):
             del self._nacks[index]
+        for kept in (self._counts, self._delayed, self._dead):
+            if kept:
+                for index in _common(wanted, kept):
+                    del kept[index]
+
+    # -- delivery policies ------------------------------------------------------------------
+    def may_commit(self, indexes: Iterable[int], group: str, consumer_id: str) -> list[int]:
+        """Of ``indexes`` committed by ``consumer_id`` (a member of ``group``), those it may
+        delete: each entry that another member of its group holds now is left out (its lease ran
+        out and the entry went on: a late commit must not delete the new holder's entry)."""
+        grp = self._groups.get(group)
+        owner = grp.owner if grp is not None else {}
+        return [i for i in indexes if i not in owner or owner[i].id == consumer_id]
+
+    def expire(self) -> list[int]:
+        """``delivery_timeout``: hand back every delivery whose deadline passed, as a negative
+        commit with ``lastCode=timeout`` (the holder's slot is free at once).
+
+        Returns:
+            The indexes handed back, in deadline order.
+        """
+        if not self._deadlines:
+            return []
+        now = self._now()
+        out: list[int] = []
+        while self._deadlines:
+            key, (consumer, deadline) = next(iter(self._deadlines.items()))
+            if deadline > now:
+                break
+            group, index = consumer.group, key[1]
+            if group.owner.get(index) is not consumer:   # stale: released elsewhere
+                del self._deadlines[key]
+                continue
+            self._release(group, index, EntryEvent.NEGATIVE)
+            group.avoid.pop(index, None)
+            group.avoid[index] = consumer
+            self._annotate(index, TIMEOUT_CODE,
+                           f"held by {consumer.id} for {self.policy.delivery_timeout:g} s without a commit")
+            self._returned(group, index, None)
+            self.timed_out += 1
+            out.append(index)
+        return out
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Entries to move to the dead-letter queue since the last call (each once); they stay
+        undeliverable until the edge reports them `removed()`."""
+        out, self._dead_new = self._dead_new, []
+        return out
+
+    def revive(self, indexes: Iterable[int]) -> None:
+        """Dead letters the edge could not move: deliverable again (counted on, so the next
+        return tries the move again)."""
+        for index in indexes:
+            self._dead.pop(index, None)
+
+    def next_wakeup(self) -> float | None:
+        """The clock time of the next deadline or due delay (None: nothing waits)."""
+        times = [d for groups in self._delayed.values() for d in groups.values()]
+        if self._deadlines:
+            times.append(next(iter(self._deadlines.values()))[1])
+        return min(times) if times else None
+
+    def delayed(self) -> int:
+        """Entries hidden from at least one group by a delay."""
+        return len(self._delayed)
+
+    def deliveries_of(self, index: int, group: str) -> int:
+        """How many times the entry was delivered to ``group`` (counted with ``max_deliveries`` or
+        ``retry_backoff`` only; 0 otherwise)."""
+        return self._counts.get(index, {}).get(group, 0)
+
+    def _returned(self, group: Group, index: int, delay: float | None) -> None:
+        """The entry is AVAILABLE to ``group`` again: dead-letter it or delay it, as the policy says."""
+        if not self._counting and not delay:
+            return
+        count = self._counts.get(index, {}).get(group.name, 0)
+        policy = self.policy
+        if policy.max_deliveries and count >= policy.max_deliveries:
+            if index not in self._dead:
+                nack = self._nacks.get(index)
+                letter = DeadLetter(index, group.name, count, nack.code if nack else "detached",
+                                    nack.reason if nack else "its consumer went away")
+                self._dead[index] = letter
+                self._dead_new.append(letter)
+            return
+        wait = policy.backoff(count) if delay is None else delay
+        if wait > 0:
+            self._delayed.setdefault(index, {})[group.name] = self._now() + wait
+            self.delayed_total += 1
+
+    def _due(self, delayed: dict[int, dict[str, float]], index: int, group: str, now: float) -> bool:
+        """Whether the entry is visible to ``group`` (dropping its delay once due)."""
+        groups = delayed[index]
+        due = groups.get(group)
+        if due is None:
+            return True
+        if due > now:
+            return False
+        del groups[group]
+        if not groups:
+            del delayed[index]
+        return True
+
+    def _annotate(self, index: int, code: str, reason: str) -> None:
+        nack = self._nacks.setdefault(index, Nack())
+        nack.count += 1
+        nack.code, nack.reason = code, reason
 
     # -- queries ----------------------------------------------------------------------------
     def annotations(self, index: int) -> dict[str, str]:
@@ -350,11 +498,18 @@ class Dispatcher:
         group.last_index = max(group.last_index, index)
         group.delivered += 1
         self._delivered += 1
+        if self._counting:
+            counts = self._counts.setdefault(index, {})
+            counts[group.name] = counts.get(group.name, 0) + 1
+        if self.policy.delivery_timeout:
+            self._deadlines[(group.name, index)] = (consumer, consumer.last_active + self.policy.delivery_timeout)
 
     def _release(self, group: Group, index: int, event: EntryEvent) -> None:
         step(EntryState.PENDING, event)  # callers only release PENDING entries
         holder = group.owner.pop(index)
         holder.drop_pending(index)
+        if self._deadlines:
+            self._deadlines.pop((group.name, index), None)
 
     def _matches(self, consumer: Consumer, index: int) -> bool:
         return matches(self._source.tags_of(index), consumer.spec.tags)

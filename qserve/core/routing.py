@@ -34,6 +34,7 @@ DASHBOARD = "/dashboard"       # the dashboard page and its files
 DASHBOARD_DATA = "/api/dashboard"   # the figures the dashboard shows (JSON)
 MAX_PRIORITY = 2**31 - 1
 MAX_TIMEOUT = 3600.0
+MAX_DELAY = 24 * 3600.0        # the longest _delay_ of a negative commit
 NAME_MAX = 255                 # bytes in a file name (Linux, most file systems): a service's directory
 ALLOWED = "GET, POST, PUT, DELETE"
 
@@ -105,6 +106,8 @@ def _queue_for(path: str, config: Config) -> tuple[ev.QueueRef | None, str]:
         return ev.QueueRef(service), ""
     if rest == ["sink"]:
         return ev.QueueRef(service, sink=True), ""
+    if rest == ["dlq"]:
+        return ev.QueueRef(service, dlq=True), ""
     return ev.QueueRef(service), "/".join(rest)
 
 
@@ -301,7 +304,12 @@ def _put(queue, identity, control, tags, headers, body, config, subpath, upgrade
     code, reason = form.get("_code_", ""), form.get("_reason_", "")
     if len(code) > 64 or len(reason) > 1024:
         raise ParamError("_code_/_reason_", "too long (64 / 1024 characters at most)")
-    return ev.Negative(queue, identity, indexes, code=code, reason=reason)
+    delay = None
+    if form.get("_delay_") is not None:
+        delay = parse_duration("_delay_", form["_delay_"], 0.0)
+        if delay > MAX_DELAY:
+            raise ParamError("_delay_", f"at most {MAX_DELAY:g} s (24h)")
+    return ev.Negative(queue, identity, indexes, code=code, reason=reason, delay=delay)
 
 
 _BY_METHOD = {"GET": _get, "POST": _post, "DELETE": _delete, "PUT": _put}

@@ -32,8 +32,8 @@ __all__ = ["handle", "queue_listing", "queue_path"]
 
 
 def queue_path(ref: QueueRef) -> str:
-    """The API path of a queue: `/api/predict/{service, percent-encoded}[/sink]`."""
-    return MOUNT + urllib.parse.quote(ref.service, safe="") + ("/sink" if ref.sink else "")
+    """The API path of a queue: `/api/predict/{service, percent-encoded}[/sink|/dlq]`."""
+    return MOUNT + urllib.parse.quote(ref.service, safe="") + ("" if ref.kind == "input" else "/" + ref.kind)
 
 
 async def queue_listing(queues: Backend, config: Config, token: str) -> dict:
@@ -43,7 +43,7 @@ async def queue_listing(queues: Backend, config: Config, token: str) -> dict:
         ref = status.ref
         if not token_opens(config, token, ref.service):
             continue
-        doc: dict = {"service": ref.service, "queue": "sink" if ref.sink else "input", "path": queue_path(ref)}
+        doc: dict = {"service": ref.service, "queue": ref.kind, "path": queue_path(ref)}
         if status.fenced is not None:
             doc.update(status="fenced", reason=status.fenced)
         else:

@@ -256,11 +256,12 @@ class App:
                 counted.deletes += len(op.indexes)
                 counted.settled(op.indexes)
             case ev.Commit():
-                await queue.commit(op.indexes)
+                identity = op.identity
+                await queue.commit(op.indexes, None if identity.anonymous else (identity.group, identity.consumer_id))
                 counted.commits += len(op.indexes)
                 counted.settled(op.indexes)
             case ev.Negative():
-                await queue.negative(op.indexes, op.code, op.reason)
+                await queue.negative(op.indexes, op.code, op.reason, op.delay)
                 counted.negatives += len(op.indexes)
             case ev.Truncate():
                 await queue.truncate(op.below)

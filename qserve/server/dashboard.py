@@ -94,7 +94,7 @@ class Dashboard:
         if self._last is None or now - self._last[0] >= REUSE_FOR:
             self._last = (now, self._wall_clock(), await self._metrics.snapshot())
         _, when, snapshot = self._last
-        queues = [{**queue, "path": queue_path(QueueRef(queue["service"], sink=queue["queue"] == "sink"))}
+        queues = [{**queue, "path": queue_path(QueueRef.of_kind(queue["service"], queue["queue"]))}
                   for queue in snapshot["queues"] if token_opens(self._config, token, queue["service"])]
         server = snapshot["server"]
         put = snapshot["latency"]["put"]

@@ -52,7 +52,7 @@ LAG_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
 def queue_kind(ref: QueueRef) -> str:
     """The ``queue`` label of a queue: ``input`` or ``sink``."""
-    return "sink" if ref.sink else "input"
+    return ref.kind
 
 
 class Histogram:

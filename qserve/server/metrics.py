@@ -203,7 +203,7 @@ class Metrics:
         counters are still shown)."""
         listed = {found.ref for found in self.figures}
         extra = [QueueFigures(ref, QueueStatus(ref), listed=False) for ref in self.meters.queues if ref not in listed]
-        return [*self.figures, *sorted(extra, key=lambda f: (f.ref.service, f.ref.sink))]
+        return [*self.figures, *sorted(extra, key=lambda f: f.ref.order)]
 
     def _histograms(self) -> dict[str, Histogram]:
         return {"put": self.meters.put_seconds, "get": self.meters.get_seconds,

@@ -35,13 +35,14 @@ class QClient(Client):
         self.service = service
         self.extra = list(headers)
 
-    async def call(self, method: str, query: str = "", body: bytes = b"", headers=(), sink=False):
-        target = f"/api/predict/{self.service}{'/sink' if sink else ''}" + (f"?{query}" if query else "")
+    async def call(self, method: str, query: str = "", body: bytes = b"", headers=(), sink=False, dlq=False):
+        kind = "/sink" if sink else "/dlq" if dlq else ""
+        target = f"/api/predict/{self.service}{kind}" + (f"?{query}" if query else "")
         head, data = await self.request(method, target, body, [("Authorization", TOKEN), *self.extra, *headers])
         return head.status_code, data
 
-    async def attrs(self, sink=False) -> dict:
-        status, body = await self.call("GET", "_attrs_=true", sink=sink)
+    async def attrs(self, sink=False, dlq=False) -> dict:
+        status, body = await self.call("GET", "_attrs_=true", sink=sink, dlq=dlq)
         assert status == 200
         return json.loads(body)
 

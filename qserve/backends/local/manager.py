@@ -29,6 +29,8 @@ from qserve.backends.local.queues import Queue, queue_dir
 from qserve.config import Config, ConfigError
 from qserve.core.errors import InsufficientStorage, NotFound, QServeError, QueueFenced, Unavailable
 from qserve.core.events import QueueRef
+from qserve.core.groups import DeadLetter
+from qserve.core.policy import dead_letter_tags
 from qserve.server.aio import AioSync
 from qserve.server.syncpool import SyncPool
 
@@ -80,7 +82,7 @@ class QueueManager:
             found.append(QueueStatus(ref, length=qlog.length, first_index=qlog.first_index,
                                      last_index=qlog.last_index, consumers=groups["consumers"],
                                      groups=groups["groups"]))
-        return sorted(found, key=lambda status: (status.ref.service, status.ref.sink))
+        return sorted(found, key=lambda status: status.ref.order)
 
     def wake_long_polls(self) -> None:
         """The server is draining: every long-polling get answers now."""
@@ -104,7 +106,7 @@ class QueueManager:
                 service = urllib.parse.unquote(svc_dir.name)
                 if self.config.queues and not self.declared(service):
                     continue   # on disk, but --queues does not serve it
-                refs += [QueueRef(service, sink=kind == "sink") for kind in ("input", "sink")
+                refs += [QueueRef.of_kind(service, kind) for kind in ("input", "sink", "dlq")
                          if (svc_dir / kind).is_dir()]
         for ref in refs:
             with contextlib.suppress(QueueFenced):   # logged when the fence went up
@@ -169,16 +171,66 @@ class QueueManager:
             if not self._sync_started:
                 self._sync_started = True
                 await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
-            queue = Queue(ref, qlog, self.config, self._pool, self._aio, on_change=self._on_change)
+            queue = Queue(ref, qlog, self.config, self._pool, self._aio, on_change=self._on_change,
+                          dead_letters=self._dead_letter)
             self._queues[ref] = queue
             self.fences.take_down(ref)
             self._report_open(queue, created)
             await self._nursery.start(queue.flusher)
             self._nursery.start_soon(queue.housekeeping)
+            self._nursery.start_soon(queue.policy_upkeep)
+            if not ref.dlq and queue_dir(self.config.data_dir, QueueRef(ref.service, dlq=True)).is_dir():
+                await self._settle_dead_letters(queue)
             return queue
         finally:
             del self._opening[ref]
             done.set()
+
+    # -- dead letters (`core.policy`: max_deliveries) ------------------------------------------
+    async def _dead_letter(self, source: Queue, letters: list[DeadLetter]) -> None:
+        """Move entries of ``source`` to its service's dead-letter queue: append each one there
+        (its tags plus where it came from and why), wait until that is durable, then delete it
+        from ``source``. A crash in between leaves it in both; `_settle_dead_letters` deletes
+        the source's copy when the queue opens again, so the move is atomic as recovery sees it.
+        If the dead-letter queue cannot take them, they stay in ``source``, deliverable again."""
+        ref = QueueRef(source.ref.service, dlq=True)
+        try:
+            dlq = await self._acquire(ref, create=True)   # a service's queue has its dead-letter queue
+            moved = []
+            for letter in letters:
+                entry = source.log.read(letter.index)
+                if entry is None:
+                    continue
+                tags = {**entry.tags, **dead_letter_tags(source.ref, letter, entry.tags)}
+                dlq_entry = dlq.log.append(entry.data, tags, entry.priority)
+                dlq.notify(dlq_entry)
+                moved.append(letter.index)
+            await dlq.wait_durable()
+        except QServeError as exc:
+            log.error("queue %s: cannot move %d entries to %s, they stay deliverable: %s",
+                      source.ref.name, len(letters), ref.name, exc.reason)
+            source.dispatcher.revive([letter.index for letter in letters])
+            source.notify()
+            return
+        source.dispatcher.removed(source.log.delete(moved))
+        source.dead_lettered += len(moved)
+        log.info("queue %s: %d entr%s moved to %s after %d deliveries", source.ref.name, len(moved),
+                 "y" if len(moved) == 1 else "ies", ref.name, max(letter.deliveries for letter in letters))
+        await source.wait_durable()
+
+    async def _settle_dead_letters(self, source: Queue) -> None:
+        """At open: delete from ``source`` every entry its dead-letter queue holds a copy of (a move
+        a crash cut between its two writes)."""
+        dlq = await self._acquire(QueueRef(source.ref.service, dlq=True), create=True)
+        name = source.ref.name
+        copies = [int(e.tags["dlq.index"]) for e in dlq.log.scan()
+                  if e.tags.get("dlq.queue") == name and str(e.tags.get("dlq.index", "")).isdigit()]
+        doubled = [index for index in copies if index in source.source]
+        if doubled:
+            source.dispatcher.removed(source.log.delete(doubled))
+            await source.wait_durable()
+            log.warning("queue %s: %d entries moved to %s before a crash were still here; deleted",
+                        name, len(doubled), dlq.ref.name)
 
     def _open_and_warm(self, path: Path) -> storage.QueueLog:
         """Open and recover a queue directory, and build its requestId table (worker thread)."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Iterator
 
@@ -25,13 +26,14 @@ from qserve import storage
 from qserve.storage.index import next_live
 
 from qserve.backends.base import OnChange, Taken
-from qserve.backends.local.commit import GroupCommit
+from qserve.backends.local.commit import GroupCommit, Signal
 from qserve.backends.local.errors import raising_core_errors
 from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
 from qserve.core.errors import Conflict
 from qserve.core.events import ConsumerSpec, QueueRef
-from qserve.core.groups import Dispatcher
+from qserve.core.groups import DeadLetter, Dispatcher
+from qserve.core.policy import Policy
 from qserve.core.routing import MAX_PRIORITY
 from qserve.core.tags import FilterIndex, FilterIndexes
 from qserve.server.aio import AioSync
@@ -78,12 +80,19 @@ class Queue(GroupCommit):
     """One open local queue (`backends.base.QueueBackend`). Not thread-safe: the trio thread only."""
 
     def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None = None,
-                 aio: AioSync | None = None, *, on_change: OnChange | None = None) -> None:
+                 aio: AioSync | None = None, *, on_change: OnChange | None = None,
+                 dead_letters: Callable[["Queue", list[DeadLetter]], Awaitable[None]] | None = None) -> None:
         super().__init__(ref, qlog, config, pool, aio, on_rollback=self.notify)
         self._on_change = on_change      # the watch service's wake-up: (queue, new entry or None) -> None
         self.source = LogSource(qlog)
         self.filters = FilterIndexes()   # tag filters of watchers and gets: each entry classified once
-        self.dispatcher = Dispatcher(self.source, now=trio.current_time, filters=self.filters)
+        self._dead_letters = dead_letters   # the manager's move to the dead-letter queue
+        self.dead_lettered = 0               # entries moved (metrics)
+        # a dead-letter queue dead-letters nothing (its entries would have nowhere to go)
+        self.policy = Policy(delivery_timeout=config.policy_for(ref.service).delivery_timeout) if ref.dlq \
+            else config.policy_for(ref.service)
+        self.dispatcher = Dispatcher(self.source, now=trio.current_time, filters=self.filters, policy=self.policy)
+        self._policy_changed = Signal()  # a delivery or a delay may have moved the next wake-up earlier
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
 
     def notify(self, entry: storage.Entry | None = None) -> None:
@@ -221,6 +230,8 @@ class Queue(GroupCommit):
             "stream.firstEntry": str(qlog.first_index),
             "stream.lastEntry": str(qlog.last_index),
         }
+        attrs.update(self.policy.attributes())
+        attrs["policy.delayed"] = str(self.dispatcher.delayed())
         attrs.update(self.dispatcher.attributes())
         return attrs
 
@@ -237,6 +248,7 @@ class Queue(GroupCommit):
     @raising_core_errors
     async def release(self, consumer_id: str) -> None:
         self.dispatcher.detach(consumer_id)
+        await self._dead_letter()
         self.notify()
 
     def wants(self) -> list[str]:
@@ -248,6 +260,8 @@ class Queue(GroupCommit):
             indexes = self.dispatcher.poll(consumer_id)
             if not indexes:
                 return []
+            if self.policy.delivery_timeout:
+                self._policy_changed.fire()
             entries = self._read(indexes)
             if entries:
                 return entries
@@ -280,16 +294,39 @@ class Queue(GroupCommit):
         self.notify()
 
     @raising_core_errors
-    async def commit(self, indexes: Sequence[int]) -> None:
+    async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:
+        if holder is not None and self.policy.delivery_timeout:
+            indexes = self.dispatcher.may_commit(indexes, *holder)
         self.log.delete(indexes)
         self.dispatcher.commit(indexes)
         self.notify()  # window slots freed
         await self.wait_durable()
 
     @raising_core_errors
-    async def negative(self, indexes: Sequence[int], code: str, reason: str) -> None:
-        self.dispatcher.negative(indexes, code, reason)
+    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
+        self.dispatcher.negative(indexes, code, reason, delay=delay)
+        self._policy_changed.fire()
+        await self._dead_letter()
         self.notify()
+
+    # -- delivery policies ----------------------------------------------------------------------
+    async def policy_upkeep(self) -> None:
+        """Run by the manager for a queue with a policy: at each consumer lease's deadline
+        (``delivery_timeout``) hand its entry back, and at each delay's due time wake the
+        watchers; woken early by a delivery or a negative commit."""
+        while True:
+            wake = self.dispatcher.next_wakeup()
+            with trio.move_on_at(wake if wake is not None else math.inf):
+                await self._policy_changed.wait()
+            if self.dispatcher.expire():
+                await self._dead_letter()
+            self.notify()
+
+    async def _dead_letter(self) -> None:
+        """Move the entries the dispatcher dead-lettered (``max_deliveries``) to the dead-letter queue."""
+        letters = self.dispatcher.dead_letters()
+        if letters and self._dead_letters is not None:
+            await self._dead_letters(self, letters)
 
     # -- upkeep -------------------------------------------------------------------------------
     async def housekeeping(self) -> None:
@@ -314,4 +351,4 @@ class Queue(GroupCommit):
 
 def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
     """`<data>/<service, percent-encoded>/input` or `.../sink`."""
-    return Path(data_dir) / urllib.parse.quote(ref.service, safe="") / ("sink" if ref.sink else "input")
+    return Path(data_dir) / urllib.parse.quote(ref.service, safe="") / ref.kind

@@ -31,7 +31,7 @@ from qserve.backends.redis.link import Link, redis_error
 from qserve.backends.redis.queue import RedisQueue
 from qserve.backends.redis.url import parse_redis_url
 from qserve.config import Config
-from qserve.core.errors import InsufficientStorage, NotFound, QServeError, Unavailable
+from qserve.core.errors import InsufficientStorage, NotFound, QServeError, Unavailable, Unsupported
 from qserve.core.events import QueueRef
 
 __all__ = ["RedisBackend"]
@@ -188,6 +188,8 @@ class RedisBackend:
                 self._opening.pop(ref, None)
 
     async def _open_now(self, ref: QueueRef, *, create: bool) -> RedisQueue:
+        if ref.dlq:
+            raise Unsupported(f"no queue {ref.name}: dead-letter queues are not available on the Redis backend yet")
         if self.config.queues and not self.declared(ref.service):
             raise NotFound(f"no queue named {ref.name}")
         if len(self._queues) >= self.config.max_queues:   # a bound on this node's memory per queue

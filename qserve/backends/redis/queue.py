@@ -27,7 +27,7 @@ from qserve.backends.redis import scripts
 from qserve.backends.redis.keys import QueueKeys
 from qserve.backends.redis.link import Link
 from qserve.config import Config
-from qserve.core.errors import Conflict, PayloadTooLarge, QueueFull
+from qserve.core.errors import Conflict, PayloadTooLarge, QueueFull, Unsupported
 from qserve.core.events import ConsumerSpec, QueueRef
 from qserve.core.group_report import ConsumerRow, GroupRow, render_rows
 from qserve.core.routing import MAX_PRIORITY
@@ -289,12 +289,15 @@ class RedisQueue:
             self._full.discard(consumer_id)
             self._notify(None)
 
-    async def commit(self, indexes: Sequence[int]) -> None:
+    async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:
         if indexes:
             await self._run(scripts.COMMIT, *indexes)
             self._changed()
 
-    async def negative(self, indexes: Sequence[int], code: str, reason: str) -> None:
+    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
+        if delay:
+            raise Unsupported("_delay_ (a delayed negative commit) is not available on the Redis "
+                                          "backend yet; use the local backend, or nack without _delay_")
         if indexes:
             await self._run(scripts.NEGATIVE, code, reason, *indexes)
             self._changed()
