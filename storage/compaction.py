@@ -12,6 +12,8 @@ few operations of `Compactable` (so compaction imports nothing of log.py). Runs 
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Protocol
 
 from .errors import CorruptLog
@@ -24,6 +26,7 @@ __all__ = ["Compactable", "compact", "candidates"]
 
 class _Config(Protocol):
     compact_live_ratio: float
+    retain_seconds: float
 
 
 class Compactable(Protocol):
@@ -48,8 +51,22 @@ class Compactable(Protocol):
 
 
 def candidates(log: Compactable) -> list[Segment]:
+    """Sealed segments worth dropping, oldest first; none last written within ``retain_seconds``
+    (their records, deleted entries' included, are still read: the requestIds of a dedup window)."""
     ratio = log.config.compact_live_ratio
-    return [s for s in log.sealed_segments() if s.live_count == 0 or s.live_bytes < ratio * s.size]
+    found = [s for s in log.sealed_segments() if s.live_count == 0 or s.live_bytes < ratio * s.size]
+    retain = log.config.retain_seconds
+    if retain and found:
+        newest = time.time() - retain
+        found = [s for s in found if _mtime(s.path) < newest]
+    return found
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def compact(log: Compactable, budget_bytes: int | None = None) -> int:

@@ -48,6 +48,7 @@ class LogConfig:
     compact_live_ratio: float = 0.5
     repair: bool = False
     preallocate_bytes: int = 1024 * 1024   # zeros written ahead of appends in the active segment; 0 = off
+    retain_seconds: float = 0.0            # compaction leaves a sealed segment written this recently
 
     @property
     def prealloc_chunk(self) -> int:

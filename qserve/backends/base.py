@@ -85,6 +85,12 @@ class QueueBackend(Protocol):
         when it was not made durable."""
         ...
 
+    async def put_unique(self, data: bytes, tags: Mapping[str, str], priority: int) -> tuple[int, bool]:
+        """`put` of an entry whose requestId the client chose: with the queue's ``dedup_window``,
+        a requestId stored within the window is not stored again and its original index is
+        answered (once durable) with True; otherwise as `put`, with False."""
+        ...
+
     async def next_index(self) -> int:
         """The index the next put will get (a get's `_index_=-1`: entries from now on)."""
         ...

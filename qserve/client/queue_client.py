@@ -238,10 +238,13 @@ class QueueClient:
         """Acknowledge (and so delete) delivered entries; frees window slots of this identity's watcher."""
         await self._call("PUT", [("_indexes_", _indexes(indexes))])
 
-    async def negative(self, indexes: int | Iterable[int], code: str = "", reason: str = "") -> None:
+    async def negative(self, indexes: int | Iterable[int], code: str = "", reason: str = "", *,
+                       delay: float | None = None) -> None:
         """Give delivered entries back for redelivery, recording ``code``/``reason`` as the tags
-        ``lastCode``/``lastReason``. Not retried."""
-        body = urllib.parse.urlencode([("_code_", code), ("_reason_", reason)]).encode()
+        ``lastCode``/``lastReason``; ``delay`` seconds later (qserve's ``_delay_``; None: at once,
+        or after the queue's ``retry_backoff``). Not retried."""
+        form = [("_code_", code), ("_reason_", reason)] + ([("_delay_", f"{delay:g}")] if delay is not None else [])
+        body = urllib.parse.urlencode(form).encode()
         await self._call("PUT", [("_indexes_", _indexes(indexes)), ("_negative_", "true")], body=body,
                          headers=[("Content-Type", "application/x-www-form-urlencoded")], retry="never")
 

@@ -74,7 +74,7 @@ class Policy:
         backoff = self.retry_backoff
         return {
             "policy.maxDeliveries": str(self.max_deliveries),
-            "policy.retryBackoff": "" if backoff is None else ",".join(_seconds(v) for v in backoff),
+            "policy.retryBackoff": "" if backoff is None else f"{_seconds(backoff[0])},{backoff[1]:g},{_seconds(backoff[2])}",
             "policy.dedupWindow": _seconds(self.dedup_window),
             "policy.deliveryTimeout": _seconds(self.delivery_timeout),
         }

@@ -51,6 +51,7 @@ TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 JSON = [("Content-Type", "application/json")]
 PROTO = [("Content-Type", names.PROTOBUF)]
 OK = Response(200, b"OK", list(TEXT))
+DUPLICATE = ("X-Qserve-Duplicate", "1")   # a put answered with the index of the entry its requestId stored
 
 #: the ``operation`` label of `Meters.request` (a request that routing refused: "none")
 OPERATIONS = {ev.Put: "put", ev.Get: "get", ev.Delete: "delete", ev.Truncate: "truncate", ev.Commit: "commit",
@@ -203,13 +204,21 @@ class App:
     async def put(self, queue: QueueBackend, op: ev.Put) -> Response:
         start = trio.current_time()
         tags = dict(op.tags)
-        request_id = tags.get("requestId") or str(uuid.uuid4())
-        tags["requestId"] = request_id
+        chosen = tags.get("requestId")   # the client's: with a dedup window, a retry stores nothing
+        request_id = tags["requestId"] = chosen or str(uuid.uuid4())
         tags["ts@sink" if queue.ref.sink else "ts@source"] = str(int(self._wall_clock() * 1000))
-        index = await queue.put(op.data, tags, op.priority)
+        if chosen:
+            index, duplicate = await queue.put_unique(op.data, tags, op.priority)
+        else:
+            index, duplicate = await queue.put(op.data, tags, op.priority), False
         self.meters.put_seconds.observe(trio.current_time() - start)
-        self.meters.of(queue.ref).puts += 1
-        return Response(200, str(index).encode(), [*TEXT, (names.REQUEST_ID_HEADER, request_id)])
+        headers = [*TEXT, (names.REQUEST_ID_HEADER, request_id)]
+        if duplicate:
+            self.meters.of(queue.ref).deduplicated += 1
+            headers.append(DUPLICATE)
+        else:
+            self.meters.of(queue.ref).puts += 1
+        return Response(200, str(index).encode(), headers)
 
     async def get(self, queue: QueueBackend, op: ev.Get) -> Response:
         began = trio.current_time()

@@ -40,6 +40,7 @@ COUNTERS = {
     "negatives": "indexes negatively committed (in negative commits answered 200)",
     "deletes": "indexes deleted (in deletes answered 200)",
     "truncates": "truncations answered 200",
+    "deduplicated": "puts answered with the index of an earlier put of their requestId (dedup_window)",
 }
 SEEN_CAP = 16384   # indexes remembered per group for telling a redelivery (module docstring)
 
@@ -51,7 +52,7 @@ LAG_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
 
 def queue_kind(ref: QueueRef) -> str:
-    """The ``queue`` label of a queue: ``input`` or ``sink``."""
+    """The ``queue`` label of a queue: ``input``, ``sink`` or ``dlq``."""
     return ref.kind
 
 

@@ -40,6 +40,7 @@ from qserve.wire.durations import DurationError, parse_go_duration
 __all__ = ["Metrics", "QueueFigures", "parse_groups", "ENCODE_CHUNK", "RENDER_EVERY"]
 
 QUEUE_LABELS = ["service", "queue"]
+POLICY_FIGURES = ("delayed", "dead_lettered", "timed_out")   # delivery policies: a backend's statistics() per queue
 ENCODE_CHUNK = 8            # metric families encoded between two checkpoints
 RENDER_EVERY = 0.25         # seconds (trio clock) a rendering answers the scrapes that follow it
 _OPENMETRICS_END = b"# EOF\n"
@@ -62,6 +63,7 @@ class QueueFigures:
     groups: list[dict] = field(default_factory=list)      # each group's figures (`parse_groups`)
     consumers: list[dict] = field(default_factory=list)   # each consumer's figures
     disk: dict = field(default_factory=dict)              # local backend: bytes, segments
+    policy: dict = field(default_factory=dict)            # delivery policies: delayed, dead_lettered, timed_out
     listed: bool = True     # False: only counted (not in the listing: Redis was down)
 
     @property
@@ -136,6 +138,7 @@ class Metrics:
             found = QueueFigures(status.ref, status)
             stats = disk.get(status.ref.name, {})
             found.disk = {key: stats[key] for key in ("bytes", "segments") if key in stats}
+            found.policy = {key: stats[key] for key in POLICY_FIGURES if key in stats}
             if status.fenced is None:
                 try:
                     attrs = await (await self._queues.get(status.ref)).attributes()
@@ -245,6 +248,12 @@ class _QueueServerCollector:
                                            "(local backend)", labels=QUEUE_LABELS),
                 "segments": GaugeMetricFamily("qserve_queue_segments", "segment files (local backend)",
                                               labels=QUEUE_LABELS)}
+        policy = {"delayed": GaugeMetricFamily("qserve_queue_delayed", "entries a negative commit's delay hides "
+                                               "from a group", labels=QUEUE_LABELS),
+                  "dead_lettered": CounterMetricFamily("qserve_dead_lettered", "entries moved to the dead-letter "
+                                                       "queue (max_deliveries)", labels=QUEUE_LABELS),
+                  "timed_out": CounterMetricFamily("qserve_timed_out", "deliveries handed back because the "
+                                                   "consumer held them past delivery_timeout", labels=QUEUE_LABELS)}
         group_pending = GaugeMetricFamily("qserve_group_pending", "entries a group delivered and not yet "
                                           "committed", labels=[*QUEUE_LABELS, "group"])
         counters = {name: CounterMetricFamily(f"qserve_{name}", help_text, labels=QUEUE_LABELS)
@@ -259,6 +268,8 @@ class _QueueServerCollector:
                     families[name].add_metric(labels, value)
                 for name, value in found.disk.items():
                     disk[name].add_metric(labels, value)
+                for name, value in found.policy.items():
+                    policy[name].add_metric(labels, value)
                 for group in found.groups:
                     group_pending.add_metric([*labels, group["name"]], group["pending"])
             counted = metrics.meters.queues.get(found.ref)
@@ -266,6 +277,7 @@ class _QueueServerCollector:
                 counters[name].add_metric(labels, getattr(counted, name) if counted else 0)
         yield from families.values()
         yield from disk.values()
+        yield from policy.values()
         yield group_pending
         yield from counters.values()
 

@@ -32,7 +32,7 @@ async def test_policies_are_off_by_default_and_shown_in_the_attributes(tmp_path,
         async with running_server(tmp_path, delivery_timeout=30.0, services={"ocr": {"max_deliveries": 4,
                                                                                      "retry_backoff": "1s,2,1m"}}) as srv:
             attrs = await (await srv.client("ocr")).attrs()
-            assert attrs["policy.maxDeliveries"] == "4" and attrs["policy.retryBackoff"] == "1s,2s,60s"
+            assert attrs["policy.maxDeliveries"] == "4" and attrs["policy.retryBackoff"] == "1s,2,60s"
             assert attrs["policy.deliveryTimeout"] == "30s"
             assert (await (await srv.client("other")).attrs())["policy.maxDeliveries"] == "0"
 
@@ -50,6 +50,7 @@ async def test_a_lease_that_runs_out_hands_the_entry_to_another_member(tmp_path,
             again = await next_frame(other, timeout=3.0)    # at 10 s the entry moves on
             assert again.index == index
             assert again.tags["lastCode"] == "timeout" and "held by g.hung" in again.tags["lastReason"]
+            assert await metric(srv, "qserve_timed_out_total", "lease") == 1
             # the hung consumer's slot is free: a new entry may reach it
             [second] = await put_n(c, 1)
             assert (await next_frame(hung)).index == second
@@ -75,6 +76,7 @@ async def test_a_delayed_negative_commit_hides_the_entry_until_due(tmp_path, aut
             assert (await next_frame(ws)).index == first
             assert (await c.call("PUT", f"_indexes_={first}&_negative_=true&_delay_=30s&_code_=429"))[0] == 200
             assert (await c.attrs())["policy.delayed"] == "1"
+            assert await metric(srv, "qserve_queue_delayed", "later") == 1
             assert (await next_frame(ws)).index == second    # the delayed one keeps out of the way
             assert (await c.call("PUT", f"_indexes_={second}"))[0] == 200
             began = trio.current_time()
@@ -129,6 +131,7 @@ async def test_max_deliveries_moves_the_entry_to_the_dead_letter_queue(tmp_path,
             assert tags["dlq.requestId"] == tags["requestId"] == "req-bad"
             assert tags["dlq.deliveries"] == "3" and tags["dlq.group"] == "g"
             assert tags["lastCode"] == "500" and tags["lastReason"] == "boom-3"
+            assert await metric(srv, "qserve_dead_lettered_total", "poison") == 1
             # the dead-letter queue is an ordinary queue: watch it, commit there
             dl = await srv.watch(nursery, "poison/dlq", "_window_=1", user="ops")
             assert (await next_frame(dl)).data == b"poison"
@@ -161,4 +164,88 @@ def test_redis_refuses_the_policies_until_it_has_them():
     with pytest.raises(ConfigError, match="not available with --backend redis yet"):
         Config(backend="redis://127.0.0.1:6379/0", max_deliveries=3)
     with pytest.raises(ConfigError, match="retry_backoff: the factor"):
-        Config(retry_backoff=(1.0, 0.5, 2.0)) if False else Config(**{"services": {"x": {"retry_backoff": "1s,0.5,2s"}}})
+        Config(services={"x": {"retry_backoff": "1s,0.5,2s"}})
+    with pytest.raises(ConfigError, match="services.x: unknown setting 'max_delivery'"):
+        Config(services={"x": {"max_delivery": 3}})
+
+
+async def metric(srv, name: str, service: str, queue: str = "input") -> float:
+    c = await srv.client(service)
+    _, body = await c.request("GET", "/metrics", b"", [("Authorization", "tok")])
+    prefix = f'{name}{{queue="{queue}",service="{service}"}} '
+    return float(next(line[len(prefix):] for line in body.decode().splitlines() if line.startswith(prefix)))
+
+
+class Clock:
+    """A wall clock the test moves (the puts' timestamps and the dedup window read it)."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_put_retried_within_the_dedup_window_stores_nothing(tmp_path, autojump_clock):
+    clock = Clock()
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, dedup_window=300.0, wall_clock=clock) as srv:
+            c = await srv.client("idem")
+            head, body = await c.request("POST", "/api/predict/idem?requestId=order-1", b"first",
+                                         [("Authorization", "tok")])
+            assert head.status_code == 200
+            original = int(body)
+            assert dict(head.headers).get(b"x-qserve-duplicate") is None
+            # the retry (same requestId, any body) answers the original index and stores nothing
+            head, body = await c.request("POST", "/api/predict/idem?requestId=order-1", b"retry",
+                                         [("Authorization", "tok")])
+            headers = dict(head.headers)
+            assert head.status_code == 200 and int(body) == original
+            assert headers[b"x-qserve-duplicate"] == b"1"
+            assert headers[b"x-eas-queueservice-request-id"] == b"order-1"
+            assert (await c.attrs())["stream.length"] == "1"
+            # concurrent retries: one entry
+            answers = []
+            async with trio.open_nursery() as nursery:
+                async def put_once():
+                    client = await srv.client("idem")
+                    answers.append(int((await client.call("POST", "requestId=order-2", b"x"))[1]))
+                for _ in range(5):
+                    nursery.start_soon(put_once)
+            assert len(set(answers)) == 1
+            assert (await c.attrs())["stream.length"] == "2"
+            assert await metric(srv, "qserve_deduplicated_total", "idem") == 5
+            assert await metric(srv, "qserve_puts_total", "idem") == 2
+            # consumed, the requestId still deduplicates within the window
+            status, _ = await c.call("GET", "requestId=order-1")
+            assert status == 200 and (await c.attrs())["stream.length"] == "1"
+            assert int((await c.call("POST", "requestId=order-1", b"again"))[1]) == original
+            # server-generated requestIds never collide; past the window a requestId is new again
+            fresh = [int((await c.call("POST", "", b"n"))[1]) for _ in range(3)]
+            assert len(set(fresh)) == 3
+            clock.now += 301
+            assert int((await c.call("POST", "requestId=order-1", b"later"))[1]) > max(fresh)
+
+
+async def test_the_dedup_window_survives_a_restart(tmp_path, autojump_clock):
+    clock = Clock()
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, dedup_window=60.0, wall_clock=clock) as srv:
+            c = await srv.client("idem")
+            kept = int((await c.call("POST", "requestId=kept", b"k"))[1])
+            consumed = int((await c.call("POST", "requestId=consumed", b"c"))[1])
+            assert (await c.call("DELETE", f"_indexes_={consumed}"))[0] == 200
+            clock.now += 30
+            late = int((await c.call("POST", "requestId=late", b"l"))[1])
+        clock.now += 40   # "kept" and "consumed" are 70 s old now, "late" 40 s
+        async with running_server(tmp_path, dedup_window=60.0, wall_clock=clock) as srv:
+            c = await srv.client("idem")
+            head, body = await c.request("POST", "/api/predict/idem?requestId=late", b"l",
+                                         [("Authorization", "tok")])
+            assert int(body) == late and dict(head.headers)[b"x-qserve-duplicate"] == b"1"
+            assert int((await c.call("POST", "requestId=consumed", b"c"))[1]) > late   # out of the window
+        clock.now -= 40   # the same data seen from within the window of all three
+        async with running_server(tmp_path, dedup_window=600.0, wall_clock=clock) as srv:
+            c = await srv.client("idem")
+            assert int((await c.call("POST", "requestId=kept", b"k"))[1]) == kept
+            assert int((await c.call("POST", "requestId=late", b"l"))[1]) == late

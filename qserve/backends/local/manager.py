@@ -12,6 +12,7 @@ them all at shutdown.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shlex
 import time
@@ -24,6 +25,7 @@ import trio
 from qserve import storage
 
 from qserve.backends.base import OnChange, QueueStatus
+from qserve.backends.local.dedup import recent_from_disk
 from qserve.backends.local.fence import Fences, fence_reason
 from qserve.backends.local.queues import Queue, queue_dir
 from qserve.config import Config, ConfigError
@@ -161,18 +163,21 @@ class QueueManager:
                     f"cannot create queue {ref.name}: the server holds its limit of {self.config.max_queues} queues")
         self._opening[ref] = done = trio.Event()
         try:
+            window = 0.0 if ref.dlq else self.config.policy_for(ref.service).dedup_window
+            log_config = dataclasses.replace(self._log_config, retain_seconds=window) if window else self._log_config
+            recent: list[tuple[str, int, int]] = []
             try:
                 if created:  # nothing to recover: opening is a few small file operations
-                    qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio, now=self._wall_clock)
+                    qlog = storage.QueueLog.open(path, log_config, fileio=self._fileio, now=self._wall_clock)
                 else:        # recovery scans the segments: keep the event loop free meanwhile
-                    qlog = await trio.to_thread.run_sync(self._open_and_warm, path)
+                    qlog, recent = await trio.to_thread.run_sync(self._open_and_warm, path, log_config, window)
             except storage.StorageError as exc:
                 raise self._refused(ref, path, exc, created, required) from exc
             if not self._sync_started:
                 self._sync_started = True
                 await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
             queue = Queue(ref, qlog, self.config, self._pool, self._aio, on_change=self._on_change,
-                          dead_letters=self._dead_letter)
+                          dead_letters=self._dead_letter, recent=recent, wall_clock=self._wall_clock)
             self._queues[ref] = queue
             self.fences.take_down(ref)
             self._report_open(queue, created)
@@ -232,11 +237,19 @@ class QueueManager:
             log.warning("queue %s: %d entries moved to %s before a crash were still here; deleted",
                         name, len(doubled), dlq.ref.name)
 
-    def _open_and_warm(self, path: Path) -> storage.QueueLog:
-        """Open and recover a queue directory, and build its requestId table (worker thread)."""
-        qlog = storage.QueueLog.open(path, self._log_config, fileio=self._fileio, now=self._wall_clock)
+    def _open_and_warm(self, path: Path, log_config: storage.LogConfig,
+                       window: float) -> tuple[storage.QueueLog, list[tuple[str, int, int]]]:
+        """Open and recover a queue directory, build its requestId table and, with a dedup
+        ``window``, read the requestIds put within it from the segment files (worker thread)."""
+        qlog = storage.QueueLog.open(path, log_config, fileio=self._fileio, now=self._wall_clock)
         qlog.warm()
-        return qlog
+        if not window:
+            return qlog, []
+        try:
+            return qlog, list(recent_from_disk(path, window, self._wall_clock()))
+        except OSError as exc:
+            qlog.close()
+            raise storage.StorageIOError(f"reading the dedup window's requestIds in {path}: {exc}") from None
 
     def _refused(self, ref: QueueRef, path: Path, exc: storage.StorageError, created: bool,
                  required: bool) -> QServeError:
@@ -274,4 +287,6 @@ class QueueManager:
 
     def statistics(self) -> dict:
         """Each open queue's log figures, by queue name."""
-        return {q.ref.name: q.log.statistics() for q in self._queues.values()}
+        return {q.ref.name: {**q.log.statistics(), "delayed": q.dispatcher.delayed(),
+                             "dead_lettered": q.dead_lettered, "timed_out": q.dispatcher.timed_out}
+                for q in self._queues.values()}

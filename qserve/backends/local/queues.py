@@ -16,6 +16,7 @@ import contextlib
 import logging
 import urllib.parse
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,7 @@ from qserve.storage.index import next_live
 
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.local.commit import GroupCommit, Signal
+from qserve.backends.local.dedup import RecentPuts
 from qserve.backends.local.errors import raising_core_errors
 from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
@@ -81,16 +83,22 @@ class Queue(GroupCommit):
 
     def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None = None,
                  aio: AioSync | None = None, *, on_change: OnChange | None = None,
-                 dead_letters: Callable[["Queue", list[DeadLetter]], Awaitable[None]] | None = None) -> None:
+                 dead_letters: Callable[["Queue", list[DeadLetter]], Awaitable[None]] | None = None,
+                 recent: Iterable[tuple[str, int, int]] = (), wall_clock: Callable[[], float] = time.time) -> None:
         super().__init__(ref, qlog, config, pool, aio, on_rollback=self.notify)
         self._on_change = on_change      # the watch service's wake-up: (queue, new entry or None) -> None
         self.source = LogSource(qlog)
         self.filters = FilterIndexes()   # tag filters of watchers and gets: each entry classified once
         self._dead_letters = dead_letters   # the manager's move to the dead-letter queue
+        self._wall_clock = wall_clock
+        self.deduplicated = 0                # puts answered with an earlier entry's index (metrics)
         self.dead_lettered = 0               # entries moved (metrics)
         # a dead-letter queue dead-letters nothing (its entries would have nowhere to go)
         self.policy = Policy(delivery_timeout=config.policy_for(ref.service).delivery_timeout) if ref.dlq \
             else config.policy_for(ref.service)
+        self.recent = RecentPuts(self.policy.dedup_window) if self.policy.dedup_window else None
+        for rid, index, at_ms in recent:   # the window's puts as the segment files hold them (a reopen)
+            self.recent.note(rid, index, at_ms)
         self.dispatcher = Dispatcher(self.source, now=trio.current_time, filters=self.filters, policy=self.policy)
         self._policy_changed = Signal()  # a delivery or a delay may have moved the next wake-up earlier
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
@@ -126,10 +134,26 @@ class Queue(GroupCommit):
                 qlog.truncate(below)
                 self._forget(range(1, below))
         entry = self.log.append(data, tags, priority)
+        if self.recent is not None and "requestId" in tags:
+            self.recent.note(tags["requestId"], entry.index, entry.timestamp_ms)
         mark = self.write_mark()
         self.notify(entry)
         await self.wait_durable(mark)
         return entry.index
+
+    @raising_core_errors
+    async def put_unique(self, data: bytes, tags: Mapping[str, str], priority: int) -> tuple[int, bool]:
+        recent = self.recent
+        if recent is None:
+            return await self.put(data, tags, priority), False
+        rid = tags["requestId"]
+        found = recent.find(rid, int(self._wall_clock() * 1000))
+        if found is not None:
+            self.deduplicated += 1
+            await self.wait_durable()   # the original may be in this very fsync round
+            return found, True
+        index = await self.put(data, tags, priority)
+        return index, False
 
     @raising_core_errors
     async def next_index(self) -> int:

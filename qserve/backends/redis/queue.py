@@ -289,6 +289,9 @@ class RedisQueue:
             self._full.discard(consumer_id)
             self._notify(None)
 
+    async def put_unique(self, data: bytes, tags: Mapping[str, str], priority: int) -> tuple[int, bool]:
+        return await self.put(data, tags, priority), False   # dedup_window: the local backend only, so far
+
     async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:
         if indexes:
             await self._run(scripts.COMMIT, *indexes)
