@@ -158,3 +158,33 @@ def test_bench_ratios_quick_prints_table(tmp_path):
     assert list(tmp_path.iterdir()) == []
     running = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _cmdline_has(pid, str(tmp_path))]
     assert running == []
+
+
+def test_bench_nodes_quick_prints_table(tmp_path):
+    """One short run of each set-up - a local node, one Redis node, two separate Redis nodes, one
+    `--processes 2` - on one redis-server; the CPU of every qserve process is in the table, and
+    every process it started is gone and its temporary directories removed."""
+    require_redis_server()
+    proc = run_tool("nodes", "--quick", "--seconds", "1", "--entries", "100", "--data-dir", str(tmp_path),
+                    timeout=120.0)
+    out = proc.stdout
+    header = next(line for line in out.splitlines() if line.startswith("scenario"))
+    for column in ("median", "vs 1 node", "vs local", "qserve cpu", "per process", "redis cpu", "loadgen cpu",
+                   "other cpu", "busy", "qserve us/op"):
+        assert column in header
+    rows = {tuple(re.split(r"\s{2,}", line)[:2]): re.split(r"\s{2,}", line)
+            for line in out.splitlines() if line.startswith(("put ", "watch "))}
+    setups = ("local", "redis 1 node", "redis 2 nodes", "redis --processes 2")
+    scenarios = ["watch manual w10 c4"] + (["put c16 (wrk)"] if shutil.which("wrk") else [])
+    assert {(s, d) for s in scenarios for d in setups} <= set(rows), out
+    for scenario in scenarios:
+        assert rows[(scenario, "redis 1 node")][5] == "1.00x" and rows[(scenario, "local")][6] == "1.00x"
+        assert re.fullmatch(r"\d+/\d+", rows[(scenario, "redis 2 nodes")][8])          # each node's CPU
+        assert re.fullmatch(r"sup\d+\+\d+/\d+", rows[(scenario, "redis --processes 2")][8])   # supervisor + 2
+    assert "redis-server pid" in proc.stderr and "round 1/1" in proc.stderr    # progress went to stderr
+    assert list(tmp_path.iterdir()) == []
+    running = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _cmdline_has(pid, str(tmp_path))]
+    assert running == []                       # redis-server and the local node stopped
+    url = "127.0.0.1:%s/0" % re.search(r"redis-server pid \d+ port (\d+)", proc.stderr).group(1)
+    running = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _cmdline_has(pid, url)]
+    assert running == []                       # every node and process on that Redis too

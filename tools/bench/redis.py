@@ -117,26 +117,42 @@ def node(side: str, data_dir: Path, redis_url: str, cpu: int | None) -> bl.Serve
 
 
 def run_child(args: list[str], *, cpu: int | None, timeout: float) -> tuple[str, float, float]:
-    """Run a load generator to its end: (stdout, its CPU seconds from its rusage, wall seconds).
-    Nothing else of ours exits meanwhile, so the growth of RUSAGE_CHILDREN is this child's."""
+    """Run a load generator to its end: (stdout, its CPU seconds from its rusage, wall seconds)."""
+    [out], cpu_seconds, wall = run_children([args], cpu=cpu, timeout=timeout)
+    return out, cpu_seconds, wall
+
+
+def run_children(commands: list[list[str]], *, cpu: int | None, timeout: float) -> tuple[list[str], float, float]:
+    """Run load generators side by side to their end: (the stdout of each, their CPU seconds together
+    from their rusage, wall seconds until the last one ended). Nothing else of ours exits meanwhile,
+    so the growth of RUSAGE_CHILDREN is theirs. Each one's output is small (a report), so reading
+    them one after the other cannot stall one on a full pipe."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=bl.REPO,
-                            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)
+    procs = [subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=bl.REPO,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)
+             for args in commands]
+    results = []
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise RuntimeError(f"{Path(args[1] if args[0] == sys.executable else args[0]).name} "
-                           f"did not finish within {timeout:.0f} s") from None
+        for args, proc in zip(commands, procs):
+            try:
+                results.append(proc.communicate(timeout=max(0.0, t0 + timeout - time.perf_counter())))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{Path(args[1] if args[0] == sys.executable else args[0]).name} "
+                                   f"did not finish within {timeout:.0f} s") from None
+    finally:
+        for proc in procs:               # only those still running: a failure or a timeout above
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        last = (err.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{' '.join(args[:3])} exited {proc.returncode}: {last}")
-    return out, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), wall
+    for args, proc, (_, err) in zip(commands, procs, results):
+        if proc.returncode != 0:
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{' '.join(args[:3])} exited {proc.returncode}: {last}")
+    return [out for out, _ in results], (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), wall
 
 
 def measured(servers: dict[str, bl.ServerProc], fn) -> dict:
@@ -344,15 +360,21 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds or (1.0 if quick else 4.0)
     args.group_seconds = args.group_seconds or (1.0 if quick else 3.0)
     args.entries = args.entries or (200 if quick else 10000)
+    return guarded("bench redis", run, args)
+
+
+def guarded(name: str, fn, args: argparse.Namespace) -> int:
+    """`fn(args)`'s exit status; 2 in one line without redis-server, 1 in one line when `fn` raises
+    RuntimeError (a process that did not start or died, a tool that failed)."""
     if shutil.which("redis-server") is None:
-        print("bench redis: redis-server not installed (apt-get install redis-server): nothing to measure",
+        print(f"{name}: redis-server not installed (apt-get install redis-server): nothing to measure",
               file=sys.stderr)
         return 2
     try:
-        return run(args)
-    except RuntimeError as exc:          # a process that did not start or died, a tool that failed
+        return fn(args)
+    except RuntimeError as exc:
         lines = str(exc).strip().splitlines() or ["failed"]
-        print("bench redis: " + lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else ""), file=sys.stderr)
+        print(f"{name}: " + lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else ""), file=sys.stderr)
         return 1
 
 
