@@ -8,6 +8,10 @@ since 4.18) and a reaper task learns of the completion from an eventfd it waits 
 The fsync's kernel work moves from the process to a kernel worker, so the whole machine's CPU per
 durable put stays about the same (README, "Development", has the figures).
 
+Inline: when no other task is runnable and no AIO fsync is in flight (a lone sequential client,
+say), ``fsync`` calls ``os.fsync`` right there instead: the loop has nothing to do meanwhile, and
+the round saves ``io_submit``, ``io_getevents``, the eventfd read and one scheduler pass each way.
+
 Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
 answered, before the caller is rescheduled: the queue's flusher ends its round there
 (`backends.local.commit.GroupCommit._end_round`), one scheduler turn earlier for every waiter.
@@ -35,6 +39,7 @@ import tempfile
 from itertools import count
 
 import trio
+from trio._core import _run as _trio_run   # the run queue's length: `_nothing_runnable`
 
 from .reaping import reap_then_drain
 
@@ -43,6 +48,15 @@ __all__ = ["AioSync"]
 _NR = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4)}   # io_setup, io_destroy, io_submit, io_getevents
 _IOCB_CMD_FSYNC = 2
 _IOCB_FLAG_RESFD = 1
+
+
+def _nothing_runnable() -> bool:
+    """True when no other task of this trio run is scheduled to run (the run queue is empty). Reads
+    the runner's queue directly: `trio.lowlevel.current_statistics` counts every registered fd too,
+    which costs O(connections) per call. False when that private attribute is not there."""
+    runner = getattr(_trio_run.GLOBAL_RUN_CONTEXT, "runner", None)
+    runq = getattr(runner, "runq", None)
+    return runq is not None and not runq
 
 
 class _Iocb(ctypes.Structure):   # include/uapi/linux/aio_abi.h, little endian
@@ -97,6 +111,7 @@ class AioSync:
         self._ids = count(1)
         self._jobs: dict[int, _Job] = {}   # aio_data -> the job of that fsync
         self.serving = False
+        self.inline_rounds = 0             # fsyncs done inline (`_fsync_inline`), for statistics
 
     @classmethod
     def open(cls, depth: int = 64) -> AioSync | None:
@@ -145,6 +160,8 @@ class AioSync:
             return None
         if not self.serving:
             raise RuntimeError("AioSync is not serving")
+        if not self._jobs and _nothing_runnable():
+            return await self._fsync_inline(fds, on_done)
         job = _Job(len(fds), on_done)
         with trio.CancelScope(shield=True):
             for fd in fds:
@@ -171,6 +188,26 @@ class AioSync:
             raise job.callback_error
         await trio.lowlevel.checkpoint_if_cancelled()
         return job.error
+
+    async def _fsync_inline(self, fds: list[int], on_done) -> OSError | None:
+        """`fsync` done here and now, blocking the loop: only when no other task is runnable and no
+        AIO fsync is in flight, so it stalls nobody longer than the fsync itself would have made them
+        wait, and it saves the submission, the eventfd wake-up and the reaper's scheduling pass."""
+        error: OSError | None = None
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                error = error or exc
+        self.inline_rounds += 1
+        if on_done is not None:
+            on_done(error)
+        # one scheduling batch before the caller goes on, as when the reaper runs ``on_done``: the
+        # tasks ``on_done`` woke run before whatever the caller wakes next (a flusher's ``first``
+        # waiters before the rest of the round)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return error
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The reaper: hands completions back. Runs until cancelled, then drains and closes."""

@@ -163,8 +163,8 @@ async def test_first_waiters_resume_ahead_of_the_rest_of_their_round(tmp_path):
 
 async def test_on_done_runs_in_the_reaper_before_the_caller_resumes(tmp_path):
     """``on_done(error)`` runs once, in the reaper's task, as soon as the kernel has answered every
-    fsync (before the caller is woken); with nothing submittable, in the caller; an exception it
-    raises comes out of `fsync`."""
+    fsync (before the caller is woken); with nothing submittable, or with no other task runnable
+    (the fsync is then done inline), in the caller; an exception it raises comes out of `fsync`."""
     with trio.fail_after(LIMIT):
         aio = open_or_skip()
         fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
@@ -178,8 +178,19 @@ async def test_on_done_runs_in_the_reaper_before_the_caller_resumes(tmp_path):
             async with trio.open_nursery() as nursery:
                 await nursery.start(aio.serve)
                 me = trio.lowlevel.current_task()
+                # the loop idle otherwise: done inline, in the caller
+                assert await aio.fsync([fd], on_done) is None
+                assert seen == [(None, me)] and aio.inline_rounds == 1
+                seen.clear()
+
+                async def busy():                             # another task always runnable
+                    while True:
+                        await trio.lowlevel.checkpoint()
+                nursery.start_soon(busy)
+                await trio.lowlevel.checkpoint()
                 assert await aio.fsync([fd, fd], on_done) is None
                 assert len(seen) == 1 and seen[0][0] is None and seen[0][1] is not me   # the reaper
+                assert aio.inline_rounds == 1
                 seen.clear()
                 error = await aio.fsync([closed], on_done)    # refused at submit: nothing to reap
                 assert [(e.errno, t) for e, t in seen] == [(errno.EBADF, me)] and error is seen[0][0]
