@@ -22,8 +22,10 @@ The processes run in process groups of their own, so a Ctrl-C in a terminal reac
 supervisor (which would otherwise be each process's second signal: stop at once). The first
 SIGINT/SIGTERM is passed on to every process as SIGTERM (each drains, as a single server does); what
 is still running ``--shutdown-timeout`` + `MARGIN` seconds later is killed. A second signal passes
-SIGTERM on again (each process's second signal: stop at once). Exit status: 0 when every process
-stopped cleanly, 128 + the signal's number after a second signal, 1 otherwise.
+SIGTERM on again (each process's second signal: stop at once). A process still starting when the
+stop comes (no "listening" line yet) may die of that SIGTERM before it has a handler for it: that is
+a clean stop too, it has answered nothing. Exit status: 0 when every process stopped cleanly, 128 +
+the signal's number after a second signal, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ class Supervisor:
                         if served and not listened[number - 1]:
                             listened[number - 1] = True
                             settled.set()
-                        status = await self._exited(child)
+                        status = await self._exited(child, served)
                         lived = time.monotonic() - child.started
                     finally:
                         child.close()
@@ -246,15 +248,22 @@ class Supervisor:
         log.debug("process %d started: pid %d", number, popen.pid)
         return child
 
-    async def _exited(self, child: _Child) -> int:
-        """Wait for ``child`` to exit, reap it; its return code (negative: killed by that signal)."""
+    async def _exited(self, child: _Child, served: bool) -> int:
+        """Wait for ``child`` (``served``: it said it listens) to exit, reap it; its return code
+        (negative: killed by that signal). While stopping, a process that never listened and died of
+        the SIGTERM stopped cleanly: it got it before its own handler was in place (still starting
+        Python), when the default action, ending it, is all a stop asks of a process that has
+        answered nothing."""
         await trio.lowlevel.wait_readable(child.pidfd)
         status = child.popen.wait()
         del self._running[child.number]
         await child.pipe.aclose()
         if self._stopping.is_set() and status != 0 and self._forced is None and not child.killed:
-            log.warning("process %d (pid %d) %s while stopping", child.number, child.popen.pid, _how(status))
-            self._status = 1
+            if not served and status == -signal.SIGTERM:
+                log.info("process %d (pid %d) stopped before it listened", child.number, child.popen.pid)
+            else:
+                log.warning("process %d (pid %d) %s while stopping", child.number, child.popen.pid, _how(status))
+                self._status = 1
         return status
 
     def _first_failed(self, status: int | None, child: _Child | None) -> None:

@@ -175,6 +175,50 @@ def test_sigterm_stops_every_process_cleanly_with_status_zero(box, service):
     assert "Traceback" not in "\n".join(box.srv.lines)
 
 
+def supervised(pid: int) -> set[int]:
+    """The children of ``pid`` that are its server processes (``--processes 1`` on their command line;
+    not, say, the short-lived fork of an ``ldconfig`` during the supervisor's imports)."""
+    found = set()
+    for child in children(pid):
+        try:
+            if b"\0--processes\x001\0" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(child)
+        except OSError:   # exited meanwhile
+            continue
+    return found
+
+
+@pytest.mark.parametrize("starting", [1, 2])
+def test_sigterm_while_processes_start_stops_them_cleanly(tmp_path, redis_url, starting):
+    """SIGTERM as soon as process ``starting`` exists, long before it listens (it is still importing
+    Python: ~0.5 s): the supervisor stops what runs and exits 0 (it exited 1: a process killed by that
+    SIGTERM before it had a handler for it counted as a failed stop)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "qserve", "serve", "--host", "127.0.0.1", "--port", "0",
+                             "--backend", redis_url, "--processes", "2", "--shutdown-timeout", "3",
+                             "--token", "test-token"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while len(seen) < starting:   # a condition on /proc, bounded; no sleep
+            assert proc.poll() is None and time.monotonic() < deadline, "the processes did not start"
+            seen |= supervised(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert wait_gone(seen, timeout=0) == set(), "the supervisor exits after its processes"
+        assert "while stopping" not in err and "Traceback" not in err, err
+        assert "stopped: every process exited" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid in wait_gone(seen, timeout=0.1):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(seen)
+
+
 def test_a_second_sigint_stops_at_once(box):
     box.start()
     pids = box.pids()
