@@ -265,12 +265,14 @@ class QueueLog(Durability, Inspection):
         return len(victims)
 
     def set_state(self, **kv: str) -> None:
-        """Persist queue state key/values (e.g. ``state="End"``)."""
+        """Persist queue state key/values (e.g. ``state="End"``); an empty value removes the key."""
         self._check()
         if not all(isinstance(v, str) for v in kv.values()):
             raise TypeError("state values must be str")
         self._write(encode_state(kv))
         self._state.update(kv)
+        for key in [k for k, v in kv.items() if v == ""]:
+            del self._state[key]
 
     @property
     def state(self) -> dict:

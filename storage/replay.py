@@ -107,6 +107,8 @@ class Replay:
             self._truncate(min(r.below, self.next_index))
         elif isinstance(r, StateRecord):
             self.state.update(r.values)
+            for key in [k for k, v in r.values.items() if v == ""]:
+                del self.state[key]   # an empty value removes the key
         elif isinstance(r, CheckpointRecord):
             self.next_index = max(self.next_index, r.next_index)
             self._truncate(r.truncate_below)

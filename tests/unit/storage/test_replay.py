@@ -213,7 +213,7 @@ ops = st.one_of(
               st.booleans()),
     st.tuples(st.just("delete"), st.lists(indexes, min_size=1, max_size=4)),
     st.tuples(st.just("truncate"), st.integers(0, 30)),
-    st.tuples(st.just("state"), st.dictionaries(st.sampled_from("ab"), st.sampled_from(["1", "2"]))),
+    st.tuples(st.just("state"), st.dictionaries(st.sampled_from("ab"), st.sampled_from(["1", "2", ""]))),
     st.tuples(st.just("checkpoint"), st.integers(1, 30), st.integers(0, 30), st.booleans()),
 )
 
@@ -244,6 +244,7 @@ def build(segments: list[list[tuple]], seal: bool) -> tuple[list[bytes], Model]:
             elif kind == "state":
                 rec = encode_state(op[1])
                 m.state.update(op[1])
+                m.state = {k: v for k, v in m.state.items() if v != ""}   # "" removes a key
             else:
                 _, nxt, trunc, keep_state = op
                 state = dict(m.state) if keep_state else {"c": str(nxt)}
