@@ -122,6 +122,9 @@ class Dispatcher:
         self._dead_new: list[DeadLetter] = []              # not yet taken by `dead_letters()`
         self.timed_out = 0                                 # counters (metrics)
         self.delayed_total = 0
+        # each new delay as (index, group, due), for a queue that persists them (None: not kept);
+        # its owner drains it after every call that may return entries (at most one per held entry)
+        self.new_delays: list[tuple[int, str, float]] | None = None
 
     # -- membership -------------------------------------------------------------------------
     def attach(self, spec: ConsumerSpec) -> list[int]:
@@ -375,6 +378,10 @@ class Dispatcher:
             times.append(next(iter(self._deadlines.values()))[1])
         return min(times) if times else None
 
+    def delay_of(self, index: int, group: str) -> float | None:
+        """When the delay that hides ``index`` from ``group`` is due (clock time; None: none)."""
+        return self._delayed.get(index, {}).get(group)
+
     def delayed(self) -> int:
         """Entries hidden from at least one group by a delay."""
         return len(self._delayed)
@@ -400,8 +407,16 @@ class Dispatcher:
             return
         wait = policy.backoff(count) if delay is None else delay
         if wait > 0:
-            self._delayed.setdefault(index, {})[group.name] = self._now() + wait
+            due = self._now() + wait
+            self._delayed.setdefault(index, {})[group.name] = due
             self.delayed_total += 1
+            if self.new_delays is not None:
+                self.new_delays.append((index, group.name, due))
+
+    def restore_delay(self, index: int, group: str, due: float) -> None:
+        """A delay kept across a restart: ``index`` stays hidden from ``group`` until ``due`` (clock
+        time). The entry must be live; the group need not exist yet."""
+        self._delayed.setdefault(index, {})[group] = due
 
     def _due(self, delayed: dict[int, dict[str, float]], index: int, group: str, now: float) -> bool:
         """Whether the entry is visible to ``group`` (dropping its delay once due)."""

@@ -100,6 +100,9 @@ class Queue(GroupCommit):
         for rid, index, at_ms in recent:   # the window's puts as the segment files hold them (a reopen)
             self.recent.note(rid, index, at_ms)
         self.dispatcher = Dispatcher(self.source, now=trio.current_time, filters=self.filters, policy=self.policy)
+        self.dispatcher.new_delays = []
+        self._delay_keys: dict[str, tuple[int, str]] = {}   # persisted delays: state key -> (index, group)
+        self._restore_delays()
         self._policy_changed = Signal()  # a delivery or a delay may have moved the next wake-up earlier
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
 
@@ -266,12 +269,14 @@ class Queue(GroupCommit):
     # -- consumer groups ----------------------------------------------------------------------
     @raising_core_errors
     async def attach(self, spec: ConsumerSpec) -> None:
-        self.dispatcher.attach(spec)
+        self.dispatcher.attach(spec)   # a replaced consumer's entries go back (and may be delayed)
+        self._keep_delays()
         self.notify()
 
     @raising_core_errors
     async def release(self, consumer_id: str) -> None:
         self.dispatcher.detach(consumer_id)
+        self._keep_delays()
         await self._dead_letter()
         self.notify()
 
@@ -330,8 +335,11 @@ class Queue(GroupCommit):
     async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
         self.dispatcher.negative(indexes, code, reason, delay=delay)
         self._policy_changed.fire()
+        delayed = self._keep_delays()
         await self._dead_letter()
         self.notify()
+        if delayed:   # the answer says the delay holds, a restart included
+            await self.wait_durable()
 
     # -- delivery policies ----------------------------------------------------------------------
     async def policy_upkeep(self) -> None:
@@ -344,7 +352,61 @@ class Queue(GroupCommit):
                 await self._policy_changed.wait()
             if self.dispatcher.expire():
                 await self._dead_letter()
+            self._keep_delays()
+            self._forget_delays()
             self.notify()
+
+    # A delay's due time is kept in the log's state as ``delay:INDEX:GROUP`` = due (unix ms), so a
+    # restart hides the entry until then too; the key is removed (an empty value) once the delay is
+    # due or its entry gone. Clock times (trio's) and wall times convert at the moment of writing.
+    def _restore_delays(self) -> None:
+        clock, now_ms = trio.current_time(), self._wall_clock() * 1000
+        stale: dict[str, str] = {}
+        for key, value in self.log.state.items():
+            if not key.startswith(DELAY_KEY):
+                continue
+            try:
+                _, index_text, group = key.split(":", 2)
+                index, due_ms = int(index_text), int(value)
+            except ValueError:
+                index, due_ms, group = 0, 0, ""
+            if due_ms <= now_ms or index not in self.source:
+                stale[key] = ""
+                continue
+            self.dispatcher.restore_delay(index, group, clock + (due_ms - now_ms) / 1000)
+            self._delay_keys[key] = (index, group)
+        if stale:
+            self.log.set_state(**stale)
+
+    def _keep_delays(self) -> bool:
+        """Write the delays the dispatcher made since the last call to the log (True if any)."""
+        new = self.dispatcher.new_delays
+        if not new:
+            return False
+        self.dispatcher.new_delays = []
+        clock, now_ms = trio.current_time(), self._wall_clock() * 1000
+        values: dict[str, str] = {}
+        for index, group, due in new:
+            key = f"{DELAY_KEY}{index}:{group}"
+            values[key] = str(int(now_ms + (due - clock) * 1000))
+            self._delay_keys[key] = (index, group)
+        self.log.set_state(**values)
+        return True
+
+    def _forget_delays(self) -> None:
+        """Remove the kept delays that are due, or whose entry left the queue."""
+        if not self._delay_keys:
+            return
+        clock = trio.current_time()
+        gone = {}
+        for key, (index, group) in self._delay_keys.items():
+            due = self.dispatcher.delay_of(index, group)
+            if due is None or due <= clock:
+                gone[key] = ""
+        for key in gone:
+            del self._delay_keys[key]
+        if gone:
+            self.log.set_state(**gone)
 
     async def _dead_letter(self) -> None:
         """Move the entries the dispatcher dead-lettered (``max_deliveries``) to the dead-letter queue."""
@@ -371,6 +433,9 @@ class Queue(GroupCommit):
             self.close_log()
             self.gets.wake_all()
             self.notify()
+
+
+DELAY_KEY = "delay:"   # the log state's key prefix of a kept delay
 
 
 def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
