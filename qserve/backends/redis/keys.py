@@ -30,6 +30,9 @@ suffix             type    what
 ``la``             hash    consumer id -> server time (ms) of its last delivery/commit/nack
 ``cs``             hash    ``<id>:d`` entries delivered, ``<id>:l`` highest index delivered
 ``lease``          hash    consumer id -> server time (ms) its node's lease runs out
+``dd``             zset    ``dedup_window``: client-chosen requestIds put within the window,
+                           score the put's time (the putting node's wall clock, ms)
+``di``             hash    ``dedup_window``: requestId -> the index its put got
 ``ev``             channel what changed: ``p<node> <index> <msgpack tags>`` a put, ``c<node>``
                            anything else (node: the writer's id), ``k<consumer id> <token>`` a
                            consumer was replaced or expired
@@ -93,4 +96,5 @@ class QueueKeys:
 
     def queue_keys(self) -> list[str]:
         """The fixed keys (not the per-group ones: `group_keys`)."""
-        return [self.key(s) for s in ("m", "s", "p", "r", "rr", "n", "gs", "c", "h", "la", "cs", "lease")]
+        return [self.key(s) for s in ("m", "s", "p", "r", "rr", "n", "gs", "c", "h", "la", "cs", "lease",
+                                           "dd", "di")]

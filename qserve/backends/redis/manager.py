@@ -55,8 +55,8 @@ class RedisBackend:
         on_change: the watch service's wake-up, called for every queue's events.
         on_evict: ``(queue ref, consumer id)``: a consumer of this node was replaced by the same id
             on another node, or its lease expired: its session must close.
-        wall_clock: unused here (entries carry their timestamps in their tags); accepted for the
-            same constructor as the local backend.
+        wall_clock: unix seconds: the dedup window's clock (``dedup_window``), as the puts'
+            timestamps.
     """
 
     fsync_mechanism = "redis"
@@ -68,6 +68,7 @@ class RedisBackend:
         self._nursery = nursery
         self._on_change = on_change
         self._on_evict = on_evict
+        self._wall_clock = wall_clock
         self.target = parse_redis_url(config.backend)
         # the node's name in the consumers' records and logs; the short id tags its events
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -211,7 +212,8 @@ class RedisBackend:
             if not exists:
                 raise NotFound(f"no queue named {ref.name} (the server runs with --no-auto-create; "
                                f"create it with: qserve stream create {ref.service})")
-        queue = RedisQueue(ref, self.link, self.config, self.node, on_change=self._on_change)
+        queue = RedisQueue(ref, self.link, self.config, self.node, on_change=self._on_change,
+                           wall_clock=self._wall_clock)
         queue.on_evict = self._on_evict
         self._queues[ref] = queue
         self._by_tag[keys.tag] = queue

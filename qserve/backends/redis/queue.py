@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from qserve.backends.redis.link import Link
 from qserve.config import Config
 from qserve.core.errors import Conflict, PayloadTooLarge, QueueFull, Unsupported
 from qserve.core.events import ConsumerSpec, QueueRef
+from qserve.core.policy import Policy
 from qserve.core.group_report import ConsumerRow, GroupRow, render_rows
 from qserve.core.routing import MAX_PRIORITY
 from qserve.wire.names import HEADER_ATTRIBUTES
@@ -39,6 +41,8 @@ __all__ = ["RedisEntry", "RedisQueue"]
 RELEASE_TIMEOUT = 5.0
 #: `QueueBackend.take`'s mark: a script's reply is already durable (and replicated, with WAIT)
 DURABLE = (0, 0)
+#: requestIds a queue remembers for its dedup window (as the local backend's `MAX_REMEMBERED`)
+DEDUP_LIMIT = 1_000_000
 
 
 @dataclass(slots=True)
@@ -70,7 +74,7 @@ class RedisQueue:
     """One queue in Redis, as seen from this node (`backends.base.QueueBackend`). Trio thread only."""
 
     def __init__(self, ref: QueueRef, link: Link, config: Config, node: str, *,
-                 on_change: OnChange | None = None) -> None:
+                 on_change: OnChange | None = None, wall_clock: Callable[[], float] = time.time) -> None:
         self.ref = ref
         self.keys = QueueKeys(ref)
         self._link = link
@@ -83,6 +87,10 @@ class RedisQueue:
         self._full: set[str] = set()           # consumers that had no free slot at their last poll
         self.on_evict: Callable[[QueueRef, str], None] | None = None   # a consumer replaced elsewhere
         self._node_id = link.node.encode()      # events this node published carry it
+        self._wall_clock = wall_clock            # the dedup window's clock (the puts' timestamps)
+        # a dead-letter queue dead-letters nothing (its entries would have nowhere to go)
+        self.policy = Policy(delivery_timeout=config.policy_for(ref.service).delivery_timeout) if ref.dlq \
+            else config.policy_for(ref.service)
 
     async def _run(self, script: str, *args, write: bool = True):
         return await self._link.run(script, self.keys.tag, args, write=write)
@@ -131,19 +139,31 @@ class RedisQueue:
 
     # -- entries ------------------------------------------------------------------------------
     async def put(self, data: bytes, tags: Mapping[str, str], priority: int) -> int:
+        return (await self._put(data, tags, priority, unique=False))[0]
+
+    async def put_unique(self, data: bytes, tags: Mapping[str, str], priority: int) -> tuple[int, bool]:
+        return await self._put(data, tags, priority, unique=True)
+
+    async def _put(self, data: bytes, tags: Mapping[str, str], priority: int, *, unique: bool) -> tuple[int, bool]:
+        """One PUT script: with ``unique`` and a dedup window, a requestId the queue stored within
+        the window (by the wall clock of the nodes that put it) answers its original index instead."""
         config = self.config
         if len(data) > config.max_payload_bytes:
             raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the limit of "
                                   f"{config.max_payload_bytes} bytes")
-        index = await self._run(scripts.PUT, data, msgpack.packb(dict(tags)), priority,
-                                tags.get("requestId", ""), config.max_length, int(config.trim_oldest))
-        if index == -1:
+        window = round(self.policy.dedup_window * 1000) if unique else 0
+        reply = await self._run(scripts.PUT, data, msgpack.packb(dict(tags)), priority,
+                                tags.get("requestId", ""), config.max_length, int(config.trim_oldest),
+                                window, round(self._wall_clock() * 1000), DEDUP_LIMIT)
+        if reply == -1:
             raise Conflict(f"queue {self.ref.name} has ended; no more puts")
-        if index == -2:
+        if reply == -2:
             raise QueueFull(f"queue {self.ref.name} is full ({config.max_length} entries)",
                             headers=[("Retry-After", "1")])
-        self._announce(RedisEntry(int(index), b"", dict(tags)))
-        return int(index)
+        index, duplicate = int(reply[0]), bool(reply[1])
+        if not duplicate:
+            self._announce(RedisEntry(index, b"", dict(tags)))
+        return index, duplicate
 
     async def next_index(self) -> int:
         last = await self._link.client.hget(self.keys.meta, "last")
@@ -199,6 +219,8 @@ class RedisQueue:
             "stream.approxMaxLength": str(config.max_length),
             "stream.firstEntry": str(first),
             "stream.lastEntry": str(last),
+            **self.policy.attributes(),
+            "policy.delayed": "0",
         }
         rows = []
         for cid, record, held, active, delivered, last_index in consumers:
@@ -288,9 +310,6 @@ class RedisQueue:
             unsent.difference_update(indexes)
             self._full.discard(consumer_id)
             self._notify(None)
-
-    async def put_unique(self, data: bytes, tags: Mapping[str, str], priority: int) -> tuple[int, bool]:
-        return await self.put(data, tags, priority), False   # dedup_window: the local backend only, so far
 
     async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:
         if indexes:

@@ -134,6 +134,45 @@ local function drop_member(cid)
   end
   return m
 end
+-- a new entry at the next index (the queue's counter never goes back); its put event published
+local function append(data, tags, p, rid)
+  local n = redis.call('HINCRBY', k('m'), 'last', 1)
+  local fields = {'d', data, 't', tags}
+  if rid ~= '' then
+    fields[#fields + 1] = 'i'
+    fields[#fields + 1] = rid
+  end
+  if p > 0 then
+    fields[#fields + 1] = 'p'
+    fields[#fields + 1] = p
+    redis.call('ZADD', k('p'), 0, prio_member(p, n))
+  end
+  redis.call('XADD', k('s'), sid(n), unpack(fields))
+  if rid ~= '' then remember_request_id(rid, n) end
+  redis.call('PUBLISH', k('ev'), 'p' .. NODE .. ' ' .. n .. ' ' .. tags)
+  return n
+end
+-- dedup_window: `dd` (requestId -> put time, the node's wall clock ms) and `di` (requestId -> index)
+-- hold the client-chosen requestIds put since `since`, consumed or not; older ones are dropped
+-- here, at most 256 a call (a put drops at least as many as it adds, so they never pile up)
+local function seen_within(rid, since)
+  local old = redis.call('ZRANGEBYSCORE', k('dd'), '-inf', '(' .. since, 'LIMIT', 0, 256)
+  if #old > 0 then
+    redis.call('ZREM', k('dd'), unpack(old))
+    redis.call('HDEL', k('di'), unpack(old))
+  end
+  local at = redis.call('ZSCORE', k('dd'), rid)
+  if at and tonumber(at) >= since then return tonumber(redis.call('HGET', k('di'), rid)) end
+  return nil
+end
+local function remember_put(rid, i, at, limit)
+  redis.call('ZADD', k('dd'), at, rid)
+  redis.call('HSET', k('di'), rid, i)
+  if redis.call('ZCARD', k('dd')) > limit then
+    local oldest = redis.call('ZPOPMIN', k('dd'))
+    redis.call('HDEL', k('di'), oldest[1])
+  end
+end
 local function changed() redis.call('PUBLISH', k('ev'), 'c' .. NODE) end
 local function annotated(i, f)
   return {i, f.d, f.t, f.p or '0', redis.call('HGET', k('n'), i) or ''}
@@ -167,9 +206,15 @@ local function walk(start, visit)
 end
 """
 
-#: ARGV: payload, tags (msgpack), priority, requestId, max length, trim oldest (0/1), created ms
-#: -> the index; -1 ended; -2 full
+#: ARGV: payload, tags (msgpack), priority, requestId, max length, trim oldest (0/1), dedup window
+#: ms (0: off; the requestId is the client's), the node's wall clock ms, at most this many requestIds
+#: remembered -> {index, 0}; {the original index, 1} a duplicate within the window; -1 ended; -2 full
 PUT = r"""
+local rid, window = ARGV[4], tonumber(ARGV[7])
+if window > 0 and rid ~= '' then
+  local original = seen_within(rid, tonumber(ARGV[8]) - window)
+  if original then return {original, 1} end
+end
 if redis.call('HGET', k('m'), 'state') == 'End' then return -1 end
 local maxlen = tonumber(ARGV[5])
 while redis.call('XLEN', k('s')) >= maxlen do
@@ -177,22 +222,9 @@ while redis.call('XLEN', k('s')) >= maxlen do
   local first = redis.call('XRANGE', k('s'), '-', '+', 'COUNT', 1)
   remove(idx_of(first[1][1]))
 end
-local n = redis.call('HINCRBY', k('m'), 'last', 1)
-local p = tonumber(ARGV[3])
-local fields = {'d', ARGV[1], 't', ARGV[2]}
-if ARGV[4] ~= '' then
-  fields[#fields + 1] = 'i'
-  fields[#fields + 1] = ARGV[4]
-end
-if p > 0 then
-  fields[#fields + 1] = 'p'
-  fields[#fields + 1] = p
-  redis.call('ZADD', k('p'), 0, prio_member(p, n))
-end
-redis.call('XADD', k('s'), sid(n), unpack(fields))
-if ARGV[4] ~= '' then remember_request_id(ARGV[4], n) end
-redis.call('PUBLISH', k('ev'), 'p' .. NODE .. ' ' .. n .. ' ' .. ARGV[2])
-return n
+local n = append(ARGV[1], ARGV[2], tonumber(ARGV[3]), rid)
+if window > 0 and rid ~= '' then remember_put(rid, n, tonumber(ARGV[8]), tonumber(ARGV[9])) end
+return {n, 0}
 """
 
 #: ARGV: start, limit, delete (0/1), requestId ('' = none), filter pairs...
