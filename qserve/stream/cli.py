@@ -3,7 +3,8 @@
 Strategy: argparse builds the commands (this module); each command is a small function
 ``(args, out) -> status`` in a private module by concept: `stream.settings` (the saved settings,
 ``config``), `stream.queue` (info, put, get, delete, trunc), `stream.watch` (watch),
-`stream.server` (ls, create: the server, not one queue). Queue commands run
+`stream.server` (ls, create: the server, not one queue), `stream.dlq` (dlq list, show, replay,
+purge: the service's dead-letter queue). Queue commands run
 over a `BlockingQueueClient` (the trio loop runs in a background thread, so prompts are plain
 blocking reads of stdin, line by line) and print through `stream.out.Out`: eascmd's human format
 on stdout or, with ``--json``, one JSON object per line. Errors end up in `main` as exactly one
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qserve.stream.dlq import cmd_dlq
 from qserve.stream.out import CLIError, Out, describe_queue_error
 from qserve.stream.queue import cmd_delete, cmd_get, cmd_info, cmd_put, cmd_trunc
 from qserve.stream.server import cmd_create, cmd_ls
@@ -35,7 +37,8 @@ from qserve.wire.params import ParamError, parse_duration
 __all__ = ["add_arguments", "main", "config_path"]
 
 COMMANDS = {"config": cmd_config, "info": cmd_info, "put": cmd_put, "get": cmd_get,
-            "delete": cmd_delete, "trunc": cmd_trunc, "watch": cmd_watch, "ls": cmd_ls, "create": cmd_create}
+            "delete": cmd_delete, "trunc": cmd_trunc, "watch": cmd_watch, "ls": cmd_ls, "create": cmd_create,
+            "dlq": cmd_dlq}
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -134,6 +137,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--commit-all", action="store_true", help="commit each entry without asking")
     p.add_argument("--index-only", action="store_true", help="entries without their data")
     p.add_argument("-n", "--count", type=_positive, help="stop after COUNT entries")
+    _add_dlq(sub, common, confirm)
+
+
+def _add_dlq(sub, common: argparse.ArgumentParser, confirm: argparse.ArgumentParser) -> None:
+    """``dlq list|show|replay|purge``: the dead-letter queue of the configured URL's service."""
+    p = sub.add_parser("dlq", help="the service's dead-letter queue: list, show, replay, purge",
+                       description="The dead-letter queue (SERVICE/dlq) of the configured URL's service, where "
+                                   "`qserve serve --max-deliveries N` moves an entry delivered N times without "
+                                   "a commit. Through the HTTP API only.")
+    dlq = p.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    p = dlq.add_parser("list", parents=[common], help="one line per dead letter: where from, why",
+                       description="List the dead letters (read, not deleted): their index, original queue and "
+                                   "index, requestId, deliveries, group, lastCode and lastReason.")
+    p.add_argument("-l", "--length", type=_positive, default=100, help="entries to list (default 100)")
+    p.add_argument("--index", type=_index, default=0, help="first index to list (default: the head)")
+    p = dlq.add_parser("show", parents=[common], help="print dead letters whole: tags and data",
+                       description="Print dead letters as `get` does: index, every tag, the data.")
+    p.add_argument("indexes", type=_positive, nargs="+", metavar="INDEX")
+    p = dlq.add_parser("replay", parents=[common, confirm], help="put dead letters back into their queues",
+                       description="Put each entry back into its queue (tag dlq.queue) with its data, tags, "
+                                   "requestId and priority, then delete it from the dead-letter queue. A crash "
+                                   "between the two leaves it in both: a second replay stores it twice unless the "
+                                   "queue has a dedup window, which answers it as a duplicate.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("indexes", type=_positive, nargs="*", default=[], metavar="INDEX")
+    which.add_argument("--all", action="store_true", help="every entry of the dead-letter queue")
+    p.add_argument("--priority", type=_index, help="put with this priority (default: each entry's own)")
+    p = dlq.add_parser("purge", parents=[common, confirm], help="delete dead letters",
+                       description="Delete entries of the dead-letter queue (their data is gone).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("indexes", type=_positive, nargs="*", default=[], metavar="INDEX")
+    which.add_argument("--all", action="store_true", help="every entry of the dead-letter queue")
 
 
 # ------------------------------------------------------------------------------------ entry point
