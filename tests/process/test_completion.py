@@ -35,6 +35,9 @@ def test_bash_script_is_valid_and_completes_subcommands(capsys, tmp_path):
     assert _complete(path, ["qserve", "se"]) == ["serve"]
     assert _complete(path, ["qserve", "stream", "wa"]) == ["watch"]
     assert _complete(path, ["qserve", "stream", "watch", "--ind"]) == ["--index", "--index-only"]
+    assert _complete(path, ["qserve", "stream", "dl"]) == ["dlq"]
+    assert _complete(path, ["qserve", "stream", "dlq", "re"]) == ["replay"]
+    assert _complete(path, ["qserve", "stream", "dlq", "replay", "--a"]) == ["--all"]
 
 
 def test_zsh_script_names_the_commands(capsys, tmp_path):
