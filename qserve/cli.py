@@ -131,7 +131,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     import trio
 
     from qserve.config import ConfigError, load_config
-    from qserve.server.logs import configure_logging
+    from qserve.server.logs import OneLine, configure_logging
     from qserve.server.server import run
     from qserve.server.startup import StartupError, listeners_for, prepare
     from qserve.server.supervisor import supervise, supervised_process
@@ -147,6 +147,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     if level > logging.DEBUG:   # the Redis client logs each retried command at INFO: noise (a start
         # against an unreachable Redis would not be one line); the backend logs an outage itself
         logging.getLogger("coredis").setLevel(max(level, logging.WARNING))
+        logging.getLogger("coredis").addFilter(OneLine())   # its errors as one line, none at a stop
     if config.processes > 1:   # a supervisor of N server processes sharing the port
         return supervise(config, argv)
     try:

@@ -21,10 +21,12 @@ import json
 import logging
 from datetime import datetime, timezone
 
+import trio
+
 from qserve.config import Config
 from qserve.server.types import Request
 
-__all__ = ["configure_logging", "JsonFormatter", "log_access", "ACCESS_LOGGER", "FIELDS", "TEXT_FORMAT"]
+__all__ = ["configure_logging", "JsonFormatter", "OneLine", "log_access", "ACCESS_LOGGER", "FIELDS", "TEXT_FORMAT"]
 
 ACCESS_LOGGER = "qserve.access"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -52,6 +54,34 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+class OneLine(logging.Filter):
+    """For a library's logger (the Redis client's): a record about a cancellation (the server is
+    stopping and cut a connection short) is dropped; any other record carrying an exception keeps
+    one line, the exception's type and message appended, without the traceback. The server logs
+    what matters of an outage itself; a traceback is for ``--log-level DEBUG``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or record.exc_info[1] is None:
+            return True
+        exc = record.exc_info[1]
+        if _only_cancellation(exc):
+            return False
+        record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+        record.args = None
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _only_cancellation(exc: BaseException, depth: int = 0) -> bool:
+    """Whether ``exc`` is a cancellation: trio's, a group of them, or an error raised because of one."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancellation(e, depth + 1) for e in exc.exceptions)
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and depth < 16 and _only_cancellation(cause, depth + 1)
 
 
 def configure_logging(config: Config) -> None:

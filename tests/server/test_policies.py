@@ -107,9 +107,9 @@ async def test_retry_backoff_grows_with_each_delivery(tmp_path, autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_max_deliveries_moves_the_entry_to_the_dead_letter_queue(tmp_path, autojump_clock):
+async def test_max_deliveries_moves_the_entry_to_the_dead_letter_queue(tmp_path, backend, autojump_clock):
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, max_deliveries=3) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, max_deliveries=3, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("poison")
             good, bad = await put_n(c, 2, "requestId=")
             status, _ = await c.call("POST", "requestId=req-bad", b"poison")
@@ -141,11 +141,11 @@ async def test_max_deliveries_moves_the_entry_to_the_dead_letter_queue(tmp_path,
             nursery.cancel_scope.cancel()
 
 
-async def test_a_consumer_that_dies_on_an_entry_counts_as_a_delivery(tmp_path, autojump_clock):
+async def test_a_consumer_that_dies_on_an_entry_counts_as_a_delivery(tmp_path, backend, autojump_clock):
     """A worker that crashes on an entry (its socket closes) and comes back: the deliveries
     still count, so the entry ends in the dead-letter queue instead of crashing it for ever."""
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, max_deliveries=2) as srv:
+        async with running_server(tmp_path, max_deliveries=2, **backend) as srv:
             c = await srv.client("crashy")
             [index] = await put_n(c, 1)
             for _ in range(2):
@@ -164,7 +164,8 @@ async def test_a_consumer_that_dies_on_an_entry_counts_as_a_delivery(tmp_path, a
 def test_redis_refuses_the_policies_it_does_not_have_yet():
     redis = "redis://127.0.0.1:6379/0"
     Config(backend=redis, dedup_window=60.0, services={"x": {"dedup_window": "1m"}})
-    for name, value in [("max_deliveries", 3), ("retry_backoff", "1s,2,1m"), ("delivery_timeout", "30s")]:
+    Config(backend=redis, max_deliveries=3)
+    for name, value in [("retry_backoff", "1s,2,1m"), ("delivery_timeout", "30s")]:
         with pytest.raises(ConfigError, match=f"{name} is not available with --backend redis yet"):
             Config(backend=redis, services={"x": {name: value}})
     with pytest.raises(ConfigError, match="retry_backoff: the factor"):

@@ -38,7 +38,14 @@ suffix             type    what
                            consumer was replaced or expired
 =================  ======  =====================================================================
 
-Outside the queues, ``qs:queues`` (a hash: tag -> msgpack [service, sink]) lists every queue ever
+A service's dead-letter queue (``max_deliveries``) has the same keys under the prefix
+``{qs:<service>}:dlq`` (``{qs:<service>}:dlq:s`` ...): its input queue's hash tag, so the script that
+moves an entry from the input queue writes both in one slot (no input key starts with ``dlq:``).
+The input queue also keeps ``dc`` (hash: index -> msgpack map group -> deliveries; with
+``max_deliveries`` or ``retry_backoff``).
+
+Outside the queues, ``qs:queues`` (a hash: tag -> msgpack [service, sink], or [service, false,
+true] for a dead-letter queue) lists every queue ever
 created, for listings; it is written when a queue is created, outside the queue's own script (a
 listing may briefly miss a queue being created; nothing else reads it).
 """
@@ -53,13 +60,15 @@ __all__ = ["queue_tag", "QueueKeys", "REGISTRY", "EVENT_PATTERN", "tag_of_channe
 
 #: every queue ever created: hash tag -> msgpack [service, sink]
 REGISTRY = "qs:queues"
-#: the pub/sub pattern that matches every queue's ``ev`` channel
-EVENT_PATTERN = "{qs:*}:ev"
+#: the pub/sub pattern that matches every queue's ``ev`` channel (dead-letter queues' included)
+EVENT_PATTERN = "{qs:*}*:ev"
 
 
 def queue_tag(ref: QueueRef) -> str:
-    """The hash tag of ``ref``'s keys: ``{qs:<service>}`` or ``{qs:<service>:sink}``."""
-    return "{qs:" + urllib.parse.quote(ref.service, safe="") + (":sink" if ref.sink else "") + "}"
+    """The key prefix of ``ref``'s keys: ``{qs:<service>}`` (input), ``{qs:<service>:sink}`` (sink)
+    or ``{qs:<service>}:dlq`` (dead-letter queue: the input queue's hash tag, so its slot)."""
+    tag = "{qs:" + urllib.parse.quote(ref.service, safe="") + (":sink" if ref.sink else "") + "}"
+    return tag + ":dlq" if ref.dlq else tag
 
 
 def tag_of_channel(channel: bytes | str) -> str:
@@ -97,4 +106,4 @@ class QueueKeys:
     def queue_keys(self) -> list[str]:
         """The fixed keys (not the per-group ones: `group_keys`)."""
         return [self.key(s) for s in ("m", "s", "p", "r", "rr", "n", "gs", "c", "h", "la", "cs", "lease",
-                                           "dd", "di")]
+                                           "dd", "di", "dc")]

@@ -112,8 +112,10 @@ class Link:
             script = self._scripts[body] = self.client.register_script(scripts.PRELUDE + body)
         return script
 
-    async def run(self, body: str, tag: str, args: Sequence, *, write: bool = True):
+    async def run(self, body: str, tag: str, args: Sequence, *, write: bool = True, more_keys: Sequence[str] = ()):
         """Run one script of `scripts` on the queue whose hash tag is ``tag``; its reply.
+        ``more_keys``: the other key prefixes it may write (KEYS[2]...: a dead-letter queue's, in
+        the same Cluster slot).
 
         Raises: `Unavailable` (503) or `InsufficientStorage` (507), see the module docstring."""
         script = self._script(body)
@@ -121,9 +123,9 @@ class Link:
         try:
             if write and self._wait[0]:
                 with self.client.ensure_replication(*self._wait):
-                    reply = await script(keys=[tag], args=args)
+                    reply = await script(keys=[tag, *more_keys], args=args)
             else:
-                reply = await script(keys=[tag], args=args)
+                reply = await script(keys=[tag, *more_keys], args=args)
         except Exception as exc:
             err = redis_error(exc, self.target.where)
             if err is None:

@@ -31,7 +31,7 @@ from qserve.backends.redis.link import Link, redis_error
 from qserve.backends.redis.queue import RedisQueue
 from qserve.backends.redis.url import parse_redis_url
 from qserve.config import Config
-from qserve.core.errors import InsufficientStorage, NotFound, QServeError, Unavailable, Unsupported
+from qserve.core.errors import InsufficientStorage, NotFound, QServeError, Unavailable
 from qserve.core.events import QueueRef
 
 __all__ = ["RedisBackend"]
@@ -69,6 +69,7 @@ class RedisBackend:
         self._on_change = on_change
         self._on_evict = on_evict
         self._wall_clock = wall_clock
+        self._anchor: tuple[float, float] | None = None   # `clock_ms`: (wall ms, trio clock) at first use
         self.target = parse_redis_url(config.backend)
         # the node's name in the consumers' records and logs; the short id tags its events
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -189,8 +190,6 @@ class RedisBackend:
                 self._opening.pop(ref, None)
 
     async def _open_now(self, ref: QueueRef, *, create: bool) -> RedisQueue:
-        if ref.dlq:
-            raise Unsupported(f"no queue {ref.name}: dead-letter queues are not available on the Redis backend yet")
         if self.config.queues and not self.declared(ref.service):
             raise NotFound(f"no queue named {ref.name}")
         if len(self._queues) >= self.config.max_queues:   # a bound on this node's memory per queue
@@ -199,8 +198,9 @@ class RedisBackend:
         keys = QueueKeys(ref)
         if create:
             created = await self.link.run(scripts.CREATE, keys.tag, ())
-            if created:
+            if created or ref.dlq:   # a dead-letter queue is created by the move that fills it
                 await self._register(ref, keys)
+            if created:
                 log.info("queue %s created", ref.name)
             else:
                 log.info("queue %s opened: %d entries", ref.name, await self._length(keys))
@@ -213,8 +213,9 @@ class RedisBackend:
                 raise NotFound(f"no queue named {ref.name} (the server runs with --no-auto-create; "
                                f"create it with: qserve stream create {ref.service})")
         queue = RedisQueue(ref, self.link, self.config, self.node, on_change=self._on_change,
-                           wall_clock=self._wall_clock)
+                           wall_clock=self._wall_clock, clock_ms=self.clock_ms)
         queue.on_evict = self._on_evict
+        queue.on_dead_letter = self._dead_lettered
         self._queues[ref] = queue
         self._by_tag[keys.tag] = queue
         return queue
@@ -227,7 +228,8 @@ class RedisBackend:
 
     async def _register(self, ref: QueueRef, keys: QueueKeys) -> None:
         try:
-            await self.link.client.hset(REGISTRY, {keys.tag: msgpack.packb([ref.service, ref.sink])})
+            entry = [ref.service, False, True] if ref.dlq else [ref.service, ref.sink]
+            await self.link.client.hset(REGISTRY, {keys.tag: msgpack.packb(entry)})
         except Exception as exc:
             raise _as_error(exc, self.where) from None
 
@@ -237,8 +239,8 @@ class RedisBackend:
             found = await self.link.client.hgetall(REGISTRY)
         except Exception as exc:
             raise _as_error(exc, self.where) from None
-        refs = [QueueRef(service, sink=sink) for service, sink in (msgpack.unpackb(v) for v in found.values())]
-        return sorted(refs, key=lambda ref: (ref.service, ref.sink))
+        refs = [QueueRef(v[0], sink=v[1], dlq=len(v) > 2 and v[2]) for v in map(msgpack.unpackb, found.values())]
+        return sorted(refs, key=lambda ref: ref.order)
 
     async def open_declared(self) -> None:
         refs = [QueueRef(s, sink=sink) for s in self.config.queues for sink in (False, True)]
@@ -267,7 +269,32 @@ class RedisBackend:
             queue.gets.wake_all()
 
     def statistics(self) -> dict:
-        return {q.ref.name: {"consumers_here": len(q.consumers())} for q in self._queues.values()}
+        """Per queue: this node's consumers and what its scripts' policies did (metrics)."""
+        return {q.ref.name: {"consumers_here": len(q.consumers()), "dead_lettered": q.dead_lettered,
+                             "timed_out": q.timed_out} for q in self._queues.values()}
+
+    # -- delivery policies --------------------------------------------------------------------
+    def clock_ms(self) -> int:
+        """The policies' clock (unix ms) of every queue of this node: the wall clock read at the
+        first call, advanced by trio's (monotonic) clock since, so a delay or a lease runs its
+        length whatever the wall clock does meanwhile; nodes agree to within their wall clocks'
+        difference at start."""
+        if self._anchor is None:
+            self._anchor = (self._wall_clock() * 1000, trio.current_time())
+        wall, clock = self._anchor
+        return round(wall + (trio.current_time() - clock) * 1000)
+
+    async def _dead_lettered(self, source: QueueRef, count: int) -> None:
+        """A script of ``source`` moved ``count`` entries to the service's dead-letter queue: list
+        it and wake its watchers here (other nodes learn it from its channel)."""
+        ref = QueueRef(source.service, dlq=True)
+        log.info("queue %s: %d entr%s moved to %s", source.name, count, "y" if count == 1 else "ies", ref.name)
+        try:
+            dlq = await self._open(ref, create=True)
+        except QServeError as exc:
+            log.error("queue %s: cannot open %s (its entries are there): %s", source.name, ref.name, exc.reason)
+            return
+        dlq.wake_all()
 
     def close_all(self) -> None:
         """Nothing to sync (Redis made every write durable before answering); wake what waits."""

@@ -14,9 +14,10 @@ node's watchers and long-polls exactly as a local one does.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -36,6 +37,8 @@ from qserve.core.routing import MAX_PRIORITY
 from qserve.wire.names import HEADER_ATTRIBUTES
 
 __all__ = ["RedisEntry", "RedisQueue"]
+
+log = logging.getLogger("qserve")
 
 #: bound on how long giving a consumer's entries back may take when its session is cancelled
 RELEASE_TIMEOUT = 5.0
@@ -74,7 +77,8 @@ class RedisQueue:
     """One queue in Redis, as seen from this node (`backends.base.QueueBackend`). Trio thread only."""
 
     def __init__(self, ref: QueueRef, link: Link, config: Config, node: str, *,
-                 on_change: OnChange | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+                 on_change: OnChange | None = None, wall_clock: Callable[[], float] = time.time,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         self.ref = ref
         self.keys = QueueKeys(ref)
         self._link = link
@@ -88,12 +92,54 @@ class RedisQueue:
         self.on_evict: Callable[[QueueRef, str], None] | None = None   # a consumer replaced elsewhere
         self._node_id = link.node.encode()      # events this node published carry it
         self._wall_clock = wall_clock            # the dedup window's clock (the puts' timestamps)
+        self._clock_ms = clock_ms or (lambda: round(wall_clock() * 1000))
         # a dead-letter queue dead-letters nothing (its entries would have nowhere to go)
         self.policy = Policy(delivery_timeout=config.policy_for(ref.service).delivery_timeout) if ref.dlq \
             else config.policy_for(ref.service)
+        # the dead-letter queue shares the input queue's hash tag (`keys.queue_tag`), so one script
+        # moves an entry there; a sink's tag differs, which only a Cluster refuses (CROSSSLOT)
+        self._dlq_tag = ""
+        if self.policy.max_deliveries and not ref.dlq:
+            if ref.sink and link.target.kind == "cluster":
+                log.warning("queue %s: max_deliveries does not dead-letter a sink's entries on a Redis Cluster "
+                            "(its dead-letter queue %s is in another slot); they are delivered on", ref.name,
+                            QueueRef(ref.service, dlq=True).name)
+            else:
+                self._dlq_tag = QueueKeys(QueueRef(ref.service, dlq=True)).tag
+        self.on_dead_letter: Callable[[QueueRef, int], Awaitable[None]] | None = None   # the manager's
+        self.dead_lettered = 0               # counters of what this node's scripts did (metrics)
+        self.timed_out = 0
 
     async def _run(self, script: str, *args, write: bool = True):
         return await self._link.run(script, self.keys.tag, args, write=write)
+
+    async def _run_policy(self, script: str, *args):
+        """Run a script that takes the policy (`scripts.take_policy`) and answers with `done`;
+        account for what the policies did and return the script's own result."""
+        more = (self._dlq_tag,) if self._dlq_tag else ()
+        result, dead, timed_out, _wake = await self._link.run(script, self.keys.tag, (self._policy_packed(), *args),
+                                                              more_keys=more)
+        if timed_out:
+            self.timed_out += int(timed_out)
+        if dead:
+            self.dead_lettered += int(dead)
+            if self.on_dead_letter is not None:
+                await self.on_dead_letter(self.ref, int(dead))
+        return result
+
+    def _policy_packed(self) -> bytes:
+        """The policy and the clock as the scripts take them (`scripts.take_policy`)."""
+        policy = self.policy
+        backoff = policy.retry_backoff
+        return msgpack.packb({
+            "md": policy.max_deliveries, "bo": int(backoff is not None),
+            "bi": round(backoff[0] * 1000) if backoff else 0, "bf": backoff[1] if backoff else 1.0,
+            "bm": round(backoff[2] * 1000) if backoff else 0, "to": round(policy.delivery_timeout * 1000),
+            "now": self.clock_ms(), "name": self.ref.name, "dlq": self._dlq_tag})
+
+    def clock_ms(self) -> int:
+        """The policies' clock (unix ms): the node's wall clock, read once, advanced by trio's."""
+        return self._clock_ms()
 
     # -- events from the queue's channel ------------------------------------------------------
     def on_event(self, message: bytes) -> None:
@@ -249,9 +295,9 @@ class RedisQueue:
         self._full.discard(spec.id)
         if spec.auto_commit:
             self._unsent[spec.id] = set()
-        await self._run(scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
-                        int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
-                        *_pairs(spec.tags))
+        await self._run_policy(scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
+                               int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
+                               *_pairs(spec.tags))
         self._changed()
 
     async def release(self, consumer_id: str) -> None:
@@ -261,7 +307,7 @@ class RedisQueue:
         if token is None:
             return   # replaced or expired: its entries went back already
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-            await self._run(scripts.RELEASE, consumer_id, token)
+            await self._run_policy(scripts.RELEASE, consumer_id, token)
         self._changed()
 
     def wants(self) -> list[str]:
@@ -296,7 +342,7 @@ class RedisQueue:
         if token is None:
             return []
         unsent = len(self._unsent.get(consumer_id, ()))
-        reply = await self._run(scripts.DELIVER, consumer_id, token, unsent, int(auto))
+        reply = await self._run(scripts.DELIVER, self._policy_packed(), consumer_id, token, unsent, int(auto))
         if reply == -1 or self._tokens.get(consumer_id) != token:
             return []   # replaced meanwhile: the eviction closes the session
         free, rows = reply[0], reply[1:]
@@ -321,7 +367,8 @@ class RedisQueue:
             raise Unsupported("_delay_ (a delayed negative commit) is not available on the Redis "
                                           "backend yet; use the local backend, or nack without _delay_")
         if indexes:
-            await self._run(scripts.NEGATIVE, code, reason, *indexes)
+            await self._run_policy(scripts.NEGATIVE, code, reason, -1 if delay is None else round(delay * 1000),
+                                   *indexes)
             self._changed()
 
     # -- durability ---------------------------------------------------------------------------
@@ -331,8 +378,8 @@ class RedisQueue:
     async def lease(self) -> None:
         """Renew the leases of this node's consumers and expire other nodes' lapsed ones."""
         mine = self.consumers()
-        gone = await self._run(scripts.LEASE, round(self.config.node_lease * 1000),
-                               *[x for pair in mine for x in pair])
+        gone = await self._run_policy(scripts.LEASE, round(self.config.node_lease * 1000),
+                                      *[x for pair in mine for x in pair])
         self.forget(_text(cid) for cid in gone)
         self._changed()   # entries of an expired consumer (of any node) may be free now
 

@@ -29,6 +29,13 @@ PRELUDE = r"""
 local T = KEYS[1]
 local NODE = table.remove(ARGV, 1)   -- the calling node's id: it skips its own events
 local function k(s) return T .. ':' .. s end
+-- delivery policies (`core.policy`), for the scripts that take them (`take_policy`): md
+-- max_deliveries (0: off), bo 1 with a retry backoff of bi ms initial, factor bf, at most bm ms,
+-- to delivery_timeout ms (0: off), now the node's clock (ms), name the queue's name, dlq the key
+-- prefix of its dead-letter queue ('': none; KEYS[2], in this queue's slot)
+local P = {md = 0, bo = 0, to = 0, now = 0, name = '', dlq = ''}
+local DEAD, TIMED_OUT = 0, 0   -- what this call moved to the dead-letter queue, handed back on timeout
+local function take_policy() P = cmsgpack.unpack(table.remove(ARGV, 1)) end
 local function sid(i) return string.format('%d-0', i) end
 local function idx_of(id) return tonumber(string.match(id, '^(%d+)')) end
 local function fields(flat)
@@ -100,6 +107,7 @@ local function remove(i)
   if f.p then redis.call('ZREM', k('p'), prio_member(tonumber(f.p), i)) end
   if f.i then forget_request_id(f.i, i) end
   redis.call('HDEL', k('n'), i)
+  redis.call('HDEL', k('dc'), i)
   for _, g in ipairs(groups()) do
     local c = redis.call('HGET', k('o:' .. g), i)
     if c then
@@ -109,30 +117,6 @@ local function remove(i)
     redis.call('HDEL', k('a:' .. g), i)
   end
   return 1
-end
--- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
-local function drop_member(cid)
-  local rec = redis.call('HGET', k('c'), cid)
-  if not rec then return nil end
-  local m = cmsgpack.unpack(rec)
-  local g = m.g
-  for _, name in ipairs({'o:' .. g, 'a:' .. g}) do
-    local flat = redis.call('HGETALL', k(name))
-    for j = 1, #flat, 2 do
-      if flat[j + 1] == cid then redis.call('HDEL', k(name), flat[j]) end
-    end
-  end
-  redis.call('HDEL', k('c'), cid)
-  redis.call('HDEL', k('h'), cid)
-  redis.call('HDEL', k('la'), cid)
-  redis.call('HDEL', k('lease'), cid)
-  redis.call('HDEL', k('cs'), cid .. ':d', cid .. ':l')
-  redis.call('SREM', k('gm:' .. g), cid)
-  if redis.call('SCARD', k('gm:' .. g)) == 0 then
-    redis.call('DEL', k('o:' .. g), k('a:' .. g), k('gi:' .. g))
-    redis.call('SREM', k('gs'), g)
-  end
-  return m
 end
 -- a new entry at the next index (the queue's counter never goes back); its put event published
 local function append(data, tags, p, rid)
@@ -172,6 +156,84 @@ local function remember_put(rid, i, at, limit)
     local oldest = redis.call('ZPOPMIN', k('dd'))
     redis.call('HDEL', k('di'), oldest[1])
   end
+end
+-- deliveries of an entry per group (`dc`: index -> msgpack map group -> count), counted while
+-- max_deliveries or a retry backoff is on and kept while the entry is live (its group may empty)
+local function deliveries(i)
+  local packed = redis.call('HGET', k('dc'), i)
+  if packed then return cmsgpack.unpack(packed) end
+  return {}
+end
+local function count_delivery(i, g)
+  local counts = deliveries(i)
+  counts[g] = (counts[g] or 0) + 1
+  redis.call('HSET', k('dc'), i, cmsgpack.pack(counts))
+end
+-- max_deliveries: the entry leaves this queue for every group and is appended to the dead-letter
+-- queue (KEYS[2]) with its data, priority, requestId and tags, plus where it came from and why
+local function dead_letter(i, g, count)
+  local f = entry(i)
+  if f == nil then return end
+  local code, reason = 'detached', 'its consumer went away'
+  local note = redis.call('HGET', k('n'), i)
+  if note then
+    local kept = cmsgpack.unpack(note)
+    code, reason = kept[2], kept[3]
+  end
+  local tags = cmsgpack.unpack(f.t)
+  tags['dlq.queue'] = P.name
+  tags['dlq.index'] = tostring(i)
+  tags['dlq.requestId'] = tags['requestId'] or ''
+  tags['dlq.group'] = g
+  tags['dlq.deliveries'] = tostring(count)
+  tags['lastCode'] = code
+  tags['lastReason'] = reason
+  remove(i)
+  local here = T
+  T = P.dlq
+  redis.call('HSETNX', k('m'), 'created', now_ms())
+  append(f.d, cmsgpack.pack(tags), tonumber(f.p or '0'), f.i or '')
+  T = here
+  DEAD = DEAD + 1
+end
+-- the entry is AVAILABLE to group g again (negative commit, consumer gone, lease run out): after
+-- max_deliveries it is dead-lettered instead
+local function returned(g, i, wait)
+  if P.md > 0 and P.dlq ~= '' then
+    local count = deliveries(i)[g] or 0
+    if count >= P.md then dead_letter(i, g, count) end
+  end
+end
+-- a policy script's reply: its own result, then what the policies did
+local function done(result) return {result, DEAD, TIMED_OUT, 0} end
+-- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
+local function drop_member(cid)
+  local rec = redis.call('HGET', k('c'), cid)
+  if not rec then return nil end
+  local m = cmsgpack.unpack(rec)
+  local g = m.g
+  local released = {}
+  for _, name in ipairs({'o:' .. g, 'a:' .. g}) do
+    local flat = redis.call('HGETALL', k(name))
+    for j = 1, #flat, 2 do
+      if flat[j + 1] == cid then
+        redis.call('HDEL', k(name), flat[j])
+        if name == 'o:' .. g then released[#released + 1] = tonumber(flat[j]) end
+      end
+    end
+  end
+  redis.call('HDEL', k('c'), cid)
+  redis.call('HDEL', k('h'), cid)
+  redis.call('HDEL', k('la'), cid)
+  redis.call('HDEL', k('lease'), cid)
+  redis.call('HDEL', k('cs'), cid .. ':d', cid .. ':l')
+  redis.call('SREM', k('gm:' .. g), cid)
+  if redis.call('SCARD', k('gm:' .. g)) == 0 then
+    redis.call('DEL', k('o:' .. g), k('a:' .. g), k('gi:' .. g))
+    redis.call('SREM', k('gs'), g)
+  end
+  for _, i in ipairs(released) do returned(g, i, nil) end
+  return m
 end
 local function changed() redis.call('PUBLISH', k('ev'), 'c' .. NODE) end
 local function annotated(i, f)
@@ -262,9 +324,11 @@ end
 return out
 """
 
-#: ARGV: consumer id, its attach token, slots in use outside Redis (auto-commit frames not yet
-#: written), delete (0/1: auto-commit) -> {free slots left, entries...}; -1: not attached here
+#: ARGV: policy (`take_policy`), consumer id, its attach token, slots in use outside Redis
+#: (auto-commit frames not yet written), delete (0/1: auto-commit) -> {free slots left,
+#: entries...}; -1: not attached here
 DELIVER = r"""
+take_policy()
 local cid = ARGV[1]
 local rec = redis.call('HGET', k('c'), cid)
 if not rec then return -1 end
@@ -315,6 +379,8 @@ redis.call('HSET', k('la'), cid, now)
 if ARGV[4] == '1' then
   for _, e in ipairs(chosen) do remove(e[1]) end
   changed()
+elseif P.md > 0 or P.bo == 1 then
+  for _, e in ipairs(chosen) do count_delivery(e[1], g) end
 end
 local out = {free - #chosen}
 for _, e in ipairs(chosen) do out[#out + 1] = e end
@@ -336,11 +402,15 @@ changed()
 return n
 """
 
-#: ARGV: code, reason, indexes... -> how many were held
+#: ARGV: policy (`take_policy`), code, reason, delay ms (-1: the policy's backoff), indexes...
+#: -> `done`: how many were held
 NEGATIVE = r"""
-local now, hit = now_ms(), {}
+take_policy()
+local now, hit, n = now_ms(), {}, 0
+local wait = tonumber(ARGV[3])
+if wait < 0 then wait = nil end
 for _, g in ipairs(groups()) do
-  for j = 3, #ARGV do
+  for j = 4, #ARGV do
     local i = tonumber(ARGV[j])
     local c = redis.call('HGET', k('o:' .. g), i)
     if c then
@@ -348,24 +418,26 @@ for _, g in ipairs(groups()) do
       redis.call('HINCRBY', k('h'), c, -1)
       redis.call('HSET', k('la'), c, now)
       redis.call('HSET', k('a:' .. g), i, c)
-      hit[i] = true
+      if not hit[i] then
+        hit[i] = true
+        n = n + 1
+        local old = redis.call('HGET', k('n'), i)
+        local count = old and cmsgpack.unpack(old)[1] or 0
+        redis.call('HSET', k('n'), i, cmsgpack.pack({count + 1, ARGV[1], ARGV[2]}))
+      end
+      returned(g, i, wait)
     end
   end
 end
-local n = 0
-for i, _ in pairs(hit) do
-  local old = redis.call('HGET', k('n'), i)
-  local count = old and cmsgpack.unpack(old)[1] or 0
-  redis.call('HSET', k('n'), i, cmsgpack.pack({count + 1, ARGV[1], ARGV[2]}))
-  n = n + 1
-end
 if n > 0 then changed() end
-return n
+return done(n)
 """
 
-#: ARGV: consumer id, token, group, window, start (-1 = from the next put), auto (0/1), node,
-#: lease ms, filter pairs... -> the token of the consumer it replaced, or ''
+#: ARGV: policy (`take_policy`), consumer id, token, group, window, start (-1 = from the next
+#: put), auto (0/1), node, lease ms, filter pairs... -> `done`: the token of the consumer it
+#: replaced, or ''
 ATTACH = r"""
+take_policy()
 local cid = ARGV[1]
 local old = drop_member(cid)
 local start = tonumber(ARGV[5])
@@ -382,17 +454,18 @@ redis.call('HSET', k('la'), cid, now)
 redis.call('HSET', k('lease'), cid, now + tonumber(ARGV[8]))
 if old then redis.call('PUBLISH', k('ev'), 'k' .. cid .. ' ' .. old.tok) end
 changed()
-if old then return old.tok end
-return ''
+if old then return done(old.tok) end
+return done('')
 """
 
-#: ARGV: consumer id, token -> 1 if it was attached with that token
+#: ARGV: policy (`take_policy`), consumer id, token -> `done`: 1 if it was attached with that token
 RELEASE = r"""
+take_policy()
 local rec = redis.call('HGET', k('c'), ARGV[1])
-if not rec or cmsgpack.unpack(rec).tok ~= ARGV[2] then return 0 end
+if not rec or cmsgpack.unpack(rec).tok ~= ARGV[2] then return done(0) end
 drop_member(ARGV[1])
 changed()
-return 1
+return done(1)
 """
 
 #: ARGV: indexes... -> how many were live
@@ -484,10 +557,11 @@ return {redis.call('HGET', k('m'), 'state') or 'Normal', redis.call('XLEN', k('s
   now_ms(), consumers, rows}
 """
 
-#: ARGV: lease ms, then consumer id, token pairs of this node's consumers: renews their leases and
-#: expires the consumers of any node whose lease ran out -> the ids given that are not attached
-#: (with their token) any more
+#: ARGV: policy (`take_policy`), lease ms, then consumer id, token pairs of this node's
+#: consumers: renews their leases and expires the consumers of any node whose lease ran out ->
+#: `done`: the ids given that are not attached (with their token) any more
 LEASE = r"""
+take_policy()
 local now, lease = now_ms(), tonumber(ARGV[1])
 local gone = {}
 for j = 2, #ARGV, 2 do
@@ -510,7 +584,7 @@ for j = 1, #flat, 2 do
   end
 end
 if expired then changed() end
-return gone
+return done(gone)
 """
 
 #: -> 1 if the queue was created now, 0 if it existed
