@@ -9,14 +9,15 @@ is recognised by its tags (`core.policy.DLQ_TAGS`): ``dlq.queue`` (``S`` or ``S/
 Replay puts each entry back into its queue with its data, its own tags (without the bookkeeping:
 ``dlq.*``, ``lastCode``, ``lastReason``, ``ts@*``; ``_path_`` goes back as the put's sub-path),
 its requestId and its priority, and deletes it from the dead-letter queue only after that put
-answered 200. Two things follow from the HTTP API:
+answered 200. Three things follow from the HTTP API:
 
 - A crash (or a lost answer) between the put and the delete leaves the entry in both queues; a
   second replay stores it a second time, unless the queue has a dedup window
   (``--dedup-window``), which answers that put with the first replay's index and stores nothing.
 - A dedup window that still holds the requestId from the entry's *first* put answers the replay
   with that first index (the entry's own ``dlq.index``): nothing was stored, so the entry stays in
-  the dead-letter queue and the replay of that entry fails, until the window has passed.
+  the dead-letter queue and the replay of that entry fails, until the window has passed. (The
+  answer's index tells it: a put that stores gets a new index, above every earlier one.)
 - The API does not return an entry's priority; a count per priority tells it (one request when the
   whole dead-letter queue has priority 0, else one or two per entry: 0 or 1). Any other priority
   cannot be told, and such an entry is replayed only with ``--priority``.
@@ -30,7 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from qserve.stream.out import CLIError, Out, describe_queue_error, warn
+from qserve.stream.out import CLIError, Out, confirm, describe_queue_error, warn
 from qserve.stream.settings import settings
 from qserve.wire import names
 
@@ -190,17 +191,6 @@ class _Session:
             raise CLIError(f"malformed attributes of {self.name}: no stream.length / stream.lastEntry") from None
 
 
-def _confirm(args: argparse.Namespace, out: Out, prompt: str) -> bool:
-    if args.yes:
-        return True
-    answer = out.ask(prompt + " [y/N]")
-    if answer is not None and answer.lower() in ("y", "yes"):
-        return True
-    out.line("[INFO] cancelled")
-    out.obj(cancelled=True)
-    return False
-
-
 # ------------------------------------------------------------------------------------ commands
 
 def _list(session: _Session, args: argparse.Namespace, out: Out) -> int:
@@ -230,7 +220,7 @@ def _purge(session: _Session, args: argparse.Namespace, out: Out) -> int:
     if not args.all:
         entries = session.pick(args.indexes)
         indexes = [entry.index for entry in entries]
-        if not _confirm(args, out, f"Purging from {session.name} index(es):\n{' '.join(map(str, indexes))}"):
+        if not confirm(args, out, f"Purging from {session.name} index(es):\n{' '.join(map(str, indexes))}"):
             return 0
         session.dlq.delete(indexes)
         out.line(f"[OK] purged {len(indexes)} entr{'y' if len(indexes) == 1 else 'ies'}: {' '.join(map(str, indexes))}")
@@ -241,7 +231,7 @@ def _purge(session: _Session, args: argparse.Namespace, out: Out) -> int:
         out.line("[INFO] no dead letters")
         out.obj(purged=[])
         return 0
-    if not _confirm(args, out, f"Purging all {length} entries of {session.name} (every index up to {last})"):
+    if not confirm(args, out, f"Purging all {length} entries of {session.name} (every index up to {last})"):
         return 0
     session.dlq.truncate(last + 1)      # what arrives after the question has a higher index: kept
     out.line(f"[OK] purged every entry up to index {last}")
@@ -288,7 +278,11 @@ class _Replay:
         raise _EntryError("its priority is above 1 and the HTTP API cannot tell which: replay it with --priority N")
 
     def one(self, letter: Letter) -> None:
-        """Replay one letter; an `_EntryError` is that entry's failure, a `QueueError` stops the replay."""
+        """Replay one letter.
+
+        Raises: _EntryError (this entry fails, the replay goes on); CLIError or QueueError (the
+        replay stops: the server cannot be reached or refuses puts, or the delete failed).
+        """
         from qserve.client import ConnectError, QueueError
         if letter.queue is None or letter.queue_index is None:
             raise _EntryError("not a dead letter (no dlq.queue / dlq.index tags): purge it or get it instead")
@@ -324,6 +318,10 @@ class _Replay:
             letter = Letter.of(entry)
             try:
                 self.one(letter)
+            except KeyboardInterrupt:
+                warn(f"[WARN] interrupted at dlq {letter.index}: it may be in {letter.queue} too; "
+                     f"look for requestId {letter.request_id} there before replaying it again")
+                raise
             except _EntryError as exc:
                 self.failed += 1
                 warn(f"[ERROR] dlq {letter.index}: {exc}")
@@ -346,7 +344,7 @@ def _replay(session: _Session, args: argparse.Namespace, out: Out) -> int:
         entries = session.pick(args.indexes)
         prompt = f"Replaying from {session.name} into their queues, index(es):\n" + " ".join(
             str(e.index) for e in entries)
-    if not _confirm(args, out, prompt):
+    if not confirm(args, out, prompt):
         return 0
     replay = _Replay(session, out, args.priority)
     try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from qserve.client import Entry, QueueError
 
-__all__ = ["CLIError", "Out", "format_tags", "human_size", "describe_queue_error", "warn"]
+__all__ = ["CLIError", "Out", "confirm", "format_tags", "human_size", "describe_queue_error", "warn"]
 
 
 class CLIError(Exception):
@@ -99,3 +99,16 @@ class Out:
             stream.write("\n")
             return None
         return answer.strip()
+
+
+def confirm(args, out: Out, prompt: str) -> bool:
+    """``prompt [y/N]`` unless ``args.yes``; anything but y/yes (end of input included) prints
+    ``[INFO] cancelled`` and returns False: the user declined, nothing failed."""
+    if args.yes:
+        return True
+    answer = out.ask(prompt + " [y/N]")
+    if answer is not None and answer.lower() in ("y", "yes"):
+        return True
+    out.line("[INFO] cancelled")
+    out.obj(cancelled=True)
+    return False

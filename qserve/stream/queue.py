@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from qserve.stream.out import CLIError, Out, describe_queue_error, human_size, warn
+from qserve.stream.out import CLIError, Out, confirm, describe_queue_error, human_size, warn
 from qserve.wire.durations import format_seconds
 from qserve.stream.settings import client
 
@@ -189,20 +189,9 @@ def cmd_get(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
-def _confirm(args: argparse.Namespace, out: Out, prompt: str) -> bool:
-    if args.yes:
-        return True
-    answer = out.ask(prompt + " [y/N]")
-    if answer is not None and answer.lower() in ("y", "yes"):
-        return True
-    out.line("[INFO] cancelled")
-    out.obj(cancelled=True)
-    return False
-
-
 def cmd_delete(args: argparse.Namespace, out: Out) -> int:
     indexes = args.indexes
-    if not _confirm(args, out, "Deleting index(es):\n" + " ".join(map(str, indexes))):
+    if not confirm(args, out, "Deleting index(es):\n" + " ".join(map(str, indexes))):
         return 0
     with client(args, sink=args.sink) as q:
         q.delete(indexes)
@@ -212,7 +201,7 @@ def cmd_delete(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_trunc(args: argparse.Namespace, out: Out) -> int:
-    if not _confirm(args, out, f"trunc stream from index: {args.index}"):
+    if not confirm(args, out, f"trunc stream from index: {args.index}"):
         return 0
     with client(args, sink=args.sink) as q:
         q.truncate(args.index)
