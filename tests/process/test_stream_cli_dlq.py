@@ -1,32 +1,43 @@
 """`qserve stream dlq list|show|replay|purge` end to end: subprocesses against a real server that
 makes real dead letters (``--max-deliveries 1``: a watcher's negative commit moves the entry to
-``SERVICE/dlq``), checked by reading the queues back. The services of `DEDUPED` have a dedup window
+``SERVICE/dlq``), on each backend, checked by reading the queues back. The services of `DEDUPED` have a dedup window
 (from the server's TOML file; one a test), the others none."""
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 
 import pytest
 
 from qserve.client import BlockingQueueClient
 
+from ..helpers.backends import BACKENDS
 from ..helpers.process import ServerProcess
+from ..helpers.redis_server import RedisServer, require_redis_server
 from ..helpers.stream_cli import make_cli, wait_until
 
 DEDUPED = ("deduped-a", "deduped-b")
 
 
-@pytest.fixture(scope="module")
-def dlq_server(tmp_path_factory):
-    """A server of this module's own: every entry delivered once without a commit is a dead letter."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def dlq_server(request, tmp_path_factory):
+    """A server of this module's own, on each backend (the commands use the HTTP API only): every
+    entry delivered once without a commit is a dead letter. Redis: a `redis-server` of its own."""
     data = tmp_path_factory.mktemp("qserve-dlq")
     config = data.parent / f"{data.name}.toml"
     config.write_text("".join(f'[services.{name}]\ndedup_window = "5m"\n' for name in DEDUPED))
-    srv = ServerProcess(data, "--max-deliveries", "1", "--config", str(config)).start()
-    yield srv
-    srv.stop()
+    with ExitStack() as stack:
+        backend = []
+        if request.param == "redis":
+            require_redis_server()
+            redis = RedisServer(tmp_path_factory.mktemp("redis-dlq")).start()
+            stack.callback(redis.stop)
+            backend = ["--backend", redis.url]
+        srv = ServerProcess(data, *backend, "--max-deliveries", "1", "--config", str(config)).start()
+        stack.callback(srv.stop)
+        yield srv
 
 
 @pytest.fixture
