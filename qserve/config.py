@@ -26,7 +26,7 @@ __all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "BACKEND_SC
 
 FSYNC_POLICIES = ("always", "interval", "never")
 #: delivery policies the Redis backend does not have yet (refused at start with --backend redis)
-REDIS_NOT_YET = ("retry_backoff", "delivery_timeout")
+REDIS_NOT_YET = ("delivery_timeout",)
 FSYNC_BACKENDS = ("auto", "aio", "threads")
 LOG_FORMATS = ("text", "json")
 

@@ -146,6 +146,8 @@ class Metrics:
                     pass   # fenced or gone since the listing: its counts stay out
                 else:
                     found.groups, found.consumers = parse_groups(attrs)
+                    if "delayed" not in found.policy and "policy.delayed" in attrs:   # Redis: kept there
+                        found.policy["delayed"] = int(attrs["policy.delayed"])
             figures.append(found)
         self.figures = figures
 

@@ -68,9 +68,9 @@ async def test_a_lease_that_runs_out_hands_the_entry_to_another_member(tmp_path,
             nursery.cancel_scope.cancel()
 
 
-async def test_a_delayed_negative_commit_hides_the_entry_until_due(tmp_path, autojump_clock):
+async def test_a_delayed_negative_commit_hides_the_entry_until_due(tmp_path, backend, autojump_clock):
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("later")
             first, second = await put_n(c, 2)
             ws = await srv.watch(nursery, "later", "_window_=1", user="w")
@@ -90,9 +90,9 @@ async def test_a_delayed_negative_commit_hides_the_entry_until_due(tmp_path, aut
             nursery.cancel_scope.cancel()
 
 
-async def test_retry_backoff_grows_with_each_delivery(tmp_path, autojump_clock):
+async def test_retry_backoff_grows_with_each_delivery(tmp_path, backend, autojump_clock):
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, retry_backoff=(2.0, 3.0, 10.0)) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, retry_backoff=(2.0, 3.0, 10.0), **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("backoff")
             [index] = await put_n(c, 1)
             ws = await srv.watch(nursery, "backoff", "_window_=1", user="w")
@@ -165,7 +165,8 @@ def test_redis_refuses_the_policies_it_does_not_have_yet():
     redis = "redis://127.0.0.1:6379/0"
     Config(backend=redis, dedup_window=60.0, services={"x": {"dedup_window": "1m"}})
     Config(backend=redis, max_deliveries=3)
-    for name, value in [("retry_backoff", "1s,2,1m"), ("delivery_timeout", "30s")]:
+    Config(backend=redis, retry_backoff="1s,2,1m")
+    for name, value in [("delivery_timeout", "30s")]:
         with pytest.raises(ConfigError, match=f"{name} is not available with --backend redis yet"):
             Config(backend=redis, services={"x": {name: value}})
     with pytest.raises(ConfigError, match="retry_backoff: the factor"):

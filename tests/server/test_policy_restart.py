@@ -1,7 +1,8 @@
 """A delayed retry across a restart (#17): the due time of a negative commit's ``_delay_`` (or of the
 ``retry_backoff``) is kept in the queue's log, so a restarted server hides the entry from that group
 until the same wall-clock time, and no longer; in process, on trio's clock and a wall clock the
-test moves. (A kill -9 of a real process: tests/process/test_policies_crash.py.)"""
+test moves. (A kill -9 of a real process: tests/process/test_policies_crash.py.) On Redis the due
+time is in Redis itself: the last test restarts a node on the same Redis."""
 
 from __future__ import annotations
 
@@ -93,4 +94,36 @@ async def test_a_delay_that_fell_due_while_the_server_was_down_is_gone(tmp_path,
             assert await state_keys(srv, "backoff") == {}   # removed at the reopen
             ws = await srv.watch(nursery, "backoff", "_window_=1", user="w")
             assert (await next_frame(ws, 1)).index == index
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_delayed_entry_stays_hidden_after_a_redis_node_restart_until_its_due_time(tmp_path, redis_url,
+                                                                                           autojump_clock):
+    """Redis: the due time is in Redis (the queue's ``dz``), in the nodes' policy clock (the wall clock at
+    a node's start, advanced by trio's), so a node started later hides the entry until the same time."""
+    wall = WallClock()
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, wall_clock=wall, backend=redis_url) as srv, \
+                trio.open_nursery() as nursery:
+            c = await srv.client("later")
+            index = int((await c.call("POST", "", b"job"))[1])
+            ws = await srv.watch(nursery, "later", "_window_=1", user="w")
+            assert (await next_frame(ws)).index == index
+            assert (await c.call("PUT", f"_indexes_={index}&_negative_=true&_code_=503&_delay_=60s"))[0] == 200
+            link = srv.server.queues.link
+            due = {k.decode(): v for k, v in await link.client.zrange("{qs:later}:dz", 0, -1, withscores=True)}
+            assert list(due) == [f"{index}:g"] and abs(due[f"{index}:g"] - (wall.now * 1000 + 60_000)) < 2_000
+            nursery.cancel_scope.cancel()
+        wall.now += 20   # down for 20 s: 40 s of the delay are left
+        async with running_server(tmp_path, wall_clock=wall, backend=redis_url) as srv, \
+                trio.open_nursery() as nursery:
+            c = await srv.client("later")
+            assert (await c.attrs())["policy.delayed"] == "1"
+            start = trio.current_time()
+            ws = await srv.watch(nursery, "later", "_window_=1", user="w")
+            assert await no_frame(ws, 38)
+            frame = await next_frame(ws, 5)
+            assert frame.index == index and frame.tags["lastCode"] == "503"
+            assert 38 <= trio.current_time() - start <= 42
+            assert (await c.attrs())["policy.delayed"] == "0"
             nursery.cancel_scope.cancel()

@@ -13,6 +13,7 @@ node whose lease ran out, which is how a node killed with SIGKILL loses its cons
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -70,6 +71,8 @@ class RedisBackend:
         self._on_evict = on_evict
         self._wall_clock = wall_clock
         self._anchor: tuple[float, float] | None = None   # `clock_ms`: (wall ms, trio clock) at first use
+        self._wakes: dict[RedisQueue, int] = {}   # queue -> policy clock ms of its next due delay
+        self._wakes_changed = trio.Event()
         self.target = parse_redis_url(config.backend)
         # the node's name in the consumers' records and logs; the short id tags its events
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -101,6 +104,7 @@ class RedisBackend:
             raise Unavailable(f"cannot use redis at {self.where}: {_why(exc)}") from None
         await self._tasks.start(self._listen)
         self._tasks.start_soon(self._leases)
+        self._tasks.start_soon(self._wake_when_due)
 
     async def _check_durability(self) -> None:
         """Warn when Redis does not fsync every write: a 200 then means less (README table)."""
@@ -216,6 +220,7 @@ class RedisBackend:
                            wall_clock=self._wall_clock, clock_ms=self.clock_ms)
         queue.on_evict = self._on_evict
         queue.on_dead_letter = self._dead_lettered
+        queue.on_wake = self._wake_at
         self._queues[ref] = queue
         self._by_tag[keys.tag] = queue
         return queue
@@ -283,6 +288,33 @@ class RedisBackend:
             self._anchor = (self._wall_clock() * 1000, trio.current_time())
         wall, clock = self._anchor
         return round(wall + (trio.current_time() - clock) * 1000)
+
+    def _wake_at(self, queue: RedisQueue, at_ms: int) -> None:
+        """A script of ``queue`` said its next delay falls due at ``at_ms`` (policy clock)."""
+        known = self._wakes.get(queue)
+        if known is None or at_ms < known:
+            self._wakes[queue] = at_ms
+            self._wakes_changed.set()
+
+    async def _wake_when_due(self) -> None:
+        """At each queue's next due delay, run its lease round (which drops the due delays, hands
+        back run-out deliveries and learns the next due time) and wake its watchers. Every lease
+        round tells the due times, so a delay another node made is seen within `LEASE_CHECK`."""
+        while True:
+            now = self.clock_ms()
+            due = [queue for queue, at in self._wakes.items() if at <= now]
+            for queue in due:
+                del self._wakes[queue]
+                try:
+                    await queue.lease()
+                except QServeError:
+                    pass   # Redis is down: the next lease round tells the due time again
+            if due:
+                continue
+            wait = (min(self._wakes.values()) - now) / 1000 if self._wakes else math.inf
+            self._wakes_changed = trio.Event()
+            with trio.move_on_after(wait):
+                await self._wakes_changed.wait()
 
     async def _dead_lettered(self, source: QueueRef, count: int) -> None:
         """A script of ``source`` moved ``count`` entries to the service's dead-letter queue: list

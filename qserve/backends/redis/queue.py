@@ -29,7 +29,7 @@ from qserve.backends.redis import scripts
 from qserve.backends.redis.keys import QueueKeys
 from qserve.backends.redis.link import Link
 from qserve.config import Config
-from qserve.core.errors import Conflict, PayloadTooLarge, QueueFull, Unsupported
+from qserve.core.errors import Conflict, PayloadTooLarge, QueueFull
 from qserve.core.events import ConsumerSpec, QueueRef
 from qserve.core.policy import Policy
 from qserve.core.group_report import ConsumerRow, GroupRow, render_rows
@@ -107,6 +107,8 @@ class RedisQueue:
             else:
                 self._dlq_tag = QueueKeys(QueueRef(ref.service, dlq=True)).tag
         self.on_dead_letter: Callable[[QueueRef, int], Awaitable[None]] | None = None   # the manager's
+        # the manager's timer: (this queue, policy clock ms) wakes the watchers then (a delay falls due)
+        self.on_wake: Callable[[RedisQueue, int], None] | None = None
         self.dead_lettered = 0               # counters of what this node's scripts did (metrics)
         self.timed_out = 0
 
@@ -117,8 +119,10 @@ class RedisQueue:
         """Run a script that takes the policy (`scripts.take_policy`) and answers with `done`;
         account for what the policies did and return the script's own result."""
         more = (self._dlq_tag,) if self._dlq_tag else ()
-        result, dead, timed_out, _wake = await self._link.run(script, self.keys.tag, (self._policy_packed(), *args),
+        result, dead, timed_out, wake = await self._link.run(script, self.keys.tag, (self._policy_packed(), *args),
                                                               more_keys=more)
+        if wake and self.on_wake is not None:
+            self.on_wake(self, int(wake))
         if timed_out:
             self.timed_out += int(timed_out)
         if dead:
@@ -249,7 +253,8 @@ class RedisQueue:
                                    write=False))
 
     async def attributes(self) -> dict[str, str]:
-        state, length, first, last, now, consumers, groups = await self._run(scripts.STATE, write=False)
+        state, length, first, last, now, consumers, groups, delayed = await self._run(
+            scripts.STATE, self.clock_ms(), write=False)
         config = self.config
         attrs = {
             "queue.state": "open",
@@ -266,7 +271,7 @@ class RedisQueue:
             "stream.firstEntry": str(first),
             "stream.lastEntry": str(last),
             **self.policy.attributes(),
-            "policy.delayed": "0",
+            "policy.delayed": str(delayed),
         }
         rows = []
         for cid, record, held, active, delivered, last_index in consumers:
@@ -363,9 +368,6 @@ class RedisQueue:
             self._changed()
 
     async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
-        if delay:
-            raise Unsupported("_delay_ (a delayed negative commit) is not available on the Redis "
-                                          "backend yet; use the local backend, or nack without _delay_")
         if indexes:
             await self._run_policy(scripts.NEGATIVE, code, reason, -1 if delay is None else round(delay * 1000),
                                    *indexes)

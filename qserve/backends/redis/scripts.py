@@ -108,6 +108,11 @@ local function remove(i)
   if f.i then forget_request_id(f.i, i) end
   redis.call('HDEL', k('n'), i)
   redis.call('HDEL', k('dc'), i)
+  local delays = redis.call('HGET', k('dly'), i)
+  if delays then
+    for g, _ in pairs(cmsgpack.unpack(delays)) do redis.call('ZREM', k('dz'), i .. ':' .. g) end
+    redis.call('HDEL', k('dly'), i)
+  end
   for _, g in ipairs(groups()) do
     local c = redis.call('HGET', k('o:' .. g), i)
     if c then
@@ -196,16 +201,64 @@ local function dead_letter(i, g, count)
   T = here
   DEAD = DEAD + 1
 end
--- the entry is AVAILABLE to group g again (negative commit, consumer gone, lease run out): after
--- max_deliveries it is dead-lettered instead
-local function returned(g, i, wait)
-  if P.md > 0 and P.dlq ~= '' then
-    local count = deliveries(i)[g] or 0
-    if count >= P.md then dead_letter(i, g, count) end
+-- delays: `dz` (zset: member '<index>:<group>', score the due time, the nodes' policy clock in
+-- ms) hides an entry from one group until due; `dly` (hash: index -> msgpack map group -> due)
+-- finds an entry's delays when it goes
+local function delay_for(i, g, due)
+  local packed = redis.call('HGET', k('dly'), i)
+  local delays = packed and cmsgpack.unpack(packed) or {}
+  delays[g] = due
+  redis.call('HSET', k('dly'), i, cmsgpack.pack(delays))
+  redis.call('ZADD', k('dz'), due, i .. ':' .. g)
+end
+local function undelay(member)
+  local i, g = string.match(member, '^(%d+):(.*)$')
+  redis.call('ZREM', k('dz'), member)
+  local packed = redis.call('HGET', k('dly'), i)
+  if packed then
+    local delays = cmsgpack.unpack(packed)
+    delays[g] = nil
+    if next(delays) == nil then redis.call('HDEL', k('dly'), i)
+    else redis.call('HSET', k('dly'), i, cmsgpack.pack(delays)) end
   end
 end
--- a policy script's reply: its own result, then what the policies did
-local function done(result) return {result, DEAD, TIMED_OUT, 0} end
+-- is the entry hidden from group g at `now`? (a due delay is dropped)
+local function delayed(i, g, now)
+  local due = redis.call('ZSCORE', k('dz'), i .. ':' .. g)
+  if not due then return false end
+  if tonumber(due) > now then return true end
+  undelay(i .. ':' .. g)
+  return false
+end
+-- the entry is AVAILABLE to group g again (negative commit, consumer gone, lease run out): after
+-- max_deliveries it is dead-lettered instead; else it waits `wait` ms (nil: the retry backoff
+-- for its deliveries to g) before g sees it again
+local function returned(g, i, wait)
+  local counting = P.md > 0 or P.bo == 1
+  if not counting and not wait then return end
+  local count = 0
+  if counting then count = deliveries(i)[g] or 0 end
+  if P.md > 0 and P.dlq ~= '' and count >= P.md then
+    dead_letter(i, g, count)
+    return
+  end
+  if wait == nil then
+    wait = 0
+    if P.bo == 1 and count >= 1 then wait = math.min(P.bm, P.bi * P.bf ^ (count - 1)) end
+  end
+  if wait > 0 then delay_for(i, g, P.now + math.floor(wait)) end
+end
+-- a policy script's reply: its own result, what the policies did, and when the next delay falls
+-- due (0: none), for the node to wake its watchers then; due delays are dropped first (256 a call)
+local function done(result)
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', k('dz'), '-inf', P.now, 'LIMIT', 0, 256)) do
+    undelay(member)
+  end
+  local wake = 0
+  local first = redis.call('ZRANGE', k('dz'), 0, 0, 'WITHSCORES')
+  if #first > 0 then wake = tonumber(first[2]) end
+  return {result, DEAD, TIMED_OUT, wake}
+end
 -- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
 local function drop_member(cid)
   local rec = redis.call('HGET', k('c'), cid)
@@ -356,8 +409,10 @@ local function another_can_take(i, f)
   return false
 end
 local chosen = {}
+local any_delay = redis.call('EXISTS', k('dz')) == 1
 walk(m.start, function(i, f)
   if redis.call('HEXISTS', own, i) == 1 then return false end
+  if any_delay and delayed(i, g, P.now) then return false end
   if not matches(f.t, m.tags) then return false end
   if redis.call('HGET', avoid, i) == cid and another_can_take(i, f) then return false end
   chosen[#chosen + 1] = annotated(i, f)
@@ -532,6 +587,7 @@ end)
 return {0, ahead}
 """
 
+#: ARGV: (optional) the node's policy clock ms, to count the entries a delay hides now (an 8th item)
 #: -> {state, length, first and last live index (0: none), now, {consumer rows}, {group rows}}; a
 #: consumer row: id, record,
 #: held, last active, delivered, last index; a group row: name, pending, delivered, last index, members
@@ -553,8 +609,20 @@ for _, g in ipairs(groups()) do
 end
 local firstIndex, lastIndex = 0, 0
 if #first > 0 then firstIndex, lastIndex = idx_of(first[1][1]), idx_of(newest[1][1]) end
-return {redis.call('HGET', k('m'), 'state') or 'Normal', redis.call('XLEN', k('s')), firstIndex, lastIndex,
+local out = {redis.call('HGET', k('m'), 'state') or 'Normal', redis.call('XLEN', k('s')), firstIndex, lastIndex,
   now_ms(), consumers, rows}
+if ARGV[1] then
+  local seen, hidden = {}, 0
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', k('dz'), '(' .. ARGV[1], '+inf')) do
+    local i = string.match(member, '^(%d+):')
+    if not seen[i] then
+      seen[i] = true
+      hidden = hidden + 1
+    end
+  end
+  out[#out + 1] = hidden
+end
+return out
 """
 
 #: ARGV: policy (`take_policy`), lease ms, then consumer id, token pairs of this node's
