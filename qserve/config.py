@@ -25,8 +25,6 @@ __all__ = ["Config", "ConfigError", "load_config", "FSYNC_POLICIES", "BACKEND_SC
            "check_backend_url", "redact_url"]
 
 FSYNC_POLICIES = ("always", "interval", "never")
-#: delivery policies the Redis backend does not have yet (refused at start with --backend redis)
-REDIS_NOT_YET = ("delivery_timeout",)
 FSYNC_BACKENDS = ("auto", "aio", "threads")
 LOG_FORMATS = ("text", "json")
 
@@ -121,13 +119,6 @@ class Config:
                 default.merged(table, f"services.{svc}")
         except PolicyError as exc:
             raise ConfigError(str(exc)) from None
-        if self.backend:
-            for where, policy in [("", self.default_policy()),
-                                  *((f"services.{svc}: ", self.policy_for(svc)) for svc in self.services)]:
-                for name in REDIS_NOT_YET:
-                    if getattr(policy, name) != getattr(Policy(), name):
-                        raise ConfigError(f"{where}{name} is not available with --backend redis yet: "
-                                          "the local backend has it")
         if not self.insecure and self.token is None and not self.tokens and not is_loopback(self.host):
             raise ConfigError(
                 f"host {self.host}: refusing to listen on a non-loopback address without --token "

@@ -1,8 +1,7 @@
 """Delivery policies end to end through the HTTP and WebSocket API, in process on trio's clock:
 the consumer lease (``delivery_timeout``), delayed negative commits (``_delay_``, ``retry_backoff``)
-and the dead-letter queue (``max_deliveries``), each off by default. A test of a policy the Redis
-backend has takes the `backend` fixture and runs on both; the Redis backend refuses the others at
-start (tested here too) until it has them."""
+and the dead-letter queue (``max_deliveries``), each off by default; every test on both backends
+(the `backend` fixture), where Redis differs the test says why."""
 
 from __future__ import annotations
 
@@ -22,25 +21,25 @@ async def put_n(c, n, query=""):
     return [int((await c.call("POST", query, f"d{i}".encode()))[1]) for i in range(n)]
 
 
-async def test_policies_are_off_by_default_and_shown_in_the_attributes(tmp_path, recovering_clock):
+async def test_policies_are_off_by_default_and_shown_in_the_attributes(tmp_path, backend, recovering_clock):
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path) as srv:
+        async with running_server(tmp_path, **backend) as srv:
             c = await srv.client("plain")
             attrs = await c.attrs()
             assert {k: v for k, v in attrs.items() if k.startswith("policy.")} == {
                 "policy.maxDeliveries": "0", "policy.retryBackoff": "", "policy.dedupWindow": "0",
                 "policy.deliveryTimeout": "0", "policy.delayed": "0"}
-        async with running_server(tmp_path, delivery_timeout=30.0, services={"ocr": {"max_deliveries": 4,
-                                                                                     "retry_backoff": "1s,2,1m"}}) as srv:
+        async with running_server(tmp_path, delivery_timeout=30.0, **backend,
+                                  services={"ocr": {"max_deliveries": 4, "retry_backoff": "1s,2,1m"}}) as srv:
             attrs = await (await srv.client("ocr")).attrs()
             assert attrs["policy.maxDeliveries"] == "4" and attrs["policy.retryBackoff"] == "1s,2,60s"
             assert attrs["policy.deliveryTimeout"] == "30s"
             assert (await (await srv.client("other")).attrs())["policy.maxDeliveries"] == "0"
 
 
-async def test_a_lease_that_runs_out_hands_the_entry_to_another_member(tmp_path, autojump_clock):
+async def test_a_lease_that_runs_out_hands_the_entry_to_another_member(tmp_path, backend, autojump_clock):
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, delivery_timeout=10.0) as srv, trio.open_nursery() as nursery:
+        async with running_server(tmp_path, delivery_timeout=10.0, **backend) as srv, trio.open_nursery() as nursery:
             c = await srv.client("lease")
             [index] = await put_n(c, 1)
             hung = await srv.watch(nursery, "lease", "_window_=1", user="hung")
@@ -161,14 +160,10 @@ async def test_a_consumer_that_dies_on_an_entry_counts_as_a_delivery(tmp_path, b
             assert body[0]["tags"]["lastCode"] == "detached"
 
 
-def test_redis_refuses_the_policies_it_does_not_have_yet():
-    redis = "redis://127.0.0.1:6379/0"
-    Config(backend=redis, dedup_window=60.0, services={"x": {"dedup_window": "1m"}})
-    Config(backend=redis, max_deliveries=3)
-    Config(backend=redis, retry_backoff="1s,2,1m")
-    for name, value in [("delivery_timeout", "30s")]:
-        with pytest.raises(ConfigError, match=f"{name} is not available with --backend redis yet"):
-            Config(backend=redis, services={"x": {name: value}})
+def test_every_backend_takes_the_policies_and_bad_settings_are_refused():
+    for backend in ("", "redis://127.0.0.1:6379/0"):
+        Config(backend=backend, max_deliveries=3, retry_backoff=(1.0, 2.0, 60.0), dedup_window=60.0,
+               delivery_timeout=30.0, services={"x": {"max_deliveries": 2, "delivery_timeout": "1m"}})
     with pytest.raises(ConfigError, match="retry_backoff: the factor"):
         Config(services={"x": {"retry_backoff": "1s,0.5,2s"}})
     with pytest.raises(ConfigError, match="services.x: unknown setting 'max_delivery'"):

@@ -33,6 +33,13 @@ suffix             type    what
 ``dd``             zset    ``dedup_window``: client-chosen requestIds put within the window,
                            score the put's time (the putting node's wall clock, ms)
 ``di``             hash    ``dedup_window``: requestId -> the index its put got
+``dc``             hash    ``max_deliveries``/``retry_backoff``: index -> msgpack map group ->
+                           deliveries (kept while the entry is live, also when its group empties)
+``dz``             zset    delays (``_delay_``, ``retry_backoff``): member ``<index>:<group>``,
+                           score the due time (the nodes' policy clock, ms)
+``dly``            hash    index -> msgpack map group -> due time (finds an entry's delays)
+``dt``             zset    ``delivery_timeout``: member ``<index>:<group>``, score the deadline of
+                           the delivery its group's holder has
 ``ev``             channel what changed: ``p<node> <index> <msgpack tags>`` a put, ``c<node>``
                            anything else (node: the writer's id), ``k<consumer id> <token>`` a
                            consumer was replaced or expired
@@ -41,8 +48,6 @@ suffix             type    what
 A service's dead-letter queue (``max_deliveries``) has the same keys under the prefix
 ``{qs:<service>}:dlq`` (``{qs:<service>}:dlq:s`` ...): its input queue's hash tag, so the script that
 moves an entry from the input queue writes both in one slot (no input key starts with ``dlq:``).
-The input queue also keeps ``dc`` (hash: index -> msgpack map group -> deliveries; with
-``max_deliveries`` or ``retry_backoff``).
 
 Outside the queues, ``qs:queues`` (a hash: tag -> msgpack [service, sink], or [service, false,
 true] for a dead-letter queue) lists every queue ever
@@ -106,4 +111,4 @@ class QueueKeys:
     def queue_keys(self) -> list[str]:
         """The fixed keys (not the per-group ones: `group_keys`)."""
         return [self.key(s) for s in ("m", "s", "p", "r", "rr", "n", "gs", "c", "h", "la", "cs", "lease",
-                                           "dd", "di", "dc")]
+                                           "dd", "di", "dc", "dz", "dly", "dt")]

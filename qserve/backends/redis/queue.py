@@ -139,7 +139,7 @@ class RedisQueue:
             "md": policy.max_deliveries, "bo": int(backoff is not None),
             "bi": round(backoff[0] * 1000) if backoff else 0, "bf": backoff[1] if backoff else 1.0,
             "bm": round(backoff[2] * 1000) if backoff else 0, "to": round(policy.delivery_timeout * 1000),
-            "now": self.clock_ms(), "name": self.ref.name, "dlq": self._dlq_tag})
+            "ts": f"{policy.delivery_timeout:g}", "now": self.clock_ms(), "name": self.ref.name, "dlq": self._dlq_tag})
 
     def clock_ms(self) -> int:
         """The policies' clock (unix ms): the node's wall clock, read once, advanced by trio's."""
@@ -353,6 +353,8 @@ class RedisQueue:
         free, rows = reply[0], reply[1:]
         if int(free) <= 0:
             self._full.add(consumer_id)   # until a commit, nack or release anywhere frees a slot
+        if rows and not auto and self.policy.delivery_timeout and self.on_wake is not None:
+            self.on_wake(self, self.clock_ms() + round(self.policy.delivery_timeout * 1000))
         return [_entry(row) for row in rows]
 
     def sent(self, consumer_id: str, indexes: Iterable[int]) -> None:
@@ -364,7 +366,8 @@ class RedisQueue:
 
     async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:
         if indexes:
-            await self._run(scripts.COMMIT, *indexes)
+            group, cid = holder if holder is not None and self.policy.delivery_timeout else ("", "")
+            await self._run(scripts.COMMIT, group, cid, *indexes)
             self._changed()
 
     async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:

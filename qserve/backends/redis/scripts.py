@@ -36,6 +36,7 @@ local function k(s) return T .. ':' .. s end
 local P = {md = 0, bo = 0, to = 0, now = 0, name = '', dlq = ''}
 local DEAD, TIMED_OUT = 0, 0   -- what this call moved to the dead-letter queue, handed back on timeout
 local function take_policy() P = cmsgpack.unpack(table.remove(ARGV, 1)) end
+local function changed() redis.call('PUBLISH', k('ev'), 'c' .. NODE) end
 local function sid(i) return string.format('%d-0', i) end
 local function idx_of(id) return tonumber(string.match(id, '^(%d+)')) end
 local function fields(flat)
@@ -118,6 +119,7 @@ local function remove(i)
     if c then
       redis.call('HDEL', k('o:' .. g), i)
       redis.call('HINCRBY', k('h'), c, -1)
+      redis.call('ZREM', k('dt'), i .. ':' .. g)
     end
     redis.call('HDEL', k('a:' .. g), i)
   end
@@ -248,15 +250,43 @@ local function returned(g, i, wait)
   end
   if wait > 0 then delay_for(i, g, P.now + math.floor(wait)) end
 end
+-- a negative commit's annotations: count, lastCode, lastReason (`n`)
+local function annotate(i, code, reason)
+  local old = redis.call('HGET', k('n'), i)
+  local count = old and cmsgpack.unpack(old)[1] or 0
+  redis.call('HSET', k('n'), i, cmsgpack.pack({count + 1, code, reason}))
+end
+-- delivery_timeout: `dt` (zset: member '<index>:<group>', score the delivery's deadline, the
+-- nodes' policy clock in ms); a delivery whose deadline passed goes back to its group as if its
+-- holder had negatively committed it (lastCode=timeout, another member first), its slot freed
+local function expire_deliveries()
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', k('dt'), '-inf', P.now, 'LIMIT', 0, 256)) do
+    redis.call('ZREM', k('dt'), member)
+    local i, g = string.match(member, '^(%d+):(.*)$')
+    local c = redis.call('HGET', k('o:' .. g), i)
+    if c then
+      redis.call('HDEL', k('o:' .. g), i)
+      redis.call('HINCRBY', k('h'), c, -1)
+      redis.call('HSET', k('a:' .. g), i, c)
+      annotate(i, 'timeout', 'held by ' .. c .. ' for ' .. P.ts .. ' s without a commit')
+      TIMED_OUT = TIMED_OUT + 1
+      returned(g, tonumber(i), nil)
+    end
+  end
+  if TIMED_OUT > 0 then changed() end
+end
 -- a policy script's reply: its own result, what the policies did, and when the next delay falls
--- due (0: none), for the node to wake its watchers then; due delays are dropped first (256 a call)
+-- due or delivery runs out (0: none), for the node to wake then; due delays are dropped first
+-- (256 a call)
 local function done(result)
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', k('dz'), '-inf', P.now, 'LIMIT', 0, 256)) do
     undelay(member)
   end
   local wake = 0
-  local first = redis.call('ZRANGE', k('dz'), 0, 0, 'WITHSCORES')
-  if #first > 0 then wake = tonumber(first[2]) end
+  for _, key in ipairs({'dz', 'dt'}) do
+    local first = redis.call('ZRANGE', k(key), 0, 0, 'WITHSCORES')
+    if #first > 0 and (wake == 0 or tonumber(first[2]) < wake) then wake = tonumber(first[2]) end
+  end
   return {result, DEAD, TIMED_OUT, wake}
 end
 -- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
@@ -285,10 +315,12 @@ local function drop_member(cid)
     redis.call('DEL', k('o:' .. g), k('a:' .. g), k('gi:' .. g))
     redis.call('SREM', k('gs'), g)
   end
-  for _, i in ipairs(released) do returned(g, i, nil) end
+  for _, i in ipairs(released) do
+    redis.call('ZREM', k('dt'), i .. ':' .. g)
+    returned(g, i, nil)
+  end
   return m
 end
-local function changed() redis.call('PUBLISH', k('ev'), 'c' .. NODE) end
 local function annotated(i, f)
   return {i, f.d, f.t, f.p or '0', redis.call('HGET', k('n'), i) or ''}
 end
@@ -434,24 +466,35 @@ redis.call('HSET', k('la'), cid, now)
 if ARGV[4] == '1' then
   for _, e in ipairs(chosen) do remove(e[1]) end
   changed()
-elseif P.md > 0 or P.bo == 1 then
-  for _, e in ipairs(chosen) do count_delivery(e[1], g) end
+else
+  if P.md > 0 or P.bo == 1 then
+    for _, e in ipairs(chosen) do count_delivery(e[1], g) end
+  end
+  if P.to > 0 then
+    for _, e in ipairs(chosen) do redis.call('ZADD', k('dt'), P.now + P.to, e[1] .. ':' .. g) end
+  end
 end
 local out = {free - #chosen}
 for _, e in ipairs(chosen) do out[#out + 1] = e end
 return out
 """
 
-#: ARGV: indexes... -> how many were live
+#: ARGV: group, consumer id (delivery_timeout: who commits; '': anyone), indexes... -> how many
+#: were live; an entry another member of that group holds now (the committer's lease ran out) is
+#: left alone
 COMMIT = r"""
 local now, n = now_ms(), 0
-for j = 1, #ARGV do
+local mine = ARGV[1] ~= '' and k('o:' .. ARGV[1])
+for j = 3, #ARGV do
   local i = tonumber(ARGV[j])
-  for _, g in ipairs(groups()) do
-    local c = redis.call('HGET', k('o:' .. g), i)
-    if c then redis.call('HSET', k('la'), c, now) end
+  local holder = mine and redis.call('HGET', mine, i)
+  if not holder or holder == ARGV[2] then
+    for _, g in ipairs(groups()) do
+      local c = redis.call('HGET', k('o:' .. g), i)
+      if c then redis.call('HSET', k('la'), c, now) end
+    end
+    n = n + remove(i)
   end
-  n = n + remove(i)
 end
 changed()
 return n
@@ -473,12 +516,11 @@ for _, g in ipairs(groups()) do
       redis.call('HINCRBY', k('h'), c, -1)
       redis.call('HSET', k('la'), c, now)
       redis.call('HSET', k('a:' .. g), i, c)
+      redis.call('ZREM', k('dt'), i .. ':' .. g)
       if not hit[i] then
         hit[i] = true
         n = n + 1
-        local old = redis.call('HGET', k('n'), i)
-        local count = old and cmsgpack.unpack(old)[1] or 0
-        redis.call('HSET', k('n'), i, cmsgpack.pack({count + 1, ARGV[1], ARGV[2]}))
+        annotate(i, ARGV[1], ARGV[2])
       end
       returned(g, i, wait)
     end
@@ -652,6 +694,7 @@ for j = 1, #flat, 2 do
   end
 end
 if expired then changed() end
+expire_deliveries()
 return done(gone)
 """
 
