@@ -45,6 +45,7 @@ method blocks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -381,9 +382,13 @@ class Dispatcher:
         for index in indexes:
             self._dead.pop(index, None)
 
-    def next_wakeup(self) -> float | None:
-        """The clock time of the next deadline or due delay (None: nothing waits)."""
-        times = [d for groups in self._delayed.values() for d in groups.values()]
+    def next_wakeup(self, after: float = -math.inf) -> float | None:
+        """The clock time of the next deadline, or of the next delay falling due later than
+        ``after`` (None: nothing waits). The edge passes the time it last woke the watchers: a
+        delay due by then needs no wake-up any more, although it stays until a poll of its group
+        walks over it (a group whose members' windows are full does not poll), and counting it
+        would make the next wake-up one in the past, again and again."""
+        times = [d for groups in self._delayed.values() for d in groups.values() if d > after]
         if self._deadlines:
             times.append(next(iter(self._deadlines.values()))[1])
         return min(times) if times else None

@@ -345,15 +345,18 @@ class Queue(GroupCommit):
     async def policy_upkeep(self) -> None:
         """Run by the manager for a queue with a policy: at each consumer lease's deadline
         (``delivery_timeout``) hand its entry back, and at each delay's due time wake the
-        watchers; woken early by a delivery or a negative commit."""
+        watchers; woken early by a delivery or a negative commit. A delay that was due when the
+        watchers were last woken is not waited for again (its group may not poll for a while)."""
+        woken = -math.inf
         while True:
-            wake = self.dispatcher.next_wakeup()
+            wake = self.dispatcher.next_wakeup(after=woken)
             with trio.move_on_at(wake if wake is not None else math.inf):
                 await self._policy_changed.wait()
             if self.dispatcher.expire():
                 await self._dead_letter()
             self._keep_delays()
             self._forget_delays()
+            woken = trio.current_time()
             self.notify()
 
     # A delay's due time is kept in the log's state as ``delay:INDEX:GROUP`` = due (unix ms), so a
