@@ -55,7 +55,7 @@ def _add_redis(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("inspect", help="show one queue's keys, state, groups and consumers in Redis",
                        description="Show one queue's keys (names, types, lengths), state, next index, first and "
                                    "last live index, groups and consumers (node, window, held entries, lease).")
-    p.add_argument("queue", metavar="QUEUE", help="SERVICE (its input queue) or SERVICE/sink")
+    p.add_argument("queue", metavar="QUEUE", help="SERVICE (its input queue), SERVICE/sink or SERVICE/dlq")
     _url_flag(p, "--backend")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
 

@@ -95,13 +95,13 @@ def _table(title: str, head: tuple[str, ...], rows: list[tuple]) -> list[str]:
 
 
 def parse_queue(text: str) -> QueueRef:
-    """``SERVICE`` (its input queue) or ``SERVICE/sink``.
+    """``SERVICE`` (its input queue), ``SERVICE/sink`` or ``SERVICE/dlq``.
 
     Raises: `InspectError` for anything else."""
     service, slash, rest = text.partition("/")
-    if slash and rest != "sink" or not service or service in (".", ".."):
-        raise InspectError(f"queue {text!r}: name it SERVICE (the input queue) or SERVICE/sink")
-    return QueueRef(service, sink=bool(slash))
+    if slash and rest not in ("sink", "dlq") or not service or service in (".", ".."):
+        raise InspectError(f"queue {text!r}: name it SERVICE (the input queue) or SERVICE/sink (or SERVICE/dlq)")
+    return QueueRef.of_kind(service, rest if slash else "input")
 
 
 async def inspect(link: Link, ref: QueueRef) -> Report:

@@ -59,9 +59,11 @@ from __future__ import annotations
 
 import urllib.parse
 
+import msgpack
+
 from qserve.core.events import QueueRef
 
-__all__ = ["queue_tag", "QueueKeys", "REGISTRY", "EVENT_PATTERN", "tag_of_channel"]
+__all__ = ["queue_tag", "QueueKeys", "REGISTRY", "EVENT_PATTERN", "tag_of_channel", "registry_entry", "registered_ref"]
 
 #: every queue ever created: hash tag -> msgpack [service, sink]
 REGISTRY = "qs:queues"
@@ -74,6 +76,18 @@ def queue_tag(ref: QueueRef) -> str:
     or ``{qs:<service>}:dlq`` (dead-letter queue: the input queue's hash tag, so its slot)."""
     tag = "{qs:" + urllib.parse.quote(ref.service, safe="") + (":sink" if ref.sink else "") + "}"
     return tag + ":dlq" if ref.dlq else tag
+
+
+def registry_entry(ref: QueueRef) -> bytes:
+    """``ref``'s value in `REGISTRY`: msgpack [service, sink], or [service, false, true] for a
+    dead-letter queue."""
+    return msgpack.packb([ref.service, False, True] if ref.dlq else [ref.service, ref.sink])
+
+
+def registered_ref(value: bytes) -> QueueRef:
+    """The queue of a `REGISTRY` value (`registry_entry`)."""
+    found = msgpack.unpackb(value)
+    return QueueRef(found[0], sink=bool(found[1]), dlq=len(found) > 2 and bool(found[2]))
 
 
 def tag_of_channel(channel: bytes | str) -> str:

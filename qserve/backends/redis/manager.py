@@ -27,7 +27,8 @@ import trio
 
 from qserve.backends.base import OnChange, QueueStatus
 from qserve.backends.redis import scripts
-from qserve.backends.redis.keys import EVENT_PATTERN, REGISTRY, QueueKeys, tag_of_channel
+from qserve.backends.redis.keys import (EVENT_PATTERN, REGISTRY, QueueKeys, registered_ref, registry_entry,
+                                        tag_of_channel)
 from qserve.backends.redis.link import Link, redis_error
 from qserve.backends.redis.queue import RedisQueue
 from qserve.backends.redis.url import parse_redis_url
@@ -233,8 +234,7 @@ class RedisBackend:
 
     async def _register(self, ref: QueueRef, keys: QueueKeys) -> None:
         try:
-            entry = [ref.service, False, True] if ref.dlq else [ref.service, ref.sink]
-            await self.link.client.hset(REGISTRY, {keys.tag: msgpack.packb(entry)})
+            await self.link.client.hset(REGISTRY, {keys.tag: registry_entry(ref)})
         except Exception as exc:
             raise _as_error(exc, self.where) from None
 
@@ -244,7 +244,7 @@ class RedisBackend:
             found = await self.link.client.hgetall(REGISTRY)
         except Exception as exc:
             raise _as_error(exc, self.where) from None
-        refs = [QueueRef(v[0], sink=v[1], dlq=len(v) > 2 and v[2]) for v in map(msgpack.unpackb, found.values())]
+        refs = [registered_ref(value) for value in found.values()]
         return sorted(refs, key=lambda ref: ref.order)
 
     async def open_declared(self) -> None:

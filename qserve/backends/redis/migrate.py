@@ -41,7 +41,7 @@ import msgpack
 
 from qserve import storage
 from qserve.backends.local.queues import queue_dir
-from qserve.backends.redis.keys import REGISTRY, QueueKeys
+from qserve.backends.redis.keys import REGISTRY, QueueKeys, registered_ref, registry_entry
 from qserve.backends.redis.link import Link, redis_error
 from qserve.backends.redis.scripts import PRELUDE
 from qserve.backends.redis.url import RedisTarget
@@ -102,22 +102,22 @@ class QueueReport:
 
 
 def find_queues(data_dir: Path) -> list[QueueRef]:
-    """The queues in ``data_dir`` (``<service, percent-encoded>/input`` and ``/sink``, as the
-    local backend lays them out), sorted by service, input before sink.
+    """The queues in ``data_dir`` (``<service, percent-encoded>/input``, ``/sink`` and ``/dlq``, as
+    the local backend lays them out), sorted by service, input, sink, dead-letter queue.
 
     Raises: `MigrateError` when it is no directory."""
     if not data_dir.is_dir():
         raise MigrateError(f"no data directory {data_dir}")
     found = []
     for svc_dir in sorted(data_dir.iterdir()):
-        for kind in ("input", "sink"):
+        for kind in ("input", "sink", "dlq"):
             if (svc_dir / kind).is_dir():
                 try:
-                    found.append(QueueRef(urllib.parse.unquote(svc_dir.name), sink=kind == "sink"))
+                    found.append(QueueRef.of_kind(urllib.parse.unquote(svc_dir.name), kind))
                 except ValueError:
                     raise MigrateError(f"{svc_dir / kind}: not a queue of a service (no service is named "
                                        f"{urllib.parse.unquote(svc_dir.name)!r})") from None
-    return sorted(found, key=lambda ref: (ref.service, ref.sink))
+    return sorted(found, key=lambda ref: ref.order)
 
 
 def claim(data_dir: Path) -> storage.DirLock:
@@ -247,7 +247,7 @@ class Copier:
             await self._script(self._restore, ref, [int(first), *batch])
         ended = qlog.state.get("state") == "End"
         await self._script(self._finish, ref, [qlog.next_index - 1, int(ended)])
-        await self.link.client.hset(REGISTRY, {QueueKeys(ref).tag: msgpack.packb([ref.service, ref.sink])})
+        await self.link.client.hset(REGISTRY, {QueueKeys(ref).tag: registry_entry(ref)})
 
     def _tick(self, ref: QueueRef, what: str, done: int, total: int) -> None:
         if self._every and done % self._every == 0:
@@ -270,7 +270,7 @@ class Copier:
         if meta.get("state") != ("End" if ended else None) or "created" not in meta:
             raise differ(f"queue state {meta}")
         registered = await client.hget(REGISTRY, keys.tag)
-        if registered is None or msgpack.unpackb(registered) != [ref.service, ref.sink]:
+        if registered is None or registered_ref(registered) != ref:
             raise differ(f"not listed in {REGISTRY}")
         counts = {"entries": 0, "priority": 0, "newest": 0, "older": 0}
         local = qlog.scan()

@@ -277,11 +277,11 @@ local function expire_deliveries()
 end
 -- a policy script's reply: its own result, what the policies did, and when the next delay falls
 -- due or delivery runs out (0: none), for the node to wake then; due delays are dropped first
--- (256 a call)
+-- (256 a call) and announced to every node
 local function done(result)
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', k('dz'), '-inf', P.now, 'LIMIT', 0, 256)) do
-    undelay(member)
-  end
+  local due = redis.call('ZRANGEBYSCORE', k('dz'), '-inf', P.now, 'LIMIT', 0, 256)
+  for _, member in ipairs(due) do undelay(member) end
+  if #due > 0 then changed() end   -- every node's watchers: entries are visible again
   local wake = 0
   for _, key in ipairs({'dz', 'dt'}) do
     local first = redis.call('ZRANGE', k(key), 0, 0, 'WITHSCORES')

@@ -1,0 +1,124 @@
+"""The delivery policies (#17) across two nodes on one Redis, in process: what one node's script did
+(a dedup window's entry, a delay, a dead letter, a delivery's deadline) holds for the other node's
+clients, since it is in Redis and not in the node that did it. (Each policy on one node, on both
+backends: test_policies.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from ..helpers.inproc import next_frame, no_frame, running_server
+
+LIMIT = 90
+
+
+async def test_a_retry_through_another_node_is_a_duplicate(tmp_path, redis_url, autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url, dedup_window=60.0) as a, \
+                running_server(tmp_path / "b", backend=redis_url, dedup_window=60.0) as b:
+            first = int((await (await a.client("idem")).call("POST", "requestId=r-1", b"x"))[1])
+            head, body = await (await b.client("idem")).request(
+                "POST", "/api/predict/idem?requestId=r-1", b"x", [("Authorization", "tok")])
+            assert int(body) == first and dict(head.headers)[b"x-qserve-duplicate"] == b"1"
+            assert (await (await b.client("idem")).attrs())["stream.length"] == "1"
+
+
+async def test_a_delay_made_through_one_node_holds_for_the_other_nodes_watchers(tmp_path, redis_url,
+                                                                                 autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url) as a, \
+                running_server(tmp_path / "b", backend=redis_url) as b, trio.open_nursery() as nursery:
+            c = await a.client("later")
+            index = int((await c.call("POST", "", b"job"))[1])
+            on_a = await a.watch(nursery, "later", "_window_=1", user="on-a")
+            assert (await next_frame(on_a)).index == index
+            on_b = await b.watch(nursery, "later", "_window_=1", user="on-b")
+            # nacked through node A with a delay: node B's member (free) gets it when due, not before
+            assert (await c.call("PUT", f"_indexes_={index}&_negative_=true&_delay_=20s&_code_=429"))[0] == 200
+            began = trio.current_time()
+            assert (await (await b.client("later")).attrs())["policy.delayed"] == "1"
+            assert await no_frame(on_b, wait=19.5)
+            frame = await next_frame(on_b, timeout=5)
+            assert frame.index == index and frame.tags["lastCode"] == "429"
+            # B learns the due time in a lease round; each node reads the wall clock once (at its start), so
+            # under the test's mock clock the two nodes' clocks differ by the real time between their starts
+            assert 19.9 <= trio.current_time() - began <= 21
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_letter_made_through_one_node_reaches_the_other_nodes_dlq_watcher(tmp_path, redis_url,
+                                                                                        autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url, max_deliveries=1) as a, \
+                running_server(tmp_path / "b", backend=redis_url, max_deliveries=1) as b, \
+                trio.open_nursery() as nursery:
+            c = await a.client("poison")
+            index = int((await c.call("POST", "requestId=bad", b"poison"))[1])
+            assert (await (await b.client("poison")).call("GET", "_index_=1&_auto_delete_=false", dlq=True))[0] == 204
+            dl = await b.watch(nursery, "poison/dlq", "_window_=1", user="ops")
+            ws = await a.watch(nursery, "poison", "_window_=1", user="w")
+            assert (await next_frame(ws)).index == index
+            assert (await c.call("PUT", f"_indexes_={index}&_negative_=true&_code_=500&_reason_=boom"))[0] == 200
+            moved = await next_frame(dl)
+            assert moved.data == b"poison" and moved.tags["dlq.index"] == str(index)
+            assert moved.tags["lastReason"] == "boom" and moved.tags["requestId"] == "bad"
+            listing = json.loads((await (await b.client("poison")).request(
+                "GET", "/api/queues", b"", [("Authorization", "tok")]))[1])
+            assert {q["queue"] for q in listing["queues"] if q["service"] == "poison"} == {"input", "dlq"}
+            assert await no_frame(ws)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_lease_that_runs_out_on_one_node_goes_to_a_member_on_the_other(tmp_path, redis_url,
+                                                                               autojump_clock):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url, delivery_timeout=10.0) as a, \
+                running_server(tmp_path / "b", backend=redis_url, delivery_timeout=10.0) as b, \
+                trio.open_nursery() as nursery:
+            c = await a.client("lease")
+            index = int((await c.call("POST", "", b"job"))[1])
+            hung = await a.watch(nursery, "lease", "_window_=1", user="hung")
+            assert (await next_frame(hung)).index == index
+            other = await b.watch(nursery, "lease", "_window_=1", user="other")
+            assert await no_frame(other, wait=9.0)
+            again = await next_frame(other, timeout=3.0)
+            assert again.index == index and again.tags["lastCode"] == "timeout"
+            # the late commit through node A deletes nothing node B's member holds now
+            status, _ = await c.call("PUT", f"_indexes_={index}", headers=[("X-EAS-QueueService-Gid", "g"),
+                                                                         ("X-EAS-QueueService-Uid", "hung")])
+            assert status == 200
+            found = json.loads((await (await b.client("lease")).call("GET", f"_search_=true&_index_={index}"))[1])
+            assert found["IsPending"] is True
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_migrated_dead_letter_queue_is_served_from_redis(tmp_path, redis_url, autojump_clock):
+    """`qserve migrate` copies a local service's dead-letter queue too (dlq tags and all)."""
+    from qserve.backends.redis.migrate import migrate
+    from qserve.backends.redis.url import parse_redis_url
+
+    with trio.fail_after(LIMIT):
+        data = tmp_path / "local"
+        async with running_server(tmp_path, data_dir=data, max_deliveries=1) as local, \
+                trio.open_nursery() as nursery:
+            c = await local.client("jobs")
+            index = int((await c.call("POST", "requestId=j-1", b"bad"))[1])
+            ws = await local.watch(nursery, "jobs", "_window_=1", user="w")
+            assert (await next_frame(ws)).index == index
+            await c.call("PUT", f"_indexes_={index}&_negative_=true&_code_=500&_reason_=boom")
+            with trio.fail_after(10):
+                while (await c.attrs(dlq=True))["stream.length"] != "1":
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        lines = []
+        reports = await migrate(data, parse_redis_url(redis_url), say=lines.append, progress=lines.append)
+        assert [r.ref.name for r in reports] == ["jobs", "jobs/dlq"]
+        async with running_server(tmp_path / "node", backend=redis_url) as node:
+            c = await node.client("jobs")
+            [moved] = json.loads((await c.call("GET", "_index_=1&_raw_=false&_auto_delete_=false", dlq=True))[1])
+            assert moved["tags"]["dlq.queue"] == "jobs" and moved["tags"]["lastReason"] == "boom"
+            assert moved["tags"]["requestId"] == "j-1"
+            listing = json.loads((await c.request("GET", "/api/queues", b"", [("Authorization", "tok")]))[1])
+            assert {q["queue"] for q in listing["queues"] if q["service"] == "jobs"} == {"input", "dlq"}
