@@ -122,3 +122,21 @@ async def test_a_migrated_dead_letter_queue_is_served_from_redis(tmp_path, redis
             assert moved["tags"]["requestId"] == "j-1"
             listing = json.loads((await c.request("GET", "/api/queues", b"", [("Authorization", "tok")]))[1])
             assert {q["queue"] for q in listing["queues"] if q["service"] == "jobs"} == {"input", "dlq"}
+
+
+async def test_on_a_cluster_the_dead_letter_move_is_one_script_in_the_input_queues_slot(tmp_path, redis_cluster_url):
+    """The dead-letter queue's keys share the input queue's hash tag, so the move runs on a Redis
+    Cluster too (a script naming keys of two slots would fail with CROSSSLOT). On trio's real clock:
+    the cluster client's discovery does not survive an autojump clock."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_cluster_url, max_deliveries=1) as srv, \
+                trio.open_nursery() as nursery:
+            c = await srv.client("clustered")
+            index = int((await c.call("POST", "", b"bad"))[1])
+            ws = await srv.watch(nursery, "clustered", "_window_=1", user="w")
+            assert (await next_frame(ws)).index == index
+            assert (await c.call("PUT", f"_indexes_={index}&_negative_=true&_code_=500"))[0] == 200
+            [moved] = json.loads((await c.call("GET", "_index_=1&_raw_=false&_auto_delete_=false", dlq=True))[1])
+            assert moved["tags"]["dlq.index"] == str(index)
+            assert (await c.attrs())["stream.length"] == "0"
+            nursery.cancel_scope.cancel()
