@@ -1,10 +1,12 @@
 """`qserve chaos`: the checker on synthetic histories (so it can fail), and short real runs.
 
 The checker tests are synchronous and exact: they build a `History` by hand, including one lost and
-one resurrected entry, and an in-flight delivery that must not count as a resurrection. The run
+one resurrected entry, and an in-flight delivery that must not count as a resurrection; with the
+delivery policies (``--policies``), dead letters that cover a put, poison entries committed or left
+behind, one requestId at two indexes, damaged dead letters, and commits made late by a lease. The run
 tests start the real tool (`python -m qserve chaos`, which starts and SIGKILLs real servers) and read
-its JSON summary. On the local backend the short run is part of the default suite (about 10 s), the
-long one is `slow`; on Redis the default suite runs two nodes on the session's redis-server (the
+its JSON summary. On the local backend the short runs are part of the default suite (about 10 s
+each, one of them with --policies), the long one is `slow`; on Redis the default suite runs two nodes on the session's redis-server (the
 `redis_url` fixture) with three node kills, and the `slow` runs kill nodes and Redis primaries
 (chaos's own redis-server, and a primary + replica + Sentinels) at least 50 times each.
 """
@@ -138,6 +140,192 @@ def test_unknown_put_seen_before_its_index_was_reused_is_tolerated():
     assert rep.ok and rep.reused == 1, rep.problems
 
 
+# -- the checker with delivery policies (--policies) --------------------------------------------
+
+def _dead(h: History, dlq_index: int, put_id: str, origin: int, *, group: str = "g0", code: str = "500",
+          deliveries: str = "3", request_id: str = "", tags=None) -> None:
+    h.dead_letter(dlq_index, payload_for(put_id), {**(tags or {"kind": "a"}), "dlq.queue": "chaos",
+                                                    "dlq.index": str(origin), "dlq.requestId": request_id,
+                                                    "dlq.group": group, "dlq.deliveries": deliveries,
+                                                    "lastCode": code, "lastReason": "chaos"})
+
+
+def _policies() -> History:
+    return History(queue="chaos", max_deliveries=3, delivery_timeout=2.0)
+
+
+POISON_TAGS = {"kind": "a", "poison": "1"}
+
+
+def test_dead_lettered_put_is_not_lost_and_poison_there_passes():
+    h = _policies()
+    conn = h.tick()
+    _put(h, "p0-1", 1, tags=POISON_TAGS)
+    _put(h, "p0-2", 2)
+    for _ in range(3):                    # refused three times, then moved
+        _deliver(h, 1, "p0-1", conn, tags=POISON_TAGS)
+        h.negative_acked(delayed=True)
+    _deliver(h, 2, "p0-2", conn)
+    _dead(h, 1, "p0-1", 1, tags=POISON_TAGS)
+    _dead(h, 2, "p0-2", 2)                # an ordinary entry may end there too
+    rep = h.check()
+    assert rep.ok, rep.problems
+    assert (rep.lost, rep.dead_lettered, rep.poison_puts, rep.poison, rep.delayed_negatives) == (0, 2, 1, 0, 3)
+
+
+def test_acknowledged_put_neither_in_the_queue_nor_the_dead_letter_queue_is_lost():
+    h = _policies()
+    _put(h, "p0-1", 1)
+    _put(h, "p0-2", 2)
+    _dead(h, 1, "p0-2", 2)                # another put's dead letter does not cover p0-1
+    rep = h.check()
+    assert (rep.lost, rep.dead_lettered) == (1, 1)
+    assert any(p.startswith("lost: p0-1") for p in rep.problems)
+
+
+def test_a_committed_or_stranded_poison_entry_fails():
+    h = _policies()
+    conn = h.tick()
+    for i in (1, 2, 3, 4):
+        _put(h, f"p0-{i}", i, tags=POISON_TAGS)
+    _deliver(h, 1, "p0-1", conn, tags=POISON_TAGS)
+    _commit(h, 1)                         # a poison entry committed: never allowed
+    h.remaining(2, payload_for("p0-2"), POISON_TAGS)     # never dead-lettered
+    h.removal_started("delete", (3,))     # an unknown delete covers it: excused
+    _dead(h, 1, "p0-4", 4, tags=POISON_TAGS)             # p0-4 is where it belongs
+    rep = h.check()
+    assert rep.poison == 2 and not rep.ok
+    assert any(p.startswith("poison: p0-1") and "was committed" in p for p in rep.problems)
+    assert any(p.startswith("poison: p0-2") and "still in the queue" in p for p in rep.problems)
+    assert rep.lost == 0
+
+
+def test_a_retried_put_is_one_entry():
+    h = _policies()
+    _put(h, "p0-1", 5, tags={"kind": "a", "requestId": "p0-1"})
+    h.put_retried("p0-1")
+    h.put_acked("p0-1", 5, duplicate=True)                # the duplicate answer: the original index
+    h.put_started("p0-2", 0, {"kind": "a", "requestId": "p0-2"}, 0)     # its answer was lost...
+    h.put_retried("p0-2")
+    h.put_acked("p0-2", 6, duplicate=True)                # ...the retry finds it stored
+    h.remaining(5, payload_for("p0-1"), {"kind": "a", "requestId": "p0-1"})
+    h.remaining(6, payload_for("p0-2"), {"kind": "a", "requestId": "p0-2"})
+    rep = h.check()
+    assert rep.ok, rep.problems
+    assert (rep.puts_acked, rep.duplicate_answers, rep.duplicates_index) == (2, 2, 0)
+
+
+def test_two_indexes_for_one_deduplicated_request_id_fail():
+    h = _policies()
+    _put(h, "p0-1", 5, tags={"kind": "a", "requestId": "p0-1"})
+    h.put_retried("p0-1")
+    h.put_acked("p0-1", 9)                # stored again
+    for i in (5, 9):
+        h.remaining(i, payload_for("p0-1"), {"kind": "a", "requestId": "p0-1"})
+    rep = h.check()
+    assert rep.duplicates_index == 2 and not rep.ok       # two indexes; a retry answered as new
+    assert any("id p0-1 seen at indexes [5, 9]" in p for p in rep.problems)
+    assert any("answered as a new entry at index 9" in p for p in rep.problems)
+    h = _policies()                       # dead-lettered and also left in the queue: two entries
+    _put(h, "p0-1", 5)
+    h.remaining(5, payload_for("p0-1"), {"kind": "a"})
+    _dead(h, 1, "p0-1", 5)
+    assert h.check().duplicates_index == 1
+
+
+def test_a_retry_after_a_torn_tail_may_get_a_new_index():
+    tags = {"kind": "a", "requestId": "p0-1"}
+    h = _policies()
+    conn = h.tick()
+    h.put_started("p0-1", 0, tags, 0)
+    _deliver(h, 3, "p0-1", conn, tags=tags)          # stored, not yet durable, delivered...
+    h.killed()                            # ...and cut as a torn tail
+    h.put_retried("p0-1")
+    h.put_acked("p0-1", 3)                # the retry is stored anew (here at the same index)
+    h.put_retried("p0-1")
+    h.put_acked("p0-1", 3, duplicate=True)
+    h.remaining(3, payload_for("p0-1"), tags)
+    assert h.check().ok
+    h = _policies()
+    conn = h.tick()
+    h.put_started("p0-1", 0, tags, 0)
+    _deliver(h, 3, "p0-1", conn, tags=tags)
+    h.killed()
+    h.put_retried("p0-1")
+    h.put_acked("p0-1", 4)                # at another index: the first copy was cut
+    h.remaining(4, payload_for("p0-1"), tags)
+    rep = h.check()
+    assert rep.ok and rep.reused == 1, rep.problems
+    h.remaining(3, payload_for("p0-1"), tags)    # ...unless it is still there
+    assert h.check().duplicates_index == 1
+
+
+def test_dead_letter_must_be_the_entry_it_was():
+    h = _policies()
+    _put(h, "p0-1", 1, tags={"kind": "a", "requestId": "p0-1"})
+    _put(h, "p0-2", 2)
+    _put(h, "p0-3", 3)
+    _dead(h, 1, "p0-1", 7, request_id="p0-1")             # dlq.index is not the index it had
+    _dead(h, 2, "p0-2", 2, deliveries="2")                # moved before max_deliveries
+    h.dead_letter(3, payload_for("p0-3")[:-1] + b"?", {"kind": "a", "dlq.queue": "chaos", "dlq.index": "3",
+                                                       "dlq.deliveries": "3"})   # payload damaged
+    h.dead_letter(4, payload_for("x9-9"), {"dlq.queue": "chaos", "dlq.index": "9", "dlq.deliveries": "3"})
+    rep = h.check()
+    assert rep.corrupted == 4 and not rep.ok, rep.problems
+    assert any("dlq.index 7 (acknowledged at 1)" in p for p in rep.problems)
+    assert any("dlq.deliveries '2'" in p for p in rep.problems)
+
+
+def _lease_history(*, lease_evidence: bool) -> History:
+    """c1 commits index 1 long after its delivery; another member got it on after its lease."""
+    h = _policies()
+    _put(h, "p0-1", 1)
+    conn = h.tick()
+    _deliver(h, 1, "p0-1", conn, tags={"kind": "a"})
+    h.delivered(1, payload_for("p0-1"), {"kind": "a"}, conn_start=conn, group="g0", consumer="c1")
+    op = h.removal_started("commit", (1,), by="c1", group="g0", conn_start=conn)
+    h.removal_acked(op, held=0.01)
+    later = h.tick()
+    code = "timeout" if lease_evidence else "500"
+    h.delivered(1, payload_for("p0-1"), {"kind": "a", "lastCode": code}, conn_start=later, group="g0",
+                consumer="c2")
+    return h
+
+
+def test_a_commit_after_the_lease_ran_out_may_have_deleted_nothing():
+    h = _lease_history(lease_evidence=True)
+    h.remaining(1, payload_for("p0-1"), {"kind": "a"})
+    rep = h.check()
+    assert rep.ok and rep.late_commits == 1 and rep.lease_timeouts == 1, rep.problems
+    rep = _lease_history(lease_evidence=False).check()      # nothing says the lease ran out
+    assert rep.resurrected == 1 and rep.late_commits == 0
+
+
+def test_late_commits_by_kill_connection_or_clock():
+    for late in ("kill", "connection", "clock"):
+        h = _policies()
+        _put(h, "p0-1", 1)
+        conn = h.tick()
+        h.delivered(1, payload_for("p0-1"), {"kind": "a"}, conn_start=conn, group="g0", consumer="c1")
+        if late == "kill":
+            h.killed()
+        op = h.removal_started("commit", (1,), by="c1", group="g0",
+                               conn_start=h.tick() if late == "connection" else conn)
+        h.removal_acked(op, held=1.5 if late == "clock" else 0.01)
+        h.remaining(1, payload_for("p0-1"), {"kind": "a"})
+        rep = h.check()
+        assert rep.ok and rep.late_commits == 1, (late, rep.problems)
+    h = History()                          # without a lease every acknowledged commit deletes
+    _put(h, "p0-1", 1)
+    conn = h.tick()
+    h.delivered(1, payload_for("p0-1"), {"kind": "a"}, conn_start=conn, group="g0", consumer="c1")
+    h.killed()
+    op = h.removal_started("commit", (1,), by="c1", group="g0", conn_start=conn)
+    h.removal_acked(op, held=5.0)
+    h.remaining(1, payload_for("p0-1"), {"kind": "a"})
+    assert h.check().resurrected == 1
+
+
 def run_chaos(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
     proc = subprocess.run([sys.executable, "-m", "qserve", "chaos", "--json", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
@@ -163,6 +351,17 @@ def test_short_chaos_run(tmp_path):
     _assert_clean(proc, summary, 3)
     assert "seed 7" in proc.stderr and proc.stderr.count("round ") >= 3
     assert data.is_dir()                  # a directory the user named is never removed
+
+
+def test_short_chaos_run_with_policies(tmp_path):
+    """--policies: the servers dead-letter, deduplicate, delay and hand on after a lease, and the
+    checker passes the run (poison entries in the dead-letter queue, retried puts one entry)."""
+    proc, summary = run_chaos("--policies", "--rounds", "3", "--seconds", "1.5", "--seed", "3", "--producers", "2",
+                              "--consumers", "3", "--data-dir", str(tmp_path / "data"), timeout=120)
+    _assert_clean(proc, summary, 3)
+    assert summary["policies"] and summary["poison"] == 0
+    for happened in ("dead_lettered", "duplicate_answers", "delayed_negatives", "lease_timeouts", "poison_puts"):
+        assert summary[happened] > 0, (happened, summary)
 
 
 def test_chaos_refuses_a_used_data_dir(tmp_path):
@@ -246,6 +445,7 @@ def test_chaos_on_redis_usage_errors_are_one_line(tmp_path, capsys):
         (("--kill-redis", "--nodes", "0"), "--nodes 0 is not between 1 and 64"),
         (("--kill-redis", "--node-lease", "0"), "--node-lease must be at least 0.1 seconds"),
         (("--kill-redis", "--port", "65535"), "2 nodes need ports 65535-65536"),
+        (("--policies", "--consumers", "0"), "--policies needs --consumers >= 1"),
     ]:
         assert qserve_main(["chaos", *args]) == 2, args
         out, err = capsys.readouterr()

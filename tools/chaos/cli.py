@@ -18,6 +18,11 @@ data directory is then kept), also when the run itself failed (a server would no
 that is one line on stderr, with the server's own last line; 2 for a usage error, and for a
 ``--backend`` that holds data without ``--flush`` (one line too). The seed is printed: it replays
 the same kill schedule and choices (the interleaving with the servers still varies).
+
+``--policies`` runs the servers with delivery policies (`workload.POLICY_OPTIONS`) and makes the
+workload use them (poison entries, retried puts, delayed negative commits, a holder the lease
+overrides); the final scan reads the dead-letter queue too and the checker knows the policies. The
+Redis backend refuses it while its servers refuse the policies (`qserve.config.REDIS_NOT_YET`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import trio
 
+import qserve.config
 from qserve.config import ConfigError, check_backend_url
 
 from .local import run_local
@@ -73,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica", action="store_true",
                         help="with --kill-redis: a primary, a replica and 3 Sentinels; the nodes use "
                              "redis+sentinel:// with --redis-wait 1")
+    parser.add_argument("--policies", action="store_true",
+                        help="run the servers with delivery policies (max deliveries 3, retry backoff, dedup "
+                             "window, a 2 s lease) and exercise them: poison entries, retried puts, delayed "
+                             "negative commits, a holder that never commits; the dead-letter queue is checked too")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory on success")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -99,6 +109,11 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return f"--nodes {nodes} is not between 1 and 64"
     if not (math.isfinite(args.node_lease) and args.node_lease >= 0.1):
         return "--node-lease must be at least 0.1 seconds"
+    if args.policies and args.consumers < 1:
+        return "--policies needs --consumers >= 1 (poison entries reach the dead-letter queue through them)"
+    if args.policies and on_redis and _redis_lacks_policies():
+        return (f"--policies: the Redis backend does not have delivery policies yet "
+                f"({', '.join(_redis_lacks_policies())}); run it on the local backend")
     if args.backend:
         try:
             check_backend_url(args.backend)
@@ -135,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
     settings = Settings(args.rounds, args.seconds, args.producers, args.consumers, args.groups, seed,
                         args.segment_bytes, data_dir, args.port, backend=args.backend or "",
                         nodes=args.nodes or (2 if on_redis else 1), kill_redis=args.kill_redis,
-                        replica=args.replica, flush=args.flush, node_lease=args.node_lease)
+                        replica=args.replica, flush=args.flush, node_lease=args.node_lease,
+                        policies=args.policies)
     try:
         summary = trio.run(run_chaos, settings)
     except Refused as exc:
@@ -164,6 +180,11 @@ def main(args: argparse.Namespace) -> int:
 async def run_chaos(settings: Settings) -> dict:
     """One run on the backend ``settings`` name; returns the summary (`report.summarize`)."""
     return await (run_nodes(settings) if settings.on_redis else run_local(settings))
+
+
+def _redis_lacks_policies() -> tuple[str, ...]:
+    """The delivery policies the Redis backend refuses at start (none once it has them all)."""
+    return tuple(getattr(qserve.config, "REDIS_NOT_YET", ()))
 
 
 class _Refused(Exception):

@@ -13,24 +13,26 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 
 import trio
 
 from .history import History
 from .report import say, summarize
 from .server import ChaosServer, free_port, segment_files, verify_data_dir
-from .workload import SERVICE, TOKEN, Counters, Settings, Workload, drain
+from .workload import POLICY_OPTIONS, SERVICE, TOKEN, Counters, Settings, Workload, drain, new_history
 
 __all__ = ["run_local"]
 
 
 async def run_local(settings: Settings) -> dict:
     """The whole run in one trio loop; returns the summary (`report.summarize`)."""
-    history = History()
+    history = new_history(settings)
     counters = Counters(kill_kinds={"timer": 0, "roll": 0, "compaction": 0})
     server = ChaosServer(port=settings.port or free_port(), token=TOKEN,
                          options=("--data-dir", str(settings.data_dir),
-                                  "--segment-bytes", str(settings.segment_bytes)))
+                                  "--segment-bytes", str(settings.segment_bytes))
+                         + (POLICY_OPTIONS if settings.policies else ()))
     rng = random.Random(settings.seed)
     url = f"{server.url}/api/predict/{SERVICE}"
     began = time.monotonic()
@@ -40,11 +42,8 @@ async def run_local(settings: Settings) -> dict:
         f"server on port {server.port}, data in {settings.data_dir}")
     try:
         workload = Workload([url], history, counters, settings, rng)
-        async with trio.open_nursery() as workers:
-            workload.start(workers)
-            await _rounds(server, settings, history, counters, rng)
-            workers.cancel_scope.cancel()
-        await drain(url, history)
+        await workload.run(partial(_rounds, server, settings, history, counters, rng))
+        await drain(url, history, dead_letters=settings.policies)
     finally:
         status = await server.stop()
     if status not in (0, None):
@@ -74,7 +73,7 @@ async def _rounds(server: ChaosServer, settings: Settings, history: History, cou
             await trio.sleep_until(t0 + rng.uniform(0.1, 0.9) * settings.seconds)
         killed_at = trio.current_time() - t0
         server.kill()
-        history.tick()
+        history.killed()
         counters.kill_kinds[kind] += 1
         problems, torn = await trio.to_thread.run_sync(
             lambda: verify_data_dir(settings.data_dir, allow_torn_tail=True))

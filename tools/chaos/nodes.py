@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 
 import trio
 
@@ -30,7 +31,7 @@ from .history import History
 from .redisd import RedisSetup
 from .report import say, summarize
 from .server import ChaosServer, free_port
-from .workload import SERVICE, TOKEN, Counters, Settings, Workload, drain
+from .workload import POLICY_OPTIONS, SERVICE, TOKEN, Counters, Settings, Workload, drain, new_history
 
 __all__ = ["run_nodes", "prepare_backend", "Refused", "BackendError"]
 
@@ -84,7 +85,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 async def run_nodes(settings: Settings) -> dict:
     """The whole run in one trio loop; returns the summary (`report.summarize`)."""
-    history = History()
+    history = new_history(settings)
     counters = Counters(kill_kinds={"node": 0, "redis": 0} if settings.kill_redis else {"node": 0})
     rng = random.Random(settings.seed)
     began = time.monotonic()
@@ -93,6 +94,8 @@ async def run_nodes(settings: Settings) -> dict:
     options = ("--backend", url, "--node-lease", f"{settings.node_lease:g}")
     if settings.replica:
         options += ("--redis-wait", "1")
+    if settings.policies:
+        options += POLICY_OPTIONS
     nodes = [ChaosServer(port=settings.port + i if settings.port else free_port(), token=TOKEN,
                          options=options, name=f"node {i + 1}") for i in range(settings.nodes)]
     try:
@@ -112,11 +115,8 @@ async def run_nodes(settings: Settings) -> dict:
                if setup else ""))
         urls = [f"{node.url}/api/predict/{SERVICE}" for node in nodes]
         workload = Workload(urls, history, counters, settings, rng)
-        async with trio.open_nursery() as workers:
-            workload.start(workers)
-            await _rounds(nodes, setup, settings, history, counters, rng)
-            workers.cancel_scope.cancel()
-        await drain(urls[0], history)
+        await workload.run(partial(_rounds, nodes, setup, settings, history, counters, rng))
+        await drain(urls[0], history, dead_letters=settings.policies)
     finally:
         with trio.CancelScope(shield=True):
             statuses = [(node, await node.stop()) for node in nodes]
@@ -144,7 +144,7 @@ async def _rounds(nodes: list[ChaosServer], setup: RedisSetup | None, settings: 
         if setup is not None and rng.random() < 0.5:
             delay = rng.uniform(0, 0.5)
             primary, writable, back = await setup.kill_primary(delay)
-            history.tick()
+            history.killed()
             counters.kill_kinds["redis"] += 1
             counters.restart_seconds += back
             what = (f"killed the redis primary ({primary.name}, port {primary.port}) at {killed_at:.2f}s, "
@@ -155,7 +155,7 @@ async def _rounds(nodes: list[ChaosServer], setup: RedisSetup | None, settings: 
             node = nodes[victim]
             delay = rng.uniform(0, 1.5 * lease)
             node.kill()
-            history.tick()
+            history.killed()
             await trio.sleep(delay)
             took = await node.start()
             counters.kill_kinds["node"] += 1

@@ -2,9 +2,11 @@
 
 The summary is a plain dict (the ``--json`` output): the run's shape (seed, rounds, nodes, the
 backend with its password masked), what was killed, what the workload did and what the checker
-found (`history.Report`), and ``ok``: nothing lost, resurrected, duplicated, reordered or corrupted,
-and, on the local backend, the log verified clean (on Redis there is no log to verify: ``verify``
-is ``n/a`` there).
+found (`history.Report`; with ``--policies`` also the dead letters, duplicate answers, delayed
+negative commits, deliveries after a lease ran out, late commits, and poison entries acknowledged
+and not dead-lettered), and ``ok``: nothing lost, resurrected, duplicated, reordered, corrupted or
+poison left, and, on the local backend, the log verified clean (on Redis there is no log to
+verify: ``verify`` is ``n/a`` there).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def summarize(rep: Report, counters: Counters, settings: Settings, seconds: floa
         "disconnects": counters.disconnects, "moves": counters.moves, "remaining": rep.remaining, "lost": rep.lost,
         "resurrected": rep.resurrected, "duplicates_index": rep.duplicates_index, "out_of_order": rep.out_of_order,
         "corrupted": rep.corrupted, "reused_unacknowledged": rep.reused, "torn_tails": counters.torn_tails,
+        "policies": settings.policies, "dead_lettered": rep.dead_lettered,
+        "duplicate_answers": rep.duplicate_answers, "delayed_negatives": rep.delayed_negatives,
+        "lease_timeouts": rep.lease_timeouts, "poison_puts": rep.poison_puts, "poison": rep.poison,
+        "late_commits": rep.late_commits,
         "verify": shown, "verify_problems": counters.verify_problems, "problems": rep.problems,
         "elapsed_seconds": round(seconds, 1), "ok": rep.ok and not counters.verify_problems,
     }
@@ -55,6 +61,10 @@ _ROWS = [("rounds", "rounds"), ("kills", "kills"), ("puts acknowledged", "puts_a
          ("duplicates-index", "duplicates_index"), ("out-of-order", "out_of_order"), ("corrupted", "corrupted"),
          ("torn tails", "torn_tails"), ("verify", "verify")]
 _MOVES = ("moves to a node", "moves")   # shown after "disconnects" with several nodes
+_POLICY_ROWS = [("dead-lettered", "dead_lettered"), ("duplicate answers", "duplicate_answers"),
+                ("delayed negatives", "delayed_negatives"), ("lease timeouts", "lease_timeouts"),
+                ("late commits", "late_commits"), ("poison acknowledged", "poison_puts"),
+                ("poison", "poison")]   # with --policies, before "lost"
 
 
 def format_table(s: dict) -> list[str]:
@@ -67,6 +77,9 @@ def format_table(s: dict) -> list[str]:
     if s["backend"] != "local":
         rows.insert(rows.index(("disconnects", "disconnects")) + 1, _MOVES)
         rows.remove(("torn tails", "torn_tails"))
+    if s["policies"]:
+        at = rows.index(("lost", "lost"))
+        rows[at:at] = _POLICY_ROWS
     for label, key in rows:
         value = f"{s[key]}  ({kinds})" if key == "kills" else str(s[key])
         lines.append(f"  {label:<18} {value}")
