@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..helpers.machine import under_ci
+from ..helpers.machine import command_missing, under_ci
 from ..helpers.redis_server import require_redis_server
 
 
@@ -25,6 +25,15 @@ def have_wrk() -> bool:
         return True
     assert not under_ci(), "wrk not installed (apt-get install wrk)"
     return False
+
+
+def require_peerbench() -> None:
+    """The reference scripts the tools measure against (``../shared/peerbench`` next to the
+    repository): skip without them (a clone elsewhere), fail under CI."""
+    from tools.bench.redis import PEERBENCH
+
+    if not (PEERBENCH / "post.lua").is_file():
+        command_missing(f"no reference scripts in {PEERBENCH} (the project's ../shared/peerbench)")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,6 +128,7 @@ def test_bench_redis_quick_prints_table(tmp_path):
     this Python has redis-py) redis-py itself; every process it started is gone and its temporary
     directories removed."""
     require_redis_server()
+    require_peerbench()
     proc = run_tool("redis", "--quick", "--seconds", "1", "--entries", "100", "--data-dir", str(tmp_path),
                     timeout=120.0)
     out = proc.stdout
@@ -152,6 +162,7 @@ def test_bench_ratios_quick_prints_table(tmp_path):
     """One short round of every target next to its reference (bare trio+h11, the fsync floor, Redis
     when it is here), the table on stdout; every process it started is gone and its directories removed."""
     require_redis_server()
+    require_peerbench()
     proc = run_tool("ratios", "--quick", "--data-dir", str(tmp_path), timeout=240.0)
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.startswith("target"))
@@ -175,6 +186,7 @@ def test_bench_nodes_quick_prints_table(tmp_path):
     `--processes 2` - on one redis-server; the CPU of every qserve process is in the table, and
     every process it started is gone and its temporary directories removed."""
     require_redis_server()
+    require_peerbench()
     proc = run_tool("nodes", "--quick", "--seconds", "1", "--entries", "100", "--data-dir", str(tmp_path),
                     timeout=120.0)
     out = proc.stdout
