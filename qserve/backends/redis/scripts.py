@@ -11,6 +11,8 @@ argument is the calling node's id (the prelude takes it off ``ARGV``), which the
 publishes carry: a node wakes its own watchers itself, before the reply is used, and skips the
 echo.
 
+The delivery policies' shared functions are in `policies` (spliced into the prelude).
+
 This is the consumer-group state machine of `qserve.core.groups` (and `core.group_state`'s Rules
 1 and 2), kept in Redis instead of one process's memory: per group, ``o:<G>`` says who holds what
 (PENDING), everything else stored is AVAILABLE, and a removal is GONE in every group at once.
@@ -22,6 +24,8 @@ filter, every entry that does not match (no per-filter index here, unlike the lo
 
 from __future__ import annotations
 
+from qserve.backends.redis.policies import POLICIES
+
 __all__ = ["PRELUDE", "PUT", "READ", "DELIVER", "COMMIT", "NEGATIVE", "ATTACH", "RELEASE", "DELETE",
            "TRUNCATE", "END", "COUNT", "SEARCH", "STATE", "LEASE", "CREATE"]
 
@@ -29,13 +33,6 @@ PRELUDE = r"""
 local T = KEYS[1]
 local NODE = table.remove(ARGV, 1)   -- the calling node's id: it skips its own events
 local function k(s) return T .. ':' .. s end
--- delivery policies (`core.policy`), for the scripts that take them (`take_policy`): md
--- max_deliveries (0: off), bo 1 with a retry backoff of bi ms initial, factor bf, at most bm ms,
--- to delivery_timeout ms (0: off), now the node's clock (ms), name the queue's name, dlq the key
--- prefix of its dead-letter queue ('': none; KEYS[2], in this queue's slot)
-local P = {md = 0, bo = 0, to = 0, now = 0, name = '', dlq = ''}
-local DEAD, TIMED_OUT = 0, 0   -- what this call moved to the dead-letter queue, handed back on timeout
-local function take_policy() P = cmsgpack.unpack(table.remove(ARGV, 1)) end
 local function changed() redis.call('PUBLISH', k('ev'), 'c' .. NODE) end
 local function sid(i) return string.format('%d-0', i) end
 local function idx_of(id) return tonumber(string.match(id, '^(%d+)')) end
@@ -143,152 +140,7 @@ local function append(data, tags, p, rid)
   redis.call('PUBLISH', k('ev'), 'p' .. NODE .. ' ' .. n .. ' ' .. tags)
   return n
 end
--- dedup_window: `dd` (requestId -> put time, the node's wall clock ms) and `di` (requestId -> index)
--- hold the client-chosen requestIds put since `since`, consumed or not; older ones are dropped
--- here, at most 256 a call (a put drops at least as many as it adds, so they never pile up)
-local function seen_within(rid, since)
-  local old = redis.call('ZRANGEBYSCORE', k('dd'), '-inf', '(' .. since, 'LIMIT', 0, 256)
-  if #old > 0 then
-    redis.call('ZREM', k('dd'), unpack(old))
-    redis.call('HDEL', k('di'), unpack(old))
-  end
-  local at = redis.call('ZSCORE', k('dd'), rid)
-  if at and tonumber(at) >= since then return tonumber(redis.call('HGET', k('di'), rid)) end
-  return nil
-end
-local function remember_put(rid, i, at, limit)
-  redis.call('ZADD', k('dd'), at, rid)
-  redis.call('HSET', k('di'), rid, i)
-  if redis.call('ZCARD', k('dd')) > limit then
-    local oldest = redis.call('ZPOPMIN', k('dd'))
-    redis.call('HDEL', k('di'), oldest[1])
-  end
-end
--- deliveries of an entry per group (`dc`: index -> msgpack map group -> count), counted while
--- max_deliveries or a retry backoff is on and kept while the entry is live (its group may empty)
-local function deliveries(i)
-  local packed = redis.call('HGET', k('dc'), i)
-  if packed then return cmsgpack.unpack(packed) end
-  return {}
-end
-local function count_delivery(i, g)
-  local counts = deliveries(i)
-  counts[g] = (counts[g] or 0) + 1
-  redis.call('HSET', k('dc'), i, cmsgpack.pack(counts))
-end
--- max_deliveries: the entry leaves this queue for every group and is appended to the dead-letter
--- queue (KEYS[2]) with its data, priority, requestId and tags, plus where it came from and why
-local function dead_letter(i, g, count)
-  local f = entry(i)
-  if f == nil then return end
-  local code, reason = 'detached', 'its consumer went away'
-  local note = redis.call('HGET', k('n'), i)
-  if note then
-    local kept = cmsgpack.unpack(note)
-    code, reason = kept[2], kept[3]
-  end
-  local tags = cmsgpack.unpack(f.t)
-  tags['dlq.queue'] = P.name
-  tags['dlq.index'] = tostring(i)
-  tags['dlq.requestId'] = tags['requestId'] or ''
-  tags['dlq.group'] = g
-  tags['dlq.deliveries'] = tostring(count)
-  tags['lastCode'] = code
-  tags['lastReason'] = reason
-  remove(i)
-  local here = T
-  T = P.dlq
-  redis.call('HSETNX', k('m'), 'created', now_ms())
-  append(f.d, cmsgpack.pack(tags), tonumber(f.p or '0'), f.i or '')
-  T = here
-  DEAD = DEAD + 1
-end
--- delays: `dz` (zset: member '<index>:<group>', score the due time, the nodes' policy clock in
--- ms) hides an entry from one group until due; `dly` (hash: index -> msgpack map group -> due)
--- finds an entry's delays when it goes
-local function delay_for(i, g, due)
-  local packed = redis.call('HGET', k('dly'), i)
-  local delays = packed and cmsgpack.unpack(packed) or {}
-  delays[g] = due
-  redis.call('HSET', k('dly'), i, cmsgpack.pack(delays))
-  redis.call('ZADD', k('dz'), due, i .. ':' .. g)
-end
-local function undelay(member)
-  local i, g = string.match(member, '^(%d+):(.*)$')
-  redis.call('ZREM', k('dz'), member)
-  local packed = redis.call('HGET', k('dly'), i)
-  if packed then
-    local delays = cmsgpack.unpack(packed)
-    delays[g] = nil
-    if next(delays) == nil then redis.call('HDEL', k('dly'), i)
-    else redis.call('HSET', k('dly'), i, cmsgpack.pack(delays)) end
-  end
-end
--- is the entry hidden from group g at `now`? (a due delay is dropped)
-local function delayed(i, g, now)
-  local due = redis.call('ZSCORE', k('dz'), i .. ':' .. g)
-  if not due then return false end
-  if tonumber(due) > now then return true end
-  undelay(i .. ':' .. g)
-  return false
-end
--- the entry is AVAILABLE to group g again (negative commit, consumer gone, lease run out): after
--- max_deliveries it is dead-lettered instead; else it waits `wait` ms (nil: the retry backoff
--- for its deliveries to g) before g sees it again
-local function returned(g, i, wait)
-  local counting = P.md > 0 or P.bo == 1
-  if not counting and not wait then return end
-  local count = 0
-  if counting then count = deliveries(i)[g] or 0 end
-  if P.md > 0 and P.dlq ~= '' and count >= P.md then
-    dead_letter(i, g, count)
-    return
-  end
-  if wait == nil then
-    wait = 0
-    if P.bo == 1 and count >= 1 then wait = math.min(P.bm, P.bi * P.bf ^ (count - 1)) end
-  end
-  if wait > 0 then delay_for(i, g, P.now + math.floor(wait)) end
-end
--- a negative commit's annotations: count, lastCode, lastReason (`n`)
-local function annotate(i, code, reason)
-  local old = redis.call('HGET', k('n'), i)
-  local count = old and cmsgpack.unpack(old)[1] or 0
-  redis.call('HSET', k('n'), i, cmsgpack.pack({count + 1, code, reason}))
-end
--- delivery_timeout: `dt` (zset: member '<index>:<group>', score the delivery's deadline, the
--- nodes' policy clock in ms); a delivery whose deadline passed goes back to its group as if its
--- holder had negatively committed it (lastCode=timeout, another member first), its slot freed
-local function expire_deliveries()
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', k('dt'), '-inf', P.now, 'LIMIT', 0, 256)) do
-    redis.call('ZREM', k('dt'), member)
-    local i, g = string.match(member, '^(%d+):(.*)$')
-    local c = redis.call('HGET', k('o:' .. g), i)
-    if c then
-      redis.call('HDEL', k('o:' .. g), i)
-      redis.call('HINCRBY', k('h'), c, -1)
-      redis.call('HSET', k('a:' .. g), i, c)
-      annotate(i, 'timeout', 'held by ' .. c .. ' for ' .. P.ts .. ' s without a commit')
-      TIMED_OUT = TIMED_OUT + 1
-      returned(g, tonumber(i), nil)
-    end
-  end
-  if TIMED_OUT > 0 then changed() end
-end
--- a policy script's reply: its own result, what the policies did, and when the next delay falls
--- due or delivery runs out (0: none), for the node to wake then; due delays are dropped first
--- (256 a call) and announced to every node
-local function done(result)
-  local due = redis.call('ZRANGEBYSCORE', k('dz'), '-inf', P.now, 'LIMIT', 0, 256)
-  for _, member in ipairs(due) do undelay(member) end
-  if #due > 0 then changed() end   -- every node's watchers: entries are visible again
-  local wake = 0
-  for _, key in ipairs({'dz', 'dt'}) do
-    local first = redis.call('ZRANGE', k(key), 0, 0, 'WITHSCORES')
-    if #first > 0 and (wake == 0 or tonumber(first[2]) < wake) then wake = tonumber(first[2]) end
-  end
-  return {result, DEAD, TIMED_OUT, wake}
-end
+""" + POLICIES + r"""
 -- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
 local function drop_member(cid)
   local rec = redis.call('HGET', k('c'), cid)
