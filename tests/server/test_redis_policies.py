@@ -140,3 +140,39 @@ async def test_on_a_cluster_the_dead_letter_move_is_one_script_in_the_input_queu
             assert moved["tags"]["dlq.index"] == str(index)
             assert (await c.attrs())["stream.length"] == "0"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_due_delay_in_a_group_that_cannot_poll_does_not_spin_the_node(tmp_path, redis_url, autojump_clock):
+    """A delay that fell due while its group's windows are full: the scripts drop it once due, so
+    the node's timer does not wake again and again for it (the local backend's upkeep once spun so:
+    test_policy_upkeep.py). Counted: the queue's lease rounds, about 2 a second from the node's
+    lease task, and the timer's."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_url, delivery_timeout=60.0) as srv, \
+                trio.open_nursery() as nursery:
+            c = await srv.client("svc")
+            first = int((await c.call("POST", "", b"one"))[1])
+            second = int((await c.call("POST", "", b"two"))[1])
+            ws = await srv.watch(nursery, "svc", "_window_=1", user="w")
+            assert (await next_frame(ws)).index == first
+            assert (await c.call("PUT", f"_indexes_={first}&_negative_=true&_delay_=1s"))[0] == 200
+            assert (await next_frame(ws)).index == second   # held: the window is full, no more polls
+            queue = srv.server.queues._queues[next(ref for ref in srv.server.queues._queues
+                                                   if ref.service == "svc")]
+            rounds = []
+            real = queue.lease
+
+            async def counted():
+                rounds.append(trio.current_time())
+                if len(rounds) >= 1000:
+                    raise RuntimeError("the node spins on a due delay")
+                return await real()
+
+            queue.lease = counted
+            began = trio.current_time()
+            assert await no_frame(ws, 10)               # the delay fell due at 1 s; the window is still full
+            assert len(rounds) <= 2 * (trio.current_time() - began) + 4, rounds
+            assert (await c.attrs())["policy.delayed"] == "0"
+            assert (await c.call("PUT", f"_indexes_={second}"))[0] == 200   # commit: a slot frees
+            assert (await next_frame(ws)).index == first
+            nursery.cancel_scope.cancel()
