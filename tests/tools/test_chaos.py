@@ -340,7 +340,7 @@ def _assert_clean(proc: subprocess.CompletedProcess, summary: dict, rounds: int,
     assert summary["duplicates_index"] == 0 and summary["corrupted"] == 0, detail
     assert summary["out_of_order"] == 0 and summary["ok"], detail
     assert summary["verify"] == verify, detail
-    assert summary["kills"] == rounds and summary["restarts"] == rounds
+    assert summary["kills"] == rounds and summary["restarts"] == rounds, proc.stderr[-2000:]
     assert summary["puts_acknowledged"] > 0 and summary["deliveries"] > 0 and summary["commits"] > 0
 
 
@@ -421,6 +421,18 @@ def test_short_multi_node_chaos_on_redis(redis_server, redis_url):
     assert "killed node 1" in proc.stderr and "killed node 2" in proc.stderr
     assert proc.stderr.count("round ") >= 3 and summary["redeliveries"] > 0
     assert redis_server.call("EXISTS", "left-over") == 0
+
+
+@pytest.mark.slow
+def test_chaos_with_policies_on_redis(redis_server, redis_url):
+    """--policies on two nodes on the session's Redis, three node kills: the policies happen across
+    the nodes and the run is clean."""
+    proc, summary = run_chaos("--policies", "--backend", redis_url, "--flush", "--rounds", "3", "--seconds", "1.5",
+                              "--seed", "2", "--producers", "2", "--consumers", "4", "--node-lease", "1", timeout=300)
+    _assert_clean(proc, summary, 3, verify="n/a")
+    assert summary["poison"] == 0
+    for happened in ("dead_lettered", "duplicate_answers", "delayed_negatives", "lease_timeouts", "poison_puts"):
+        assert summary[happened] > 0, (happened, summary)
 
 
 def test_chaos_leaves_a_redis_with_keys_alone(redis_server, redis_url):

@@ -21,8 +21,8 @@ the same kill schedule and choices (the interleaving with the servers still vari
 
 ``--policies`` runs the servers with delivery policies (`workload.POLICY_OPTIONS`) and makes the
 workload use them (poison entries, retried puts, delayed negative commits, a holder the lease
-overrides); the final scan reads the dead-letter queue too and the checker knows the policies. The
-Redis backend refuses it while its servers refuse the policies (`qserve.config.REDIS_NOT_YET`).
+overrides); the final scan reads the dead-letter queue too and the checker knows the policies. On
+Redis the nodes get the same flags.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from pathlib import Path
 
 import trio
 
-import qserve.config
 from qserve.config import ConfigError, check_backend_url
 
 from .local import run_local
@@ -111,9 +110,6 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return "--node-lease must be at least 0.1 seconds"
     if args.policies and args.consumers < 1:
         return "--policies needs --consumers >= 1 (poison entries reach the dead-letter queue through them)"
-    if args.policies and on_redis and _redis_lacks_policies():
-        return (f"--policies: the Redis backend does not have delivery policies yet "
-                f"({', '.join(_redis_lacks_policies())}); run it on the local backend")
     if args.backend:
         try:
             check_backend_url(args.backend)
@@ -180,11 +176,6 @@ def main(args: argparse.Namespace) -> int:
 async def run_chaos(settings: Settings) -> dict:
     """One run on the backend ``settings`` name; returns the summary (`report.summarize`)."""
     return await (run_nodes(settings) if settings.on_redis else run_local(settings))
-
-
-def _redis_lacks_policies() -> tuple[str, ...]:
-    """The delivery policies the Redis backend refuses at start (none once it has them all)."""
-    return tuple(getattr(qserve.config, "REDIS_NOT_YET", ()))
 
 
 class _Refused(Exception):

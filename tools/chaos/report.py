@@ -63,7 +63,7 @@ _ROWS = [("rounds", "rounds"), ("kills", "kills"), ("puts acknowledged", "puts_a
 _MOVES = ("moves to a node", "moves")   # shown after "disconnects" with several nodes
 _POLICY_ROWS = [("dead-lettered", "dead_lettered"), ("duplicate answers", "duplicate_answers"),
                 ("delayed negatives", "delayed_negatives"), ("lease timeouts", "lease_timeouts"),
-                ("late commits", "late_commits"), ("poison acknowledged", "poison_puts"),
+                ("late commits", "late_commits"), ("poison acked", "poison_puts"),
                 ("poison", "poison")]   # with --policies, before "lost"
 
 

@@ -16,10 +16,11 @@ which must be a duplicate answer, and retries of a put whose answer was lost); n
 half of the refused entries with a small ``delay``; makes one consumer (the last, with two or more)
 a holder that never commits, so the lease (``delivery_timeout``) hands its entries on; and tags a
 few puts ``slow=1`` (0.2%, and each producer's first after the rounds), which every consumer holds
-until one comes back with ``lastCode=timeout`` (then it is processed as usual). `Workload.run` then keeps the load on after the rounds, without
-kills, deliberate disconnects or other holding, for a lease and 1.5 s (leases run out there for
-sure), and lets the consumers go on after the producers stop until no poison entry is left in the
-queue (bounded); `drain` reads the dead-letter queue too at the end.
+until one comes back with ``lastCode=timeout`` (then it is processed as usual). `Workload.run`
+then keeps the load on after the rounds, without kills, deliberate disconnects or other holding,
+for a lease and 1.5 s (leases run out there for sure), and lets the consumers go on after the
+producers stop until no poison entry is left in the queue (at most 2 minutes, or until they get
+nothing for 4 leases); `drain` reads the dead-letter queue too at the end.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ _SLOW_SHARE = 0.002
 _RETRY_SHARE = 0.1            # of the acknowledged puts with a requestId: sent again at once
 _UNKNOWN_RETRIES = 3          # a put with a requestId whose answer was lost is sent again up to this
 _DUPLICATE = "x-qserve-duplicate"   # a put answered with its requestId's original index
-_SETTLE_LIMIT = 4 * DELIVERY_TIMEOUT + 10.0     # seconds the consumers get to dead-letter the poison
+_SETTLE_LIMIT = 120.0        # seconds the consumers get at most to dead-letter the poison...
+_STALLED = 4 * DELIVERY_TIMEOUT     # ...and without a delivery (a lease, and backoffs, are shorter)
 
 
 @dataclass
@@ -140,9 +142,15 @@ class Workload:
             consumers.cancel_scope.cancel()
 
     async def _poison_gone(self) -> None:
-        """Return once a scan of the queue finds no poison entry."""
+        """Return once a scan of the queue finds no poison entry, or once the consumers got no
+        delivery for `_STALLED` seconds (the checker then reports what is left)."""
         async with QueueClient(self.urls[0], token=TOKEN, timeout=10.0, retries=5) as q:
+            seen, since = len(self.history.seen), trio.current_time()
             while any(e.tags.get(POISON[0]) == POISON[1] for e in await _scan(q)):
+                if len(self.history.seen) != seen:
+                    seen, since = len(self.history.seen), trio.current_time()
+                elif trio.current_time() - since > _STALLED:
+                    return
                 await trio.sleep(0.2)
 
     @asynccontextmanager
