@@ -9,6 +9,9 @@ import json
 
 import trio
 
+from qserve.backends.redis import policies
+from qserve.core.errors import Unavailable
+
 from ..helpers.inproc import next_frame, no_frame, running_server
 
 LIMIT = 90
@@ -175,4 +178,66 @@ async def test_a_due_delay_in_a_group_that_cannot_poll_does_not_spin_the_node(tm
             assert (await c.attrs())["policy.delayed"] == "0"
             assert (await c.call("PUT", f"_indexes_={second}"))[0] == 200   # commit: a slot frees
             assert (await next_frame(ws)).index == first
+            nursery.cancel_scope.cancel()
+
+
+async def test_on_a_cluster_a_sinks_dead_letters_are_parked_and_moved(tmp_path, redis_cluster_url):
+    """A sink's hash tag is not its service's input queue's, so on a Cluster its dead letter cannot
+    move in one script: it is parked (delivered to nobody) and the node moves it in idempotent steps;
+    a node that stopped in between leaves it parked, and a lease round moves it. Real clock (see above)."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_cluster_url, max_deliveries=1) as srv, \
+                trio.open_nursery() as nursery:
+            c = await srv.client("out")
+            first = int((await c.call("POST", "requestId=s-1", b"bad", sink=True))[1])
+            second = int((await c.call("POST", "requestId=s-2", b"worse", sink=True))[1])
+            ws = await srv.watch(nursery, "out", "_window_=1", user="w", sink=True)
+            assert (await next_frame(ws)).index == first
+            assert (await c.call("PUT", f"_indexes_={first}&_negative_=true&_code_=500", sink=True))[0] == 200
+            [moved] = json.loads((await c.call("GET", "_index_=1&_raw_=false&_auto_delete_=false", dlq=True))[1])
+            assert moved["tags"]["dlq.queue"] == "out/sink" and moved["tags"]["dlq.index"] == str(first)
+            assert moved["tags"]["requestId"] == "s-1" and moved["tags"]["lastCode"] == "500"
+            assert (await c.attrs(sink=True))["stream.length"] == "1"
+            # the node "stops" after parking the next one: a lease round (any node's) moves it
+            sink = srv.server.queues._queues[next(ref for ref in srv.server.queues._queues if ref.sink)]
+            real, skipped = sink._move_parked, []
+
+            async def stopped_here():
+                skipped.append(True)
+                if len(skipped) > 1:
+                    await real()
+
+            sink._move_parked = stopped_here
+            assert (await next_frame(ws)).index == second
+            assert (await c.call("PUT", f"_indexes_={second}&_negative_=true&_code_=503", sink=True))[0] == 200
+            assert await no_frame(ws, 1.0)          # parked: delivered to nobody
+            assert (await c.attrs(sink=True))["stream.length"] == "1"
+            with trio.fail_after(5):
+                while (await c.attrs(dlq=True))["stream.length"] != "2":
+                    await trio.sleep(0.1)
+            assert (await c.attrs(sink=True))["stream.length"] == "0"
+            letters = json.loads((await c.call("GET", "_index_=1&_length_=5&_raw_=false&_auto_delete_=false",
+                                               dlq=True))[1])
+            assert [e["tags"]["dlq.index"] for e in letters] == [str(first), str(second)]   # once each
+            # cut between the append there and the delete here: moved again, appended once
+            third = int((await c.call("POST", "", b"worst", sink=True))[1])
+            sink._move_parked = real
+            run, cut = sink._run, []
+
+            async def cut_once(script, *args, **kwargs):
+                if script is policies.UNPARK and not cut:
+                    cut.append(True)
+                    raise Unavailable("cut")
+                return await run(script, *args, **kwargs)
+
+            sink._run = cut_once
+            assert (await next_frame(ws)).index == third
+            # the negative commit stands (200); the cut move is done again by a lease round
+            assert (await c.call("PUT", f"_indexes_={third}&_negative_=true", sink=True))[0] == 200
+            with trio.fail_after(5):
+                while (await c.attrs(sink=True))["stream.length"] != "0":
+                    await trio.sleep(0.1)
+            letters = json.loads((await c.call("GET", "_index_=1&_length_=5&_raw_=false&_auto_delete_=false",
+                                               dlq=True))[1])
+            assert cut and [e["tags"]["dlq.index"] for e in letters] == [str(first), str(second), str(third)]
             nursery.cancel_scope.cancel()

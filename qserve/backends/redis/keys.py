@@ -40,6 +40,10 @@ suffix             type    what
 ``dly``            hash    index -> msgpack map group -> due time (finds an entry's delays)
 ``dt``             zset    ``delivery_timeout``: member ``<index>:<group>``, score the deadline of
                            the delivery its group's holder has
+``dead``           hash    a sink on a Cluster: index -> msgpack {t: dlq tags, at: ms} of a dead
+                           letter parked until its node moves it (`policies`)
+``mv``             zset    a dead-letter queue: ``<queue name>:<index>`` of the parked dead letters
+                           appended there (kept an hour: a repeated move appends nothing)
 ``ev``             channel what changed: ``p<node> <index> <msgpack tags>`` a put, ``c<node>``
                            anything else (node: the writer's id), ``k<consumer id> <token>`` a
                            consumer was replaced or expired
@@ -125,4 +129,4 @@ class QueueKeys:
     def queue_keys(self) -> list[str]:
         """The fixed keys (not the per-group ones: `group_keys`)."""
         return [self.key(s) for s in ("m", "s", "p", "r", "rr", "n", "gs", "c", "h", "la", "cs", "lease",
-                                           "dd", "di", "dc", "dz", "dly", "dt")]
+                                           "dd", "di", "dc", "dz", "dly", "dt", "dead", "mv")]

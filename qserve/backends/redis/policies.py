@@ -23,15 +23,17 @@ their wall clocks do.
 
 from __future__ import annotations
 
-__all__ = ["POLICIES"]
+__all__ = ["POLICIES", "PARKED", "DLQ_PUT", "UNPARK"]
 
 POLICIES = r"""
 -- delivery policies (`core.policy`), for the scripts that take them (`take_policy`): md
 -- max_deliveries (0: off), bo 1 with a retry backoff of bi ms initial, factor bf, at most bm ms,
 -- to delivery_timeout ms (0: off), now the node's clock (ms), name the queue's name, dlq the key
--- prefix of its dead-letter queue ('': none; KEYS[2], in this queue's slot)
-local P = {md = 0, bo = 0, to = 0, now = 0, name = '', dlq = ''}
+-- prefix of its dead-letter queue ('': none; KEYS[2], in this queue's slot), park 1 for a sink on a
+-- Redis Cluster (its dead-letter queue is in another slot: `park`)
+local P = {md = 0, bo = 0, to = 0, now = 0, name = '', dlq = '', park = 0}
 local DEAD, TIMED_OUT = 0, 0   -- what this call moved to the dead-letter queue, handed back on timeout
+local PARKED = 0               -- dead letters parked for the node to move (`park`)
 local function take_policy() P = cmsgpack.unpack(table.remove(ARGV, 1)) end
 -- dedup_window: `dd` (requestId -> put time, the node's wall clock ms) and `di` (requestId -> index)
 -- hold the client-chosen requestIds put since `since`, consumed or not; older ones are dropped
@@ -68,9 +70,7 @@ local function count_delivery(i, g)
 end
 -- max_deliveries: the entry leaves this queue for every group and is appended to the dead-letter
 -- queue (KEYS[2]) with its data, priority, requestId and tags, plus where it came from and why
-local function dead_letter(i, g, count)
-  local f = entry(i)
-  if f == nil then return end
+local function letter_tags(i, g, count, f)
   local code, reason = 'detached', 'its consumer went away'
   local note = redis.call('HGET', k('n'), i)
   if note then
@@ -85,6 +85,12 @@ local function dead_letter(i, g, count)
   tags['dlq.deliveries'] = tostring(count)
   tags['lastCode'] = code
   tags['lastReason'] = reason
+  return tags
+end
+local function dead_letter(i, g, count)
+  local f = entry(i)
+  if f == nil then return end
+  local tags = letter_tags(i, g, count, f)
   remove(i)
   local here = T
   T = P.dlq
@@ -92,6 +98,16 @@ local function dead_letter(i, g, count)
   append(f.d, cmsgpack.pack(tags), tonumber(f.p or '0'), f.i or '')
   T = here
   DEAD = DEAD + 1
+end
+-- a sink's dead letter on a Redis Cluster: its dead-letter queue is in another slot, so it is
+-- parked here (`dead`: index -> msgpack {t = its dlq tags, at = when}), delivered to no group,
+-- until the node moves it in three idempotent steps (`PARKED`, `DLQ_PUT`, `UNPARK`); a lease
+-- round of any node moves what waited longer than 2 s (its node died in between)
+local function park(i, g, count)
+  local f = entry(i)
+  if f == nil then return end
+  redis.call('HSET', k('dead'), i, cmsgpack.pack({t = cmsgpack.pack(letter_tags(i, g, count, f)), at = P.now}))
+  PARKED = PARKED + 1
 end
 -- delays: `dz` (zset: member '<index>:<group>', score the due time, the nodes' policy clock in
 -- ms) hides an entry from one group until due; `dly` (hash: index -> msgpack map group -> due)
@@ -130,8 +146,8 @@ local function returned(g, i, wait)
   if not counting and not wait then return end
   local count = 0
   if counting then count = deliveries(i)[g] or 0 end
-  if P.md > 0 and P.dlq ~= '' and count >= P.md then
-    dead_letter(i, g, count)
+  if P.md > 0 and count >= P.md and (P.dlq ~= '' or P.park == 1) then
+    if P.dlq ~= '' then dead_letter(i, g, count) else park(i, g, count) end
     return
   end
   if wait == nil then
@@ -177,6 +193,55 @@ local function done(result)
     local first = redis.call('ZRANGE', k(key), 0, 0, 'WITHSCORES')
     if #first > 0 and (wake == 0 or tonumber(first[2]) < wake) then wake = tonumber(first[2]) end
   end
-  return {result, DEAD, TIMED_OUT, wake}
+  local parked = PARKED
+  if P.park == 1 and PARKED == 0 and redis.call('EXISTS', k('dead')) == 1 then
+    local flat = redis.call('HGETALL', k('dead'))
+    for j = 2, #flat, 2 do
+      if cmsgpack.unpack(flat[j]).at < P.now - 2000 then parked = parked + 1 end
+    end
+  end
+  return {result, DEAD, TIMED_OUT, wake, parked}
 end
+"""
+
+#: (a parking sink: `park`) ARGV: at most this many -> {index, payload, dlq tags (msgpack),
+#: priority, requestId} of parked entries
+PARKED = r"""
+local out = {}
+local flat = redis.call('HGETALL', k('dead'))
+for j = 1, #flat, 2 do
+  if #out >= tonumber(ARGV[1]) then break end
+  local i = tonumber(flat[j])
+  local f = entry(i)
+  if f then out[#out + 1] = {i, f.d, cmsgpack.unpack(flat[j + 1]).t, f.p or '0', f.i or ''} end
+end
+return out
+"""
+
+#: (on the dead-letter queue) ARGV: the node's policy clock ms, then per letter: its origin
+#: ('<queue name>:<index>'), payload, tags, priority, requestId -> how many were appended; `mv`
+#: (zset: origin -> when) makes a repeated move append nothing (kept an hour)
+DLQ_PUT = r"""
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', k('mv'), '-inf', now - 3600000)
+redis.call('HSETNX', k('m'), 'created', now_ms())
+local n = 0
+for j = 2, #ARGV, 5 do
+  if not redis.call('ZSCORE', k('mv'), ARGV[j]) then
+    append(ARGV[j + 1], ARGV[j + 2], tonumber(ARGV[j + 3]), ARGV[j + 4])
+    redis.call('ZADD', k('mv'), now, ARGV[j])
+    n = n + 1
+  end
+end
+return n
+"""
+
+#: (a parking sink) ARGV: indexes moved -> how many were still parked (now gone for every group)
+UNPARK = r"""
+local n = 0
+for j = 1, #ARGV do
+  if redis.call('HEXISTS', k('dead'), ARGV[j]) == 1 then n = n + remove(tonumber(ARGV[j])) end
+end
+if n > 0 then changed() end
+return n
 """

@@ -25,11 +25,11 @@ import trio
 
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.get_waiters import GetWaiters
-from qserve.backends.redis import scripts
+from qserve.backends.redis import policies, scripts
 from qserve.backends.redis.keys import QueueKeys
 from qserve.backends.redis.link import Link
 from qserve.config import Config
-from qserve.core.errors import Conflict, PayloadTooLarge, QueueFull
+from qserve.core.errors import Conflict, PayloadTooLarge, QServeError, QueueFull
 from qserve.core.events import ConsumerSpec, QueueRef
 from qserve.core.policy import Policy
 from qserve.core.group_report import ConsumerRow, GroupRow, render_rows
@@ -44,6 +44,8 @@ log = logging.getLogger("qserve")
 RELEASE_TIMEOUT = 5.0
 #: `QueueBackend.take`'s mark: a script's reply is already durable (and replicated, with WAIT)
 DURABLE = (0, 0)
+#: parked dead letters (a sink on a Redis Cluster) moved per round of `RedisQueue._move_parked`
+MOVE_BATCH = 64
 #: requestIds a queue remembers for its dedup window (as the local backend's `MAX_REMEMBERED`)
 DEDUP_LIMIT = 1_000_000
 
@@ -97,15 +99,16 @@ class RedisQueue:
         self.policy = Policy(delivery_timeout=config.policy_for(ref.service).delivery_timeout) if ref.dlq \
             else config.policy_for(ref.service)
         # the dead-letter queue shares the input queue's hash tag (`keys.queue_tag`), so one script
-        # moves an entry there; a sink's tag differs, which only a Cluster refuses (CROSSSLOT)
-        self._dlq_tag = ""
+        # moves an entry there; a sink's tag differs, which only a Cluster refuses (CROSSSLOT): there
+        # a sink parks its dead letters and this node moves them (`_move_parked`)
+        self._dlq_tag = self._park_tag = ""
         if self.policy.max_deliveries and not ref.dlq:
+            dlq_tag = QueueKeys(QueueRef(ref.service, dlq=True)).tag
             if ref.sink and link.target.kind == "cluster":
-                log.warning("queue %s: max_deliveries does not dead-letter a sink's entries on a Redis Cluster "
-                            "(its dead-letter queue %s is in another slot); they are delivered on", ref.name,
-                            QueueRef(ref.service, dlq=True).name)
+                self._park_tag = dlq_tag
             else:
-                self._dlq_tag = QueueKeys(QueueRef(ref.service, dlq=True)).tag
+                self._dlq_tag = dlq_tag
+        self._moving = trio.Lock()   # one move of parked dead letters at a time on this node
         self.on_dead_letter: Callable[[QueueRef, int], Awaitable[None]] | None = None   # the manager's
         # the manager's timer: (this queue, policy clock ms) wakes the watchers then (a delay falls due)
         self.on_wake: Callable[[RedisQueue, int], None] | None = None
@@ -119,8 +122,8 @@ class RedisQueue:
         """Run a script that takes the policy (`scripts.take_policy`) and answers with `done`;
         account for what the policies did and return the script's own result."""
         more = (self._dlq_tag,) if self._dlq_tag else ()
-        result, dead, timed_out, wake = await self._link.run(script, self.keys.tag, (self._policy_packed(), *args),
-                                                              more_keys=more)
+        result, dead, timed_out, wake, parked = await self._link.run(
+            script, self.keys.tag, (self._policy_packed(), *args), more_keys=more)
         if wake and self.on_wake is not None:
             self.on_wake(self, int(wake))
         if timed_out:
@@ -129,7 +132,35 @@ class RedisQueue:
             self.dead_lettered += int(dead)
             if self.on_dead_letter is not None:
                 await self.on_dead_letter(self.ref, int(dead))
+        if parked and self._park_tag:
+            try:
+                await self._move_parked()
+            except QServeError:
+                pass   # this script's own change stands; a lease round (of any node) moves them
         return result
+
+    async def _move_parked(self) -> None:
+        """A sink on a Redis Cluster: move its parked dead letters (`policies.park`) to the
+        dead-letter queue, in steps that may be repeated: read them, append each there unless a
+        move of it was recorded (`DLQ_PUT`), then delete them here (`UNPARK`). A node that dies in
+        between leaves them parked, and the next lease round of any node moves them again."""
+        async with self._moving:
+            while True:
+                rows = await self._run(policies.PARKED, MOVE_BATCH, write=False)
+                if not rows:
+                    return
+                args: list = [self.clock_ms()]
+                for index, data, tags, priority, request_id in rows:
+                    args += [f"{self.ref.name}:{int(index)}", data, tags, priority, request_id]
+                await self._link.run(policies.DLQ_PUT, self._park_tag, args)
+                moved = int(await self._run(policies.UNPARK, *[int(row[0]) for row in rows]))
+                if moved:
+                    self.dead_lettered += moved
+                    self._changed()
+                    if self.on_dead_letter is not None:
+                        await self.on_dead_letter(self.ref, moved)
+                if len(rows) < MOVE_BATCH:
+                    return
 
     def _policy_packed(self) -> bytes:
         """The policy and the clock as the scripts take them (`scripts.take_policy`)."""
@@ -139,7 +170,8 @@ class RedisQueue:
             "md": policy.max_deliveries, "bo": int(backoff is not None),
             "bi": round(backoff[0] * 1000) if backoff else 0, "bf": backoff[1] if backoff else 1.0,
             "bm": round(backoff[2] * 1000) if backoff else 0, "to": round(policy.delivery_timeout * 1000),
-            "ts": f"{policy.delivery_timeout:g}", "now": self.clock_ms(), "name": self.ref.name, "dlq": self._dlq_tag})
+            "ts": f"{policy.delivery_timeout:g}", "now": self.clock_ms(), "name": self.ref.name, "dlq": self._dlq_tag,
+            "park": int(bool(self._park_tag))})
 
     def clock_ms(self) -> int:
         """The policies' clock (unix ms): the node's wall clock, read once, advanced by trio's."""

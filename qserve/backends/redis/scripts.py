@@ -106,6 +106,7 @@ local function remove(i)
   if f.i then forget_request_id(f.i, i) end
   redis.call('HDEL', k('n'), i)
   redis.call('HDEL', k('dc'), i)
+  redis.call('HDEL', k('dead'), i)
   local delays = redis.call('HGET', k('dly'), i)
   if delays then
     for g, _ in pairs(cmsgpack.unpack(delays)) do redis.call('ZREM', k('dz'), i .. ':' .. g) end
@@ -294,8 +295,10 @@ local function another_can_take(i, f)
 end
 local chosen = {}
 local any_delay = redis.call('EXISTS', k('dz')) == 1
+local any_parked = redis.call('EXISTS', k('dead')) == 1
 walk(m.start, function(i, f)
   if redis.call('HEXISTS', own, i) == 1 then return false end
+  if any_parked and redis.call('HEXISTS', k('dead'), i) == 1 then return false end
   if any_delay and delayed(i, g, P.now) then return false end
   if not matches(f.t, m.tags) then return false end
   if redis.call('HGET', avoid, i) == cid and another_can_take(i, f) then return false end
