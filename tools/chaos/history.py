@@ -49,12 +49,14 @@ Delivery policies (``--policies``; the `History` is told ``max_deliveries`` and
 - **Late commits** (with ``delivery_timeout``): the server lets a commit delete only what the
   committing consumer holds or nobody in its group holds, so a commit whose consumer's hold may have
   ended before it was applied may have deleted nothing. A commit of index I by consumer C (group G),
-  for C's last delivery D of I before the commit started, is late when: a kill came after D's
-  connection started and before the commit's acknowledgment; or C's watch connection at the
-  commit's start is not D's; or the workload measured at least ``delivery_timeout / 2`` from
-  receiving D to the acknowledgment (the lease runs from the server's send, a little earlier); or a
-  later delivery of I in G, or I's dead letter from G, carries ``lastCode=timeout``. Commits that do
-  not name their consumer are never late.
+  for C's last delivery D of I before the commit started, is late when: a kill that may have ended
+  holds (of a server; of a Redis primary only when it was a fail-over or the primary was back after
+  half a node lease or more: holds live in Redis) came after D's connection started and before the
+  commit's acknowledgment; or C's watch connection at the commit's start is not D's; or the
+  workload measured at least ``delivery_timeout / 2`` from receiving D to the acknowledgment (the
+  lease runs from the server's send, a little earlier); or a later delivery of I in G, or I's dead
+  letter from G, carries ``lastCode=timeout``. Commits that do not name their consumer are never
+  late.
 - Counted, never a failure: dead letters, duplicate answers, delayed negative commits and deliveries
   carrying ``lastCode=timeout`` (an entry handed on after its lease ran out).
 """
@@ -210,6 +212,7 @@ class History:
         self.dead: list[DeadSeen] = []
         self.removals: list[Removal] = []
         self.kills: list[int] = []
+        self.hold_losses: list[int] = []   # the kills that ended consumers' holds
         self.negatives = 0
         self.delayed_negatives = 0
         self.anomalies: list[str] = []     # wrong answers seen by the workload (counted as corrupted)
@@ -236,9 +239,12 @@ class History:
         if put.ack is None:
             put.ack, put.index = attempt.ack, index
 
-    def killed(self) -> None:
-        """A server (or the Redis primary) was just killed."""
+    def killed(self, *, holds_lost: bool = True) -> None:
+        """A server (or the Redis primary) was just killed; ``holds_lost``: what consumers held
+        may have gone back to their groups (a Redis primary keeps them, unless down for long)."""
         self.kills.append(self.tick())
+        if holds_lost:
+            self.hold_losses.append(self.kills[-1])
 
     def _observe(self, index: int, data: bytes, tags: Mapping[str, str], conn_start: int, group: str,
                  consumer: str = "") -> Seen:
@@ -469,7 +475,7 @@ class History:
         if not mine:
             return True
         d = mine[-1]
-        return (any(d.conn_start < k < op.ack for k in self.kills) or op.conn_start != d.conn_start
+        return (any(d.conn_start < k < op.ack for k in self.hold_losses) or op.conn_start != d.conn_start
                 or op.held >= self.delivery_timeout / 2
                 or any(s.group == op.group and s.tick > d.tick and s.last_code == TIMEOUT_CODE for s in here)
                 or any(x.origin == index and x.group == op.group and x.last_code == TIMEOUT_CODE for x in self.dead))
