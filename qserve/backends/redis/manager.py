@@ -1,13 +1,17 @@
 """The queues of a node whose storage is Redis (`backends.base.Backend`), and the node's upkeep.
 
 Strategy: a node holds no state of its own that another node needs: queues live in Redis
-(`keys`, `scripts`), so any number of nodes serve the same queues. Each node runs three tasks in
+(`keys`, `scripts`), so any number of nodes serve the same queues. Each node runs four tasks in
 the server's queue nursery: the client's connection pool (`_hold`), one pub/sub subscription to
 every queue's channel (`_listen`: a put, commit or release through any node wakes this node's
 watchers and long-polls; after a reconnect everything is woken once, since messages may have been
 missed), and the lease renewal (`_leases`: every third of ``--node-lease``, at most `LEASE_CHECK`
 apart, each open queue renews its consumers' leases in Redis and gives back the entries of any
-node whose lease ran out, which is how a node killed with SIGKILL loses its consumers' entries to the rest of their groups).
+node whose lease ran out, which is how a node killed with SIGKILL loses its consumers' entries to the rest of their groups),
+and the delivery policies' timer (`_wake_when_due`: at a queue's next due delay or delivery
+deadline, which the policy scripts answer, it runs that queue's lease round early, so the delays
+and ``delivery_timeout`` hold to the millisecond on the node that made them and within a lease
+round on the others). The policies' clock is `RedisBackend.clock_ms`.
 """
 
 from __future__ import annotations

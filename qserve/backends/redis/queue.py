@@ -9,6 +9,12 @@ it), the auto-commit frames it has not written yet, and which of its consumers w
 last delivery (`wants`). Wake-ups come from the queue's pub/sub channel for every node alike
 (`manager.RedisBackend` listens and calls `on_event`), so a put through another node wakes this
 node's watchers and long-polls exactly as a local one does.
+
+Delivery policies (`qserve.core.policy`, Lua in `policies`): the scripts that deliver entries or
+give them back take the queue's policy and this node's clock (`_policy_packed`) and answer what
+they did (`_run_policy`): dead letters moved (the manager lists and wakes the dead-letter queue),
+deliveries handed back on a timeout (counted here for the metrics) and the next due time (the
+manager's timer). A sink on a Redis Cluster moves its parked dead letters itself (`_move_parked`).
 """
 
 from __future__ import annotations
