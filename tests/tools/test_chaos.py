@@ -326,6 +326,26 @@ def test_late_commits_by_kill_connection_or_clock():
     assert h.check().resurrected == 1
 
 
+def test_a_commit_after_another_groups_negative_commit_is_late():
+    """A negative commit releases the entry in every group that holds it: c3 of g1 got it on after
+    c2 of g0 refused it, while c1's older frame of it waited, so c1's commit deleted nothing."""
+    h = _policies()
+    _put(h, "p0-1", 1)
+    conn = h.tick()
+    h.delivered(1, payload_for("p0-1"), {"kind": "a"}, conn_start=conn, group="g0", consumer="c2")
+    h.negative_started(1, by="c2")
+    h.negative_acked()
+    h.delivered(1, payload_for("p0-1"), {"kind": "a", "lastCode": "500"}, conn_start=conn, group="g1",
+                consumer="c3")
+    h.delivered(1, payload_for("p0-1"), {"kind": "a"}, conn_start=conn, group="g1", consumer="c1")
+    op = h.removal_started("commit", (1,), by="c1", group="g1", conn_start=conn)
+    h.removal_acked(op, held=0.01)
+    h.delivered(1, payload_for("p0-1"), {"kind": "a", "lastCode": "500"}, conn_start=h.tick(), group="g0",
+                consumer="c0")
+    rep = h.check()
+    assert rep.ok and rep.late_commits == 1, rep.problems
+
+
 def run_chaos(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
     proc = subprocess.run([sys.executable, "-m", "qserve", "chaos", "--json", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)

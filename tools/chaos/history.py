@@ -52,7 +52,9 @@ Delivery policies (``--policies``; the `History` is told ``max_deliveries`` and
   for C's last delivery D of I before the commit started, is late when: a kill that may have ended
   holds (of a server; of a Redis primary only when it was a fail-over or the primary was back after
   half a node lease or more: holds live in Redis) came after D's connection started and before the
-  commit's acknowledgment; or C's watch connection at the commit's start is not D's; or the
+  commit's acknowledgment; or C's watch connection at the commit's start is not D's; or another
+  consumer's negative commit of I (acknowledged or not) was sent in that span (a negative commit
+  releases the entry in every group that holds it, so another member of G may hold it now); or the
   workload measured at least ``delivery_timeout / 2`` from receiving D to the acknowledgment (the
   lease runs from the server's send, a little earlier); or a later delivery of I in G, or I's dead
   letter from G, carries ``lastCode=timeout``. Commits that do not name their consumer are never
@@ -213,6 +215,7 @@ class History:
         self.removals: list[Removal] = []
         self.kills: list[int] = []
         self.hold_losses: list[int] = []   # the kills that ended consumers' holds
+        self.nacks: dict[int, list[tuple[int, str]]] = {}   # index -> (tick, consumer) of negative commits
         self.negatives = 0
         self.delayed_negatives = 0
         self.anomalies: list[str] = []     # wrong answers seen by the workload (counted as corrupted)
@@ -299,6 +302,10 @@ class History:
     def removal_acked(self, op: Removal, *, held: float = 0.0) -> None:
         """``held``: a commit's seconds from receiving its delivery to this acknowledgment."""
         op.ack, op.held = self.tick(), held
+
+    def negative_started(self, index: int, *, by: str = "") -> None:
+        """A negative commit of ``index`` by consumer ``by`` is sent."""
+        self.nacks.setdefault(index, []).append((self.tick(), by))
 
     def negative_acked(self, *, delayed: bool = False) -> None:
         self.negatives += 1
@@ -476,6 +483,7 @@ class History:
             return True
         d = mine[-1]
         return (any(d.conn_start < k < op.ack for k in self.hold_losses) or op.conn_start != d.conn_start
+                or any(d.conn_start < t < op.ack and by != op.by for t, by in self.nacks.get(index, ()))
                 or op.held >= self.delivery_timeout / 2
                 or any(s.group == op.group and s.tick > d.tick and s.last_code == TIMEOUT_CODE for s in here)
                 or any(x.origin == index and x.group == op.group and x.last_code == TIMEOUT_CODE for x in self.dead))

@@ -280,6 +280,7 @@ class Workload:
                         elif action < 0.9:
                             if delay is None and policies and rng.random() < 0.5:
                                 delay = rng.uniform(0.05, 0.3)
+                            history.negative_started(entry.index, by=f"c{c}")
                             try:
                                 await q.negative(entry.index, "500", "chaos", delay=delay)
                                 history.negative_acked(delayed=delay is not None)
