@@ -2,7 +2,8 @@
 after SIGKILL and a restart on the same data directory: a dead-lettered entry is in the dead-letter
 queue and nowhere else, a delayed entry is still hidden from its group (and still stored), and the
 dedup window still answers a retried put with the original index; nothing else is lost or stored
-twice. The server runs with its defaults (fsync=always)."""
+twice. The server runs with its defaults (fsync=always); on Redis (the session's redis-server,
+appendfsync always) the node is killed and a new one starts on the same Redis."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import trio
 
 from qserve.client import QueueClient
 
-from ..helpers.process import ServerProcess
+from ..helpers.process import ServerProcess, backend_args
 
 LIMIT = 60
 
 
-async def test_a_dead_letter_a_delay_and_the_dedup_window_survive_kill_9(tmp_path):
-    srv = ServerProcess(tmp_path / "data", "--max-deliveries", "2", "--dedup-window", "5m")
+async def test_a_dead_letter_a_delay_and_the_dedup_window_survive_kill_9(tmp_path, backend):
+    srv = ServerProcess(tmp_path / "data", "--max-deliveries", "2", "--dedup-window", "5m",
+                        *backend_args(backend.get("backend")))
     await trio.to_thread.run_sync(srv.start)
     try:
         with trio.fail_after(LIMIT):
