@@ -1,8 +1,8 @@
 """The delivery policies (`qserve.core.policy`) in Redis: the Lua functions the scripts share.
 
-Strategy: `POLICIES` is spliced into `scripts.PRELUDE` after the functions that add and remove
-entries (``append``, ``remove``) and before the consumer-group ones, so every script can apply a
-policy in its own atomic step. A script that returns entries to a group (a negative commit, a
+Strategy: `POLICIES` follows `scripts.PRELUDE` (which has the functions that add and remove
+entries: ``append``, ``remove``) in the scripts that apply a policy (`scripts.WITH_POLICIES`), so
+each of them applies it in its own atomic step; the others do not define these functions at all. A script that returns entries to a group (a negative commit, a
 consumer gone, a lease run out) or delivers them first calls ``take_policy``, which takes the
 queue's policy off ``ARGV`` (a msgpack map `RedisQueue` packs per call, with the calling node's
 clock), and answers through ``done``: its own result, then how many entries it moved to the
@@ -66,6 +66,7 @@ end
 local function count_delivery(i, g)
   local counts = deliveries(i)
   counts[g] = (counts[g] or 0) + 1
+  KEPT = true
   redis.call('HSET', k('dc'), i, cmsgpack.pack(counts))
 end
 -- max_deliveries: the entry leaves this queue for every group and is appended to the dead-letter
@@ -106,6 +107,7 @@ end
 local function park(i, g, count)
   local f = entry(i)
   if f == nil then return end
+  KEPT = true
   redis.call('HSET', k('dead'), i, cmsgpack.pack({t = cmsgpack.pack(letter_tags(i, g, count, f)), at = P.now}))
   PARKED = PARKED + 1
 end
@@ -116,6 +118,7 @@ local function delay_for(i, g, due)
   local packed = redis.call('HGET', k('dly'), i)
   local delays = packed and cmsgpack.unpack(packed) or {}
   delays[g] = due
+  KEPT = true
   redis.call('HSET', k('dly'), i, cmsgpack.pack(delays))
   redis.call('ZADD', k('dz'), due, i .. ':' .. g)
 end

@@ -11,7 +11,8 @@ argument is the calling node's id (the prelude takes it off ``ARGV``), which the
 publishes carry: a node wakes its own watchers itself, before the reply is used, and skips the
 echo.
 
-The delivery policies' shared functions are in `policies` (spliced into the prelude).
+The delivery policies' shared functions are in `policies`, prepended (`WITH_POLICIES`) only to
+the scripts that apply them.
 
 This is the consumer-group state machine of `qserve.core.groups` (and `core.group_state`'s Rules
 1 and 2), kept in Redis instead of one process's memory: per group, ``o:<G>`` says who holds what
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 from qserve.backends.redis.policies import POLICIES
 
-__all__ = ["PRELUDE", "PUT", "READ", "DELIVER", "COMMIT", "NEGATIVE", "ATTACH", "RELEASE", "DELETE",
+__all__ = ["PRELUDE", "WITH_POLICIES", "PUT", "READ", "DELIVER", "COMMIT", "NEGATIVE", "ATTACH", "RELEASE", "DELETE",
            "TRUNCATE", "END", "COUNT", "SEARCH", "STATE", "LEASE", "CREATE"]
 
 PRELUDE = r"""
@@ -98,6 +99,14 @@ local function forget_request_id(rid, i)
   keep_older_copies(rid, list)
 end
 -- GONE in every group: the entry, its priority slot, requestId, annotations, holders' slots
+-- does the queue keep any per-entry policy state (`policies`: dc, dead, dly, dt)? Asked once a
+-- call, so a queue without policies pays one EXISTS per script, not four calls per entry; the
+-- policy functions that write such state set it
+local KEPT = nil
+local function policy_state()
+  if KEPT == nil then KEPT = redis.call('EXISTS', k('dc'), k('dead'), k('dly'), k('dt')) > 0 end
+  return KEPT
+end
 local function remove(i)
   local f = entry(i)
   if f == nil then return 0 end
@@ -105,19 +114,22 @@ local function remove(i)
   if f.p then redis.call('ZREM', k('p'), prio_member(tonumber(f.p), i)) end
   if f.i then forget_request_id(f.i, i) end
   redis.call('HDEL', k('n'), i)
-  redis.call('HDEL', k('dc'), i)
-  redis.call('HDEL', k('dead'), i)
-  local delays = redis.call('HGET', k('dly'), i)
-  if delays then
-    for g, _ in pairs(cmsgpack.unpack(delays)) do redis.call('ZREM', k('dz'), i .. ':' .. g) end
-    redis.call('HDEL', k('dly'), i)
+  local kept = policy_state()
+  if kept then
+    redis.call('HDEL', k('dc'), i)
+    redis.call('HDEL', k('dead'), i)
+    local delays = redis.call('HGET', k('dly'), i)
+    if delays then
+      for g, _ in pairs(cmsgpack.unpack(delays)) do redis.call('ZREM', k('dz'), i .. ':' .. g) end
+      redis.call('HDEL', k('dly'), i)
+    end
   end
   for _, g in ipairs(groups()) do
     local c = redis.call('HGET', k('o:' .. g), i)
     if c then
       redis.call('HDEL', k('o:' .. g), i)
       redis.call('HINCRBY', k('h'), c, -1)
-      redis.call('ZREM', k('dt'), i .. ':' .. g)
+      if kept then redis.call('ZREM', k('dt'), i .. ':' .. g) end
     end
     redis.call('HDEL', k('a:' .. g), i)
   end
@@ -140,39 +152,6 @@ local function append(data, tags, p, rid)
   if rid ~= '' then remember_request_id(rid, n) end
   redis.call('PUBLISH', k('ev'), 'p' .. NODE .. ' ' .. n .. ' ' .. tags)
   return n
-end
-""" + POLICIES + r"""
--- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
-local function drop_member(cid)
-  local rec = redis.call('HGET', k('c'), cid)
-  if not rec then return nil end
-  local m = cmsgpack.unpack(rec)
-  local g = m.g
-  local released = {}
-  for _, name in ipairs({'o:' .. g, 'a:' .. g}) do
-    local flat = redis.call('HGETALL', k(name))
-    for j = 1, #flat, 2 do
-      if flat[j + 1] == cid then
-        redis.call('HDEL', k(name), flat[j])
-        if name == 'o:' .. g then released[#released + 1] = tonumber(flat[j]) end
-      end
-    end
-  end
-  redis.call('HDEL', k('c'), cid)
-  redis.call('HDEL', k('h'), cid)
-  redis.call('HDEL', k('la'), cid)
-  redis.call('HDEL', k('lease'), cid)
-  redis.call('HDEL', k('cs'), cid .. ':d', cid .. ':l')
-  redis.call('SREM', k('gm:' .. g), cid)
-  if redis.call('SCARD', k('gm:' .. g)) == 0 then
-    redis.call('DEL', k('o:' .. g), k('a:' .. g), k('gi:' .. g))
-    redis.call('SREM', k('gs'), g)
-  end
-  for _, i in ipairs(released) do
-    redis.call('ZREM', k('dt'), i .. ':' .. g)
-    returned(g, i, nil)
-  end
-  return m
 end
 local function annotated(i, f)
   return {i, f.d, f.t, f.p or '0', redis.call('HGET', k('n'), i) or ''}
@@ -206,10 +185,48 @@ local function walk(start, visit)
 end
 """
 
+#: prepended (after `PRELUDE`) to the scripts that apply the delivery policies: the policies' functions
+#: (`policies`) and giving back a leaving consumer's entries, which applies them; the other scripts
+#: do without (a script's chunk defines its functions on every call)
+WITH_POLICIES = POLICIES + r"""
+-- the consumer leaves: what it holds is AVAILABLE to its group again; an emptied group goes
+local function drop_member(cid)
+  local rec = redis.call('HGET', k('c'), cid)
+  if not rec then return nil end
+  local m = cmsgpack.unpack(rec)
+  local g = m.g
+  local released = {}
+  for _, name in ipairs({'o:' .. g, 'a:' .. g}) do
+    local flat = redis.call('HGETALL', k(name))
+    for j = 1, #flat, 2 do
+      if flat[j + 1] == cid then
+        redis.call('HDEL', k(name), flat[j])
+        if name == 'o:' .. g then released[#released + 1] = tonumber(flat[j]) end
+      end
+    end
+  end
+  redis.call('HDEL', k('c'), cid)
+  redis.call('HDEL', k('h'), cid)
+  redis.call('HDEL', k('la'), cid)
+  redis.call('HDEL', k('lease'), cid)
+  redis.call('HDEL', k('cs'), cid .. ':d', cid .. ':l')
+  redis.call('SREM', k('gm:' .. g), cid)
+  if redis.call('SCARD', k('gm:' .. g)) == 0 then
+    redis.call('DEL', k('o:' .. g), k('a:' .. g), k('gi:' .. g))
+    redis.call('SREM', k('gs'), g)
+  end
+  for _, i in ipairs(released) do
+    redis.call('ZREM', k('dt'), i .. ':' .. g)
+    returned(g, i, nil)
+  end
+  return m
+end
+"""
+
 #: ARGV: payload, tags (msgpack), priority, requestId, max length, trim oldest (0/1), dedup window
 #: ms (0: off; the requestId is the client's), the node's wall clock ms, at most this many requestIds
 #: remembered -> {index, 0}; {the original index, 1} a duplicate within the window; -1 ended; -2 full
-PUT = r"""
+PUT = WITH_POLICIES + r"""
 local rid, window = ARGV[4], tonumber(ARGV[7])
 if window > 0 and rid ~= '' then
   local original = seen_within(rid, tonumber(ARGV[8]) - window)
@@ -265,7 +282,7 @@ return out
 #: ARGV: policy (`take_policy`), consumer id, its attach token, slots in use outside Redis
 #: (auto-commit frames not yet written), delete (0/1: auto-commit) -> {free slots left,
 #: entries...}; -1: not attached here
-DELIVER = r"""
+DELIVER = WITH_POLICIES + r"""
 take_policy()
 local cid = ARGV[1]
 local rec = redis.call('HGET', k('c'), cid)
@@ -326,6 +343,7 @@ else
     for _, e in ipairs(chosen) do count_delivery(e[1], g) end
   end
   if P.to > 0 then
+    KEPT = true
     for _, e in ipairs(chosen) do redis.call('ZADD', k('dt'), P.now + P.to, e[1] .. ':' .. g) end
   end
 end
@@ -355,15 +373,17 @@ changed()
 return n
 """
 
-#: ARGV: policy (`take_policy`), code, reason, delay ms (-1: the policy's backoff), indexes...
-#: -> `done`: how many were held
-NEGATIVE = r"""
+#: ARGV: policy (`take_policy`), code, reason, delay ms (-1: the policy's backoff), group (the
+#: refusing identity's; '': every group holding them), indexes... -> `done`: how many were held
+NEGATIVE = WITH_POLICIES + r"""
 take_policy()
 local now, hit, n = now_ms(), {}, 0
 local wait = tonumber(ARGV[3])
 if wait < 0 then wait = nil end
-for _, g in ipairs(groups()) do
-  for j = 4, #ARGV do
+local concerned = groups()
+if ARGV[4] ~= '' then concerned = {ARGV[4]} end
+for _, g in ipairs(concerned) do
+  for j = 5, #ARGV do
     local i = tonumber(ARGV[j])
     local c = redis.call('HGET', k('o:' .. g), i)
     if c then
@@ -388,7 +408,7 @@ return done(n)
 #: ARGV: policy (`take_policy`), consumer id, token, group, window, start (-1 = from the next
 #: put), auto (0/1), node, lease ms, filter pairs... -> `done`: the token of the consumer it
 #: replaced, or ''
-ATTACH = r"""
+ATTACH = WITH_POLICIES + r"""
 take_policy()
 local cid = ARGV[1]
 local old = drop_member(cid)
@@ -411,7 +431,7 @@ return done('')
 """
 
 #: ARGV: policy (`take_policy`), consumer id, token -> `done`: 1 if it was attached with that token
-RELEASE = r"""
+RELEASE = WITH_POLICIES + r"""
 take_policy()
 local rec = redis.call('HGET', k('c'), ARGV[1])
 if not rec or cmsgpack.unpack(rec).tok ~= ARGV[2] then return done(0) end
@@ -525,7 +545,7 @@ return out
 #: ARGV: policy (`take_policy`), lease ms, then consumer id, token pairs of this node's
 #: consumers: renews their leases and expires the consumers of any node whose lease ran out ->
 #: `done`: the ids given that are not attached (with their token) any more
-LEASE = r"""
+LEASE = WITH_POLICIES + r"""
 take_policy()
 local now, lease = now_ms(), tonumber(ARGV[1])
 local gone = {}
