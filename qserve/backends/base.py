@@ -177,10 +177,13 @@ class QueueBackend(Protocol):
         another member of that group holds now is left alone (a late commit is harmless)."""
         ...
 
-    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
+    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None,
+                       group: str | None = None) -> None:
         """Entries were refused by their consumer: deliver them to another member of the group,
         annotated with ``code`` and ``reason`` (`tags_of`); ``delay`` seconds later (None: the
-        queue's ``retry_backoff``, if any), or to its dead-letter queue after ``max_deliveries``."""
+        queue's ``retry_backoff``, if any), or to its dead-letter queue after ``max_deliveries``.
+        ``group``: the refusing identity's group, the only one concerned (None: an anonymous
+        caller; every group holding them gives them back)."""
         ...
 
     # -- durability ---------------------------------------------------------------------------

@@ -270,7 +270,9 @@ class App:
                 counted.commits += len(op.indexes)
                 counted.settled(op.indexes)
             case ev.Negative():
-                await queue.negative(op.indexes, op.code, op.reason, op.delay)
+                identity = op.identity   # only the refusing consumer's group gives them back
+                await queue.negative(op.indexes, op.code, op.reason, op.delay,
+                                     None if identity.anonymous else identity.group)
                 counted.negatives += len(op.indexes)
             case ev.Truncate():
                 await queue.truncate(op.below)

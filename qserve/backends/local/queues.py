@@ -332,8 +332,9 @@ class Queue(GroupCommit):
         await self.wait_durable()
 
     @raising_core_errors
-    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
-        self.dispatcher.negative(indexes, code, reason, delay=delay)
+    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None,
+                       group: str | None = None) -> None:
+        self.dispatcher.negative(indexes, code, reason, group=group, delay=delay)
         self._policy_changed.fire()
         delayed = self._keep_delays()
         await self._dead_letter()

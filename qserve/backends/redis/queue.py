@@ -408,10 +408,11 @@ class RedisQueue:
             await self._run(scripts.COMMIT, group, cid, *indexes)
             self._changed()
 
-    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None) -> None:
+    async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None,
+                       group: str | None = None) -> None:
         if indexes:
             await self._run_policy(scripts.NEGATIVE, code, reason, -1 if delay is None else round(delay * 1000),
-                                   *indexes)
+                                   group or "", *indexes)
             self._changed()
 
     # -- durability ---------------------------------------------------------------------------
