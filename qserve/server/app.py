@@ -227,11 +227,14 @@ class App:
         tags = dict(op.tags)
         limit = 1 if op.raw else op.length
         while True:
-            entries = await queue.read(start, tags, limit, delete=op.auto_delete)
-            if entries or trio.current_time() >= deadline or self.stopping:
-                break
-            with queue.put_waiter(start, tags) as put_came, trio.move_on_at(deadline):
-                await put_came.wait()
+            # the waiter is in place before the read: a put that lands while the read is on its
+            # way (a Redis round trip) wakes it, instead of falling between the read and the wait
+            with queue.put_waiter(start, tags) as put_came:
+                entries = await queue.read(start, tags, limit, delete=op.auto_delete)
+                if entries or trio.current_time() >= deadline or self.stopping:
+                    break
+                with trio.move_on_at(deadline):
+                    await put_came.wait()
         self.meters.get_seconds.observe(trio.current_time() - began)
         if not entries:
             return Response(204)
