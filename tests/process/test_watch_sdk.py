@@ -60,10 +60,10 @@ def test_second_run_on_one_client_raises(server, service):
     watcher.close()
 
 
-def test_two_thousand_entries_while_watching(server, service):
+def test_five_hundred_entries_while_watching(server, service):
     producer = client(server, service)
     consumer = client(server, service)
-    n = 2000
+    n = 500
     sent: list[str] = []
 
     def produce():

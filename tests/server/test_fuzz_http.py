@@ -47,7 +47,7 @@ async def test_http_fuzz(tmp_path, backend, service, groups):
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=3000)
+@settings(FUZZ, max_examples=1000)
 @given(service=services, groups=op_groups)
 async def test_http_fuzz_long(tmp_path, backend, service, groups):
     await http_example(tmp_path, backend, service, groups)

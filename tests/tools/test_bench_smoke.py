@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ..helpers.machine import command_missing, under_ci
 from ..helpers.redis_server import require_redis_server
 
@@ -30,10 +32,9 @@ def have_wrk() -> bool:
 def require_peerbench() -> None:
     """The reference scripts the tools measure against (``../shared/peerbench`` next to the
     repository): skip without them (a clone elsewhere), fail under CI."""
-    from tools.bench.redis import PEERBENCH
-
-    if not (PEERBENCH / "post.lua").is_file():
-        command_missing(f"no reference scripts in {PEERBENCH} (the project's ../shared/peerbench)")
+    peerbench = Path(__file__).resolve().parents[2].parent / "shared" / "peerbench"   # tools.bench.redis.PEERBENCH
+    if not (peerbench / "post.lua").is_file():
+        command_missing(f"no reference scripts in {peerbench} (the project's ../shared/peerbench)")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,6 +159,7 @@ def _cmdline_has(proc_dir: Path, text: str) -> bool:
         return False
 
 
+@pytest.mark.slow   # every target of #19 with its references: about 20 s; `pytest -m slow` runs it
 def test_bench_ratios_quick_prints_table(tmp_path):
     """One short round of every target next to its reference (bare trio+h11, the fsync floor, Redis
     when it is here), the table on stdout; every process it started is gone and its directories removed."""
@@ -181,6 +183,7 @@ def test_bench_ratios_quick_prints_table(tmp_path):
     assert running == []
 
 
+@pytest.mark.slow   # four set-ups on one redis-server, wrk on each: about 15 s; `pytest -m slow` runs it
 def test_bench_nodes_quick_prints_table(tmp_path):
     """One short run of each set-up - a local node, one Redis node, two separate Redis nodes, one
     `--processes 2` - on one redis-server; the CPU of every qserve process is in the table, and
