@@ -166,9 +166,7 @@ class QueueBackend(Protocol):
         ...
 
     def sent(self, consumer_id: str, indexes: Iterable[int]) -> None:
-        """The frames of these entries are written to the consumer. Auto-commit (after a `take`):
-        their window slots are free again. Manual commit (after a `deliver`): each counts as a
-        delivery now, for ``max_deliveries`` (a backend may count at `deliver` instead: say so)."""
+        """Auto-commit: the frames of a `take` are written; their window slots are free again."""
         ...
 
     async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:

@@ -239,23 +239,13 @@ class Dispatcher:
         return chosen
 
     def sent(self, consumer_id: str, indexes: Iterable[int]) -> None:
-        """The edge wrote these frames to the consumer. Auto-commit: their slots free once they
-        are removed too. Manual commit, with ``max_deliveries`` or ``retry_backoff``: each entry the
-        consumer still holds counts one delivery now (a frame that never left does not count).
-        A no-op for unknown ids and indexes not in flight."""
+        """Auto-commit: the edge wrote these frames; their slots free once they are removed too.
+        A no-op for manual-commit consumers, unknown ids and indexes not in flight."""
         consumer = self._consumers.get(consumer_id)
         if consumer is None:
             return
-        if consumer.spec.auto_commit:
-            for index in indexes:
-                consumer.drop_unsent(index)
-            return
-        if self._counting:
-            group = consumer.group
-            for index in indexes:
-                if group.owner.get(index) is consumer:
-                    counts = self._counts.setdefault(index, {})
-                    counts[group.name] = counts.get(group.name, 0) + 1
+        for index in indexes:
+            consumer.drop_unsent(index)
 
     # -- acknowledgement --------------------------------------------------------------------
     def commit(self, indexes: Iterable[int]) -> list[int]:
@@ -528,6 +518,9 @@ class Dispatcher:
         group.last_index = max(group.last_index, index)
         group.delivered += 1
         self._delivered += 1
+        if self._counting:
+            counts = self._counts.setdefault(index, {})
+            counts[group.name] = counts.get(group.name, 0) + 1
         if self.policy.delivery_timeout:
             self._deadlines[(group.name, index)] = (consumer, consumer.last_active + self.policy.delivery_timeout)
 

@@ -199,8 +199,6 @@ class Session:
         """These entries' frames are written: delivered (`server.meters`)."""
         self.frames_sent += len(entries)
         self._meters.delivered(self.queue.ref, self.spec.group, entries, held=not self.op.auto_commit)
-        if not self.op.auto_commit:   # a delivery counts once its frame is written (max_deliveries)
-            self.queue.sent(self.consumer_id, [entry.index for entry in entries])
 
 
 class WatchService:

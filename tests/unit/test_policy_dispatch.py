@@ -5,8 +5,7 @@ commits, negative commits with and without delays, and the clock moving, with ``
 
 - no entry is held by two members of one group, and no consumer holds more than its window;
 - nothing is delivered to a group while its delay runs, nor after it was dead-lettered;
-- the deliveries the dispatcher counts per group are the model's (a delivery counts once its frame
-  is written: a poll whose socket dies first counts nothing), and never exceed ``max_deliveries``;
+- the deliveries the dispatcher counts per group are the model's, and never exceed ``max_deliveries``;
 - an entry comes back as a dead letter exactly when it returns to a group after ``max_deliveries``
   deliveries, once; nothing is lost: every put entry is live, committed or dead-lettered;
 - after `expire()` no delivery older than the timeout is still held, and only those older came back.
@@ -63,10 +62,7 @@ class PolicyMachine(RuleBasedStateMachine):
         if count >= MAX:
             self.pending_dead.add(index)
             return
-        if delay is None:   # the backoff after the count-th delivery; none before the first
-            wait = min(BACKOFF[2], BACKOFF[0] * BACKOFF[1] ** (count - 1)) if count else 0.0
-        else:
-            wait = delay
+        wait = min(BACKOFF[2], BACKOFF[0] * BACKOFF[1] ** (count - 1)) if delay is None else delay
         if wait > 0:
             self.due[(group, index)] = self.clock.now + wait
 
@@ -111,10 +107,8 @@ class PolicyMachine(RuleBasedStateMachine):
             self._returned(group, index, None)
         self._settle()
 
-    @rule(group=st.sampled_from(GROUPS), user=st.sampled_from(USERS), written=st.booleans())
-    def poll(self, group: str, user: str, written: bool) -> None:
-        """A poll, then the frames written (each counts a delivery), or the socket dying first
-        (the consumer detaches; frames that never left count nothing)."""
+    @rule(group=st.sampled_from(GROUPS), user=st.sampled_from(USERS))
+    def poll(self, group: str, user: str) -> None:
         cid = f"{group}.{user}"
         got = self.d.poll(cid)
         if cid not in self.attached:
@@ -125,14 +119,9 @@ class PolicyMachine(RuleBasedStateMachine):
             assert (group, index) not in self.held, "held twice in one group"
             due = self.due.pop((group, index), None)
             assert due is None or due <= self.clock.now, "delivered while delayed"
-            self.held[(group, index)] = (cid, self.clock.now)
-        if not written and got:
-            self.detach(group, user)
-            return
-        self.d.sent(cid, got)
-        for index in got:
             self.counts[(group, index)] = self.counts.get((group, index), 0) + 1
             assert self.counts[(group, index)] <= MAX
+            self.held[(group, index)] = (cid, self.clock.now)
 
     @rule(data=st.data())
     @precondition(lambda self: self.held)
