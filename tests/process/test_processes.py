@@ -230,6 +230,7 @@ def test_a_second_sigint_stops_at_once(box):
     assert "Traceback" not in "\n".join(box.srv.lines)
 
 
+@pytest.mark.slow   # five failed starts against an unreachable Redis with the backoff between them: about 17 s
 def test_a_process_that_keeps_dying_before_listening_makes_it_give_up(tmp_path, fresh_redis_server):
     fresh_redis_server.start()
     box = Box(tmp_path, fresh_redis_server.url)

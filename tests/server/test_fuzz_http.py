@@ -40,14 +40,14 @@ async def http_example(tmp_path, backend, service, groups) -> None:
             await healthy(srv.listener)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=60)   # each example a fresh server; test_http_fuzz_long (slow) runs 3000
 @given(service=services, groups=op_groups)
 async def test_http_fuzz(tmp_path, backend, service, groups):
     await http_example(tmp_path, backend, service, groups)
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=3000)
 @given(service=services, groups=op_groups)
 async def test_http_fuzz_long(tmp_path, backend, service, groups):
     await http_example(tmp_path, backend, service, groups)

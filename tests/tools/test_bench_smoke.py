@@ -73,6 +73,7 @@ def test_bench_http_json(tmp_path):
     assert rows[("put", "bare")]["ratio_to_bare"] == 1.0
 
 
+@pytest.mark.slow   # every watch mode against a server: about 7 s; `pytest -m slow` runs it
 def test_bench_watch_quick_prints_tables(tmp_path):
     proc = run_tool("watch", "--quick", "--data-dir", str(tmp_path))
     out = proc.stdout
@@ -124,6 +125,7 @@ def test_bench_waiters_small_run(tmp_path):
     assert all(r["errors"] == 0 and r["puts_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow   # a local and a Redis node with wrk, http.client and watchers: about 10 s; `pytest -m slow` runs it
 def test_bench_redis_quick_prints_table(tmp_path):
     """One short run of each scenario against a node on the local backend, a node on Redis and (when
     this Python has redis-py) redis-py itself; every process it started is gone and its temporary

@@ -48,6 +48,7 @@ def check(doc: dict, *, connections: int, watchers: int, loris: int, probe_p99_m
     assert doc["errors"] == 0 and "server_died" not in doc, context
 
 
+@pytest.mark.slow   # the load tool against a server: about 6 s
 def test_load_scaled_down(tmp_path):
     code, doc, stderr = run_load(
         tmp_path, "--connections", "200", "--interval", "1", "--watchers", "20", "--slow-loris", "10", "--rate", "30",
