@@ -21,7 +21,7 @@ wakes the long-polling gets a put may answer (`QueueBackend.put_waiter`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -145,9 +145,11 @@ class QueueBackend(Protocol):
         consumer with the same id is replaced (its entries go back to the group first)."""
         ...
 
-    async def release(self, consumer_id: str) -> None:
+    async def release(self, consumer_id: str, unwritten: Collection[int] = ()) -> None:
         """The consumer is gone (disconnect, replacement, shutdown): its uncommitted entries go
-        back to its group at once. Must complete even when the caller is being cancelled."""
+        back to its group at once. ``unwritten``: those handed to it whose frames never left;
+        their deliveries are not counted (`core.groups.Dispatcher.detach`). Must complete even
+        when the caller is being cancelled."""
         ...
 
     def wants(self) -> list[str]:

@@ -147,8 +147,13 @@ class Dispatcher:
             self._filter_of[spec.id] = self._filters.acquire(spec.tags)
         return released
 
-    def detach(self, consumer_id: str) -> list[int]:
+    def detach(self, consumer_id: str, unwritten: Collection[int] = ()) -> list[int]:
         """Detach a consumer (disconnect). Unknown ids are ignored.
+
+        ``unwritten``: indexes handed to it whose frames never left (its socket died first). A
+        delivery counts once its frame is written; it is counted when handed out (so that a
+        negative commit answering the frame always finds it counted) and taken back here for
+        these, so a frame that never left counts nothing towards ``max_deliveries`` or the backoff.
 
         Returns:
             The indexes it held, sorted; they are AVAILABLE to its group again at once.
@@ -156,6 +161,8 @@ class Dispatcher:
         consumer = self._consumers.pop(consumer_id, None)
         if consumer is None:
             return []
+        if unwritten and self._counting:
+            self._uncount(consumer, unwritten)
         fi = self._filter_of.pop(consumer_id, None)
         if fi is not None:
             self._filters.release(fi)
@@ -523,6 +530,20 @@ class Dispatcher:
             counts[group.name] = counts.get(group.name, 0) + 1
         if self.policy.delivery_timeout:
             self._deadlines[(group.name, index)] = (consumer, consumer.last_active + self.policy.delivery_timeout)
+
+    def _uncount(self, consumer: Consumer, unwritten: Collection[int]) -> None:
+        """Take back the deliveries of the entries ``consumer`` still holds whose frames never left."""
+        name = consumer.group.name
+        for index in unwritten:
+            if index not in consumer.pending:
+                continue   # answered or given back meanwhile: its frame did leave, or it no longer matters
+            counts = self._counts.get(index)
+            if counts and counts.get(name, 0) > 0:
+                counts[name] -= 1
+                if not counts[name]:
+                    del counts[name]
+                    if not counts:
+                        del self._counts[index]
 
     def _release(self, group: Group, index: int, event: EntryEvent) -> None:
         step(EntryState.PENDING, event)  # callers only release PENDING entries

@@ -22,7 +22,10 @@ cancelled session takes no further batch. The shield is bounded: a write by the 
 called by its own bound (at most `CLOSE_GRACE`); `WatchService.abort` cuts it at once.
 
 Counting: a batch's frames, once written, are counted as deliveries (`server.meters`: redeliveries
-and the time from put to first delivery too), the same for every backend.
+and the time from put to first delivery too), the same for every backend. The delivery policies'
+count (``max_deliveries``, the backoff) is the backend's: taken when an entry is handed out, so a
+negative commit answering its frame always finds it counted, and taken back at `release` for the
+frames that never left (`Session.unwritten`).
 
 Bounds: frames in flight per socket are bounded by the consumer's window (manual commit: entries
 held; auto-commit: entries handed out and not yet written); client messages are bounded by the
@@ -83,6 +86,9 @@ class Session:
                                  auto_commit=op.auto_commit, start=op.start, tags=op.tags)
         self.cancel_scope = trio.CancelScope()
         self.frames_sent = 0
+        # manual commit: the indexes of the batch in hand whose frames are not written yet (in
+        # send order); what is left when the session ends counts no delivery (`release`)
+        self.unwritten: list[int] = []
         self._wake = trio.Event()
         self._tags = dict(op.tags)
         self._stopping = False                    # take no further batch (shutdown)
@@ -130,6 +136,7 @@ class Session:
             if not entries:
                 await self._wake.wait()      # or `WatchService.fallback`'s periodic wake-up
                 continue
+            self.unwritten = [e.index for e in entries]
             await self._send_frames(send, entries)
 
     async def _pump_auto(self, send) -> None:
@@ -197,6 +204,7 @@ class Session:
 
     def _written(self, entries: list[StoredEntry]) -> None:
         """These entries' frames are written: delivered (`server.meters`)."""
+        del self.unwritten[:len(entries)]    # the batch's frames go out in order
         self.frames_sent += len(entries)
         self._meters.delivered(self.queue.ref, self.spec.group, entries, held=not self.op.auto_commit)
 
@@ -268,24 +276,35 @@ class WatchService:
         session = Session(queue, op, self._write_bound, self._meters)
         key = (op.queue, session.consumer_id)
         old = self._sessions.get(key)
-        if old is not None:  # the same consumer reconnected: the stale socket goes
-            old.cancel_scope.cancel()
-        self._sessions[key] = session
+        self._sessions[key] = session   # from here a replaced session's close leaves the consumer alone
         self._by_queue.setdefault(queue.ref, {})[session.consumer_id] = session
-        await queue.attach(session.spec)
+        try:
+            if old is not None:  # the same consumer reconnected: the stale socket goes, its entries back
+                old.cancel_scope.cancel()
+                await queue.release(old.consumer_id, old.unwritten)
+            await queue.attach(session.spec)
+        except BaseException:
+            self._unregister(session)
+            raise
         log.debug("watch %s on %s attached", session.consumer_id, queue.ref.name,
                   extra={"queue": queue.ref.name, "consumer": session.consumer_id})
         return session
 
-    async def _close(self, session: Session) -> None:
+    def _unregister(self, session: Session) -> bool:
+        """Forget ``session``; False if another session of its consumer replaced it."""
         key = (session.op.queue, session.consumer_id)
-        if self._sessions.get(key) is session:
-            del self._sessions[key]
-            members = self._by_queue[session.op.queue]
-            del members[session.consumer_id]
-            if not members:
-                del self._by_queue[session.op.queue]
-            await session.queue.release(session.consumer_id)
+        if self._sessions.get(key) is not session:
+            return False
+        del self._sessions[key]
+        members = self._by_queue[session.op.queue]
+        del members[session.consumer_id]
+        if not members:
+            del self._by_queue[session.op.queue]
+        return True
+
+    async def _close(self, session: Session) -> None:
+        if self._unregister(session):
+            await session.queue.release(session.consumer_id, session.unwritten)
             log.debug("watch %s on %s detached", session.consumer_id, session.queue.ref.name,
                       extra={"queue": session.queue.ref.name, "consumer": session.consumer_id})
 

@@ -5,7 +5,9 @@ commits, negative commits with and without delays, and the clock moving, with ``
 
 - no entry is held by two members of one group, and no consumer holds more than its window;
 - nothing is delivered to a group while its delay runs, nor after it was dead-lettered;
-- the deliveries the dispatcher counts per group are the model's, and never exceed ``max_deliveries``;
+- the deliveries the dispatcher counts per group are the model's (a delivery counts once its frame
+  is written: a poll whose socket dies before its frames left counts nothing), and never exceed
+  ``max_deliveries``;
 - an entry comes back as a dead letter exactly when it returns to a group after ``max_deliveries``
   deliveries, once; nothing is lost: every put entry is live, committed or dead-lettered;
 - after `expire()` no delivery older than the timeout is still held, and only those older came back.
@@ -62,7 +64,10 @@ class PolicyMachine(RuleBasedStateMachine):
         if count >= MAX:
             self.pending_dead.add(index)
             return
-        wait = min(BACKOFF[2], BACKOFF[0] * BACKOFF[1] ** (count - 1)) if delay is None else delay
+        if delay is None:   # the backoff after the count-th delivery; none before the first
+            wait = min(BACKOFF[2], BACKOFF[0] * BACKOFF[1] ** (count - 1)) if count else 0.0
+        else:
+            wait = delay
         if wait > 0:
             self.due[(group, index)] = self.clock.now + wait
 
@@ -95,11 +100,11 @@ class PolicyMachine(RuleBasedStateMachine):
         self.attached.add(cid)
 
     @rule(group=st.sampled_from(GROUPS), user=st.sampled_from(USERS))
-    def detach(self, group: str, user: str) -> None:
+    def detach(self, group: str, user: str, unwritten: list[int] | None = None) -> None:
         cid = f"{group}.{user}"
         if cid not in self.attached:
             return
-        released = self.d.detach(cid)
+        released = self.d.detach(cid, unwritten or ())
         self.attached.discard(cid)
         assert sorted(released) == sorted(i for (g, i), (c, _) in self.held.items() if c == cid)
         for index in released:
@@ -107,8 +112,10 @@ class PolicyMachine(RuleBasedStateMachine):
             self._returned(group, index, None)
         self._settle()
 
-    @rule(group=st.sampled_from(GROUPS), user=st.sampled_from(USERS))
-    def poll(self, group: str, user: str) -> None:
+    @rule(group=st.sampled_from(GROUPS), user=st.sampled_from(USERS), written=st.booleans())
+    def poll(self, group: str, user: str, written: bool) -> None:
+        """A poll, then its frames written (each counts a delivery), or the socket dying before
+        they left (the consumer detaches; those frames count nothing)."""
         cid = f"{group}.{user}"
         got = self.d.poll(cid)
         if cid not in self.attached:
@@ -119,9 +126,13 @@ class PolicyMachine(RuleBasedStateMachine):
             assert (group, index) not in self.held, "held twice in one group"
             due = self.due.pop((group, index), None)
             assert due is None or due <= self.clock.now, "delivered while delayed"
+            self.held[(group, index)] = (cid, self.clock.now)
+        if got and not written:
+            self.detach(group, user, got)
+            return
+        for index in got:
             self.counts[(group, index)] = self.counts.get((group, index), 0) + 1
             assert self.counts[(group, index)] <= MAX
-            self.held[(group, index)] = (cid, self.clock.now)
 
     @rule(data=st.data())
     @precondition(lambda self: self.held)

@@ -17,7 +17,7 @@ import logging
 import urllib.parse
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Iterator
 
@@ -274,8 +274,8 @@ class Queue(GroupCommit):
         self.notify()
 
     @raising_core_errors
-    async def release(self, consumer_id: str) -> None:
-        self.dispatcher.detach(consumer_id)
+    async def release(self, consumer_id: str, unwritten: Collection[int] = ()) -> None:
+        self.dispatcher.detach(consumer_id, unwritten)
         self._keep_delays()
         await self._dead_letter()
         self.notify()

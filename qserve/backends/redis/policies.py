@@ -69,6 +69,19 @@ local function count_delivery(i, g)
   KEPT = true
   redis.call('HSET', k('dc'), i, cmsgpack.pack(counts))
 end
+-- a delivery whose frame never left (its consumer's socket died first) counts nothing: taken back
+local function uncount_delivery(i, g)
+  local packed = redis.call('HGET', k('dc'), i)
+  if not packed then return end
+  local counts = cmsgpack.unpack(packed)
+  local n = (counts[g] or 0) - 1
+  if n > 0 then counts[g] = n else counts[g] = nil end
+  if next(counts) == nil then
+    redis.call('HDEL', k('dc'), i)
+  else
+    redis.call('HSET', k('dc'), i, cmsgpack.pack(counts))
+  end
+end
 -- max_deliveries: the entry leaves this queue for every group and is appended to the dead-letter
 -- queue (KEYS[2]) with its data, priority, requestId and tags, plus where it came from and why
 local function letter_tags(i, g, count, f)

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -343,14 +343,14 @@ class RedisQueue:
                                *_pairs(spec.tags))
         self._changed()
 
-    async def release(self, consumer_id: str) -> None:
+    async def release(self, consumer_id: str, unwritten: Collection[int] = ()) -> None:
         token = self._tokens.pop(consumer_id, None)
         self._unsent.pop(consumer_id, None)
         self._full.discard(consumer_id)
         if token is None:
             return   # replaced or expired: its entries went back already
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-            await self._run_policy(scripts.RELEASE, consumer_id, token)
+            await self._run_policy(scripts.RELEASE, consumer_id, token, *sorted(unwritten))
         self._changed()
 
     def wants(self) -> list[str]:

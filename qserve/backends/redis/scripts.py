@@ -430,12 +430,20 @@ if old then return done(old.tok) end
 return done('')
 """
 
-#: ARGV: policy (`take_policy`), consumer id, token -> `done`: 1 if it was attached with that token
+#: ARGV: policy (`take_policy`), consumer id, token, the indexes it holds whose frames never left
+#: (their deliveries are taken back before they go back to the group) -> `done`: 1 if it was
+#: attached with that token
 RELEASE = WITH_POLICIES + r"""
 take_policy()
-local rec = redis.call('HGET', k('c'), ARGV[1])
-if not rec or cmsgpack.unpack(rec).tok ~= ARGV[2] then return done(0) end
-drop_member(ARGV[1])
+local cid = ARGV[1]
+local rec = redis.call('HGET', k('c'), cid)
+if not rec then return done(0) end
+local m = cmsgpack.unpack(rec)
+if m.tok ~= ARGV[2] then return done(0) end
+for j = 3, #ARGV do
+  if redis.call('HGET', k('o:' .. m.g), ARGV[j]) == cid then uncount_delivery(ARGV[j], m.g) end
+end
+drop_member(cid)
 changed()
 return done(1)
 """
