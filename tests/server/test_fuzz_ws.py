@@ -162,7 +162,7 @@ async def test_a_client_close_is_echoed_while_frames_flow(tmp_path, backend):
 
 
 async def test_websocket_ping_flood_is_answered_and_the_watch_still_works(tmp_path, backend):
-    n = 10_000
+    n = 3_000
     with trio.fail_after(60):
         async with running_server(fresh_dir(tmp_path), **SETTINGS, **await fresh_backend(backend)) as srv:
             c = await srv.client("flood")
