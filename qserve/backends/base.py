@@ -30,7 +30,7 @@ import trio
 
 from qserve.core.events import ConsumerSpec, QueueRef
 
-__all__ = ["Backend", "QueueBackend", "StoredEntry", "QueueStatus", "WriteMark", "OnChange", "Taken"]
+__all__ = ["Backend", "QueueBackend", "StoredEntry", "QueueStatus", "WriteMark", "OnChange", "Taken", "Replayed"]
 
 #: a position in a queue's writes, for `QueueBackend.wait_durable` (opaque to the server)
 WriteMark = tuple[int, int]
@@ -65,6 +65,18 @@ class QueueStatus:
     last_index: int = 0
     consumers: int = 0
     groups: int = 0
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One dead letter `Backend.replay` moved back: its index in the dead-letter queue, the queue
+    it is in now (``S`` or ``S/sink``), its new index there, its requestId and its priority."""
+
+    dlq_index: int
+    queue: QueueRef
+    index: int
+    request_id: str
+    priority: int
 
 
 class QueueBackend(Protocol):
@@ -224,6 +236,19 @@ class Backend(Protocol):
 
     async def listing(self) -> list[QueueStatus]:
         """Every open or fenced queue, sorted by service, input before sink."""
+        ...
+
+    async def replay(self, dlq: QueueBackend, indexes: Sequence[int], now_ms: int) -> list[Replayed]:
+        """Move these entries of a dead-letter queue back into their queues (``dlq.queue``: the
+        service's input or sink, opened as `get` opens it): each one with its data, priority,
+        requestId and own tags (`core.policy.replay_letter`, stamped ``now_ms``), under a new index,
+        the queue's dedup window re-keyed to it; then deleted from ``dlq``. Durable on return. A
+        dead letter is stored again at most once, even when a replay cut by a crash or an error is
+        repeated (then the first one's `Replayed` is answered); in the order given.
+
+        Raises: `NotFound` naming every index ``dlq`` does not hold, `BadRequest` for an entry that
+        is not a dead letter of this service, both before anything moved; `Conflict` (its queue
+        ended), `QueueFull`, as a put; `Unsupported` for what the backend cannot replay."""
         ...
 
     def wake_long_polls(self) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from qserve.core.errors import BadRequest
 
 __all__ = [
-    "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Truncate", "Commit", "Negative",
+    "QueueRef", "Identity", "Operation", "Put", "Get", "Delete", "Replay", "Truncate", "Commit", "Negative",
     "Attributes", "Search", "Count", "End", "Watch", "Health", "Ready", "Metrics", "ListQueues", "CreateQueue",
     "DashboardFile", "DashboardData", "ConsumerSpec",
 ]
@@ -101,6 +101,19 @@ class Get(Operation):
 @dataclass(frozen=True, slots=True)
 class Delete(Operation):
     indexes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay(Operation):
+    """Move dead letters (their dead-letter queue's ``indexes``) back into their queues (qserve's own)."""
+
+    indexes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.queue.dlq:
+            raise ValueError("only a dead-letter queue replays its entries")
+        if not self.indexes:
+            raise ValueError("a replay names at least one index")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ EAS queue service does, so the official clients see no difference. The settings,
 flags and the attributes use:
 
 - ``max_deliveries`` (``--max-deliveries N``, 0 = off): an entry delivered N times to one group
-  without a commit moves to the service's dead-letter queue (``/api/predict/S/dlq``).
+  without a commit moves to the service's dead-letter queue (``/api/predict/S/dlq``), tagged
+  `dead_letter_tags`; a replay (``POST .../S/dlq?_replay_=true``) moves it back as `replay_letter` says.
 - ``retry_backoff`` (``--retry-backoff INITIAL,FACTOR,MAX``): a negative commit without ``_delay_``
   hides the entry from its group for ``min(MAX, INITIAL * FACTOR ** (n - 1))`` after its n-th
   delivery (`Policy.backoff`).
@@ -24,9 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
+from qserve.core.errors import BadRequest
+from qserve.core.events import QueueRef
 from qserve.wire.params import ParamError, parse_duration
 
-__all__ = ["Policy", "PolicyError", "POLICY_KEYS", "parse_backoff", "DLQ_TAGS", "TIMEOUT_CODE", "dead_letter_tags"]
+__all__ = ["Policy", "PolicyError", "POLICY_KEYS", "parse_backoff", "DLQ_TAGS", "TIMEOUT_CODE", "dead_letter_tags",
+           "Letter", "replay_letter"]
 
 #: the tags a dead-lettered entry carries besides its own (its origin and why it ended there)
 DLQ_TAGS = ("dlq.queue", "dlq.index", "dlq.requestId", "dlq.group", "dlq.deliveries", "lastCode", "lastReason")
@@ -156,6 +160,47 @@ def dead_letter_tags(origin, letter, tags: Mapping[str, str]) -> dict[str, str]:
         "lastCode": letter.code,
         "lastReason": letter.reason,
     }
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A dead letter as its replay puts it back: into ``origin`` with these tags (requestId
+    included) under a new index; ``index`` is its index in the dead-letter queue."""
+
+    index: int
+    origin: QueueRef
+    tags: dict[str, str]
+
+    @property
+    def request_id(self) -> str:
+        return self.tags["requestId"]
+
+
+def replay_letter(dlq: QueueRef, index: int, tags: Mapping[str, str], now_ms: int) -> Letter:
+    """How dead letter ``index`` of ``dlq`` (a service's dead-letter queue) goes back: into its
+    ``dlq.queue`` (that service's input or sink) with its own tags, its requestId (``dlq.requestId``)
+    and ``_path_``, without the bookkeeping (``dlq.*``, ``lastCode``, ``lastReason``) and the earlier
+    put's timestamp (``ts@*``), stamped ``ts@source``/``ts@sink`` = ``now_ms`` as a put is.
+
+    Raises: BadRequest naming the index for an entry that is not a dead letter of this service."""
+    origin_name = tags.get("dlq.queue", "")
+    if not origin_name or not str(tags.get("dlq.index", "")).isdigit():
+        raise BadRequest(f"entry {index} of {dlq.name} is not a dead letter (no dlq.queue / dlq.index tags): "
+                         "delete it or get it instead")
+    service, _, kind = origin_name.partition("/")
+    if service != dlq.service or kind not in ("", "sink"):
+        raise BadRequest(f"entry {index} of {dlq.name}: its queue {origin_name!r} (dlq.queue) is not the input "
+                         f"or sink of service {dlq.service}")
+    origin = QueueRef(service, sink=kind == "sink")
+    kept = {k: v for k, v in tags.items() if not (k.startswith(("dlq.", "ts@")) or k in _BOOKKEEPING)}
+    request_id = tags.get("dlq.requestId") or tags.get("requestId")
+    if request_id:
+        kept["requestId"] = request_id
+    kept["ts@sink" if origin.sink else "ts@source"] = str(now_ms)
+    return Letter(index, origin, kept)
+
+
+_BOOKKEEPING = ("lastCode", "lastReason")
 
 
 def _seconds(value: float) -> str:
