@@ -17,22 +17,24 @@ import logging
 import shlex
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
 
 from qserve import storage
 
-from qserve.backends.base import OnChange, QueueStatus
+from qserve.backends.base import OnChange, QueueStatus, Replayed
 from qserve.backends.local.dedup import recent_from_disk
+from qserve.backends.local.errors import core_error
 from qserve.backends.local.fence import Fences, fence_reason
-from qserve.backends.local.queues import Queue, queue_dir
+from qserve.backends.local.queues import REPLAY_KEY, Queue, queue_dir
 from qserve.config import Config, ConfigError
-from qserve.core.errors import InsufficientStorage, NotFound, QServeError, QueueFenced, Unavailable
+from qserve.core.errors import (Conflict, InsufficientStorage, NotFound, QServeError, QueueFenced, QueueFull,
+                                Unavailable)
 from qserve.core.events import QueueRef
 from qserve.core.groups import DeadLetter
-from qserve.core.policy import dead_letter_tags
+from qserve.core.policy import Letter, dead_letter_tags, replay_letter
 from qserve.server.aio import AioSync
 from qserve.server.syncpool import SyncPool
 
@@ -228,6 +230,7 @@ class QueueManager:
         a crash cut between its two writes)."""
         dlq = await self._acquire(QueueRef(source.ref.service, dlq=True), create=True)
         name = source.ref.name
+        await self._settle_replays(source, dlq)
         copies = [int(e.tags["dlq.index"]) for e in dlq.log.scan()
                   if e.tags.get("dlq.queue") == name and str(e.tags.get("dlq.index", "")).isdigit()]
         doubled = [index for index in copies if index in source.source]
@@ -236,6 +239,84 @@ class QueueManager:
             await source.wait_durable()
             log.warning("queue %s: %d entries moved to %s before a crash were still here; deleted",
                         name, len(doubled), dlq.ref.name)
+
+    # -- replaying dead letters (`Backend.replay`) ---------------------------------------------
+    async def replay(self, dlq: Queue, indexes: Sequence[int], now_ms: int) -> list[Replayed]:
+        """Move dead letters of ``dlq`` back into their queues: two logs, so made safe against a
+        crash with a marker in the origin's log state, ``replay:D`` = N (dead letter D is entry N
+        here now). Three steps:
+
+        1. per origin queue, in one synchronous step: for each dead letter D, the marker and then
+           the entry N (its data, priority and tags, `replay_letter`; the dedup window re-keyed to
+           N) are appended to the origin's log, and made durable;
+        2. D is deleted from the dead-letter queue, made durable;
+        3. the markers are removed (durable with the origin's next write).
+
+        A replay of D that finds its marker (step 1 done, step 2 not: an error, or a concurrent
+        replay) stores nothing: it answers N and does step 2. What a crash leaves, and what the
+        origin's next open does about it (`_settle_replays`):
+
+        - in step 1: nothing, or a marker without its entry (a torn tail cuts the later record
+          first): N is not below the origin's next index as it opens, so the marker is dropped
+          then, before any put can take N (`Queue.__init__`); D is still in the dead-letter queue
+          and replays anew;
+        - between steps 1 and 2: entry N, its marker and D: D is deleted, the marker dropped;
+        - between steps 2 and 3: the marker alone: dropped.
+
+        So a replayed entry is never in neither queue, and never stored twice by a replay. One
+        double fault remains: a failed append whose undo of the marker fails too (the disk full
+        twice over) leaves a marker naming the index the next put takes; a replay of D then
+        answers that index and deletes D. Raises as `Backend.replay`."""
+        letters = _letters(dlq, indexes, now_ms)
+        origins = {letter.origin: await self._acquire(letter.origin, create=True) for letter, _ in letters}
+        letters = _letters(dlq, indexes, now_ms)   # as they are now, with no await from here to the appends
+        _check_room(origins, letters)
+        done: list[Replayed] = []
+        try:
+            for letter, entry in letters:   # one synchronous step: no await before the last append
+                done.append(self._replay_one(origins[letter.origin], letter, entry))
+        except storage.StorageError as exc:
+            raise core_error(exc) from exc
+        finally:   # what was appended is made durable and its dead letter deleted, an error or not
+            if done:
+                await self._replay_finish(dlq, origins, done)
+        return done
+
+    def _replay_one(self, origin: Queue, letter: Letter, entry) -> Replayed:
+        """Step 1 of `replay` for one dead letter (synchronous); its marker's answer if it has one."""
+        index = origin.replayed().get(letter.index)
+        if index is None:
+            index = origin.append(entry.data, letter.tags, entry.priority, replay_of=letter.index).index
+        return Replayed(letter.index, origin.ref, index, letter.request_id, entry.priority)
+
+    async def _replay_finish(self, dlq: Queue, origins: dict[QueueRef, Queue], done: list[Replayed]) -> None:
+        """Steps 2 and 3 of `replay`: once the origins' appends are durable, delete the dead
+        letters, then drop their markers."""
+        for origin in origins.values():
+            await origin.wait_durable()
+        dlq.dispatcher.removed(dlq.log.delete([r.dlq_index for r in done]))
+        dlq.notify()
+        await dlq.wait_durable()
+        for origin in origins.values():
+            keys = {f"{REPLAY_KEY}{r.dlq_index}": "" for r in done if r.queue == origin.ref}
+            if keys:
+                origin.log.set_state(**keys)
+
+    async def _settle_replays(self, origin: Queue, dlq: Queue) -> None:
+        """At open: finish the replays a crash cut between their steps 1 and 3 (see `replay`;
+        the markers of a step 1 cut short were dropped as the queue opened: `Queue.__init__`)."""
+        markers = origin.replayed()
+        if not markers:
+            return
+        stored = [d for d in markers if d in dlq.source]
+        if stored:
+            dlq.dispatcher.removed(dlq.log.delete(stored))
+            dlq.notify()
+            await dlq.wait_durable()
+            log.warning("queue %s: %d dead letters replayed here before a crash were still in %s; deleted there",
+                        origin.ref.name, len(stored), dlq.ref.name)
+        origin.log.set_state(**{f"{REPLAY_KEY}{d}": "" for d in markers})
+        await origin.wait_durable()
 
     def _open_and_warm(self, path: Path, log_config: storage.LogConfig,
                        window: float) -> tuple[storage.QueueLog, list[tuple[str, int, int]]]:
@@ -290,3 +371,33 @@ class QueueManager:
         return {q.ref.name: {**q.log.statistics(), "delayed": q.dispatcher.delayed(),
                              "dead_lettered": q.dead_lettered, "timed_out": q.dispatcher.timed_out}
                 for q in self._queues.values()}
+
+
+def _letters(dlq: Queue, indexes: Sequence[int], now_ms: int) -> list[tuple[Letter, storage.Entry]]:
+    """The dead letters of a replay and their entries, each once, in the order given.
+
+    Raises: NotFound naming every index ``dlq`` does not hold; BadRequest (`replay_letter`)."""
+    letters, missing = [], []
+    for index in dict.fromkeys(indexes):
+        entry = dlq.log.read(index)
+        if entry is None:
+            missing.append(index)
+        else:
+            letters.append((replay_letter(dlq.ref, index, entry.tags, now_ms), entry))
+    if missing:
+        raise NotFound(f"not in the dead-letter queue {dlq.ref.name}: {' '.join(map(str, missing))}")
+    return letters
+
+
+def _check_room(origins: dict[QueueRef, Queue], letters: list[tuple[Letter, storage.Entry]]) -> None:
+    """Refuse a replay its queues cannot take whole, before anything moved: an ended queue
+    (`Conflict`), or one without room for its new entries (`QueueFull`, unless `trim_oldest`)."""
+    for ref, origin in origins.items():
+        if origin.ended:
+            raise Conflict(f"queue {ref.name} has ended; no more puts (nothing replayed)")
+        replayed = origin.replayed()
+        new = sum(1 for letter, _ in letters if letter.origin == ref and letter.index not in replayed)
+        config = origin.config
+        if not config.trim_oldest and new and origin.log.length + new > config.max_length:
+            raise QueueFull(f"queue {ref.name} has no room for {new} more entries ({config.max_length} at most; "
+                            "nothing replayed)", headers=[("Retry-After", "1")])

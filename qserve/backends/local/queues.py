@@ -42,7 +42,7 @@ from qserve.server.aio import AioSync
 from qserve.server.syncpool import SyncPool
 from qserve.wire.names import HEADER_ATTRIBUTES
 
-__all__ = ["LogSource", "Queue", "queue_dir"]
+__all__ = ["LogSource", "Queue", "queue_dir", "REPLAY_KEY"]
 
 log = logging.getLogger("qserve")
 
@@ -103,6 +103,7 @@ class Queue(GroupCommit):
         self.dispatcher.new_delays = []
         self._delay_keys: dict[str, tuple[int, str]] = {}   # persisted delays: state key -> (index, group)
         self._restore_delays()
+        self._drop_cut_replays()
         self._policy_changed = Signal()  # a delivery or a delay may have moved the next wake-up earlier
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
 
@@ -127,22 +128,50 @@ class Queue(GroupCommit):
     # -- entries ------------------------------------------------------------------------------
     @raising_core_errors
     async def put(self, data: bytes, tags: Mapping[str, str], priority: int) -> int:
+        entry = self.append(data, tags, priority)
+        await self.wait_durable(self.write_mark())
+        return entry.index
+
+    def append(self, data: bytes, tags: Mapping[str, str], priority: int, *, replay_of: int | None = None
+               ) -> storage.Entry:
+        """A put's synchronous step (no ``await``): the entry appended with the next index (the
+        oldest truncated first with `Config.trim_oldest`), its requestId noted for the dedup
+        window, watchers and gets woken. Not durable yet: `wait_durable` of the `write_mark` after.
+        ``replay_of``: the entry is dead letter ``replay_of`` of the service's dead-letter queue,
+        replayed: the state key ``replay:<replay_of>`` = its index is written right before it
+        (`manager.QueueManager.replay`).
+
+        Raises: `Conflict` when the queue has ended; storage's errors (the caller maps them)."""
         if self.ended:
             raise Conflict(f"queue {self.ref.name} has ended; no more puts")
-        config = self.config
+        config, qlog = self.config, self.log
         if config.trim_oldest and len(data) <= config.max_payload_bytes:
-            qlog = self.log
             while qlog.length >= config.max_length:   # room for one more: truncate the oldest
                 below = qlog.first_index + 1
                 qlog.truncate(below)
                 self._forget(range(1, below))
-        entry = self.log.append(data, tags, priority)
+        if replay_of is None:
+            entry = qlog.append(data, tags, priority)
+        else:
+            key = f"{REPLAY_KEY}{replay_of}"
+            qlog.set_state(**{key: str(qlog.next_index)})
+            try:
+                entry = qlog.append(data, tags, priority)
+            except storage.StorageError:
+                qlog.set_state(**{key: ""})   # refused or not written: its index is the next put's
+                raise
         if self.recent is not None and "requestId" in tags:
             self.recent.note(tags["requestId"], entry.index, entry.timestamp_ms)
-        mark = self.write_mark()
         self.notify(entry)
-        await self.wait_durable(mark)
-        return entry.index
+        return entry
+
+    def replayed(self) -> dict[int, int]:
+        """The replays recorded in this queue's state: dead letter index -> the index it got here."""
+        found = {}
+        for key, value in self.log.state.items():
+            if key.startswith(REPLAY_KEY) and key[len(REPLAY_KEY):].isdigit() and value.isdigit():
+                found[int(key[len(REPLAY_KEY):])] = int(value)
+        return found
 
     @raising_core_errors
     async def put_unique(self, data: bytes, tags: Mapping[str, str], priority: int) -> tuple[int, bool]:
@@ -382,6 +411,13 @@ class Queue(GroupCommit):
         if stale:
             self.log.set_state(**stale)
 
+    def _drop_cut_replays(self) -> None:
+        """At open, before any put: drop the replay markers whose entry is not in the log (a crash
+        cut the replay between its marker and its entry: `manager.QueueManager.replay`)."""
+        cut = {f"{REPLAY_KEY}{d}": "" for d, index in self.replayed().items() if index >= self.log.next_index}
+        if cut:
+            self.log.set_state(**cut)
+
     def _keep_delays(self) -> bool:
         """Write the delays the dispatcher made since the last call to the log (True if any)."""
         new = self.dispatcher.new_delays
@@ -440,6 +476,7 @@ class Queue(GroupCommit):
 
 
 DELAY_KEY = "delay:"   # the log state's key prefix of a kept delay
+REPLAY_KEY = "replay:"   # ... of a replayed dead letter: replay:<dlq index> = <index here> (`manager`)
 
 
 def queue_dir(data_dir: Path, ref: QueueRef) -> Path:
