@@ -29,16 +29,18 @@ import coredis.exceptions as rx
 import msgpack
 import trio
 
-from qserve.backends.base import OnChange, QueueStatus
+from qserve.backends.base import OnChange, QueueStatus, Replayed
 from qserve.backends.redis import scripts
 from qserve.backends.redis.keys import (EVENT_PATTERN, REGISTRY, QueueKeys, registered_ref, registry_entry,
                                         tag_of_channel)
 from qserve.backends.redis.link import Link, redis_error
-from qserve.backends.redis.queue import RedisQueue
+from qserve.backends.redis.queue import DEDUP_LIMIT, RedisQueue
 from qserve.backends.redis.url import parse_redis_url
 from qserve.config import Config
-from qserve.core.errors import InsufficientStorage, NotFound, QServeError, Unavailable
+from qserve.core.errors import (Conflict, InsufficientStorage, NotFound, QServeError, QueueFull, Unavailable,
+                                Unsupported)
 from qserve.core.events import QueueRef
+from qserve.core.policy import Letter, replay_letter
 
 __all__ = ["RedisBackend"]
 
@@ -272,6 +274,58 @@ class RedisBackend:
             found.append(QueueStatus(ref, length=int(length), first_index=int(first), last_index=int(last),
                                      consumers=len(consumers), groups=len(groups)))
         return found
+
+    async def replay(self, dlq: RedisQueue, indexes, now_ms: int) -> list[Replayed]:
+        """`Backend.replay`: the dead letters read (`scripts.LETTERS`), then one `scripts.REPLAY`
+        per queue they go back to, which appends them there, re-keys the dedup window and removes
+        them from the dead-letter queue in one atomic step (the dead-letter queue shares the input
+        queue's hash tag, so its Cluster slot). Two queues (input and sink letters in one request)
+        are two steps: the first stands if the second is refused. A sink's letters on a Redis
+        Cluster are refused (`Unsupported`): its slot is not the dead-letter queue's."""
+        wanted = list(dict.fromkeys(indexes))
+        rows = await self.link.run(scripts.LETTERS, dlq.keys.tag, wanted, write=False)
+        found = {int(index): msgpack.unpackb(tags) for index, tags in rows}
+        missing = [index for index in wanted if index not in found]
+        if missing:
+            raise NotFound(f"not in the dead-letter queue {dlq.ref.name}: {' '.join(map(str, missing))}")
+        by_origin: dict[QueueRef, list[Letter]] = {}
+        for index in wanted:
+            letter = replay_letter(dlq.ref, index, found[index], now_ms)
+            by_origin.setdefault(letter.origin, []).append(letter)
+        if self.target.kind == "cluster" and any(ref.sink for ref in by_origin):
+            raise Unsupported(f"{dlq.ref.name}: replaying into a sink is not supported on a Redis Cluster (the "
+                              "sink's keys are in another slot); put the entry into the sink and delete it here")
+        done: dict[int, Replayed] = {}
+        for ref, letters in by_origin.items():
+            origin = await self._open(ref, create=True)
+            for replayed in await self._replay_into(dlq, origin, letters, now_ms):
+                done[replayed.dlq_index] = replayed
+        return [done[index] for index in wanted]
+
+    async def _replay_into(self, dlq: RedisQueue, origin: RedisQueue, letters: list[Letter],
+                           now_ms: int) -> list[Replayed]:
+        """One `scripts.REPLAY`: ``letters`` back into ``origin``."""
+        config = self.config
+        args: list = [now_ms, round(origin.policy.dedup_window * 1000), DEDUP_LIMIT, config.max_length,
+                      int(config.trim_oldest)]
+        for letter in letters:
+            args += [letter.index, msgpack.packb(letter.tags), letter.request_id]
+        reply = await self.link.run(scripts.REPLAY, dlq.keys.tag, args, more_keys=(origin.keys.tag,))
+        if reply == -2:
+            raise Conflict(f"queue {origin.ref.name} has ended; no more puts (nothing replayed)")
+        if reply == -3:
+            raise QueueFull(f"queue {origin.ref.name} has no room for {len(letters)} more entries "
+                            f"({config.max_length} at most; nothing replayed)", headers=[("Retry-After", "1")])
+        if reply and reply[0] == -1:
+            raise NotFound(f"not in the dead-letter queue {dlq.ref.name}: {' '.join(str(int(i)) for i in reply[1:])}")
+        tags = {letter.index: letter.tags for letter in letters}
+        out = []
+        for index, new_index, priority in reply:
+            letter_tags = tags[int(index)]
+            origin.replayed_in(int(new_index), letter_tags)
+            out.append(Replayed(int(index), origin.ref, int(new_index), letter_tags["requestId"], int(priority)))
+        dlq.replayed_out()
+        return out
 
     def wake_long_polls(self) -> None:
         for queue in self._queues.values():

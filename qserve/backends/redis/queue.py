@@ -210,6 +210,14 @@ class RedisQueue:
         self.gets.put(entry)
         self._notify(entry)
 
+    def replayed_in(self, index: int, tags: Mapping[str, str]) -> None:
+        """A replay (`manager.RedisBackend.replay`) stored entry ``index`` here: wake as a put does."""
+        self._announce(RedisEntry(index, b"", dict(tags)))
+
+    def replayed_out(self) -> None:
+        """A replay removed entries of this dead-letter queue: wake its watchers."""
+        self._changed()
+
     def _changed(self) -> None:
         """A commit, nack, delete or release may have freed slots: wake the watchers."""
         self._full.clear()

@@ -28,7 +28,7 @@ from __future__ import annotations
 from qserve.backends.redis.policies import POLICIES
 
 __all__ = ["PRELUDE", "WITH_POLICIES", "PUT", "READ", "DELIVER", "COMMIT", "NEGATIVE", "ATTACH", "RELEASE", "DELETE",
-           "TRUNCATE", "END", "COUNT", "SEARCH", "STATE", "LEASE", "CREATE"]
+           "TRUNCATE", "END", "COUNT", "SEARCH", "STATE", "LEASE", "CREATE", "LETTERS", "REPLAY"]
 
 PRELUDE = r"""
 local T = KEYS[1]
@@ -242,6 +242,59 @@ end
 local n = append(ARGV[1], ARGV[2], tonumber(ARGV[3]), rid)
 if window > 0 and rid ~= '' then remember_put(rid, n, tonumber(ARGV[8]), tonumber(ARGV[9])) end
 return {n, 0}
+"""
+
+#: (on a dead-letter queue) ARGV: indexes... -> {index, tags (msgpack)} of each one it holds
+LETTERS = r"""
+local out = {}
+for j = 1, #ARGV do
+  local f = entry(tonumber(ARGV[j]))
+  if f then out[#out + 1] = {tonumber(ARGV[j]), f.t} end
+end
+return out
+"""
+
+#: (on a dead-letter queue, KEYS[2] the prefix of the queue its letters go back to: in its slot,
+#: but for a sink on a Cluster) ARGV: the node's wall clock ms, dedup window ms (0: off), at most
+#: this many requestIds remembered, max length, trim oldest (0/1), then per letter: its index
+#: here, its tags as replayed (msgpack), its requestId -> {{index here, new index, priority}...};
+#: {-1, indexes...} the ones not here (nothing done); -2 that queue ended; -3 it is full. Each
+#: letter is appended there (data, priority, tags; the dedup window's requestId re-keyed to the
+#: new index) and removed here, all in this one atomic step
+REPLAY = WITH_POLICIES + r"""
+local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local maxlen, trim = tonumber(ARGV[4]), ARGV[5] == '1'
+local DLQ, ORIGIN = T, KEYS[2]
+local letters, missing = {}, {}
+for j = 6, #ARGV, 3 do
+  local d = tonumber(ARGV[j])
+  local f = entry(d)
+  if f then letters[#letters + 1] = {d, f, ARGV[j + 1], ARGV[j + 2]} else missing[#missing + 1] = d end
+end
+if #missing > 0 then return {-1, unpack(missing)} end
+T = ORIGIN
+if redis.call('HGET', k('m'), 'state') == 'End' then return -2 end
+if not trim and redis.call('XLEN', k('s')) + #letters > maxlen then return -3 end
+local out = {}
+for _, letter in ipairs(letters) do
+  local d, f, tags, rid = letter[1], letter[2], letter[3], letter[4]
+  T, KEPT = ORIGIN, nil   -- `remove` asks each queue of its own policy state
+  while redis.call('XLEN', k('s')) >= maxlen do
+    local first = redis.call('XRANGE', k('s'), '-', '+', 'COUNT', 1)
+    remove(idx_of(first[1][1]))
+  end
+  local p = tonumber(f.p or '0')
+  local n = append(f.d, tags, p, rid)
+  if window > 0 and rid ~= '' then
+    seen_within(rid, now - window)
+    remember_put(rid, n, now, limit)
+  end
+  T, KEPT = DLQ, nil
+  remove(d)
+  out[#out + 1] = {d, n, p}
+end
+changed()
+return out
 """
 
 #: ARGV: start, limit, delete (0/1), requestId ('' = none), filter pairs...
