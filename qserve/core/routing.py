@@ -6,7 +6,8 @@ path (404) -> token (401) -> method (405) -> parameters (400). Parameters are ch
 `qserve.wire.params` alone (a bad or missing one is a `ParamError` naming it), and `route` makes
 every `ParamError` the 400 with its reason, in one place. Control parameters are the
 underscore-wrapped names (`_index_`); every other query parameter is a tag. Unknown control
-parameters are ignored and never stored. qserve's own endpoints under `/api/queues` (list the
+parameters are ignored and never stored. qserve's own operation on a dead-letter queue, a replay
+(``POST .../S/dlq?_replay_=true&_indexes_=...``), is a switch of POST as ``_eos_`` is. qserve's own endpoints under `/api/queues` (list the
 queues, create a service's) are matched before the queue paths, so `--root-service` does not take them;
 so are `GET /healthz`, `GET /readyz` (no token: load balancers ask them), `GET /metrics` (the
 global token, or `--metrics-token` for scrapers), the dashboard's static files under `GET /dashboard`
@@ -35,6 +36,7 @@ DASHBOARD_DATA = "/api/dashboard"   # the figures the dashboard shows (JSON)
 MAX_PRIORITY = 2**31 - 1
 MAX_TIMEOUT = 3600.0
 MAX_DELAY = 24 * 3600.0        # the longest _delay_ of a negative commit
+MAX_REPLAY = 1000              # dead letters one replay request moves back
 NAME_MAX = 255                 # bytes in a file name (Linux, most file systems): a service's directory
 ALLOWED = "GET, POST, PUT, DELETE"
 
@@ -265,6 +267,8 @@ def _get(queue, identity, control, tags, headers, body, config, subpath, upgrade
 def _post(queue, identity, control, tags, headers, body, config, subpath, upgrade):
     if parse_bool("_eos_", control.get("_eos_"), False):
         return ev.End(queue, identity, force=parse_bool("_force_", control.get("_force_"), False))
+    if parse_bool("_replay_", control.get("_replay_"), False):
+        return _replay(queue, identity, control)
     prio = control.get("_priority_")
     if prio is None:
         prio = headers.get(_PRIORITY)
@@ -278,6 +282,22 @@ def _post(queue, identity, control, tags, headers, body, config, subpath, upgrad
     if subpath:
         all_tags["_path_"] = subpath
     return ev.Put(queue, identity, data=body, tags=_tag_tuple(all_tags), priority=priority)
+
+
+def _replay(queue, identity, control) -> ev.Replay:
+    """``POST {service}/dlq?_replay_=true&_indexes_=1,2`` (or ``_index_=N``): qserve's own."""
+    if not queue.dlq:
+        raise ParamError("_replay_", f"only a dead-letter queue replays its entries ({queue.name} is not "
+                         f"one: {names.MOUNT}{queue.service}/dlq is)")
+    if control.get("_indexes_") is not None:
+        indexes = parse_index_list("_indexes_", control["_indexes_"])
+    else:
+        if control.get("_index_") is None:
+            raise ParamError("_indexes_", "required with _replay_ (or _index_)")
+        indexes = [parse_int("_index_", control["_index_"], 0, minimum=0)]
+    if len(indexes) > MAX_REPLAY:
+        raise ParamError("_indexes_", f"at most {MAX_REPLAY} indexes a replay")
+    return ev.Replay(queue, identity, tuple(indexes))
 
 
 def _delete(queue, identity, control, tags, headers, body, config, subpath, upgrade):

@@ -4,7 +4,8 @@ Strategy: the edge (`http.HTTPServer`) hands every request to `App.handle`; `rou
 it into an operation; one method per operation type asks the queue's backend (`backends.base`:
 only that interface, whatever stores the queue) and returns a `Response`. What the server adds
 itself lives here: a put's requestId and timestamp tags, the long-poll loop of a get and its
-deadline, rendering. The backend's calls are atomic and durable when they return (an auto-deleting
+deadline, rendering. A replay of dead letters spans two queues, so it is the backend's
+(`Backend.replay`), stamped here as a put is. The backend's calls are atomic and durable when they return (an auto-deleting
 get reads and deletes in one call, so two concurrent ones never return the same entry). Every error
 is raised and rendered by `errors.error_response` in `handle` (the one place).
 
@@ -56,7 +57,7 @@ DUPLICATE = ("X-Qserve-Duplicate", "1")   # a put answered with the index of the
 #: the ``operation`` label of `Meters.request` (a request that routing refused: "none")
 OPERATIONS = {ev.Put: "put", ev.Get: "get", ev.Delete: "delete", ev.Truncate: "truncate", ev.Commit: "commit",
               ev.Negative: "negative", ev.End: "end", ev.Attributes: "attributes", ev.Search: "search",
-              ev.Count: "count", ev.Watch: "watch", ev.Health: "health", ev.Ready: "ready",
+              ev.Count: "count", ev.Replay: "replay", ev.Watch: "watch", ev.Health: "health", ev.Ready: "ready",
               ev.Metrics: "metrics", ev.ListQueues: "list", ev.CreateQueue: "create",
               ev.DashboardFile: "dashboard", ev.DashboardData: "dashboard"}
 
@@ -295,10 +296,20 @@ class App:
         n = await queue.count(op.priority, dict(op.tags))
         return Response(200, str(n).encode(), list(TEXT))
 
+    async def replay(self, queue: QueueBackend, op: ev.Replay) -> Response:
+        """qserve's own: dead letters back into their queues (`Backend.replay`), listed in JSON."""
+        done = await self.queues.replay(queue, op.indexes, int(self._wall_clock() * 1000))
+        counted = self.meters.of(queue.ref)
+        counted.replayed += len(done)
+        counted.settled(r.dlq_index for r in done)
+        doc = {"replayed": [{"index": r.dlq_index, "queue": r.queue.name, "replayed_index": r.index,
+                             "request_id": r.request_id, "priority": r.priority} for r in done]}
+        return Response(200, json.dumps(doc).encode(), list(JSON))
+
     _HANDLERS = {
         ev.Put: put, ev.Get: get, ev.Delete: acknowledge, ev.Commit: acknowledge, ev.Negative: acknowledge,
         ev.Truncate: acknowledge, ev.End: acknowledge, ev.Attributes: attributes, ev.Search: search,
-        ev.Count: count,
+        ev.Count: count, ev.Replay: replay,
     }
 
 

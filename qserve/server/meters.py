@@ -41,6 +41,7 @@ COUNTERS = {
     "deletes": "indexes deleted (in deletes answered 200)",
     "truncates": "truncations answered 200",
     "deduplicated": "puts answered with the index of an earlier put of their requestId (dedup_window)",
+    "replayed": "dead letters replayed into their queue (counted on the dead-letter queue)",
 }
 SEEN_CAP = 16384   # indexes remembered per group for telling a redelivery (module docstring)
 
