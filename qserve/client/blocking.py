@@ -173,6 +173,9 @@ class BlockingQueueClient:
     def end(self, **kwargs) -> None:
         return self._run("end", **kwargs)
 
+    def replay(self, indexes: int | Iterable[int]) -> list[dict]:
+        return self._run("replay", indexes)
+
     def watch(self, **kwargs) -> BlockingWatcher:
         return BlockingWatcher(self._loop, self._client, kwargs)
 

@@ -12,8 +12,8 @@ Retries (``retries`` extra attempts, with a short bounded backoff):
   server may still have stored the entry before the connection broke, so a retried put can store it
   twice: puts are **at-least-once** (the duplicate has its own index; pass a ``requestId`` tag to
   recognise it, since the server honours a client-supplied request id);
-- an auto-deleting get, a negative commit and end are never retried (a retry could lose or
-  double-count entries).
+- an auto-deleting get, a negative commit, end and a replay are never retried (a retry could
+  lose or double-count entries; a replay's would be a 404 for what the first one moved).
 Non-2xx answers are never retried: they raise `QueueError` at once.
 
 Instances are task-safe: concurrent calls share the pool (at most ``max_connections`` requests in
@@ -267,6 +267,24 @@ class QueueClient:
             return int(response.body.strip())
         except ValueError:
             raise QueueError(response.status, "undecodable count answer") from None
+
+    async def replay(self, indexes: int | Iterable[int]) -> list[dict]:
+        """qserve's own, on a dead-letter queue (``.../SERVICE/dlq``): move these dead letters back
+        into their queues (``dlq.queue``) with their data, priority, requestId and own tags, under
+        new indexes, and delete them here, in one request. Returns one dict per letter, in the
+        order given: ``index`` (here), ``queue``, ``replayed_index``, ``request_id``, ``priority``.
+        Not retried: a replay that went through answers a retry 404 (nothing is stored twice).
+
+        Raises:
+            QueueError: 404 naming the indexes not here, 400 (not a dead-letter queue, or an entry
+                that is not a dead letter), 409/429 (its queue ended or is full): nothing moved;
+                ConnectError (it may have gone through: look for the requestIds in the queues).
+        """
+        response = await self._call("POST", [("_replay_", "true"), ("_indexes_", _indexes(indexes))], retry="never")
+        try:
+            return list(json.loads(response.body)["replayed"])
+        except (ValueError, KeyError, TypeError):
+            raise QueueError(response.status, "undecodable replay answer") from None
 
     async def end(self, *, force: bool = False) -> None:
         """End the queue: later puts get 409; with ``force`` undelivered entries are dropped. Not retried."""

@@ -156,14 +156,14 @@ def _add_dlq(sub, common: argparse.ArgumentParser, confirm: argparse.ArgumentPar
                        description="Print dead letters as `get` does: index, every tag, the data.")
     p.add_argument("indexes", type=_positive, nargs="+", metavar="INDEX")
     p = dlq.add_parser("replay", parents=[common, confirm], help="put dead letters back into their queues",
-                       description="Put each entry back into its queue (tag dlq.queue) with its data, tags, "
-                                   "requestId and priority, then delete it from the dead-letter queue. A crash "
-                                   "between the two leaves it in both: a second replay stores it twice unless the "
-                                   "queue has a dedup window, which answers it as a duplicate.")
+                       description="Move each entry back into its queue (tag dlq.queue) with its data, tags, "
+                                   "requestId and priority, under a new index, and delete it from the dead-letter "
+                                   "queue: one operation of the server (POST .../dlq?_replay_=true), so a crash "
+                                   "never leaves it in both queues or neither, and a queue's dedup window takes "
+                                   "the replayed entry under the new index.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("indexes", type=_positive, nargs="*", default=[], metavar="INDEX")
     which.add_argument("--all", action="store_true", help="every entry of the dead-letter queue")
-    p.add_argument("--priority", type=_index, help="put with this priority (default: each entry's own)")
     p = dlq.add_parser("purge", parents=[common, confirm], help="delete dead letters",
                        description="Delete entries of the dead-letter queue (their data is gone).")
     which = p.add_mutually_exclusive_group(required=True)

@@ -1,26 +1,19 @@
 """`qserve stream dlq list|show|replay|purge`: the configured service's dead-letter queue.
 
 Strategy: the dead-letter queue ``.../SERVICE/dlq`` (`qserve.core.policy`, ``max_deliveries``) is
-an ordinary queue, so these commands use the HTTP API only (get without deleting, put, delete,
-truncate, count, attributes) and work against any backend that keeps dead letters. A dead letter
-is recognised by its tags (`core.policy.DLQ_TAGS`): ``dlq.queue`` (``S`` or ``S/sink``) and
+an ordinary queue, so list, show and purge use the HTTP API only (get without deleting, delete,
+truncate, attributes) and work against any backend that keeps dead letters. A dead letter is
+recognised by its tags (`core.policy.DLQ_TAGS`): ``dlq.queue`` (``S`` or ``S/sink``) and
 ``dlq.index`` name where it came from, ``dlq.requestId`` its requestId.
 
-Replay puts each entry back into its queue with its data, its own tags (without the bookkeeping:
-``dlq.*``, ``lastCode``, ``lastReason``, ``ts@*``; ``_path_`` goes back as the put's sub-path),
-its requestId and its priority, and deletes it from the dead-letter queue only after that put
-answered 200. Three things follow from the HTTP API:
-
-- A crash (or a lost answer) between the put and the delete leaves the entry in both queues; a
-  second replay stores it a second time, unless the queue has a dedup window
-  (``--dedup-window``), which answers that put with the first replay's index and stores nothing.
-- A dedup window that still holds the requestId from the entry's *first* put answers the replay
-  with that first index (the entry's own ``dlq.index``): nothing was stored, so the entry stays in
-  the dead-letter queue and the replay of that entry fails, until the window has passed. (The
-  answer's index tells it: a put that stores gets a new index, above every earlier one.)
-- The API does not return an entry's priority; a count per priority tells it (one request when the
-  whole dead-letter queue has priority 0, else one or two per entry: 0 or 1). Any other priority
-  cannot be told, and such an entry is replayed only with ``--priority``.
+Replay asks the server to move each entry back (qserve's own ``POST .../S/dlq?_replay_=true``,
+one request per entry so that one refused entry does not stop the others): the server puts it into
+its queue with its data, its own tags (without the bookkeeping: ``dlq.*``, ``lastCode``,
+``lastReason``, ``ts@*``), its ``_path_``, its requestId and its priority, under a new index, and
+deletes it from the dead-letter queue, in one atomic step on Redis and crash-safely on the local
+backend (never in neither queue, never stored twice, a replay repeated after a crash included). A
+dedup window that still holds the requestId of the entry's first put is re-keyed to the new index:
+the replay stores the entry, and a later put of that requestId is the replay's duplicate.
 """
 
 from __future__ import annotations
@@ -39,11 +32,12 @@ if TYPE_CHECKING:
     from qserve.client import BlockingQueueClient, Entry
     from qserve.client.http import QueueURL
 
-__all__ = ["cmd_dlq", "dlq_urls", "replay_tags", "Letter"]
+__all__ = ["cmd_dlq", "dlq_urls", "Letter"]
 
 PAGE = 500                   # entries per get when reading through the queue (the server allows 1000)
-_DROPPED = ("lastCode", "lastReason")
-_ENTRY_ERRORS = (400, 413)   # a replay put refused for its entry: that entry fails, the others go on
+# a replay refused for its entry (not a dead letter, gone meanwhile, its queue ended, a sink on a
+# Redis Cluster): that entry fails, the others go on; any other refusal stops the replay
+_ENTRY_ERRORS = (400, 404, 409, 501)
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -62,18 +56,6 @@ def dlq_urls(url: str) -> tuple[QueueURL, QueueURL]:
             path = path[: -len(suffix)]
             break
     return replace(parsed, path=path or "/"), replace(parsed, path=path + "/dlq")
-
-
-def replay_tags(tags: dict[str, str]) -> tuple[dict[str, str], str | None]:
-    """The tags a replayed entry is put with, and its sub-path (``_path_``) if it had one: its own
-    tags and requestId, without the dead-letter bookkeeping (``dlq.*``, ``lastCode``,
-    ``lastReason``) and the put's timestamp (``ts@*``, which the server stamps again)."""
-    kept = {k: v for k, v in tags.items()
-            if not (k.startswith(("dlq.", "ts@")) or k in _DROPPED or k == "_path_")}
-    request_id = tags.get("dlq.requestId") or tags.get("requestId")
-    if request_id:
-        kept["requestId"] = request_id
-    return kept, tags.get("_path_") or None
 
 
 @dataclass(frozen=True)
@@ -240,92 +222,44 @@ def _purge(session: _Session, args: argparse.Namespace, out: Out) -> int:
 
 
 class _Replay:
-    """Replays letters one by one (put, then delete) and counts what became of them."""
+    """Replays letters one request each (the server moves them) and counts what became of them."""
 
-    def __init__(self, session: _Session, out: Out, priority: int | None) -> None:
+    def __init__(self, session: _Session, out: Out) -> None:
         self.session = session
         self.out = out
-        self.priority = priority
-        self.targets: dict[str, BlockingQueueClient] = {}
-        self.all_zero: bool | None = None
         self.replayed = 0
         self.failed = 0
 
-    def target(self, queue: str) -> BlockingQueueClient:
-        """The client of ``queue`` (``S`` or ``S/sink``, a ``dlq.queue`` tag) of this service."""
-        service, _, kind = queue.partition("/")
-        base = self.session.base
-        mine = base.path[len(names.MOUNT):] if base.path.startswith(names.MOUNT) else None
-        if kind not in ("", "sink") or (mine is not None and service != mine):
-            raise _EntryError(f"its queue {queue!r} (dlq.queue) is not the input or sink of this service")
-        if queue not in self.targets:
-            self.targets[queue] = self.session.client(base.sink() if kind else base)
-        return self.targets[queue]
+    def one(self, entry: Entry) -> None:
+        """Replay one entry of the dead-letter queue.
 
-    def priority_of(self, letter: Letter) -> int:
-        """The letter's priority: ``--priority``, else told by counting (see the module docstring)."""
-        if self.priority is not None:
-            return self.priority
-        dlq = self.session.dlq
-        if self.all_zero is None:
-            self.all_zero = dlq.count(priority=0) == dlq.count()
-        if self.all_zero:
-            return 0
-        where = {"dlq.queue": letter.queue or "", "dlq.index": str(letter.queue_index)}
-        for priority in (0, 1):
-            if dlq.count(priority=priority, tags=where) >= 1:
-                return priority
-        raise _EntryError("its priority is above 1 and the HTTP API cannot tell which: replay it with --priority N")
-
-    def one(self, letter: Letter) -> None:
-        """Replay one letter.
-
-        Raises: _EntryError (this entry fails, the replay goes on); CLIError or QueueError (the
-        replay stops: the server cannot be reached or refuses puts, or the delete failed).
+        Raises: _EntryError (this entry fails, the replay goes on); CLIError (the replay stops:
+        the server cannot be reached or refuses replays).
         """
         from qserve.client import ConnectError, QueueError
-        if letter.queue is None or letter.queue_index is None:
-            raise _EntryError("not a dead letter (no dlq.queue / dlq.index tags): purge it or get it instead")
-        target = self.target(letter.queue)
-        priority = self.priority_of(letter)
-        tags, path = replay_tags(letter.entry.tags)
         try:
-            index, request_id = target.put(letter.entry.data, tags, priority=priority, path=path)
+            [done] = self.session.dlq.replay(entry.index)
         except QueueError as exc:
             if exc.status in _ENTRY_ERRORS:
-                raise _EntryError(f"put into {letter.queue} refused: {describe_queue_error(exc)}") from None
-            fate = ("it may be stored: look for its requestId in the queue before replaying it again"
-                    if isinstance(exc, ConnectError) else "nothing stored, it stays here")
-            raise CLIError(f"dlq {letter.index}: put into {letter.queue}: {describe_queue_error(exc)} ({fate})") from None
-        if index == letter.queue_index:
-            raise _EntryError(
-                f"{letter.queue} answered its first put's index {index}: its dedup window still holds requestId "
-                f"{request_id}, so nothing was stored; it stays here: replay it once the window "
-                "(the queue's policy.dedupWindow attribute) has passed")
-        try:
-            self.session.dlq.delete(letter.index)
-        except QueueError as exc:
-            raise CLIError(f"dlq {letter.index}: put into {letter.queue} as {index}, but not deleted from "
-                           f"{self.session.name} ({describe_queue_error(exc)}): it is in both now; "
-                           f"purge it: qserve stream dlq purge {letter.index}") from None
+                raise _EntryError(exc.reason) from None
+            letter = Letter.of(entry)
+            fate = (f"it may have been replayed: look for requestId {letter.request_id} in {letter.queue} before "
+                    "replaying it again" if isinstance(exc, ConnectError) else "nothing replayed, it stays here")
+            raise CLIError(f"dlq {entry.index}: replay: {describe_queue_error(exc)} ({fate})") from None
         self.replayed += 1
-        self.out.line(f"[OK] {letter.index} -> {letter.queue} {index} requestId={request_id}")
-        self.out.obj(index=letter.index, queue=letter.queue, replayed_index=index, request_id=request_id,
-                     priority=priority)
+        self.out.line(f"[OK] {done['index']} -> {done['queue']} {done['replayed_index']} "
+                      f"requestId={done['request_id']}")
+        self.out.obj(index=done["index"], queue=done["queue"], replayed_index=done["replayed_index"],
+                     request_id=done["request_id"], priority=done["priority"])
 
     def run(self, entries) -> None:
         for entry in entries:
-            letter = Letter.of(entry)
             try:
-                self.one(letter)
-            except KeyboardInterrupt:
-                warn(f"[WARN] interrupted at dlq {letter.index}: it may be in {letter.queue} too; "
-                     f"look for requestId {letter.request_id} there before replaying it again")
-                raise
+                self.one(entry)
             except _EntryError as exc:
                 self.failed += 1
-                warn(f"[ERROR] dlq {letter.index}: {exc}")
-                self.out.obj(index=letter.index, error=str(exc))
+                warn(f"[ERROR] dlq {entry.index}: {exc}")
+                self.out.obj(index=entry.index, error=str(exc))
 
 
 class _EntryError(Exception):
@@ -346,7 +280,7 @@ def _replay(session: _Session, args: argparse.Namespace, out: Out) -> int:
             str(e.index) for e in entries)
     if not confirm(args, out, prompt):
         return 0
-    replay = _Replay(session, out, args.priority)
+    replay = _Replay(session, out)
     try:
         replay.run(entries)
     finally:

@@ -149,54 +149,36 @@ def test_replay_all_puts_a_sink_entry_back_into_the_sink(cli, dlq_server, servic
     assert cli("dlq", "replay", "--all", "-y").stdout == "[INFO] no dead letters\n"
 
 
-def test_replay_within_the_dedup_window_of_the_first_put_keeps_the_entry(tmp_path, dlq_server):
-    """The window still holds the requestId of the entry's first put: the put answers that index
-    and stores nothing, so the entry must stay in the dead-letter queue."""
+def test_replay_within_the_dedup_window_of_the_first_put_stores_the_entry(tmp_path, dlq_server):
+    """The window still holds the requestId of the entry's first put, which a put would be a
+    duplicate of: the server's replay stores the entry under a new index and re-keys the window, so
+    a later put of that requestId is a duplicate of the replayed entry."""
     name = DEDUPED[0]
     cli = make_cli(tmp_path, f"{dlq_server.url}/api/predict/{name}", dlq_server.token)
     [index] = dead_letters(dlq_server, name, [{"data": b"once", "tags": {"requestId": "rid-once"}}])
     [letter] = entries(dlq_server, f"{name}/dlq")
-    proc = cli("dlq", "replay", str(letter.index), "-y", check=1)
-    assert proc.stdout == "[INFO] replayed: 0, failed: 1\n"
-    assert proc.stderr.startswith(f"[ERROR] dlq {letter.index}: {name} answered its first put's index {index}: "
-                                  "its dedup window still holds requestId rid-once, so nothing was stored")
-    assert proc.stderr.count("\n") == 1
-    assert [e.index for e in entries(dlq_server, f"{name}/dlq")] == [letter.index]
-    assert entries(dlq_server, name) == []
+    out = cli("dlq", "replay", str(letter.index), "-y").stdout.splitlines()
+    m = re.fullmatch(rf"\[OK\] {letter.index} -> {name} (\d+) requestId=rid-once", out[0])
+    assert m and int(m.group(1)) > index and out[1:] == ["[INFO] replayed: 1, failed: 0"]
+    assert entries(dlq_server, f"{name}/dlq") == []
+    [back] = entries(dlq_server, name)
+    assert (back.index, back.data) == (int(m.group(1)), b"once")
+    with client(dlq_server, name) as q:
+        assert q.put(b"once", {"requestId": "rid-once"}) == (back.index, "rid-once")   # the window's answer
+        assert q.count() == 1
 
 
-@pytest.mark.parametrize("deduped", [True, False])
-def test_a_replay_cut_between_put_and_delete_then_run_again(tmp_path, dlq_server, service, deduped):
-    """What the README says of a crash between the put and the delete: the entry is in both
-    queues; replayed again, a queue with a dedup window answers the first replay's index and
-    stores nothing, a queue without one stores it a second time. The dead letter is put into the
-    dead-letter queue by hand (an ordinary queue), from a first put older than any window."""
-    name = DEDUPED[1] if deduped else service
-    cli = make_cli(tmp_path, f"{dlq_server.url}/api/predict/{name}", dlq_server.token)
-    rid = f"rid-cut-{service}"
-    with client(dlq_server, f"{name}/dlq") as dlq, client(dlq_server, name) as q:
-        dlq_index, _ = dlq.put(b"cut", {"requestId": rid, "dlq.queue": name, "dlq.index": "999999",
-                                         "dlq.requestId": rid, "dlq.deliveries": "1", "dlq.group": "eas",
-                                         "lastCode": "500", "lastReason": "boom"})
-        first, _ = q.put(b"cut", {"requestId": rid})        # the first replay's put; then the "crash"
-    out = cli("dlq", "replay", str(dlq_index), "-y").stdout.splitlines()
-    again = [e for e in entries(dlq_server, name) if e.tags["requestId"] == rid]
-    assert [e.index for e in again] == ([first] if deduped else [first, again[-1].index])
-    assert out[0] == f"[OK] {dlq_index} -> {name} {again[-1].index} requestId={rid}"
-    assert dlq_index not in [e.index for e in entries(dlq_server, f"{name}/dlq")]
-
-
-def test_replay_refuses_what_it_cannot_put_back_faithfully(cli, dlq_server, service):
+def test_replay_keeps_any_priority_and_refuses_what_is_not_a_dead_letter(cli, dlq_server, service):
     dead_letters(dlq_server, service, [{"data": b"urgent", "tags": {"requestId": "rid-u"}, "priority": 5}])
     with client(dlq_server, f"{service}/dlq") as dlq:
         stray, _ = dlq.put(b"stray")                   # not a dead letter: no dlq.* tags
-    proc = cli("dlq", "replay", "1", str(stray), "-y", check=1)
+    proc = cli("dlq", "replay", str(stray), "1", "-y", check=1)
     assert proc.stderr.splitlines() == [
-        "[ERROR] dlq 1: its priority is above 1 and the HTTP API cannot tell which: replay it with --priority N",
-        f"[ERROR] dlq {stray}: not a dead letter (no dlq.queue / dlq.index tags): purge it or get it instead"]
-    assert proc.stdout.splitlines()[-1] == "[INFO] replayed: 0, failed: 2"
-    assert len(entries(dlq_server, f"{service}/dlq")) == 2
-    assert cli("dlq", "replay", "1", "-y", "--priority", "5").stdout.startswith(f"[OK] 1 -> {service} ")
+        f"[ERROR] dlq {stray}: entry {stray} of {service}/dlq is not a dead letter (no dlq.queue / dlq.index "
+        "tags): delete it or get it instead"]
+    assert proc.stdout.startswith(f"[OK] 1 -> {service} ")
+    assert proc.stdout.splitlines()[-1] == "[INFO] replayed: 1, failed: 1"
+    assert [e.index for e in entries(dlq_server, f"{service}/dlq")] == [stray]
     with client(dlq_server, service) as q:
         assert q.count(priority=5, tags={"requestId": "rid-u"}) == 1
 
