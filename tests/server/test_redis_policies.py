@@ -241,3 +241,34 @@ async def test_on_a_cluster_a_sinks_dead_letters_are_parked_and_moved(tmp_path, 
                                                dlq=True))[1])
             assert cut and [e["tags"]["dlq.index"] for e in letters] == [str(first), str(second), str(third)]
             nursery.cancel_scope.cancel()
+
+
+async def test_on_a_cluster_a_replay_is_one_script_and_a_sinks_is_refused(tmp_path, redis_cluster_url):
+    """The replay of an input queue's dead letter moves it in one script (the dead-letter queue is
+    in the input queue's slot); a sink's dead letter cannot (its slot is another): 501, nothing
+    moved. Real clock (see above)."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_cluster_url, max_deliveries=1) as srv, \
+                trio.open_nursery() as nursery:
+            c = await srv.client("back")
+            into_input = int((await c.call("POST", "requestId=i-1", b"in"))[1])
+            into_sink = int((await c.call("POST", "requestId=s-1", b"out", sink=True))[1])
+            for sink, index in ((False, into_input), (True, into_sink)):
+                ws = await srv.watch(nursery, "back", "_window_=1", user=f"w{sink}", sink=sink)
+                assert (await next_frame(ws)).index == index
+                assert (await c.call("PUT", f"_indexes_={index}&_negative_=true", sink=sink))[0] == 200
+            with trio.fail_after(5):
+                while (await c.attrs(dlq=True))["stream.length"] != "2":
+                    await trio.sleep(0.1)
+            letters = json.loads((await c.call("GET", "_index_=1&_length_=5&_raw_=false&_auto_delete_=false",
+                                               dlq=True))[1])
+            by_queue = {e["tags"]["dlq.queue"]: e["index"] for e in letters}
+            status, body = await c.call("POST", f"_replay_=true&_index_={by_queue['back']}", dlq=True)
+            assert status == 200
+            [done] = json.loads(body)["replayed"]
+            assert done["queue"] == "back" and done["replayed_index"] > into_input and done["request_id"] == "i-1"
+            status, body = await c.call("POST", f"_replay_=true&_index_={by_queue['back/sink']}", dlq=True)
+            assert status == 501 and b"not supported on a Redis Cluster" in body and body.count(b"\n") == 1
+            assert (await c.attrs(dlq=True))["stream.length"] == "1"
+            assert (await c.attrs(sink=True))["stream.length"] == "0"
+            nursery.cancel_scope.cancel()
