@@ -131,6 +131,26 @@ async def test_a_replay_within_the_dedup_window_stores_the_entry_and_rekeys_the_
             nursery.cancel_scope.cancel()
 
 
+async def test_the_rekeyed_dedup_window_survives_a_restart(tmp_path, backend, recovering_clock):
+    """Local: the window is read back from the segment files, where the replayed entry's record
+    follows the first put's; Redis: kept there (``dd``/``di``)."""
+    clock = Clock()
+    settings = dict(max_deliveries=1, dedup_window=300.0, wall_clock=clock, **backend)
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, **settings) as srv, trio.open_nursery() as nursery:
+            c = await srv.client("jobs")
+            first = await dead_letter(srv, nursery, "jobs", "requestId=job-8", b"resize 8")
+            [letter] = await letters(c)
+            new = (await replay(c, str(letter["index"])))[1]["replayed"][0]["replayed_index"]
+            nursery.cancel_scope.cancel()
+        clock.now += 10
+        async with running_server(tmp_path, **settings) as srv:
+            c = await opened(srv, "jobs")
+            answer = int((await c.call("POST", "requestId=job-8", b"resize 8"))[1])
+            assert answer == new != first
+            assert (await c.attrs())["stream.length"] == "1"
+
+
 async def test_a_sinks_dead_letter_replays_into_the_sink(tmp_path, backend, autojump_clock):
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, max_deliveries=1, **backend) as srv, trio.open_nursery() as nursery:
