@@ -34,6 +34,7 @@ from qserve.backends.get_waiters import GetWaiters
 from qserve.backends.redis import policies, scripts
 from qserve.backends.redis.keys import QueueKeys
 from qserve.backends.redis.link import Link
+from qserve.backends.redis.putbatch import PutBatcher
 from qserve.config import Config
 from qserve.core.errors import Conflict, PayloadTooLarge, QServeError, QueueFull
 from qserve.core.events import ConsumerSpec, QueueRef
@@ -120,6 +121,7 @@ class RedisQueue:
         self.on_wake: Callable[[RedisQueue, int], None] | None = None
         self.dead_lettered = 0               # counters of what this node's scripts did (metrics)
         self.timed_out = 0
+        self._puts = PutBatcher(self._put_batch)   # concurrent puts go in one script call
 
     async def _run(self, script: str, *args, write: bool = True):
         return await self._link.run(script, self.keys.tag, args, write=write)
@@ -241,16 +243,15 @@ class RedisQueue:
         return await self._put(data, tags, priority, unique=True)
 
     async def _put(self, data: bytes, tags: Mapping[str, str], priority: int, *, unique: bool) -> tuple[int, bool]:
-        """One PUT script: with ``unique`` and a dedup window, a requestId the queue stored within
-        the window (by the wall clock of the nodes that put it) answers its original index instead."""
+        """One put, a step of the PUT script (with the puts that came meanwhile: `putbatch`): with
+        ``unique`` and a dedup window, a requestId the queue stored within the window (by the wall
+        clock of the nodes that put it) answers its original index instead."""
         config = self.config
         if len(data) > config.max_payload_bytes:
             raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the limit of "
                                   f"{config.max_payload_bytes} bytes")
-        window = round(self.policy.dedup_window * 1000) if unique else 0
-        reply = await self._run(scripts.PUT, data, msgpack.packb(dict(tags)), priority,
-                                tags.get("requestId", ""), config.max_length, int(config.trim_oldest),
-                                window, round(self._wall_clock() * 1000), DEDUP_LIMIT)
+        reply = await self._puts.put((data, msgpack.packb(dict(tags)), priority, tags.get("requestId", ""),
+                                      int(unique)), len(data))
         if reply == -1:
             raise Conflict(f"queue {self.ref.name} has ended; no more puts")
         if reply == -2:
@@ -260,6 +261,15 @@ class RedisQueue:
         if not duplicate:
             self._announce(RedisEntry(index, b"", dict(tags)))
         return index, duplicate
+
+    async def _put_batch(self, batch: list[Sequence]) -> list:
+        """The PUT script on a batch of puts (`putbatch.PutBatcher`): one reply per put."""
+        config = self.config
+        args = [config.max_length, int(config.trim_oldest), round(self.policy.dedup_window * 1000),
+                round(self._wall_clock() * 1000), DEDUP_LIMIT]
+        for put in batch:
+            args.extend(put)
+        return await self._run(scripts.PUT, *args)
 
     async def next_index(self) -> int:
         last = await self._link.client.hget(self.keys.meta, "last")

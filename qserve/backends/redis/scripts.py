@@ -223,25 +223,35 @@ local function drop_member(cid)
 end
 """
 
-#: ARGV: payload, tags (msgpack), priority, requestId, max length, trim oldest (0/1), dedup window
-#: ms (0: off; the requestId is the client's), the node's wall clock ms, at most this many requestIds
-#: remembered -> {index, 0}; {the original index, 1} a duplicate within the window; -1 ended; -2 full
+#: a batch of puts (`queue.PutBatcher`), each as the put alone would be, in order. ARGV: max length,
+#: trim oldest (0/1), dedup window ms (0: off), the node's wall clock ms, at most this many
+#: requestIds remembered, then per put: payload, tags (msgpack), priority, requestId, unique (1: the
+#: requestId is the client's and the window applies) -> per put: {index, 0}; {the original index,
+#: 1} a duplicate within the window; -1 ended; -2 full
 PUT = WITH_POLICIES + r"""
-local rid, window = ARGV[4], tonumber(ARGV[7])
-if window > 0 and rid ~= '' then
-  local original = seen_within(rid, tonumber(ARGV[8]) - window)
-  if original then return {original, 1} end
+local maxlen, trim, window = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
+local now, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+local function put(data, tags, p, rid, unique)
+  local windowed = unique and window > 0 and rid ~= ''
+  if windowed then
+    local original = seen_within(rid, now - window)
+    if original then return {original, 1} end
+  end
+  if redis.call('HGET', k('m'), 'state') == 'End' then return -1 end
+  while redis.call('XLEN', k('s')) >= maxlen do
+    if not trim then return -2 end
+    local first = redis.call('XRANGE', k('s'), '-', '+', 'COUNT', 1)
+    remove(idx_of(first[1][1]))
+  end
+  local n = append(data, tags, p, rid)
+  if windowed then remember_put(rid, n, now, limit) end
+  return {n, 0}
 end
-if redis.call('HGET', k('m'), 'state') == 'End' then return -1 end
-local maxlen = tonumber(ARGV[5])
-while redis.call('XLEN', k('s')) >= maxlen do
-  if ARGV[6] ~= '1' then return -2 end
-  local first = redis.call('XRANGE', k('s'), '-', '+', 'COUNT', 1)
-  remove(idx_of(first[1][1]))
+local out = {}
+for j = 6, #ARGV, 5 do
+  out[#out + 1] = put(ARGV[j], ARGV[j + 1], tonumber(ARGV[j + 2]), ARGV[j + 3], ARGV[j + 4] == '1')
 end
-local n = append(ARGV[1], ARGV[2], tonumber(ARGV[3]), rid)
-if window > 0 and rid ~= '' then remember_put(rid, n, tonumber(ARGV[8]), tonumber(ARGV[9])) end
-return {n, 0}
+return out
 """
 
 #: (on a dead-letter queue) ARGV: indexes... -> {index, tags (msgpack)} of each one it holds
