@@ -104,10 +104,18 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        self.drained()
+        return status
+
+    def drained(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until the reader thread has taken the exited process's last log line:
+        `lines` is complete then (the reader may lag behind the exit)."""
+        with self._more:
+            self._more.wait_for(lambda: self._ended, timeout)
 
     def restart(self) -> "ServerProcess":
         self.kill()

@@ -90,6 +90,7 @@ async def test_second_sigint_stops_at_once_with_130(tmp_path, service):
             status = await trio.to_thread.run_sync(srv.proc.wait, 15)   # not the 60 s drain
             assert await read_to_eof(slow) == b""
         assert status == 130
+        srv.drained()
         assert any("received SIGINT again: stopping at once" in line for line in srv.lines)
         assert any(line.endswith("stopped; all queues synced and closed") for line in srv.lines)
         assert no_traceback(srv), "\n".join(srv.lines)

@@ -40,6 +40,7 @@ class WorkerProcess:
                                      text=True, env=env)
         self.lines: list[str] = []
         self._fresh: queue.Queue[str | None] = queue.Queue()
+        self._ended = threading.Event()   # the reader took the last line
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -47,6 +48,11 @@ class WorkerProcess:
             self.lines.append(line.rstrip("\n"))
             self._fresh.put(line)
         self._fresh.put(None)
+        self._ended.set()
+
+    def drained(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until `lines` holds the exited worker's last line (the reader may lag)."""
+        self._ended.wait(timeout)
 
     def wait_line(self, needle: str, timeout: float = 15.0) -> str:
         """The next stderr line containing `needle` (bounded wait on the pipe, no polling)."""
@@ -63,7 +69,9 @@ class WorkerProcess:
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        status = self.proc.wait(timeout)
+        self.drained()
+        return status
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -163,6 +171,7 @@ def test_sigterm_drains_and_loses_nothing(server, service, workers, tmp_path):
     w.wait_line("draining: 3 running")
     gate_listener.close()                        # the gated ones finish during the drain
     assert w.proc.wait(15) == 0
+    w.drained()
     assert any("cancelling 1 handlers" in line for line in w.lines)
 
     # nothing lost: each input either has its result in the sink and is gone, or is still queued
