@@ -62,6 +62,35 @@ OPERATIONS = {ev.Put: "put", ev.Get: "get", ev.Delete: "delete", ev.Truncate: "t
               ev.DashboardFile: "dashboard", ev.DashboardData: "dashboard"}
 
 
+class RequestIds:
+    """The requestIds the server gives puts that bring none, in UUID4 form (docs/protocol.md 5.1)
+    at a fraction of `uuid.uuid4`'s cost (16 bytes from the OS and a `UUID` object per put, ~2% of
+    a put's CPU): the first 74 random bits are drawn from a `uuid4` per instance (each process and
+    each start draws its own) and the last group, 48 bits, counts up from a random start; once it
+    runs out, a fresh draw. So the ids of one instance never repeat and two instances' ids do not
+    meet. Not task-safe across threads (a trio run is one thread)."""
+
+    __slots__ = ("_prefix", "_next")
+
+    _LIMIT = 1 << 48   # the last group's 12 hex digits
+
+    def __init__(self) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
+        fresh = str(uuid.uuid4())
+        self._prefix = fresh[:24]          # "xxxxxxxx-xxxx-4xxx-yxxx-": version and variant kept
+        self._next = int(fresh[24:], 16)
+
+    def __call__(self) -> str:
+        n = self._next
+        if n >= self._LIMIT:
+            self._draw()
+            n = self._next
+        self._next = n + 1
+        return f"{self._prefix}{n:012x}"
+
+
 def long_poll_deadline(timeout: float) -> float:
     """Answer a little before the client's own timeout (the Python SDK's `_timeout_` equals its
     HTTP timeout: an answer at the deadline could arrive after the client gave up)."""
@@ -93,6 +122,7 @@ class App:
         self.dashboard = Dashboard(self.metrics, config, wall_clock=wall_clock)
         self._anon = itertools.count(1)
         self._boot = uuid.uuid4().hex[:8]
+        self._request_id = RequestIds()
         self.stopping = False  # set by shutdown(): long-polling gets answer at once
 
     def shutdown(self) -> None:
@@ -206,7 +236,7 @@ class App:
         start = trio.current_time()
         tags = dict(op.tags)
         chosen = tags.get("requestId")   # the client's: with a dedup window, a retry stores nothing
-        request_id = tags["requestId"] = chosen or str(uuid.uuid4())
+        request_id = tags["requestId"] = chosen or self._request_id()
         tags["ts@sink" if queue.ref.sink else "ts@source"] = str(int(self._wall_clock() * 1000))
         if chosen:
             index, duplicate = await queue.put_unique(op.data, tags, op.priority)
