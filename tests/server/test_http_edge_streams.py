@@ -275,3 +275,27 @@ def test_response_heads_are_cached_unless_they_carry_a_request_id():
         assert put.headers[-1] == (b"x-eas-queueservice-request-id", f"rid-{i}".encode())
     assert heads.response(200, ok) is head
     assert HeadCache().response(200, ok) is not head
+
+
+def test_a_put_head_from_the_cache_is_the_head_h11_builds_and_checks_its_request_id():
+    """A put's head reuses the validated other headers and checks only its request id: the head
+    is the one h11 builds from scratch, a value h11 refuses is still refused, a valid one outside
+    the fast path's visible ASCII (a space, latin-1) still goes out."""
+    from qserve.server.edge import HeadCache
+    heads = HeadCache()
+    base = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "1")]
+
+    def wire(head: h11.Response) -> bytes:
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        conn.next_event(), conn.next_event()
+        return conn.send(head)
+
+    for rid in ("r1", "r2", "0f8fad5b-d9cb-469f-a165-70867728950e", "with space", "caf\u00e9"):
+        headers = [base[0], ("X-Eas-Queueservice-Request-Id", rid), base[1]]
+        expected = h11.Response(status_code=200, reason=b"OK",
+                                headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
+        assert wire(heads.response(200, headers)) == wire(expected)
+    for bad in ("a\r\nX-Injected: 1", "trailing ", "\x00"):
+        with pytest.raises(h11.LocalProtocolError):
+            heads.response(200, [base[0], ("X-Eas-Queueservice-Request-Id", bad), base[1]])
