@@ -92,14 +92,26 @@ def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Hea
 
 def _queue_for(path: str, config: Config) -> tuple[ev.QueueRef | None, str]:
     """The queue a path names and the custom sub-path of a put ('' if none)."""
-    return _queue_at(path, config.queues, config.root_service)
+    if len(path) <= _MEMO_PATH_MAX:
+        return _queue_at(path, config.queues, config.root_service)
+    return _parse_queue_path(path, config.queues, config.root_service)
 
 
-@functools.lru_cache(maxsize=4096)
+# The memo's bound: 1024 paths of at most 256 characters (~0.5 MB with the cache's own entries).
+# Longer paths are parsed every time: no client puts to one over and over, and caching them would
+# let a client naming ever new long paths hold megabytes.
+_MEMO_PATH_MAX = 256
+
+
+@functools.lru_cache(maxsize=1024)
 def _queue_at(path: str, queues: tuple[str, ...], root_service: str | None) -> tuple[ev.QueueRef | None, str]:
-    # A pure function of its arguments, memoized per path: clients put to a few paths over and
-    # over, and parsing one (with `service_problem`'s checks) was ~3% of a put's CPU. Bounded, so
-    # a client naming ever new paths only churns the cache; the QueueRef it shares is frozen.
+    return _parse_queue_path(path, queues, root_service)
+
+
+def _parse_queue_path(path: str, queues: tuple[str, ...], root_service: str | None) -> tuple[ev.QueueRef | None, str]:
+    # A pure function of its arguments, memoized per path (`_queue_at`): clients put to a few
+    # paths over and over, and parsing one (with `service_problem`'s checks) was ~3% of a put's
+    # CPU. The QueueRef the memo shares is frozen.
     if path.startswith(names.MOUNT):
         parts = path[len(names.MOUNT):].split("/")
         service, rest = parts[0], parts[1:]

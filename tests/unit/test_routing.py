@@ -158,3 +158,18 @@ def test_a_bad_or_missing_parameter_is_one_400_naming_it(method, query, body, re
     with pytest.raises(BadRequest) as bad:
         r(method, "/api/predict/s", query, body=body)
     assert bad.value.reason.startswith(reason) and bad.value.http_status == 400
+
+
+def test_the_path_memo_is_bounded_and_skips_long_paths():
+    """Routing memoizes short paths only (at most 1024 of them): a client naming ever new long
+    paths must not make the server hold them; a long path still routes the same."""
+    from qserve.core import routing
+    routing._queue_at.cache_clear()
+    long_path = "/api/predict/svc/" + "x" * routing._MEMO_PATH_MAX
+    op = r("POST", long_path)
+    assert op.queue == ev.QueueRef("svc") and dict(op.tags)["_path_"] == "x" * routing._MEMO_PATH_MAX
+    assert routing._queue_at.cache_info().currsize == 0
+    for i in range(1100):
+        assert r("POST", f"/api/predict/svc/{i}").queue == ev.QueueRef("svc")
+    info = routing._queue_at.cache_info()
+    assert info.currsize == info.maxsize == 1024
