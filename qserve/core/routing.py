@@ -233,10 +233,23 @@ def identity_from(headers: Headers, anonymous_user: str) -> ev.Identity:
     return ev.Identity(group, user)
 
 
-@functools.lru_cache(maxsize=1024)   # a pure function of the few names clients send, on every put
 def canonical_header(name: str) -> str:
     """Go's canonical MIME header key: `x-eas-foo` -> `X-Eas-Foo`."""
+    if len(name) <= _MEMO_NAME_MAX:
+        return _canonical_memo(name)
+    return _canonical(name)
+
+
+# Memoized: a pure function of the few names clients send, on every put. Bound: 1024 names of at
+# most 64 characters; a longer name is computed each time.
+_MEMO_NAME_MAX = 64
+
+
+def _canonical(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+_canonical_memo = functools.lru_cache(maxsize=1024)(_canonical)
 
 
 def header_tags(headers: Headers) -> list[tuple[str, str]]:

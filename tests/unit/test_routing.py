@@ -173,3 +173,12 @@ def test_the_path_memo_is_bounded_and_skips_long_paths():
         assert r("POST", f"/api/predict/svc/{i}").queue == ev.QueueRef("svc")
     info = routing._queue_at.cache_info()
     assert info.currsize == info.maxsize == 1024
+
+
+def test_the_header_name_memo_skips_long_names():
+    from qserve.core import routing
+    routing._canonical_memo.cache_clear()
+    long_name = "x-eas-" + "ab-" * 30
+    assert routing.canonical_header(long_name) == "X-Eas-" + "Ab-" * 30
+    assert routing.canonical_header("x-eas-foo") == "X-Eas-Foo"
+    assert routing._canonical_memo.cache_info().currsize == 1
