@@ -8,6 +8,7 @@ seconds; the full benchmarks are run by hand (see the docstrings of tools/bench/
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -179,6 +180,9 @@ def test_bench_ratios_quick_prints_table(tmp_path):
     if have_wrk():
         assert "durable put c16 (wrk)" in out and "bare trio+h11" in out
     assert "round 1/1" in proc.stderr                # progress went to stderr
+    if len(os.sched_getaffinity(0)) >= 2:           # pinned: the ceiling's fsync on the servers' CPU,
+        assert re.search(r"fsync_bench: p50 \d+ us on the servers' CPU \d+, \d+ us on CPU \d+", proc.stderr)
+        assert "same, fsync measured on the client CPU" in out
     assert "writing" not in out                      # the storage bench's progress too
     assert list(tmp_path.iterdir()) == []
     running = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _cmdline_has(pid, str(tmp_path))]
