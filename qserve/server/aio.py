@@ -39,18 +39,18 @@ import tempfile
 from itertools import count
 
 import trio
-from trio._core import _run as _trio_run   # the run queue's length: `_nothing_runnable`
+from trio._core import _run as _trio_run   # the run queue's length: `nothing_runnable`
 
 from .reaping import reap_then_drain
 
-__all__ = ["AioSync"]
+__all__ = ["AioSync", "nothing_runnable"]
 
 _NR = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4)}   # io_setup, io_destroy, io_submit, io_getevents
 _IOCB_CMD_FSYNC = 2
 _IOCB_FLAG_RESFD = 1
 
 
-def _nothing_runnable() -> bool:
+def nothing_runnable() -> bool:
     """True when no other task of this trio run is scheduled to run (the run queue is empty). Reads
     the runner's queue directly: `trio.lowlevel.current_statistics` counts every registered fd too,
     which costs O(connections) per call. False when that private attribute is not there."""
@@ -160,7 +160,7 @@ class AioSync:
             return None
         if not self.serving:
             raise RuntimeError("AioSync is not serving")
-        if not self._jobs and _nothing_runnable():
+        if not self._jobs and nothing_runnable():
             return await self._fsync_inline(fds, on_done)
         job = _Job(len(fds), on_done)
         with trio.CancelScope(shield=True):

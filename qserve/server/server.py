@@ -200,6 +200,9 @@ class Server:
                        edge_statistics=lambda: self.http.statistics() if self.http is not None else {})
         queue_tasks.start_soon(self.watch.fallback)   # stopped with the queue tasks
         self.http = HTTPServer(self.app.handle, self.app.websocket, http_config_for(config))
+        if isinstance(self.queues, QueueManager):
+            http = self.http
+            self.queues.one_client = lambda: http.open_connections <= 1
         async with trio.open_nursery() as front:
             if self._listeners is None:
                 self.port = await front.start(self.http.serve_tcp, config.host, config.port)
