@@ -9,6 +9,8 @@ Real time (fsyncs in worker threads); every test is bounded by `trio.fail_after`
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import trio
 import trio.testing
 
@@ -19,13 +21,20 @@ from ..helpers.inproc import running_server
 from ..helpers.queue_files import SwitchIO, contents, reopen
 
 
-async def test_a_lone_clients_puts_fsync_in_their_own_task_and_are_on_disk_when_answered(tmp_path):
+@asynccontextmanager
+async def first_put(tmp_path, service: str):
+    """A server (fsync always, over a `SwitchIO`) whose one client put b"first" (index 1) into
+    ``service``; yields (io, harness, client, queue)."""
     io = SwitchIO()
+    async with running_server(tmp_path, fileio=io, fsync="always") as srv:
+        c = await srv.client(service)
+        assert await put(c, b"first") == (200, b"1")
+        yield io, srv, c, await srv.server.queues.get(QueueRef(service))
+
+
+async def test_a_lone_clients_puts_fsync_in_their_own_task_and_are_on_disk_when_answered(tmp_path):
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv:
-            c = await srv.client("solo")
-            assert await put(c, b"first") == (200, b"1")
-            queue = await srv.server.queues.get(QueueRef("solo"))
+        async with first_put(tmp_path, "solo") as (io, srv, c, queue):
             here, fsyncs = queue.rounds_here, io.fsyncs
             for i in range(2, 6):
                 assert await put(c, b"p%d" % i) == (200, b"%d" % i)
@@ -47,12 +56,8 @@ async def test_a_lone_clients_puts_fsync_in_their_own_task_and_are_on_disk_when_
 
 
 async def test_a_failed_fsync_in_a_waiters_own_round_is_a_503_and_stores_nothing(tmp_path):
-    io = SwitchIO()
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv:
-            c = await srv.client("eio")
-            assert await put(c, b"kept") == (200, b"1")
-            queue = await srv.server.queues.get(QueueRef("eio"))
+        async with first_put(tmp_path, "eio") as (io, srv, c, queue):
             here = queue.rounds_here
             io.fail_fsync = True
             status, body = await put(c, b"lost")
@@ -64,7 +69,7 @@ async def test_a_failed_fsync_in_a_waiters_own_round_is_a_503_and_stores_nothing
             after = int(body)
     qlog = reopen(tmp_path, "eio")
     try:
-        assert contents(qlog) == [(1, b"kept"), (after, b"after")]
+        assert contents(qlog) == [(1, b"first"), (after, b"after")]
     finally:
         qlog.close()
 
@@ -73,13 +78,9 @@ async def test_no_waiter_runs_a_round_while_the_flushers_is_in_progress(tmp_path
     """The flusher's fsync is held at the gate; a put made meanwhile by what is then a lone client
     waits for the flusher (a round of its own would begin a second sync while the first is open):
     neither is answered before the gate opens, then both are, and both are on disk."""
-    io = SwitchIO()
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fileio=io, fsync="always") as srv:
+        async with first_put(tmp_path, "held") as (io, srv, _, queue):
             manager = srv.server.queues
-            c = await srv.client("held")
-            assert await put(c, b"first") == (200, b"1")
-            queue = await manager.get(QueueRef("held"))
             here = queue.rounds_here
             results = {}
 

@@ -61,7 +61,7 @@ class GroupCommit:
                  one_client: Callable[[], bool] | None = None) -> None:
         self.ref = ref
         self._one_client = one_client    # () -> True while one connection is all the server has
-        self._in_round = False           # the flusher is inside `_sync_round` (awaiting its fsync)
+        self._in_round = False           # the flusher's round is open (`_sync_round`, after sync_begin)
         self.rounds_here = 0             # rounds run by the waiting task itself (`_round_here`)
         self._on_rollback = on_rollback  # entries whose delete was undone are deliverable again
         self.log = qlog
@@ -190,31 +190,28 @@ class GroupCommit:
         the kernel answers, and wakes the ``first`` waiters then (all waiters when there are none):
         a scheduling batch sooner than this task could, and every durable answer and auto-commit
         frame waits for that. Returns True then; False when this task ended the round."""
-        self._in_round = True   # no waiter runs a round of its own meanwhile (`_may_round_here`)
-        try:
-            return await self._sync_round_in()
-        finally:
-            self._in_round = False
-
-    async def _sync_round_in(self) -> bool:
         # let requests that are already runnable append first, so this round covers them too
         await trio.lowlevel.checkpoint()
         self._observe()
         ticket = self.log.sync_begin()
-        aio = self._aio
-        if aio is not None and aio.serving and ticket.plain_files:
-            await aio.fsync(ticket.fds, on_done=lambda error: self._end_round(ticket, error, wake=True))
-            return True
-        failure: OSError | None = None
+        self._in_round = True   # until the round ends, no waiter runs one of its own (`_may_round_here`)
         try:
-            if self._pool is not None:
-                await self._pool.run(ticket.run)
-            else:
-                await trio.to_thread.run_sync(ticket.run)
-        except OSError as exc:
-            failure = exc
-        self._end_round(ticket, failure)
-        return False
+            aio = self._aio
+            if aio is not None and aio.serving and ticket.plain_files:
+                await aio.fsync(ticket.fds, on_done=lambda error: self._end_round(ticket, error, wake=True))
+                return True
+            failure: OSError | None = None
+            try:
+                if self._pool is not None:
+                    await self._pool.run(ticket.run)
+                else:
+                    await trio.to_thread.run_sync(ticket.run)
+            except OSError as exc:
+                failure = exc
+            self._end_round(ticket, failure)
+            return False
+        finally:
+            self._in_round = False
 
     def _end_round(self, ticket: storage.SyncTicket, failure: BaseException | None, *, wake: bool = False) -> None:
         if wake:   # an AIO round: ``failure`` is the fsyncs' outcome, not yet on the ticket
