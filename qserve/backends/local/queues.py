@@ -29,6 +29,7 @@ from qserve.storage.index import next_live
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.local.commit import GroupCommit, Signal
 from qserve.backends.local.dedup import RecentPuts
+from qserve.backends.local.delays import KeptDelays
 from qserve.backends.local.errors import raising_core_errors
 from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
@@ -101,9 +102,8 @@ class Queue(GroupCommit):
         for rid, index, at_ms in recent:   # the window's puts as the segment files hold them (a reopen)
             self.recent.note(rid, index, at_ms)
         self.dispatcher = Dispatcher(self.source, now=trio.current_time, filters=self.filters, policy=self.policy)
-        self.dispatcher.new_delays = []
-        self._delay_keys: dict[str, tuple[int, str]] = {}   # persisted delays: state key -> (index, group)
-        self._restore_delays()
+        self.delays = KeptDelays(qlog, self.dispatcher, wall_clock)
+        self.delays.restore(self.source)
         self._drop_cut_replays()
         self._policy_changed = Signal()  # a delivery or a delay may have moved the next wake-up earlier
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
@@ -300,13 +300,13 @@ class Queue(GroupCommit):
     @raising_core_errors
     async def attach(self, spec: ConsumerSpec) -> None:
         self.dispatcher.attach(spec)   # a replaced consumer's entries go back (and may be delayed)
-        self._keep_delays()
+        self.delays.keep()
         self.notify()
 
     @raising_core_errors
     async def release(self, consumer_id: str, unwritten: Collection[int] = ()) -> None:
         self.dispatcher.detach(consumer_id, unwritten)
-        self._keep_delays()
+        self.delays.keep()
         await self._dead_letter()
         self.notify()
 
@@ -366,7 +366,7 @@ class Queue(GroupCommit):
                        group: str | None = None) -> None:
         self.dispatcher.negative(indexes, code, reason, group=group, delay=delay)
         self._policy_changed.fire()
-        delayed = self._keep_delays()
+        delayed = self.delays.keep()
         await self._dead_letter()
         self.notify()
         if delayed:   # the answer says the delay holds, a restart included
@@ -385,32 +385,10 @@ class Queue(GroupCommit):
                 await self._policy_changed.wait()
             if self.dispatcher.expire():
                 await self._dead_letter()
-            self._keep_delays()
-            self._forget_delays()
+            self.delays.keep()
+            self.delays.forget()
             woken = trio.current_time()
             self.notify()
-
-    # A delay's due time is kept in the log's state as ``delay:INDEX:GROUP`` = due (unix ms), so a
-    # restart hides the entry until then too; the key is removed (an empty value) once the delay is
-    # due or its entry gone. Clock times (trio's) and wall times convert at the moment of writing.
-    def _restore_delays(self) -> None:
-        clock, now_ms = trio.current_time(), self._wall_clock() * 1000
-        stale: dict[str, str] = {}
-        for key, value in self.log.state.items():
-            if not key.startswith(DELAY_KEY):
-                continue
-            try:
-                _, index_text, group = key.split(":", 2)
-                index, due_ms = int(index_text), int(value)
-            except ValueError:
-                index, due_ms, group = 0, 0, ""
-            if due_ms <= now_ms or index not in self.source:
-                stale[key] = ""
-                continue
-            self.dispatcher.restore_delay(index, group, clock + (due_ms - now_ms) / 1000)
-            self._delay_keys[key] = (index, group)
-        if stale:
-            self.log.set_state(**stale)
 
     def _drop_cut_replays(self) -> None:
         """At open, before any put: drop the replay markers whose entry is not in the log (a crash
@@ -418,36 +396,6 @@ class Queue(GroupCommit):
         cut = {f"{REPLAY_KEY}{d}": "" for d, index in self.replayed().items() if index >= self.log.next_index}
         if cut:
             self.log.set_state(**cut)
-
-    def _keep_delays(self) -> bool:
-        """Write the delays the dispatcher made since the last call to the log (True if any)."""
-        new = self.dispatcher.new_delays
-        if not new:
-            return False
-        self.dispatcher.new_delays = []
-        clock, now_ms = trio.current_time(), self._wall_clock() * 1000
-        values: dict[str, str] = {}
-        for index, group, due in new:
-            key = f"{DELAY_KEY}{index}:{group}"
-            values[key] = str(int(now_ms + (due - clock) * 1000))
-            self._delay_keys[key] = (index, group)
-        self.log.set_state(**values)
-        return True
-
-    def _forget_delays(self) -> None:
-        """Remove the kept delays that are due, or whose entry left the queue."""
-        if not self._delay_keys:
-            return
-        clock = trio.current_time()
-        gone = {}
-        for key, (index, group) in self._delay_keys.items():
-            due = self.dispatcher.delay_of(index, group)
-            if due is None or due <= clock:
-                gone[key] = ""
-        for key in gone:
-            del self._delay_keys[key]
-        if gone:
-            self.log.set_state(**gone)
 
     async def _dead_letter(self) -> None:
         """Move the entries the dispatcher dead-lettered (``max_deliveries``) to the dead-letter queue."""
@@ -476,7 +424,6 @@ class Queue(GroupCommit):
             self.notify()
 
 
-DELAY_KEY = "delay:"   # the log state's key prefix of a kept delay
 REPLAY_KEY = "replay:"   # ... of a replayed dead letter: replay:<dlq index> = <index here> (`manager`)
 
 
