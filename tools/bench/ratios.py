@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,10 +55,10 @@ from .redis import PEERBENCH, RedisProc, parse_wrk, run_child
 from .storage import TagPool, bench_reopen
 from .watch import throughput
 from .watch_latency import bare_round_trips, latency_run
+from .ratios_table import render, target_rows
 from .watch_parts import e2e_peak
 
 WINDOW = 10
-_NOT_RUN = "skipped"
 
 
 def free_port() -> int:
@@ -110,10 +109,6 @@ class Ratios:
             self.runs.setdefault(key, []).append(value)
         if label:
             bl.progress(f"  {label}")
-
-    def median(self, key: str) -> float | None:
-        vals = self.runs.get(key)
-        return statistics.median(vals) if vals else None
 
     def script(self, name: str, *argv: str, python: str | None = None, cpu: int | None = None,
                timeout: float = 120.0) -> dict:
@@ -223,66 +218,6 @@ class Ratios:
         for side in (first, second):
             self.latency(side)
 
-    # -- the table -----------------------------------------------------------------------------
-    def rows(self) -> list[dict]:
-        m = self.median
-        rows = []
-
-        def add(target: str, q: float | None, ref: float | None, ref_name: str, goal: str, *, unit: str,
-                ratio: float | None = None, met: bool | None = None, why: str | None = None) -> None:
-            if ratio is None and q is not None and ref:
-                ratio = q / ref
-            rows.append({"target": target, "unit": unit, "qserve": q, "reference": ref, "reference_is": ref_name,
-                         "ratio": ratio, "goal": goal, "met": met, "skipped": why,
-                         "runs": len(self.runs.get(_first_key(target), []))})
-
-        def at_least(r, x):
-            return None if r is None else r >= x
-
-        rq, rb = m("wrk qserve"), m("wrk bare")
-        add("durable put c16 (wrk)", rq, rb, "bare trio+h11", ">= 0.70x", unit="req/s",
-            met=at_least(rq / rb if rq and rb else None, 0.70), why=self.have["wrk"])
-        sq, sb50, f50 = m("seq qserve"), m("seq bare p50"), m("fsync p50")
-        ceiling = 1000 / (sb50 + f50) if sb50 is not None and f50 is not None else None
-        add("durable put seq (http.client)", sq, ceiling, "1/(bare p50 + fsync p50)", ">= 0.80x", unit="req/s",
-            met=at_least(sq / ceiling if sq and ceiling else None, 0.80))
-        f50c = m("fsync p50 client cpu")
-        if f50c is not None and sb50 is not None:
-            add("  same, fsync measured on the client CPU", sq, 1000 / (sb50 + f50c),
-                "1/(bare p50 + fsync p50 there)", "report", unit="req/s")
-        add("durable put seq vs Redis XADD", sq, m("redis seq"), "redis-py, appendfsync always", "report",
-            unit="req/s", why=self.have["redis"])
-        wq, wr = m("watch c1"), m("redis group")
-        add("push+manual commit w10, 1 consumer", wq, wr, "redis-py XREADGROUP 10 + XACK", ">= 1.00x",
-            unit="entries/s", met=at_least(wq / wr if wq and wr else None, 1.0),
-            why=self.have["watch_rate"] or self.have["redis"])
-        add("push+manual commit w10, 4 consumers", m("watch c4"), wr, "redis-py XREADGROUP 10 + XACK (1)", "report",
-            unit="entries/s", why=self.have["redis"] and None)
-        for mode in ("manual", "auto"):
-            p50, p99 = m(f"lat {mode} p50"), m(f"lat {mode} p99")
-            fl50, fl99 = m(f"floor {mode} p50"), m(f"floor {mode} p99")
-            rate = self.rates.get(mode)
-            at = f" at {rate:,.0f}/s" if rate else ""
-            if mode == "manual":
-                add(f"latency manual p50{at}", p50, fl50, "bare round trip p50", "< 1 ms", unit="ms",
-                    met=None if p50 is None else p50 < 1.0)
-                add(f"latency manual p99{at}", p99, fl99, "bare round trip p99", "< 5 ms", unit="ms",
-                    met=None if p99 is None else p99 < 5.0)
-            else:
-                floor = fl50 + f50 if fl50 is not None and f50 is not None else None
-                add(f"latency auto p50{at}", p50, floor, "bare p50 + fsync p50", "<= 1.50x", unit="ms",
-                    met=None if p50 is None or floor is None else p50 <= 1.5 * floor)
-        rs, ram = m("reopen s"), m("ram B")
-        add(f"restart, {self.args.reopen_entries:,} entries", rs, 2.0, "limit", "<= 2 s", unit="s",
-            met=None if rs is None else rs <= 2.0)
-        add("RAM per stored entry", ram, 100.0, "limit", "<= 100 B", unit="B", met=None if ram is None else ram <= 100)
-        lp = m("load probe p99")
-        add(f"{self.args.load_connections} idle conns + {self.args.load_watchers} watchers: probe p99", lp,
-            100.0, "limit", "served, < 100 ms", unit="ms",
-            met=None if lp is None else (lp < 100.0 and not self.runs.get("load errors", [1])[0]),
-            why=None if lp is not None else self.have.get("load"))
-        return rows
-
     # -- no regression -------------------------------------------------------------------------
     def reopen(self) -> None:
         with tempfile.TemporaryDirectory(prefix="qserve-reopen-", dir=self.args.data_dir) as root:
@@ -312,33 +247,6 @@ class Ratios:
         self.note("load probe p99", doc["probe"]["p99_ms"],
                   f"load: probe p99 {doc['probe']['p99_ms']} ms, errors {doc['errors']}, memory growth "
                   f"{doc['memory']['growth_mb']} MB")
-
-
-def _first_key(target: str) -> str:
-    return {"durable put c16 (wrk)": "wrk qserve", "durable put seq (http.client)": "seq qserve",
-            "  same, fsync measured on the client CPU": "seq qserve",
-            "durable put seq vs Redis XADD": "redis seq", "push+manual commit w10, 1 consumer": "watch c1",
-            "push+manual commit w10, 4 consumers": "watch c4"}.get(target, "lat manual p50" if "latency" in target
-                                                                   else "")
-
-
-def render(rows: list[dict]) -> str:
-    def fig(x, unit):
-        if x is None:
-            return "-"
-        return bl.fmt_num(x, 2 if unit in ("ms", "s") else (1 if unit == "B" else 0))
-
-    def verdict(r):
-        if r["skipped"]:
-            return f"{_NOT_RUN}: {r['skipped']}"
-        if r["met"] is None:
-            return "report" if r["goal"] == "report" else "-"
-        return "met" if r["met"] else "MISSED"
-
-    return bl.table([[r["target"], fig(r["qserve"], r["unit"]), fig(r["reference"], r["unit"]), r["unit"],
-                      r["reference_is"], "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["goal"], verdict(r)]
-                     for r in rows],
-                    ["target", "qserve", "reference", "unit", "reference is", "ratio", "target", "verdict"])
 
 
 def available(args: argparse.Namespace) -> dict[str, str | None]:
@@ -446,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for k in ("load",):
             have[k] = "--no-no-regression"
-    rows = bench.rows()
+    rows = target_rows(bench.runs, bench.rates, have, args)
     bl.progress(f"done in {time.monotonic() - t0:.1f}s")
     if args.json:
         bl.dump_json({"benchmark": "ratios", "environment": bl.environment(args), "rows": rows,

@@ -1,0 +1,96 @@
+"""The table of `tools.bench.ratios`: issue #19's targets computed from one run's figures (medians of
+the rounds), each with its reference, ratio, goal and verdict, and the table's text."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from . import lib as bl
+
+__all__ = ["NOT_RUN", "target_rows", "render"]
+
+NOT_RUN = "skipped"
+
+
+def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dict[str, str | None],
+                args: argparse.Namespace) -> list[dict]:
+    """One row per target. ``runs``: every figure by name, one per round (`Ratios.note`); ``rates``:
+    the latency runs' put rates by commit mode; ``have``: why an optional part did not run."""
+    def m(key: str) -> float | None:
+        vals = runs.get(key)
+        return statistics.median(vals) if vals else None
+
+    rows: list[dict] = []
+
+    def add(target: str, key: str, q: float | None, ref: float | None, ref_name: str, goal: str, *, unit: str,
+            met: bool | None = None, why: str | None = None) -> None:
+        rows.append({"target": target, "unit": unit, "qserve": q, "reference": ref, "reference_is": ref_name,
+                     "ratio": q / ref if q is not None and ref else None, "goal": goal, "met": met,
+                     "skipped": why, "runs": len(runs.get(key, []))})
+
+    def at_least(q: float | None, ref: float | None, x: float) -> bool | None:
+        return None if not q or not ref else q / ref >= x
+
+    rq, rb = m("wrk qserve"), m("wrk bare")
+    add("durable put c16 (wrk)", "wrk qserve", rq, rb, "bare trio+h11", ">= 0.70x", unit="req/s",
+        met=at_least(rq, rb, 0.70), why=have["wrk"])
+    sq, sb50, f50 = m("seq qserve"), m("seq bare p50"), m("fsync p50")
+    ceiling = 1000 / (sb50 + f50) if sb50 is not None and f50 is not None else None
+    add("durable put seq (http.client)", "seq qserve", sq, ceiling, "1/(bare p50 + fsync p50)", ">= 0.80x",
+        unit="req/s", met=at_least(sq, ceiling, 0.80))
+    f50c = m("fsync p50 client cpu")
+    if f50c is not None and sb50 is not None:
+        add("  same, fsync measured on the client CPU", "seq qserve", sq, 1000 / (sb50 + f50c),
+            "1/(bare p50 + fsync p50 there)", "report", unit="req/s")
+    add("durable put seq vs Redis XADD", "redis seq", sq, m("redis seq"), "redis-py, appendfsync always", "report",
+        unit="req/s", why=have["redis"])
+    wq, wr = m("watch c1"), m("redis group")
+    add("push+manual commit w10, 1 consumer", "watch c1", wq, wr, "redis-py XREADGROUP 10 + XACK", ">= 1.00x",
+        unit="entries/s", met=at_least(wq, wr, 1.0), why=have["watch_rate"] or have["redis"])
+    add("push+manual commit w10, 4 consumers", "watch c4", m("watch c4"), wr, "redis-py XREADGROUP 10 + XACK (1)",
+        "report", unit="entries/s")
+    for mode in ("manual", "auto"):
+        p50, p99 = m(f"lat {mode} p50"), m(f"lat {mode} p99")
+        fl50, fl99 = m(f"floor {mode} p50"), m(f"floor {mode} p99")
+        rate = rates.get(mode)
+        at = f" at {rate:,.0f}/s" if rate else ""
+        if mode == "manual":
+            add(f"latency manual p50{at}", "lat manual p50", p50, fl50, "bare round trip p50", "< 1 ms", unit="ms",
+                met=None if p50 is None else p50 < 1.0)
+            add(f"latency manual p99{at}", "lat manual p99", p99, fl99, "bare round trip p99", "< 5 ms", unit="ms",
+                met=None if p99 is None else p99 < 5.0)
+        else:
+            floor = fl50 + f50 if fl50 is not None and f50 is not None else None
+            add(f"latency auto p50{at}", "lat auto p50", p50, floor, "bare p50 + fsync p50", "<= 1.50x", unit="ms",
+                met=None if p50 is None or floor is None else p50 <= 1.5 * floor)
+    rs, ram = m("reopen s"), m("ram B")
+    add(f"restart, {args.reopen_entries:,} entries", "reopen s", rs, 2.0, "limit", "<= 2 s", unit="s",
+        met=None if rs is None else rs <= 2.0)
+    add("RAM per stored entry", "ram B", ram, 100.0, "limit", "<= 100 B", unit="B",
+        met=None if ram is None else ram <= 100)
+    lp = m("load probe p99")
+    add(f"{args.load_connections} idle conns + {args.load_watchers} watchers: probe p99", "load probe p99", lp,
+        100.0, "limit", "served, < 100 ms", unit="ms",
+        met=None if lp is None else (lp < 100.0 and not runs.get("load errors", [1])[0]),
+        why=None if lp is not None else have.get("load"))
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    def fig(x, unit):
+        if x is None:
+            return "-"
+        return bl.fmt_num(x, 2 if unit in ("ms", "s") else (1 if unit == "B" else 0))
+
+    def verdict(r):
+        if r["skipped"]:
+            return f"{NOT_RUN}: {r['skipped']}"
+        if r["met"] is None:
+            return "report" if r["goal"] == "report" else "-"
+        return "met" if r["met"] else "MISSED"
+
+    return bl.table([[r["target"], fig(r["qserve"], r["unit"]), fig(r["reference"], r["unit"]), r["unit"],
+                      r["reference_is"], "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["goal"], verdict(r)]
+                     for r in rows],
+                    ["target", "qserve", "reference", "unit", "reference is", "ratio", "target", "verdict"])
