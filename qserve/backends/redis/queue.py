@@ -31,7 +31,7 @@ import trio
 
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.get_waiters import GetWaiters
-from qserve.backends.redis import policies, scripts
+from qserve.backends.redis import group_scripts, policies, scripts
 from qserve.backends.redis.keys import QueueKeys
 from qserve.backends.redis.link import Link
 from qserve.backends.redis.putbatch import PutBatcher
@@ -356,7 +356,7 @@ class RedisQueue:
         self._full.discard(spec.id)
         if spec.auto_commit:
             self._unsent[spec.id] = set()
-        await self._run_policy(scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
+        await self._run_policy(group_scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
                                int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
                                *_pairs(spec.tags))
         self._changed()
@@ -368,7 +368,7 @@ class RedisQueue:
         if token is None:
             return   # replaced or expired: its entries went back already
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-            await self._run_policy(scripts.RELEASE, consumer_id, token, *sorted(unwritten))
+            await self._run_policy(group_scripts.RELEASE, consumer_id, token, *sorted(unwritten))
         self._changed()
 
     def wants(self) -> list[str]:
@@ -403,7 +403,7 @@ class RedisQueue:
         if token is None:
             return []
         unsent = len(self._unsent.get(consumer_id, ()))
-        reply = await self._run(scripts.DELIVER, self._policy_packed(), consumer_id, token, unsent, int(auto))
+        reply = await self._run(group_scripts.DELIVER, self._policy_packed(), consumer_id, token, unsent, int(auto))
         if reply == -1 or self._tokens.get(consumer_id) != token:
             return []   # replaced meanwhile: the eviction closes the session
         free, rows = reply[0], reply[1:]
@@ -423,13 +423,13 @@ class RedisQueue:
     async def commit(self, indexes: Sequence[int], holder: tuple[str, str] | None = None) -> None:
         if indexes:
             group, cid = holder if holder is not None and self.policy.delivery_timeout else ("", "")
-            await self._run(scripts.COMMIT, group, cid, *indexes)
+            await self._run(group_scripts.COMMIT, group, cid, *indexes)
             self._changed()
 
     async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None,
                        group: str | None = None) -> None:
         if indexes:
-            await self._run_policy(scripts.NEGATIVE, code, reason, -1 if delay is None else round(delay * 1000),
+            await self._run_policy(group_scripts.NEGATIVE, code, reason, -1 if delay is None else round(delay * 1000),
                                    group or "", *indexes)
             self._changed()
 
@@ -440,7 +440,7 @@ class RedisQueue:
     async def lease(self) -> None:
         """Renew the leases of this node's consumers and expire other nodes' lapsed ones."""
         mine = self.consumers()
-        gone = await self._run_policy(scripts.LEASE, round(self.config.node_lease * 1000),
+        gone = await self._run_policy(group_scripts.LEASE, round(self.config.node_lease * 1000),
                                       *[x for pair in mine for x in pair])
         self.forget(_text(cid) for cid in gone)
         self._changed()   # entries of an expired consumer (of any node) may be free now
