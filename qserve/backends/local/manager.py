@@ -33,7 +33,7 @@ from qserve.config import Config, ConfigError
 from qserve.core.errors import (Conflict, InsufficientStorage, NotFound, QServeError, QueueFenced, QueueFull,
                                 Unavailable)
 from qserve.core.events import QueueRef
-from qserve.core.groups import DeadLetter
+from qserve.core.group_policies import DeadLetter
 from qserve.core.policy import Letter, dead_letter_tags, replay_letter
 from qserve.server.aio import AioSync
 from qserve.server.syncpool import SyncPool

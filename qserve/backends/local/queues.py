@@ -35,7 +35,8 @@ from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
 from qserve.core.errors import Conflict
 from qserve.core.events import ConsumerSpec, QueueRef
-from qserve.core.groups import DeadLetter, Dispatcher
+from qserve.core.group_policies import DeadLetter
+from qserve.core.groups import Dispatcher
 from qserve.core.policy import Policy
 from qserve.core.routing import MAX_PRIORITY
 from qserve.core.tags import FilterIndex, FilterIndexes
