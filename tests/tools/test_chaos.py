@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from qserve.cli import main as qserve_main
-from qserve.tools.chaos.history import History, id_of, payload_for
+from qserve.tools.chaos.history import History
+from qserve.tools.chaos.records import id_of, payload_for
 
 from ..helpers.redis_server import require_redis_server
 

@@ -2,7 +2,7 @@
 
 The summary is a plain dict (the ``--json`` output): the run's shape (seed, rounds, nodes, the
 backend with its password masked), what was killed, what the workload did and what the checker
-found (`history.Report`; with ``--policies`` also the dead letters, duplicate answers, delayed
+found (`checker.Report`; with ``--policies`` also the dead letters, duplicate answers, delayed
 negative commits, deliveries after a lease ran out, late commits, and poison entries acknowledged
 and not dead-lettered), and ``ok``: nothing lost, resurrected, duplicated, reordered, corrupted or
 poison left, and, on the local backend, the log verified clean (on Redis there is no log to
@@ -15,7 +15,7 @@ import sys
 
 from qserve.config import redact_url
 
-from .history import Report
+from .checker import Report
 from .workload import Counters, Settings
 
 __all__ = ["say", "summarize", "format_table"]

@@ -36,7 +36,8 @@ import trio
 from qserve.client import QueueClient, QueueError
 from qserve.wire import names
 
-from .history import POISON, TIMEOUT_CODE, History, payload_for
+from .history import History
+from .records import POISON, TIMEOUT_CODE, payload_for
 
 __all__ = ["Settings", "Counters", "Workload", "drain", "SERVICE", "TOKEN",
            "new_history", "POLICY_OPTIONS", "MAX_DELIVERIES", "DELIVERY_TIMEOUT"]
