@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .checker import HistoryChecks
-from .records import Attempt, DeadSeen, Put, Removal, Seen
+from .records import Attempt, DeadSeen, Put, Removal, Seen, id_of, payload_for
 
 __all__ = ["History"]
 
