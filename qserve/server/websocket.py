@@ -139,8 +139,9 @@ class ReplayStream(trio.abc.Stream):
 class WebSocketUpgrade:
     """A WebSocket handshake waiting for the application to accept or reject it.
 
-    ``state`` is ``"pending"``, then ``"accepted"`` or ``"rejected"``. Call one of `accept` or
-    `reject` once, from the handler's task (not task-safe).
+    ``state`` is ``"pending"``, then ``"accepted"`` or ``"rejected"``, or ``"broken"`` when
+    `accept` was cut off before the handshake completed (nothing to close but the stream). Call one
+    of `accept` or `reject` once, from the handler's task (not task-safe).
     """
 
     def __init__(self, ws_request: trio_websocket.WebSocketRequest, stream: ReplayStream | None = None) -> None:
@@ -157,7 +158,13 @@ class WebSocketUpgrade:
             trio_websocket.ConnectionClosed: the client went away.
         """
         self._decide("accepted")
-        self.connection = ws = await self._ws_request.accept(extra_headers=_encode(headers))
+        try:
+            self.connection = ws = await self._ws_request.accept(extra_headers=_encode(headers))
+        except BaseException:
+            # cut off mid-handshake (the session cancelled, the client gone): whether the 101 went
+            # out is unknown, so there is no WebSocket to close; the stream is closed forcefully
+            self.state = "broken"
+            raise
         if self._stream is not None:
             self._stream.close_reason = lambda: ws.closed
         return self.connection

@@ -199,6 +199,30 @@ async def test_websocket_message_size_bounded():
                 assert closed.value.reason.code == 1009
 
 
+async def test_an_accept_cut_off_mid_handshake_closes_the_connection_without_an_internal_error(caplog):
+    """The handler's scope cancelled while `accept` runs (a watch session cancelled as it attaches):
+    the handshake may be half-sent, so the connection just closes; nothing is logged as failed."""
+    with trio.fail_after(LIMIT):
+        handled = []
+
+        async def ws_handler(request: Request, upgrade) -> None:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await upgrade.accept()
+            handled.append(upgrade.state)
+
+        async with tcp_server(App(), ws_handler) as (server, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                                  b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            assert await read_to_eof(stream) == b""   # no 101 went out: closed, not answered
+            await settled(lambda: server.statistics()["websockets_open"] == 0)
+            head, _ = await Client(await trio.open_tcp_stream("127.0.0.1", port)).request("GET", "/plain")
+            assert head.status_code == 200   # the server goes on
+        assert handled == ["broken"]
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
 async def test_websocket_bad_handshake_400():
     with trio.fail_after(LIMIT):
         async with tcp_server(App(), ws_app([])) as (_, port):
