@@ -14,10 +14,35 @@ from trio.testing import MockClock
 
 from .helpers.backends import BACKENDS
 from .helpers.machine import command_missing
+from .helpers import process
 from .helpers.process import ServerProcess
 from .helpers.redis_cluster import ClusterServers, SentinelServers, redis_cluster_missing
 from .helpers.redis_server import RedisServer, require_redis_server
 from .helpers.thread_server import ThreadServer
+
+
+LOG_LINES_REPORTED = 200   # the end of each server's log in a failed test's report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    process.started_in_test.clear()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report shows the log of each `qserve serve` process it started: whether a
+    node died, and why, is there and not only in a "connection refused" of the test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when == "call":
+        for srv in process.started_in_test:
+            if srv.proc is None or srv.proc.poll() is None:
+                status = "running"
+            else:
+                status = "killed by the test" if srv.killed else f"exited with status {srv.proc.returncode}"
+            report.sections.append((f"qserve serve on port {srv.port} ({status}), the last of its log",
+                                    "\n".join(srv.lines[-LOG_LINES_REPORTED:])))
 
 
 @pytest.fixture(scope="session")

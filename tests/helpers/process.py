@@ -13,6 +13,10 @@ from pathlib import Path
 
 _LISTEN = re.compile(r"listening on http://\[?([0-9a-f.:]+)\]?:(\d+)")
 
+# every server started since the current test's setup began: when the test fails, conftest adds
+# each one's log to the report (a node that died mid-test says why there)
+started_in_test: list["ServerProcess"] = []
+
 
 def backend_args(url: str | None) -> list[str]:
     """The `qserve serve` flags that put a `ServerProcess` on the backend at ``url`` (the
@@ -34,6 +38,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.lines: list[str] = []
+        self.killed = False
         self._more = threading.Condition()   # notified for each line, and at the end of the output
         self._ended = False
 
@@ -51,7 +56,9 @@ class ServerProcess:
         if self.token:
             args += ["--token", self.token]
         env = {k: v for k, v in os.environ.items() if not k.startswith("QSERVE_")}
+        self.killed = False   # by `kill` (SIGKILL from the test), rather than exited on its own
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        started_in_test.append(self)
         found = threading.Event()
         self._ended = False
 
@@ -95,6 +102,7 @@ class ServerProcess:
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.killed = True
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
