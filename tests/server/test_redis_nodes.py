@@ -8,7 +8,11 @@ import base64
 import json
 
 import coredis
+import msgpack
 import trio
+
+from qserve.backends.redis.keys import QueueKeys
+from qserve.core.events import QueueRef
 
 from ..helpers.inproc import next_frame, no_frame, running_server
 
@@ -101,6 +105,41 @@ async def test_the_same_consumer_on_another_node_replaces_the_stale_socket(tmp_p
                         break
             assert (await c.attrs())["consumers.stats.total"] == "1"
             nursery.cancel_scope.cancel()
+
+
+async def test_messages_no_node_wrote_on_a_queue_s_event_channel_are_ignored_and_said_once(
+        tmp_path, redis_url, autojump_clock, caplog):
+    """Anybody with access to Redis may PUBLISH on a queue's event channel: garbage there is
+    ignored (one warning per queue), and the nodes go on hearing each other's puts."""
+    foreign = [b"p1 2x \x80", b"pnode 5 \xc1", b"pnode 5 " + msgpack.packb([1]), b"pnode 5",
+               b"k\xff\xfe", b"kno-token", b"zzz", b""]
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "a", backend=redis_url) as a, \
+                running_server(tmp_path / "b", backend=redis_url) as b:
+            putter, waiter = await a.client("m"), await b.client("m")
+            assert (await putter.call("POST", "", b"first"))[0] == 200
+            assert (await waiter.attrs())["stream.length"] == "1"   # node B has the queue open too
+            async with coredis.Redis.from_url(redis_url) as r:
+                for message in foreign:   # both nodes hear each one before the put below
+                    assert await r.publish(QueueKeys(QueueRef("m")).channel, message) == 2
+            result = {}
+
+            async def wait_get():
+                result["resp"] = await waiter.call("GET", "_index_=2&_timeout_=20s&_raw_=false")
+                result["at"] = trio.current_time()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_get)
+                await trio.sleep(5)
+                assert "resp" not in result
+                assert (await putter.call("POST", "", b"second"))[0] == 200
+                put_at = trio.current_time()
+            status, body = result["resp"]
+            assert status == 200 and base64.b64decode(json.loads(body)[0]["data"]) == b"second"
+            assert result["at"] - put_at < 1   # woken by node A's event, not by the timeout
+    said = [r.getMessage() for r in caplog.records if "that no qserve node wrote" in r.getMessage()]
+    assert len(said) == 2 and all(":m:ev" in line or "m}:ev" in line for line in said), said   # once per node
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
 async def test_redis_out_of_memory_is_507_and_stores_nothing(tmp_path, redis_url, autojump_clock):

@@ -67,7 +67,8 @@ import msgpack
 
 from qserve.core.events import QueueRef
 
-__all__ = ["queue_tag", "QueueKeys", "REGISTRY", "EVENT_PATTERN", "tag_of_channel", "registry_entry", "registered_ref"]
+__all__ = ["queue_tag", "QueueKeys", "REGISTRY", "EVENT_PATTERN", "tag_of_channel", "parse_event", "registry_entry",
+           "registered_ref"]
 
 #: every queue ever created: hash tag -> msgpack [service, sink]
 REGISTRY = "qs:queues"
@@ -98,6 +99,30 @@ def tag_of_channel(channel: bytes | str) -> str:
     """The queue tag of an ``<tag>:ev`` channel name."""
     name = channel.decode() if isinstance(channel, bytes) else channel
     return name[:-len(":ev")]
+
+
+def parse_event(message: bytes) -> tuple[str, str | bytes, int | str | None, dict | None]:
+    """A message of an ``ev`` channel: ``("p", node, index, tags)`` a put, ``("c", node, None,
+    None)`` any other change, ``("k", consumer id, token, None)`` a consumer replaced or expired.
+
+    Raises: ValueError for a message no qserve node writes (anybody may PUBLISH on the channel)."""
+    kind, rest = message[:1], message[1:]
+    if kind == b"k":
+        cid, sep, token = rest.decode().partition(" ")
+        if sep and cid and token:
+            return "k", cid, token, None
+    elif kind == b"c":
+        return "c", rest, None, None
+    elif kind == b"p":
+        node, _, rest = rest.partition(b" ")
+        index, sep, packed = rest.partition(b" ")
+        try:
+            tags = msgpack.unpackb(packed) if sep else None
+        except (ValueError, TypeError) as exc:   # msgpack's errors are ValueErrors; an unhashable map key a TypeError
+            raise ValueError(f"bad tags: {exc}") from None
+        if index.isdigit() and isinstance(tags, dict):
+            return "p", node, int(index), tags
+    raise ValueError("not an event of a qserve node")
 
 
 class QueueKeys:

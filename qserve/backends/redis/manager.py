@@ -87,6 +87,7 @@ class RedisBackend:
                          wait_timeout=config.redis_wait_timeout)
         self._queues: dict[QueueRef, RedisQueue] = {}
         self._by_tag: dict[str, RedisQueue] = {}
+        self._malformed_seen: set[str] = set()   # tags of queues whose channel carried a foreign message
         self._opening: dict[QueueRef, trio.Lock] = {}   # queues being opened (bounded by requests)
         self._closed = False
         self._tasks: trio.Nursery | None = None   # the node's tasks, inside the client's lifetime
@@ -139,6 +140,7 @@ class RedisBackend:
     async def _listen(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Every queue's channel, for the life of the nursery; reconnects with backoff."""
         delay = LISTEN_BACKOFF[0]
+        odd = None   # the last unexpected fault logged
         while True:
             try:
                 pubsub = self.link.client.pubsub(patterns=[EVENT_PATTERN], ignore_subscribe_messages=True,
@@ -150,15 +152,37 @@ class RedisBackend:
                     for queue in list(self._queues.values()):
                         queue.wake_all()   # what happened while the subscription was down
                     async for message in pubsub:
-                        queue = self._by_tag.get(tag_of_channel(message["channel"]))
+                        tag = tag_of_channel(message["channel"])
+                        queue = self._by_tag.get(tag)
                         if queue is not None:
-                            queue.on_event(message["data"])
+                            try:
+                                queue.on_event(message["data"])
+                            except ValueError as exc:
+                                self._malformed(tag, message["data"], exc)
             except* anyio.ClosedResourceError:
                 pass   # coredis closing the subscription's connection under it (a reset, or shutdown)
-            except* (rx.RedisError, OSError, TimeoutError):
+            except* (rx.RedisError, OSError, TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream):
                 self.link.failed(f"redis at {self.where} is unreachable")
+            except* Exception as group:
+                # not Redis failing: a fault in the client library's subscription (or in this loop).
+                # The node goes on serving (it would see no other node's puts until it subscribes
+                # again); said once per kind of fault, with the traceback at debug level
+                said = f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}"
+                if said != odd:
+                    odd = said
+                    log.error("redis at %s: the event subscription failed (%s); subscribing again", self.where,
+                              said[:200])
+                    log.debug("event subscription traceback", exc_info=group)
             await trio.sleep(delay)
             delay = min(delay * 2, LISTEN_BACKOFF[1])
+
+    def _malformed(self, tag: str, data: bytes, exc: ValueError) -> None:
+        """A message on a queue's event channel that no qserve node wrote: ignored; said once per
+        queue (anybody may PUBLISH there; a flood must not flood the log)."""
+        if tag not in self._malformed_seen:
+            self._malformed_seen.add(tag)
+            log.warning("redis at %s: ignored a message on %s:ev that no qserve node wrote (%s): %r; "
+                        "further ones there are ignored silently", self.where, tag, exc, bytes(data[:60]))
 
     async def _leases(self) -> None:
         """Renew this node's consumers' leases and expire other nodes' lapsed ones, every third of

@@ -32,7 +32,7 @@ import trio
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.get_waiters import GetWaiters
 from qserve.backends.redis import group_scripts, policies, scripts
-from qserve.backends.redis.keys import QueueKeys
+from qserve.backends.redis.keys import QueueKeys, parse_event
 from qserve.backends.redis.link import Link
 from qserve.backends.redis.putbatch import PutBatcher
 from qserve.config import Config
@@ -188,24 +188,21 @@ class RedisQueue:
     # -- events from the queue's channel ------------------------------------------------------
     def on_event(self, message: bytes) -> None:
         """A message of the queue's ``ev`` channel (see `keys`), from any node; this node's own
-        puts and changes were announced already (`_announce`, `_changed`)."""
-        kind, rest = message[:1], message[1:]
-        if kind == b"k":
-            cid, _, token = rest.decode().partition(" ")
-            if self._tokens.get(cid) == token:   # ours, replaced on another node or expired
-                del self._tokens[cid]
-                self._unsent.pop(cid, None)
+        puts and changes were announced already (`_announce`, `_changed`).
+
+        Raises: ValueError for a message no qserve node writes (nothing changed then)."""
+        kind, who, index, tags = parse_event(message)   # ValueError: malformed (the manager says so)
+        if kind == "k":
+            if self._tokens.get(who) == index:   # ours (`index` is the token), replaced elsewhere or expired
+                del self._tokens[who]
+                self._unsent.pop(who, None)
                 if self.on_evict is not None:
-                    self.on_evict(self.ref, cid)
-            return
-        node, _, rest = rest.partition(b" ")
-        if node == self._node_id:
-            return
-        if kind == b"p":
-            index, _, packed = rest.partition(b" ")
-            self._announce(RedisEntry(int(index), b"", msgpack.unpackb(packed)))
-        else:
-            self._changed()
+                    self.on_evict(self.ref, who)
+        elif who != self._node_id:
+            if kind == "p":
+                self._announce(RedisEntry(index, b"", tags))
+            else:
+                self._changed()
 
     def _announce(self, entry: RedisEntry) -> None:
         """A put: wake the gets it may answer and the watchers it may concern."""
