@@ -12,6 +12,7 @@ import msgpack
 import trio
 
 from qserve.backends.redis.keys import QueueKeys
+from qserve.backends.redis.manager import LEASE_CHECK
 from qserve.core.events import QueueRef
 
 from ..helpers.inproc import next_frame, no_frame, running_server
@@ -140,6 +141,34 @@ async def test_messages_no_node_wrote_on_a_queue_s_event_channel_are_ignored_and
     said = [r.getMessage() for r in caplog.records if "that no qserve node wrote" in r.getMessage()]
     assert len(said) == 2 and all(":m:ev" in line or "m}:ev" in line for line in said), said   # once per node
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def test_a_lease_round_that_redis_fails_unexpectedly_is_said_once_and_the_node_goes_on(
+        tmp_path, redis_url, autojump_clock, caplog):
+    """A key of a queue that is not of the type its scripts expect (written by something else) makes
+    every lease round of that queue fail with WRONGTYPE: the node says so once, keeps serving, and
+    its lease rounds work again once the key is repaired."""
+    lease_key = QueueKeys(QueueRef("w")).key("lease")
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_url) as srv, trio.open_nursery() as nursery:
+            c = await srv.client("w")
+            assert (await c.call("POST", "", b"before"))[0] == 200
+            async with coredis.Redis.from_url(redis_url) as r:
+                await r.delete([lease_key])
+                await r.set(lease_key, "not a hash")
+                await trio.sleep(10 * LEASE_CHECK)   # many lease rounds, each failing
+                assert (await c.call("POST", "", b"during"))[0] == 200
+                said = [rec for rec in caplog.records if "lease round" in rec.getMessage()]
+                assert len(said) == 1 and said[0].levelname == "ERROR" and "wrong kind of value" in said[0].getMessage(), \
+                    [rec.getMessage() for rec in said]
+                await r.delete([lease_key])
+            watcher = await srv.watch(nursery, "w", "_window_=5", user="after")
+            assert [(await next_frame(watcher)).index for _ in range(2)] == [1, 2]
+            await trio.sleep(10 * LEASE_CHECK)   # the rounds renew the new consumer's lease again
+            async with coredis.Redis.from_url(redis_url) as r:
+                assert await r.type(lease_key) == b"hash" and await r.hlen(lease_key) == 1
+            nursery.cancel_scope.cancel()
+    assert not [rec for rec in caplog.records if "Traceback" in rec.getMessage()]
 
 
 async def test_redis_out_of_memory_is_507_and_stores_nothing(tmp_path, redis_url, autojump_clock):

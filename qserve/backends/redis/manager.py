@@ -88,6 +88,7 @@ class RedisBackend:
         self._queues: dict[QueueRef, RedisQueue] = {}
         self._by_tag: dict[str, RedisQueue] = {}
         self._malformed_seen: set[str] = set()   # tags of queues whose channel carried a foreign message
+        self._faults: dict[str, str] = {}         # a failing lease round (one per queue at most) -> its fault, logged
         self._opening: dict[QueueRef, trio.Lock] = {}   # queues being opened (bounded by requests)
         self._closed = False
         self._tasks: trio.Nursery | None = None   # the node's tasks, inside the client's lifetime
@@ -191,9 +192,30 @@ class RedisBackend:
             await trio.sleep(min(self.config.node_lease / 3, LEASE_CHECK))
             for queue in list(self._queues.values()):
                 try:
-                    await queue.lease()
+                    await self._lease_round(queue)
                 except QServeError:
                     break   # Redis is down (logged once by the link); try again next round
+
+    async def _lease_round(self, queue: RedisQueue) -> None:
+        """``queue``'s lease round. A failure that is not Redis being down (a key of the queue
+        holding the wrong type, written by something else; a script error) does not end the
+        node's task: it is said once, as one line, until a round of that queue succeeds again.
+
+        Raises: `QServeError` when Redis is down or refuses (the link logged it)."""
+        what = f"queue {queue.ref.name}: the lease round"
+        try:
+            await queue.lease()
+        except QServeError:
+            raise
+        except Exception as exc:
+            said = f"{type(exc).__name__}: {exc}"
+            if self._faults.get(what) != said:
+                self._faults[what] = said
+                log.error("redis at %s: %s failed (%s); the node goes on and retries it every round", self.where,
+                          what, said[:300])
+                log.debug("lease round traceback", exc_info=exc)
+        else:
+            self._faults.pop(what, None)
 
     # -- the seam -----------------------------------------------------------------------------
     def declared(self, service: str) -> bool:
@@ -388,7 +410,7 @@ class RedisBackend:
             for queue in due:
                 del self._wakes[queue]
                 try:
-                    await queue.lease()
+                    await self._lease_round(queue)
                 except QServeError:
                     pass   # Redis is down: the next lease round tells the due time again
             if due:
