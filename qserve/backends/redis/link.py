@@ -44,6 +44,8 @@ def redis_error(exc: Exception, where: str) -> QServeError | None:
         return Unavailable(f"redis at {where} is a read-only replica; writes need the primary")
     if isinstance(exc, rx.BusyLoadingError):
         return Unavailable(f"redis at {where} is loading its data; retry")
+    if isinstance(exc, rx.NoScriptError):   # still unknown after coredis loaded it: Redis restarted in between
+        return Unavailable(f"redis at {where} lost its scripts (restarted?); retry")
     if isinstance(exc, rx.ResponseError):
         text = str(exc)
         if text.startswith("OOM"):
