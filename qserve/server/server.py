@@ -50,6 +50,8 @@ __all__ = ["Server", "run", "http_config_for", "freeze_startup_heap"]
 
 log = logging.getLogger("qserve")
 
+RECOVER_RETRY = (0.5, 10.0)   # seconds between attempts to open the stored queues at start: first, most
+
 
 def http_config_for(config: Config) -> HTTPConfig:
     return HTTPConfig(
@@ -169,9 +171,29 @@ class Server:
         while a request to a queue opens (recovers) that one at once."""
         assert self.queues is not None
         with reporting_progress(queue_tasks, self._opened):
-            await self.queues.open_declared()
+            await self._open_declared()
         await self._record_start(trio.current_time() - began)
         self.recovered.set()
+
+    async def _open_declared(self) -> None:
+        """`Backend.open_declared`, again after a backoff until it succeeds: a Redis that went away
+        just after the start (or a registry it cannot read) leaves the node serving the queues it
+        is asked for, not ready (503 on `/readyz`) until then. Said once per distinct reason."""
+        assert self.queues is not None
+        delay, said = RECOVER_RETRY[0], None
+        while True:
+            try:
+                return await self.queues.open_declared()
+            except Exception as exc:   # noqa: BLE001 - retried; the reason is logged once
+                reason = exc.reason if isinstance(exc, QServeError) else f"{type(exc).__name__}: {exc}"
+                if reason != said:
+                    said = reason
+                    log.log(logging.WARNING if isinstance(exc, QServeError) else logging.ERROR,
+                            "cannot open the stored queues yet (%s); not ready until then, retrying",
+                            reason[:300])
+                    log.debug("open_declared traceback", exc_info=exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RECOVER_RETRY[1])
 
     def _opened(self) -> int:
         """Queues opened so far (for the start-up's progress lines)."""

@@ -11,7 +11,7 @@ import coredis
 import msgpack
 import trio
 
-from qserve.backends.redis.keys import QueueKeys
+from qserve.backends.redis.keys import REGISTRY, QueueKeys
 from qserve.backends.redis.manager import LEASE_CHECK
 from qserve.core.events import QueueRef
 
@@ -168,6 +168,33 @@ async def test_a_lease_round_that_redis_fails_unexpectedly_is_said_once_and_the_
             async with coredis.Redis.from_url(redis_url) as r:
                 assert await r.type(lease_key) == b"hash" and await r.hlen(lease_key) == 1
             nursery.cancel_scope.cancel()
+    assert not [rec for rec in caplog.records if "Traceback" in rec.getMessage()]
+
+
+async def test_a_registry_the_node_cannot_read_leaves_it_serving_and_not_ready_until_repaired(
+        tmp_path, redis_url, autojump_clock, caplog):
+    """The registry of queues (``qs:queues``) overwritten with another type: the node starts, serves
+    a queue that exists, says once that it cannot open the stored queues, and answers 503 on
+    /readyz until the key is repaired, then 200."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path / "first", backend=redis_url) as srv:
+            assert (await (await srv.client("reg")).call("POST", "", b"stored"))[0] == 200
+        async with coredis.Redis.from_url(redis_url) as r:
+            await r.delete([REGISTRY])
+            await r.set(REGISTRY, "not a hash")
+            async with running_server(tmp_path / "second", backend=redis_url) as srv:
+                c = await srv.client("reg")
+                await trio.sleep(30)   # retries, backing off
+                status, body = await c.request("GET", "/readyz")
+                assert status.status_code == 503 and b"recovering" in body, body
+                said = [rec for rec in caplog.records if "cannot open the stored queues" in rec.getMessage()]
+                assert len(said) == 1 and said[0].levelname == "ERROR" and "wrong kind of value" in said[0].getMessage()
+                status, body = await c.call("GET", "_index_=0&_length_=1&_auto_delete_=false&_raw_=false")
+                assert status == 200 and [base64.b64decode(e["data"]) for e in json.loads(body)] == [b"stored"]
+                await r.delete([REGISTRY])
+                await trio.sleep(20)   # once the registry is readable, recovery ends
+                status, body = await c.request("GET", "/readyz")
+                assert status.status_code == 200, body
     assert not [rec for rec in caplog.records if "Traceback" in rec.getMessage()]
 
 
