@@ -57,14 +57,14 @@ class KeptDelays:
         new = self._dispatcher.new_delays
         if not new:
             return False
-        self._dispatcher.new_delays = []
         clock, now_ms = trio.current_time(), self._wall_clock() * 1000
         values: dict[str, str] = {}
         for index, group, due in new:
-            key = f"{DELAY_KEY}{index}:{group}"
-            values[key] = str(int(now_ms + (due - clock) * 1000))
-            self._keys[key] = (index, group)
-        self._log.set_state(**values)
+            values[f"{DELAY_KEY}{index}:{group}"] = str(int(now_ms + (due - clock) * 1000))
+        self._log.set_state(**values)   # a StorageError leaves them new: the next call writes them
+        self._dispatcher.new_delays = []
+        for index, group, _ in new:
+            self._keys[f"{DELAY_KEY}{index}:{group}"] = (index, group)
         return True
 
     def forget(self) -> None:

@@ -209,29 +209,50 @@ class QueueManager:
         the source's copy when the queue opens again, so the move is atomic as recovery sees it.
         If the dead-letter queue cannot take them, they stay in ``source``, deliverable again."""
         ref = QueueRef(source.ref.service, dlq=True)
+        moved: list[int] = []
+        failure = None
         try:
             dlq = await self._acquire(ref, create=True)   # a service's queue has its dead-letter queue
-            moved = []
             for letter in letters:
                 entry = source.log.read(letter.index)
                 if entry is None:
                     continue
                 tags = {**entry.tags, **dead_letter_tags(source.ref, letter, entry.tags)}
-                dlq_entry = dlq.log.append(entry.data, tags, entry.priority)
+                try:
+                    dlq_entry = dlq.log.append(entry.data, tags, entry.priority)
+                except storage.StorageError as exc:   # the disk is full, say: the rest stay here
+                    failure = core_error(exc).reason
+                    break
                 dlq.notify(dlq_entry)
                 moved.append(letter.index)
             await dlq.wait_durable()
-        except QServeError as exc:
-            log.error("queue %s: cannot move %d entries to %s, they stay deliverable: %s",
-                      source.ref.name, len(letters), ref.name, exc.reason)
-            source.dispatcher.revive([letter.index for letter in letters])
+        except QServeError as exc:   # not opened, or the fsync failed (and rolled the appends back)
+            failure, moved = exc.reason, []
+        if failure is not None:
+            source.say_failing("dead letters", f"cannot move entries to {ref.name}, they stay deliverable: {failure}")
+            source.dispatcher.revive([letter.index for letter in letters if letter.index not in moved])
             source.notify()
+        else:
+            source.say_recovered("dead letters")
+        if not moved:
             return
-        source.dispatcher.removed(source.log.delete(moved))
+        try:
+            source.dispatcher.removed(source.log.delete(moved))
+        except storage.StorageError as exc:
+            # they are in the dead-letter queue, durable; the copies here are deleted when the queue
+            # opens next (`_settle_dead_letters`) and are not delivered meanwhile
+            source.dispatcher.removed(moved)
+            log.error("queue %s: %d entries moved to %s stay here until it reopens: %s", source.ref.name,
+                      len(moved), ref.name, core_error(exc).reason)
+            return
         source.dead_lettered += len(moved)
         log.info("queue %s: %d entr%s moved to %s after %d deliveries", source.ref.name, len(moved),
                  "y" if len(moved) == 1 else "ies", ref.name, max(letter.deliveries for letter in letters))
-        await source.wait_durable()
+        try:
+            await source.wait_durable()
+        except QServeError as exc:   # the deletes rolled back: deliverable here too until it reopens
+            log.error("queue %s: the move of %d entries to %s is durable there, not yet here: %s",
+                      source.ref.name, len(moved), ref.name, exc.reason)
 
     async def _settle_dead_letters(self, source: Queue) -> None:
         """At open: delete from ``source`` every entry its dead-letter queue holds a copy of (a move

@@ -30,7 +30,7 @@ from qserve.backends.base import OnChange, Taken
 from qserve.backends.local.commit import GroupCommit, Signal
 from qserve.backends.local.dedup import RecentPuts
 from qserve.backends.local.delays import KeptDelays
-from qserve.backends.local.errors import raising_core_errors
+from qserve.backends.local.errors import core_error, raising_core_errors
 from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
 from qserve.core.errors import Conflict
@@ -108,6 +108,7 @@ class Queue(GroupCommit):
         self._drop_cut_replays()
         self._policy_changed = Signal()  # a delivery or a delay may have moved the next wake-up earlier
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
+        self._failing: dict[str, str] = {}   # a background step ("delays", "dead letters") -> what was logged
 
     def notify(self, entry: storage.Entry | None = None) -> None:
         """Something changed: wake the watchers that may now get an entry, and for a put (`entry` is
@@ -380,16 +381,35 @@ class Queue(GroupCommit):
         watchers; woken early by a delivery or a negative commit. A delay that was due when the
         watchers were last woken is not waited for again (its group may not poll for a while)."""
         woken = -math.inf
+        retry = math.inf   # after a round the disk refused: when to try again
         while True:
             wake = self.dispatcher.next_wakeup(after=woken)
-            with trio.move_on_at(wake if wake is not None else math.inf):
+            with trio.move_on_at(min(wake if wake is not None else math.inf, retry)):
                 await self._policy_changed.wait()
             if self.dispatcher.expire():
                 await self._dead_letter()
-            self.delays.keep()
-            self.delays.forget()
+            try:
+                self.delays.keep()
+                self.delays.forget()
+            except storage.StorageError as exc:   # kept for the next round; the server goes on
+                self.say_failing("delays", f"cannot record its delays: {core_error(exc).reason}")
+                retry = trio.current_time() + UPKEEP_RETRY
+            else:
+                self.say_recovered("delays")
+                retry = math.inf
             woken = trio.current_time()
             self.notify()
+
+    def say_failing(self, what: str, text: str) -> None:
+        """Log that ``what`` (a background step of this queue) failed, once until it succeeds
+        again or fails otherwise: a step retried every round must not flood the log."""
+        if self._failing.get(what) != text:
+            self._failing[what] = text
+            log.error("queue %s: %s", self.ref.name, text)
+
+    def say_recovered(self, what: str) -> None:
+        if self._failing.pop(what, None) is not None:
+            log.info("queue %s: %s work again", self.ref.name, what)
 
     def _drop_cut_replays(self) -> None:
         """At open, before any put: drop the replay markers whose entry is not in the log (a crash
@@ -425,6 +445,7 @@ class Queue(GroupCommit):
             self.notify()
 
 
+UPKEEP_RETRY = 1.0   # seconds before the upkeep retries a step the disk refused
 REPLAY_KEY = "replay:"   # ... of a replayed dead letter: replay:<dlq index> = <index here> (`manager`)
 
 
