@@ -214,11 +214,11 @@ class QueueManager:
         try:
             dlq = await self._acquire(ref, create=True)   # a service's queue has its dead-letter queue
             for letter in letters:
-                entry = source.log.read(letter.index)
-                if entry is None:
-                    continue
-                tags = {**entry.tags, **dead_letter_tags(source.ref, letter, entry.tags)}
                 try:
+                    entry = source.log.read(letter.index)
+                    if entry is None:
+                        continue
+                    tags = {**entry.tags, **dead_letter_tags(source.ref, letter, entry.tags)}
                     dlq_entry = dlq.log.append(entry.data, tags, entry.priority)
                 except storage.StorageError as exc:   # the disk is full, say: the rest stay here
                     failure = core_error(exc).reason
