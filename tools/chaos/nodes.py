@@ -35,6 +35,8 @@ from .workload import POLICY_OPTIONS, SERVICE, TOKEN, Counters, Settings, Worklo
 
 __all__ = ["run_nodes", "prepare_backend", "Refused", "BackendError"]
 
+LOG_TAIL = 15   # lines of each node's log printed when a run fails
+
 
 class Refused(Exception):
     """The user's Redis holds data and ``--flush`` was not given; the message is one line."""
@@ -115,8 +117,13 @@ async def run_nodes(settings: Settings) -> dict:
                if setup else ""))
         urls = [f"{node.url}/api/predict/{SERVICE}" for node in nodes]
         workload = Workload(urls, history, counters, settings, rng)
-        await workload.run(partial(_rounds, nodes, setup, settings, history, counters, rng))
-        await drain(urls[0], history, dead_letters=settings.policies)
+        try:
+            await workload.run(partial(_rounds, nodes, setup, settings, history, counters, rng))
+            await drain(urls[0], history, dead_letters=settings.policies)
+        except Exception:
+            for node in nodes:   # the run failed mid-way: why a node did not answer is in its log
+                say(f"{node.name} (port {node.port}), the end of its log:\n{node.log_tail(LOG_TAIL)}")
+            raise
     finally:
         with trio.CancelScope(shield=True):
             statuses = [(node, await node.stop()) for node in nodes]
