@@ -229,11 +229,12 @@ class QueueManager:
         except QServeError as exc:   # not opened, or the fsync failed (and rolled the appends back)
             failure, moved = exc.reason, []
         if failure is not None:
-            source.say_failing("dead letters", f"cannot move entries to {ref.name}, they stay deliverable: {failure}")
+            source.faults.failed("dead letters", f"queue {source.ref.name}: cannot move entries to {ref.name}, "
+                                                 f"they stay deliverable: {failure}")
             source.dispatcher.revive([letter.index for letter in letters if letter.index not in moved])
             source.notify()
         else:
-            source.say_recovered("dead letters")
+            source.faults.ok("dead letters", f"queue {source.ref.name}: dead letters work again")
         if not moved:
             return
         try:

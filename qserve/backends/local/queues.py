@@ -31,6 +31,7 @@ from qserve.backends.local.commit import GroupCommit, Signal
 from qserve.backends.local.dedup import RecentPuts
 from qserve.backends.local.delays import KeptDelays
 from qserve.backends.local.errors import core_error, raising_core_errors
+from qserve.backends.faults import Faults
 from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
 from qserve.core.errors import Conflict
@@ -108,7 +109,7 @@ class Queue(GroupCommit):
         self._drop_cut_replays()
         self._policy_changed = Signal()  # a delivery or a delay may have moved the next wake-up earlier
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
-        self._failing: dict[str, str] = {}   # a background step ("delays", "dead letters") -> what was logged
+        self.faults = Faults(log)        # what the upkeep's steps ("delays", "dead letters") said failing
 
     def notify(self, entry: storage.Entry | None = None) -> None:
         """Something changed: wake the watchers that may now get an entry, and for a put (`entry` is
@@ -392,24 +393,14 @@ class Queue(GroupCommit):
                 self.delays.keep()
                 self.delays.forget()
             except storage.StorageError as exc:   # kept for the next round; the server goes on
-                self.say_failing("delays", f"cannot record its delays: {core_error(exc).reason}")
+                self.faults.failed("delays", f"queue {self.ref.name}: cannot record its delays: "
+                                             f"{core_error(exc).reason}")
                 retry = trio.current_time() + UPKEEP_RETRY
             else:
-                self.say_recovered("delays")
+                self.faults.ok("delays", f"queue {self.ref.name}: delays work again")
                 retry = math.inf
             woken = trio.current_time()
             self.notify()
-
-    def say_failing(self, what: str, text: str) -> None:
-        """Log that ``what`` (a background step of this queue) failed, once until it succeeds
-        again or fails otherwise: a step retried every round must not flood the log."""
-        if self._failing.get(what) != text:
-            self._failing[what] = text
-            log.error("queue %s: %s", self.ref.name, text)
-
-    def say_recovered(self, what: str) -> None:
-        if self._failing.pop(what, None) is not None:
-            log.info("queue %s: %s work again", self.ref.name, what)
 
     def _drop_cut_replays(self) -> None:
         """At open, before any put: drop the replay markers whose entry is not in the log (a crash

@@ -30,6 +30,7 @@ import msgpack
 import trio
 
 from qserve.backends.base import OnChange, QueueStatus, Replayed
+from qserve.backends.faults import Faults
 from qserve.backends.redis import scripts
 from qserve.backends.redis.keys import (EVENT_PATTERN, REGISTRY, QueueKeys, registered_ref, registry_entry,
                                         tag_of_channel)
@@ -88,7 +89,7 @@ class RedisBackend:
         self._queues: dict[QueueRef, RedisQueue] = {}
         self._by_tag: dict[str, RedisQueue] = {}
         self._malformed_seen: set[str] = set()   # tags of queues whose channel carried a foreign message
-        self._faults: dict[str, str] = {}         # a failing lease round (one per queue at most) -> its fault, logged
+        self._faults = Faults(log)   # the node's tasks' faults: the subscription, each queue's lease round
         self._opening: dict[QueueRef, trio.Lock] = {}   # queues being opened (bounded by requests)
         self._closed = False
         self._tasks: trio.Nursery | None = None   # the node's tasks, inside the client's lifetime
@@ -141,7 +142,6 @@ class RedisBackend:
     async def _listen(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Every queue's channel, for the life of the nursery; reconnects with backoff."""
         delay = LISTEN_BACKOFF[0]
-        odd = None   # the last unexpected fault logged
         while True:
             try:
                 pubsub = self.link.client.pubsub(patterns=[EVENT_PATTERN], ignore_subscribe_messages=True,
@@ -168,12 +168,9 @@ class RedisBackend:
                 # not Redis failing: a fault in the client library's subscription (or in this loop).
                 # The node goes on serving (it would see no other node's puts until it subscribes
                 # again); said once per kind of fault, with the traceback at debug level
-                said = f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}"
-                if said != odd:
-                    odd = said
-                    log.error("redis at %s: the event subscription failed (%s); subscribing again", self.where,
-                              said[:200])
-                    log.debug("event subscription traceback", exc_info=group)
+                fault = group.exceptions[0]
+                self._faults.failed("subscription", f"redis at {self.where}: the event subscription failed "
+                                    f"({type(fault).__name__}: {str(fault)[:200]}); subscribing again", exc=group)
             await trio.sleep(delay)
             delay = min(delay * 2, LISTEN_BACKOFF[1])
 
@@ -208,14 +205,10 @@ class RedisBackend:
         except QServeError:
             raise
         except Exception as exc:
-            said = f"{type(exc).__name__}: {exc}"
-            if self._faults.get(what) != said:
-                self._faults[what] = said
-                log.error("redis at %s: %s failed (%s); the node goes on and retries it every round", self.where,
-                          what, said[:300])
-                log.debug("lease round traceback", exc_info=exc)
+            self._faults.failed(what, f"redis at {self.where}: {what} failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                                "the node goes on and retries it every round", exc=exc)
         else:
-            self._faults.pop(what, None)
+            self._faults.ok(what)
 
     # -- the seam -----------------------------------------------------------------------------
     def declared(self, service: str) -> bool:
