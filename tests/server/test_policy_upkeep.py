@@ -122,6 +122,6 @@ async def test_delays_the_disk_refuses_are_said_once_and_written_when_it_has_roo
             io.full = False
             await trio.sleep(2)
             assert [r for r in caplog.records if "delays work again" in r.getMessage()]
-            assert any(k.startswith("delay:") for k in srv.server.queues._queues[QueueRef("later")].log.state)
+            assert any(k.startswith("delay:") for k in (await srv.server.queues.get(QueueRef("later"))).log.state)
             nursery.cancel_scope.cancel()
     assert not [r for r in caplog.records if r.exc_info]

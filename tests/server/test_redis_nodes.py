@@ -20,23 +20,32 @@ from ..helpers.inproc import next_frame, no_frame, running_server
 LIMIT = 60
 
 
+async def _long_poll_then_put(waiter, query: str, putter, data: bytes) -> dict:
+    """A long-polling GET (``query``) through ``waiter``; 5 s later, still unanswered, a put of
+    ``data`` through ``putter``. Returns the GET's (status, body) as ``resp`` and the clock when it
+    began (``t0``), when the put was answered (``put_at``) and when the GET was (``t1``)."""
+    result = {}
+
+    async def wait_get():
+        result["t0"] = trio.current_time()
+        result["resp"] = await waiter.call("GET", query)
+        result["t1"] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_get)
+        await trio.sleep(5)
+        assert "resp" not in result
+        assert (await putter.call("POST", "", data))[0] == 200
+        result["put_at"] = trio.current_time()
+    return result
+
+
 async def test_a_long_poll_on_one_node_is_woken_by_a_put_through_another(tmp_path, redis_url, autojump_clock):
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path / "a", backend=redis_url) as a, \
                 running_server(tmp_path / "b", backend=redis_url) as b:
             waiter, putter = await b.client("x"), await a.client("x")
-            result = {}
-
-            async def wait_get():
-                result["t0"] = trio.current_time()
-                result["resp"] = await waiter.call("GET", "_timeout_=20s&_raw_=false")
-                result["t1"] = trio.current_time()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait_get)
-                await trio.sleep(5)
-                assert "resp" not in result
-                assert (await putter.call("POST", "", b"across"))[0] == 200
+            result = await _long_poll_then_put(waiter, "_timeout_=20s&_raw_=false", putter, b"across")
             status, body = result["resp"]
             assert status == 200 and base64.b64decode(json.loads(body)[0]["data"]) == b"across"
             assert 5 <= result["t1"] - result["t0"] < 6   # woken by the put, not by the timeout
@@ -123,21 +132,10 @@ async def test_messages_no_node_wrote_on_a_queue_s_event_channel_are_ignored_and
             async with coredis.Redis.from_url(redis_url) as r:
                 for message in foreign:   # both nodes hear each one before the put below
                     assert await r.publish(QueueKeys(QueueRef("m")).channel, message) == 2
-            result = {}
-
-            async def wait_get():
-                result["resp"] = await waiter.call("GET", "_index_=2&_timeout_=20s&_raw_=false")
-                result["at"] = trio.current_time()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait_get)
-                await trio.sleep(5)
-                assert "resp" not in result
-                assert (await putter.call("POST", "", b"second"))[0] == 200
-                put_at = trio.current_time()
+            result = await _long_poll_then_put(waiter, "_index_=2&_timeout_=20s&_raw_=false", putter, b"second")
             status, body = result["resp"]
             assert status == 200 and base64.b64decode(json.loads(body)[0]["data"]) == b"second"
-            assert result["at"] - put_at < 1   # woken by node A's event, not by the timeout
+            assert result["t1"] - result["put_at"] < 1   # woken by node A's event, not by the timeout
     said = [r.getMessage() for r in caplog.records if "that no qserve node wrote" in r.getMessage()]
     assert len(said) == 2 and all(":m:ev" in line or "m}:ev" in line for line in said), said   # once per node
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
