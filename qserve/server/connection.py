@@ -4,7 +4,9 @@ Strategy: `_Connection.run` serves request cycles until the connection cannot ca
 ONE cancel scope (``_scope``) for the connection's life. Instead of entering a scope for each wait and
 each write (a cancel scope costs about as much as parsing a small request), a cycle moves that scope's
 deadline as it goes, and records its phase so that `run` knows, when the deadline fires, what it
-meant (`phases`: the table of what a fired deadline means in each phase, and the transitions).
+meant (`phases`: the table of what a fired deadline means in each phase, and the transitions). The
+deadline is not trio's own (moving that re-registers the scope each time) but ``expiry``, a number
+the edge's `expiry.Expiries` task watches: it cancels ``_scope`` when the time comes.
 Writing (responses, streamed bodies, error answers, the drain) is the `writing.Writing` half.
 
 A cancelled scope stays cancelled, so whatever follows a fired deadline (the 408, the drain) runs in
@@ -52,6 +54,8 @@ class _Connection(Writing):
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
         self._send_lock = trio.StrictFIFOLock()
         self._scope = trio.CancelScope()   # the one deadline scope (module comment)
+        self.expiry = math.inf             # when ``_scope`` is cancelled: its deadline (`Expiries`)
+        self._expiries = edge.expiries
         self._phase = Phase.IDLE
         self._phase_scope: trio.CancelScope | None = None  # what shutdown() cancels while streaming etc.
         self._request_deadline = math.inf
@@ -67,6 +71,10 @@ class _Connection(Writing):
     def _enter(self, phase: Phase) -> None:
         """Move to ``phase``: the one place a phase changes, checked against `phases.NEXT`."""
         self._phase = advance(self._phase, phase)
+
+    def expired(self) -> None:
+        """The deadline has come (`Expiries` calls this): as trio's own deadline would, cancel ``_scope``."""
+        self._scope.cancel()
 
     def enter_phase_scope(self, phase: Phase | None, scope: trio.CancelScope | None) -> None:
         """`PhaseScope`'s hook: ``phase`` with ``scope`` as what `shutdown` cancels (None: leaving it)."""
@@ -86,6 +94,7 @@ class _Connection(Writing):
                     break
                 self._renew = False
                 self._scope = trio.CancelScope()
+                self.expiry = math.inf
             failure = self._failure
             if self._scope.cancelled_caught and self._phase is Phase.READING:
                 failure = errors.RequestTimeout("request not received in time")
@@ -165,7 +174,7 @@ class _Connection(Writing):
             return self._fail_later(errors.RequestTimeout("request not received in time"))
 
         self._enter(Phase.HANDLING)
-        self._scope.deadline = math.inf
+        self.expiry = math.inf   # no earlier than any: `Expiries` needs no word of it
         response = await self._call_handler(request._with_body(body) if body else request)
         await self._respond(response)
         return self._next_cycle()
@@ -175,7 +184,7 @@ class _Connection(Writing):
         self._enter(Phase.IDLE)
         if self._edge.shutting_down:
             return False
-        self._scope.deadline = trio.current_time() + self._config.keepalive_timeout
+        self._expiries.set(self, trio.current_time() + self._config.keepalive_timeout)
         await self._receive()
         if self._scope.cancel_called:  # keep-alive timeout or shutdown raced with the first bytes:
             self._renew = True         # serve them (shutdown then closes after the response)
@@ -250,7 +259,7 @@ class _Connection(Writing):
         (counted from its first byte). A request that arrived whole never pays for this."""
         if self._phase is not Phase.READING:
             self._enter(Phase.READING)
-            self._scope.deadline = self._request_deadline
+            self._expiries.set(self, self._request_deadline)
 
     async def _read_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
@@ -280,7 +289,7 @@ class _Connection(Writing):
         edge.count(101)
         edge.websockets += 1
         self._enter(Phase.UPGRADED)
-        self._scope.deadline = math.inf
+        self.expiry = math.inf
         scope = trio.CancelScope()  # entered by run_upgrade around the handler
         self._phase_scope = scope
         if edge.shutting_down:

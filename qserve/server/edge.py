@@ -16,6 +16,7 @@ import trio
 from h11._headers import Headers   # h11's validated header list: an event built with one is not re-checked
 
 from qserve.core import errors
+from qserve.server.expiry import Expiries
 from qserve.server.types import Handler, HTTPConfig, Request, Response
 from qserve.server.websocket import WebSocketHandler
 from qserve.wire.names import REQUEST_ID_HEADER
@@ -86,14 +87,14 @@ def _build(status: int, headers: list[tuple[str, str]]) -> h11.Response:
 
 class Edge:
     """What the connections of one `HTTPServer` share: the application's handlers, the limits, the
-    shutdown flag and the counters `HTTPServer.statistics` reports. The server creates it and hands
+    shutdown flag, the deadlines' watcher and the counters `HTTPServer.statistics` reports. The server creates it and hands
     it to each connection it accepts (so a connection knows nothing of the server itself)."""
 
     __slots__ = ("handler", "ws_handler", "config", "body_limit_for", "shutting_down", "requests",
-                 "websockets", "errors", "heads")
+                 "websockets", "errors", "heads", "expiries")
 
     def __init__(self, handler: Handler, ws_handler: WebSocketHandler | None, config: HTTPConfig,
-                 body_limit_for: Callable[[Request], int] | None) -> None:
+                 body_limit_for: Callable[[Request], int] | None, expiries: Expiries) -> None:
         self.handler = handler
         self.ws_handler = ws_handler
         self.config = config
@@ -103,6 +104,7 @@ class Edge:
         self.websockets = 0
         self.errors: Counter[int] = Counter()
         self.heads = HeadCache()
+        self.expiries = expiries   # the connections' deadlines (the server runs its task)
 
     def count(self, status: int) -> None:
         """One request answered with ``status``."""

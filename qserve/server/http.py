@@ -15,7 +15,8 @@ and `websocket.run_upgrade` replays the consumed bytes into trio-websocket (choi
 `websocket.WebSocketUpgrade` to ``accept()`` or ``reject(status, body)``.
 
 Concurrency (STYLE rule 7): `HTTPServer.serve` runs the accept loops in one nursery and the
-connection tasks (which run the handlers) in a separate handler nursery. `shutdown()` cancels the
+connection tasks (which run the handlers) in a separate handler nursery, with the one task that
+enforces the connections' deadlines (`expiry.Expiries`). `shutdown()` cancels the
 accept loops, closes idle keep-alive connections, ends streaming responses and WebSockets (close code
 1001), lets in-flight requests finish within ``shutdown_grace``, then cancels what is left (one
 WARNING line says how many were cut); `abort()` cancels what is left at once.
@@ -36,6 +37,7 @@ import trio
 
 from qserve.core import errors
 from qserve.server.connection import Edge, _Connection
+from qserve.server.expiry import Expiries
 from qserve.server.types import Handler, HTTPConfig, Request, Response
 from qserve.server.websocket import WebSocketHandler, WebSocketUpgrade
 
@@ -64,11 +66,11 @@ class HTTPServer:
     def __init__(self, handler: Handler, ws_handler: WebSocketHandler | None = None,
                  config: HTTPConfig | None = None, *,
                  body_limit_for: Callable[[Request], int] | None = None) -> None:
-        self._edge = Edge(handler, ws_handler, config or HTTPConfig(), body_limit_for)
+        self._live: set[_Connection] = set()  # shutdown() tells each one (idle ones close)
+        self._edge = Edge(handler, ws_handler, config or HTTPConfig(), body_limit_for, Expiries(self._live))
         self._config = self._edge.config
         self._serving = False
         self._accept_scope = trio.CancelScope()
-        self._live: set[_Connection] = set()  # shutdown() tells each one (idle ones close)
         self._drained: trio.Event | None = None
         self._cut = trio.CancelScope()        # around the drain wait: abort() ends it
         self._connections = 0
@@ -125,6 +127,7 @@ class HTTPServer:
         self._serving = True
         self._drained = trio.Event()
         async with trio.open_nursery() as handlers:
+            handlers.start_soon(self._edge.expiries.run)   # until the end (cancelled below)
             try:
                 with self._accept_scope:
                     async with trio.open_nursery() as acceptors:

@@ -14,6 +14,7 @@ import trio
 
 from qserve.core import errors
 from qserve.server.edge import Edge, error_response
+from qserve.server.expiry import Expiries
 from qserve.server.phases import Phase, PhaseScope
 from qserve.server.types import HTTPConfig, Response
 
@@ -41,6 +42,8 @@ class Writing:
     _stream: trio.abc.Stream
     _h11: h11.Connection
     _scope: trio.CancelScope          # the connection's one deadline scope
+    _expiries: Expiries               # ... whose deadline is ``expiry``, set through this
+    expiry: float
     _send_lock: trio.StrictFIFOLock
     _head_request: bool
     _write_interrupted: bool          # a write was cut: the framing is broken
@@ -136,14 +139,13 @@ class Writing:
                 data = b"".join(parts)
             if not data:
                 return
-            scope = self._scope
-            previous = scope.deadline
-            scope.deadline = trio.current_time() + self._config.request_timeout
+            previous = self.expiry
+            self._expiries.set(self, trio.current_time() + self._config.request_timeout)
             self._write_interrupted = True  # until send_all completes: a cancelled write breaks the framing
             await self._stream.send_all(data)
             self._write_interrupted = False
             if not final:
-                scope.deadline = previous
+                self._expiries.set(self, previous)
         finally:
             lock.release()
 

@@ -1,0 +1,104 @@
+"""`qserve.server.expiry.Expiries`: the connections' deadlines as numbers, acted on by one task at the
+instant trio's own deadline would fire. Virtual time (`autojump_clock`); every test under `fail_after`."""
+
+from __future__ import annotations
+
+import math
+
+import trio
+import trio.testing
+
+from qserve.server.expiry import GRAIN, Expiries
+
+
+class Item:
+    """A watched thing: records when it was told its time had come."""
+
+    def __init__(self) -> None:
+        self.expiry = math.inf
+        self.fired: list[float] = []
+
+    def expired(self) -> None:
+        self.fired.append(trio.current_time())
+
+
+async def _started(items: set[Item], nursery: trio.Nursery) -> Expiries:
+    expiries = Expiries(items)
+    nursery.start_soon(expiries.run)
+    await trio.testing.wait_all_tasks_blocked()
+    return expiries
+
+
+async def test_an_expiry_fires_at_its_instant_once_and_resets(autojump_clock):
+    with trio.fail_after(1000):   # virtual seconds
+        a, b = Item(), Item()
+        async with trio.open_nursery() as nursery:
+            expiries = await _started({a, b}, nursery)
+            start = trio.current_time()
+            expiries.set(a, start + 3.0)
+            expiries.set(b, start + 7.0)
+            await trio.sleep(10)
+            assert a.fired == [start + 3.0] and b.fired == [start + 7.0]
+            assert a.expiry == b.expiry == math.inf   # one cancellation per setting
+            await trio.sleep(100)
+            assert len(a.fired) == len(b.fired) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_expiry_set_earlier_than_the_task_will_look_wakes_it(autojump_clock):
+    """The task sleeps until the earliest expiry it saw (60 s away); a 1 s expiry set afterwards
+    is still acted on at 1 s, not at 60 s."""
+    with trio.fail_after(1000):   # virtual seconds
+        idle, busy = Item(), Item()
+        async with trio.open_nursery() as nursery:
+            expiries = await _started({idle, busy}, nursery)
+            start = trio.current_time()
+            expiries.set(idle, start + 60.0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert expiries.next == start + 60.0
+            await trio.sleep(5)
+            expiries.set(busy, trio.current_time() + 1.0)
+            await trio.sleep(2)
+            assert busy.fired == [start + 6.0] and idle.fired == []
+            await trio.sleep(60)
+            assert idle.fired == [start + 60.0]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_moved_expiry_does_not_fire_at_its_old_time(autojump_clock):
+    """As a keep-alive wait that a request ended: the connection moved its expiry on, and only the
+    new one counts; setting infinity means never."""
+    with trio.fail_after(1000):   # virtual seconds
+        item = Item()
+        async with trio.open_nursery() as nursery:
+            expiries = await _started({item}, nursery)
+            start = trio.current_time()
+            expiries.set(item, start + 2.0)
+            await trio.sleep(1)
+            expiries.set(item, start + 30.0)
+            await trio.sleep(5)
+            assert item.fired == []
+            item.expiry = math.inf   # a handler runs: no deadline
+            await trio.sleep(60)
+            assert item.fired == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_task_looks_no_more_often_than_its_grain(autojump_clock):
+    """A hundred expiries 1 ms apart are acted on in looks at least GRAIN apart (each late by less
+    than GRAIN), not in a hundred looks."""
+    with trio.fail_after(1000):   # virtual seconds
+        items = [Item() for _ in range(100)]
+        async with trio.open_nursery() as nursery:
+            expiries = await _started(set(items), nursery)
+            start = trio.current_time()
+            for i, item in enumerate(items):
+                expiries.set(item, start + 1.0 + i * 0.001)
+            looks = expiries.looks
+            await trio.sleep(2)
+            assert all(len(item.fired) == 1 for item in items)
+            for i, item in enumerate(items):
+                due = start + 1.0 + i * 0.001
+                assert due <= item.fired[0] < due + GRAIN + 1e-9
+            assert expiries.looks - looks <= 0.1 / GRAIN + 2
+            nursery.cancel_scope.cancel()
