@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import hmac
 import urllib.parse
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from qserve.core import events as ev
 from qserve.wire import names
@@ -51,14 +51,14 @@ Headers = Mapping[str, str]   # lower-case names
 
 
 def route(method: str, path: str, query: Sequence[tuple[str, str]], headers: Headers, body: bytes,
-          config: Config, *, anonymous_user: str,
+          config: Config, *, anonymous_user: Callable[[], str],
           upgrade: bool = False) -> (ev.Operation | ev.Health | ev.Ready | ev.Metrics | ev.ListQueues | ev.CreateQueue
                                      | ev.DashboardFile | ev.DashboardData):
     """Map one request to an operation.
 
     Args:
         headers: lower-case header names to their (first) value.
-        anonymous_user: the user id to use when the request names none (unique per connection).
+        anonymous_user: gives the user id to use when the request names none (a fresh one per call).
         upgrade: the request asks for a WebSocket upgrade.
 
     Raises:
@@ -225,12 +225,18 @@ def _authorize(headers: Headers, config: Config, service: str) -> None:
         raise Unauthorized("missing or wrong token in the Authorization header")
 
 
-def identity_from(headers: Headers, anonymous_user: str) -> ev.Identity:
-    user = next((headers[h] for h in _USER if headers.get(h)), None)
-    group = next((headers[h] for h in _GROUP if headers.get(h)), None) or names.DEFAULT_GROUP
-    if user is None:
-        return ev.Identity(group, anonymous_user, anonymous=True)
-    return ev.Identity(group, user)
+def identity_from(headers: Headers, anonymous_user: Callable[[], str]) -> ev.Identity:
+    """The consumer a request speaks for: its user and group headers, or ``anonymous_user()``
+    (called only then: a fresh id per anonymous request)."""
+    group = names.DEFAULT_GROUP
+    for name in _GROUP:
+        if headers.get(name):
+            group = headers[name]
+            break
+    for name in _USER:
+        if headers.get(name):
+            return ev.Identity(group, headers[name])
+    return ev.Identity(group, anonymous_user(), anonymous=True)
 
 
 def canonical_header(name: str) -> str:

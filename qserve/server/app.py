@@ -142,11 +142,9 @@ class App:
         return f"anon-{self._boot}-{next(self._anon)}"
 
     def operation_for(self, request: Request) -> ev.Operation | ev.Health | ev.Ready | ev.Metrics:
-        headers = {}
-        for name, value in request.headers:
-            headers.setdefault(name, value)
+        headers = dict(reversed(request.headers))   # a repeated header: its first value
         return route(request.method, request.path, request.query, headers, request.body, self.config,
-                     anonymous_user=self.anonymous_user(),
+                     anonymous_user=self.anonymous_user,
                      upgrade=request.is_websocket_upgrade)
 
     async def websocket(self, request: Request, upgrade: WebSocketUpgrade) -> None:
@@ -198,6 +196,15 @@ class App:
         return response
 
     async def _dispatch(self, op) -> Response:
+        handler = self._HANDLERS.get(type(op))
+        if handler is not None:   # an operation on a queue: most requests, so looked up first
+            try:
+                queue = await self.queues.get(op.queue)
+            except QueueFenced as fenced:   # its attributes say so; everything else is a 503
+                if not isinstance(op, ev.Attributes):
+                    raise
+                return _render_attributes(fenced.attributes, op)
+            return await handler(self, queue, op)
         match op:
             case ev.Health():
                 return Response(200, b"OK", list(TEXT))
@@ -223,13 +230,7 @@ class App:
                 if isinstance(op, ev.ListQueues) and self._recovered is not None:
                     await self._recovered.wait()   # a listing names every queue in the store
                 return await admin.handle(self.queues, self.config, op)
-        try:
-            queue = await self.queues.get(op.queue)
-        except QueueFenced as fenced:   # its attributes say so; everything else is a 503
-            if not isinstance(op, ev.Attributes):
-                raise
-            return _render_attributes(fenced.attributes, op)
-        return await self._HANDLERS[type(op)](self, queue, op)
+        raise TypeError(f"no handler for {op!r}")
 
     # -- operations ---------------------------------------------------------------------------
     async def put(self, queue: QueueBackend, op: ev.Put) -> Response:

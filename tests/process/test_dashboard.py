@@ -272,7 +272,7 @@ def test_the_dashboard_paths_come_before_the_root_service():
 
     def op(method: str, path: str, token: str | None = "tok"):
         headers = {"authorization": token} if token is not None else {}
-        return route(method, path, [], headers, b"x", config, anonymous_user="anon-1")
+        return route(method, path, [], headers, b"x", config, anonymous_user=lambda: "anon-1")
 
     assert op("GET", "/dashboard", token=None) == ev.DashboardFile("index.html")
     assert op("GET", "/dashboard/", token=None) == ev.DashboardFile("index.html")

@@ -13,7 +13,7 @@ CFG = Config(token="tok")
 def r(method, path, query=(), headers=None, body=b"", config=CFG, upgrade=False):
     h = {"authorization": "tok"}
     h.update(headers or {})
-    return route(method, path, list(query), h, body, config, anonymous_user="anon-1", upgrade=upgrade)
+    return route(method, path, list(query), h, body, config, anonymous_user=lambda: "anon-1", upgrade=upgrade)
 
 
 def test_put_to_input_and_sink():
@@ -51,7 +51,7 @@ def test_unknown_paths_and_declared_queues():
 
 def test_token():
     with pytest.raises(Unauthorized):
-        route("GET", "/api/predict/s", [], {}, b"", CFG, anonymous_user="a")
+        route("GET", "/api/predict/s", [], {}, b"", CFG, anonymous_user=lambda: "a")
     with pytest.raises(Unauthorized):
         r("GET", "/api/predict/s", headers={"authorization": "nope"})
     assert isinstance(r("GET", "/api/predict/s", headers={"authorization": "Bearer tok"}), ev.Get)
