@@ -49,13 +49,18 @@ class Durability:
         seg.durable_size = size
         self.durable_seq = max(self.durable_seq, target)
 
-    def sync_begin(self) -> SyncTicket:
-        """Start a group-commit round (owner thread). Covers every record written so far."""
+    def sync_begin(self, *, here: bool = False) -> SyncTicket:
+        """Start a group-commit round (owner thread). Covers every record written so far.
+        ``here``: the owner thread runs the round itself before it touches the log again, so the
+        ticket syncs the segment's own fd instead of a dup (sync.py)."""
         self._check()
         seg = self._active
         target = self.appended_seq
-        fds = [self.io.dup(seg.fd)] if target > self.durable_seq else []
-        return SyncTicket(self.io, fds, target, seg, seg.size)
+        if target <= self.durable_seq:
+            fds = []
+        else:
+            fds = [seg.fd] if here else [self.io.dup(seg.fd)]
+        return SyncTicket(self.io, fds, target, seg, seg.size, owned=not here)
 
     def sync_end(self, ticket: SyncTicket) -> None:
         """Finish a round (owner thread): ``durable_seq = ticket.target``.
@@ -78,7 +83,7 @@ class Durability:
 
     def sync(self) -> None:
         """fsync everything written so far (sync_begin + run + sync_end inline)."""
-        t = self.sync_begin()
+        t = self.sync_begin(here=True)
         try:
             t.run()
         except OSError:

@@ -4,7 +4,8 @@ Strategy: every mutation is framed (record.py), written with one ``pwrite`` at t
 segment (over zeros written ahead of it, segment.py) and then applied to the derived in-memory index
 (index.py); a failed write changes nothing. Opening rebuilds the index from disk (recovery.py, whose
 rules are replay.py's); reads go through an `EntryReader` (reads.py). Durability is group commit:
-``sync_begin`` (owner thread) dups the active fd, ``SyncTicket.run`` (any thread, sync.py) fsyncs it,
+``sync_begin`` (owner thread) dups the active fd (not for a round run in place: sync.py),
+``SyncTicket.run`` (any thread, sync.py) fsyncs it,
 ``sync_end`` (owner thread) advances ``durable_seq`` (durability.py). Rolls fsync the old segment first, so only the
 active segment ever holds non-durable bytes; that makes the fsync-failure rollback simple: cut the
 active segment back to its durable size and rebuild memory from disk. Answers from memory alone

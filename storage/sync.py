@@ -1,7 +1,9 @@
 """SyncTicket: one group-commit round of a `QueueLog` (see log.py's docstring for the protocol).
 
-``QueueLog.sync_begin`` (owner thread) makes a ticket holding dup'd fds of what must be synced;
-someone syncs them - `SyncTicket.run` in any thread, or anything else followed by `complete` -
+``QueueLog.sync_begin`` (owner thread) makes a ticket holding dup'd fds of what must be synced
+(or, with ``here=True``, the segment's own fd, for a round the owner thread runs before it does
+anything else: nothing can close that fd meanwhile, and the round saves a dup and a close); someone
+syncs them - `SyncTicket.run` in any thread, or anything else followed by `complete` -
 and ``QueueLog.sync_end`` (owner thread) advances the durable point or rolls back.
 """
 
@@ -18,10 +20,11 @@ class SyncTicket:
     closes) fds dup'd by ``sync_begin``. It re-raises the ``OSError`` of a failed fsync; the owner must
     still call ``sync_end``, which rolls back and raises ``StorageIOError``."""
 
-    __slots__ = ("target", "fds", "io", "seg", "size", "done", "error")
+    __slots__ = ("target", "fds", "io", "seg", "size", "done", "error", "owned")
 
-    def __init__(self, io: FileIO, fds: list, target: int, seg: Segment, size: int) -> None:
+    def __init__(self, io: FileIO, fds: list, target: int, seg: Segment, size: int, *, owned: bool = True) -> None:
         self.io, self.fds, self.target, self.seg, self.size = io, fds, target, seg, size
+        self.owned = owned   # the fds are the ticket's (dup'd): it closes them; else the segment's
         self.done = False
         self.error: OSError | None = None
 
@@ -50,6 +53,8 @@ class SyncTicket:
         fds, self.fds = self.fds, []
         if error is not None and self.error is None:
             self.error = error
+        if not self.owned:
+            fds = []
         for fd in fds:
             try:
                 self.io.close(fd)
@@ -59,6 +64,7 @@ class SyncTicket:
 
     def close(self) -> None:
         """Release the dup'd fds without syncing (ticket abandoned)."""
-        for fd in self.fds:
-            self.io.close(fd)
-        self.fds = []
+        fds, self.fds = self.fds, []
+        if self.owned:
+            for fd in fds:
+                self.io.close(fd)

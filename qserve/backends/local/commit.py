@@ -149,7 +149,7 @@ class GroupCommit:
         """One group-commit round, synchronously, in the waiting task (`_may_round_here`); the same
         rollback and wake-ups as the flusher's."""
         self._observe()
-        ticket = self.log.sync_begin()
+        ticket = self.log.sync_begin(here=True)
         failure: OSError | None = None
         try:
             ticket.run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from array import array
@@ -143,6 +144,31 @@ def test_sync_counters_and_ticket_across_roll(tmp_path):
     log.sync_end(t)
     st = log.statistics()
     assert st["segments"] >= 3 and st["durable_seq"] == 61 and st["live_entries"] == 61
+
+
+def test_a_round_run_in_place_syncs_the_segments_own_fd_and_leaves_it_open(tmp_path):
+    """``sync_begin(here=True)``: no dup to make and close; the segment's fd stays the log's. A
+    dup'd ticket closes its own fd and nothing else."""
+    log = QueueLog.open(tmp_path, tiny())
+    log.append(b"x", {})
+    here = log.sync_begin(here=True)
+    seg_fd = here.fds[0]
+    assert here.seg.fd == seg_fd
+    here.run()
+    log.sync_end(here)
+    assert log.durable_seq == 1
+    os.fstat(seg_fd)                       # still open: the log goes on writing through it
+    log.append(b"y", {})
+    dupped = log.sync_begin()
+    dup_fd = dupped.fds[0]
+    assert dup_fd != seg_fd
+    dupped.run()
+    log.sync_end(dupped)
+    with pytest.raises(OSError):
+        os.fstat(dup_fd)                   # the ticket's own fd, closed
+    os.fstat(seg_fd)
+    assert log.read(2).data == b"y" and log.durable_seq == 2
+    log.close()
 
 
 def test_read_after_roll_and_moved(tmp_path):
