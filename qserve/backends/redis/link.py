@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Sequence
 import anyio
 import coredis
 import coredis.exceptions as rx
+from coredis.connection import TCPLocation
 
-from qserve.backends.redis import scripts
+from qserve.backends.redis import pool, scripts
 from qserve.backends.redis.url import RedisTarget
 from qserve.core.errors import InsufficientStorage, QServeError, Unavailable
 
@@ -31,6 +32,10 @@ log = logging.getLogger("qserve")
 #: seconds to connect, and to wait for a reply (a stalled Redis is an outage, not a hang)
 CONNECT_TIMEOUT = 2.0
 REPLY_TIMEOUT = 10.0
+#: connections per node (coredis's default; a command that waits on its reply holds one), and the
+#: seconds a command waits for one of them before it is a 503 (`pool`)
+MAX_CONNECTIONS = 64
+POOL_TIMEOUT = REPLY_TIMEOUT
 
 
 def redis_error(exc: Exception, where: str) -> QServeError | None:
@@ -66,20 +71,25 @@ class Link:
         self.target = target
         self.node = node   # this node's id: the first argument of every script (`scripts.PRELUDE`)
         common = dict(username=target.username, password=target.password, decode_responses=False,
-                      connect_timeout=CONNECT_TIMEOUT, stream_timeout=REPLY_TIMEOUT)
+                      connect_timeout=CONNECT_TIMEOUT, stream_timeout=REPLY_TIMEOUT, max_connections=MAX_CONNECTIONS)
         self._sentinel = None
+        # the pools are coredis's with one fix: a broken connection gives its slot back (`pool`)
         if target.kind == "cluster":
             # MOVED/ASK and the slot map are coredis's; a queue's keys share one slot (`keys`)
             self.client = coredis.RedisCluster(
-                startup_nodes=[{"host": h, "port": p} for h, p in target.hosts], ssl=target.ssl, **common)
+                startup_nodes=[{"host": h, "port": p} for h, p in target.hosts], ssl=target.ssl,
+                connection_pool_cls=pool.ClusterConnectionPool, pool_timeout=POOL_TIMEOUT, **common)
         elif target.kind == "sentinel":
             # the client asks the Sentinels for the primary, and again after a fail-over
-            self._sentinel = coredis.Sentinel(list(target.hosts), decode_responses=False,
+            self._sentinel = coredis.Sentinel([TCPLocation(h, p) for h, p in target.hosts], decode_responses=False,
                                               sentinel_kwargs={"connect_timeout": CONNECT_TIMEOUT,
                                                                "stream_timeout": REPLY_TIMEOUT})
-            self.client = self._sentinel.primary_for(target.primary, db=target.db, **common)
+            self.client = self._sentinel.primary_for(
+                target.primary, db=target.db, connection_pool_class=pool.SentinelConnectionPool,
+                timeout=POOL_TIMEOUT, **common)
         else:
             self.client = coredis.Redis(host=target.host, port=target.port, db=target.db, ssl=target.ssl,
+                                        connection_pool_cls=pool.ConnectionPool, pool_timeout=POOL_TIMEOUT,
                                         **common)
         self._wait = (wait_replicas, max(1, round(wait_timeout * 1000)))
         self._scripts: dict[str, coredis.commands.Script] = {}
