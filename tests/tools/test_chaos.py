@@ -14,16 +14,20 @@ each, one of them with --policies), the long one is `slow`; on Redis the default
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from qserve.cli import main as qserve_main
 from qserve.tools.chaos.history import History
 from qserve.tools.chaos.records import id_of, payload_for
+from qserve.tools.chaos.redisd import RedisSetup, RedisStartError
 
 from ..helpers.redis_server import require_redis_server
 
@@ -485,6 +489,28 @@ def test_chaos_on_redis_usage_errors_are_one_line(tmp_path, capsys):
         assert out == "" and err.startswith("qserve chaos: ") and err.count("\n") == 1, err
         assert text in err and "pw" not in err, (args, err)
     assert not any(tmp_path.iterdir())
+
+
+async def test_a_redis_that_exited_on_its_own_is_reported_not_counted_as_a_kill(tmp_path):
+    """chaos's own Redis (one primary): when the server it is about to kill has already exited
+    (here: killed behind its back), the round fails with one line saying so, and no kill is
+    counted (a run once reported 49 kills for 50 rounds)."""
+    require_redis_server()
+    setup = RedisSetup(tmp_path / "redis", replica=False)
+    with trio.fail_after(60):
+        await setup.start()
+        try:
+            victim = setup.servers[0]
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            victim.proc.wait(10)
+            with pytest.raises(RedisStartError) as caught:
+                await setup.kill_primary(0.1)
+            assert setup.kills == 0
+            line = str(caught.value)
+            assert "\n" not in line and line.startswith(f"redis-server a on port {victim.port} had exited on its own")
+            assert f"(status {-signal.SIGKILL})" in line
+        finally:
+            await setup.stop()
 
 
 def test_chaos_on_an_unreachable_redis_is_one_line():

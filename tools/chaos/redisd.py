@@ -38,7 +38,7 @@ FAILOVER_TIMEOUT_MS = 4000
 
 
 class RedisStartError(RuntimeError):
-    """A redis-server did not start, or a fail-over did not finish in time; one line."""
+    """A redis-server did not start, exited on its own, or a fail-over did not finish in time; one line."""
 
 
 def redis_server_missing() -> str | None:
@@ -261,7 +261,10 @@ class RedisSetup:
         until there was a primary again and the seconds until the killed server was back."""
         victim = await self.primary()
         began = time.monotonic()
-        victim.kill()
+        if not victim.kill():   # not killed by chaos: a failure of its own, which the run reports
+            status = victim.proc.returncode if victim.proc is not None else None
+            raise RedisStartError(f"{victim.name} on port {victim.port} had exited on its own before "
+                                  f"it was to be killed (status {status}): {victim.last_line()}")
         if not self.replica:
             await trio.sleep(delay)
             await victim.start()
