@@ -15,6 +15,7 @@ import trio
 from qserve.core import errors
 from qserve.server.edge import Edge, error_response
 from qserve.server.expiry import Expiries
+from qserve.server.sockio import send_before_reading
 from qserve.server.phases import Phase, PhaseScope
 from qserve.server.types import HTTPConfig, Response
 
@@ -123,7 +124,7 @@ class Writing:
         phase to set instead of being restored."""
         lock = self._send_lock
         try:
-            lock.acquire_nowait()  # the usual case; send_all provides the checkpoint
+            lock.acquire_nowait()  # the usual case: no other write in progress
         except trio.WouldBlock:
             await lock.acquire()
         try:
@@ -142,7 +143,10 @@ class Writing:
             previous = self.expiry
             self._expiries.set(self, trio.current_time() + self._config.request_timeout)
             self._write_interrupted = True  # until send_all completes: a cancelled write breaks the framing
-            await self._stream.send_all(data)
+            if final and not h.trailing_data[0]:   # the next step reads the socket: it yields there
+                await send_before_reading(self._stream, data)
+            else:
+                await self._stream.send_all(data)
             self._write_interrupted = False
             if not final:
                 self._expiries.set(self, previous)

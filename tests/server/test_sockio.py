@@ -1,0 +1,100 @@
+"""`qserve.server.sockio.send_before_reading` over real loopback sockets: the whole write, without a
+scheduler pass when it goes out at once; trio's own semantics otherwise (a cancelled task writes
+nothing, a write larger than the socket takes waits for the reader, errors are stream errors)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from qserve.server.sockio import send_before_reading
+
+LIMIT = 10
+
+
+async def _pair() -> tuple[trio.SocketStream, trio.SocketStream, trio.SocketListener]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listener.accept()
+    return server, client, listener
+
+
+async def _read_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "EOF before all bytes came"
+        got += chunk
+    return bytes(got)
+
+
+async def test_a_write_that_goes_out_at_once_takes_no_scheduler_pass():
+    with trio.fail_after(LIMIT):
+        server, client, listener = await _pair()
+        ran = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _note(ran))   # runs at the next scheduler pass
+            await send_before_reading(server, b"HTTP/1.1 200 OK\r\n\r\n")
+            assert ran == []                          # no pass: the other task has not run yet
+            await server.send_all(b"more")            # trio's own write does take one
+            assert ran == [True]
+        assert await _read_exactly(client, 23) == b"HTTP/1.1 200 OK\r\n\r\nmore"
+        for s in (server, client, listener):
+            await s.aclose()
+
+
+async def _note(ran: list) -> None:
+    ran.append(True)
+
+
+async def test_a_cancelled_task_writes_nothing():
+    with trio.fail_after(LIMIT):
+        server, client, listener = await _pair()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await send_before_reading(server, b"never")
+            pytest.fail("not cancelled")
+        await server.send_all(b"after")
+        assert await _read_exactly(client, 5) == b"after"
+        for s in (server, client, listener):
+            await s.aclose()
+
+
+async def test_a_write_larger_than_the_socket_takes_waits_for_the_reader():
+    with trio.fail_after(LIMIT):
+        server, client, listener = await _pair()
+        data = bytes(range(256)) * (32 * 1024)     # 8 MiB: more than loopback's buffers hold
+        async with trio.open_nursery() as nursery:
+            got = []
+
+            async def read() -> None:
+                got.append(await _read_exactly(client, len(data)))
+            nursery.start_soon(read)
+            await send_before_reading(server, data)
+        assert got == [data]
+        for s in (server, client, listener):
+            await s.aclose()
+
+
+async def test_errors_are_stream_errors():
+    with trio.fail_after(LIMIT):
+        server, client, listener = await _pair()
+        await client.aclose()                      # the peer is gone: a write ends in EPIPE/ECONNRESET
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(100):                   # the first write may still be accepted
+                await send_before_reading(server, b"x" * 65536)
+                await trio.lowlevel.checkpoint()
+        await server.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await send_before_reading(server, b"x")
+        await listener.aclose()
+
+
+async def test_another_stream_goes_through_its_own_send_all():
+    with trio.fail_after(LIMIT):
+        left, right = trio.testing.memory_stream_pair()
+        await send_before_reading(left, b"through memory")
+        assert await right.receive_some(100) == b"through memory"
