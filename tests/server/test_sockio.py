@@ -36,12 +36,15 @@ async def test_a_write_that_goes_out_at_once_takes_no_scheduler_pass():
         server, client, listener = await _pair()
         ran = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: _note(ran))   # runs at the next scheduler pass
-            await send_before_reading(server, b"HTTP/1.1 200 OK\r\n\r\n")
-            assert ran == []                          # no pass: the other task has not run yet
-            await server.send_all(b"more")            # trio's own write does take one
+            # runnable from now on: a scheduler pass runs it (trio orders a batch at random, so
+            # twenty writes that each took a pass would have let it run, but for 2**-20)
+            nursery.start_soon(_note, ran)
+            for _ in range(20):
+                await send_before_reading(server, b"HTTP/1.1 200 OK\r\n\r\n")
+            assert ran == []
+            await trio.testing.wait_all_tasks_blocked()
             assert ran == [True]
-        assert await _read_exactly(client, 23) == b"HTTP/1.1 200 OK\r\n\r\nmore"
+        assert await _read_exactly(client, 20 * 19) == b"HTTP/1.1 200 OK\r\n\r\n" * 20
         for s in (server, client, listener):
             await s.aclose()
 
