@@ -29,6 +29,7 @@ import trio
 from qserve.core import errors
 from qserve.server.edge import Edge, error_response, peer_of
 from qserve.server.phases import Phase, advance
+from qserve.server.sockio import receive_some
 from qserve.server.types import Request, Response
 from qserve.server.websocket import handshake_problem, run_upgrade
 from qserve.server.writing import RECEIVE_SIZE, Abandon, Writing
@@ -271,7 +272,7 @@ class _Connection(Writing):
 
     async def _receive(self) -> None:
         try:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            data = await receive_some(self._stream, RECEIVE_SIZE)
         except trio.BrokenResourceError:
             data = b""  # reset by peer: same as EOF
         if self._recording:

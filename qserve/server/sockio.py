@@ -1,12 +1,12 @@
-"""`send_before_reading`: a response's write, without the scheduler pass trio adds after a write that went out at once.
+"""A connection's socket calls without trio's extra work: a response's last write takes no scheduler pass.
 
 Why: `trio.SocketStream.send_all` ends every write that did not have to wait with a scheduler pass
 (`trio.lowlevel.cancel_shielded_checkpoint`: a task that never waits must still let others run),
 after a conflict detector, a memoryview and two context managers. A connection's task already
-yields at least once per request (it reads the next request's bytes through trio, which yields or
-waits, and a durable put waits for its fsync round), so the pass after the response is pure cost:
-one of the four a put took. Hence the rule: this write is for the last write of a response after
-which the connection reads from the socket (nothing of the next request is buffered yet); every
+yields at least once per request (reading the next request's bytes yields or waits, see below, and
+a durable put waits for its fsync round), so the pass after the response is pure cost:
+one of the four a put took. Hence the rule: `send_before_reading` is for the last write of a
+response after which the connection reads from the socket (nothing of the next request is buffered yet); every
 other write (a streamed body's chunks, a 100 Continue) keeps trio's pass. A send and a
 receive of 200 bytes through trio's socket calls took 14.6 us in a loop on the 2-vCPU VM, against
 2.4 us for the bare syscalls.
@@ -15,11 +15,12 @@ What stays the same: a cancelled task raises before writing (trio's `checkpoint_
 write the socket cannot take whole has its rest written by trio's own `send_all`, which waits for
 the socket (cancellable, so the connection's write deadline bounds it); errors are trio's stream
 errors (`trio.BrokenResourceError` for a peer gone, `trio.ClosedResourceError` for a closed socket).
-Reading is left to trio: its receive yields only when the bytes were there at once, which is what
-keeps a client that pipelines requests from holding the event loop.
+`receive_some` is trio's receive without its wrappers (the same checkpoints: a cancelled task
+raises first; bytes that were there at once are followed by a scheduler pass, which keeps a client
+that pipelines requests from holding the event loop; bytes waited for are not, the wait was one).
 
 Only for a `trio.SocketStream`; any other stream (memory streams in tests, TLS) goes through its own
-`send_all`.
+`send_all` and `receive_some`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 
 import trio
 
-__all__ = ["send_before_reading"]
+__all__ = ["send_before_reading", "receive_some"]
 
 _CLOSED = frozenset({errno.EBADF, errno.ENOTSOCK})   # as trio: the socket was closed under us
 
@@ -49,8 +50,40 @@ async def send_before_reading(stream: trio.abc.SendStream, data: bytes) -> None:
     except BlockingIOError:
         sent = 0
     except OSError as exc:
-        if exc.errno in _CLOSED:
-            raise trio.ClosedResourceError("the socket was already closed") from None
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        raise _stream_error(exc) from exc
     if sent < len(data):
         await stream.send_all(memoryview(data)[sent:])
+
+
+async def receive_some(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` from ``stream`` (b"": end of stream), waiting for the first of them."""
+    if type(stream) is not trio.SocketStream:
+        return await stream.receive_some(max_bytes)
+    fd = stream.socket.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket was already closed")
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        data = os.read(fd, max_bytes)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()   # there at once: let the others run first
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """trio's stream error for a socket call's ``exc``."""
+    if exc.errno in _CLOSED:
+        return trio.ClosedResourceError("the socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")

@@ -1,6 +1,8 @@
-"""`qserve.server.sockio.send_before_reading` over real loopback sockets: the whole write, without a
-scheduler pass when it goes out at once; trio's own semantics otherwise (a cancelled task writes
-nothing, a write larger than the socket takes waits for the reader, errors are stream errors)."""
+"""`qserve.server.sockio` over real loopback sockets. `send_before_reading`: the whole write, without
+a scheduler pass when it goes out at once; trio's own semantics otherwise (a cancelled task writes
+nothing, a write larger than the socket takes waits for the reader, errors are stream errors).
+`receive_some`: trio's checkpoints (a pass after bytes that were there at once, a cancelled task
+reads nothing), end of stream as b""."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from qserve.server.sockio import send_before_reading
+from qserve.server.sockio import receive_some, send_before_reading
 
 LIMIT = 10
 
@@ -101,3 +103,36 @@ async def test_another_stream_goes_through_its_own_send_all():
         left, right = trio.testing.memory_stream_pair()
         await send_before_reading(left, b"through memory")
         assert await right.receive_some(100) == b"through memory"
+
+
+async def test_receive_some_yields_after_bytes_that_were_there():
+    with trio.fail_after(LIMIT):
+        server, client, listener = await _pair()
+        await client.send_all(b"x" * 20)
+        await trio.testing.wait_all_tasks_blocked()
+        ran = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_note, ran)
+            # twenty reads of bytes already there, each followed by a pass (as a pipelining client's
+            # requests are): the other task ran during them, but for 2**-20
+            assert [await receive_some(server, 1) for _ in range(20)] == [b"x"] * 20
+            assert ran == [True]
+
+            async def later() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(b"waited for")
+            nursery.start_soon(later)
+            assert await receive_some(server, 100) == b"waited for"
+        with trio.CancelScope() as scope:
+            await client.send_all(b"left")
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await receive_some(server, 100)
+            pytest.fail("not cancelled")
+        assert await receive_some(server, 100) == b"left"   # the cancelled call read nothing
+        await client.aclose()
+        assert await receive_some(server, 100) == b""
+        await server.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await receive_some(server, 100)
+        await listener.aclose()
