@@ -91,7 +91,7 @@ class Edge:
     it to each connection it accepts (so a connection knows nothing of the server itself)."""
 
     __slots__ = ("handler", "ws_handler", "config", "body_limit_for", "shutting_down", "requests",
-                 "websockets", "errors", "heads", "expiries")
+                 "websockets", "errors", "heads", "expiries", "connections")
 
     def __init__(self, handler: Handler, ws_handler: WebSocketHandler | None, config: HTTPConfig,
                  body_limit_for: Callable[[Request], int] | None, expiries: Expiries) -> None:
@@ -105,6 +105,7 @@ class Edge:
         self.errors: Counter[int] = Counter()
         self.heads = HeadCache()
         self.expiries = expiries   # the connections' deadlines (the server runs its task)
+        self.connections = 0       # connections being served (the server counts them)
 
     def count(self, status: int) -> None:
         """One request answered with ``status``."""

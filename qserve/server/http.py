@@ -67,13 +67,14 @@ class HTTPServer:
                  config: HTTPConfig | None = None, *,
                  body_limit_for: Callable[[Request], int] | None = None) -> None:
         self._live: set[_Connection] = set()  # shutdown() tells each one (idle ones close)
-        self._edge = Edge(handler, ws_handler, config or HTTPConfig(), body_limit_for, Expiries(self._live))
+        config = config or HTTPConfig()
+        horizon = min(config.request_timeout, config.keepalive_timeout)   # what the connections count from now
+        self._edge = Edge(handler, ws_handler, config, body_limit_for, Expiries(self._live, horizon))
         self._config = self._edge.config
         self._serving = False
         self._accept_scope = trio.CancelScope()
         self._drained: trio.Event | None = None
         self._cut = trio.CancelScope()        # around the drain wait: abort() ends it
-        self._connections = 0
         self._overflow = 0
         self._at_limit = False
 
@@ -107,11 +108,11 @@ class HTTPServer:
     @property
     def open_connections(self) -> int:
         """Connections open right now, the ones being refused with 503 included."""
-        return self._connections + self._overflow
+        return self._edge.connections + self._overflow
 
     def statistics(self) -> dict:
         return {
-            "connections_open": self._connections,
+            "connections_open": self._edge.connections,
             "connections_refused_open": self._overflow,
             "requests_served": self._edge.requests,
             "errors_by_status": dict(self._edge.errors),
@@ -157,9 +158,9 @@ class HTTPServer:
                 log.error("accept failed (%s); retrying in 100 ms", exc.strerror)
                 await trio.sleep(0.1)
                 continue
-            if self._connections < self._config.max_connections:
+            if self._edge.connections < self._config.max_connections:
                 self._at_limit = False
-                self._connections += 1
+                self._edge.connections += 1
                 handlers.start_soon(self._run_connection, stream)
                 continue
             if not self._at_limit:
@@ -181,7 +182,7 @@ class HTTPServer:
             log.exception("connection task failed")
         finally:
             self._live.discard(connection)
-            self._connections -= 1
+            self._edge.connections -= 1
             self._check_drained()
 
     async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
@@ -196,5 +197,5 @@ class HTTPServer:
             self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._edge.shutting_down and self._drained is not None and self._connections + self._overflow == 0:
+        if self._edge.shutting_down and self._drained is not None and self._edge.connections + self._overflow == 0:
             self._drained.set()

@@ -1,15 +1,18 @@
-"""A connection's socket calls without trio's extra work: a response's last write takes no scheduler pass.
+"""A connection's socket calls without trio's extra work; a lone client's response takes no scheduler pass.
 
 Why: `trio.SocketStream.send_all` ends every write that did not have to wait with a scheduler pass
 (`trio.lowlevel.cancel_shielded_checkpoint`: a task that never waits must still let others run),
 after a conflict detector, a memoryview and two context managers. A connection's task already
 yields at least once per request (reading the next request's bytes yields or waits, see below, and
-a durable put waits for its fsync round), so the pass after the response is pure cost:
-one of the four a put took. Hence the rule: `send_before_reading` is for the last write of a
-response after which the connection reads from the socket (nothing of the next request is buffered yet); every
-other write (a streamed body's chunks, a 100 Continue) keeps trio's pass. A send and a
-receive of 200 bytes through trio's socket calls took 14.6 us in a loop on the 2-vCPU VM, against
-2.4 us for the bare syscalls.
+a durable put waits for its fsync round), so when the connection is the server's only one the pass
+after the response is pure cost, one of the four a put took. With more connections the pass is
+worth its cost: while the others run, this client's next request arrives, and the read that follows
+finds it instead of waiting for it (a wait re-arms the socket in epoll, one more syscall; under
+wrk -c16 that cost more than the pass saved). Hence the rule: `send_before_reading` is for the last
+write of a response on the server's only connection, which reads from the socket next (nothing of
+the next request is buffered yet); every other write (with other connections open, a streamed
+body's chunks, a 100 Continue) keeps trio's pass. A send and a receive of 200 bytes through trio's
+socket calls took 14.6 us in a loop on the 2-vCPU VM, against 2.4 us for the bare syscalls.
 
 What stays the same: a cancelled task raises before writing (trio's `checkpoint_if_cancelled`); a
 write the socket cannot take whole has its rest written by trio's own `send_all`, which waits for

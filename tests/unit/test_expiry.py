@@ -102,3 +102,24 @@ async def test_the_task_looks_no_more_often_than_its_grain(autojump_clock):
                 assert due <= item.fired[0] < due + GRAIN + 1e-9
             assert expiries.looks - looks <= 0.1 / GRAIN + 2
             nursery.cancel_scope.cancel()
+
+
+async def test_expiries_beyond_the_horizon_wake_nobody_and_still_fire_on_time(autojump_clock):
+    """With a horizon (the shortest timeout the connections count from now), an expiry at least
+    that far away does not wake the task: it looks once per horizon and still acts at the instant."""
+    with trio.fail_after(1000):   # virtual seconds
+        items = [Item() for _ in range(3)]
+        async with trio.open_nursery() as nursery:
+            expiries = Expiries(set(items), horizon=30.0)
+            nursery.start_soon(expiries.run)
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            looks = expiries.looks
+            for i, item in enumerate(items):
+                expiries.set(item, start + 30.0 + 20 * i)   # 30, 50 and 70 s away
+            await trio.testing.wait_all_tasks_blocked()
+            assert expiries.looks == looks                  # nobody woken
+            await trio.sleep(100)
+            assert [item.fired for item in items] == [[start + 30.0], [start + 50.0], [start + 70.0]]
+            assert expiries.looks - looks <= 6              # about one look per horizon, and one per expiry
+            nursery.cancel_scope.cancel()
