@@ -176,7 +176,8 @@ class _Connection(Writing):
 
         self._enter(Phase.HANDLING)
         self.expiry = math.inf   # no earlier than any: `Expiries` needs no word of it
-        response = await self._call_handler(request._with_body(body) if body else request)
+        request.body = body
+        response = await self._call_handler(request)
         await self._respond(response)
         return self._next_cycle()
 

