@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import trio
 import trio.testing
 
+from qserve.backends.local.commit import Signal
 from qserve.core.events import QueueRef
 
 from ..helpers.disk_faults import LIMIT, one_line, put
@@ -105,3 +106,33 @@ async def test_no_waiter_runs_a_round_while_the_flushers_is_in_progress(tmp_path
         assert sorted(d for _, d in contents(qlog)) == [b"A", b"B", b"first"]
     finally:
         qlog.close()
+
+
+async def test_a_signal_wakes_every_waiter_at_the_next_fire_and_remembers_no_fire():
+    """`commit.Signal`, what durability waiters sleep on: a fire wakes everyone waiting then; a fire
+    with nobody waiting is not kept for a later waiter (level-less), and costs no event."""
+    from qserve.backends.local.commit import Signal
+    with trio.fail_after(LIMIT):
+        signal = Signal()
+        signal.fire()                        # nobody waits: nothing kept
+        woken = []
+        async with trio.open_nursery() as nursery:
+            for n in range(3):
+                async def waiter(n=n) -> None:
+                    await signal.wait()
+                    woken.append(n)
+                nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == []               # the earlier fire did not count
+            signal.fire()
+        assert sorted(woken) == [0, 1, 2]
+        late = []
+        async with trio.open_nursery() as nursery:
+            async def late_waiter() -> None:
+                await signal.wait()
+                late.append(True)
+            nursery.start_soon(late_waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert late == []                # the fire above is not seen by a later wait
+            signal.fire()
+        assert late == [True]

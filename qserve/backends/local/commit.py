@@ -40,17 +40,26 @@ _EPOCHS_KEPT = 64   # rollback epochs whose durable point `GroupCommit` remember
 
 
 class Signal:
-    """A level-less broadcast: `wait()` returns at the next `fire()`. Task-safe within one trio run."""
+    """A level-less broadcast: `wait()` returns at the next `fire()`. Task-safe within one trio run.
+    The event is made by the first waiter, so a fire with nobody waiting (most rounds of a lone
+    client) costs no `trio.Event`."""
+
+    __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        self._event: trio.Event | None = None
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
+        event = self._event
+        if event is not None:
+            self._event = None
+            event.set()
 
     async def wait(self) -> None:
-        await self._event.wait()
+        event = self._event
+        if event is None:
+            event = self._event = trio.Event()
+        await event.wait()
 
 
 class GroupCommit:
