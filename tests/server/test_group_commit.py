@@ -111,7 +111,6 @@ async def test_no_waiter_runs_a_round_while_the_flushers_is_in_progress(tmp_path
 async def test_a_signal_wakes_every_waiter_at_the_next_fire_and_remembers_no_fire():
     """`commit.Signal`, what durability waiters sleep on: a fire wakes everyone waiting then; a fire
     with nobody waiting is not kept for a later waiter (level-less), and costs no event."""
-    from qserve.backends.local.commit import Signal
     with trio.fail_after(LIMIT):
         signal = Signal()
         signal.fire()                        # nobody waits: nothing kept
