@@ -10,7 +10,11 @@ import pytest
 import trio
 import trio.testing
 
+import qserve.server.writing as writing
 from qserve.server.sockio import receive_some, send_before_reading
+
+from ..helpers.http_edge import App, tcp_server
+from ..helpers.peers import Client
 
 LIMIT = 10
 
@@ -136,3 +140,31 @@ async def test_receive_some_yields_after_bytes_that_were_there():
         with pytest.raises(trio.ClosedResourceError):
             await receive_some(server, 100)
         await listener.aclose()
+
+
+async def test_the_edge_skips_the_pass_only_for_its_only_connection(monkeypatch):
+    """The edge's rule (`Writing._send`): a response's last write goes through `send_before_reading`
+    while the connection is the server's only one; with a second connection open, through trio's
+    own `send_all` (its pass lets the client's next request arrive before the read)."""
+    fast = []
+
+    async def counting(stream, data):
+        fast.append(len(data))
+        await send_before_reading(stream, data)
+    monkeypatch.setattr(writing, "send_before_reading", counting)
+    with trio.fail_after(LIMIT):
+        async with tcp_server(App()) as (_, port):
+            alone = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            for i in range(3):
+                head, body = await alone.request("POST", f"/alone{i}", b"x")
+                assert head.status_code == 200 and body == f"POST /alone{i} [] x".encode()
+            assert len(fast) == 3
+            other = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            head, _ = await other.request("GET", "/other")
+            assert head.status_code == 200
+            for i in range(3):
+                head, body = await alone.request("POST", f"/shared{i}", b"y")
+                assert head.status_code == 200 and body == f"POST /shared{i} [] y".encode()
+            assert len(fast) == 3              # two connections open: trio's send_all each time
+            await other.stream.aclose()
+            await alone.stream.aclose()
