@@ -42,16 +42,22 @@ def _give_back(slots) -> None:
         pass
 
 
-class _KeepsSlots:
-    """For the pools with one slot queue (one server, or the primary the Sentinels name)."""
+class _ReleaseKeepsSlots:
+    """``release`` gives the slot of a broken connection back (to `_slots_of` its connection)."""
 
-    _available_connections: object
+    def _slots_of(self, connection):
+        return self._available_connections
 
     def release(self, connection) -> None:
         usable = connection.usable
         super().release(connection)
         if not usable:
-            _give_back(self._available_connections)
+            _give_back(self._slots_of(connection))
+
+
+class _KeepsSlots(_ReleaseKeepsSlots):
+    """For the pools with one slot queue (one server, or the primary the Sentinels name): a
+    connection that could not be made gives its slot back too."""
 
     async def _construct_connection(self):
         # called with a slot taken; coredis keeps that slot when this fails (a Sentinel pool asks
@@ -72,11 +78,9 @@ class SentinelConnectionPool(_KeepsSlots, coredis.pool.SentinelConnectionPool):
     connection that could not be made (no primary named, no Sentinel answering) is given back."""
 
 
-class ClusterConnectionPool(coredis.pool.ClusterConnectionPool):
-    """coredis's pool for a Cluster (slots per node); as `ConnectionPool`."""
+class ClusterConnectionPool(_ReleaseKeepsSlots, coredis.pool.ClusterConnectionPool):
+    """coredis's pool for a Cluster (slots per node, and it gives back the slot of a connection it
+    could not make itself); a broken connection's slot is given back to its node's queue."""
 
-    def release(self, connection) -> None:
-        usable = connection.usable
-        super().release(connection)
-        if not usable:
-            _give_back(self._node_pool(connection.location))
+    def _slots_of(self, connection):
+        return self._node_pool(connection.location)
