@@ -1,8 +1,9 @@
 """`Faults`: what a backend's retried background steps (a lease round, a dead-letter move, the record
-of a delay) say when they fail. Such a step fails again every round while its cause lasts, so each
-fault is logged once: when it starts, again only when its reason changes, and, if the caller asks,
-once when the step works again. Both backends keep one per queue or node; its size is bounded by
-the callers' keys (a few steps per queue).
+of a delay; the server's opening of the stored queues at start) say when they fail. Such a step
+fails again every round while its cause lasts, so each fault is logged once: when it starts, again
+only when its reason changes, and, if the caller asks, once when the step works again. Both
+backends keep one per queue or node; its size is bounded by the callers' keys (a few steps per
+queue).
 """
 
 from __future__ import annotations

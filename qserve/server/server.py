@@ -40,6 +40,7 @@ from qserve.server.health import reporting_progress
 from qserve.server.http import HTTPConfig, HTTPServer
 from qserve.server.meters import Meters
 from qserve.backends.base import Backend
+from qserve.backends.faults import Faults
 from qserve.backends.local.manager import QueueManager
 from qserve.backends.redis.manager import RedisBackend
 from qserve.server.startup import StartupError
@@ -180,18 +181,15 @@ class Server:
         just after the start (or a registry it cannot read) leaves the node serving the queues it
         is asked for, not ready (503 on `/readyz`) until then. Said once per distinct reason."""
         assert self.queues is not None
-        delay, said = RECOVER_RETRY[0], None
+        delay, faults = RECOVER_RETRY[0], Faults(log)
         while True:
             try:
                 return await self.queues.open_declared()
             except Exception as exc:   # noqa: BLE001 - retried; the reason is logged once
                 reason = exc.reason if isinstance(exc, QServeError) else f"{type(exc).__name__}: {exc}"
-                if reason != said:
-                    said = reason
-                    log.log(logging.WARNING if isinstance(exc, QServeError) else logging.ERROR,
-                            "cannot open the stored queues yet (%s); not ready until then, retrying",
-                            reason[:300])
-                    log.debug("open_declared traceback", exc_info=exc)
+                faults.failed("open_declared", f"cannot open the stored queues yet ({reason[:300]}); "
+                                               "not ready until then, retrying",
+                              level=logging.WARNING if isinstance(exc, QServeError) else logging.ERROR, exc=exc)
             await trio.sleep(delay)
             delay = min(delay * 2, RECOVER_RETRY[1])
 
