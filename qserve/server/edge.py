@@ -87,11 +87,12 @@ def _build(status: int, headers: list[tuple[str, str]]) -> h11.Response:
 
 class Edge:
     """What the connections of one `HTTPServer` share: the application's handlers, the limits, the
-    shutdown flag, the deadlines' watcher and the counters `HTTPServer.statistics` reports. The server creates it and hands
-    it to each connection it accepts (so a connection knows nothing of the server itself)."""
+    shutdown flag, the deadlines' watcher and the counters `HTTPServer.statistics` reports. The
+    server creates it and hands it to each connection it accepts (so a connection knows nothing of
+    the server itself)."""
 
     __slots__ = ("handler", "ws_handler", "config", "body_limit_for", "shutting_down", "requests",
-                 "websockets", "errors", "heads", "expiries", "connections")
+                 "websockets", "errors", "heads", "expiries", "connections", "refusing")
 
     def __init__(self, handler: Handler, ws_handler: WebSocketHandler | None, config: HTTPConfig,
                  body_limit_for: Callable[[Request], int] | None, expiries: Expiries) -> None:
@@ -105,7 +106,17 @@ class Edge:
         self.errors: Counter[int] = Counter()
         self.heads = HeadCache()
         self.expiries = expiries   # the connections' deadlines (the server runs its task)
-        self.connections = 0       # connections being served (the server counts them)
+        self.connections = 0       # connections being served (the server counts them) ...
+        self.refusing = 0          # ... and those over the limit, being answered 503
+
+    @property
+    def open_connections(self) -> int:
+        return self.connections + self.refusing
+
+    @property
+    def alone(self) -> bool:
+        """At most one connection is open: a lone client (it may skip what only others gain from)."""
+        return self.connections + self.refusing <= 1
 
     def count(self, status: int) -> None:
         """One request answered with ``status``."""

@@ -4,9 +4,9 @@ Why: a connection moves its deadline three times per request (none while the han
 write's bound, then the keep-alive wait). Each move of a trio `CancelScope.deadline` re-registers
 the scope in trio's deadline heap (a context manager, a heap push, stale entries to prune later):
 9.2 us for the three against 0.4 us for three attribute writes (a loop of 200,000 in one trio task
-on this project's 2-vCPU VM); in py-spy, 5.1% of the event loop under ``wrk -c16``. Here a connection writes a float
-(`Expiries.set`) and one task per server (`Expiries.run`) cancels the scope of every
-connection whose time has come.
+on this project's 2-vCPU VM); in py-spy, 5.1% of the event loop under ``wrk -c16``. Here a
+connection writes a float (`Expiries.set`) and one task per server (`Expiries.run`) cancels the
+scope of every connection whose time has come.
 
 Exactness: an expiry is acted on at the same instant as trio's own deadline would be. The task
 sleeps until the earliest expiry it saw when it last looked, or ``horizon`` seconds after that look
@@ -19,8 +19,8 @@ it: 1.4% of the event loop under wrk -c16.) A fired expiry resets to infinity (o
 per setting).
 
 Cost and bounds: one look is O(open connections) (``max_connections``, 2048 by default), and the
-task looks when the earliest expiry comes or an earlier one is set, at most once per `GRAIN` seconds: an
-expiry can be acted on up to `GRAIN` late when several come within that span.
+task looks when the earliest expiry comes or an earlier one is set, at most once per `GRAIN`
+seconds: an expiry can be acted on up to `GRAIN` late when several come within that span.
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ class HTTPServer:
         self._accept_scope = trio.CancelScope()
         self._drained: trio.Event | None = None
         self._cut = trio.CancelScope()        # around the drain wait: abort() ends it
-        self._overflow = 0
         self._at_limit = False
 
     # -- public --------------------------------------------------------------------------------
@@ -108,12 +107,17 @@ class HTTPServer:
     @property
     def open_connections(self) -> int:
         """Connections open right now, the ones being refused with 503 included."""
-        return self._edge.connections + self._overflow
+        return self._edge.open_connections
+
+    @property
+    def alone(self) -> bool:
+        """At most one connection is open (`Edge.alone`)."""
+        return self._edge.alone
 
     def statistics(self) -> dict:
         return {
             "connections_open": self._edge.connections,
-            "connections_refused_open": self._overflow,
+            "connections_refused_open": self._edge.refusing,
             "requests_served": self._edge.requests,
             "errors_by_status": dict(self._edge.errors),
             "websockets_open": self._edge.websockets,
@@ -167,10 +171,10 @@ class HTTPServer:
                 self._at_limit = True
                 log.warning("connection limit (%d) reached: refusing new connections with 503",
                             self._config.max_connections)
-            if self._overflow >= _OVERFLOW_RESPONDERS:
+            if self._edge.refusing >= _OVERFLOW_RESPONDERS:
                 await trio.aclose_forcefully(stream)
                 continue
-            self._overflow += 1
+            self._edge.refusing += 1
             handlers.start_soon(self._refuse_connection, stream)
 
     async def _run_connection(self, stream: trio.abc.Stream) -> None:
@@ -193,9 +197,9 @@ class HTTPServer:
                 errors.Unavailable("too many connections, try again later", headers=[("Retry-After", "1")]))
         finally:
             self._live.discard(connection)
-            self._overflow -= 1
+            self._edge.refusing -= 1
             self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._edge.shutting_down and self._drained is not None and self._edge.connections + self._overflow == 0:
+        if self._edge.shutting_down and self._drained is not None and self._edge.open_connections == 0:
             self._drained.set()

@@ -143,7 +143,7 @@ class Writing:
             previous = self.expiry
             self._expiries.set(self, trio.current_time() + self._config.request_timeout)
             self._write_interrupted = True  # until send_all completes: a cancelled write breaks the framing
-            if final and self._edge.connections == 1 and not h.trailing_data[0]:
+            if final and self._edge.alone and not h.trailing_data[0]:
                 # a lone connection, which reads the socket next: no scheduler pass (`sockio`)
                 await send_before_reading(self._stream, data)
             else:
