@@ -41,6 +41,17 @@ class _TooLarge(Exception):
     pass
 
 
+def _keeps_alive(version: bytes, headers: tuple[tuple[str, str], ...]) -> bool:
+    """Whether a request lets the connection carry another: HTTP/1.1 without ``Connection: close``
+    (h11's rule, which frames the answers h11 sends itself)."""
+    if version != b"1.1":
+        return False
+    for name, value in headers:
+        if name == "connection" and "close" in (token.strip().lower() for token in value.split(",")):
+            return False
+    return True
+
+
 class _Connection(Writing):
     """One HTTP connection; run by a single task, which is its only reader and only writer.
 
@@ -63,6 +74,8 @@ class _Connection(Writing):
         self._failure: errors.QServeError | None = None    # to answer after _scope has exited
         self._renew = False  # _scope was cancelled when it no longer mattered: go on in a fresh one
         self._head_request = False
+        self._keep_alive = False     # the request allows another after it (h11's rule, `_keeps_alive`)
+        self._answered_raw = False   # the answer went out without h11 (`Writing._respond`)
         self._raw = bytearray()   # bytes fed to h11 since this request began, kept until its head parsed
         self._recording = True
         self._eof = False
@@ -153,6 +166,7 @@ class _Connection(Writing):
             return self._fail_later(errors.HeadersTooLarge("request headers too large"))
         request = Request.from_h11(event, self._client)
         self._head_request = event.method == b"HEAD"
+        self._keep_alive = _keeps_alive(event.http_version, request.headers)
         log.debug("%s %s", request.method, request.target)
         if self._edge.ws_handler is not None and request.is_websocket_upgrade:
             return await self._upgrade(request, event)
@@ -231,9 +245,20 @@ class _Connection(Writing):
 
     def _next_cycle(self) -> bool:
         h = self._h11
-        if self._edge.shutting_down or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        if self._answered_raw:   # h11 did not see the answer: a fresh h11 parses the next request
+            self._answered_raw = False
+            trailing, closed = h.trailing_data
+            self._h11 = h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
+            if trailing:
+                h.receive_data(trailing)
+            if closed:
+                h.receive_data(b"")
+            if self._edge.shutting_down:
+                return False
+        elif self._edge.shutting_down or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
             return False
-        h.start_next_cycle()
+        else:
+            h.start_next_cycle()
         self._raw = bytearray(h.trailing_data[0])
         self._recording = True
         if self._scope.cancel_called:  # the write deadline fired as the write completed

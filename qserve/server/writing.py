@@ -15,6 +15,7 @@ import trio
 from qserve.core import errors
 from qserve.server.edge import Edge, error_response
 from qserve.server.expiry import Expiries
+from qserve.server.heads import NO_BODY, build_head
 from qserve.server.sockio import send_before_reading
 from qserve.server.phases import Phase, PhaseScope
 from qserve.server.types import HTTPConfig, Response
@@ -24,7 +25,6 @@ __all__ = ["Writing", "Abandon", "RECEIVE_SIZE"]
 RECEIVE_SIZE = 64 * 1024
 _DRAIN_SECONDS = 2.0          # after an error response: how long we read and discard ...
 _DRAIN_BYTES = 4 * 1024 * 1024  # ... and how much, before closing
-_NO_BODY = frozenset({204, 304})
 _EDGE_HEADERS = frozenset({"content-length", "transfer-encoding"})  # framing is the edge's job
 _END = h11.EndOfMessage()   # h11 events are immutable: one ends every response (building one: ~1 us)
 
@@ -47,27 +47,43 @@ class Writing:
     expiry: float
     _send_lock: trio.StrictFIFOLock
     _head_request: bool
+    _keep_alive: bool                 # the request lets the connection carry another (h11's rule)
+    _answered_raw: bool               # this cycle's answer was written without h11
     _write_interrupted: bool          # a write was cut: the framing is broken
     _eof: bool
     # and ``_enter(phase)``, the connection's one place a phase changes
 
     async def _respond(self, response: Response) -> None:
         status = response.status
+        edge = self._edge
+        if self._keep_alive and response.stream is None and not self._head_request and not edge.shutting_down:
+            try:   # the usual answer: written here, its head's bytes from the cache (`heads`)
+                head = edge.heads.wire(status, response.headers)
+            except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+                log.error("handler returned an invalid response head: %r", exc)
+                return await self._respond(error_response(errors.InternalError()))
+            if head is not None:
+                body = response.body
+                edge.count(status)
+                self._enter(Phase.WRITING)
+                self._answered_raw = True   # h11 did not send it: `_next_cycle` starts a fresh h11
+                await self._write(b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body), final=True)
+                return
         headers = [(k, v) for k, v in response.headers if k.lower() not in _EDGE_HEADERS]
-        if self._edge.shutting_down:
+        if edge.shutting_down:
             headers.append(("Connection", "close"))
-        streaming = response.stream is not None and status not in _NO_BODY
-        body = b"" if status in _NO_BODY or streaming else response.body
+        streaming = response.stream is not None and status not in NO_BODY
+        body = b"" if status in NO_BODY or streaming else response.body
         if streaming:
             headers.append(("Transfer-Encoding", "chunked"))
-        elif status not in _NO_BODY:
+        elif status not in NO_BODY:
             headers.append(("Content-Length", str(len(body))))
         try:
-            head = self._edge.heads.response(status, headers)
+            head = build_head(status, headers)
         except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
             log.error("handler returned an invalid response head: %r", exc)
             return await self._respond(error_response(errors.InternalError()))
-        self._edge.count(status)
+        edge.count(status)
         self._enter(Phase.WRITING)
         if self._head_request:  # h11 frames a response to HEAD as empty, whatever its headers say
             await self._send(head, _END, final=True)
@@ -118,10 +134,23 @@ class Writing:
         await self._send(_END, final=True)
 
     async def _send(self, *events: h11.Event, final: bool = False) -> None:
-        """The only writer of this socket: h11 turns ``events`` into bytes that go out in ONE write,
-        under the lock and bounded by ``request_timeout`` (a stalled write cancels ``_scope``, which
-        closes the connection). ``final``: the cycle's last write; the deadline is left for the next
-        phase to set instead of being restored."""
+        """Write ``events`` through h11, in ONE write (`_write`)."""
+        h = self._h11
+        if len(events) == 1:
+            data = h.send(events[0])
+        else:
+            parts: list[bytes] = []
+            for event in events:
+                parts += h.send_with_data_passthrough(event)
+            data = b"".join(parts)
+        if data:
+            await self._write(data, final)
+
+    async def _write(self, data: bytes, final: bool) -> None:
+        """The only writer of this socket: ``data`` goes out in one write, under the lock and bounded
+        by ``request_timeout`` (a stalled write cancels ``_scope``, which closes the connection).
+        ``final``: the cycle's last write; the deadline is left for the next phase to set instead of
+        being restored."""
         lock = self._send_lock
         try:
             lock.acquire_nowait()  # the usual case: no other write in progress
@@ -130,20 +159,10 @@ class Writing:
         try:
             if self._write_interrupted:
                 raise Abandon
-            h = self._h11
-            if len(events) == 1:
-                data = h.send(events[0])
-            else:
-                parts: list[bytes] = []
-                for event in events:
-                    parts += h.send_with_data_passthrough(event)
-                data = b"".join(parts)
-            if not data:
-                return
             previous = self.expiry
             self._expiries.set(self, trio.current_time() + self._config.request_timeout)
             self._write_interrupted = True  # until send_all completes: a cancelled write breaks the framing
-            if final and self._edge.alone and not h.trailing_data[0]:
+            if final and self._edge.alone and not self._h11.trailing_data[0]:
                 # a lone connection, which reads the socket next: no scheduler pass (`sockio`)
                 await send_before_reading(self._stream, data)
             else:
@@ -161,7 +180,7 @@ class Writing:
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status, headers, body = errors.error_response(exc)
             self._edge.count(status)
-            events = [self._edge.heads.response(status, [*headers, ("Content-Length", str(len(body))), ("Connection", "close")])]
+            events = [build_head(status, [*headers, ("Content-Length", str(len(body))), ("Connection", "close")])]
             if body and not self._head_request:
                 events.append(h11.Data(data=body))
             events.append(_END)

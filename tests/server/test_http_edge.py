@@ -56,15 +56,37 @@ async def test_request_fed_whole_bytewise_and_pipelined(mode):
         assert first.client is not None and first.client[0] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("closing", [
+    b"GET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    b"GET /c HTTP/1.1\r\nHost: t\r\nConnection: keep-alive\r\nConnection: Foo, CLOSE\r\n\r\n",
+    b"GET /c HTTP/1.0\r\n\r\n",
+])
+async def test_the_request_that_ends_the_connection_is_answered_so_and_the_ones_before_are_not(closing):
+    """Answers written by the edge itself (`heads`) and by h11 follow h11's keep-alive rule: a
+    pipelined keep-alive request is answered without ``Connection: close`` and the next one is
+    served; a request with ``close`` among its Connection tokens, or an HTTP/1.0 one, is answered
+    with ``Connection: close`` and the connection ends; bytes after it are not served."""
+    with trio.fail_after(LIMIT):
+        app = App()
+        async with tcp_server(app) as (_, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            keep = b"POST /k HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nab"
+            await stream.send_all(keep + keep + closing + keep)
+            responses = parse_responses(await read_to_eof(stream))
+        assert [(r[0], r[1].get(b"connection")) for r in responses] == [(200, None), (200, None), (200, b"close")]
+        assert [r.path for r in app.seen] == ["/k", "/k", "/c"]
+
+
 async def test_keepalive_content_length_and_204():
     with trio.fail_after(LIMIT):
         async with tcp_server(App()) as (server, port):
             client = Client(await trio.open_tcp_stream("127.0.0.1", port))
-            for i in range(5):
-                head, body = await client.request("POST", f"/n{i}", b"x" * i)
+            for i in range(5):   # answers the edge writes itself and (/framed) ones h11 sends
+                path = f"/n{i}" if i % 2 else f"/framed{i}"
+                head, body = await client.request("POST", path, b"x" * i)
                 assert head.status_code == 200
                 assert hdr(head, b"content-length") == str(len(body)).encode()  # the app's 999 is replaced
-                assert body == f"POST /n{i} [] {'x' * i}".encode()
+                assert body == f"POST {path} [] {'x' * i}".encode()
             head, body = await client.request("GET", "/empty")
             assert head.status_code == 204 and body == b"" and hdr(head, b"content-length") is None
             head, body = await client.request("GET", "/after")  # nothing stray followed the 204

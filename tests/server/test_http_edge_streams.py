@@ -11,6 +11,8 @@ under `trio.fail_after`.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import h11
 import pytest
 import trio
@@ -287,39 +289,69 @@ async def test_replay_stream_serializes_writers_and_notes_close_frames():
         assert replay.close_frame_sent
 
 
-def test_response_heads_are_cached_unless_they_carry_a_request_id():
-    """Repeating heads (every commit's 200) are built and validated by h11 once; a put's head,
-    unique by its request id, is not cached, so puts cannot evict the heads that do repeat."""
-    from qserve.server.edge import HeadCache
-    heads = HeadCache()   # each server owns one (no module-level state)
-    ok = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "2")]
-    head = heads.response(200, ok)
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def _h11_wire(status: int, headers: list[tuple[str, str]], body: bytes, request: bytes = b"GET") -> bytes:
+    """What h11 writes for this answer to a keep-alive HTTP/1.1 request."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(request + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event(), conn.next_event()
+    head = h11.Response(status_code=status, headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in
+                                                     [*headers, ("Content-Length", str(len(body)))]],
+                        reason=_PHRASES.get(status, b""))
+    return b"".join([*conn.send_with_data_passthrough(head), *conn.send_with_data_passthrough(h11.Data(data=body)),
+                     *conn.send_with_data_passthrough(h11.EndOfMessage())])
+
+
+def test_response_heads_are_cached_and_a_put_head_keeps_only_its_template():
+    """Repeating heads (every commit's 200) are built by h11 once and kept as bytes; a put's head,
+    unique by its request id, is kept as the bytes around the id, so puts cannot evict the heads
+    that do repeat."""
+    from qserve.server.heads import HeadCache
+    heads = HeadCache(size=4)   # each server owns one (no module-level state)
+    ok = [("Content-Type", "text/plain; charset=utf-8")]
+    head = heads.wire(200, ok)
     for i in range(200):
-        put = heads.response(200, [*ok, ("X-Eas-Queueservice-Request-Id", f"rid-{i}")])
-        assert put.headers[-1] == (b"x-eas-queueservice-request-id", f"rid-{i}".encode())
-    assert heads.response(200, ok) is head
-    assert HeadCache().response(200, ok) is not head
+        put = heads.wire(200, [*ok, ("X-Eas-Queueservice-Request-Id", f"rid-{i}")])
+        assert put.endswith(f"X-Eas-Queueservice-Request-Id: rid-{i}\r\n".encode())
+    assert heads.wire(200, ok) is head
+    assert HeadCache().wire(200, ok) is not head
+
+
+@pytest.mark.parametrize("status, headers, body", [
+    (200, [("Content-Type", "text/plain; charset=utf-8")], b"OK"),
+    (200, [("Content-Type", "application/json"), ("Cache-Control", "no-cache")], b"{}"),
+    (200, [], b""),
+    (404, [("Content-Type", "text/plain; charset=utf-8")], b"no such queue\n"),
+    (599, [("X-Odd", "v")], b"x"),                     # no reason phrase
+    (200, [("x-lower", "a"), ("X-MiXeD", "b c")], b"y"),  # names as given
+])
+def test_a_cached_head_is_the_head_h11_writes(status, headers, body):
+    """The edge writes the usual answer itself (`heads`): byte for byte what h11 would send."""
+    from qserve.server.heads import HeadCache
+    heads = HeadCache()
+    for _ in range(2):   # built, then from the cache
+        mine = heads.wire(status, headers) + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        assert mine == _h11_wire(status, headers, body)
 
 
 def test_a_put_head_from_the_cache_is_the_head_h11_builds_and_checks_its_request_id():
     """A put's head reuses the validated other headers and checks only its request id: the head
-    is the one h11 builds from scratch, a value h11 refuses is still refused, a valid one outside
-    the fast path's visible ASCII (a space, latin-1) still goes out."""
-    from qserve.server.edge import HeadCache
+    is the one h11 writes, a value h11 refuses is still refused, a valid one outside the fast
+    path's visible ASCII (a space, latin-1) still goes out; heads whose framing or connection
+    header is the edge's, and bodiless statuses, are left to h11 (None)."""
+    from qserve.server.heads import HeadCache
     heads = HeadCache()
-    base = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "1")]
-
-    def wire(head: h11.Response) -> bytes:
-        conn = h11.Connection(h11.SERVER)
-        conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        conn.next_event(), conn.next_event()
-        return conn.send(head)
-
+    base = [("Content-Type", "text/plain; charset=utf-8")]
     for rid in ("r1", "r2", "0f8fad5b-d9cb-469f-a165-70867728950e", "with space", "caf\u00e9"):
-        headers = [base[0], ("X-Eas-Queueservice-Request-Id", rid), base[1]]
-        expected = h11.Response(status_code=200, reason=b"OK",
-                                headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])
-        assert wire(heads.response(200, headers)) == wire(expected)
+        for headers in ([*base, ("X-Eas-Queueservice-Request-Id", rid)],
+                        [*base, ("X-Eas-Queueservice-Request-Id", rid), ("X-Qserve-Duplicate", "1")]):
+            assert heads.wire(200, headers) + b"Content-Length: 2\r\n\r\n17" == _h11_wire(200, headers, b"17")
     for bad in ("a\r\nX-Injected: 1", "trailing ", "\x00"):
         with pytest.raises(h11.LocalProtocolError):
-            heads.response(200, [base[0], ("X-Eas-Queueservice-Request-Id", bad), base[1]])
+            heads.wire(200, [*base, ("X-Eas-Queueservice-Request-Id", bad)])
+    for owned in (("Connection", "close"), ("Content-Length", "2"), ("transfer-encoding", "chunked")):
+        assert heads.wire(200, [*base, owned]) is None
+        assert heads.wire(200, [*base, owned, ("X-Eas-Queueservice-Request-Id", "r")]) is None
+    assert heads.wire(204, base) is None and heads.wire(304, []) is None
