@@ -31,6 +31,7 @@ import trio
 import trio_websocket
 
 from qserve.core import errors
+from qserve.server import sockio
 from qserve.server.types import Request
 
 __all__ = ["ReplayStream", "WebSocketUpgrade", "WebSocketHandler", "binary_frame", "handshake_problem", "run_upgrade"]
@@ -98,7 +99,7 @@ class ReplayStream(trio.abc.Stream):
                 raise trio.BrokenResourceError("an earlier send was cut short inside a frame")
             await trio.lowlevel.checkpoint_if_cancelled()   # cancelled before any byte: no harm done
             try:
-                await self.transport_stream.send_all(data)
+                await sockio.send_all(self.transport_stream, data)   # trio's, without its wrappers
             except trio.Cancelled:
                 self._cut = True
                 raise

@@ -16,7 +16,7 @@ from qserve.core import errors
 from qserve.server.edge import Edge, error_response
 from qserve.server.expiry import Expiries
 from qserve.server.heads import NO_BODY, build_head
-from qserve.server.sockio import send_before_reading
+from qserve.server.sockio import send_all
 from qserve.server.phases import Phase, PhaseScope
 from qserve.server.types import HTTPConfig, Response
 
@@ -162,11 +162,9 @@ class Writing:
             previous = self.expiry
             self._expiries.set(self, trio.current_time() + self._config.request_timeout)
             self._write_interrupted = True  # until send_all completes: a cancelled write breaks the framing
-            if final and self._edge.alone and not self._h11.trailing_data[0]:
-                # a lone connection, which reads the socket next: no scheduler pass (`sockio`)
-                await send_before_reading(self._stream, data)
-            else:
-                await self._stream.send_all(data)
+            # a lone connection, which reads the socket next, takes no scheduler pass (`sockio`)
+            await send_all(self._stream, data,
+                           then_pass=not (final and self._edge.alone and not self._h11.trailing_data[0]))
             self._write_interrupted = False
             if not final:
                 self._expiries.set(self, previous)
