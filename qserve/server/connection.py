@@ -147,11 +147,11 @@ class _Connection(Writing):
         """Serve one request; True when the connection may carry another."""
         h = self._h11
         try:
-            event = h.next_event()
-            if event is h11.NEED_DATA and not h.trailing_data[0]:
+            trailing, closed = h.trailing_data
+            if not trailing and not closed:   # nothing of the next request yet: h11 would say NEED_DATA
                 if not await self._wait_for_request():
                     return False
-                event = h.next_event()
+            event = h.next_event()
             self._enter(Phase.ARRIVING)
             self._request_deadline = trio.current_time() + self._config.request_timeout
             if event is h11.NEED_DATA:
