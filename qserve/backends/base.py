@@ -205,8 +205,9 @@ class QueueBackend(Protocol):
         ...
 
 
-#: a backend's wake-up call: (the queue, its one new entry or None for any other change)
-OnChange = Callable[[QueueBackend, "StoredEntry | None"], None]
+#: a backend's wake-up call: (the queue, its one new entry or None for any other change); returns
+#: whether it woke a watcher (None: not known)
+OnChange = Callable[[QueueBackend, "StoredEntry | None"], "bool | None"]
 
 
 class Backend(Protocol):

@@ -235,18 +235,21 @@ class WatchService:
         for session in list(self._sessions.values()):
             session.abort()
 
-    def wake(self, queue: QueueBackend, entry: StoredEntry | None) -> None:
-        """A queue's ``on_change``: wake the sessions a change concerns (see the module docstring)."""
+    def wake(self, queue: QueueBackend, entry: StoredEntry | None) -> bool:
+        """A queue's ``on_change``: wake the sessions a change concerns (see the module docstring).
+        True when it woke one."""
         sessions = self._by_queue.get(queue.ref)
         if not sessions:
-            return
+            return False
         free = queue.wants()
+        woke = False
         if entry is None:
             for cid in free:
                 session = sessions.get(cid)
                 if session is not None:
                     session.wake()
-            return
+                    woke = True
+            return woke
         by_group: dict[str, list[Session]] = {}
         for cid in free:
             session = sessions.get(cid)
@@ -255,6 +258,7 @@ class WatchService:
         self._turn += 1
         for members in by_group.values():
             members[self._turn % len(members)].wake()
+        return bool(by_group)
 
     def evict(self, queue: QueueRef, consumer_id: str) -> None:
         """The backend says this consumer is not ours any more (the same id attached through

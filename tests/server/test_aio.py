@@ -208,6 +208,37 @@ async def test_on_done_runs_in_the_reaper_before_the_caller_resumes(tmp_path):
             os.close(fd)
 
 
+async def test_an_overlap_fsync_is_never_inline_and_the_caller_runs_others_meanwhile(tmp_path):
+    """``fsync(..., overlap=True)``: submitted to the kernel even with the loop otherwise idle (no
+    inline round), ``on_done`` runs in the reaper, and a task woken before the call runs before the
+    caller resumes (the work the fsync overlaps)."""
+    with trio.fail_after(LIMIT):
+        aio = open_or_skip()
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"x" * 100)
+        order = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(aio.serve)
+                me = trio.lowlevel.current_task()
+                go = trio.Event()
+
+                async def frames():
+                    await go.wait()
+                    order.append("frames")
+                nursery.start_soon(frames)
+                await trio.testing.wait_all_tasks_blocked()
+                go.set()
+                def on_done(error):
+                    order.append(("done", error, trio.lowlevel.current_task() is me))
+                assert await aio.fsync([fd], on_done, overlap=True) is None
+                assert order == ["frames", ("done", None, False)] and aio.inline_rounds == 0
+                assert await aio.fsync([fd]) is None and aio.inline_rounds == 1   # idle, not overlap: inline
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(fd)
+
+
 async def test_a_failed_aio_fsync_rolls_the_round_back(tmp_path, monkeypatch):
     """The reaper ends an AIO round (`Queue._end_round`); when the kernel fails the fsync the
     round's writes are rolled back there and their requests get 503, nothing stored; the next

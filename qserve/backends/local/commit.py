@@ -72,6 +72,7 @@ class GroupCommit:
         self._one_client = one_client    # () -> True while one connection is all the server has
         self._in_round = False           # the flusher's round is open (`_sync_round`, after sync_begin)
         self.rounds_here = 0             # rounds run by the waiting task itself (`_round_here`)
+        self.rounds_now = 0              # rounds a waiter submitted itself (`_round_now`)
         self._on_rollback = on_rollback  # entries whose delete was undone are deliverable again
         self.log = qlog
         self.config = config
@@ -80,6 +81,7 @@ class GroupCommit:
         self._durable = Signal()         # fired after each fsync round
         self._durable_first = Signal()   # fired just before it (`wait_durable(first=True)`)
         self._first_waiting = 0
+        self._round_ended = Signal()     # fired when a `_round_now` ends
         self._flush_wanted = trio.Event()
         # epoch = the log's rollback count; epoch -> highest durable_seq seen during that epoch
         self._durable_in: dict[int, int] = {}
@@ -110,11 +112,14 @@ class GroupCommit:
         """A token for "everything written so far", to pass to `wait_durable` later."""
         return self._observe(), self.log.appended_seq
 
-    async def wait_durable(self, mark: WriteMark | None = None, *, first: bool = False) -> None:
+    async def wait_durable(self, mark: WriteMark | None = None, *, first: bool = False,
+                           overlap: bool = False) -> None:
         """Return once everything written up to `mark` (default: now) is durable under the fsync
         policy; raise `Unavailable` if an fsync failed first and the write was rolled back.
         ``first``: resume ahead of the other waiters of the same round (an auto-commit watch's
         frames go out before the round's put answers, which are not what anybody waits on).
+        ``overlap``: the caller just woke work that needs no durability of its own (a commit's freed
+        window slots: the next frames): the round starts here and now, if it can (`_round_now`).
 
         Failures are tracked by epoch (the log's rollback count), not by sequence number alone:
         a rollback marks its sequence numbers durable without writing them.
@@ -134,6 +139,8 @@ class GroupCommit:
                 raise Unavailable("queue closed before the write was durable")
             if not first and self._may_round_here():
                 self._round_here()
+                continue
+            if overlap and self._may_round_now() and await self._round_now():
                 continue
             self._flush_wanted.set()
             if first:
@@ -169,6 +176,35 @@ class GroupCommit:
         self._durable_first.fire()
         self._durable.fire()
 
+    def _may_round_now(self) -> bool:
+        """Kernel AIO serving, no round in progress, and some other task runnable (the work to overlap)."""
+        aio = self._aio
+        return aio is not None and aio.serving and not self._in_round and not nothing_runnable()
+
+    async def _round_now(self) -> bool:
+        """One round started by the waiting task before anything else runs: its fsync is submitted
+        to the kernel (`AioSync.fsync` with ``overlap``) and the tasks the caller woke run during
+        it. A manual commit's answer waits for its deletes to be durable, the frames its freed
+        slots let through do not: with one consumer (`../shared/peerbench/watch_rate.py`) those
+        frames were written before the fsync, which then blocked the loop, and now are written
+        during it. The flusher waits for this round before it starts one (`_sync_round`). False
+        (nothing done) when the log's files are not plain files."""
+        self._observe()
+        ticket = self.log.sync_begin()
+        if not ticket.plain_files:   # an injected file layer: the flusher's way
+            ticket.close()
+            return False
+        self._in_round = True
+        self.rounds_now += 1
+        try:
+            await self._aio.fsync(ticket.fds, on_done=lambda error: self._end_round(ticket, error, wake=True),
+                                  overlap=True)
+        finally:
+            self._in_round = False
+            self._round_ended.fire()
+        self._durable.fire()
+        return True
+
     async def _round_done(self) -> None:
         """Wake the waiters of a finished round, the ``first`` ones one scheduling batch ahead:
         they are rescheduled now, this task after them, and the others only when it runs again
@@ -201,6 +237,8 @@ class GroupCommit:
         frame waits for that. Returns True then; False when this task ended the round."""
         # let requests that are already runnable append first, so this round covers them too
         await trio.lowlevel.checkpoint()
+        while self._in_round:   # a waiter's own round (`_round_now`): one round at a time
+            await self._round_ended.wait()
         self._observe()
         ticket = self.log.sync_begin()
         self._in_round = True   # until the round ends, no waiter runs one of its own (`_may_round_here`)

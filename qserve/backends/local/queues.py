@@ -111,13 +111,13 @@ class Queue(GroupCommit):
         self.gets = GetWaiters()         # long-polling gets, woken by the puts that may answer them
         self.faults = Faults(log)        # what the upkeep's steps ("delays", "dead letters") said failing
 
-    def notify(self, entry: storage.Entry | None = None) -> None:
+    def notify(self, entry: storage.Entry | None = None) -> bool:
         """Something changed: wake the watchers that may now get an entry, and for a put (`entry` is
-        its one new entry; None means anything else may have changed) the gets it may answer."""
+        its one new entry; None means anything else may have changed) the gets it may answer.
+        True when a watcher was woken."""
         if entry is not None:
             self.gets.put(entry)
-        if self._on_change is not None:
-            self._on_change(self, entry)
+        return self._on_change is not None and bool(self._on_change(self, entry))
 
     @property
     def ended(self) -> bool:
@@ -361,8 +361,8 @@ class Queue(GroupCommit):
             indexes = self.dispatcher.may_commit(indexes, *holder)
         self.log.delete(indexes)
         self.dispatcher.commit(indexes)
-        self.notify()  # window slots freed
-        await self.wait_durable()
+        woke = self.notify()  # window slots freed
+        await self.wait_durable(overlap=woke)   # a woken watcher's frames go out during the fsync
 
     @raising_core_errors
     async def negative(self, indexes: Sequence[int], code: str, reason: str, delay: float | None = None,

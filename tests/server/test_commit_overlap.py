@@ -1,0 +1,102 @@
+"""A manual commit that frees a watcher's window slots starts its own fsync round through kernel AIO
+(`backends.local.commit.GroupCommit._round_now`), and the frames those slots let through are written
+while the kernel syncs. What must hold: the commit is answered only once its deletes are on disk, the
+next frames arrive, the flusher's rounds and these never overlap, and nothing is lost or delivered
+twice when several consumers commit while puts keep coming.
+
+Real files and real time (the fsyncs are the kernel's); every test is bounded by `trio.fail_after`.
+Without kernel AIO the commit waits for the flusher like any write, and these tests skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from qserve.core.events import QueueRef
+
+from ..helpers.disk_faults import LIMIT, put
+from ..helpers.inproc import next_frame, running_server
+from ..helpers.queue_files import contents, reopen
+
+IDENTITY = [("X-EAS-QueueService-Gid", "g")]
+
+
+def needs_aio(srv) -> None:
+    if srv.server.queues._aio is None:
+        pytest.skip("kernel AIO is not available here: commits wait for the flusher's round instead")
+
+
+async def test_a_commit_that_frees_slots_runs_its_own_round_and_answers_once_durable(tmp_path):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
+            needs_aio(srv)
+            c = await srv.client("ov")
+            for n in range(4):
+                assert await put(c, b"job%d" % n) == (200, b"%d" % (n + 1))
+            queue = await srv.server.queues.get(QueueRef("ov"))
+            ws = await srv.watch(nursery, "ov", "_window_=2", user="u")
+            assert [(await next_frame(ws)).index for _ in range(2)] == [1, 2]
+            before = queue.rounds_now
+            status, body = await c.call("PUT", "_indexes_=1,2", headers=[*IDENTITY, ("X-EAS-QueueService-Uid", "u")])
+            assert (status, body) == (200, b"OK")
+            assert queue.rounds_now == before + 1                    # the commit's own round
+            assert queue.log.durable_seq == queue.log.appended_seq   # its deletes were synced first
+            assert [(await next_frame(ws)).index for _ in range(2)] == [3, 4]   # the freed slots
+            # a commit that wakes nobody (no watcher waits) leaves the round to the flusher
+            await ws.aclose()
+            status, _ = await c.call("PUT", "_indexes_=3", headers=[*IDENTITY, ("X-EAS-QueueService-Uid", "u")])
+            assert status == 200 and queue.rounds_now == before + 1
+    qlog = reopen(tmp_path, "ov")
+    try:
+        assert contents(qlog) == [(4, b"job3")]
+    finally:
+        qlog.close()
+
+
+async def test_consumers_committing_while_puts_go_on_lose_nothing_and_get_nothing_twice(tmp_path):
+    """Three consumers (window 2) commit every frame they get while two clients put 60 entries: the
+    commits' own rounds and the flusher's interleave (one at a time); every entry is delivered once,
+    every commit is answered 200, and after the server stops the queue is empty on disk."""
+    total = 60
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv:
+            needs_aio(srv)
+            c = await srv.client("mix")
+            assert await put(c, b"first") == (200, b"1")
+            queue = await srv.server.queues.get(QueueRef("mix"))
+            received: list[int] = []
+            done = trio.Event()
+
+            async def consumer(nursery, user: str) -> None:
+                ws = await srv.watch(nursery, "mix", "_window_=2", user=user)
+                committer = await srv.client("mix")
+                headers = [*IDENTITY, ("X-EAS-QueueService-Uid", user)]
+                while True:
+                    index = (await next_frame(ws, timeout=LIMIT)).index
+                    received.append(index)
+                    assert (await committer.call("PUT", f"_indexes_={index}", headers=headers))[0] == 200
+                    if len(received) == total:
+                        done.set()
+
+            async def producer(client, tag: bytes, count: int) -> None:
+                for n in range(count):
+                    assert (await put(client, b"%s%d" % (tag, n)))[0] == 200
+
+            async with trio.open_nursery() as nursery:
+                for user in ("a", "b", "c"):
+                    nursery.start_soon(consumer, nursery, user)
+                other = await srv.client("mix")
+                async with trio.open_nursery() as puts:
+                    puts.start_soon(producer, c, b"p", 30)
+                    puts.start_soon(producer, other, b"q", total - 31)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+            assert sorted(received) == list(range(1, total + 1))     # each once
+            assert queue.rounds_now > 0
+            assert queue.log.durable_seq == queue.log.appended_seq
+    qlog = reopen(tmp_path, "mix")
+    try:
+        assert contents(qlog) == []
+    finally:
+        qlog.close()
