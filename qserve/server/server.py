@@ -222,7 +222,7 @@ class Server:
         self.http = HTTPServer(self.app.handle, self.app.websocket, http_config_for(config))
         if isinstance(self.queues, QueueManager):
             http = self.http
-            self.queues.one_client = lambda: http.alone
+            self.queues.clients = lambda: http.open_connections
         async with trio.open_nursery() as front:
             if self._listeners is None:
                 self.port = await front.start(self.http.serve_tcp, config.host, config.port)

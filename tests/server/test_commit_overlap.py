@@ -1,8 +1,9 @@
 """A manual commit that frees a watcher's window slots starts its own fsync round through kernel AIO
-(`backends.local.commit.GroupCommit._round_now`), and the frames those slots let through are written
-while the kernel syncs. What must hold: the commit is answered only once its deletes are on disk, the
-next frames arrive, the flusher's rounds and these never overlap, and nothing is lost or delivered
-twice when several consumers commit while puts keep coming.
+(`backends.local.commit.GroupCommit._round_now`) while at most two connections are open (one
+consumer's watch and its commits), and the frames those slots let through are written while the
+kernel syncs. What must hold: the commit is answered only once its deletes are on disk, the next
+frames arrive, with more connections the flusher runs the round, the flusher's rounds and these
+never overlap, and nothing is lost or delivered twice when consumers commit while puts keep coming.
 
 Real files and real time (the fsyncs are the kernel's); every test is bounded by `trio.fail_after`.
 Without kernel AIO the commit waits for the flusher like any write, and these tests skip.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from qserve.core.events import QueueRef
 
@@ -32,7 +34,7 @@ async def test_a_commit_that_frees_slots_runs_its_own_round_and_answers_once_dur
         async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
             needs_aio(srv)
             c = await srv.client("ov")
-            for n in range(4):
+            for n in range(6):
                 assert await put(c, b"job%d" % n) == (200, b"%d" % (n + 1))
             queue = await srv.server.queues.get(QueueRef("ov"))
             ws = await srv.watch(nursery, "ov", "_window_=2", user="u")
@@ -43,29 +45,37 @@ async def test_a_commit_that_frees_slots_runs_its_own_round_and_answers_once_dur
             assert queue.rounds_now == before + 1                    # the commit's own round
             assert queue.log.durable_seq == queue.log.appended_seq   # its deletes were synced first
             assert [(await next_frame(ws)).index for _ in range(2)] == [3, 4]   # the freed slots
-            # a commit that wakes nobody (no watcher waits) leaves the round to the flusher
-            await ws.aclose()
-            status, _ = await c.call("PUT", "_indexes_=3", headers=[*IDENTITY, ("X-EAS-QueueService-Uid", "u")])
+            # a third connection: the flusher runs the round (others may be about to join it)
+            await srv.client("ov")
+            await trio.testing.wait_all_tasks_blocked()
+            assert srv.server.http.open_connections == 3
+            status, _ = await c.call("PUT", "_indexes_=3,4", headers=[*IDENTITY, ("X-EAS-QueueService-Uid", "u")])
             assert status == 200 and queue.rounds_now == before + 1
+            assert queue.log.durable_seq == queue.log.appended_seq
+            assert [(await next_frame(ws)).index for _ in range(2)] == [5, 6]
+            await ws.aclose()
     qlog = reopen(tmp_path, "ov")
     try:
-        assert contents(qlog) == [(4, b"job3")]
+        assert contents(qlog) == [(5, b"job4"), (6, b"job5")]
     finally:
         qlog.close()
 
 
 async def test_consumers_committing_while_puts_go_on_lose_nothing_and_get_nothing_twice(tmp_path):
-    """Three consumers (window 2) commit every frame they get while two clients put 60 entries: the
-    commits' own rounds and the flusher's interleave (one at a time); every entry is delivered once,
-    every commit is answered 200, and after the server stops the queue is empty on disk."""
+    """Three consumers (window 2) commit every frame they get while two clients put 60 entries, the
+    server told that two connections are all it has (so every commit that wakes a watcher starts its
+    own round): the commits' rounds and the flusher's interleave (one at a time); every entry is
+    delivered once, every commit is answered 200, and after the server stops the queue is empty."""
     total = 60
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fsync="always") as srv:
             needs_aio(srv)
+            srv.server.queues.clients = lambda: 2
             c = await srv.client("mix")
             assert await put(c, b"first") == (200, b"1")
             queue = await srv.server.queues.get(QueueRef("mix"))
             received: list[int] = []
+            committed: list[int] = []
             done = trio.Event()
 
             async def consumer(nursery, user: str) -> None:
@@ -76,7 +86,8 @@ async def test_consumers_committing_while_puts_go_on_lose_nothing_and_get_nothin
                     index = (await next_frame(ws, timeout=LIMIT)).index
                     received.append(index)
                     assert (await committer.call("PUT", f"_indexes_={index}", headers=headers))[0] == 200
-                    if len(received) == total:
+                    committed.append(index)
+                    if len(committed) == total:   # every commit answered (so durable)
                         done.set()
 
             async def producer(client, tag: bytes, count: int) -> None:

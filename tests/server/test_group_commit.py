@@ -89,12 +89,12 @@ async def test_no_waiter_runs_a_round_while_the_flushers_is_in_progress(tmp_path
                 results[name] = await queue.put(data, {}, 0)
 
             async with trio.open_nursery() as nursery:
-                manager.one_client = lambda: False   # as if others were connected: the flusher's round
+                manager.clients = lambda: 2   # as if others were connected: the flusher's round
                 io.hold()
                 nursery.start_soon(put_into, "A", b"A")
                 await trio.to_thread.run_sync(io.gated.wait, 5)
                 assert io.gated.is_set(), "the flusher never started its fsync"
-                manager.one_client = lambda: True    # a lone client again, the round still open
+                manager.clients = lambda: 1   # a lone client again, the round still open
                 nursery.start_soon(put_into, "B", b"B")
                 await trio.testing.wait_all_tasks_blocked()
                 assert results == {} and queue.rounds_here == here

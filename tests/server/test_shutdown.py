@@ -194,7 +194,7 @@ async def test_in_flight_durable_put_is_answered_and_on_disk(tmp_path):
             assert await c.call("POST", "", b"first") == (200, b"1")
             # the flusher's round, which the gate can hold (a lone client's put would fsync in its
             # own task, on the trio thread: `GroupCommit._round_here`)
-            srv.server.queues.one_client = lambda: False
+            srv.server.queues.clients = lambda: 2
             io.hold()   # the next fsync round waits for release()
 
             async def put():

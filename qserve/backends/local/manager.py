@@ -66,18 +66,19 @@ class QueueManager:
                               "on x86_64 or aarch64, and io_setup allowed)")
         self._pool = SyncPool() if self._aio is None else None
         self._sync_started = False
-        # () -> True while one client connection is all the server has: the server sets it once it
-        # serves; a durable write then fsyncs in its own task (`commit.GroupCommit._may_round_here`)
-        self.one_client: Callable[[], bool] | None = None
+        # () -> the client connections open: the server sets it once it serves; with one, a durable
+        # write fsyncs in its own task (`commit.GroupCommit._may_round_here`), and with two (a
+        # consumer's watch and its commits) a commit starts its own round (`_may_round_now`)
+        self.clients: Callable[[], int] | None = None
         self._log_config = storage.LogConfig(
             segment_bytes=config.segment_bytes,
             max_payload_bytes=config.max_payload_bytes,
             max_entries=config.max_length,
         )
 
-    def _one_client(self) -> bool:
-        hint = self.one_client
-        return hint is not None and hint()
+    def _clients(self) -> int | None:
+        hint = self.clients
+        return None if hint is None else hint()
 
     @property
     def fsync_mechanism(self) -> str:
@@ -187,7 +188,7 @@ class QueueManager:
                 await self._nursery.start(self._aio.serve if self._aio is not None else self._pool.serve)
             queue = Queue(ref, qlog, self.config, self._pool, self._aio, on_change=self._on_change,
                           dead_letters=self._dead_letter, recent=recent, wall_clock=self._wall_clock,
-                          one_client=self._one_client)
+                          clients=self._clients)
             self._queues[ref] = queue
             self.fences.take_down(ref)
             self._report_open(queue, created)

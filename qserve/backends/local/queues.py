@@ -88,8 +88,8 @@ class Queue(GroupCommit):
                  aio: AioSync | None = None, *, on_change: OnChange | None = None,
                  dead_letters: Callable[["Queue", list[DeadLetter]], Awaitable[None]] | None = None,
                  recent: Iterable[tuple[str, int, int]] = (), wall_clock: Callable[[], float] = time.time,
-                 one_client: Callable[[], bool] | None = None) -> None:
-        super().__init__(ref, qlog, config, pool, aio, on_rollback=self.notify, one_client=one_client)
+                 clients: Callable[[], int | None] | None = None) -> None:
+        super().__init__(ref, qlog, config, pool, aio, on_rollback=self.notify, clients=clients)
         self._on_change = on_change      # the watch service's wake-up: (queue, new entry or None) -> None
         self.source = LogSource(qlog)
         self.filters = FilterIndexes()   # tag filters of watchers and gets: each entry classified once
