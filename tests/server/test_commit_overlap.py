@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+import trio_websocket
 
 from qserve.core.events import QueueRef
 
@@ -76,14 +77,19 @@ async def test_consumers_committing_while_puts_go_on_lose_nothing_and_get_nothin
             queue = await srv.server.queues.get(QueueRef("mix"))
             received: list[int] = []
             committed: list[int] = []
+            sockets = []
             done = trio.Event()
 
             async def consumer(nursery, user: str) -> None:
                 ws = await srv.watch(nursery, "mix", "_window_=2", user=user)
+                sockets.append(ws)
                 committer = await srv.client("mix")
                 headers = [*IDENTITY, ("X-EAS-QueueService-Uid", user)]
                 while True:
-                    index = (await next_frame(ws, timeout=LIMIT)).index
+                    try:
+                        index = (await next_frame(ws, timeout=LIMIT)).index
+                    except trio_websocket.ConnectionClosed:   # closed by the test once all is committed
+                        return
                     received.append(index)
                     assert (await committer.call("PUT", f"_indexes_={index}", headers=headers))[0] == 200
                     committed.append(index)
@@ -102,6 +108,8 @@ async def test_consumers_committing_while_puts_go_on_lose_nothing_and_get_nothin
                     puts.start_soon(producer, c, b"p", 30)
                     puts.start_soon(producer, other, b"q", total - 31)
                 await done.wait()
+                for ws in sockets:   # closed, not just dropped: the server has no close handshake to wait out
+                    await ws.aclose()
                 nursery.cancel_scope.cancel()
             assert sorted(received) == list(range(1, total + 1))     # each once
             assert queue.rounds_now > 0
