@@ -13,7 +13,9 @@ the flusher's wake-up, its checkpoint and the put's own wake-up; on this project
 sequential client's durable put went from p50 644-724 us to 581-640 us (alternating runs of
 peerbench's http_client_seq.py). With more than one connection the flusher runs every round, since
 the scheduler's current batch (invisible to `nothing_runnable`) may hold the next puts, which an
-fsync on the trio thread would stall.
+fsync on the trio thread would stall. One exception: with two connections (one consumer's watch
+and its commits), a commit that woke its watcher submits its own round to kernel AIO at once
+(`_round_now`), so that the watcher's next frames are written while the kernel syncs the deletes.
 """
 
 from __future__ import annotations
