@@ -109,11 +109,6 @@ class HTTPServer:
         """Connections open right now, the ones being refused with 503 included."""
         return self._edge.open_connections
 
-    @property
-    def alone(self) -> bool:
-        """At most one connection is open (`Edge.alone`)."""
-        return self._edge.alone
-
     def statistics(self) -> dict:
         return {
             "connections_open": self._edge.connections,

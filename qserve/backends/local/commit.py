@@ -154,16 +154,18 @@ class GroupCommit:
             else:
                 await self._durable.wait()
 
+    def _open_clients(self) -> int | None:
+        """The client connections open, from the server (None: not known, as without a server)."""
+        return None if self._clients is None else self._clients()
+
     def _may_round_here(self) -> bool:
         """A lone client: one connection open, no other task runnable, no round in progress. Then
         the waiter can fsync right here, blocking the loop for the fsync: there is nobody to stall,
         and the round skips the flusher's wake-up, its checkpoint and the waiter's own wake-up,
         three scheduler passes (`nothing_runnable` alone is not enough: it cannot see the tasks
         left in the scheduler's current batch, which under many connections are the next puts)."""
-        if self._in_round or self._clients is None:
-            return False
-        clients = self._clients()
-        return clients is not None and clients <= 1 and nothing_runnable()
+        clients = self._open_clients()
+        return not self._in_round and clients is not None and clients <= 1 and nothing_runnable()
 
     def _round_here(self) -> None:
         """One group-commit round, synchronously, in the waiting task (`_may_round_here`); the same
@@ -186,11 +188,9 @@ class GroupCommit:
         writes may be about to join a round, which the flusher's checkpoint lets them do, and a
         round started at once leaves them to one more (four consumers under `tools.bench.watch`:
         ~22,100 -> ~19,700 entries/s when every commit started its own)."""
-        aio = self._aio
-        if aio is None or not aio.serving or self._in_round or self._clients is None:
-            return False
-        clients = self._clients()
-        return clients is not None and clients <= 2 and not nothing_runnable()
+        aio, clients = self._aio, self._open_clients()
+        return (aio is not None and aio.serving and not self._in_round and clients is not None
+                and clients <= 2 and not nothing_runnable())
 
     async def _round_now(self) -> bool:
         """One round started by the waiting task before anything else runs: its fsync is submitted
