@@ -1,0 +1,115 @@
+"""`AioSync.fsync_polled`: a lone client's round submitted to kernel AIO and polled for on the
+completion ring. Real files, the real kernel; nothing sleeps."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+import pytest
+import trio
+
+from qserve.core.events import QueueRef
+from qserve.server import aio as aio_module
+
+from ..helpers.disk_faults import put
+from ..helpers.inproc import running_server
+from ..helpers.queue_files import contents, reopen
+from .test_aio import LIMIT, open_or_skip
+
+
+@pytest.fixture
+def aio():
+    aio = open_or_skip()
+    assert aio._ring is not None, "Linux maps the completion ring at the context's address"
+    yield aio
+    aio.close()
+
+
+def files(tmp_path, n: int) -> list[int]:
+    fds = []
+    for i in range(n):
+        fd = os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"x" * 100)
+        fds.append(fd)
+    return fds
+
+
+def test_the_kernels_answers_are_read_from_the_ring_and_the_reaper_is_not_woken(tmp_path, aio):
+    fds = files(tmp_path, 3)
+    try:
+        assert aio.fsync_polled(fds) is None
+        assert aio.polled_rounds == 1
+        assert aio._ring.head == aio._ring.tail              # every answer was taken
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(aio._efd)                        # nothing for the reaper
+        assert aio.fsync_polled([]) is None and aio.polled_rounds == 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_past_the_poll_limit_the_wait_sleeps_in_the_kernel(tmp_path, aio, monkeypatch):
+    monkeypatch.setattr(aio_module, "_POLL_SECONDS", 0.0)
+    fds = files(tmp_path, 2)
+    try:
+        for _ in range(3):
+            assert aio.fsync_polled(fds) is None
+        assert aio.polled_rounds == 3 and aio._ring.head == aio._ring.tail
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_what_the_kernel_refuses_is_fsynced_the_usual_way_and_its_error_returned(tmp_path, aio):
+    good, = files(tmp_path, 1)
+    r, w = os.pipe()
+    closed = os.open(tmp_path / "closed", os.O_RDWR | os.O_CREAT)
+    os.close(closed)                                         # (its number is not reused below)
+    try:
+        error = aio.fsync_polled([good, closed])             # the first is taken, the second refused
+        assert isinstance(error, OSError) and error.errno == errno.EBADF
+        assert aio.polled_rounds == 1 and aio._ring.head == aio._ring.tail
+        error = aio.fsync_polled([closed, good])             # nothing taken: no round polled
+        assert isinstance(error, OSError) and error.errno == errno.EBADF
+        assert aio.polled_rounds == 1
+        error = aio.fsync_polled([r])                        # no fsync on a pipe
+        assert isinstance(error, OSError) and error.errno == errno.EINVAL
+    finally:
+        for fd in (good, r, w):
+            os.close(fd)
+
+
+def test_with_another_fsync_in_flight_the_ring_is_left_to_the_reaper(tmp_path, aio):
+    fd, = files(tmp_path, 1)
+    try:
+        aio._jobs[-1] = object()        # as while a flusher's fsync is in flight
+        assert aio.fsync_polled([fd]) is None and aio.polled_rounds == 0
+    finally:
+        aio._jobs.pop(-1)
+        os.close(fd)
+
+
+def test_a_ring_is_read_only_where_linux_mapped_one():
+    assert aio_module._ring_at(0) is None                    # not mapped
+    plain = ctypes.create_string_buffer(4096)                # mapped and readable, but no ring header
+    assert aio_module._ring_at(ctypes.addressof(plain)) is None
+
+
+async def test_a_lone_clients_put_is_polled_for_and_on_disk_when_answered(tmp_path):
+    open_or_skip().close()
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv:
+            c = await srv.client("solo")
+            queue = await srv.server.queues.get(QueueRef("solo"))
+            polled = srv.server.queues._aio.polled_rounds
+            for i in range(1, 5):
+                assert await put(c, b"p%d" % i) == (200, b"%d" % i)
+                assert queue.log.durable_seq == queue.log.appended_seq   # synced before the answer
+            assert srv.server.queues._aio.polled_rounds - polled == 4
+    qlog = reopen(tmp_path, "solo")
+    try:
+        assert contents(qlog) == [(i, b"p%d" % i) for i in range(1, 5)]
+    finally:
+        qlog.close()
