@@ -15,16 +15,10 @@ from qserve.server.aio import AioSync
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 
+from ..helpers.aio import open_or_skip
 from ..helpers.inproc import running_server
 
 LIMIT = 10
-
-
-def open_or_skip(depth: int = 64) -> AioSync:
-    aio = AioSync.open(depth)
-    if aio is None:
-        pytest.skip("kernel AIO is not available here (the thread pool is used instead)")
-    return aio
 
 
 async def test_fsyncs_complete_and_report_per_fd_errors(tmp_path):

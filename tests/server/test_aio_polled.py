@@ -13,10 +13,10 @@ import trio
 from qserve.core.events import QueueRef
 from qserve.server import aio as aio_module
 
-from ..helpers.disk_faults import put
+from ..helpers.aio import open_or_skip
+from ..helpers.disk_faults import LIMIT, put
 from ..helpers.inproc import running_server
 from ..helpers.queue_files import contents, reopen
-from .test_aio import LIMIT, open_or_skip
 
 
 @pytest.fixture
