@@ -47,6 +47,7 @@ class Config:
     fsync: str = "always"                          # always (group commit) | interval | never
     fsync_interval: float = 0.2                    # seconds, for fsync=interval
     fsync_backend: str = "auto"                    # auto (kernel AIO where it works, else threads) | aio | threads
+    fsync_poll: bool = True                        # an fsync the idle loop waits for: polled for (AIO), not slept on
     max_payload_bytes: int = 524288
     max_length: int = 1_000_000                    # stream.approxMaxLength; a put beyond it gets 429
     trim_oldest: bool = False                      # instead of 429, drop the oldest entries (Redis MAXLEN)

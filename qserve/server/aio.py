@@ -8,9 +8,9 @@ since 4.18) and a reaper task learns of the completion from an eventfd it waits 
 The fsync's kernel work moves from the process to a kernel worker, so the whole machine's CPU per
 durable put stays about the same (README, "Development", has the figures).
 
-Inline: when no other task is runnable and no AIO fsync is in flight (a lone sequential client,
-say), ``fsync`` calls ``os.fsync`` right there instead: the loop has nothing to do meanwhile, and
-the round saves ``io_submit``, ``io_getevents``, the eventfd read and one scheduler pass each way.
+Inline: when no other task is runnable and no AIO fsync is in flight (an idle moment between
+spaced requests, say), ``fsync`` waits for it right there (`fsync_polled`, below): the loop has
+nothing to do meanwhile, and the round saves the eventfd, the reaper and one scheduler pass each way.
 
 Overlap: the kernel queues an AIO fsync's work on the submitting CPU, and a worker there waits
 for the CPU while the event loop runs: the flush only started once the loop went idle (submission
@@ -19,17 +19,20 @@ yields the CPU once right after ``io_submit`` (``os.sched_yield``): the worker i
 blocks on the disk, and the loop goes on meanwhile (p50 376 us, with ~250 us of the loop's work
 done inside it). Used where the loop has that work in hand (`backends.local.commit`, `_round_now`).
 
-Polled: a lone client's round (`backends.local.commit`, `_round_here`) blocks the loop for its fsync
-anyway; `fsync_polled` submits it to the kernel and polls the context's completion ring (the page
-the kernel maps at the context's address, libaio reads it the same way) with ``os.sched_yield``
-between looks, instead of sleeping in ``fsync``. On a VM that halts an idle vCPU, waking it for the
-disk's answer costs ~50 us, and the answer comes from another CPU: fsync on the servers' CPU took
-p50 170-222 us sleeping against 129-148 us polled (1,000 each, 2-vCPU VM). A sequential client's
-durable puts went from 1,404-1,563 to 1,621-1,777 per second (`../shared/peerbench/http_client_seq.py`,
-five alternating pairs). Polling stops after ``_POLL_SECONDS`` (a slow disk then costs no CPU:
-the wait sleeps in ``io_getevents``), and the yield leaves the CPU to the kernel's worker for the
-fsync, which runs on this CPU. Only while no other AIO fsync is in flight (the ring's answers are
-then this round's), and only where the ring is mapped where it should be (`_ring_at`).
+Polled: an inline round, and a lone client's (`backends.local.commit`, `_round_here`), block the
+loop for their fsync anyway; `fsync_polled` submits it to the kernel and polls the context's
+completion ring (the page the kernel maps at the context's address, libaio reads it the same way)
+with ``os.sched_yield`` between looks, instead of sleeping in ``fsync``. On a VM that halts an idle
+vCPU, waking it for the disk's answer costs ~50 us, and the answer comes from another CPU: fsync on
+the servers' CPU took p50 170-222 us sleeping against 129-148 us polled (1,000 each, 2-vCPU VM). A
+sequential client's durable puts went from 1,404-1,563 to 1,621-1,777 per second
+(`../shared/peerbench/http_client_seq.py`, five alternating pairs); put -> receive with auto
+commit at 1,700 puts/s from p50 1.78-1.93 to 1.49-1.64 ms (`tools.bench.watch`, five pairs), at
+~10% more CPU per entry. Polling stops after ``_POLL_SECONDS`` (a slow disk then costs no CPU: the
+wait sleeps in ``io_getevents``), and the yield leaves the CPU to the kernel's worker for the fsync,
+which runs on this CPU. Only while no other AIO fsync is in flight (the ring's answers are then this
+round's), only where the ring is mapped where it should be (`_ring_at`), and only with ``poll``
+(``Config.fsync_poll``, ``--no-fsync-poll``: sleep in ``fsync`` instead).
 
 Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
 answered, before the caller is rescheduled: the queue's flusher ends its round there
@@ -173,6 +176,7 @@ class AioSync:
         self._ids = count(1)
         self._jobs: dict[int, _Job] = {}   # aio_data -> the job of that fsync
         self._ring = _ring_at(ctx)         # None: `fsync_polled` fsyncs the usual way
+        self.poll = True                   # False: `fsync_polled` sleeps in fsync (``Config.fsync_poll``)
         self.serving = False
         self.inline_rounds = 0             # fsyncs done inline (`_fsync_inline`), for statistics
         self.polled_rounds = 0             # rounds whose answers were polled for (`fsync_polled`)
@@ -259,10 +263,10 @@ class AioSync:
         return job.error
 
     async def _fsync_inline(self, fds: list[int], on_done) -> OSError | None:
-        """`fsync` done here and now, blocking the loop: only when no other task is runnable and no
-        AIO fsync is in flight, so it stalls nobody longer than the fsync itself would have made them
-        wait, and it saves the submission, the eventfd wake-up and the reaper's scheduling pass."""
-        error = _fsync_each(fds)
+        """`fsync` done here and now (`fsync_polled`), blocking the loop: only when no other task is
+        runnable and no AIO fsync is in flight, so it stalls nobody longer than the fsync itself would
+        have made them wait, and it saves the eventfd wake-up and the reaper's scheduling pass."""
+        error = self.fsync_polled(fds)
         self.inline_rounds += 1
         if on_done is not None:
             on_done(error)
@@ -279,7 +283,7 @@ class AioSync:
         Falls back to ``os.fsync`` without a usable ring, while another fsync is in flight, or for
         the fds the kernel did not take."""
         ring = self._ring
-        if ring is None or self._jobs or not fds:
+        if ring is None or not self.poll or self._jobs or not fds:
             return _fsync_each(fds)
         cbs = [_Iocb(aio_data=0, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for fd in fds]
         ptrs = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs))

@@ -1,5 +1,6 @@
-"""`AioSync.fsync_polled`: a lone client's round submitted to kernel AIO and polled for on the
-completion ring. Real files, the real kernel; nothing sleeps."""
+"""`AioSync.fsync_polled`: a round the loop waits for with nothing else to do (a lone client's, an
+inline one) submitted to kernel AIO and polled for on the completion ring; `Config.fsync_poll`
+turns that off. Real files, the real kernel; nothing sleeps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import pytest
 import trio
 
+from qserve.cli import build_parser
+from qserve.config import load_config
 from qserve.core.events import QueueRef
 from qserve.server import aio as aio_module
 
@@ -91,23 +94,59 @@ def test_with_another_fsync_in_flight_the_ring_is_left_to_the_reaper(tmp_path, a
         os.close(fd)
 
 
+def test_with_polling_off_the_fsync_sleeps_in_the_kernel(tmp_path, aio):
+    fd, = files(tmp_path, 1)
+    try:
+        aio.poll = False
+        assert aio.fsync_polled([fd]) is None and aio.polled_rounds == 0
+        aio.poll = True
+        assert aio.fsync_polled([fd]) is None and aio.polled_rounds == 1
+    finally:
+        os.close(fd)
+
+
+async def test_an_inline_round_is_polled_for_too(tmp_path, aio):
+    fd, = files(tmp_path, 1)
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(aio.serve)
+                assert await aio.fsync([fd]) is None           # the loop idle otherwise: inline
+                assert (aio.inline_rounds, aio.polled_rounds) == (1, 1)
+                nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+
+
+def test_fsync_poll_is_a_flag_a_variable_and_a_setting(tmp_path):
+    args = build_parser().parse_args(["serve", "--no-fsync-poll"])
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    assert load_config(flags, environ={}).fsync_poll is False
+    assert load_config({}, environ={}).fsync_poll is True
+    assert load_config({}, environ={"QSERVE_FSYNC_POLL": "false"}).fsync_poll is False
+    toml = tmp_path / "qserve.toml"
+    toml.write_text("fsync_poll = false\n")
+    assert load_config({}, environ={}, config_file=toml).fsync_poll is False
+
+
 def test_a_ring_is_read_only_where_linux_mapped_one():
     assert aio_module._ring_at(0) is None                    # not mapped
     plain = ctypes.create_string_buffer(4096)                # mapped and readable, but no ring header
     assert aio_module._ring_at(ctypes.addressof(plain)) is None
 
 
-async def test_a_lone_clients_put_is_polled_for_and_on_disk_when_answered(tmp_path):
+@pytest.mark.parametrize("poll", [True, False])
+async def test_a_lone_clients_put_is_polled_for_and_on_disk_when_answered(tmp_path, poll):
     open_or_skip().close()
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fsync="always") as srv:
+        async with running_server(tmp_path, fsync="always", fsync_poll=poll) as srv:
             c = await srv.client("solo")
             queue = await srv.server.queues.get(QueueRef("solo"))
             polled = srv.server.queues._aio.polled_rounds
             for i in range(1, 5):
                 assert await put(c, b"p%d" % i) == (200, b"%d" % i)
                 assert queue.log.durable_seq == queue.log.appended_seq   # synced before the answer
-            assert srv.server.queues._aio.polled_rounds - polled == 4
+            assert srv.server.queues._aio.polled_rounds - polled == (4 if poll else 0)
     qlog = reopen(tmp_path, "solo")
     try:
         assert contents(qlog) == [(i, b"p%d" % i) for i in range(1, 5)]

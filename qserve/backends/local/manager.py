@@ -61,6 +61,8 @@ class QueueManager:
         # an injected file layer (tests' fault injection) go through its own fsync in a thread
         # whatever the backend (`storage.SyncTicket.plain_files`).
         self._aio = AioSync.open() if config.fsync_backend != "threads" else None
+        if self._aio is not None:
+            self._aio.poll = config.fsync_poll
         if config.fsync_backend == "aio" and self._aio is None:
             raise ConfigError("fsync_backend: aio, but kernel AIO cannot be used here (it needs Linux 4.18+ "
                               "on x86_64 or aarch64, and io_setup allowed)")
