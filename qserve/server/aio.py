@@ -285,7 +285,8 @@ class AioSync:
         ring = self._ring
         if ring is None or not self.poll or self._jobs or not fds:
             return _fsync_each(fds)
-        cbs = [_Iocb(aio_data=0, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for fd in fds]
+        key = next(self._ids)   # this round's answers (an answer left over from an abandoned one is not)
+        cbs = [_Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for fd in fds]
         ptrs = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs))
         left = max(0, self._syscall(ctypes.c_long(self._submit), self._ctx, ctypes.c_long(len(cbs)), ptrs))
         error = _fsync_each(fds[left:])   # what the kernel did not take
@@ -299,11 +300,16 @@ class AioSync:
                 continue
             n = self._syscall(ctypes.c_long(self._getevents), self._ctx, ctypes.c_long(1 if wait else 0),
                               ctypes.c_long(self._depth), self._events, None if wait else ctypes.byref(self._zero))
-            for i in range(max(n, 0)):      # n < 0: EINTR, look again
-                res = self._events[i].res
-                if res < 0 and error is None:
-                    error = OSError(-res, f"fsync: {os.strerror(-res)}")
-            left -= max(n, 0)
+            if n < 0 and ctypes.get_errno() != errno.EINTR:   # cannot be waited for: not durable
+                code = ctypes.get_errno() or errno.EIO
+                return error or OSError(code, f"io_getevents: {os.strerror(code)}")
+            for i in range(max(n, 0)):
+                ev = self._events[i]
+                if ev.data != key:
+                    continue
+                left -= 1
+                if ev.res < 0 and error is None:
+                    error = OSError(-ev.res, f"fsync: {os.strerror(-ev.res)}")
         return error
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
 
 import pytest
 import trio
@@ -82,6 +83,48 @@ def test_what_the_kernel_refuses_is_fsynced_the_usual_way_and_its_error_returned
     finally:
         for fd in (good, r, w):
             os.close(fd)
+
+
+def test_an_answer_left_in_the_ring_is_not_taken_for_this_rounds(tmp_path, aio):
+    """An answer nobody reaped (a round abandoned by a failed io_getevents, say) is skipped: the
+    round counts only the answers to its own fsyncs, and the ring ends up empty. The leftovers here
+    are failed reads (into an unmapped buffer: EFAULT), so taking one for this round's would show."""
+    fds = files(tmp_path, 2)
+    try:
+        for _ in range(2):            # two answers nobody waits for
+            cb = aio_module._Iocb(aio_data=999, aio_lio_opcode=0, aio_fildes=fds[0],   # IOCB_CMD_PREAD
+                                  aio_buf=8, aio_nbytes=100, aio_offset=0)
+            assert aio._syscall(ctypes.c_long(aio._submit), aio._ctx, ctypes.c_long(1),
+                                (ctypes.POINTER(aio_module._Iocb) * 1)(ctypes.pointer(cb))) == 1
+        ring, give_up = aio._ring, time.monotonic() + LIMIT
+        while (ring.tail - ring.head) % ring.nr < 2:        # both answered, before the round starts
+            assert time.monotonic() < give_up, "the kernel never answered"
+            os.sched_yield()
+        assert aio.fsync_polled(fds) is None and aio.polled_rounds == 1
+        assert aio._ring.head == aio._ring.tail              # the two leftovers went too
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_round_that_cannot_wait_for_its_answers_fails_and_the_next_skips_them(tmp_path, aio):
+    fd, = files(tmp_path, 1)
+    real = aio._syscall
+
+    def getevents_fails(nr, *args):
+        if nr.value == aio._getevents:
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real(nr, *args)
+    try:
+        aio._syscall = getevents_fails
+        error = aio.fsync_polled([fd])                       # submitted, never waited for
+        assert isinstance(error, OSError) and error.errno == errno.EINVAL and "io_getevents" in str(error)
+        aio._syscall = real
+        assert aio.fsync_polled([fd]) is None and aio.polled_rounds == 2
+    finally:
+        aio._syscall = real
+        os.close(fd)
 
 
 def test_with_another_fsync_in_flight_the_ring_is_left_to_the_reaper(tmp_path, aio):
