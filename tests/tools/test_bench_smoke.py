@@ -100,7 +100,8 @@ def test_bench_watch_quick_prints_tables(tmp_path):
 
 def test_bench_watch_json(tmp_path):
     proc = run_tool("watch", "--quick", "--entries", "100", "--consumers", "2", "--modes", "manual",
-                    "--no-latency", "--json", "--data-dir", str(tmp_path))
+                    "--no-latency", "--json", "--data-dir", str(tmp_path),
+                    "--server-arg=--no-fsync-poll")   # passed to `qserve serve` (refused there if unknown)
     doc = json.loads(proc.stdout)
     [row] = doc["throughput"]
     assert (row["mode"], row["window"], row["consumers"]) == ("manual", 10, 2)

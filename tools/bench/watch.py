@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ws-client", choices=("lean", "trio-websocket"), default="lean",
                    help="the consumers' WebSocket client (default lean: tools/bench/ws.py)")
     p.add_argument("--fsync", choices=("always", "interval", "never"), default="always", help="qserve --fsync (default always)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for `qserve serve` (repeatable), e.g. --server-arg=--no-fsync-poll")
     p.add_argument("--timeout", type=float, default=60.0, help="give up on one throughput scenario after this long")
     p.add_argument("--quick", action="store_true", help="smallest configuration")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     lat_rows: list[dict] = []
     peak_rows: list[dict] = []
     with bl.TempDataDir(args.data_dir) as data_dir:
-        with bl.ServerProc.qserve(data_dir, fsync=args.fsync, cpu=cpus[0]) as server:
+        with bl.ServerProc.qserve(data_dir, fsync=args.fsync, cpu=cpus[0], extra=args.server_arg) as server:
             port, token = server.port, bl.TOKEN
             bl.progress(f"{server.name} on port {port}")
             for mode in modes:
