@@ -28,7 +28,8 @@ the servers' CPU took p50 170-222 us sleeping against 129-148 us polled (1,000 e
 sequential client's durable puts went from 1,404-1,563 to 1,621-1,777 per second
 (`../shared/peerbench/http_client_seq.py`, five alternating pairs); put -> receive with auto
 commit at 1,700 puts/s from p50 1.78-1.93 to 1.49-1.64 ms (`tools.bench.watch`, five pairs), at
-~10% more CPU per entry. Polling stops after ``_POLL_SECONDS`` (a slow disk then costs no CPU: the
+~10% more server CPU per entry (and the fsync's kernel work, done in the server's own sleep
+before, runs in a kernel worker: ~20% more for the whole machine). Polling stops after ``_POLL_SECONDS`` (a slow disk then costs no CPU: the
 wait sleeps in ``io_getevents``), and the yield leaves the CPU to the kernel's worker for the fsync,
 which runs on this CPU. Only while no other AIO fsync is in flight (the ring's answers are then this
 round's), only where the ring is mapped where it should be (`_ring_at`), and only with ``poll``
