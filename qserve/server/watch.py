@@ -4,7 +4,8 @@ Strategy: the group logic (who gets which entry, windows, redelivery) is the que
 (`backends.base.QueueBackend`: attach, deliver, take, sent, release). This module is the thin trio
 edge around it: one `Session` per watching connection attaches a consumer, then loops *deliver a
 batch -> send frames*, and sleeps on its own wake event when the backend has nothing for it. Auto-commit deletes each batch and sends it once the
-delete is durable, taking the next batch one step ahead (see `Session._pump_auto`).
+delete is durable, taking the next batch one step ahead (see `Session._pump_auto`); while it hands
+a batch out, a put's new entry is taken for it in the put's own step (`Session.pretake`).
 `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
 eligible consumer per group (free slots, start and tag filter match; round robin), any other
 change wakes every consumer with free slots; a consumer with a full window is never woken, and
@@ -41,6 +42,7 @@ import trio
 import trio_websocket
 
 from qserve.core import events as ev
+from qserve.core.errors import QServeError
 from qserve.wire import framing, names, protobuf
 from qserve.core.events import ConsumerSpec, QueueRef
 from qserve.backends.base import QueueBackend, StoredEntry, Taken
@@ -94,6 +96,9 @@ class Session:
         self._stopping = False                    # take no further batch (shutdown)
         self._stop_by = math.inf                  # shutdown's bound on handing out a batch in hand
         self._handing_out: trio.CancelScope | None = None   # the shield of a deleted batch's write
+        # auto-commit: batches taken for this session in a put's step (`pretake`), or the error that
+        # taking one met; bounded by the window, like every batch taken
+        self._pretaken: list[Taken | QServeError] = []
 
     def stop(self, by: float) -> None:
         """Shutdown: take nothing more; a batch in hand must be written by ``by`` (trio clock)."""
@@ -111,6 +116,35 @@ class Session:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def pretake(self) -> None:
+        """Auto-commit, a put's step (`WatchService.wake`): while this session hands a batch out,
+        take its next batch here and now, so that the delete is written before the put waits for
+        its fsync round and the same round covers both; taken later by the session, after that
+        round had begun, the delete and the frame waited for the next one (a quarter of the entries
+        at 1,700 puts/s; put -> receive p50 1.35-1.41 -> 0.90 ms). Only inside the hand-out's shield
+        (`_handing_out`), which writes whatever this session holds, and never once it is stopping
+        or cancelled. A failure to take is raised by the session at its next batch, as its own
+        take's would be."""
+        take_now = getattr(self.queue, "take_now", None)
+        if take_now is None or self._handing_out is None or self._stopping or self.cancel_scope.cancel_called:
+            return
+        try:
+            taken = take_now(self.spec.id)
+        except QServeError as exc:
+            self._pretaken.append(exc)
+            return
+        if taken is not None:
+            self._pretaken.append(taken)
+
+    def _next_pretaken(self) -> Taken | None:
+        """The oldest batch `pretake` took, or None; raises what taking one met."""
+        if not self._pretaken:
+            return None
+        taken = self._pretaken.pop(0)
+        if isinstance(taken, QServeError):
+            raise taken
+        return taken
 
     def accepts(self, entry: StoredEntry) -> bool:
         """Could this consumer take `entry` (start position and tag filter)?"""
@@ -156,6 +190,8 @@ class Session:
         ahead: Taken | None = None
         while True:
             if ahead is None:
+                ahead = self._next_pretaken()   # taken for us during the last hand-out: ours to write
+            if ahead is None:
                 await trio.lowlevel.checkpoint_if_cancelled()   # nothing in hand: may end here
                 if self._stopping:
                     await trio.sleep_forever()   # until the edge cancels the watch
@@ -176,7 +212,9 @@ class Session:
                         # else is deleted.
                         await queue.wait_durable(mark, first=True)
                     self._wake = trio.Event()
-                    ahead = None if last or self._stopping else await queue.take(cid)
+                    ahead = self._next_pretaken()
+                    if ahead is None and not (last or self._stopping):
+                        ahead = await queue.take(cid)
                     if entries:
                         shield.deadline = min(shield.deadline, trio.current_time() + write_bound)
                         await self._send_frames(send, entries)
@@ -257,7 +295,10 @@ class WatchService:
                 by_group.setdefault(session.spec.group, []).append(session)
         self._turn += 1
         for members in by_group.values():
-            members[self._turn % len(members)].wake()
+            chosen = members[self._turn % len(members)]
+            if chosen.op.auto_commit:
+                chosen.pretake()
+            chosen.wake()
         return bool(by_group)
 
     def evict(self, queue: QueueRef, consumer_id: str) -> None:

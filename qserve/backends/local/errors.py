@@ -20,7 +20,7 @@ from qserve import storage
 from qserve.core.errors import (InsufficientStorage, PayloadTooLarge, QServeError, QueueFull, ServerError,
                                 Unavailable)
 
-__all__ = ["core_error", "raising_core_errors"]
+__all__ = ["core_error", "raising_core_errors", "as_core_error"]
 
 log = logging.getLogger("qserve")
 
@@ -47,9 +47,15 @@ def raising_core_errors(operation: Callable[P, Awaitable[T]]) -> Callable[P, Awa
         try:
             return await operation(*args, **kwargs)
         except storage.StorageError as exc:
-            err = core_error(exc)
-            if isinstance(err, ServerError):
-                log.error("queue %s: %s failed: %s", args[0].ref.name, operation.__name__, exc)
-                err.logged = True
-            raise err from exc
+            raise as_core_error(args[0], operation.__name__, exc) from exc
     return run
+
+
+def as_core_error(queue, operation: str, exc: storage.StorageError) -> QServeError:
+    """`core_error` of ``exc``, a failure of ``operation`` on ``queue`` (a `queues.Queue`); a disk
+    failure is logged with the queue's name and storage's reason, and marked logged."""
+    err = core_error(exc)
+    if isinstance(err, ServerError):
+        log.error("queue %s: %s failed: %s", queue.ref.name, operation, exc)
+        err.logged = True
+    return err

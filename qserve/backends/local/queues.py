@@ -25,12 +25,11 @@ import trio
 
 from qserve import storage
 from qserve.storage.index import next_live
-
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.local.commit import GroupCommit, Signal
 from qserve.backends.local.dedup import RecentPuts
 from qserve.backends.local.delays import KeptDelays
-from qserve.backends.local.errors import core_error, raising_core_errors
+from qserve.backends.local.errors import as_core_error, core_error, raising_core_errors
 from qserve.backends.faults import Faults
 from qserve.backends.get_waiters import GetWaiters
 from qserve.config import Config
@@ -331,13 +330,19 @@ class Queue(GroupCommit):
 
     @raising_core_errors
     async def take(self, consumer_id: str) -> Taken | None:
-        indexes = self.dispatcher.poll(consumer_id)
-        if not indexes:
-            return None
-        entries = self._read(indexes)
-        if entries:
-            self.dispatcher.removed(self.log.delete([e.index for e in entries]))
-        return self.write_mark(), entries, indexes
+        return self.take_now(consumer_id)
+
+    def take_now(self, consumer_id: str) -> Taken | None:
+        """`take` without an ``await``: in a put's own step, so that one round covers the put and
+        the delete (`server.watch.Session.pretake`). Raises `qserve.core.errors` types."""
+        try:
+            indexes = self.dispatcher.poll(consumer_id)
+            entries = self._read(indexes) if indexes else []
+            if entries:
+                self.dispatcher.removed(self.log.delete([e.index for e in entries]))
+        except storage.StorageError as exc:
+            raise as_core_error(self, "take", exc) from exc
+        return (self.write_mark(), entries, indexes) if indexes else None
 
     def _read(self, indexes: list[int]) -> list[storage.Entry]:
         """The entries of `indexes` still stored; the dispatcher forgets the others."""

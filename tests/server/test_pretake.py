@@ -1,0 +1,129 @@
+"""An auto-commit watch that is handing a batch out gets a put's new entry taken for it in the
+put's own step (`server.watch.Session.pretake`), so that one fsync round covers the put and its
+delete. The server's own `WatchService` and local backend, real files; the transport is a
+``send`` that can be held, so that the session is caught in the middle of a hand-out."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from qserve.core import events as ev
+from qserve.core.errors import Unavailable
+from qserve.wire import framing, protobuf
+
+from ..helpers.disk_faults import LIMIT
+from ..helpers.inproc import running_server
+
+
+class HeldSend:
+    """A streamed watch's ``send``: records every frame, and holds each write while ``held``."""
+
+    def __init__(self) -> None:
+        self.reader = framing.LengthDelimitedReader()
+        self.indexes: list[int] = []
+        self.writes = 0
+        self.held = True
+        self.released = trio.Event()
+
+    async def __call__(self, chunk: bytes) -> None:
+        self.writes += 1
+        self.reader.receive_data(chunk)
+        while (frame := self.reader.next_frame()) is not None:
+            self.indexes.append(protobuf.decode_frame(frame).index)
+        if self.held:
+            await self.released.wait()
+
+    def release(self) -> None:
+        self.held = False
+        self.released.set()
+
+
+async def auto_watch(srv, nursery, service: str, send: HeldSend):
+    """An auto-commit streamed watch of ``service`` (window 4) writing through ``send``; its queue."""
+    app = srv.server.app
+    ref = ev.QueueRef(service)
+    queue = await app.queues.get(ref)
+    op = ev.Watch(queue=ref, identity=ev.Identity(group="g", user="u"), window=4, websocket=False,
+                  auto_commit=True)
+    response = await app.watch.http_stream(queue, op)
+    nursery.start_soon(response.stream, send)
+    return queue
+
+
+async def test_a_put_is_taken_in_its_own_step_while_a_batch_is_handed_out(tmp_path):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
+            c = await srv.client("pre")
+            first = int((await c.call("POST", "", b"first"))[1])
+            send = HeldSend()
+            queue = await auto_watch(srv, nursery, "pre", send)
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.indexes == [first]                 # its write is held: a hand-out in progress
+            entry = queue.append(b"second", {}, 0)         # a put's synchronous step
+            assert entry.index not in queue.log            # taken (deleted) before the step returned
+            before = queue.log.appended_seq
+            await queue.wait_durable()                     # the put's round covers the delete as well
+            assert queue.log.durable_seq >= before
+            send.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.indexes == [first, entry.index]    # each once, in order
+            status, body = await c.call("POST", "", b"third")   # no hand-out in progress now
+            assert status == 200
+            third = int(body)
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.indexes == [first, entry.index, third]
+            assert (await c.attrs())["stream.length"] == "0"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_taken_for_a_stopping_session_is_still_written(tmp_path):
+    """Shutdown while a hand-out is held with a batch taken for the session meanwhile: the session
+    takes nothing more, but writes both batches before it ends (both are deleted already)."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
+            c = await srv.client("stop")
+            first = int((await c.call("POST", "", b"first"))[1])
+            send = HeldSend()
+            queue = await auto_watch(srv, nursery, "stop", send)
+            await trio.testing.wait_all_tasks_blocked()
+            second = queue.append(b"second", {}, 0).index  # taken for the held session
+            srv.server.app.watch.shutdown(5.0)
+            queue.append(b"third", {}, 0)                  # stopping: not taken for it
+            send.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.indexes == [first, second]
+            assert (await c.attrs())["stream.length"] == "1"   # the third stays in the queue
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_failure_to_take_in_the_puts_step_ends_the_watch_not_the_put(tmp_path, monkeypatch):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
+            c = await srv.client("fail")
+            first = int((await c.call("POST", "", b"first"))[1])
+            send = HeldSend()
+            failures = []
+
+            async def watch():
+                try:
+                    await (await srv.server.app.watch.http_stream(queue, op)).stream(send)
+                except Unavailable as exc:
+                    failures.append(exc)
+            ref = ev.QueueRef("fail")
+            queue = await srv.server.app.queues.get(ref)
+            op = ev.Watch(queue=ref, identity=ev.Identity(group="g", user="u"), window=4, websocket=False,
+                          auto_commit=True)
+            nursery.start_soon(watch)
+            await trio.testing.wait_all_tasks_blocked()
+
+            def broken(consumer_id):
+                raise Unavailable("storage unavailable, try again later")
+            monkeypatch.setattr(queue, "take_now", broken)
+            status, body = await c.call("POST", "", b"second")
+            assert status == 200                           # the put is not the take's business
+            send.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.indexes == [first] and len(failures) == 1
+            assert (await c.attrs())["stream.length"] == "1"   # the second was never taken
+            nursery.cancel_scope.cancel()
