@@ -15,8 +15,6 @@ import pytest
 import trio
 import trio.testing
 
-from qserve.cli import build_parser
-from qserve.config import load_config
 
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
@@ -181,14 +179,3 @@ async def test_a_service_name_no_directory_can_have_is_no_queue(tmp_path, backen
                 assert status == 404 and body.startswith(b"no queue at /api/predict/"), (service, body)
                 assert body.count(b"\n") == 1
             assert await listing(srv) == []
-
-
-def test_auto_create_is_a_flag_a_variable_and_a_setting(tmp_path):
-    args = build_parser().parse_args(["serve", "--no-auto-create"])
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    assert load_config(flags, environ={}).auto_create is False
-    assert load_config({}, environ={}).auto_create is True
-    assert load_config({}, environ={"QSERVE_AUTO_CREATE": "false"}).auto_create is False
-    toml = tmp_path / "qserve.toml"
-    toml.write_text("auto_create = false\n")
-    assert load_config({}, environ={}, config_file=toml).auto_create is False

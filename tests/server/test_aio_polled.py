@@ -1,6 +1,6 @@
 """`AioSync.fsync_polled`: a round the loop waits for with nothing else to do (a lone client's, an
 inline one) submitted to kernel AIO and polled for on the completion ring; `Config.fsync_poll`
-turns that off. Real files, the real kernel; nothing sleeps."""
+turns that off (its flag and variable: `tests/unit/test_config.py`). Real files, the real kernel; nothing sleeps."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import time
 import pytest
 import trio
 
-from qserve.cli import build_parser
-from qserve.config import load_config
 from qserve.core.events import QueueRef
 from qserve.server import aio as aio_module
 
@@ -159,17 +157,6 @@ async def test_an_inline_round_is_polled_for_too(tmp_path, aio):
                 nursery.cancel_scope.cancel()
     finally:
         os.close(fd)
-
-
-def test_fsync_poll_is_a_flag_a_variable_and_a_setting(tmp_path):
-    args = build_parser().parse_args(["serve", "--no-fsync-poll"])
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    assert load_config(flags, environ={}).fsync_poll is False
-    assert load_config({}, environ={}).fsync_poll is True
-    assert load_config({}, environ={"QSERVE_FSYNC_POLL": "false"}).fsync_poll is False
-    toml = tmp_path / "qserve.toml"
-    toml.write_text("fsync_poll = false\n")
-    assert load_config({}, environ={}, config_file=toml).fsync_poll is False
 
 
 def test_a_ring_is_read_only_where_linux_mapped_one():

@@ -5,6 +5,8 @@ delete. The server's own `WatchService` and local backend, real files; the trans
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import trio
 import trio.testing
 
@@ -39,27 +41,32 @@ class HeldSend:
         self.released.set()
 
 
-async def auto_watch(srv, nursery, service: str, send: HeldSend):
-    """An auto-commit streamed watch of ``service`` (window 4) writing through ``send``; its queue."""
-    app = srv.server.app
-    ref = ev.QueueRef(service)
-    queue = await app.queues.get(ref)
-    op = ev.Watch(queue=ref, identity=ev.Identity(group="g", user="u"), window=4, websocket=False,
-                  auto_commit=True)
-    response = await app.watch.http_stream(queue, op)
-    nursery.start_soon(response.stream, send)
-    return queue
+def auto_watch_op(service: str) -> ev.Watch:
+    return ev.Watch(queue=ev.QueueRef(service), identity=ev.Identity(group="g", user="u"), window=4,
+                    websocket=False, auto_commit=True)
+
+
+@asynccontextmanager
+async def held_hand_out(tmp_path, service: str):
+    """A server whose queue ``service`` holds one put (b"first"), and an auto-commit streamed watch of
+    it (window 4) whose first write is held: a hand-out in progress. Yields (client, queue, send,
+    the first entry's index, the nursery)."""
+    async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
+        c = await srv.client(service)
+        first = int((await c.call("POST", "", b"first"))[1])
+        send = HeldSend()
+        queue = await srv.server.app.queues.get(ev.QueueRef(service))
+        response = await srv.server.app.watch.http_stream(queue, auto_watch_op(service))
+        nursery.start_soon(response.stream, send)
+        await trio.testing.wait_all_tasks_blocked()
+        assert send.indexes == [first]
+        yield srv, c, queue, send, first
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_put_is_taken_in_its_own_step_while_a_batch_is_handed_out(tmp_path):
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("pre")
-            first = int((await c.call("POST", "", b"first"))[1])
-            send = HeldSend()
-            queue = await auto_watch(srv, nursery, "pre", send)
-            await trio.testing.wait_all_tasks_blocked()
-            assert send.indexes == [first]                 # its write is held: a hand-out in progress
+        async with held_hand_out(tmp_path, "pre") as (srv, c, queue, send, first):
             entry = queue.append(b"second", {}, 0)         # a put's synchronous step
             assert entry.index not in queue.log            # taken (deleted) before the step returned
             before = queue.log.appended_seq
@@ -74,19 +81,13 @@ async def test_a_put_is_taken_in_its_own_step_while_a_batch_is_handed_out(tmp_pa
             await trio.testing.wait_all_tasks_blocked()
             assert send.indexes == [first, entry.index, third]
             assert (await c.attrs())["stream.length"] == "0"
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_batch_taken_for_a_stopping_session_is_still_written(tmp_path):
     """Shutdown while a hand-out is held with a batch taken for the session meanwhile: the session
     takes nothing more, but writes both batches before it ends (both are deleted already)."""
     with trio.fail_after(LIMIT):
-        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("stop")
-            first = int((await c.call("POST", "", b"first"))[1])
-            send = HeldSend()
-            queue = await auto_watch(srv, nursery, "stop", send)
-            await trio.testing.wait_all_tasks_blocked()
+        async with held_hand_out(tmp_path, "stop") as (srv, c, queue, send, first):
             second = queue.append(b"second", {}, 0).index  # taken for the held session
             srv.server.app.watch.shutdown(5.0)
             queue.append(b"third", {}, 0)                  # stopping: not taken for it
@@ -94,7 +95,6 @@ async def test_a_batch_taken_for_a_stopping_session_is_still_written(tmp_path):
             await trio.testing.wait_all_tasks_blocked()
             assert send.indexes == [first, second]
             assert (await c.attrs())["stream.length"] == "1"   # the third stays in the queue
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_failure_to_take_in_the_puts_step_ends_the_watch_not_the_put(tmp_path, monkeypatch):
@@ -110,10 +110,8 @@ async def test_a_failure_to_take_in_the_puts_step_ends_the_watch_not_the_put(tmp
                     await (await srv.server.app.watch.http_stream(queue, op)).stream(send)
                 except Unavailable as exc:
                     failures.append(exc)
-            ref = ev.QueueRef("fail")
-            queue = await srv.server.app.queues.get(ref)
-            op = ev.Watch(queue=ref, identity=ev.Identity(group="g", user="u"), window=4, websocket=False,
-                          auto_commit=True)
+            queue = await srv.server.app.queues.get(ev.QueueRef("fail"))
+            op = auto_watch_op("fail")
             nursery.start_soon(watch)
             await trio.testing.wait_all_tasks_blocked()
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from qserve.cli import build_parser
 from qserve.config import Config, ConfigError, load_config
 
 
@@ -88,6 +89,18 @@ def test_example_config_documents_every_setting():
     assert not undescribed, f"docs/qserve.toml: no comment with 'Default:' above {undescribed}"
     unknown = sorted(set(documented) - {f.name for f in dataclasses.fields(Config)})
     assert not unknown, f"docs/qserve.toml names settings Config does not have: {unknown}"
+
+
+@pytest.mark.parametrize("flag,name", [("--no-auto-create", "auto_create"), ("--no-fsync-poll", "fsync_poll")])
+def test_a_switch_on_by_default_is_a_flag_a_variable_and_a_setting(tmp_path, flag, name):
+    args = build_parser().parse_args(["serve", flag])
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    assert getattr(load_config(flags, environ={}), name) is False
+    assert getattr(load_config({}, environ={}), name) is True
+    assert getattr(load_config({}, environ={f"QSERVE_{name.upper()}": "false"}), name) is False
+    toml = tmp_path / "qserve.toml"
+    toml.write_text(f"{name} = false\n")
+    assert getattr(load_config({}, environ={}, config_file=toml), name) is False
 
 
 def test_the_retired_no_aio_variable_is_refused_not_ignored():
