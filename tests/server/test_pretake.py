@@ -49,8 +49,8 @@ def auto_watch_op(service: str) -> ev.Watch:
 @asynccontextmanager
 async def held_hand_out(tmp_path, service: str):
     """A server whose queue ``service`` holds one put (b"first"), and an auto-commit streamed watch of
-    it (window 4) whose first write is held: a hand-out in progress. Yields (client, queue, send,
-    the first entry's index, the nursery)."""
+    it (window 4) whose first write is held: a hand-out in progress. Yields (the harness, a client,
+    the queue, the ``send``, the first entry's index)."""
     async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
         c = await srv.client(service)
         first = int((await c.call("POST", "", b"first"))[1])
