@@ -26,14 +26,15 @@ with ``os.sched_yield`` between looks, instead of sleeping in ``fsync``. On a VM
 vCPU, waking it for the disk's answer costs ~50 us, and the answer comes from another CPU: fsync on
 the servers' CPU took p50 170-222 us sleeping against 129-148 us polled (1,000 each, 2-vCPU VM). A
 sequential client's durable puts went from 1,404-1,563 to 1,621-1,777 per second
-(`../shared/peerbench/http_client_seq.py`, five alternating pairs); put -> receive with auto
-commit at 1,700 puts/s from p50 1.78-1.93 to 1.49-1.64 ms (`tools.bench.watch`, five pairs), at
-~10% more server CPU per entry (and the fsync's kernel work, done in the server's own sleep
-before, runs in a kernel worker: ~20% more for the whole machine). Polling stops after ``_POLL_SECONDS`` (a slow disk then costs no CPU: the
-wait sleeps in ``io_getevents``), and the yield leaves the CPU to the kernel's worker for the fsync,
-which runs on this CPU. Only while no other AIO fsync is in flight (the ring's answers are then this
-round's), only where the ring is mapped where it should be (`_ring_at`), and only with ``poll``
-(``Config.fsync_poll``, ``--no-fsync-poll``: sleep in ``fsync`` instead).
+(`../shared/peerbench/http_client_seq.py`, five alternating pairs); put -> receive with auto commit
+at 1,700 puts/s from p50 1.78-1.93 to 1.49-1.64 ms (`tools.bench.watch`, five pairs), at ~10% more
+server CPU per entry (and the fsync's kernel work, done in the server's own sleep before, runs in a
+kernel worker: ~20% more for the whole machine). Polling stops after ``_POLL_SECONDS`` (a slow disk
+then costs no CPU: the wait sleeps in ``io_getevents``), and the yield leaves the CPU to the
+kernel's worker for the fsync, which runs on this CPU. Only while no other AIO fsync is in flight
+(the ring's answers are then this round's), only where the ring is mapped where it should be
+(`_ring_at`), and only with ``poll`` (``Config.fsync_poll``, ``--no-fsync-poll``: sleep in ``fsync``
+instead).
 
 Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
 answered, before the caller is rescheduled: the queue's flusher ends its round there
@@ -129,6 +130,11 @@ def _ring_at(address: int) -> _Ring | None:
     if ring.magic != _RING_MAGIC or ring.incompat_features != 0 or not ring.nr:
         return None
     return ring
+
+
+def _answer_error(res: int) -> OSError:
+    """The error of a failed fsync's answer (``res``: minus its errno)."""
+    return OSError(-res, f"fsync: {os.strerror(-res)}")
 
 
 def _fsync_each(fds: list[int]) -> OSError | None:
@@ -310,7 +316,7 @@ class AioSync:
                     continue
                 left -= 1
                 if ev.res < 0 and error is None:
-                    error = OSError(-ev.res, f"fsync: {os.strerror(-ev.res)}")
+                    error = _answer_error(ev.res)
         return error
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -328,6 +334,7 @@ class AioSync:
     def close(self) -> None:
         """Release the kernel context and the eventfd (nothing may be in flight: `serve` drains)."""
         if self._efd >= 0:
+            self._ring = None   # unmapped with the context: never read again
             self._syscall(ctypes.c_long(self._destroy), self._ctx)
             os.close(self._efd)
             self._efd = -1
@@ -350,7 +357,7 @@ class AioSync:
                     continue
                 self._slots.release()
                 if ev.res < 0 and job.error is None:
-                    job.error = OSError(-ev.res, f"fsync: {os.strerror(-ev.res)}")
+                    job.error = _answer_error(ev.res)
                 job.left -= 1
                 if job.left == 0:
                     job.finish()

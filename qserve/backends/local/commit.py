@@ -15,9 +15,9 @@ peerbench's http_client_seq.py). That round's fsync goes to kernel AIO and is po
 (`AioSync.fsync_polled`), which spares the vCPU's halt and wake-up: 1,404-1,563 -> 1,621-1,777
 puts/s. With more than one connection the flusher runs every round, since the scheduler's current
 batch (invisible to `nothing_runnable`) may hold the next puts, which an fsync on the trio thread
-would stall. One exception: with two connections (one consumer's watch
-and its commits), a commit that woke its watcher submits its own round to kernel AIO at once
-(`_round_now`), so that the watcher's next frames are written while the kernel syncs the deletes.
+would stall. One exception: with two connections (one consumer's watch and its commits), a commit
+that woke its watcher submits its own round to kernel AIO at once (`_round_now`), so that the
+watcher's next frames are written while the kernel syncs the deletes.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class Queue(GroupCommit):
                  recent: Iterable[tuple[str, int, int]] = (), wall_clock: Callable[[], float] = time.time,
                  clients: Callable[[], int | None] | None = None) -> None:
         super().__init__(ref, qlog, config, pool, aio, on_rollback=self.notify, clients=clients)
-        self._on_change = on_change      # the watch service's wake-up: (queue, new entry or None) -> None
+        self._on_change = on_change      # the watch service's wake-up: (queue, new entry or None) -> woke one
         self.source = LogSource(qlog)
         self.filters = FilterIndexes()   # tag filters of watchers and gets: each entry classified once
         self._dead_letters = dead_letters   # the manager's move to the dead-letter queue
