@@ -16,10 +16,14 @@ assigns the 16384 slots in three ranges); each node's bus port is picked free li
 (``--cluster-port``: port + 10000 may not exist). Creating one takes a few seconds, so the
 session shares one (tests empty it with `flushall`, and use their own service names).
 
-The Sentinels: ``down-after-milliseconds`` 1000 and a short ``failover-timeout``, and (SENTINEL
+The Sentinels: ``down-after-milliseconds`` 3000 and a short ``failover-timeout``, and (SENTINEL
 DEBUG, Redis 7) INFO and hello messages every 200 ms instead of 10 s and 2 s, so the Sentinels
 find the replica and each other, and turn a restarted old primary into a replica, in about a
 second instead of ten; ``tilt-period`` 1 s, so a clock hiccup pauses them for a second, not 30.
+With 1000 ms a loaded CI machine once saw a Sentinel judge the just-promoted replica down (no
+answer to its pings within the second after the switch) and fail over back to the restarted old
+primary, which then resynced the promoted one from its own older data; 3 s costs the fail-over
+test two seconds.
 The replica starts once the primary answers and the Sentinels once the replica is in sync, so
 their first look at the primary already lists it. Not task-safe: one test (or fixture) owns an
 instance.
@@ -205,7 +209,7 @@ class SentinelServers:
 
     name = PRIMARY_NAME
 
-    def __init__(self, directory: Path, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+    def __init__(self, directory: Path, down_after_ms: int = 3000, failover_timeout_ms: int = 3000) -> None:
         self.directory = directory.resolve()
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
@@ -242,12 +246,17 @@ class SentinelServers:
                 self.sentinels.append(sentinel)
                 sentinel.start()
                 sentinel.call("SENTINEL", "DEBUG", *SENTINEL_PERIODS)
-            _wait_until(lambda: self._seen(self.primary.port), "every Sentinel seeing the primary, the replica "
-                        "and the other Sentinels", self.redis + self.sentinels, timeout)
+            self.wait_seen(self.primary, timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def wait_seen(self, primary: RedisServer, timeout: float = 30.0) -> None:
+        """Until every Sentinel names ``primary``, sees it up, one replica and the two other Sentinels."""
+        running = [s for s in self.sentinels + self.redis if s.running()]   # a killed old primary is not watched
+        _wait_until(lambda: self._seen(primary.port), f"every Sentinel seeing port {primary.port} as the primary, "
+                    "one replica and the other Sentinels", running, timeout)
 
     def _master0(self, sentinel: RedisServer) -> dict[str, str]:
         """INFO sentinel's ``master0`` line of ``sentinel``: name, status, address, slaves, sentinels."""

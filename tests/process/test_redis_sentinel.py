@@ -77,6 +77,7 @@ def test_a_sentinel_fail_over_under_load_loses_no_acknowledged_put(tmp_path, red
         old.kill9()
         new = deployment.wait_failover(old)
         assert new is deployment.replica
+        deployment.wait_seen(new)                     # every Sentinel has switched before the old one is back
         old.restart()                                 # the Sentinels turn it into the new primary's replica
         deployment.wait_replicating(new, old)
         deadline = time.monotonic() + LIMIT
