@@ -15,7 +15,6 @@ import pytest
 import trio
 import trio.testing
 
-
 from qserve.core.events import QueueRef
 from qserve.backends.local.queues import queue_dir
 

@@ -328,9 +328,8 @@ class Queue(GroupCommit):
                 return entries
             # all of them were gone: their slots are free again, poll once more
 
-    @raising_core_errors
     async def take(self, consumer_id: str) -> Taken | None:
-        return self.take_now(consumer_id)
+        return self.take_now(consumer_id)   # raises core errors itself
 
     def take_now(self, consumer_id: str) -> Taken | None:
         """`take` without an ``await``: in a put's own step, so that one round covers the put and
