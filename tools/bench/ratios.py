@@ -19,8 +19,10 @@ What runs (everything on 127.0.0.1; every process started here is stopped by its
   ceiling is 1 / (bare p50 of the same script + ``fsync_bench.py DATA_DIR 2 fsync 1`` p50, run on the
   servers' CPU: the fsync qserve pays where it runs; `Ratios.fsync`), with
   qserve / ``redis_streams.py PORT seq 4`` next to it; push + manual commit, window 10, one
-  consumer = ``watch_rate.py PORT 15000`` / ``redis_streams.py PORT group 3``; four consumers are
-  `watch.throughput` (the lean client of `ws`, one commit in flight per consumer), reported.
+  consumer = ``watch_rate.py PORT 15000`` / ``redis_streams.py PORT group 3``, with each side's CPU
+  per cycle of 10 entries read during the steady phase (`cycle`: the server process, the servers'
+  CPU as a whole, the consumer; reported); four consumers are `watch.throughput` (the lean client
+  of `ws`, one commit in flight per consumer), reported.
 - Latency: the end-to-end peak of each commit mode (`watch_parts.e2e_peak`, the median of
   ``--rounds`` runs), then per round an open-loop producer at half of it with one consumer
   (`watch_latency.latency_run`) and the bare server's round trip at the same rate
@@ -58,6 +60,7 @@ from .storage import TagPool, bench_reopen
 from .watch import throughput
 from .watch_latency import bare_round_trips, latency_run
 from .ratios_table import render, target_rows
+from .cycle import CpuWindow, established, per_cycle, redis_calls, run_measured
 from .watch_parts import e2e_peak
 
 WINDOW = 10
@@ -113,11 +116,25 @@ class Ratios:
             bl.progress(f"  {label}")
 
     def script(self, name: str, *argv: str, python: str | None = None, cpu: int | None = None,
-               timeout: float = 120.0) -> dict:
-        """Run a peerbench script to its end; its one JSON line."""
-        out, _, _ = run_child([python or sys.executable, str(self.peer / name), *argv],
-                              cpu=self.cpus[1] if cpu is None else cpu, timeout=timeout)
+               timeout: float = 120.0, meter: CpuWindow | None = None) -> dict:
+        """Run a peerbench script to its end (``meter``: reading its steady phase's CPU); its one JSON line."""
+        args = [python or sys.executable, str(self.peer / name), *argv]
+        cpu = self.cpus[1] if cpu is None else cpu
+        if meter is not None:
+            out = run_measured(args, meter, cpu=cpu, timeout=timeout)
+        else:
+            out, _, _ = run_child(args, cpu=cpu, timeout=timeout)
         return json.loads(out.strip().splitlines()[-1])
+
+    def cycle(self, side: str, meter: CpuWindow, per_second: float) -> None:
+        """Note a one-consumer run's CPU per cycle of 10 entries on each side (`cycle`)."""
+        c = per_cycle(meter.result, per_second)
+        if c is None:
+            return
+        for key, value in c.items():
+            self.note(f"cycle {side} {key}", value)
+        bl.progress(f"    per 10 entries [{side}]: server {c['server_us']:.0f} us CPU, the servers' CPU busy "
+                    f"{c['servers_cpu_us']:.0f} us, consumer {c['client_us']:.0f} us CPU, cycle {c['wall_us']:.0f} us")
 
     # -- the pairs -----------------------------------------------------------------------------
     def wrk(self, side: str) -> None:
@@ -157,15 +174,24 @@ class Ratios:
         if self.have["redis"]:
             return
         seconds = self.args.seq_seconds if mode == "seq" else self.args.group_seconds
+        meter = None
+        if mode == "group":
+            port, calls = self.redis.port, redis_calls(self.redis.port, "xreadgroup") or 0
+            meter = CpuWindow(self.redis.proc.pid, self.cpus[0], lambda: (redis_calls(port, "xreadgroup") or 0) > calls)
         doc = self.script("redis_streams.py", str(self.redis.port), mode, str(seconds), python=self.args.peer_python,
-                          timeout=seconds + 120)
+                          timeout=seconds + 120, meter=meter)
         self.note(f"redis {mode}", doc["ops_per_s"], f"redis-py {mode}: {doc['ops_per_s']:,} ops/s")
+        if meter is not None:
+            self.cycle("redis", meter, doc["ops_per_s"])
 
     def watch_rate(self) -> None:
         if self.have["watch_rate"]:
             return
-        doc = self.script("watch_rate.py", str(self.qserve.port), str(self.args.entries), timeout=300)
+        port = self.qserve.port   # its watch has begun once a second connection is open (the commits' and the WebSocket)
+        meter = CpuWindow(self.qserve.proc.pid, self.cpus[0], lambda: established(port) >= 2)
+        doc = self.script("watch_rate.py", str(port), str(self.args.entries), timeout=300, meter=meter)
         self.note("watch c1", doc["entries_per_s"], f"watch_rate.py [qserve]: {doc['entries_per_s']:,} entries/s")
+        self.cycle("qserve", meter, doc["entries_per_s"])
 
     def watch4(self) -> None:
         row = trio.run(lambda: throughput(self.qserve.port, bl.TOKEN, consumers=4, window=WINDOW, auto=False,

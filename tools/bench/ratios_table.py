@@ -48,6 +48,13 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
     wq, wr = m("watch c1"), m("redis group")
     add("push+manual commit w10, 1 consumer", "watch c1", wq, wr, "redis-py XREADGROUP 10 + XACK", ">= 1.00x",
         unit="entries/s", met=at_least(wq, wr, 1.0), why=have["watch_rate"] or have["redis"])
+    for what, key, ref_name in (("server process's CPU", "server_us", "redis-server's CPU"),
+                                 ("servers' CPU busy", "servers_cpu_us", "the same, Redis"),
+                                 ("consumer's CPU", "client_us", "redis-py's CPU"),
+                                 ("cycle (wall)", "wall_us", "Redis's cycle")):
+        q, ref = m(f"cycle qserve {key}"), m(f"cycle redis {key}")
+        if q is not None or ref is not None:   # none when the steady phase was shorter than the window
+            add(f"  per 10 entries: {what}", f"cycle qserve {key}", q, ref, ref_name, "report", unit="us")
     add("push+manual commit w10, 4 consumers", "watch c4", m("watch c4"), wr, "redis-py XREADGROUP 10 + XACK (1)",
         "report", unit="entries/s")
     for mode in ("manual", "auto"):
