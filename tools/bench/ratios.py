@@ -27,7 +27,8 @@ What runs (everything on 127.0.0.1; every process started here is stopped by its
   ``--rounds`` runs), then per round an open-loop producer at half of it with one consumer
   (`watch_latency.latency_run`) and the bare server's round trip at the same rate
   (`watch_latency.bare_round_trips`). Manual commit: p50 < 1 ms and p99 < 5 ms; auto commit: p50 <=
-  1.5x its floor = bare round trip p50 + fsync p50.
+  1.5x its floor = bare round trip p50 + fsync p50. Reported under the auto-commit row: each
+  server's CPU per request at that rate and how busy that keeps it (what the p50 waits behind).
 - No regression, once each: reopen of a log of ``--entries`` entries (`storage.bench_reopen`: best
   of 3, and RAM per entry with the requestId table) and `load` (1,000 keep-alive connections, 100
   watchers, a fresh-client probe) as a child process.
@@ -228,11 +229,16 @@ class Ratios:
                 self.errors += row["errors"]
                 self.note(f"lat {mode} p50", row["p50_ms"])
                 self.note(f"lat {mode} p99", row["p99_ms"])
+                self.note(f"lat {mode} cpu us", row["server_us_per_entry"])
+                self.note(f"lat {mode} busy", row["server_cpu_pct"])
             else:
                 floor = trio.run(lambda: bare_round_trips(self.bare.port, rate=rate, seconds=a.lat_seconds,
-                                                          warmup=a.lat_warmup))
+                                                          warmup=a.lat_warmup, server=self.bare))
                 self.note(f"floor {mode} p50", floor["p50_ms"])
                 self.note(f"floor {mode} p99", floor["p99_ms"])
+                us = floor["server_us_per_request"]
+                self.note(f"floor {mode} cpu us", us)
+                self.note(f"floor {mode} busy", None if us is None else us * rate / 1e4)
 
     def round(self, i: int) -> None:
         first, second = ("qserve", "bare") if i % 2 == 0 else ("bare", "qserve")

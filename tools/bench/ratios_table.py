@@ -71,6 +71,11 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
             floor = fl50 + f50 if fl50 is not None and f50 is not None else None
             add(f"latency auto p50{at}", "lat auto p50", p50, floor, "bare p50 + fsync p50", "<= 1.50x", unit="ms",
                 met=None if p50 is None or floor is None else p50 <= 1.5 * floor)
+            # what the p50 waits behind: how busy the server is at that rate, next to the bare one at it
+            add("  server's CPU per put at that rate", "lat auto cpu us", m("lat auto cpu us"),
+                m("floor auto cpu us"), "bare trio+h11, per request", "report", unit="us")
+            add("  server's CPU busy at that rate", "lat auto busy", m("lat auto busy"), m("floor auto busy"),
+                "bare trio+h11", "report", unit="%")
     rs, ram = m("reopen s"), m("ram B")
     add(f"restart, {args.reopen_entries:,} entries", "reopen s", rs, 2.0, "limit", "<= 2 s", unit="s",
         met=None if rs is None else rs <= 2.0)
