@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tools.bench.cycle import CpuWindow, established, per_cycle, redis_calls, run_measured
+from qserve.tools.bench.cycle import CpuWindow, established, per_cycle, redis_calls, run_measured
 
 SPIN = "import pathlib, sys, time\npathlib.Path(sys.argv[1]).touch()\nend = time.monotonic() + float(sys.argv[2])\n" \
        "while time.monotonic() < end:\n    pass\nprint('{\"done\": 1}')\n"
