@@ -1,27 +1,34 @@
-"""tools/bench/cycle.py: the CPU readings behind `tools.bench.ratios`' per-cycle rows, on real
-processes, sockets and a real redis-server."""
+"""tools/bench/cycle.py and the readers it shares with the other tools (`lib.process_cpu_seconds`,
+`lib.system_busy_seconds`, `redis.command_calls`): the CPU readings behind `tools.bench.ratios`'
+per-cycle rows, on real processes, sockets and a real redis-server. Nothing here sleeps: each
+child runs until a condition (a file, its stdin closing), and the meter's window is its own."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from qserve.tools.bench.cycle import CpuWindow, established, per_cycle, redis_calls, run_measured
+from qserve.tools.bench import lib as bl
+from qserve.tools.bench.cycle import CpuWindow, established, per_cycle, run_measured
+from qserve.tools.bench.redis import command_calls
 
-SPIN = "import pathlib, sys, time\npathlib.Path(sys.argv[1]).touch()\nend = time.monotonic() + float(sys.argv[2])\n" \
-       "while time.monotonic() < end:\n    pass\nprint('{\"done\": 1}')\n"
+# a load generator: says its phase began (a file), spins until told to stop (another file; 30 s at most)
+SPIN = ("import os, sys, time\nopen(sys.argv[1], 'w').close()\nend = time.monotonic() + 30\n"
+        "while not os.path.exists(sys.argv[2]) and time.monotonic() < end:\n    pass\nprint('{\"done\": 1}')\n")
 
 
 @pytest.fixture
 def idle_server():
-    """A process standing in for the server: asleep, so its CPU over any window is ~0."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """A process standing in for the server: blocked reading its stdin, so its CPU over any window
+    is ~0; it ends when the test closes that."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     yield proc
-    proc.kill()
-    proc.wait()
+    proc.stdin.close()
+    proc.wait(timeout=30)
 
 
 def test_per_cycle_divides_each_reading_by_the_cycles_in_the_window():
@@ -33,11 +40,16 @@ def test_per_cycle_divides_each_reading_by_the_cycles_in_the_window():
 
 
 def test_the_window_reads_a_busy_client_and_an_idle_server(tmp_path, idle_server):
-    """The client spins after its steady phase begins (the marker file): it is charged about the
-    window's length, the sleeping server about nothing."""
-    marker = tmp_path / "started"
-    meter = CpuWindow(idle_server.pid, None, marker.exists, delay=0.05, window=0.4)
-    out = run_measured([sys.executable, "-c", SPIN, str(marker), "1.5"], meter, cpu=None, timeout=30)
+    """The client spins once its steady phase begins (the first file): it is charged about the
+    window's length, the blocked server about nothing."""
+    started, stop = tmp_path / "started", tmp_path / "stop"
+    client = subprocess.Popen([sys.executable, "-c", SPIN, str(started), str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        meter = CpuWindow(idle_server.pid, None, started.exists, delay=0.05, window=0.4)
+        meter.run(client.pid, time.monotonic() + 30)   # returns after its window
+    finally:
+        stop.touch()
+        out, _ = client.communicate(timeout=30)
     assert out.strip() == '{"done": 1}'
     r = meter.result
     assert r is not None
@@ -48,10 +60,16 @@ def test_the_window_reads_a_busy_client_and_an_idle_server(tmp_path, idle_server
 
 
 def test_a_phase_shorter_than_the_window_gives_no_figures(tmp_path, idle_server):
-    marker = tmp_path / "started"
-    meter = CpuWindow(idle_server.pid, None, marker.exists, delay=0.0, window=2.0)
-    run_measured([sys.executable, "-c", SPIN, str(marker), "0.2"], meter, cpu=None, timeout=30)
+    """The client says its phase began and ends at once: the meter stops when it does (long before
+    its window would have ended) and reports nothing."""
+    started = tmp_path / "started"
+    meter = CpuWindow(idle_server.pid, None, started.exists, delay=0.0, window=60.0)
+    t0 = time.monotonic()
+    out = run_measured([sys.executable, "-c", f"open({str(started)!r}, 'w').close(); print(1)"], meter, cpu=None,
+                       timeout=30)
+    assert out.strip() == "1"
     assert meter.result is None
+    assert time.monotonic() - t0 < 30
 
 
 def test_a_phase_that_never_begins_gives_no_figures(tmp_path, idle_server):
@@ -67,6 +85,14 @@ def test_a_failing_load_generator_is_one_error(idle_server, tmp_path):
                      cpu=None, timeout=30)
 
 
+def test_process_cpu_seconds_is_none_once_a_process_has_ended(idle_server):
+    assert bl.process_cpu_seconds(idle_server.pid) is not None
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait(timeout=30)
+    assert bl.process_cpu_seconds(ended.pid) is None
+    assert bl.system_busy_seconds(0) <= bl.system_busy_seconds()   # one CPU's share of the machine's
+
+
 def test_established_counts_the_server_side_of_each_connection():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -80,18 +106,18 @@ def test_established_counts_the_server_side_of_each_connection():
                 assert established(a.getsockname()[1]) == 1 and established(b.getsockname()[1]) == 1
 
 
-def test_redis_calls_counts_one_command(redis_server):
-    before = redis_calls(redis_server.port, "xadd")
+def test_command_calls_counts_one_command(redis_server):
+    before = command_calls(redis_server.port, "xadd")
     assert before is not None
     redis_server.call("XADD", "cycle-test", "*", "d", "x")
     redis_server.call("XADD", "cycle-test", "*", "d", "y")
-    assert redis_calls(redis_server.port, "xadd") == before + 2
-    assert redis_calls(redis_server.port, "xclaimnever") == 0
+    assert command_calls(redis_server.port, "xadd") == before + 2
+    assert command_calls(redis_server.port, "xclaimnever") == 0
     redis_server.call("DEL", "cycle-test")
 
 
-def test_redis_calls_without_a_server_is_none():
+def test_command_calls_without_a_server_is_none():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]     # bound, not listening: the connection is refused
-        assert redis_calls(port, "xadd") is None
+        assert command_calls(port, "xadd") is None

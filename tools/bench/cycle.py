@@ -7,17 +7,18 @@ consumer's CPU plus the server's CPU, and whatever is left is waiting (an fsync'
 halted vCPU's wake-up). `run_measured` runs such a load generator and, once its steady phase has
 begun (``started()``), reads three figures over a window: the server process's CPU, the load
 generator's CPU (both from ``/proc/PID/stat``) and how busy the servers' CPU was as a whole
-(``/proc/stat``: the server plus the kernel's work there, an AIO fsync's worker and the network's
-softirqs included). `per_cycle` turns them into microseconds per cycle.
+(`lib.system_busy_seconds` of that CPU: the server plus the kernel's work there, an AIO fsync's
+worker and the network's softirqs, and any time the hypervisor took it away). `per_cycle` turns
+them into microseconds per cycle.
 
 The window starts ``delay`` after the phase is seen and lasts ``window`` seconds; a phase shorter
-than that (``--quick``'s 300 entries) gives no figures, not wrong ones.
+than that (``--quick``'s 300 entries) gives no figures, not wrong ones, and the reading stops as
+soon as the load generator has ended.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -26,38 +27,7 @@ from pathlib import Path
 
 from . import lib as bl
 
-__all__ = ["CpuWindow", "run_measured", "per_cycle", "established", "redis_calls"]
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def process_ticks(pid: int) -> int | None:
-    """User + system CPU of a live process in clock ticks; None once it has ended (or is a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[11]) + int(fields[12])
-
-
-def cpu_busy_ticks(cpu: int | None) -> int | None:
-    """Busy clock ticks of one CPU (user, nice, system, irq, softirq; not idle, iowait or steal), or
-    of the whole machine when ``cpu`` is None."""
-    name = "cpu" if cpu is None else f"cpu{cpu}"
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                fields = line.split()
-                if fields and fields[0] == name:
-                    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
-                    return user + nice + system + irq + softirq
-    except (OSError, ValueError):
-        pass
-    return None
-
+__all__ = ["CpuWindow", "run_measured", "per_cycle", "established"]
 
 def established(port: int) -> int:
     """TCP connections in ESTABLISHED state whose local port is ``port`` (IPv4 and IPv6)."""
@@ -75,27 +45,6 @@ def established(port: int) -> int:
     return n
 
 
-def redis_calls(port: int, command: str) -> int | None:
-    """How many times the Redis server on 127.0.0.1:``port`` has run ``command`` (``INFO
-    commandstats``; 0 before the first); None when it cannot be asked."""
-    try:
-        with socket.create_connection((bl.LOCALHOST, port), timeout=1.0) as s:
-            s.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    return None
-                data += chunk
-                head, _, rest = data.partition(b"\r\n")
-                if head.startswith(b"$") and len(rest) >= int(head[1:]) + 2:
-                    break
-    except (OSError, ValueError):
-        return None
-    _, found, tail = data.partition(f"cmdstat_{command.lower()}:calls=".encode())
-    return int(tail.split(b",", 1)[0]) if found else 0
-
-
 class CpuWindow:
     """The three CPU readings over one window of a load generator's steady phase (module docstring).
     ``result``: seconds of CPU of the server and of the load generator, busy seconds of the servers'
@@ -107,28 +56,36 @@ class CpuWindow:
         self.delay, self.window, self.poll = delay, window, poll
         self.result: dict[str, float] | None = None
 
-    def _reading(self, client_pid: int) -> tuple[int, int, int, float] | None:
-        s, c, k = process_ticks(self.server_pid), process_ticks(client_pid), cpu_busy_ticks(self.servers_cpu)
-        if s is None or c is None or k is None:
+    def _reading(self, client_pid: int) -> tuple[float, float, float, float] | None:
+        s, c = bl.process_cpu_seconds(self.server_pid), bl.process_cpu_seconds(client_pid)
+        k = bl.system_busy_seconds(self.servers_cpu)
+        if s is None or c is None or k != k:   # a process gone, or /proc/stat unreadable (nan)
             return None
         return s, c, k, time.monotonic()
 
+    def _wait(self, client_pid: int, until: float) -> bool:
+        """Until the monotonic time ``until``; False as soon as the client has ended."""
+        while time.monotonic() < until:
+            if bl.process_cpu_seconds(client_pid) is None:
+                return False
+            time.sleep(self.poll)
+        return True
+
     def run(self, client_pid: int, until: float) -> None:
         """Wait (to the monotonic time ``until`` at most) for the phase, then read the window."""
-        while not self.started():
-            if process_ticks(client_pid) is None or time.monotonic() > until:
+        while not self.started():   # polled for as long as the client lives
+            if time.monotonic() >= until or not self._wait(client_pid, time.monotonic() + self.poll):
                 return
-            time.sleep(self.poll)
-        time.sleep(self.delay)
-        first = self._reading(client_pid)
-        if first is None:
+        if not self._wait(client_pid, time.monotonic() + self.delay):
             return
-        time.sleep(self.window)
+        first = self._reading(client_pid)
+        if first is None or not self._wait(client_pid, first[3] + self.window):
+            return   # the client ended inside the window: its phase was shorter than the window
         last = self._reading(client_pid)
         if last is None:
-            return   # the client ended inside the window: its phase was shorter than the window
-        self.result = {"server_s": (last[0] - first[0]) / _CLK_TCK, "client_s": (last[1] - first[1]) / _CLK_TCK,
-                       "servers_cpu_busy_s": (last[2] - first[2]) / _CLK_TCK, "wall_s": last[3] - first[3]}
+            return
+        self.result = {"server_s": last[0] - first[0], "client_s": last[1] - first[1],
+                       "servers_cpu_busy_s": last[2] - first[2], "wall_s": last[3] - first[3]}
 
 
 def run_measured(args: list[str], meter: CpuWindow, *, cpu: int | None, timeout: float,

@@ -130,16 +130,34 @@ def self_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def system_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy (all CPUs; idle and iowait excluded), from /proc/stat."""
+def system_busy_seconds(cpu: int | None = None) -> float:
+    """CPU seconds the whole machine (or only CPU ``cpu``) spent busy (idle and iowait excluded),
+    from /proc/stat."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
+            line = next((ln for ln in f if ln.startswith(name + " ")), "")
+        fields = [int(x) for x in line.split()[1:]]
     except (OSError, ValueError):
+        return float("nan")
+    if len(fields) < 8:
         return float("nan")
     # user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user)
     busy = sum(fields[:8]) - fields[3] - fields[4]
     return busy / _CLK_TCK
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (all its threads) so far; None once it has
+    ended or is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        if fields[0] in ("Z", "X"):
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def loadavg() -> float:
@@ -262,12 +280,8 @@ class ServerProc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the child (all its threads) so far."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        except (OSError, IndexError, ValueError):
-            return float("nan")
+        seconds = process_cpu_seconds(self.proc.pid)
+        return float("nan") if seconds is None else seconds
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -56,12 +56,12 @@ from pathlib import Path
 import trio
 
 from . import drive, lib as bl
-from .redis import PEERBENCH, RedisProc, parse_wrk, run_child
+from .redis import PEERBENCH, RedisProc, command_calls, parse_wrk, run_child
 from .storage import TagPool, bench_reopen
 from .watch import throughput
 from .watch_latency import bare_round_trips, latency_run
 from .ratios_table import render, target_rows
-from .cycle import CpuWindow, established, per_cycle, redis_calls, run_measured
+from .cycle import CpuWindow, established, per_cycle, run_measured
 from .watch_parts import e2e_peak
 
 WINDOW = 10
@@ -177,8 +177,9 @@ class Ratios:
         seconds = self.args.seq_seconds if mode == "seq" else self.args.group_seconds
         meter = None
         if mode == "group":
-            port, calls = self.redis.port, redis_calls(self.redis.port, "xreadgroup") or 0
-            meter = CpuWindow(self.redis.proc.pid, self.cpus[0], lambda: (redis_calls(port, "xreadgroup") or 0) > calls)
+            port, calls = self.redis.port, command_calls(self.redis.port, "xreadgroup") or 0
+            meter = CpuWindow(self.redis.proc.pid, self.cpus[0],
+                              lambda: (command_calls(port, "xreadgroup") or 0) > calls)
         doc = self.script("redis_streams.py", str(self.redis.port), mode, str(seconds), python=self.args.peer_python,
                           timeout=seconds + 120, meter=meter)
         self.note(f"redis {mode}", doc["ops_per_s"], f"redis-py {mode}: {doc['ops_per_s']:,} ops/s")

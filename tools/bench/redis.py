@@ -109,6 +109,27 @@ class RedisProc(bl.ServerProc):
             return False
 
 
+def command_calls(port: int, command: str) -> int | None:
+    """How many times the Redis server on 127.0.0.1:``port`` has run ``command`` (``INFO
+    commandstats``; 0 before the first); None when it cannot be asked."""
+    try:
+        with socket.create_connection((bl.LOCALHOST, port), timeout=1.0) as s:
+            s.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+            data = b""
+            while True:   # one bulk string: $<length>\r\n<text>\r\n
+                chunk = s.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+                head, _, rest = data.partition(b"\r\n")
+                if head.startswith(b"$") and len(rest) >= int(head[1:]) + 2:
+                    break
+    except (OSError, ValueError):
+        return None
+    _, found, tail = data.partition(f"cmdstat_{command.lower()}:calls=".encode())
+    return int(tail.split(b",", 1)[0]) if found else 0
+
+
 def node(side: str, data_dir: Path, redis_url: str, cpu: int | None) -> bl.ServerProc:
     """A qserve node without a token: "local" (segment log, fsync always) or "redis"."""
     where = ["--backend", redis_url] if side == "redis" else ["--data-dir", str(data_dir), "--fsync", "always"]
