@@ -1,8 +1,9 @@
 """SyncTicket: one group-commit round of a `QueueLog` (see log.py's docstring for the protocol).
 
 ``QueueLog.sync_begin`` (owner thread) makes a ticket holding dup'd fds of what must be synced
-(or, with ``here=True``, the segment's own fd, for a round the owner thread runs before it does
-anything else: nothing can close that fd meanwhile, and the round saves a dup and a close); someone
+(or, with ``here=True``, the segment's own fd, for a round the owner thread runs, or hands to
+something that takes its own reference to the file such as kernel AIO's ``io_submit``, before it
+does anything else: nothing can close that fd meanwhile, and the round saves a dup and a close); someone
 syncs them - `SyncTicket.run` in any thread, or anything else followed by `complete` -
 and ``QueueLog.sync_end`` (owner thread) advances the durable point or rolls back.
 """

@@ -149,12 +149,12 @@ def _fsync_each(fds: list[int]) -> OSError | None:
 
 
 class _Job:
-    __slots__ = ("left", "error", "done", "on_done", "callback_error")
+    __slots__ = ("left", "error", "task", "on_done", "callback_error")
 
     def __init__(self, n: int, on_done=None) -> None:
         self.left = n
         self.error: OSError | None = None
-        self.done = trio.Event()
+        self.task = None          # the caller, once it waits (`AioSync.fsync`)
         self.on_done = on_done
         self.callback_error: BaseException | None = None
 
@@ -165,7 +165,13 @@ class _Job:
                 self.on_done(self.error)
             except BaseException as exc:   # noqa: BLE001 - re-raised in the caller's task
                 self.callback_error = exc
-        self.done.set()
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task)
+
+
+def _not_abandoned(_raise_cancel) -> trio.lowlevel.Abort:
+    """A submitted fsync is waited for even when its caller is cancelled (as under a shield)."""
+    return trio.lowlevel.Abort.FAILED
 
 
 class AioSync:
@@ -180,6 +186,11 @@ class AioSync:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._events = (_IoEvent * depth)()
         self._zero = _Timespec(0, 0)
+        # one iocb for every `fsync` submission: io_submit copies it into the kernel, so it is
+        # free again once the call returns (building one per call cost ~5 us of ctypes)
+        self._cb = _Iocb(aio_lio_opcode=_IOCB_CMD_FSYNC, aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
+        self._cb_ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._cb))
+        self._one = ctypes.c_long(1)
         self._ids = count(1)
         self._jobs: dict[int, _Job] = {}   # aio_data -> the job of that fsync
         self._ring = _ring_at(ctx)         # None: `fsync_polled` fsyncs the usual way
@@ -223,6 +234,11 @@ class AioSync:
                           ctypes.byref(event), ctypes.byref(_Timespec(10, 0)))
             return got == 1 and event.res == 0
 
+    def free_slots(self) -> int:
+        """How many fsyncs `fsync` can submit before it would wait for a slot (none submitted by
+        then: a caller that checked this submits the fds it passes before anything else runs)."""
+        return self._slots.value
+
     async def fsync(self, fds: list[int], on_done=None, *, overlap: bool = False) -> OSError | None:
         """fsync every fd; returns the first error (None: all durable). Not abandoned when cancelled.
 
@@ -241,29 +257,29 @@ class AioSync:
         if not overlap and not self._jobs and nothing_runnable():
             return await self._fsync_inline(fds, on_done)
         job = _Job(len(fds), on_done)
-        with trio.CancelScope(shield=True):
-            for fd in fds:
-                try:   # acquire() yields to the scheduler even with a slot free: a batch per round
-                    self._slots.acquire_nowait()
-                except trio.WouldBlock:
+        cb, ptrs, submit = self._cb, self._cb_ptrs, ctypes.c_long(self._submit)
+        for fd in fds:
+            try:   # acquire() yields to the scheduler even with a slot free: a batch per round
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                with trio.CancelScope(shield=True):   # what is submitted already is waited for
                     await self._slots.acquire()
-                key = next(self._ids)
-                cb = _Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd,
-                           aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
-                ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(cb))
-                self._jobs[key] = job
-                if self._syscall(ctypes.c_long(self._submit), self._ctx, ctypes.c_long(1), ptrs) != 1:
-                    code = ctypes.get_errno() or errno.EIO
-                    del self._jobs[key]
-                    self._slots.release()
-                    job.error = job.error or OSError(code, f"io_submit(fsync): {os.strerror(code)}")
-                    job.left -= 1
-            if overlap and job.left:
-                os.sched_yield()   # the kernel's worker for this fsync is queued on our CPU: let it start
-            if job.left:
-                await job.done.wait()
-            else:
-                job.finish()
+            key = next(self._ids)
+            cb.aio_data, cb.aio_fildes = key, fd
+            self._jobs[key] = job
+            if self._syscall(submit, self._ctx, self._one, ptrs) != 1:
+                code = ctypes.get_errno() or errno.EIO
+                del self._jobs[key]
+                self._slots.release()
+                job.error = job.error or OSError(code, f"io_submit(fsync): {os.strerror(code)}")
+                job.left -= 1
+        if overlap and job.left:
+            os.sched_yield()   # the kernel's worker for this fsync is queued on our CPU: let it start
+        if job.left:   # the reaper's `_Job.finish` reschedules us; not cancellable, like a shield
+            job.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(_not_abandoned)
+        else:
+            job.finish()
         if job.callback_error is not None:
             raise job.callback_error
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -294,3 +294,39 @@ async def test_a_durable_waiter_resumes_one_scheduler_turn_after_the_kernel_answ
                 assert len(ended) == 1 and turns[0] - ended[0] == 1, (ended, turns)
             nursery.cancel_scope.cancel()
     manager.close_all()
+
+
+async def test_an_aio_round_syncs_the_segments_own_fd_and_a_dup_only_when_it_could_wait(tmp_path, monkeypatch):
+    """`io_submit` takes the kernel's own reference to the file, so an AIO round whose submission
+    cannot wait for a slot syncs the segment's own fd (no dup, no close); with every slot taken it
+    could wait, and a rotation meanwhile could close that fd, so the round syncs a dup."""
+    from qserve.config import Config
+    from qserve.backends.local.manager import QueueManager
+    open_or_skip().close()
+    dups = []
+    real_dup = storage.FileIO.dup
+
+    def counting_dup(self, fd):
+        dups.append(fd)
+        return real_dup(self, fd)
+    monkeypatch.setattr(storage.FileIO, "dup", counting_dup)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            manager = QueueManager(Config(data_dir=tmp_path, fsync="always"), nursery)
+            queue = await manager.get(QueueRef("svc"))
+            for _ in range(5):
+                queue.log.append(b"x", {})
+                await queue.wait_durable()
+            assert dups == [] and queue.log.durable_seq == queue.log.appended_seq
+            assert queue._kernel_takes_fd()
+            held = queue._aio.free_slots()
+            for _ in range(held):
+                queue._aio._slots.acquire_nowait()
+            assert not queue._kernel_takes_fd()
+            queue.log.append(b"y", {})
+            await queue.wait_durable()                    # (an inline round: it needs no slot)
+            assert len(dups) == 1 and queue.log.durable_seq == queue.log.appended_seq
+            for _ in range(held):
+                queue._aio._slots.release()
+            nursery.cancel_scope.cancel()
+    manager.close_all()

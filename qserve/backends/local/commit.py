@@ -189,6 +189,15 @@ class GroupCommit:
         self._durable_first.fire()
         self._durable.fire()
 
+    def _kernel_takes_fd(self) -> bool:
+        """The round's fsync goes to kernel AIO with a submission slot free, so ``io_submit`` takes
+        the kernel's own reference to the segment's file before this thread does anything else:
+        the ticket can hold the segment's own fd, and the round saves a ``dup`` and a ``close``
+        (storage/sync.py). Not for an injected file layer (the thread pool's rounds)."""
+        aio = self._aio
+        return (aio is not None and aio.serving and aio.free_slots() > 0
+                and type(self.log.io) is storage.FileIO)
+
     def _may_round_now(self) -> bool:
         """Kernel AIO serving, no round in progress, some other task runnable (the work to overlap),
         and at most two connections open (a consumer's watch and its commits): with more, other
@@ -208,7 +217,7 @@ class GroupCommit:
         during it. The flusher waits for this round before it starts one (`_sync_round`). False
         (nothing done) when the log's files are not plain files."""
         self._observe()
-        ticket = self.log.sync_begin()
+        ticket = self.log.sync_begin(here=self._kernel_takes_fd())
         if not ticket.plain_files:   # an injected file layer: the flusher's way
             ticket.close()
             return False
@@ -258,7 +267,7 @@ class GroupCommit:
         while self._in_round:   # a waiter's own round (`_round_now`): one round at a time
             await self._round_ended.wait()
         self._observe()
-        ticket = self.log.sync_begin()
+        ticket = self.log.sync_begin(here=self._kernel_takes_fd())
         self._in_round = True   # until the round ends, no waiter runs one of its own (`_may_round_here`)
         try:
             aio = self._aio
