@@ -190,7 +190,15 @@ class AioSync:
         # free again once the call returns (building one per call cost ~5 us of ctypes)
         self._cb = _Iocb(aio_lio_opcode=_IOCB_CMD_FSYNC, aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
         self._cb_ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._cb))
+        # the syscalls' arguments, made once: a ctypes object per argument per call cost ~1 us each
         self._one = ctypes.c_long(1)
+        self._c_zero = ctypes.c_long(0)
+        self._c_submit = ctypes.c_long(self._submit)
+        self._c_getevents = ctypes.c_long(self._getevents)
+        self._c_depth = ctypes.c_long(depth)
+        self._zero_ref = ctypes.byref(self._zero)
+        self._quiet_cb = _Iocb(aio_lio_opcode=_IOCB_CMD_FSYNC)   # the same for `fsync_polled` (no eventfd)
+        self._quiet_ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._quiet_cb))
         self._ids = count(1)
         self._jobs: dict[int, _Job] = {}   # aio_data -> the job of that fsync
         self._ring = _ring_at(ctx)         # None: `fsync_polled` fsyncs the usual way
@@ -257,7 +265,7 @@ class AioSync:
         if not overlap and not self._jobs and nothing_runnable():
             return await self._fsync_inline(fds, on_done)
         job = _Job(len(fds), on_done)
-        cb, ptrs, submit = self._cb, self._cb_ptrs, ctypes.c_long(self._submit)
+        cb, ptrs, submit = self._cb, self._cb_ptrs, self._c_submit
         for fd in fds:
             try:   # acquire() yields to the scheduler even with a slot free: a batch per round
                 self._slots.acquire_nowait()
@@ -309,9 +317,14 @@ class AioSync:
         if ring is None or not self.poll or self._jobs or not fds:
             return _fsync_each(fds)
         key = next(self._ids)   # this round's answers (an answer left over from an abandoned one is not)
-        cbs = [_Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for fd in fds]
-        ptrs = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs))
-        left = max(0, self._syscall(ctypes.c_long(self._submit), self._ctx, ctypes.c_long(len(cbs)), ptrs))
+        if len(fds) == 1:       # a round's usual one segment: the preallocated iocb
+            cb, ptrs = self._quiet_cb, self._quiet_ptrs
+            cb.aio_data, cb.aio_fildes = key, fds[0]
+        else:
+            cbs = [_Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for fd in fds]
+            ptrs = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs))
+        n_fds = self._one if len(fds) == 1 else ctypes.c_long(len(fds))
+        left = max(0, self._syscall(self._c_submit, self._ctx, n_fds, ptrs))
         error = _fsync_each(fds[left:])   # what the kernel did not take
         if left:
             self.polled_rounds += 1
@@ -321,8 +334,8 @@ class AioSync:
             if wait and time.perf_counter() < give_up:
                 os.sched_yield()            # the fsync's kernel worker runs on this CPU
                 continue
-            n = self._syscall(ctypes.c_long(self._getevents), self._ctx, ctypes.c_long(1 if wait else 0),
-                              ctypes.c_long(self._depth), self._events, None if wait else ctypes.byref(self._zero))
+            n = self._syscall(self._c_getevents, self._ctx, self._one if wait else self._c_zero,
+                              self._c_depth, self._events, None if wait else self._zero_ref)
             if n < 0 and ctypes.get_errno() != errno.EINTR:   # cannot be waited for: not durable
                 code = ctypes.get_errno() or errno.EIO
                 return error or OSError(code, f"io_getevents: {os.strerror(code)}")
@@ -362,8 +375,8 @@ class AioSync:
         except BlockingIOError:
             return
         while True:
-            n = self._syscall(ctypes.c_long(self._getevents), self._ctx, ctypes.c_long(0),
-                              ctypes.c_long(self._depth), self._events, ctypes.byref(self._zero))
+            n = self._syscall(self._c_getevents, self._ctx, self._c_zero, self._c_depth, self._events,
+                              self._zero_ref)
             if n <= 0:
                 return   # nothing more (or EINTR: the eventfd will tell again)
             for i in range(n):
