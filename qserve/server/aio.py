@@ -187,10 +187,10 @@ class AioSync:
         self._events = (_IoEvent * depth)()
         self._zero = _Timespec(0, 0)
         # one iocb for every `fsync` submission: io_submit copies it into the kernel, so it is
-        # free again once the call returns (building one per call cost ~5 us of ctypes)
+        # free again once the call returns (building one and its pointer array per call: 1.8 us)
         self._cb = _Iocb(aio_lio_opcode=_IOCB_CMD_FSYNC, aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd)
         self._cb_ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._cb))
-        # the syscalls' arguments, made once: a ctypes object per argument per call cost ~1 us each
+        # the syscalls' arguments, made once (a fresh ctypes object per argument: ~0.1 us each)
         self._one = ctypes.c_long(1)
         self._c_zero = ctypes.c_long(0)
         self._c_submit = ctypes.c_long(self._submit)
