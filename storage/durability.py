@@ -39,6 +39,13 @@ class Durability:
     def _active(self) -> Segment:
         return self._segs[-1]
 
+    @property
+    def plain_files(self) -> bool:
+        """The segments are plain files of the default `FileIO` (no injected file layer): whoever
+        syncs a round some other way than `SyncTicket.run` (kernel AIO, say) does what
+        ``io.fsync`` would have done."""
+        return type(self.io) is FileIO
+
     def _fsync_or_rollback(self, seg: Segment) -> None:
         """fsync the active segment inline; on failure roll back and raise."""
         target, size = self.appended_seq, seg.size
@@ -60,7 +67,7 @@ class Durability:
             fds = []
         else:
             fds = [seg.fd] if here else [self.io.dup(seg.fd)]
-        return SyncTicket(self.io, fds, target, seg, seg.size, owned=not here)
+        return SyncTicket(self.io, fds, target, seg, seg.size, owned=not here, plain_files=self.plain_files)
 
     def sync_end(self, ticket: SyncTicket) -> None:
         """Finish a round (owner thread): ``durable_seq = ticket.target``.

@@ -21,11 +21,15 @@ class SyncTicket:
     closes) fds dup'd by ``sync_begin``. It re-raises the ``OSError`` of a failed fsync; the owner must
     still call ``sync_end``, which rolls back and raises ``StorageIOError``."""
 
-    __slots__ = ("target", "fds", "io", "seg", "size", "done", "error", "owned")
+    __slots__ = ("target", "fds", "io", "seg", "size", "done", "error", "owned", "plain_files")
 
-    def __init__(self, io: FileIO, fds: list, target: int, seg: Segment, size: int, *, owned: bool = True) -> None:
+    def __init__(self, io: FileIO, fds: list, target: int, seg: Segment, size: int, *, owned: bool = True,
+                 plain_files: bool = False) -> None:
         self.io, self.fds, self.target, self.seg, self.size = io, fds, target, seg, size
         self.owned = owned   # the fds are the ticket's (dup'd): it closes them; else the segment's
+        # the log's files are plain (`Durability.plain_files`): whoever syncs them some other way
+        # than `run` (kernel AIO, say) does what ``io.fsync`` would have done
+        self.plain_files = plain_files
         self.done = False
         self.error: OSError | None = None
 
@@ -41,12 +45,6 @@ class SyncTicket:
             self.complete(error)
         if self.error is not None:
             raise self.error
-
-    @property
-    def plain_files(self) -> bool:
-        """The fds are plain files of the default `FileIO` (no injected file layer): whoever syncs
-        them some other way than `run` (kernel AIO, say) does what ``io.fsync`` would have done."""
-        return type(self.io) is FileIO
 
     def complete(self, error: OSError | None = None) -> None:
         """Finish the round after syncing ``fds`` some other way than `run` (the first error, or

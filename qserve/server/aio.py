@@ -318,12 +318,11 @@ class AioSync:
             return _fsync_each(fds)
         key = next(self._ids)   # this round's answers (an answer left over from an abandoned one is not)
         if len(fds) == 1:       # a round's usual one segment: the preallocated iocb
-            cb, ptrs = self._quiet_cb, self._quiet_ptrs
-            cb.aio_data, cb.aio_fildes = key, fds[0]
+            ptrs, n_fds = self._quiet_ptrs, self._one
+            self._quiet_cb.aio_data, self._quiet_cb.aio_fildes = key, fds[0]
         else:
             cbs = [_Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for fd in fds]
-            ptrs = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs))
-        n_fds = self._one if len(fds) == 1 else ctypes.c_long(len(fds))
+            ptrs, n_fds = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs)), ctypes.c_long(len(cbs))
         left = max(0, self._syscall(self._c_submit, self._ctx, n_fds, ptrs))
         error = _fsync_each(fds[left:])   # what the kernel did not take
         if left:

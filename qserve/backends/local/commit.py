@@ -195,8 +195,7 @@ class GroupCommit:
         the ticket can hold the segment's own fd, and the round saves a ``dup`` and a ``close``
         (storage/sync.py). Not for an injected file layer (the thread pool's rounds)."""
         aio = self._aio
-        return (aio is not None and aio.serving and aio.free_slots() > 0
-                and type(self.log.io) is storage.FileIO)
+        return aio is not None and aio.serving and aio.free_slots() > 0 and self.log.plain_files
 
     def _may_round_now(self) -> bool:
         """Kernel AIO serving, no round in progress, some other task runnable (the work to overlap),
