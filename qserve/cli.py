@@ -78,6 +78,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-fsync-poll", dest="fsync_poll", action="store_const", const=False,
                    help="an fsync the otherwise idle server waits for sleeps in the kernel instead of being "
                         "polled for on the AIO completion ring (less CPU, ~50 us more per fsync on a VM)")
+    p.add_argument("--idle-poll-us", type=int,
+                   help="before the otherwise idle server sleeps, it polls for arrivals up to this many "
+                        "microseconds, adapting to how soon they came lately (default 1000; 0: never)")
     p.add_argument("--max-payload-bytes", type=int, help="largest entry accepted (default 524288)")
     p.add_argument("--max-length", type=int, help="entries a queue holds before puts get 429")
     p.add_argument("--trim-oldest", action="store_const", const=True,

@@ -48,6 +48,7 @@ class Config:
     fsync_interval: float = 0.2                    # seconds, for fsync=interval
     fsync_backend: str = "auto"                    # auto (kernel AIO where it works, else threads) | aio | threads
     fsync_poll: bool = True                        # an fsync the idle loop waits for: polled for (AIO), not slept on
+    idle_poll_us: int = 1000                       # the idle loop polls for arrivals up to this long (adaptive; 0: never)
     max_payload_bytes: int = 524288
     max_length: int = 1_000_000                    # stream.approxMaxLength; a put beyond it gets 429
     trim_oldest: bool = False                      # instead of 429, drop the oldest entries (Redis MAXLEN)
@@ -105,6 +106,8 @@ class Config:
                               "`qserve worker` beside the servers")
         if self.redis_wait < 0:
             raise ConfigError("redis_wait: must be >= 0")
+        if not 0 <= self.idle_poll_us <= 100_000:
+            raise ConfigError("idle_poll_us: must be between 0 and 100000")
         for name in ("fsync_interval", "keepalive_timeout", "request_timeout", "shutdown_timeout",
                      "redis_wait_timeout", "node_lease"):
             if getattr(self, name) <= 0:

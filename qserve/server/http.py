@@ -38,6 +38,7 @@ import trio
 from qserve.core import errors
 from qserve.server.connection import Edge, _Connection
 from qserve.server.expiry import Expiries
+from qserve.server.idlepoll import IdlePoll
 from qserve.server.types import Handler, HTTPConfig, Request, Response
 from qserve.server.websocket import WebSocketHandler, WebSocketUpgrade
 
@@ -76,6 +77,7 @@ class HTTPServer:
         self._drained: trio.Event | None = None
         self._cut = trio.CancelScope()        # around the drain wait: abort() ends it
         self._at_limit = False
+        self._idle_poll: IdlePoll | None = None   # while serving, with config.idle_poll > 0
 
     # -- public --------------------------------------------------------------------------------
 
@@ -117,6 +119,7 @@ class HTTPServer:
             "errors_by_status": dict(self._edge.errors),
             "websockets_open": self._edge.websockets,
             "shutting_down": self._edge.shutting_down,
+            "idle_poll": self._idle_poll.statistics() if self._idle_poll is not None else None,
         }
 
     # -- accepting -----------------------------------------------------------------------------
@@ -126,6 +129,16 @@ class HTTPServer:
             raise RuntimeError("HTTPServer.serve() runs once")
         self._serving = True
         self._drained = trio.Event()
+        if self._config.idle_poll > 0:
+            idle_poll = IdlePoll(self._config.idle_poll)
+            self._idle_poll = idle_poll if idle_poll.install() else None
+        try:
+            await self._serve_installed(listeners, task_status, started_value)
+        finally:
+            if self._idle_poll is not None:
+                self._idle_poll.uninstall()
+
+    async def _serve_installed(self, listeners, task_status, started_value) -> None:
         async with trio.open_nursery() as handlers:
             handlers.start_soon(self._edge.expiries.run)   # until the end (cancelled below)
             try:

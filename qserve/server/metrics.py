@@ -297,6 +297,13 @@ class _QueueServerCollector:
                                 value=edge.get("websockets_open", 0))
         yield GaugeMetricFamily("qserve_watch_sessions", "attached watchers (WebSocket and streamed HTTP)",
                                 value=watch.get("sessions", 0))
+        idle_poll = edge.get("idle_poll")
+        if idle_poll is not None:
+            yield CounterMetricFamily("qserve_idle_poll_seconds", "seconds the idle event loop spent polling for "
+                                      "arrivals before sleeping (--idle-poll-us)", value=idle_poll["seconds"])
+            yield CounterMetricFamily("qserve_idle_poll_hits", "idle polls that an arrival ended (the others "
+                                      "went on to sleep)", value=idle_poll["hits"])
+            yield CounterMetricFamily("qserve_idle_polls", "idle polls begun", value=idle_poll["polls"])
         yield GaugeMetricFamily("qserve_ready", "1 when GET /readyz answers 200", value=int(metrics.not_ready is None))
         yield GaugeMetricFamily("qserve_storage_up", "0 when the queues' storage could not be listed (Redis down)",
                                 value=int(metrics.storage_problem is None))

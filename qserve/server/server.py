@@ -62,6 +62,7 @@ def http_config_for(config: Config) -> HTTPConfig:
         keepalive_timeout=config.keepalive_timeout,
         request_timeout=config.request_timeout,
         shutdown_grace=config.shutdown_timeout,
+        idle_poll=config.idle_poll_us / 1e6,
     )
 
 

@@ -94,10 +94,14 @@ class HTTPConfig:
     shutdown_grace: float = 10.0           # in-flight requests get this long at shutdown
     ws_max_message_size: int = 64 * 1024   # client WebSocket messages above -> close 1009
     ws_message_queue_size: int = 16        # client WebSocket messages buffered before the reader waits
+    idle_poll: float = 0.0                 # the loop polls this long at most before it sleeps (0: never; `IdlePoll`)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if not getattr(self, f.name) > 0:
+            if f.name == "idle_poll":
+                if not self.idle_poll >= 0:
+                    raise ValueError("HTTPConfig.idle_poll must be >= 0")
+            elif not getattr(self, f.name) > 0:
                 raise ValueError(f"HTTPConfig.{f.name} must be > 0")
 
 

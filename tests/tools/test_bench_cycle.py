@@ -13,7 +13,7 @@ import time
 import pytest
 
 from qserve.tools.bench import lib as bl
-from qserve.tools.bench.cycle import CpuWindow, established, per_cycle, run_measured
+from qserve.tools.bench.cycle import CpuWindow, established, idle_poll_seconds, per_cycle, run_measured
 from qserve.tools.bench.redis import command_calls
 
 # a load generator: says its phase began (a file), spins until told to stop (another file; 30 s at most)
@@ -37,6 +37,19 @@ def test_per_cycle_divides_each_reading_by_the_cycles_in_the_window():
     assert c == pytest.approx({"server_us": 625.0, "servers_cpu_us": 750.0, "client_us": 500.0, "wall_us": 1250.0})
     assert per_cycle(None, 8000.0) is None
     assert per_cycle(result, 0.0) is None
+    polled = per_cycle({**result, "polled_s": 0.2}, 8000.0)   # a qserve that polled while idle
+    assert polled == pytest.approx({**c, "polled_us": 250.0})
+
+
+def test_idle_poll_seconds_reads_a_live_servers_metrics(server):
+    """The per-cycle rows' polling figure, from a real server's /metrics (on by default), and
+    None from a port where nothing listens."""
+    polled = idle_poll_seconds(server.port, server.token)
+    assert polled is not None and polled >= 0.0
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert idle_poll_seconds(port) is None
 
 
 def test_the_window_reads_a_busy_client_and_an_idle_server(tmp_path, idle_server):

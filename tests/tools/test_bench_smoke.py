@@ -190,6 +190,17 @@ def test_bench_ratios_quick_prints_table(tmp_path):
     assert running == []
 
 
+def test_bench_wakeup_small_run_prints_both_sides():
+    """The loopback ping-pong with the answering side asleep and polling: one line per run, then
+    the medians; the child processes it starts end with each run."""
+    proc = run_tool("wakeup", "--rounds", "1", "--count", "500")
+    assert re.search(r"round 1/1, answering side sleeping: round trip p50 [\d.]+ us", proc.stderr)
+    assert re.search(r"round 1/1, answering side polling: round trip p50 [\d.]+ us", proc.stderr)
+    m = re.search(r"round trip p50: ([\d.]+) us with the answering side asleep, ([\d.]+) us with it polling",
+                  proc.stdout)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0
+
+
 @pytest.mark.slow   # four set-ups on one redis-server, wrk on each: about 15 s; `pytest -m slow` runs it
 def test_bench_nodes_quick_prints_table(tmp_path):
     """One short run of each set-up - a local node, one Redis node, two separate Redis nodes, one

@@ -34,6 +34,8 @@ def test_precedence_file_env_flags(tmp_path):
     ({"max_payload_bytes": 0}, {}, "max_payload_bytes"),
     ({"host": "10.1.2.3"}, {}, "non-loopback"),
     ({"queues": "a,b/c"}, {}, "service name"),
+    ({"idle_poll_us": -1}, {}, "idle_poll_us"),
+    ({}, {"QSERVE_IDLE_POLL_US": "100001"}, "idle_poll_us"),
 ])
 def test_invalid_settings_are_one_line(flags, env, needle):
     with pytest.raises(ConfigError) as info:

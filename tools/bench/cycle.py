@@ -9,7 +9,10 @@ begun (``started()``), reads three figures over a window: the server process's C
 generator's CPU (both from ``/proc/PID/stat``) and how busy the servers' CPU was as a whole
 (`lib.system_busy_seconds` of that CPU: the server plus the kernel's work there, an AIO fsync's
 worker and the network's softirqs, and any time the hypervisor took it away). `per_cycle` turns
-them into microseconds per cycle.
+them into microseconds per cycle. A qserve server also reports the seconds its idle loop spent
+polling for arrivals (``qserve_idle_poll_seconds_total``, `--idle-poll-us`): CPU it used only
+because nothing else wanted it, shown apart (``polled``) so that the server's CPU can be read
+without it.
 
 The window starts ``delay`` after the phase is seen and lasts ``window`` seconds; a phase shorter
 than that (``--quick``'s 300 entries) gives no figures, not wrong ones, and the reading stops as
@@ -18,6 +21,7 @@ soon as the load generator has ended.
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import threading
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from . import lib as bl
 
-__all__ = ["CpuWindow", "run_measured", "per_cycle", "established"]
+__all__ = ["CpuWindow", "run_measured", "per_cycle", "established", "idle_poll_seconds"]
 
 def established(port: int) -> int:
     """TCP connections in ESTABLISHED state whose local port is ``port`` (IPv4 and IPv6)."""
@@ -45,23 +49,46 @@ def established(port: int) -> int:
     return n
 
 
+def idle_poll_seconds(port: int, token: str | None = None) -> float | None:
+    """``qserve_idle_poll_seconds_total`` of the qserve on 127.0.0.1:``port`` (one GET /metrics);
+    None when it cannot be read or the server does not poll."""
+    conn = http.client.HTTPConnection(bl.LOCALHOST, port, timeout=2.0)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": token} if token else {})
+        response = conn.getresponse()
+        body = response.read()
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    if response.status != 200:
+        return None
+    for line in body.decode("utf-8", "replace").splitlines():
+        if line.startswith("qserve_idle_poll_seconds_total "):
+            return float(line.split()[1])
+    return None
+
+
 class CpuWindow:
     """The three CPU readings over one window of a load generator's steady phase (module docstring).
     ``result``: seconds of CPU of the server and of the load generator, busy seconds of the servers'
     CPU and the window's wall seconds; None when the phase ended (or never began) before the window did."""
 
     def __init__(self, server_pid: int, servers_cpu: int | None, started: Callable[[], bool], *,
-                 delay: float = 0.2, window: float = 1.0, poll: float = 0.01) -> None:
+                 delay: float = 0.2, window: float = 1.0, poll: float = 0.01,
+                 polled: Callable[[], float | None] | None = None) -> None:
         self.server_pid, self.servers_cpu, self.started = server_pid, servers_cpu, started
+        self.polled = polled   # the server's idle-poll seconds so far (qserve's /metrics), or None
         self.delay, self.window, self.poll = delay, window, poll
         self.result: dict[str, float] | None = None
 
-    def _reading(self, client_pid: int) -> tuple[float, float, float, float] | None:
+    def _reading(self, client_pid: int) -> tuple[float, float, float, float, float | None] | None:
+        polled = self.polled() if self.polled is not None else None
         s, c = bl.process_cpu_seconds(self.server_pid), bl.process_cpu_seconds(client_pid)
         k = bl.system_busy_seconds(self.servers_cpu)
         if s is None or c is None or k != k:   # a process gone, or /proc/stat unreadable (nan)
             return None
-        return s, c, k, time.monotonic()
+        return s, c, k, time.monotonic(), polled
 
     def _wait(self, client_pid: int, until: float) -> bool:
         """Until the monotonic time ``until``; False as soon as the client has ended."""
@@ -86,6 +113,8 @@ class CpuWindow:
             return
         self.result = {"server_s": last[0] - first[0], "client_s": last[1] - first[1],
                        "servers_cpu_busy_s": last[2] - first[2], "wall_s": last[3] - first[3]}
+        if first[4] is not None and last[4] is not None:
+            self.result["polled_s"] = last[4] - first[4]
 
 
 def run_measured(args: list[str], meter: CpuWindow, *, cpu: int | None, timeout: float,
@@ -115,11 +144,15 @@ def run_measured(args: list[str], meter: CpuWindow, *, cpu: int | None, timeout:
 
 def per_cycle(result: dict[str, float] | None, per_second: float, per: int = 10) -> dict[str, float] | None:
     """Microseconds per cycle of ``per`` items, at ``per_second`` items/s over the run: the server's
-    CPU, the servers' CPU busy, the load generator's CPU, and the cycle's wall time."""
+    CPU, the servers' CPU busy, the load generator's CPU, and the cycle's wall time; with
+    ``polled_us`` too when the server reported its idle polling (part of its CPU)."""
     if not result or not result["wall_s"] > 0 or not per_second > 0:
         return None
     cycles = per_second / per * result["wall_s"]
-    return {"server_us": result["server_s"] / cycles * 1e6,
-            "servers_cpu_us": result["servers_cpu_busy_s"] / cycles * 1e6,
-            "client_us": result["client_s"] / cycles * 1e6,
-            "wall_us": per / per_second * 1e6}
+    out = {"server_us": result["server_s"] / cycles * 1e6,
+           "servers_cpu_us": result["servers_cpu_busy_s"] / cycles * 1e6,
+           "client_us": result["client_s"] / cycles * 1e6,
+           "wall_us": per / per_second * 1e6}
+    if "polled_s" in result:
+        out["polled_us"] = result["polled_s"] / cycles * 1e6
+    return out

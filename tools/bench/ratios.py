@@ -61,7 +61,7 @@ from .storage import TagPool, bench_reopen
 from .watch import throughput
 from .watch_latency import bare_round_trips, latency_run
 from .ratios_table import render, target_rows
-from .cycle import CpuWindow, established, per_cycle, run_measured
+from .cycle import CpuWindow, established, idle_poll_seconds, per_cycle, run_measured
 from .watch_parts import e2e_peak
 
 WINDOW = 10
@@ -134,7 +134,8 @@ class Ratios:
             return
         for key, value in c.items():
             self.note(f"cycle {side} {key}", value)
-        bl.progress(f"    per 10 entries [{side}]: server {c['server_us']:.0f} us CPU, the servers' CPU busy "
+        polled = f" ({c['polled_us']:.0f} of them polling while idle)" if "polled_us" in c else ""
+        bl.progress(f"    per 10 entries [{side}]: server {c['server_us']:.0f} us CPU{polled}, the servers' CPU busy "
                     f"{c['servers_cpu_us']:.0f} us, consumer {c['client_us']:.0f} us CPU, cycle {c['wall_us']:.0f} us")
 
     # -- the pairs -----------------------------------------------------------------------------
@@ -190,7 +191,8 @@ class Ratios:
         if self.have["watch_rate"]:
             return
         port = self.qserve.port   # its watch has begun once a second connection is open (the commits' and the WebSocket)
-        meter = CpuWindow(self.qserve.proc.pid, self.cpus[0], lambda: established(port) >= 2)
+        meter = CpuWindow(self.qserve.proc.pid, self.cpus[0], lambda: established(port) >= 2,
+                          polled=lambda: idle_poll_seconds(port))
         doc = self.script("watch_rate.py", str(port), str(self.args.entries), timeout=300, meter=meter)
         self.note("watch c1", doc["entries_per_s"], f"watch_rate.py [qserve]: {doc['entries_per_s']:,} entries/s")
         self.cycle("qserve", meter, doc["entries_per_s"])

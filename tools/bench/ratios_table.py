@@ -49,6 +49,7 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
     add("push+manual commit w10, 1 consumer", "watch c1", wq, wr, "redis-py XREADGROUP 10 + XACK", ">= 1.00x",
         unit="entries/s", met=at_least(wq, wr, 1.0), why=have["watch_rate"] or have["redis"])
     for what, key, ref_name in (("server process's CPU", "server_us", "redis-server's CPU"),
+                                 ("  of which polling while idle", "polled_us", "(Redis does not poll)"),
                                  ("servers' CPU busy", "servers_cpu_us", "the same, Redis"),
                                  ("consumer's CPU", "client_us", "redis-py's CPU"),
                                  ("cycle (wall)", "wall_us", "Redis's cycle")):
