@@ -1,21 +1,20 @@
 """What waking a sleeping CPU costs on this machine: a 1-byte TCP ping-pong over loopback between
 two processes pinned to different CPUs, with the answering side asleep in ``recv`` or polling a
-non-blocking socket. The difference is about two wake-ups of a sleeping CPU per round trip minus
-what polling costs; it is what `--idle-poll-us` (``qserve/server/idlepoll.py``) saves a request
-that arrives while the server's loop would sleep.
+non-blocking socket (the measuring side sleeps in ``recv`` both times). The difference is one
+wake-up of a sleeping CPU less what a look costs: what `--idle-poll-us` (``qserve/server/idlepoll.py``)
+saves a request that arrives while the server's loop would sleep.
 
     python -m tools.bench.wakeup              # 20,000 round trips each way, alternating, twice
     python -m tools.bench.wakeup --rounds 1 --count 2000   # smoke run
 
 One line per run (p50 and p90 of the round trip, microseconds), then the medians. On the 2-vCPU VM
 of the README's figures (a guest whose idle vCPU halts at once, ``guest_halt_poll_ns=0``) sleeping
-gave p50 ~77 us and polling ~24 us.
+gave p50 ~70-77 us and polling ~21-24 us.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     sleeping = statistics.median(r["p50_us"] for r in results["sleeping"])
     polling = statistics.median(r["p50_us"] for r in results["polling"])
     print(f"round trip p50: {sleeping:.1f} us with the answering side asleep, {polling:.1f} us with it polling "
-          f"({sleeping - polling:.1f} us of wake-ups per round trip; pid {os.getpid()})")
+          f"(the answering side's wake-up: {sleeping - polling:.1f} us)")
     return 0
 
 
