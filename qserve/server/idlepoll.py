@@ -57,7 +57,7 @@ class IdlePoll(trio.abc.Instrument):
     """
 
     def __init__(self, cap: float, *, clock: Callable[[], float] = time.perf_counter,
-                 pause: Callable[[], None] = os.sched_yield) -> None:
+                 pause: Callable[[], None] = getattr(os, "sched_yield", lambda: None)) -> None:
         if not cap > 0:
             raise ValueError("IdlePoll cap must be > 0")
         self.cap = cap
@@ -72,12 +72,13 @@ class IdlePoll(trio.abc.Instrument):
 
     def install(self) -> bool:
         """Watch the running loop's epoll set and add the instrument (call inside `trio.run`).
-        Returns False, adding nothing, where the loop has no epoll fd."""
+        Returns False, adding nothing, where the loop has no epoll fd or already has an `IdlePoll`
+        (two servers in one run share the first one's)."""
         from trio._core import _run   # trio's runner: where its I/O manager keeps the epoll object
 
         runner = getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None)
         epoll = getattr(getattr(runner, "io_manager", None), "_epoll", None)
-        if epoll is None:
+        if epoll is None or any(isinstance(i, IdlePoll) for i in runner.instruments.get("before_io_wait", ())):
             return False
         poller = select.poll()
         poller.register(epoll.fileno(), select.POLLIN)

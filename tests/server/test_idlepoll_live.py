@@ -98,6 +98,19 @@ def test_an_autojump_clock_still_jumps_while_the_poll_is_installed():
     assert idle.polls > 0
 
 
+async def test_a_second_idle_poll_in_one_run_is_not_installed():
+    first, second = IdlePoll(0.001), IdlePoll(0.001)
+    with trio.fail_after(LIMIT):
+        assert first.install()
+        try:
+            assert not second.install()   # one poll per loop: two would poll one after the other
+            first.uninstall()
+            assert second.install()
+            second.uninstall()
+        finally:
+            first.uninstall()
+
+
 def metrics(srv: ServerProcess) -> dict[str, float]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
     conn.request("GET", "/metrics", headers={"Authorization": srv.token})
