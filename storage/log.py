@@ -115,6 +115,7 @@ class QueueLog(Durability, Inspection):
         self._index = rec.index
         self._rids: RequestIds | None = None    # built on first use (see rids.py)
         self._reader = EntryReader(self._index, self._by_sid)
+        self._newest: Entry | None = None   # the last entry appended, while it lives (`read_many`)
         self.next_index = max(rec.next_index, keep_next)
         self._watermark = rec.watermark
         self._state = rec.state
@@ -212,7 +213,8 @@ class QueueLog(Durability, Inspection):
         seg.note_entry(index, size)
         if self._rids is not None:
             self._rids.note(ix, h, index, self.__contains__)
-        return Entry(index, dict(tags), bytes(data), priority, ts)
+        entry = self._newest = Entry(index, dict(tags), bytes(data), priority, ts)
+        return entry
 
     def warm(self) -> None:
         """Build the derived lookup structures now (the requestId table) instead of at the first
@@ -287,8 +289,15 @@ class QueueLog(Durability, Inspection):
 
     def read_many(self, indexes: Sequence[int]) -> list[Entry | None]:
         """`read` of each of ``indexes``, in that order; records that lie back to back in one
-        segment (a watch's window, usually) are fetched with one ``pread`` per run."""
+        segment (a watch's window, usually) are fetched with one ``pread`` per run. The entry
+        appended last, asked for alone while it lives (an auto-commit watch's take of a put's
+        entry, in the put's own step or right after it), is the one `append` returned: no
+        ``pread``, no decoding (one entry kept, the index says whether it lives)."""
         self._check()
+        newest = self._newest
+        if (newest is not None and len(indexes) == 1 and indexes[0] == newest.index
+                and self._index.pos_of(newest.index) is not None):
+            return [newest]
         return self._reader.read_many(indexes)
 
     def scan(self, start: int = 0, tags: Mapping[str, str] | None = None, limit: int | None = None,
