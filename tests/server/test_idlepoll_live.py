@@ -48,8 +48,11 @@ async def test_a_peer_that_answers_within_the_cap_is_caught_by_the_poll():
             idle.uninstall()
         await stream.aclose()
     assert got == seen == [bytes([i % 256]) for i in range(ROUNDS)]
-    # the window grew from 0 within a few waits, and from then on the polls saw the bytes come
-    assert idle.window > 0 and idle.polls > 0 and idle.hits > ROUNDS // 2
+    # the window grew from 0 within a few waits, and from then on the polls saw the bytes come.
+    # Counted against the polls, not the rounds: a round whose byte is already there when the loop
+    # looks does not wait, and how many do depends on the machine's scheduling (a fresh-clone CI
+    # run saw 66 polls in 400 rounds, 60 of them hits)
+    assert idle.window > 0 and idle.polls > 0 and idle.hits > idle.polls // 2
     assert idle.seconds > 0
 
 
