@@ -33,6 +33,16 @@ def zero_tail(path, nbytes: int) -> None:
         f.write(bytes(nbytes))
 
 
+def clock(start=1000.0):
+    """A fake ``now`` for `QueueLog.open`: each call is 1 ms after the last."""
+    t = [start]
+
+    def now():
+        t[0] += 0.001
+        return t[0]
+    return now
+
+
 def tiny(**kw) -> LogConfig:
     kw.setdefault("segment_bytes", 2048)
     return LogConfig(**kw)

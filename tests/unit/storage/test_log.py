@@ -15,16 +15,7 @@ from qserve.storage import (Entry, LogClosed, LogConfig, PayloadTooLarge, QueueF
 from qserve.storage.index import DEAD, EntryIndex, pack_loc
 from qserve.storage.rids import RidBuilder, RidTable, rid_hash
 
-from ...helpers.storage import segments, snapshot, tiny
-
-
-def clock(start=1000.0):
-    t = [start]
-
-    def now():
-        t[0] += 0.001
-        return t[0]
-    return now
+from ...helpers.storage import clock, segments, snapshot, tiny
 
 
 def test_append_read_scan(tmp_path):

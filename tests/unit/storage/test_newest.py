@@ -7,16 +7,7 @@ import pytest
 from qserve.storage import QueueLog, StorageError
 from qserve.storage.fileio import FileIO
 
-from ...helpers.storage import EIO, FaultyIO
-
-
-def clock(start=1000.0):
-    t = [start]
-
-    def now():
-        t[0] += 0.001
-        return t[0]
-    return now
+from ...helpers.storage import EIO, FaultyIO, clock
 
 
 class CountingIO(FileIO):
