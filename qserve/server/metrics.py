@@ -41,6 +41,11 @@ __all__ = ["Metrics", "QueueFigures", "parse_groups", "ENCODE_CHUNK", "RENDER_EV
 
 QUEUE_LABELS = ["service", "queue"]
 POLICY_FIGURES = ("delayed", "dead_lettered", "timed_out")   # delivery policies: a backend's statistics() per queue
+COMMIT_FIGURES = {   # the local backend's group commit, per queue: its statistics() -> the counter's help
+    "fsync_rounds": "group-commit fsync rounds ended (local backend, --fsync always or interval)",
+    "fsync_writes": "records those rounds made durable: divided by the rounds, the writes each fsync carried",
+    "fsync_seconds": "seconds from each round's start to its end, summed: divided by the rounds, an fsync's time",
+}
 ENCODE_CHUNK = 8            # metric families encoded between two checkpoints
 RENDER_EVERY = 0.25         # seconds (trio clock) a rendering answers the scrapes that follow it
 _OPENMETRICS_END = b"# EOF\n"
@@ -64,6 +69,7 @@ class QueueFigures:
     consumers: list[dict] = field(default_factory=list)   # each consumer's figures
     disk: dict = field(default_factory=dict)              # local backend: bytes, segments
     policy: dict = field(default_factory=dict)            # delivery policies: delayed, dead_lettered, timed_out
+    commit: dict = field(default_factory=dict)            # local backend: `COMMIT_FIGURES`
     listed: bool = True     # False: only counted (not in the listing: Redis was down)
 
     @property
@@ -139,6 +145,7 @@ class Metrics:
             stats = disk.get(status.ref.name, {})
             found.disk = {key: stats[key] for key in ("bytes", "segments") if key in stats}
             found.policy = {key: stats[key] for key in POLICY_FIGURES if key in stats}
+            found.commit = {key: stats[key] for key in COMMIT_FIGURES if key in stats}
             if status.fenced is None:
                 try:
                     attrs = await (await self._queues.get(status.ref)).attributes()
@@ -256,6 +263,8 @@ class _QueueServerCollector:
                                                        "queue (max_deliveries)", labels=QUEUE_LABELS),
                   "timed_out": CounterMetricFamily("qserve_timed_out", "deliveries handed back because the "
                                                    "consumer held them past delivery_timeout", labels=QUEUE_LABELS)}
+        commit = {name: CounterMetricFamily(f"qserve_{name}", help_text, labels=QUEUE_LABELS)
+                  for name, help_text in COMMIT_FIGURES.items()}
         group_pending = GaugeMetricFamily("qserve_group_pending", "entries a group delivered and not yet "
                                           "committed", labels=[*QUEUE_LABELS, "group"])
         counters = {name: CounterMetricFamily(f"qserve_{name}", help_text, labels=QUEUE_LABELS)
@@ -272,6 +281,8 @@ class _QueueServerCollector:
                     disk[name].add_metric(labels, value)
                 for name, value in found.policy.items():
                     policy[name].add_metric(labels, value)
+                for name, value in found.commit.items():
+                    commit[name].add_metric(labels, value)
                 for group in found.groups:
                     group_pending.add_metric([*labels, group["name"]], group["pending"])
             counted = metrics.meters.queues.get(found.ref)
@@ -280,6 +291,7 @@ class _QueueServerCollector:
         yield from families.values()
         yield from disk.values()
         yield from policy.values()
+        yield from commit.values()
         yield group_pending
         yield from counters.values()
 

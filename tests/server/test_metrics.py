@@ -212,6 +212,34 @@ async def test_local_queue_disk_figures_and_start_up(tmp_path, slow_clock):
             assert ("qserve_recovery_seconds", frozenset()) in samples
 
 
+async def test_group_commit_rounds_writes_and_seconds_of_a_durable_queue(tmp_path, slow_clock):
+    """Under ``--fsync always`` each sequential put waits for a round that makes its one record
+    durable: the writes move by exactly the puts, the rounds by at least one and at most the puts
+    (a round may carry a write made before it began), the seconds grow. A queue under ``never``
+    runs no round."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv:
+            c = await srv.client("g")
+            await c.call("POST", body=b"first")
+            _, _, before = await scrape(srv)
+            for i in range(5):
+                assert (await c.call("POST", body=b"x%d" % i))[0] == 200
+            _, _, after = await scrape(srv)
+        labels = queue_labels("g")
+        names = ("qserve_fsync_rounds_total", "qserve_fsync_writes_total", "qserve_fsync_seconds_total")
+        assert all((name, labels) in before for name in names)
+        delta = {name: value(after, name, labels) - value(before, name, labels) for name in names}
+        assert delta["qserve_fsync_writes_total"] == 5
+        assert 1 <= delta["qserve_fsync_rounds_total"] <= 5
+        assert delta["qserve_fsync_seconds_total"] > 0
+        async with running_server(tmp_path / "never", fsync="never") as srv:
+            c = await srv.client("n")
+            await c.call("POST", body=b"x")
+            _, _, samples = await scrape(srv)
+        assert samples["qserve_fsync_rounds_total", queue_labels("n")] == 0
+        assert samples["qserve_fsync_writes_total", queue_labels("n")] == 0
+
+
 async def test_readyz_is_503_with_the_reason_while_a_queue_is_fenced(tmp_path, capsys):
     data = tmp_path / "data"
     bad_dir = queue_dir(data, QueueRef("bad"))

@@ -5,6 +5,7 @@ child runs until a condition (a file, its stdin closing), and the meter's window
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
 import sys
@@ -13,8 +14,10 @@ import time
 import pytest
 
 from qserve.tools.bench import lib as bl
-from qserve.tools.bench.cycle import CpuWindow, established, idle_poll_seconds, per_cycle, run_measured
+from qserve.tools.bench.cycle import CpuWindow, established, idle_poll_seconds, metric_sums, per_cycle, run_measured
 from qserve.tools.bench.redis import command_calls
+
+from ..helpers.process import ServerProcess
 
 # a load generator: says its phase began (a file), spins until told to stop (another file; 30 s at most)
 SPIN = ("import os, sys, time\nopen(sys.argv[1], 'w').close()\nend = time.monotonic() + 30\n"
@@ -50,6 +53,27 @@ def test_idle_poll_seconds_reads_a_live_servers_metrics(server):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     assert idle_poll_seconds(port) is None
+
+
+def test_metric_sums_adds_each_name_over_its_labels(tmp_path):
+    """What the ratios tool reads around its wrk run: a fresh server's group-commit counters,
+    summed over its queues (each sequential durable put is one write its round made durable). A
+    server of its own: its first scrape is rendered then (a rendering answers for 0.25 s)."""
+    srv = ServerProcess(tmp_path / "data").start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        for i in range(3):
+            for service in ("a", "b"):
+                conn.request("POST", f"/api/predict/{service}", body=b"x", headers={"Authorization": srv.token})
+                assert conn.getresponse().read().isdigit()
+        conn.close()
+        names = ("qserve_puts_total", "qserve_fsync_writes_total", "qserve_fsync_rounds_total", "qserve_no_such_total")
+        sums = metric_sums(srv.port, names, srv.token)
+    finally:
+        srv.stop()
+    assert "qserve_no_such_total" not in sums
+    assert sums["qserve_puts_total"] == 6 and sums["qserve_fsync_writes_total"] == 6
+    assert 2 <= sums["qserve_fsync_rounds_total"] <= 6   # two queues, a round each at least
 
 
 def test_the_window_reads_a_busy_client_and_an_idle_server(tmp_path, idle_server):

@@ -180,6 +180,7 @@ def test_bench_ratios_quick_prints_table(tmp_path):
         assert row in out, (row, out)
     if have_wrk():
         assert "durable put c16 (wrk)" in out and "bare trio+h11" in out
+        assert "writes per fsync round" in out and "fsync rounds' share of the wall time" in out
     assert "round 1/1" in proc.stderr                # progress went to stderr
     if len(os.sched_getaffinity(0)) >= 2:           # pinned: the ceiling's fsync on the servers' CPU,
         assert re.search(r"fsync_bench: p50 \d+ us on the servers' CPU \d+, \d+ us on CPU \d+", proc.stderr)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import lib as bl
 
-__all__ = ["CpuWindow", "run_measured", "per_cycle", "established", "idle_poll_seconds"]
+__all__ = ["CpuWindow", "run_measured", "per_cycle", "established", "idle_poll_seconds", "metric_sums"]
 
 def established(port: int) -> int:
     """TCP connections in ESTABLISHED state whose local port is ``port`` (IPv4 and IPv6)."""
@@ -49,9 +49,9 @@ def established(port: int) -> int:
     return n
 
 
-def idle_poll_seconds(port: int, token: str | None = None) -> float | None:
-    """``qserve_idle_poll_seconds_total`` of the qserve on 127.0.0.1:``port`` (one GET /metrics);
-    None when it cannot be read or the server does not poll."""
+def metric_sums(port: int, names: tuple[str, ...], token: str | None = None) -> dict[str, float] | None:
+    """The samples named ``names`` of the qserve on 127.0.0.1:``port`` (one GET /metrics), each
+    summed over its labels (a name with no sample is left out); None when it cannot be read."""
     conn = http.client.HTTPConnection(bl.LOCALHOST, port, timeout=2.0)
     try:
         conn.request("GET", "/metrics", headers={"Authorization": token} if token else {})
@@ -63,10 +63,19 @@ def idle_poll_seconds(port: int, token: str | None = None) -> float | None:
         conn.close()
     if response.status != 200:
         return None
+    sums: dict[str, float] = {}
     for line in body.decode("utf-8", "replace").splitlines():
-        if line.startswith("qserve_idle_poll_seconds_total "):
-            return float(line.split()[1])
-    return None
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in names:
+            sums[name] = sums.get(name, 0.0) + float(line.rpartition(" ")[2])
+    return sums
+
+
+def idle_poll_seconds(port: int, token: str | None = None) -> float | None:
+    """``qserve_idle_poll_seconds_total`` of the qserve on 127.0.0.1:``port`` (one GET /metrics);
+    None when it cannot be read or the server does not poll."""
+    sums = metric_sums(port, ("qserve_idle_poll_seconds_total",), token)
+    return None if sums is None else sums.get("qserve_idle_poll_seconds_total")
 
 
 class CpuWindow:

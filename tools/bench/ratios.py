@@ -61,7 +61,7 @@ from .storage import TagPool, bench_reopen
 from .watch import throughput
 from .watch_latency import bare_round_trips, latency_run
 from .ratios_table import render, target_rows
-from .cycle import CpuWindow, established, idle_poll_seconds, per_cycle, run_measured
+from .cycle import CpuWindow, established, idle_poll_seconds, metric_sums, per_cycle, run_measured
 from .watch_parts import e2e_peak
 
 WINDOW = 10
@@ -96,6 +96,9 @@ class PeerServer(bl.ServerProc):
                     self.kill()
                     raise RuntimeError(f"{self.args[1]} did not start on port {self.port}") from None
                 time.sleep(0.02)
+
+
+_COMMIT = ("qserve_fsync_rounds_total", "qserve_fsync_writes_total", "qserve_fsync_seconds_total")
 
 
 class Ratios:
@@ -141,6 +144,7 @@ class Ratios:
     # -- the pairs -----------------------------------------------------------------------------
     def wrk(self, side: str) -> None:
         server = self.qserve if side == "qserve" else self.bare
+        before = metric_sums(server.port, _COMMIT) if side == "qserve" else None
         out, _, _ = run_child(["wrk", "-t1", "-c16", f"-d{self.args.wrk_seconds}s", "--latency", "-s",
                                str(self.peer / "post.lua"), f"http://{bl.LOCALHOST}:{server.port}/api/predict/perf"],
                               cpu=self.cpus[1], timeout=self.args.wrk_seconds + 30)
@@ -148,6 +152,17 @@ class Ratios:
         self.errors += r["errors"]
         self.note(f"wrk {side}", r["rate"], f"wrk c16 [{side}]: {r['rate']:,.0f} req/s, p50 {r['p50_ms']} ms"
                   + (f", {r['errors']} errors" if r["errors"] else ""))
+        after = metric_sums(server.port, _COMMIT) if before is not None else None
+        if before and after and len(after) == len(_COMMIT):
+            # the group commit under this load (qserve's /metrics): writes per round, an fsync's time
+            rounds, writes, seconds = (after[name] - before.get(name, 0.0) for name in _COMMIT)
+            if rounds > 0:
+                self.note("c16 writes per round", writes / rounds)
+                self.note("c16 fsync us per round", seconds / rounds * 1e6)
+                self.note("c16 fsync share", 100 * seconds / self.args.wrk_seconds,
+                          f"  group commit: {rounds:,.0f} fsync rounds, {writes / rounds:.1f} writes each, "
+                          f"{seconds / rounds * 1e6:.0f} us each, {100 * seconds / self.args.wrk_seconds:.0f}% "
+                          "of the wall time")
 
     def seq(self, side: str) -> None:
         server = self.qserve if side == "qserve" else self.bare

@@ -35,6 +35,14 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
     rq, rb = m("wrk qserve"), m("wrk bare")
     add("durable put c16 (wrk)", "wrk qserve", rq, rb, "bare trio+h11", ">= 0.70x", unit="req/s",
         met=at_least(rq, rb, 0.70), why=have["wrk"])
+    if m("c16 writes per round") is not None:   # the group commit under that load (qserve's /metrics)
+        add("  writes per fsync round", "c16 writes per round", m("c16 writes per round"), 16.0,
+            "wrk's connections", "report", unit="writes")
+        add("  fsync per round", "c16 fsync us per round", m("c16 fsync us per round"),
+            m("fsync p50") * 1000 if m("fsync p50") is not None else None, "fsync_bench p50, servers' CPU",
+            "report", unit="us")
+        add("  fsync rounds' share of the wall time", "c16 fsync share", m("c16 fsync share"), None, "-",
+            "report", unit="%")
     sq, sb50, f50 = m("seq qserve"), m("seq bare p50"), m("fsync p50")
     ceiling = 1000 / (sb50 + f50) if sb50 is not None and f50 is not None else None
     add("durable put seq (http.client)", "seq qserve", sq, ceiling, "1/(bare p50 + fsync p50)", ">= 0.80x",

@@ -23,6 +23,7 @@ watcher's next frames are written while the kernel syncs the deletes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import trio
@@ -77,6 +78,12 @@ class GroupCommit:
         self._in_round = False           # the flusher's round is open (`_sync_round`, after sync_begin)
         self.rounds_here = 0             # rounds run by the waiting task itself (`_round_here`)
         self.rounds_now = 0              # rounds a waiter submitted itself (`_round_now`)
+        # every round that ended: how many, the writes they made durable, the seconds from each
+        # round's start to its end (`/metrics`: qserve_fsync_rounds_total and the two after it)
+        self.rounds = 0
+        self.round_writes = 0
+        self.round_seconds = 0.0
+        self._round_began = (0.0, 0)     # the round in progress: (perf_counter, durable_seq) at its start
         self._on_rollback = on_rollback  # entries whose delete was undone are deliverable again
         self.log = qlog
         self.config = config
@@ -156,6 +163,16 @@ class GroupCommit:
             else:
                 await self._durable.wait()
 
+    def _begin(self, *, here: bool) -> storage.SyncTicket:
+        """Start a round: the log's ``sync_begin``, noted for the round's figures (`_end_round`)."""
+        self._observe()
+        self._round_began = (time.perf_counter(), self.log.durable_seq)
+        return self.log.sync_begin(here=here)
+
+    def commit_figures(self) -> dict:
+        """The group-commit figures: rounds ended, the writes they made durable, their seconds."""
+        return {"fsync_rounds": self.rounds, "fsync_writes": self.round_writes, "fsync_seconds": self.round_seconds}
+
     def _open_clients(self) -> int | None:
         """The client connections open, from the server (None: not known, as without a server)."""
         return None if self._clients is None else self._clients()
@@ -172,8 +189,7 @@ class GroupCommit:
     def _round_here(self) -> None:
         """One group-commit round, synchronously, in the waiting task (`_may_round_here`); the same
         rollback and wake-ups as the flusher's."""
-        self._observe()
-        ticket = self.log.sync_begin(here=True)
+        ticket = self._begin(here=True)
         failure: OSError | None = None
         aio = self._aio
         if aio is not None and aio.serving and ticket.plain_files:
@@ -215,8 +231,7 @@ class GroupCommit:
         frames were written before the fsync, which then blocked the loop, and now are written
         during it. The flusher waits for this round before it starts one (`_sync_round`). False
         (nothing done) when the log's files are not plain files."""
-        self._observe()
-        ticket = self.log.sync_begin(here=self._kernel_takes_fd())
+        ticket = self._begin(here=self._kernel_takes_fd())
         if not ticket.plain_files:   # an injected file layer: the flusher's way
             ticket.close()
             return False
@@ -265,8 +280,7 @@ class GroupCommit:
         await trio.lowlevel.checkpoint()
         while self._in_round:   # a waiter's own round (`_round_now`): one round at a time
             await self._round_ended.wait()
-        self._observe()
-        ticket = self.log.sync_begin(here=self._kernel_takes_fd())
+        ticket = self._begin(here=self._kernel_takes_fd())
         self._in_round = True   # until the round ends, no waiter runs one of its own (`_may_round_here`)
         try:
             aio = self._aio
@@ -293,6 +307,11 @@ class GroupCommit:
             self.log.sync_end(ticket)   # after a failed fsync this rolls back and raises
         except storage.StorageError as exc:
             failure = exc
+        began, durable_before = self._round_began
+        self.rounds += 1
+        self.round_seconds += time.perf_counter() - began
+        if failure is None:   # a rolled-back round made nothing durable (its writes are undone)
+            self.round_writes += max(0, self.log.durable_seq - durable_before)
         self._observe()
         if failure is not None:
             log.error("queue %s: fsync failed, unsynced writes rolled back: %s", self.ref.name, failure)

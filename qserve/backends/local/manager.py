@@ -401,7 +401,7 @@ class QueueManager:
 
     def statistics(self) -> dict:
         """Each open queue's log figures, by queue name."""
-        return {q.ref.name: {**q.log.statistics(), "delayed": q.dispatcher.delayed(),
+        return {q.ref.name: {**q.log.statistics(), **q.commit_figures(), "delayed": q.dispatcher.delayed(),
                              "dead_lettered": q.dead_lettered, "timed_out": q.dispatcher.timed_out}
                 for q in self._queues.values()}
 
