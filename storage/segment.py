@@ -6,7 +6,11 @@ last known fsynced (``durable_size``) and live-byte accounting used by compactio
 seen without its header. Records are written with ``pwrite`` at the logical end; the active segment
 writes zeros ahead of it (chunks growing with the file up to ``prealloc``; etcd's WAL preallocates
 too) so that an append overwrites bytes the file already has and its fsync persists data, not a new
-file size, which is cheaper (README, "Storage", has the measurement).
+file size, which is cheaper (README, "Storage", has the measurement). The zeros go in 4 KiB
+pieces, each within one 4 KiB page: one large write puts large folios in the page cache (ext4 on
+Linux 6.x), and every later small write into such a folio walks all of its blocks (a 180-byte
+append cost 2.4-2.7 us over zeros written 1 MiB at a time, ~5 us over 64 MiB at once, 1.1 us over
+4 KiB pieces; under wrk -c16 the put rate rose ~6%).
 ``trim`` cuts the zeros before a segment is sealed or closed. A failed or short write truncates the
 file back before raising. Not thread-safe; the owner thread calls everything.
 """
@@ -23,7 +27,8 @@ from .record import FRAME, HEADER_SIZE
 
 __all__ = ["Segment", "Tally", "segment_name", "parse_segment_name", "SEGMENT_SUFFIX"]
 
-_ZEROS = memoryview(bytes(1 << 20))   # written ahead of appends (read-only, shared)
+_PIECE = 4096                          # zeros are written ahead in pieces of at most this, aligned to it
+_ZEROS = memoryview(bytes(_PIECE))     # those pieces (read-only, shared)
 _MIN_CHUNK = 64 * 1024                 # the first chunk of zeros a segment gets
 
 SEGMENT_SUFFIX = ".seg"
@@ -124,14 +129,15 @@ class Segment(Tally):
         """Write zeros from the end of the file to ``end`` or one chunk further, whichever is more.
         A chunk is as large as the file already is (64 KiB at least), at most ``prealloc``: a queue
         that stays small wastes little, a busy one soon writes ``prealloc`` at a time. The zeros are
-        not fsynced here: the next group-commit round carries them. Nothing is kept on failure
-        (``DiskFull`` here is how a full disk refuses an append)."""
+        not fsynced here: the next group-commit round carries them. Written a page-aligned 4 KiB
+        piece at a time (module docstring). Nothing is kept on failure (``DiskFull`` here is how
+        a full disk refuses an append)."""
         start = self.allocated
         stop = max(end, start + min(self.prealloc, max(_MIN_CHUNK, start)))
         pos = start
         try:
             while pos < stop:
-                n = self.io.pwrite(self.fd, _ZEROS[:min(len(_ZEROS), stop - pos)], pos)
+                n = self.io.pwrite(self.fd, _ZEROS[:min(_PIECE - pos % _PIECE, stop - pos)], pos)
                 if n <= 0:
                     raise OSError(0, "short write while preallocating")
                 pos += n

@@ -210,6 +210,37 @@ def test_preallocation_grows_with_the_segment(tmp_path):
     log.close()
 
 
+class ZeroWrites(FaultyIO):
+    """Records the (offset, length) of every write of zeros only (the preallocation's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.zeros: list[tuple[int, int]] = []
+
+    def pwrite(self, fd, data, offset):
+        if not any(bytes(data)):
+            self.zeros.append((offset, len(data)))
+        return super().pwrite(fd, data, offset)
+
+
+def test_preallocation_writes_zeros_a_page_at_a_time(tmp_path):
+    """The zeros go in pieces of at most 4 KiB that never cross a 4 KiB boundary (one large write
+    puts large folios in the page cache, which make every later small append dearer:
+    storage/segment.py), one after the other from the end of the file to the new allocation."""
+    io = ZeroWrites()
+    log = QueueLog.open(tmp_path, LogConfig(preallocate_bytes=256 * 1024), fileio=io)
+    log.append(b"a", {})
+    while log._active.allocated < 600 * 1024:
+        log.append(b"b" * 4000, {})
+    zeros = io.zeros
+    assert len(zeros) > 140   # 600 KiB of zeros at most 4 KiB a piece
+    assert all(0 < n <= 4096 and offset // 4096 == (offset + n - 1) // 4096 for offset, n in zeros)
+    assert all(offset == prev + n for (prev, n), (offset, _) in zip(zeros, zeros[1:]))
+    assert zeros[-1][0] + zeros[-1][1] == log._active.allocated
+    assert zeros[0][0] == log._active.header_size   # the first chunk: right after the new segment's header
+    log.close()
+
+
 def test_no_preallocation(tmp_path):
     log = QueueLog.open(tmp_path, tiny(preallocate_bytes=0))
     for i in range(30):
