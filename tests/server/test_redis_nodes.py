@@ -221,3 +221,48 @@ async def test_a_write_no_replica_acknowledges_is_503(tmp_path, redis_url, autoj
             c = await srv.client("w")
             status, body = await c.call("POST", "", b"x")
             assert status == 503 and b"replicas" in body and body.count(b"\n") == 1
+
+
+async def test_a_lease_round_during_an_attach_or_a_reattach_evicts_nobody(tmp_path, redis_url, autojump_clock):
+    """A lease round that runs while a consumer's ATTACH script has not answered leaves that
+    consumer out (Redis does not know its token yet, and would call it gone: the round evicted the
+    session being attached, and the SDK saw its WebSocket handshake dropped, once in a full test
+    run); and a round whose answer names a consumer attached again meanwhile (a new token) does
+    not forget it. Both rounds are forced into those windows through the queue's script runner."""
+    from qserve.backends.redis import group_scripts
+    from qserve.core.events import ConsumerSpec
+
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, backend=redis_url) as srv:
+            c = await srv.client("race")
+            assert (await c.call("POST", "", b"x"))[0] == 200
+            queue = await srv.server.queues.get(QueueRef("race"))
+            evicted = []
+            queue.on_evict = lambda ref, cid: evicted.append(cid)
+            real = queue._run_policy
+            during = {}
+
+            async def attach_with_a_round_inside(script, *args):
+                if script is group_scripts.ATTACH and not during:
+                    during["attach"] = dict(queue._tokens)   # the token is there, Redis has not got it
+                    await queue.lease()
+                return await real(script, *args)
+
+            queue._run_policy = attach_with_a_round_inside
+            spec = ConsumerSpec(group="g", user="u", window=1)
+            await queue.attach(spec)
+            assert spec.id in during["attach"] and spec.id in queue._tokens and evicted == []
+
+            async def reattach_inside_a_round(script, *args):
+                reply = await real(script, *args)
+                if script is group_scripts.LEASE and "again" not in during:
+                    during["again"] = True
+                    await real(group_scripts.RELEASE, spec.id, queue._tokens[spec.id])   # as a reconnect does
+                    queue._tokens[spec.id] = "new-token"   # ... and its new attach, not in Redis yet
+                    return [spec.id]
+                return reply
+
+            queue._run_policy = reattach_inside_a_round
+            await queue.lease()
+            assert queue._tokens.get(spec.id) == "new-token" and evicted == []
+            queue._run_policy = real

@@ -96,6 +96,7 @@ class RedisQueue:
         self._on_change = on_change
         self.gets = GetWaiters()
         self._tokens: dict[str, str] = {}      # this node's consumers: id -> attach token
+        self._attaching: set[str] = set()      # consumers whose ATTACH script has not answered yet
         self._unsent: dict[str, set[int]] = {}  # auto-commit consumers: taken, frames not written
         self._full: set[str] = set()           # consumers that had no free slot at their last poll
         self.on_evict: Callable[[QueueRef, str], None] | None = None   # a consumer replaced elsewhere
@@ -353,9 +354,13 @@ class RedisQueue:
         self._full.discard(spec.id)
         if spec.auto_commit:
             self._unsent[spec.id] = set()
-        await self._run_policy(group_scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
-                               int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
-                               *_pairs(spec.tags))
+        self._attaching.add(spec.id)   # until Redis has the token, lease rounds leave it out (`lease`)
+        try:
+            await self._run_policy(group_scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
+                                   int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
+                                   *_pairs(spec.tags))
+        finally:
+            self._attaching.discard(spec.id)
         self._changed()
 
     async def release(self, consumer_id: str, unwritten: Collection[int] = ()) -> None:
@@ -435,11 +440,15 @@ class RedisQueue:
         """A script's reply is durable already (appendfsync always; WAIT for --redis-wait)."""
 
     async def lease(self) -> None:
-        """Renew the leases of this node's consumers and expire other nodes' lapsed ones."""
-        mine = self.consumers()
+        """Renew the leases of this node's consumers and expire other nodes' lapsed ones. A consumer
+        whose ATTACH has not answered is left out (Redis would call it gone and the round would
+        evict the session being attached, dropping its WebSocket handshake: seen once in a full
+        test run), and one attached again during the round (a new token) is not forgotten."""
+        mine = [(cid, token) for cid, token in self.consumers() if cid not in self._attaching]
         gone = await self._run_policy(group_scripts.LEASE, round(self.config.node_lease * 1000),
                                       *[x for pair in mine for x in pair])
-        self.forget(_text(cid) for cid in gone)
+        sent = dict(mine)
+        self.forget(cid for cid in map(_text, gone) if cid in sent and self._tokens.get(cid) == sent[cid])
         self._changed()   # entries of an expired consumer (of any node) may be free now
 
 
