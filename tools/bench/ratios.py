@@ -153,7 +153,7 @@ class Ratios:
         self.note(f"wrk {side}", r["rate"], f"wrk c16 [{side}]: {r['rate']:,.0f} req/s, p50 {r['p50_ms']} ms"
                   + (f", {r['errors']} errors" if r["errors"] else ""))
         after = metric_sums(server.port, _COMMIT) if before is not None else None
-        if before and after and len(after) == len(_COMMIT):
+        if before is not None and after is not None and len(after) == len(_COMMIT):   # {}: no queue yet
             # the group commit under this load (qserve's /metrics): writes per round, an fsync's time
             rounds, writes, seconds = (after[name] - before.get(name, 0.0) for name in _COMMIT)
             if rounds > 0:

@@ -96,7 +96,6 @@ class RedisQueue:
         self._on_change = on_change
         self.gets = GetWaiters()
         self._tokens: dict[str, str] = {}      # this node's consumers: id -> attach token
-        self._attaching: set[str] = set()      # consumers whose ATTACH script has not answered yet
         self._unsent: dict[str, set[int]] = {}  # auto-commit consumers: taken, frames not written
         self._full: set[str] = set()           # consumers that had no free slot at their last poll
         self.on_evict: Callable[[QueueRef, str], None] | None = None   # a consumer replaced elsewhere
@@ -350,17 +349,15 @@ class RedisQueue:
     # -- consumer groups ----------------------------------------------------------------------
     async def attach(self, spec: ConsumerSpec) -> None:
         token = secrets.token_hex(8)
-        self._tokens[spec.id] = token
         self._full.discard(spec.id)
+        await self._run_policy(group_scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
+                               int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
+                               *_pairs(spec.tags))
+        # ours once Redis has it: a lease round sends only tokens Redis knows (`lease`), and an
+        # attach cancelled after the script ran is renewed by nobody, so its lease runs out
+        self._tokens[spec.id] = token
         if spec.auto_commit:
             self._unsent[spec.id] = set()
-        self._attaching.add(spec.id)   # until Redis has the token, lease rounds leave it out (`lease`)
-        try:
-            await self._run_policy(group_scripts.ATTACH, spec.id, token, spec.group, spec.window, spec.start,
-                                   int(spec.auto_commit), self._node, round(self.config.node_lease * 1000),
-                                   *_pairs(spec.tags))
-        finally:
-            self._attaching.discard(spec.id)
         self._changed()
 
     async def release(self, consumer_id: str, unwritten: Collection[int] = ()) -> None:
@@ -441,13 +438,10 @@ class RedisQueue:
 
     async def lease(self) -> None:
         """Renew the leases of this node's consumers and expire other nodes' lapsed ones. A consumer
-        whose ATTACH has not answered is left out (Redis would call it gone and the round would
-        evict the session being attached, dropping its WebSocket handshake: seen once in a full
-        test run), and one attached again during the round (a new token) is not forgotten."""
-        mine = [(cid, token) for cid, token in self.consumers() if cid not in self._attaching]
+        attached again during the round (a new token) is not forgotten."""
+        sent = dict(self.consumers())
         gone = await self._run_policy(group_scripts.LEASE, round(self.config.node_lease * 1000),
-                                      *[x for pair in mine for x in pair])
-        sent = dict(mine)
+                                      *[x for pair in sent.items() for x in pair])
         self.forget(cid for cid in map(_text, gone) if cid in sent and self._tokens.get(cid) == sent[cid])
         self._changed()   # entries of an expired consumer (of any node) may be free now
 
