@@ -281,6 +281,10 @@ class QueueLog(Durability, Inspection):
     def state(self) -> dict:
         return dict(self._state)
 
+    def state_value(self, key: str) -> str | None:
+        """One key of `state`, without copying it (every put asks whether its queue has ended)."""
+        return self._state.get(key)
+
     # -- reading (reads.py) -------------------------------------------------------------------------
     def read(self, index: int) -> Entry | None:
         """The live entry ``index``, or None."""

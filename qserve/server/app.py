@@ -171,15 +171,8 @@ class App:
 
     async def handle(self, request: Request) -> Response:
         """Answer one request (counted by operation and status; logged with ``--access-log``)."""
-        if not self.config.access_log:
-            return await self._answer(request)
-        start = trio.current_time()
-        response = await self._answer(request)
-        log_access(request, response.status, trio.current_time() - start,
-                   None if response.stream is not None else len(response.body))
-        return response
-
-    async def _answer(self, request: Request) -> Response:
+        logged = self.config.access_log
+        start = trio.current_time() if logged else 0.0
         op = None
         try:
             op = self.operation_for(request)
@@ -193,6 +186,9 @@ class App:
             status, headers, body = error_response(err)
             response = Response(status, body, headers)
         self.meters.request(OPERATIONS.get(type(op), "none"), response.status)
+        if logged:
+            log_access(request, response.status, trio.current_time() - start,
+                       None if response.stream is not None else len(response.body))
         return response
 
     async def _dispatch(self, op) -> Response:

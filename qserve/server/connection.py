@@ -13,9 +13,11 @@ A cancelled scope stays cancelled, so whatever follows a fired deadline (the 408
 `run` after ``_scope`` has exited; errors found while reading (400, 413, 431) take the same way
 (``_failure``). A deadline (or shutdown) can fire in the same scheduler round in which the awaited
 bytes arrive or the write completes; the task then resumes with the cancellation pending, so
-``cancel_called`` is checked where a wait ends, and a cancellation meant for a wait is never
-delivered into the application's handler: after the idle wait and after a response (the bytes that
-arrived are served, in a fresh scope: ``_renew``), and before the handler (408: the deadline did pass).
+``cancel_called`` is checked where a wait ends (kept as ``_cut``, set by the scope's only two
+cancels: it has no deadline of trio's, and the property reads the clock), and a cancellation meant
+for a wait is never delivered into the application's handler: after the idle wait and after a
+response (the bytes that arrived are served, in a fresh scope: ``_renew``), and before the handler
+(408: the deadline did pass).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class _Connection(Writing):
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
         self._send_lock = trio.StrictFIFOLock()
         self._scope = trio.CancelScope()   # the one deadline scope (module comment)
+        self._cut = False   # ``_scope.cancel()`` was called: its ``cancel_called``, without the property's clock read
         self.expiry = math.inf             # when ``_scope`` is cancelled: its deadline (`Expiries`)
         self._expiries = edge.expiries
         self._phase = Phase.IDLE
@@ -88,6 +91,7 @@ class _Connection(Writing):
 
     def expired(self) -> None:
         """The deadline has come (`Expiries` calls this): as trio's own deadline would, cancel ``_scope``."""
+        self._cut = True
         self._scope.cancel()
 
     def enter_phase_scope(self, phase: Phase | None, scope: trio.CancelScope | None) -> None:
@@ -108,6 +112,7 @@ class _Connection(Writing):
                     break
                 self._renew = False
                 self._scope = trio.CancelScope()
+                self._cut = False
                 self.expiry = math.inf
             failure = self._failure
             if self._scope.cancelled_caught and self._phase is Phase.READING:
@@ -137,6 +142,7 @@ class _Connection(Writing):
         """Close an idle connection; end a streaming response, a WebSocket or a drain. A request being
         read, handled or answered is left to finish (its response then closes the connection)."""
         if self._phase is Phase.IDLE:
+            self._cut = True
             self._scope.cancel()
         elif self._phase_scope is not None:
             self._phase_scope.cancel()
@@ -185,7 +191,7 @@ class _Connection(Writing):
             return self._fail_later(errors.PayloadTooLarge(f"request body larger than {limit} bytes"))
         except h11.RemoteProtocolError as exc:
             return self._protocol_error(exc)
-        if self._scope.cancel_called:  # the request deadline fired as its last bytes arrived
+        if self._cut:  # the request deadline fired as its last bytes arrived
             return self._fail_later(errors.RequestTimeout("request not received in time"))
 
         self._enter(Phase.HANDLING)
@@ -202,7 +208,7 @@ class _Connection(Writing):
             return False
         self._expiries.set(self, trio.current_time() + self._config.keepalive_timeout)
         await self._receive()
-        if self._scope.cancel_called:  # keep-alive timeout or shutdown raced with the first bytes:
+        if self._cut:  # keep-alive timeout or shutdown raced with the first bytes:
             self._renew = True         # serve them (shutdown then closes after the response)
             return False
         return True
@@ -261,7 +267,7 @@ class _Connection(Writing):
             h.start_next_cycle()
         self._raw = bytearray(h.trailing_data[0])
         self._recording = True
-        if self._scope.cancel_called:  # the write deadline fired as the write completed
+        if self._cut:  # the write deadline fired as the write completed
             self._renew = True
             return False
         return True

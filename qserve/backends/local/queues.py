@@ -120,7 +120,7 @@ class Queue(GroupCommit):
 
     @property
     def ended(self) -> bool:
-        return self.log.state.get("state") == "End"
+        return self.log.state_value("state") == "End"
 
     def _forget(self, removed) -> None:
         """Entries left the queue: drop them from the groups and wake watchers whose slots freed."""
@@ -129,10 +129,12 @@ class Queue(GroupCommit):
             self.notify()
 
     # -- entries ------------------------------------------------------------------------------
-    @raising_core_errors
     async def put(self, data: bytes, tags: Mapping[str, str], priority: int) -> int:
-        entry = self.append(data, tags, priority)
-        await self.wait_durable(self.write_mark())
+        try:   # `raising_core_errors` written out: its wrapper would be one more coroutine per put
+            entry = self.append(data, tags, priority)
+            await self.wait_durable(self.write_mark())
+        except storage.StorageError as exc:
+            raise as_core_error(self, "put", exc) from exc
         return entry.index
 
     def append(self, data: bytes, tags: Mapping[str, str], priority: int, *, replay_of: int | None = None
@@ -286,8 +288,7 @@ class Queue(GroupCommit):
             "meta.maxPriority": str(MAX_PRIORITY),
             "stream.length": str(qlog.length),
             "stream.approxMaxLength": str(config.max_length),
-            "stream.firstEntry": str(qlog.first_index),
-            "stream.lastEntry": str(qlog.last_index),
+            "stream.firstEntry": str(qlog.first_index), "stream.lastEntry": str(qlog.last_index),
         }
         attrs.update(self.policy.attributes())
         attrs["policy.delayed"] = str(self.dispatcher.delayed())
