@@ -47,12 +47,18 @@ class EntryState(enum.Enum):
     PENDING = "pending"
     GONE = "gone"
 
+    # members are their own only instances: hashed by identity, in C (Enum's own hash runs Python
+    # code, and `step` hashes a state and an event for every entry delivered and every one removed)
+    __hash__ = object.__hash__
+
 
 class EntryEvent(enum.Enum):
     DELIVER = "deliver"     # poll handed the entry to a consumer
     NEGATIVE = "negative"   # the consumer nacked it
     DETACH = "detach"       # the consumer disconnected or was replaced
     REMOVE = "remove"       # deleted from the queue: commit, delete, truncate, auto-commit
+
+    __hash__ = object.__hash__   # as `EntryState`'s
 
 
 #: The only legal transitions; anything else is a bug in the dispatcher.
