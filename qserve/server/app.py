@@ -35,7 +35,7 @@ from qserve.wire import names, protobuf
 from qserve.config import Config
 from qserve.core.errors import BadRequest, InternalError, QServeError, QueueFenced, error_response, translate
 from qserve.server.http import Request, Response
-from qserve.core.routing import route
+from qserve.core.routing import PutRoutes
 from qserve.server import health
 from qserve.server.logs import log_access
 from qserve.server.dashboard import Dashboard
@@ -123,6 +123,7 @@ class App:
         self._anon = itertools.count(1)
         self._boot = uuid.uuid4().hex[:8]
         self._request_id = RequestIds()
+        self._routes = PutRoutes(config)   # `routing.route`, puts' routes memoized
         self.stopping = False  # set by shutdown(): long-polling gets answer at once
 
     def shutdown(self) -> None:
@@ -142,10 +143,9 @@ class App:
         return f"anon-{self._boot}-{next(self._anon)}"
 
     def operation_for(self, request: Request) -> ev.Operation | ev.Health | ev.Ready | ev.Metrics:
-        headers = dict(reversed(request.headers))   # a repeated header: its first value
-        return route(request.method, request.path, request.query, headers, request.body, self.config,
-                     anonymous_user=self.anonymous_user,
-                     upgrade=request.is_websocket_upgrade)
+        return self._routes.route(request.method, request.target, request.path, request.query,
+                                  request.headers, request.body, anonymous_user=self.anonymous_user,
+                                  upgrade=request.is_websocket_upgrade)
 
     async def websocket(self, request: Request, upgrade: WebSocketUpgrade) -> None:
         """The edge's WebSocket handler: a watch; errors before `accept()` refuse the handshake.

@@ -5,7 +5,7 @@ import pytest
 from qserve.core import events as ev
 from qserve.config import Config
 from qserve.core.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
-from qserve.core.routing import header_tags, route
+from qserve.core.routing import PRODUCER, PutRoutes, header_tags, route
 
 CFG = Config(token="tok")
 
@@ -182,3 +182,81 @@ def test_the_header_name_memo_skips_long_names():
     assert routing.canonical_header(long_name) == "X-Eas-" + "Ab-" * 30
     assert routing.canonical_header("x-eas-foo") == "X-Eas-Foo"
     assert routing._canonical_memo.cache_info().currsize == 1
+
+
+def _memo_route(routes, method, target, headers, body, anonymous_user):
+    path, _, query = target.partition("?")
+    pairs = [tuple(p.split("=", 1)) for p in query.split("&")] if query else []
+    return routes.route(method, target, path, pairs, headers, body, anonymous_user=anonymous_user)
+
+
+_PUTS = [   # (target, headers): what a put's route depends on, each varied
+    ("/api/predict/svc", (("host", "h"), ("content-length", "3"), ("authorization", "tok"))),
+    ("/api/predict/svc/sink?k=v&_priority_=4", (("content-length", "3"), ("authorization", "Bearer tok"),
+                                                ("x-eas-queueservice-uid", "u"), ("x-eas-trace", "t1"))),
+    ("/api/predict/svc/a/b", (("authorization", "tok"), ("content-type", "text/plain"),
+                              ("x-eas-queueservice-priority", "7"), ("x-eas-queueservice-gid", "g"))),
+    ("/api/predict/svc?k=v", (("authorization", "tok"), ("x-eas-trace", "first"), ("x-eas-trace", "second"))),
+]
+
+
+@pytest.mark.parametrize("target, headers", _PUTS)
+def test_a_memoized_put_route_is_the_route_of_the_same_request(target, headers):
+    routes = PutRoutes(CFG)
+    drawn = []
+    anonymous = lambda: drawn.append(1) or f"anon-{len(drawn)}"   # noqa: E731
+    path, _, query = target.partition("?")
+    pairs = [tuple(p.split("=", 1)) for p in query.split("&")] if query else []
+    for body in (b"one", b"second body"):   # a miss, then a hit with another body and length
+        sized = tuple((k, str(len(body)) if k == "content-length" else v) for k, v in headers)
+        op = _memo_route(routes, "POST", target, sized, body, anonymous)
+        expected = route("POST", path, pairs, dict(reversed(sized)), body, CFG, anonymous_user=anonymous)
+        assert type(op) is ev.Put and op == expected and op.data == body
+    assert len(routes._puts) == 1 and not drawn   # a put draws no anonymous consumer id
+
+
+def test_an_anonymous_post_speaks_as_the_producer_and_a_get_gets_a_fresh_id():
+    routes = PutRoutes(CFG)
+    counter = iter(range(1, 100))
+    anonymous = lambda: f"anon-{next(counter)}"   # noqa: E731
+    op = _memo_route(routes, "POST", "/api/predict/svc", (("authorization", "tok"),), b"x", anonymous)
+    assert op.identity == ev.Identity("default_group", PRODUCER, anonymous=True)
+    first = _memo_route(routes, "GET", "/api/predict/svc", (("authorization", "tok"),), b"", anonymous)
+    second = _memo_route(routes, "GET", "/api/predict/svc", (("authorization", "tok"),), b"", anonymous)
+    assert (first.identity.user, second.identity.user) == ("anon-1", "anon-2") and len(routes._puts) == 1
+
+
+def test_the_put_memo_keeps_no_error_and_no_other_post():
+    routes = PutRoutes(CFG)
+    for _ in range(2):   # refused each time, the same way
+        with pytest.raises(Unauthorized):
+            _memo_route(routes, "POST", "/api/predict/svc", (("authorization", "wrong"),), b"x", str)
+        with pytest.raises(BadRequest):
+            _memo_route(routes, "POST", "/api/predict/svc?_priority_=-1", (("authorization", "tok"),), b"x", str)
+        op = _memo_route(routes, "POST", "/api/predict/svc?_eos_=true", (("authorization", "tok"),), b"", str)
+        assert type(op) is ev.End
+    assert not routes._puts
+
+
+def test_the_put_memo_is_bounded_and_drops_its_oldest_first():
+    routes = PutRoutes(CFG)
+    for n in range(PutRoutes.SIZE + 5):
+        _memo_route(routes, "POST", f"/api/predict/svc?n={n}", (("authorization", "tok"),), b"x", str)
+    assert len(routes._puts) == PutRoutes.SIZE
+    kept = sorted(int(target.partition("=")[2]) for target, _ in routes._puts)
+    assert kept == list(range(5, PutRoutes.SIZE + 5))
+
+
+def test_the_put_memo_tells_apart_requests_that_differ_only_in_a_header():
+    routes = PutRoutes(CFG)
+    base = (("authorization", "tok"), ("content-length", "1"))
+    variants = [base, (*base, ("x-eas-queueservice-uid", "u")), (*base, ("x-eas-queueservice-priority", "3")),
+                (*base, ("x-eas-trace", "t")), (("authorization", "wrong"), ("content-length", "1"))]
+    seen = []
+    for _ in range(2):
+        for headers in variants[:-1]:
+            op = _memo_route(routes, "POST", "/api/predict/svc", headers, b"x", str)
+            seen.append((op.identity, op.priority, op.tags))
+        with pytest.raises(Unauthorized):   # a wrong token is refused even after the right one's put
+            _memo_route(routes, "POST", "/api/predict/svc", variants[-1], b"x", str)
+    assert len(set(seen)) == 4 and seen[:4] == seen[4:] and len(routes._puts) == 4
