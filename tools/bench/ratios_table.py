@@ -4,11 +4,12 @@ the rounds), each with its reference, ratio, goal and verdict, and the table's t
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 
 from . import lib as bl
 
-__all__ = ["NOT_RUN", "target_rows", "render"]
+__all__ = ["NOT_RUN", "target_rows", "render", "ratio_text"]
 
 NOT_RUN = "skipped"
 
@@ -98,6 +99,19 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
     return rows
 
 
+def ratio_text(ratio: float | None, goal: str) -> str:
+    """The ratio as printed: two decimals, more when two would round it onto its goal's bound (a
+    0.697x against ">= 0.70x" would read 0.70x beside MISSED)."""
+    if ratio is None:
+        return "-"
+    bound = re.fullmatch(r"[<>]= ([\d.]+)x", goal)
+    digits = 2
+    if bound and ratio != float(bound.group(1)):
+        while digits < 6 and round(ratio, digits) == float(bound.group(1)):
+            digits += 1
+    return f"{ratio:.{digits}f}x"
+
+
 def render(rows: list[dict]) -> str:
     def fig(x, unit):
         if x is None:
@@ -112,6 +126,6 @@ def render(rows: list[dict]) -> str:
         return "met" if r["met"] else "MISSED"
 
     return bl.table([[r["target"], fig(r["qserve"], r["unit"]), fig(r["reference"], r["unit"]), r["unit"],
-                      r["reference_is"], "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["goal"], verdict(r)]
+                      r["reference_is"], ratio_text(r["ratio"], r["goal"]), r["goal"], verdict(r)]
                      for r in rows],
                     ["target", "qserve", "reference", "unit", "reference is", "ratio", "target", "verdict"])
