@@ -28,8 +28,8 @@ from qserve.core.errors import BadRequest, MethodNotAllowed, NotFound, Unauthori
 from qserve.wire.params import (ParamError, parse_bool, parse_duration, parse_index_list, parse_int,
                                 required, split_params)
 
-__all__ = ["route", "PutRoutes", "PRODUCER", "ADMIN", "DASHBOARD", "DASHBOARD_DATA", "identity_from", "header_tags", "MAX_PRIORITY",
-           "service_problem", "token_opens"]
+__all__ = ["route", "PutRoutes", "PRODUCER", "ADMIN", "DASHBOARD", "DASHBOARD_DATA", "identity_from", "header_tags",
+           "MAX_PRIORITY", "service_problem", "token_opens"]
 
 ADMIN = "/api/queues"          # qserve's own endpoints: list the queues, create a service's queues
 DASHBOARD = "/dashboard"       # the dashboard page and its files
@@ -117,17 +117,17 @@ class PutRoutes:
               headers: Sequence[tuple[str, str]], body: bytes, *, anonymous_user: Callable[[], str],
               upgrade: bool = False):
         """`route` of a request whose ``headers`` are its (name, value) pairs in order, names lower-case."""
-        if method != "POST":
-            return route(method, path, query, dict(reversed(headers)), body, self._config,
-                         anonymous_user=anonymous_user, upgrade=upgrade)
-        key = (target, tuple([h for h in headers if h[0] != "content-length"]))
-        put = self._puts.get(key)
-        if put is not None:
-            queue, identity, tags, priority = put
-            return ev.Put(queue, identity, data=body, tags=tags, priority=priority)
+        key = None
+        if method == "POST":
+            key = (target, tuple([h for h in headers if h[0] != "content-length"]))
+            put = self._puts.get(key)
+            if put is not None:
+                queue, identity, tags, priority = put
+                return ev.Put(queue, identity, data=body, tags=tags, priority=priority)
+        # a repeated header: its first value
         op = route(method, path, query, dict(reversed(headers)), body, self._config,
                    anonymous_user=anonymous_user, upgrade=upgrade)
-        if type(op) is ev.Put:
+        if key is not None and type(op) is ev.Put:
             if len(self._puts) >= self.SIZE:
                 del self._puts[next(iter(self._puts))]
             self._puts[key] = (op.queue, op.identity, op.tags, op.priority)

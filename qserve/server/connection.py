@@ -68,7 +68,7 @@ class _Connection(Writing):
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
         self._send_lock = trio.StrictFIFOLock()
         self._scope = trio.CancelScope()   # the one deadline scope (module comment)
-        self._cut = False   # ``_scope.cancel()`` was called: its ``cancel_called``, without the property's clock read
+        self._cut = False   # ``_scope`` was cancelled (`_cut_scope`): its ``cancel_called``, without the clock read
         self.expiry = math.inf             # when ``_scope`` is cancelled: its deadline (`Expiries`)
         self._expiries = edge.expiries
         self._phase = Phase.IDLE
@@ -91,6 +91,10 @@ class _Connection(Writing):
 
     def expired(self) -> None:
         """The deadline has come (`Expiries` calls this): as trio's own deadline would, cancel ``_scope``."""
+        self._cut_scope()
+
+    def _cut_scope(self) -> None:
+        """Cancel ``_scope``: the only way it is cancelled, so that ``_cut`` is its ``cancel_called``."""
         self._cut = True
         self._scope.cancel()
 
@@ -142,8 +146,7 @@ class _Connection(Writing):
         """Close an idle connection; end a streaming response, a WebSocket or a drain. A request being
         read, handled or answered is left to finish (its response then closes the connection)."""
         if self._phase is Phase.IDLE:
-            self._cut = True
-            self._scope.cancel()
+            self._cut_scope()
         elif self._phase_scope is not None:
             self._phase_scope.cancel()
 

@@ -129,12 +129,10 @@ class Queue(GroupCommit):
             self.notify()
 
     # -- entries ------------------------------------------------------------------------------
+    @raising_core_errors
     async def put(self, data: bytes, tags: Mapping[str, str], priority: int) -> int:
-        try:   # `raising_core_errors` written out: its wrapper would be one more coroutine per put
-            entry = self.append(data, tags, priority)
-            await self.wait_durable(self.write_mark())
-        except storage.StorageError as exc:
-            raise as_core_error(self, "put", exc) from exc
+        entry = self.append(data, tags, priority)
+        await self.wait_durable(self.write_mark())
         return entry.index
 
     def append(self, data: bytes, tags: Mapping[str, str], priority: int, *, replay_of: int | None = None
@@ -288,7 +286,8 @@ class Queue(GroupCommit):
             "meta.maxPriority": str(MAX_PRIORITY),
             "stream.length": str(qlog.length),
             "stream.approxMaxLength": str(config.max_length),
-            "stream.firstEntry": str(qlog.first_index), "stream.lastEntry": str(qlog.last_index),
+            "stream.firstEntry": str(qlog.first_index),
+            "stream.lastEntry": str(qlog.last_index),
         }
         attrs.update(self.policy.attributes())
         attrs["policy.delayed"] = str(self.dispatcher.delayed())
