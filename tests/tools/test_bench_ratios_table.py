@@ -1,8 +1,11 @@
-"""`tools.bench.ratios_table`: how the ratios tool prints a ratio beside its verdict (no server)."""
+"""`tools.bench.ratios_table`: how the ratios tool prints a ratio beside its verdict, and the rows it
+derives from one run's figures (no server)."""
+
+import argparse
 
 import pytest
 
-from qserve.tools.bench.ratios_table import ratio_text
+from qserve.tools.bench.ratios_table import ratio_text, target_rows
 
 
 @pytest.mark.parametrize("ratio, goal, shown", [
@@ -19,3 +22,24 @@ from qserve.tools.bench.ratios_table import ratio_text
 ])
 def test_a_ratio_shows_which_side_of_its_goal_it_is_on(ratio, goal, shown):
     assert ratio_text(ratio, goal) == shown
+
+
+def _rows(runs):
+    args = argparse.Namespace(reopen_entries=1000, load_connections=10, load_watchers=2)
+    have = {"wrk": None, "redis": None, "watch_rate": None, "load": None}
+    return {r["target"].strip(): r for r in target_rows(runs, {}, have, args)}
+
+
+def test_the_one_consumer_cycle_is_set_against_what_redis_leaves_the_servers():
+    runs = {"watch c1": [9000.0], "redis group": [8500.0],
+            "cycle qserve servers_cpu_us": [1060.0, 1070.0, 1080.0], "cycle qserve polled_us": [460.0],
+            "cycle qserve client_us": [490.0], "cycle redis wall_us": [1100.0, 1190.0, 1200.0]}
+    row = _rows(runs)["per 10 entries: servers' CPU at work"]
+    assert (row["qserve"], row["reference"]) == (1070.0 - 460.0, 1190.0 - 490.0)
+    assert row["ratio"] < 1 and row["goal"] == "report"
+
+
+def test_no_cycle_figures_no_budget_row():
+    rows = _rows({"watch c1": [9000.0], "redis group": [8500.0]})
+    assert "per 10 entries: servers' CPU at work" not in rows
+    assert rows["push+manual commit w10, 1 consumer"]["ratio"] == 9000.0 / 8500.0

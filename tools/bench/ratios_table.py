@@ -65,6 +65,10 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
         q, ref = m(f"cycle qserve {key}"), m(f"cycle redis {key}")
         if q is not None or ref is not None:   # none when the steady phase was shorter than the window
             add(f"  per 10 entries: {what}", f"cycle qserve {key}", q, ref, ref_name, "report", unit="us")
+    budget = _cycle_budget(m)
+    if budget is not None:
+        add("  per 10 entries: servers' CPU at work", "cycle qserve servers_cpu_us", *budget,
+            "Redis's cycle - consumer's CPU", "report", unit="us")
     add("push+manual commit w10, 4 consumers", "watch c4", m("watch c4"), wr, "redis-py XREADGROUP 10 + XACK (1)",
         "report", unit="entries/s")
     for mode in ("manual", "auto"):
@@ -97,6 +101,19 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
         met=None if lp is None else (lp < 100.0 and not runs.get("load errors", [1])[0]),
         why=None if lp is not None else have.get("load"))
     return rows
+
+
+def _cycle_budget(m) -> tuple[float, float] | None:
+    """The one-consumer row in two figures: (the servers' CPU at work per cycle, what Redis's cycle
+    leaves it). The consumer and the server take strict turns, so qserve's cycle is about the
+    servers' CPU while busy with anything but the idle loop's poll, plus the consumer's CPU; it
+    beats Redis's cycle (the row's 1.0x) when the first figure is below the second. None when a
+    figure is missing."""
+    busy, polled = m("cycle qserve servers_cpu_us"), m("cycle qserve polled_us")
+    consumer, redis_cycle = m("cycle qserve client_us"), m("cycle redis wall_us")
+    if None in (busy, consumer, redis_cycle):
+        return None
+    return busy - (polled or 0.0), redis_cycle - consumer
 
 
 def ratio_text(ratio: float | None, goal: str) -> str:
