@@ -9,32 +9,28 @@ The fsync's kernel work moves from the process to a kernel worker, so the whole 
 durable put stays about the same (README, "Development", has the figures).
 
 Inline: when no other task is runnable and no AIO fsync is in flight (an idle moment between
-spaced requests, say), ``fsync`` waits for it right there (`fsync_polled`, below): the loop has
-nothing to do meanwhile, and the round saves the eventfd, the reaper and one scheduler pass each way.
+spaced requests, say), ``fsync`` waits for it right there (polled, below): the loop has nothing to
+do meanwhile, and the round saves the eventfd, the reaper and one scheduler pass each way.
 
-Overlap: the kernel queues an AIO fsync's work on the submitting CPU, and a worker there waits
-for the CPU while the event loop runs: the flush only started once the loop went idle (submission
-to completion p50 511 us, against ~300 us for the fsync inline). ``fsync(..., overlap=True)``
-yields the CPU once right after ``io_submit`` (``os.sched_yield``): the worker issues the flush,
-blocks on the disk, and the loop goes on meanwhile (p50 376 us, with ~250 us of the loop's work
-done inside it). Used where the loop has that work in hand (`backends.local.commit`, `_round_now`).
+Overlap: the kernel queues an AIO fsync's work on the submitting CPU, where a worker waits while the
+loop runs, so the flush only started once the loop went idle. ``fsync(..., overlap=True)`` yields
+the CPU once right after ``io_submit`` (``os.sched_yield``): the worker issues the flush, blocks
+on the disk, and the loop's own work runs during it (`backends.local.commit`, `_round_now`).
 
 Polled: an inline round, and a lone client's (`backends.local.commit`, `_round_here`), block the
 loop for their fsync anyway; `fsync_polled` submits it to the kernel and polls the context's
 completion ring (the page the kernel maps at the context's address, libaio reads it the same way)
-with ``os.sched_yield`` between looks, instead of sleeping in ``fsync``. On a VM that halts an idle
-vCPU, waking it for the disk's answer costs ~50 us, and the answer comes from another CPU: fsync on
-the servers' CPU took p50 170-222 us sleeping against 129-148 us polled (1,000 each, 2-vCPU VM). A
-sequential client's durable puts went from 1,404-1,563 to 1,621-1,777 per second
-(`../shared/peerbench/http_client_seq.py`, five alternating pairs); put -> receive with auto commit
-at 1,700 puts/s from p50 1.78-1.93 to 1.49-1.64 ms (`tools.bench.watch`, five pairs), at ~10% more
-server CPU per entry (and the fsync's kernel work, done in the server's own sleep before, runs in a
-kernel worker: ~20% more for the whole machine). Polling stops after ``_POLL_SECONDS`` (a slow disk
-then costs no CPU: the wait sleeps in ``io_getevents``), and the yield leaves the CPU to the
-kernel's worker for the fsync, which runs on this CPU. Only while no other AIO fsync is in flight
-(the ring's answers are then this round's), only where the ring is mapped where it should be
-(`_ring_at`), and only with ``poll`` (``Config.fsync_poll``, ``--no-fsync-poll``: sleep in ``fsync``
-instead).
+with ``os.sched_yield`` between looks (the kernel's worker for the fsync runs on this CPU), instead
+of sleeping in ``fsync``: on a VM that halts an idle vCPU, waking it for the disk's answer costs
+~50 us (docs/performance.md has the figures). Polling stops after ``_POLL_SECONDS``. Only while no
+other AIO fsync is in flight (the ring's answers are then this round's), only where the ring is
+mapped where it should be (`_ring_at`), and only with ``poll`` (``Config.fsync_poll``,
+``--no-fsync-poll``: sleep in ``fsync`` instead).
+
+Handed over: an inline round unanswered after ``_POLL_SECONDS`` stops blocking the loop
+(`_hand_over`): its fsyncs count as in flight and it waits for them as a task, the other
+connections served meanwhile. Under load some fsyncs take 8-36 ms, and each stalled every
+connection that long. A lone client's round (`_round_here`) stalls nobody and sleeps in the kernel.
 
 Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
 answered, before the caller is rescheduled: the queue's flusher ends its round there
@@ -75,6 +71,7 @@ _IOCB_CMD_FSYNC = 2
 _IOCB_FLAG_RESFD = 1
 _RING_MAGIC = 0xA10A10A1   # fs/aio.c: AIO_RING_MAGIC, in the header of the ring io_setup maps
 _POLL_SECONDS = 0.002      # `fsync_polled` polls the ring this long at most, then sleeps in the kernel
+_HANDED_OVER_LOOK = 0.0002  # an inline round past that limit looks at the ring this often (`_hand_over`)
 
 
 def nothing_runnable() -> bool:
@@ -149,14 +146,15 @@ def _fsync_each(fds: list[int]) -> OSError | None:
 
 
 class _Job:
-    __slots__ = ("left", "error", "task", "on_done", "callback_error")
+    __slots__ = ("left", "error", "task", "on_done", "callback_error", "keys")
 
-    def __init__(self, n: int, on_done=None) -> None:
+    def __init__(self, n: int, on_done=None, keys=()) -> None:
         self.left = n
         self.error: OSError | None = None
         self.task = None          # the caller, once it waits (`AioSync.fsync`)
         self.on_done = on_done
         self.callback_error: BaseException | None = None
+        self.keys: set[int] = set(keys)   # a polled round's keys, whose answers it takes itself
 
     def finish(self) -> None:
         """All fsyncs answered: run ``on_done(error)`` here and now, then release the caller."""
@@ -206,6 +204,7 @@ class AioSync:
         self.serving = False
         self.inline_rounds = 0             # fsyncs done inline (`_fsync_inline`), for statistics
         self.polled_rounds = 0             # rounds whose answers were polled for (`fsync_polled`)
+        self.handed_over = 0               # inline rounds that stopped blocking the loop (`_hand_over`)
 
     @classmethod
     def open(cls, depth: int = 64) -> AioSync | None:
@@ -294,10 +293,14 @@ class AioSync:
         return job.error
 
     async def _fsync_inline(self, fds: list[int], on_done) -> OSError | None:
-        """`fsync` done here and now (`fsync_polled`), blocking the loop: only when no other task is
-        runnable and no AIO fsync is in flight, so it stalls nobody longer than the fsync itself would
-        have made them wait, and it saves the eventfd wake-up and the reaper's scheduling pass."""
-        error = self.fsync_polled(fds)
+        """`fsync` done here and now, polled for, blocking the loop: only when no other task is
+        runnable and no AIO fsync is in flight, and for at most ``_POLL_SECONDS`` (then `_hand_over`),
+        so it stalls nobody for long; it saves the eventfd wake-up and the reaper's scheduling pass."""
+        job = self._submit_polled(fds)
+        if job is not None:
+            self._take_answers(job, time.perf_counter() + _POLL_SECONDS)
+            await self._hand_over(job)
+        error = _fsync_each(fds) if job is None else job.error
         self.inline_rounds += 1
         if on_done is not None:
             on_done(error)
@@ -313,39 +316,85 @@ class AioSync:
         kernel and polled for (module docstring, "Polled"); the first error (None: all durable).
         Falls back to ``os.fsync`` without a usable ring, while another fsync is in flight, or for
         the fds the kernel did not take."""
-        ring = self._ring
-        if ring is None or not self.poll or self._jobs or not fds:
+        job = self._submit_polled(fds)
+        if job is None:
             return _fsync_each(fds)
-        key = next(self._ids)   # this round's answers (an answer left over from an abandoned one is not)
+        self._take_answers(job, time.perf_counter() + _POLL_SECONDS)
+        self._take_answers(job, None)   # past the poll's limit, if any is left: sleep in the kernel
+        return job.error
+
+    def _submit_polled(self, fds: list[int]) -> _Job | None:
+        """Submit an fsync of every fd with no eventfd (its answer is polled for), each under a key
+        of its own; the job counts the ones the kernel took, and carries the error of those it did
+        not, fsynced here the usual way. None (nothing submitted) when polling cannot be used."""
+        if self._ring is None or not self.poll or self._jobs or not fds:
+            return None
+        keys = [next(self._ids) for _ in fds]   # (an answer left over from an abandoned round is no key of these)
         if len(fds) == 1:       # a round's usual one segment: the preallocated iocb
             ptrs, n_fds = self._quiet_ptrs, self._one
-            self._quiet_cb.aio_data, self._quiet_cb.aio_fildes = key, fds[0]
+            self._quiet_cb.aio_data, self._quiet_cb.aio_fildes = keys[0], fds[0]
         else:
-            cbs = [_Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for fd in fds]
+            cbs = [_Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for key, fd in zip(keys, fds)]
             ptrs, n_fds = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs)), ctypes.c_long(len(cbs))
-        left = max(0, self._syscall(self._c_submit, self._ctx, n_fds, ptrs))
-        error = _fsync_each(fds[left:])   # what the kernel did not take
-        if left:
+        taken = max(0, self._syscall(self._c_submit, self._ctx, n_fds, ptrs))
+        job = _Job(taken)
+        job.keys = set(keys[:taken])
+        job.error = _fsync_each(fds[taken:])   # what the kernel did not take
+        if taken:
             self.polled_rounds += 1
-        give_up = time.perf_counter() + _POLL_SECONDS
-        while left:
+        return job
+
+    def _take_answers(self, job: _Job, give_up: float | None) -> None:
+        """Take ``job``'s answers from the ring, blocking the loop: polled for until ``give_up``
+        (`time.perf_counter`), or with None slept for in ``io_getevents`` until all are in. A ring
+        that cannot be waited on ends the job with that error (its fsyncs count as failed)."""
+        ring = self._ring
+        while job.left:
             wait = ring.head == ring.tail   # nothing answered yet
-            if wait and time.perf_counter() < give_up:
+            if wait and give_up is not None:
+                if time.perf_counter() >= give_up:
+                    return
                 os.sched_yield()            # the fsync's kernel worker runs on this CPU
                 continue
             n = self._syscall(self._c_getevents, self._ctx, self._one if wait else self._c_zero,
                               self._c_depth, self._events, None if wait else self._zero_ref)
             if n < 0 and ctypes.get_errno() != errno.EINTR:   # cannot be waited for: not durable
                 code = ctypes.get_errno() or errno.EIO
-                return error or OSError(code, f"io_getevents: {os.strerror(code)}")
+                job.error = job.error or OSError(code, f"io_getevents: {os.strerror(code)}")
+                job.left = 0
+                return
             for i in range(max(n, 0)):
                 ev = self._events[i]
-                if ev.data != key:
-                    continue
-                left -= 1
-                if ev.res < 0 and error is None:
-                    error = _answer_error(ev.res)
-        return error
+                if ev.data in job.keys:
+                    job.keys.discard(ev.data)
+                    job.left -= 1
+                    if ev.res < 0 and job.error is None:
+                        job.error = _answer_error(ev.res)
+
+    async def _hand_over(self, job: _Job) -> None:
+        """The rest of an inline round's answers, waited for without blocking the loop (module doc,
+        "Handed over"). Its keys enter ``_jobs`` with their slots: no other round polls or runs
+        inline, and the reaper hands back their answers if it takes them; no eventfd tells of
+        them, so this task looks every ``_HANDED_OVER_LOOK`` s. Not cancellable. A slot short
+        (never with nothing in flight): it sleeps in the kernel."""
+        if not job.left or self._slots.value < job.left:
+            return self._take_answers(job, None)
+        self.handed_over += 1
+        for key in job.keys:
+            self._slots.acquire_nowait()
+            self._jobs[key] = job
+        job.keys.clear()   # from here, answers come through `_hand_back`
+        with trio.CancelScope(shield=True):
+            while job.left:
+                await trio.sleep(_HANDED_OVER_LOOK)
+                if self._reap_ready() < 0:   # the ring cannot be read: what is out is not durable
+                    code = ctypes.get_errno() or errno.EIO
+                    for key in [k for k, j in self._jobs.items() if j is job]:
+                        del self._jobs[key]   # (its answer, if any, is skipped)
+                        self._slots.release()
+                    job.error, job.left = job.error or OSError(code, f"io_getevents: {os.strerror(code)}"), 0
+        if self._efd >= 0:   # a draining reaper waits on the eventfd, which these answers never signal
+            os.eventfd_write(self._efd, 1)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The reaper: hands completions back. Runs until cancelled, then drains and closes."""
@@ -373,21 +422,29 @@ class AioSync:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             return
+        self._reap_ready()   # (an error here: EINTR, say; the eventfd tells again)
+
+    def _reap_ready(self) -> int:
+        """Every answer in the ring handed to its job, without waiting: how many, -1 on an error."""
+        taken = 0
         while True:
             n = self._syscall(self._c_getevents, self._ctx, self._c_zero, self._c_depth, self._events,
                               self._zero_ref)
-            if n <= 0:
-                return   # nothing more (or EINTR: the eventfd will tell again)
+            if n < 0:
+                return taken if ctypes.get_errno() == errno.EINTR else -1
             for i in range(n):
-                ev = self._events[i]
-                job = self._jobs.pop(ev.data, None)
-                if job is None:
-                    continue
-                self._slots.release()
-                if ev.res < 0 and job.error is None:
-                    job.error = _answer_error(ev.res)
-                job.left -= 1
-                if job.left == 0:
-                    job.finish()
+                self._hand_back(self._events[i])
+            taken += n
             if n < self._depth:
-                return
+                return taken
+
+    def _hand_back(self, ev: _IoEvent) -> None:
+        job = self._jobs.pop(ev.data, None)
+        if job is None:
+            return   # a handed-over round's answer it already took, or one nobody waits for
+        self._slots.release()
+        if ev.res < 0 and job.error is None:
+            job.error = _answer_error(ev.res)
+        job.left -= 1
+        if job.left == 0:
+            job.finish()

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from qserve.core.events import QueueRef
 from qserve.server import aio as aio_module
@@ -182,3 +183,84 @@ async def test_a_lone_clients_put_is_polled_for_and_on_disk_when_answered(tmp_pa
         assert contents(qlog) == [(i, b"p%d" % i) for i in range(1, 5)]
     finally:
         qlog.close()
+
+
+async def _inline_round_handed_over(aio, fd, *, during=lambda: None):
+    """One inline round (the loop otherwise idle) run in a task of its own, with the poll's limit
+    at 0 so that the answer is rarely in the ring at the first look; retried until one round was
+    handed over. Returns what ``during()`` gave once every task was blocked while that round still
+    waited for the kernel: the loop ran this task during the round."""
+    for _ in range(50):
+        before, done = aio.handed_over, []
+
+        async def round_():
+            os.pwrite(fd, b"y" * 100, 0)          # something for the fsync to write
+            done.append(await aio.fsync([fd]))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(round_)
+            await trio.testing.wait_all_tasks_blocked()   # the round waits (handed over) or is done
+            seen = during() if not done else None
+        assert done == [None] and aio.inline_rounds >= 1
+        if aio.handed_over > before:
+            return seen
+    pytest.fail("no inline round outlasted a poll of 0 s in 50 tries")
+
+
+async def test_an_inline_round_that_outlasts_the_poll_stops_blocking_the_loop(tmp_path, aio, monkeypatch):
+    monkeypatch.setattr(aio_module, "_POLL_SECONDS", 0.0)
+    fd, = files(tmp_path, 1)
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(aio.serve)
+                in_flight = await _inline_round_handed_over(aio, fd, during=lambda: (len(aio._jobs), aio.free_slots()))
+                assert in_flight == (1, aio._depth - 1)   # its fsync counted as in flight meanwhile
+                assert (aio._jobs, aio.free_slots()) == ({}, aio._depth)   # and nothing once answered
+                nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+
+
+async def test_a_handed_over_round_is_waited_for_when_the_server_stops(tmp_path, aio, monkeypatch):
+    """The reaper, cancelled while a handed-over round waits, drains: the round is answered, and
+    the reaper, whose eventfd those answers do not signal, still sees that nothing is in flight
+    and closes the context."""
+    monkeypatch.setattr(aio_module, "_POLL_SECONDS", 0.0)
+    fd, = files(tmp_path, 1)
+    reaper = trio.CancelScope()
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        with reaper:
+            await aio.serve(task_status=task_status)
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve)
+                await _inline_round_handed_over(aio, fd, during=reaper.cancel)
+                await trio.testing.wait_all_tasks_blocked()
+                closed = aio._efd == -1
+                if not closed:   # a reaper stuck draining (shielded): let it go, so the test fails, not hangs
+                    os.eventfd_write(aio._efd, 1)
+            assert closed and not aio.serving and aio._jobs == {}
+    finally:
+        os.close(fd)
+
+
+async def test_without_a_free_slot_an_inline_round_past_the_poll_sleeps_in_the_kernel(tmp_path, aio, monkeypatch):
+    monkeypatch.setattr(aio_module, "_POLL_SECONDS", 0.0)
+    fd, = files(tmp_path, 1)
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(aio.serve)
+                for _ in range(aio._depth):
+                    aio._slots.acquire_nowait()
+                for _ in range(5):
+                    os.pwrite(fd, b"z" * 100, 0)
+                    assert await aio.fsync([fd]) is None
+                assert aio.handed_over == 0 and aio.inline_rounds == 5
+                for _ in range(aio._depth):
+                    aio._slots.release()
+                nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
