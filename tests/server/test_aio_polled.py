@@ -4,6 +4,7 @@ turns that off (its flag and variable: `tests/unit/test_config.py`). Real files,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -206,61 +207,60 @@ async def _inline_round_handed_over(aio, fd, *, during=lambda: None):
     pytest.fail("no inline round outlasted a poll of 0 s in 50 tries")
 
 
-async def test_an_inline_round_that_outlasts_the_poll_stops_blocking_the_loop(tmp_path, aio, monkeypatch):
+@pytest.fixture
+def slow_fd(tmp_path, aio, monkeypatch):
+    """A file to sync, with the poll's limit at 0: an inline round hands over unless its answer is
+    in the ring at the first look."""
     monkeypatch.setattr(aio_module, "_POLL_SECONDS", 0.0)
     fd, = files(tmp_path, 1)
-    try:
-        with trio.fail_after(LIMIT):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(aio.serve)
-                in_flight = await _inline_round_handed_over(aio, fd, during=lambda: (len(aio._jobs), aio.free_slots()))
-                assert in_flight == (1, aio._depth - 1)   # its fsync counted as in flight meanwhile
-                assert (aio._jobs, aio.free_slots()) == ({}, aio._depth)   # and nothing once answered
-                nursery.cancel_scope.cancel()
-    finally:
-        os.close(fd)
+    yield fd
+    os.close(fd)
 
 
-async def test_a_handed_over_round_is_waited_for_when_the_server_stops(tmp_path, aio, monkeypatch):
+@contextlib.asynccontextmanager
+async def serving(aio):
+    """The reaper running until the block ends, within the tests' time limit."""
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(aio.serve)
+            yield
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_inline_round_that_outlasts_the_poll_stops_blocking_the_loop(aio, slow_fd):
+    async with serving(aio):
+        in_flight = await _inline_round_handed_over(aio, slow_fd, during=lambda: (len(aio._jobs), aio.free_slots()))
+        assert in_flight == (1, aio._depth - 1)   # its fsync counted as in flight meanwhile
+        assert (aio._jobs, aio.free_slots()) == ({}, aio._depth)   # and nothing once answered
+
+
+async def test_a_handed_over_round_is_waited_for_when_the_server_stops(aio, slow_fd):
     """The reaper, cancelled while a handed-over round waits, drains: the round is answered, and
     the reaper, whose eventfd those answers do not signal, still sees that nothing is in flight
     and closes the context."""
-    monkeypatch.setattr(aio_module, "_POLL_SECONDS", 0.0)
-    fd, = files(tmp_path, 1)
     reaper = trio.CancelScope()
 
     async def serve(task_status=trio.TASK_STATUS_IGNORED):
         with reaper:
             await aio.serve(task_status=task_status)
-    try:
-        with trio.fail_after(LIMIT):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve)
-                await _inline_round_handed_over(aio, fd, during=reaper.cancel)
-                await trio.testing.wait_all_tasks_blocked()
-                closed = aio._efd == -1
-                if not closed:   # a reaper stuck draining (shielded): let it go, so the test fails, not hangs
-                    os.eventfd_write(aio._efd, 1)
-            assert closed and not aio.serving and aio._jobs == {}
-    finally:
-        os.close(fd)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            await _inline_round_handed_over(aio, slow_fd, during=reaper.cancel)
+            await trio.testing.wait_all_tasks_blocked()
+            closed = aio._efd == -1
+            if not closed:   # a reaper stuck draining (shielded): let it go, so the test fails, not hangs
+                os.eventfd_write(aio._efd, 1)
+        assert closed and not aio.serving and aio._jobs == {}
 
 
-async def test_without_a_free_slot_an_inline_round_past_the_poll_sleeps_in_the_kernel(tmp_path, aio, monkeypatch):
-    monkeypatch.setattr(aio_module, "_POLL_SECONDS", 0.0)
-    fd, = files(tmp_path, 1)
-    try:
-        with trio.fail_after(LIMIT):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(aio.serve)
-                for _ in range(aio._depth):
-                    aio._slots.acquire_nowait()
-                for _ in range(5):
-                    os.pwrite(fd, b"z" * 100, 0)
-                    assert await aio.fsync([fd]) is None
-                assert aio.handed_over == 0 and aio.inline_rounds == 5
-                for _ in range(aio._depth):
-                    aio._slots.release()
-                nursery.cancel_scope.cancel()
-    finally:
-        os.close(fd)
+async def test_without_a_free_slot_an_inline_round_past_the_poll_sleeps_in_the_kernel(aio, slow_fd):
+    async with serving(aio):
+        for _ in range(aio._depth):
+            aio._slots.acquire_nowait()
+        for _ in range(5):
+            os.pwrite(slow_fd, b"z" * 100, 0)
+            assert await aio.fsync([slow_fd]) is None
+        assert aio.handed_over == 0 and aio.inline_rounds == 5
+        for _ in range(aio._depth):
+            aio._slots.release()
