@@ -45,6 +45,7 @@ COMMIT_FIGURES = {   # the local backend's group commit, per queue: its statisti
     "fsync_rounds": "group-commit fsync rounds ended (local backend, --fsync always or interval)",
     "fsync_writes": "records those rounds made durable: divided by the rounds, the writes each fsync carried",
     "fsync_seconds": "seconds from each round's start to its end, summed: divided by the rounds, an fsync's time",
+    "fsync_slow": "rounds that took over 10 ms (a slow or busy disk): every durable answer in them waited that long",
 }
 ENCODE_CHUNK = 8            # metric families encoded between two checkpoints
 RENDER_EVERY = 0.25         # seconds (trio clock) a rendering answers the scrapes that follow it

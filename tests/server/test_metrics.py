@@ -20,6 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from qserve.core.events import QueueRef
+from qserve.backends.local import commit
 from qserve.backends.local.queues import queue_dir
 from qserve.cli import main as cli_main
 from qserve.server.health import reporting_progress
@@ -238,6 +239,27 @@ async def test_group_commit_rounds_writes_and_seconds_of_a_durable_queue(tmp_pat
             _, _, samples = await scrape(srv)
         assert samples["qserve_fsync_rounds_total", queue_labels("n")] == 0
         assert samples["qserve_fsync_writes_total", queue_labels("n")] == 0
+
+
+async def test_rounds_over_the_slow_bound_are_counted(tmp_path, slow_clock, monkeypatch):
+    """qserve_fsync_slow_total counts the rounds that took longer than `commit.SLOW_ROUND` (real
+    time, as the round's seconds): with the bound above any round none counts, at 0 s each one
+    does, and the counter is there from the queue's first round."""
+    labels = queue_labels("s")
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv:
+            c = await srv.client("s")
+            monkeypatch.setattr(commit, "SLOW_ROUND", 1e9)
+            for i in range(3):
+                assert (await c.call("POST", body=b"a%d" % i))[0] == 200
+            _, _, fast = await scrape(srv)
+            monkeypatch.setattr(commit, "SLOW_ROUND", 0.0)
+            for i in range(3):
+                assert (await c.call("POST", body=b"b%d" % i))[0] == 200
+            _, _, slow = await scrape(srv)
+    assert ("qserve_fsync_slow_total", labels) in fast and value(fast, "qserve_fsync_slow_total", labels) == 0
+    rounds = value(slow, "qserve_fsync_rounds_total", labels) - value(fast, "qserve_fsync_rounds_total", labels)
+    assert rounds >= 1 and value(slow, "qserve_fsync_slow_total", labels) == rounds
 
 
 async def test_readyz_is_503_with_the_reason_while_a_queue_is_fenced(tmp_path, capsys):

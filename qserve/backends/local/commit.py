@@ -42,6 +42,7 @@ __all__ = ["Signal", "GroupCommit"]
 log = logging.getLogger("qserve")
 
 _EPOCHS_KEPT = 64   # rollback epochs whose durable point `GroupCommit` remembers (see `_observe`)
+SLOW_ROUND = 0.010  # seconds: a round longer than this is counted as slow (`/metrics`: qserve_fsync_slow_total)
 
 
 class Signal:
@@ -79,10 +80,12 @@ class GroupCommit:
         self.rounds_here = 0             # rounds run by the waiting task itself (`_round_here`)
         self.rounds_now = 0              # rounds a waiter submitted itself (`_round_now`)
         # every round that ended: how many, the writes they made durable, the seconds from each
-        # round's start to its end (`/metrics`: qserve_fsync_rounds_total and the two after it)
+        # round's start to its end, those over `SLOW_ROUND` (`/metrics`: qserve_fsync_rounds_total
+        # and the three after it)
         self.rounds = 0
         self.round_writes = 0
         self.round_seconds = 0.0
+        self.slow_rounds = 0
         self._round_began = (0.0, 0)     # the round in progress: (perf_counter, durable_seq) at its start
         self._on_rollback = on_rollback  # entries whose delete was undone are deliverable again
         self.log = qlog
@@ -170,8 +173,9 @@ class GroupCommit:
         return self.log.sync_begin(here=here)
 
     def commit_figures(self) -> dict:
-        """The group-commit figures: rounds ended, the writes they made durable, their seconds."""
-        return {"fsync_rounds": self.rounds, "fsync_writes": self.round_writes, "fsync_seconds": self.round_seconds}
+        """The group-commit figures: rounds ended, the writes they made durable, their seconds, the slow ones."""
+        return {"fsync_rounds": self.rounds, "fsync_writes": self.round_writes, "fsync_seconds": self.round_seconds,
+                "fsync_slow": self.slow_rounds}
 
     def _open_clients(self) -> int | None:
         """The client connections open, from the server (None: not known, as without a server)."""
@@ -309,7 +313,10 @@ class GroupCommit:
             failure = exc
         began, durable_before = self._round_began
         self.rounds += 1
-        self.round_seconds += time.perf_counter() - began
+        took = time.perf_counter() - began
+        self.round_seconds += took
+        if took > SLOW_ROUND:
+            self.slow_rounds += 1
         if failure is None:   # a rolled-back round made nothing durable (its writes are undone)
             self.round_writes += max(0, self.log.durable_seq - durable_before)
         self._observe()
