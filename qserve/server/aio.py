@@ -387,8 +387,8 @@ class AioSync:
         with trio.CancelScope(shield=True):
             while job.left:
                 await trio.sleep(_HANDED_OVER_LOOK)
-                if self._reap_ready() < 0:   # the ring cannot be read: what is out is not durable
-                    code = ctypes.get_errno() or errno.EIO
+                code = self._reap_ready()
+                if code:   # the ring cannot be read: what is out is not durable
                     for key in [k for k, j in self._jobs.items() if j is job]:
                         del self._jobs[key]   # (its answer, if any, is skipped)
                         self._slots.release()
@@ -425,18 +425,18 @@ class AioSync:
         self._reap_ready()   # (an error here: EINTR, say; the eventfd tells again)
 
     def _reap_ready(self) -> int:
-        """Every answer in the ring handed to its job, without waiting: how many, -1 on an error."""
-        taken = 0
+        """Every answer in the ring handed to its job, without waiting; the errno of a failed
+        ``io_getevents`` (EINTR aside), else 0."""
         while True:
             n = self._syscall(self._c_getevents, self._ctx, self._c_zero, self._c_depth, self._events,
                               self._zero_ref)
             if n < 0:
-                return taken if ctypes.get_errno() == errno.EINTR else -1
+                code = ctypes.get_errno()
+                return 0 if code == errno.EINTR else code or errno.EIO
             for i in range(n):
                 self._hand_back(self._events[i])
-            taken += n
             if n < self._depth:
-                return taken
+                return 0
 
     def _hand_back(self, ev: _IoEvent) -> None:
         job = self._jobs.pop(ev.data, None)
