@@ -41,11 +41,11 @@ __all__ = ["Metrics", "QueueFigures", "parse_groups", "ENCODE_CHUNK", "RENDER_EV
 
 QUEUE_LABELS = ["service", "queue"]
 POLICY_FIGURES = ("delayed", "dead_lettered", "timed_out")   # delivery policies: a backend's statistics() per queue
-COMMIT_FIGURES = {   # the local backend's group commit, per queue: its statistics() -> the counter's help
-    "fsync_rounds": "group-commit fsync rounds ended (local backend, --fsync always or interval)",
-    "fsync_writes": "records those rounds made durable: divided by the rounds, the writes each fsync carried",
-    "fsync_seconds": "seconds from each round's start to its end, summed: divided by the rounds, an fsync's time",
-    "fsync_slow": "rounds that took over 10 ms (a slow or busy disk): every durable answer in them waited that long",
+COMMIT_FIGURES = {   # the local backend's group commit, per queue: its statistics() -> the family's help
+    "fsync_round_seconds": "seconds from each group-commit fsync round's start to its end (local backend, "
+                           "--fsync always or interval): every durable answer waits for one",
+    "fsync_writes": "records the group-commit rounds made durable: divided by the rounds, the writes each fsync "
+                    "carried",
 }
 ENCODE_CHUNK = 8            # metric families encoded between two checkpoints
 RENDER_EVERY = 0.25         # seconds (trio clock) a rendering answers the scrapes that follow it
@@ -264,8 +264,8 @@ class _QueueServerCollector:
                                                        "queue (max_deliveries)", labels=QUEUE_LABELS),
                   "timed_out": CounterMetricFamily("qserve_timed_out", "deliveries handed back because the "
                                                    "consumer held them past delivery_timeout", labels=QUEUE_LABELS)}
-        commit = {name: CounterMetricFamily(f"qserve_{name}", help_text, labels=QUEUE_LABELS)
-                  for name, help_text in COMMIT_FIGURES.items()}
+        commit = {name: (HistogramMetricFamily if name.endswith("_seconds") else CounterMetricFamily)(
+                      f"qserve_{name}", help_text, labels=QUEUE_LABELS) for name, help_text in COMMIT_FIGURES.items()}
         group_pending = GaugeMetricFamily("qserve_group_pending", "entries a group delivered and not yet "
                                           "committed", labels=[*QUEUE_LABELS, "group"])
         counters = {name: CounterMetricFamily(f"qserve_{name}", help_text, labels=QUEUE_LABELS)
@@ -283,7 +283,10 @@ class _QueueServerCollector:
                 for name, value in found.policy.items():
                     policy[name].add_metric(labels, value)
                 for name, value in found.commit.items():
-                    commit[name].add_metric(labels, value)
+                    if isinstance(value, Histogram):
+                        commit[name].add_metric(labels, value.cumulative(), sum_value=value.total)
+                    else:
+                        commit[name].add_metric(labels, value)
                 for group in found.groups:
                     group_pending.add_metric([*labels, group["name"]], group["pending"])
             counted = metrics.meters.queues.get(found.ref)

@@ -213,11 +213,19 @@ async def test_local_queue_disk_figures_and_start_up(tmp_path, slow_clock):
             assert ("qserve_recovery_seconds", frozenset()) in samples
 
 
+ROUNDS = "qserve_fsync_round_seconds"
+
+
+def bucket(samples: dict, service: str, le: str) -> float:
+    """The rounds of ``service``'s input queue that took at most ``le`` seconds (cumulative)."""
+    return value(samples, f"{ROUNDS}_bucket", queue_labels(service) | {("le", le)})
+
+
 async def test_group_commit_rounds_writes_and_seconds_of_a_durable_queue(tmp_path, slow_clock):
     """Under ``--fsync always`` each sequential put waits for a round that makes its one record
-    durable: the writes move by exactly the puts, the rounds by at least one and at most the puts
-    (a round may carry a write made before it began), the seconds grow. A queue under ``never``
-    runs no round."""
+    durable: the writes move by exactly the puts, the rounds (the histogram's count) by at least
+    one and at most the puts (a round may carry a write made before it began), their seconds grow,
+    and every round is under ``+Inf``. A queue under ``never`` runs no round."""
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fsync="always") as srv:
             c = await srv.client("g")
@@ -227,39 +235,56 @@ async def test_group_commit_rounds_writes_and_seconds_of_a_durable_queue(tmp_pat
                 assert (await c.call("POST", body=b"x%d" % i))[0] == 200
             _, _, after = await scrape(srv)
         labels = queue_labels("g")
-        names = ("qserve_fsync_rounds_total", "qserve_fsync_writes_total", "qserve_fsync_seconds_total")
+        names = (f"{ROUNDS}_count", f"{ROUNDS}_sum", "qserve_fsync_writes_total")
         assert all((name, labels) in before for name in names)
         delta = {name: value(after, name, labels) - value(before, name, labels) for name in names}
         assert delta["qserve_fsync_writes_total"] == 5
-        assert 1 <= delta["qserve_fsync_rounds_total"] <= 5
-        assert delta["qserve_fsync_seconds_total"] > 0
+        assert 1 <= delta[f"{ROUNDS}_count"] <= 5
+        assert delta[f"{ROUNDS}_sum"] > 0
+        assert bucket(after, "g", "+Inf") == value(after, f"{ROUNDS}_count", labels)
         async with running_server(tmp_path / "never", fsync="never") as srv:
             c = await srv.client("n")
             await c.call("POST", body=b"x")
             _, _, samples = await scrape(srv)
-        assert samples["qserve_fsync_rounds_total", queue_labels("n")] == 0
+        assert samples[f"{ROUNDS}_count", queue_labels("n")] == 0
         assert samples["qserve_fsync_writes_total", queue_labels("n")] == 0
 
 
-async def test_rounds_over_the_slow_bound_are_counted(tmp_path, slow_clock, monkeypatch):
-    """qserve_fsync_slow_total counts the rounds that took longer than `commit.SLOW_ROUND` (real
-    time, as the round's seconds): with the bound above any round none counts, at 0 s each one
-    does, and the counter is there from the queue's first round."""
-    labels = queue_labels("s")
+class _StepClock:
+    """`time` for the group commit: each ``perf_counter()`` is ``step`` seconds after the last, so
+    every round (one reading at its start, one at its end) takes exactly ``step``."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.now = step, 0.0
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def test_each_round_lands_in_the_bucket_of_its_duration(tmp_path, slow_clock, monkeypatch):
+    """qserve_fsync_round_seconds buckets each round by its duration: with the group commit's clock
+    stepping 30 ms per reading, the rounds of three puts are counted under 0.05 s and not under
+    0.025 s, and their sum grows by 30 ms a round. The buckets are the ones `commit.ROUND_BUCKETS`
+    states, each a sample from the queue's first round."""
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fsync="always") as srv:
             c = await srv.client("s")
-            monkeypatch.setattr(commit, "SLOW_ROUND", 1e9)
-            for i in range(3):
-                assert (await c.call("POST", body=b"a%d" % i))[0] == 200
-            _, _, fast = await scrape(srv)
-            monkeypatch.setattr(commit, "SLOW_ROUND", 0.0)
+            assert (await c.call("POST", body=b"first"))[0] == 200
+            _, _, before = await scrape(srv)
+            monkeypatch.setattr(commit, "time", _StepClock(0.030))
             for i in range(3):
                 assert (await c.call("POST", body=b"b%d" % i))[0] == 200
-            _, _, slow = await scrape(srv)
-    assert ("qserve_fsync_slow_total", labels) in fast and value(fast, "qserve_fsync_slow_total", labels) == 0
-    rounds = value(slow, "qserve_fsync_rounds_total", labels) - value(fast, "qserve_fsync_rounds_total", labels)
-    assert rounds >= 1 and value(slow, "qserve_fsync_slow_total", labels) == rounds
+            monkeypatch.undo()
+            _, _, after = await scrape(srv)
+    assert [le for (name, labels) in before if name == f"{ROUNDS}_bucket" and labels >= queue_labels("s")
+            for key, le in labels if key == "le"] == [*map(repr, commit.ROUND_BUCKETS), "+Inf"]
+    rounds = value(after, f"{ROUNDS}_count", queue_labels("s")) - value(before, f"{ROUNDS}_count", queue_labels("s"))
+    assert 1 <= rounds <= 3
+    assert bucket(after, "s", "0.05") - bucket(before, "s", "0.05") == rounds
+    assert bucket(after, "s", "0.025") == bucket(before, "s", "0.025")
+    grew = value(after, f"{ROUNDS}_sum", queue_labels("s")) - value(before, f"{ROUNDS}_sum", queue_labels("s"))
+    assert grew == pytest.approx(0.030 * rounds)
 
 
 async def test_readyz_is_503_with_the_reason_while_a_queue_is_fenced(tmp_path, capsys):

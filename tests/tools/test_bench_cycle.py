@@ -14,7 +14,8 @@ import time
 import pytest
 
 from qserve.tools.bench import lib as bl
-from qserve.tools.bench.cycle import CpuWindow, established, idle_poll_seconds, metric_sums, per_cycle, run_measured
+from qserve.tools.bench.cycle import (CpuWindow, bucket_sums, established, idle_poll_seconds, metric_sums,
+                                     metrics_text, per_cycle, run_measured, slow_rounds)
 from qserve.tools.bench.redis import command_calls
 
 from ..helpers.process import ServerProcess
@@ -67,13 +68,41 @@ def test_metric_sums_adds_each_name_over_its_labels(tmp_path):
                 conn.request("POST", f"/api/predict/{service}", body=b"x", headers={"Authorization": srv.token})
                 assert conn.getresponse().read().isdigit()
         conn.close()
-        names = ("qserve_puts_total", "qserve_fsync_writes_total", "qserve_fsync_rounds_total", "qserve_no_such_total")
+        names = ("qserve_puts_total", "qserve_fsync_writes_total", "qserve_fsync_round_seconds_count",
+                 "qserve_no_such_total")
         sums = metric_sums(srv.port, names, srv.token)
+        text = metrics_text(srv.port, srv.token)
     finally:
         srv.stop()
     assert "qserve_no_such_total" not in sums
     assert sums["qserve_puts_total"] == 6 and sums["qserve_fsync_writes_total"] == 6
-    assert 2 <= sums["qserve_fsync_rounds_total"] <= 6   # two queues, a round each at least
+    assert 2 <= sums["qserve_fsync_round_seconds_count"] <= 6   # two queues, a round each at least
+    buckets = bucket_sums(text, "qserve_fsync_round_seconds")   # both queues' rounds under each bound
+    assert buckets[float("inf")] == sums["qserve_fsync_round_seconds_count"]
+    assert list(buckets.values()) == sorted(buckets.values())   # cumulative
+    rounds = slow_rounds("", text)   # every round since the start
+    assert rounds["rounds"] == sums["qserve_fsync_round_seconds_count"]
+    assert rounds["slow"] == rounds["rounds"] - buckets[0.005]
+    assert buckets[rounds["longest_ms"] / 1e3] == rounds["rounds"]
+    assert all(n < rounds["rounds"] for bound, n in buckets.items() if bound < rounds["longest_ms"] / 1e3)
+
+
+def _rounds_text(**queues: dict[str, int]) -> str:
+    """/metrics lines of qserve_fsync_round_seconds for some queues: {queue: {le: cumulative count}}."""
+    return "".join(f'qserve_fsync_round_seconds_bucket{{le="{le}",queue="input",service="{name}"}} {n}.0\n'
+                   for name, buckets in queues.items() for le, n in buckets.items())
+
+
+def test_slow_rounds_between_two_readings_sums_the_queues():
+    before = _rounds_text(a={"0.002": 5, "0.005": 5, "0.01": 5, "+Inf": 5}, b={"0.002": 1, "0.005": 1, "0.01": 1,
+                                                                              "+Inf": 1})
+    after = _rounds_text(a={"0.002": 8, "0.005": 9, "0.01": 10, "+Inf": 10}, b={"0.002": 3, "0.005": 3, "0.01": 3,
+                                                                               "+Inf": 3})
+    assert slow_rounds(before, after) == {"rounds": 7.0, "slow": 1.0, "longest_ms": 10.0}
+    beyond = _rounds_text(a={"0.002": 5, "0.005": 5, "0.01": 5, "+Inf": 6}, b={"0.002": 1, "0.005": 1, "0.01": 1,
+                                                                             "+Inf": 1})
+    assert slow_rounds(before, beyond) == {"rounds": 1.0, "slow": 1.0}   # past the last bound: no longest
+    assert slow_rounds(before, before) is None and slow_rounds(None, after) is None
 
 
 def test_the_window_reads_a_busy_client_and_an_idle_server(tmp_path, idle_server):

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from . import lib as bl
 
-__all__ = ["CpuWindow", "run_measured", "per_cycle", "established", "idle_poll_seconds", "metric_sums"]
+__all__ = ["CpuWindow", "run_measured", "per_cycle", "established", "idle_poll_seconds", "metric_sums",
+           "metrics_text", "sums_of", "bucket_sums", "slow_rounds"]
 
 def established(port: int) -> int:
     """TCP connections in ESTABLISHED state whose local port is ``port`` (IPv4 and IPv6)."""
@@ -49,9 +50,8 @@ def established(port: int) -> int:
     return n
 
 
-def metric_sums(port: int, names: tuple[str, ...], token: str | None = None) -> dict[str, float] | None:
-    """The samples named ``names`` of the qserve on 127.0.0.1:``port`` (one GET /metrics), each
-    summed over its labels (a name with no sample is left out); None when it cannot be read."""
+def metrics_text(port: int, token: str | None = None) -> str | None:
+    """GET /metrics of the qserve on 127.0.0.1:``port``, as text; None when it cannot be read."""
     conn = http.client.HTTPConnection(bl.LOCALHOST, port, timeout=2.0)
     try:
         conn.request("GET", "/metrics", headers={"Authorization": token} if token else {})
@@ -61,14 +61,37 @@ def metric_sums(port: int, names: tuple[str, ...], token: str | None = None) -> 
         return None
     finally:
         conn.close()
-    if response.status != 200:
-        return None
+    return body.decode("utf-8", "replace") if response.status == 200 else None
+
+
+def sums_of(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The samples of ``text`` (Prometheus's format) named ``names``, each summed over its labels
+    (a name with no sample is left out)."""
     sums: dict[str, float] = {}
-    for line in body.decode("utf-8", "replace").splitlines():
+    for line in text.splitlines():
         name = line.partition("{")[0].partition(" ")[0]
         if name in names:
             sums[name] = sums.get(name, 0.0) + float(line.rpartition(" ")[2])
     return sums
+
+
+def bucket_sums(text: str, family: str) -> dict[float, float]:
+    """The cumulative buckets of histogram ``family`` in ``text``, each bound's count summed over the
+    other labels (every queue's): {upper bound in seconds (``inf`` for +Inf): observations <= it}."""
+    out: dict[float, float] = {}
+    prefix = family + "_bucket{"
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            le = line.partition('le="')[2].partition('"')[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            out[bound] = out.get(bound, 0.0) + float(line.rpartition(" ")[2])
+    return out
+
+
+def metric_sums(port: int, names: tuple[str, ...], token: str | None = None) -> dict[str, float] | None:
+    """`sums_of` one GET /metrics of the qserve on 127.0.0.1:``port``; None when it cannot be read."""
+    text = metrics_text(port, token)
+    return None if text is None else sums_of(text, names)
 
 
 def idle_poll_seconds(port: int, token: str | None = None) -> float | None:
@@ -164,4 +187,27 @@ def per_cycle(result: dict[str, float] | None, per_second: float, per: int = 10)
            "wall_us": per / per_second * 1e6}
     if "polled_s" in result:
         out["polled_us"] = result["polled_s"] / cycles * 1e6
+    return out
+
+
+SLOW_ROUND = 0.005   # seconds: a group-commit round longer than this is slow for the latency rows (their p99 goal)
+
+
+def slow_rounds(before: str | None, after: str | None) -> dict | None:
+    """The group-commit rounds between two /metrics texts (``qserve_fsync_round_seconds``, every
+    queue): ``{"rounds", "slow"}`` (over `SLOW_ROUND`) and ``"longest_ms"``, the upper bound of the
+    highest bucket that gained a round (left out past the last bound); None without both texts or
+    without rounds."""
+    if before is None or after is None:
+        return None
+    b0, b1 = bucket_sums(before, "qserve_fsync_round_seconds"), bucket_sums(after, "qserve_fsync_round_seconds")
+    moved = {bound: b1[bound] - b0.get(bound, 0.0) for bound in sorted(b1)}
+    total = moved.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    under = max((n for bound, n in moved.items() if bound <= SLOW_ROUND), default=0.0)
+    longest = min(bound for bound, n in moved.items() if n >= total)
+    out = {"rounds": total, "slow": total - under}
+    if longest != float("inf"):
+        out["longest_ms"] = longest * 1e3
     return out

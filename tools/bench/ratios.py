@@ -27,8 +27,11 @@ What runs (everything on 127.0.0.1; every process started here is stopped by its
   ``--rounds`` runs), then per round an open-loop producer at half of it with one consumer
   (`watch_latency.latency_run`) and the bare server's round trip at the same rate
   (`watch_latency.bare_round_trips`). Manual commit: p50 < 1 ms and p99 < 5 ms; auto commit: p50 <=
-  1.5x its floor = bare round trip p50 + fsync p50. Reported under the auto-commit row: each
-  server's CPU per request at that rate and how busy that keeps it (what the p50 waits behind).
+  1.5x its floor = bare round trip p50 + fsync p50. Reported under the latency rows: the
+  group-commit rounds of each run over 5 ms and the longest (qserve's /metrics histogram), which
+  every auto-commit frame waits for and a manual one once its window is out; under the auto-commit
+  row, each server's CPU per request at that rate, the part of qserve's spent polling while idle,
+  and how busy the rest keeps it.
 - No regression, once each: reopen of a log of ``--entries`` entries (`storage.bench_reopen`: best
   of 3, and RAM per entry with the requestId table) and `load` (1,000 keep-alive connections, 100
   watchers, a fresh-client probe) as a child process.
@@ -60,11 +63,10 @@ from .redis import PEERBENCH, RedisProc, command_calls, parse_wrk, run_child
 from .storage import TagPool, bench_reopen
 from .watch import throughput
 from .watch_latency import bare_round_trips, latency_run
-from .ratios_table import render, target_rows
-from .cycle import CpuWindow, established, idle_poll_seconds, metric_sums, per_cycle, run_measured
+from .ratios_table import WINDOW, render, target_rows
+from .cycle import (SLOW_ROUND, CpuWindow, established, idle_poll_seconds, metric_sums, metrics_text, per_cycle,
+                    run_measured, slow_rounds)
 from .watch_parts import e2e_peak
-
-WINDOW = 10
 
 
 def free_port() -> int:
@@ -98,7 +100,7 @@ class PeerServer(bl.ServerProc):
                 time.sleep(0.02)
 
 
-_COMMIT = ("qserve_fsync_rounds_total", "qserve_fsync_writes_total", "qserve_fsync_seconds_total")
+_COMMIT = ("qserve_fsync_round_seconds_count", "qserve_fsync_writes_total", "qserve_fsync_round_seconds_sum")
 
 
 class Ratios:
@@ -241,14 +243,26 @@ class Ratios:
         for mode in ("manual", "auto"):
             rate = self.rates[mode]
             if side == "qserve":
-                row = trio.run(lambda: latency_run(self.qserve.port, bl.TOKEN, rate=rate, seconds=a.lat_seconds,
+                port = self.qserve.port
+                before = metrics_text(port)
+                row = trio.run(lambda: latency_run(port, bl.TOKEN, rate=rate, seconds=a.lat_seconds,
                                                    warmup=a.lat_warmup, window=WINDOW, auto=mode == "auto",
-                                                   server=self.qserve, ws_client="lean"))
+                                                   server=self.qserve, ws_client="lean",
+                                                   polled=lambda: idle_poll_seconds(port)))
                 self.errors += row["errors"]
                 self.note(f"lat {mode} p50", row["p50_ms"])
                 self.note(f"lat {mode} p99", row["p99_ms"])
                 self.note(f"lat {mode} cpu us", row["server_us_per_entry"])
-                self.note(f"lat {mode} busy", row["server_cpu_pct"])
+                self.note(f"lat {mode} polled us", row.get("server_polled_us_per_entry"))
+                # the group-commit rounds of the run: every auto-commit frame waits for one, and a
+                # manual one too once its window is out and the commit that frees it waits for one
+                rounds = slow_rounds(before, metrics_text(port))
+                if rounds is not None:
+                    for key, value in rounds.items():
+                        self.note(f"lat {mode} {key}", value)
+                    longest = f"{rounds['longest_ms']:g} ms" if "longest_ms" in rounds else "beyond every bucket"
+                    bl.progress(f"    group commit: {rounds['rounds']:,.0f} rounds, {rounds['slow']:,.0f} over "
+                                f"{SLOW_ROUND * 1e3:.0f} ms, the longest <= {longest}")
             else:
                 floor = trio.run(lambda: bare_round_trips(self.bare.port, rate=rate, seconds=a.lat_seconds,
                                                           warmup=a.lat_warmup, server=self.bare))

@@ -12,6 +12,7 @@ from . import lib as bl
 __all__ = ["NOT_RUN", "target_rows", "render", "ratio_text"]
 
 NOT_RUN = "skipped"
+WINDOW = 10   # the consumers' window in the watch rows
 
 
 def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dict[str, str | None],
@@ -81,15 +82,23 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
                 met=None if p50 is None else p50 < 1.0)
             add(f"latency manual p99{at}", "lat manual p99", p99, fl99, "bare round trip p99", "< 5 ms", unit="ms",
                 met=None if p99 is None else p99 < 5.0)
+            _round_rows(add, m, mode, rate)
         else:
             floor = fl50 + f50 if fl50 is not None and f50 is not None else None
             add(f"latency auto p50{at}", "lat auto p50", p50, floor, "bare p50 + fsync p50", "<= 1.50x", unit="ms",
                 met=None if p50 is None or floor is None else p50 <= 1.5 * floor)
-            # what the p50 waits behind: how busy the server is at that rate, next to the bare one at it
-            add("  server's CPU per put at that rate", "lat auto cpu us", m("lat auto cpu us"),
+            # what the p50 waits behind: the server's work at that rate (its idle loop's poll apart),
+            # next to the bare one's at it, and the group-commit rounds, one of which each frame waits for
+            cpu, polled = m("lat auto cpu us"), m("lat auto polled us")
+            add("  server's CPU per put at that rate", "lat auto cpu us", cpu,
                 m("floor auto cpu us"), "bare trio+h11, per request", "report", unit="us")
-            add("  server's CPU busy at that rate", "lat auto busy", m("lat auto busy"), m("floor auto busy"),
-                "bare trio+h11", "report", unit="%")
+            if polled is not None:
+                add("    of which polling while idle", "lat auto polled us", polled, None, "(the bare one does not)",
+                    "report", unit="us")
+            if cpu is not None and rate:
+                add("  server's CPU at work at that rate", "lat auto cpu us", (cpu - (polled or 0.0)) * rate / 1e4,
+                    m("floor auto busy"), "bare trio+h11, busy", "report", unit="%")
+            _round_rows(add, m, mode, rate)
     rs, ram = m("reopen s"), m("ram B")
     add(f"restart, {args.reopen_entries:,} entries", "reopen s", rs, 2.0, "limit", "<= 2 s", unit="s",
         met=None if rs is None else rs <= 2.0)
@@ -101,6 +110,19 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
         met=None if lp is None else (lp < 100.0 and not runs.get("load errors", [1])[0]),
         why=None if lp is not None else have.get("load"))
     return rows
+
+
+def _round_rows(add, m, mode: str, rate: float | None) -> None:
+    """Under a latency row: its run's group-commit rounds over 5 ms and the longest. Every
+    auto-commit frame leaves with a round; a manual frame waits for one once its window is out (a
+    commit is answered when its deletes are durable), so a round longer than the window's entries
+    take to arrive delays the frames behind it, past the p99 goal when it is over 5 ms."""
+    if m(f"lat {mode} rounds") is None:
+        return
+    add("  group-commit rounds over 5 ms in the run", f"lat {mode} slow", m(f"lat {mode} slow"),
+        m(f"lat {mode} rounds"), "the run's rounds", "report", unit="rounds")
+    add("  the longest round, at most", f"lat {mode} longest_ms", m(f"lat {mode} longest_ms"),
+        1e3 * WINDOW / rate if rate else None, f"{WINDOW} entries' arrival at that rate", "report", unit="ms")
 
 
 def _cycle_budget(m) -> tuple[float, float] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -87,7 +88,11 @@ async def bare_round_trips(port: int, *, rate: float, seconds: float, warmup: fl
 
 
 async def latency_run(port: int, token: str, *, rate: float, seconds: float, warmup: float, window: int,
-                      auto: bool, server: bl.ServerProc, ws_client: str, connections: int = 32) -> dict:
+                      auto: bool, server: bl.ServerProc, ws_client: str, connections: int = 32,
+                      polled: Callable[[], float | None] | None = None) -> dict:
+    """One latency run: ``rate`` puts/s on ``connections`` connections into a fresh queue, one watch
+    consumer (window ``window``, auto or manual commit). ``polled``: the server's idle-poll seconds
+    so far, to report the part of its CPU per entry spent polling (``server_polled_us_per_entry``)."""
     mode = "auto" if auto else "manual"
     service = fresh_service("lat", mode, window)
     label = f"latency {mode} commit, window {window}, {rate:,.0f} puts/s"
@@ -129,7 +134,7 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
                 await trio.sleep(0.01)
 
     res = await run_consumers(port, service, 1, window, auto, tally, token, latency=True, until=until,
-                              server=server, label=label, ws_client=ws_client)
+                              server=server, label=label, ws_client=ws_client, polled=polled)
     s = bl.summary(tally.latencies_ns)
     measured = len(tally.latencies_ns)
     row = {"mode": mode, "window": window, "rate_target": round(rate, 1),
@@ -143,6 +148,8 @@ async def latency_run(port: int, token: str, *, rate: float, seconds: float, war
            "server_cpu_pct": res["server_cpu_pct"], "client_cpu_pct": res["client_cpu_pct"],
            "other_cpu_pct": res["other_cpu_pct"],
            "server_us_per_entry": bl.per_item_us(res["server_cpu_pct"], rate)}
+    if "polled_s" in res:
+        row["server_polled_us_per_entry"] = bl.per_item_us(100 * res["polled_s"] / res["seconds"], rate)
     if tally.received < put_stats["sent"]:
         row["errors"] += 1
         row["first_error"] = row["first_error"] or f"{put_stats['sent'] - tally.received} entries not received"

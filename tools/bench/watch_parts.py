@@ -132,10 +132,13 @@ async def consumer(n: int, port: int, service: str, window: int, auto: bool, tal
 
 async def run_consumers(port: int, service: str, consumers: int, window: int, auto: bool, tally: Tally,
                         token: str, *, latency: bool, until, server: bl.ServerProc, label: str,
-                        ws_client: str) -> dict:
-    """Start the consumers, await `until()` (which returns when the scenario is over), stop them."""
+                        ws_client: str, polled: Callable[[], float | None] | None = None) -> dict:
+    """Start the consumers, await `until()` (which returns when the scenario is over), stop them.
+    ``polled``: the server's idle-poll seconds so far (qserve's /metrics), read where its CPU is, so
+    that the result has ``polled_s`` too (over the same window)."""
     t0 = time.perf_counter()
     meter = bl.CpuMeter(server).start()
+    polled0 = polled() if polled is not None else None
     result: dict = {}
 
     async def reporter():
@@ -156,6 +159,9 @@ async def run_consumers(port: int, service: str, consumers: int, window: int, au
         t1 = time.perf_counter()
         result["seconds"] = t1 - t0
         result.update(meter.stop())
+        polled1 = polled() if polled0 is not None else None
+        if polled1 is not None:
+            result["polled_s"] = polled1 - polled0
         nursery.cancel_scope.cancel()
     return result
 
