@@ -165,6 +165,11 @@ class Dispatcher(DeliveryPolicies):
         """Ids of consumers with free window slots, in attach order (the edge wakes these)."""
         return [cid for cid, c in self._consumers.items() if c.free > 0]
 
+    def sends_on_append(self) -> bool:
+        """Whether a manual-commit consumer has a free window slot: an entry appended now is a frame
+        its edge writes at once (an auto-commit frame waits for the entry's delete to be durable)."""
+        return any(c.free > 0 and not c.spec.auto_commit for c in self._consumers.values())
+
     # -- dispatch ---------------------------------------------------------------------------
     def poll(self, consumer_id: str, max_items: int | None = None) -> list[int]:
         """Hand entries to one consumer, up to its free window (and `max_items`).

@@ -10,7 +10,8 @@ durable put stays about the same (README, "Development", has the figures).
 
 Inline: when no other task is runnable and no AIO fsync is in flight (an idle moment between
 spaced requests, say), ``fsync`` waits for it right there (polled, below): the loop has nothing to
-do meanwhile, and the round saves the eventfd, the reaper and one scheduler pass each way.
+do meanwhile, and the round saves the eventfd, the reaper and one scheduler pass each way. Not
+with ``inline=False``: work the fsync holds up may arrive meanwhile (`GroupCommit._sync_round`).
 
 Overlap: the kernel queues an AIO fsync's work on the submitting CPU, where a worker waits while the
 loop runs, so the flush only started once the loop went idle. ``fsync(..., overlap=True)`` yields
@@ -27,10 +28,9 @@ other AIO fsync is in flight (the ring's answers are then this round's), only wh
 mapped where it should be (`_ring_at`), and only with ``poll`` (``Config.fsync_poll``,
 ``--no-fsync-poll``: sleep in ``fsync`` instead).
 
-Handed over: an inline round unanswered after ``_POLL_SECONDS`` stops blocking the loop
-(`_hand_over`): its fsyncs count as in flight and it waits for them as a task, the other
-connections served meanwhile. Under load some fsyncs take 8-36 ms, and each stalled every
-connection that long. A lone client's round (`_round_here`) stalls nobody and sleeps in the kernel.
+Handed over: an inline round unanswered after ``_POLL_SECONDS`` stops blocking the loop (`_hand_over`):
+its fsyncs count as in flight and it waits for them as a task, the other connections served meanwhile
+(some fsyncs take 8-36 ms). A lone client's round (`_round_here`) stalls nobody: it sleeps in the kernel.
 
 Completion: ``fsync(fds, on_done)`` runs ``on_done(error)`` in the reaper as soon as the kernel has
 answered, before the caller is rescheduled: the queue's flusher ends its round there
@@ -39,8 +39,8 @@ answered, before the caller is rescheduled: the queue's flusher ends its round t
 Availability: Linux on x86_64 or aarch64 (the two syscall tables below) where ``io_setup`` is
 allowed and an fsync submitted at start-up completes (kernel 4.18 or later); `AioSync.open`
 returns None otherwise, and the flushers use the thread pool (``Config.fsync_backend = "auto"``;
-"threads" never opens a context, "aio" refuses to start without one). Only fds of the real file layer are synced this way
-(`storage.SyncTicket.plain_files`): tests that inject faults through `storage.FileIO` get the pool.
+"threads" never opens a context, "aio" refuses to start without one). Only fds of the real file
+layer are synced this way (`storage.SyncTicket.plain_files`): fault-injecting tests get the pool.
 
 Bounds: at most ``depth`` fsyncs in flight (a `trio.Semaphore`); completions are drained from the
 kernel's ring in batches of ``depth``. Cancellation: like the pool, a submitted fsync is waited for
@@ -246,11 +246,11 @@ class AioSync:
         then: a caller that checked this submits the fds it passes before anything else runs)."""
         return self._slots.value
 
-    async def fsync(self, fds: list[int], on_done=None, *, overlap: bool = False) -> OSError | None:
+    async def fsync(self, fds: list[int], on_done=None, *, overlap=False, inline=True) -> OSError | None:
         """fsync every fd; returns the first error (None: all durable). Not abandoned when cancelled.
 
         ``overlap``: the loop has work of its own to do during this fsync (see the module doc): the
-        fsync is never done inline, and the CPU is yielded once after the submission.
+        fsync is never done inline, and the CPU is yielded once after the submission. ``inline``: see the module doc.
 
         ``on_done(error)``, if given, runs once in the reaper's task the moment the last fsync is
         answered (or here, if none could be submitted), before this call returns: its caller is
@@ -261,7 +261,7 @@ class AioSync:
             return None
         if not self.serving:
             raise RuntimeError("AioSync is not serving")
-        if not overlap and not self._jobs and nothing_runnable():
+        if inline and not overlap and not self._jobs and nothing_runnable():
             return await self._fsync_inline(fds, on_done)
         job = _Job(len(fds), on_done)
         cb, ptrs, submit = self._cb, self._cb_ptrs, self._c_submit

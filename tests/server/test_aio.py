@@ -108,9 +108,9 @@ async def test_the_server_syncs_through_aio_unless_the_file_layer_is_injected(tm
     calls = []
     real = AioSync.fsync
 
-    async def counting(self, fds, on_done=None):
+    async def counting(self, fds, on_done=None, **how):
         calls.append(len(fds))
-        return await real(self, fds, on_done)
+        return await real(self, fds, on_done, **how)
     monkeypatch.setattr(AioSync, "fsync", counting)
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path / "a", fsync="always") as srv:
@@ -245,10 +245,10 @@ async def test_a_failed_aio_fsync_rolls_the_round_back(tmp_path, monkeypatch):
     real = AioSync.fsync
     fail = [True]
 
-    async def failing(self, fds, on_done=None):
+    async def failing(self, fds, on_done=None, **how):
         if fail[0] and fds:
             fds = [10**6]                                     # no such fd: EBADF for this round
-        return await real(self, fds, on_done)
+        return await real(self, fds, on_done, **how)
     monkeypatch.setattr(AioSync, "fsync", failing)
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fsync="always") as srv:

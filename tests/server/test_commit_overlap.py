@@ -4,6 +4,8 @@ consumer's watch and its commits), and the frames those slots let through are wr
 kernel syncs. What must hold: the commit is answered only once its deletes are on disk, the next
 frames arrive, with more connections the flusher runs the round, the flusher's rounds and these
 never overlap, and nothing is lost or delivered twice when consumers commit while puts keep coming.
+And the flusher's round leaves the loop free during its fsync (never inline) while a manual-commit
+watcher of its queue has a free slot: a put arriving meanwhile is a frame to write at once.
 
 Real files and real time (the fsyncs are the kernel's); every test is bounded by `trio.fail_after`.
 Without kernel AIO the commit waits for the flusher like any write, and these tests skip.
@@ -119,3 +121,33 @@ async def test_consumers_committing_while_puts_go_on_lose_nothing_and_get_nothin
         assert contents(qlog) == []
     finally:
         qlog.close()
+
+
+async def _inline_rounds_of_puts(srv, c, n: int) -> int:
+    """The fsyncs the server waited for inline while ``n`` puts were answered (each durable)."""
+    aio = srv.server.queues._aio
+    before = aio.inline_rounds
+    for i in range(n):
+        status, _ = await put(c, b"p%d" % i)
+        assert status == 200
+    return aio.inline_rounds - before
+
+
+async def test_no_inline_round_while_a_manual_watcher_has_room(tmp_path):
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
+            needs_aio(srv)
+            c = await srv.client("in")
+            await srv.client("in")   # a second connection: no lone client's round (`_round_here`)
+            assert await _inline_rounds_of_puts(srv, c, 3) >= 1          # nobody watching: inline
+            ws = await srv.watch(nursery, "in", "_window_=10", user="u")
+            assert [(await next_frame(ws)).index for _ in range(3)] == [1, 2, 3]
+            assert await _inline_rounds_of_puts(srv, c, 3) == 0          # a manual watcher with room
+            assert [(await next_frame(ws)).index for _ in range(3)] == [4, 5, 6]
+            queue = await srv.server.queues.get(QueueRef("in"))
+            assert queue.log.durable_seq == queue.log.appended_seq
+            await _inline_rounds_of_puts(srv, c, 4)
+            assert [(await next_frame(ws)).index for _ in range(4)] == [7, 8, 9, 10]
+            assert not queue.dispatcher.sends_on_append()
+            assert await _inline_rounds_of_puts(srv, c, 3) >= 1          # its window is full: inline again
+            await ws.aclose()

@@ -239,6 +239,23 @@ def test_tag_filter():
     assert d.poll("g.z") == []
 
 
+def test_sends_on_append_while_a_manual_consumer_has_a_free_slot():
+    """What the group commit asks before it waits for an fsync inline: would an entry appended now
+    be a frame at once? Only for a manual-commit consumer with room in its window."""
+    source, d, _ = make(2)
+    assert not d.sends_on_append()                        # nobody attached
+    d.attach(spec(user="a", window=5, auto_commit=True))
+    assert not d.sends_on_append()                        # an auto-commit frame waits for its delete
+    d.attach(spec(group="m", user="b", window=2))
+    assert d.sends_on_append()
+    assert d.poll("m.b") == [1, 2]
+    assert not d.sends_on_append()                        # its window is full
+    assert commit(source, d, [1]) == [1]
+    assert d.sends_on_append()                            # a slot again
+    d.detach("m.b")
+    assert not d.sends_on_append()
+
+
 # -- auto-commit -------------------------------------------------------------------------------
 
 def test_auto_commit_window_bounds_in_flight():

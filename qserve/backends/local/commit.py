@@ -76,9 +76,11 @@ class GroupCommit:
 
     def __init__(self, ref: QueueRef, qlog: storage.QueueLog, config: Config, pool: SyncPool | None,
                  aio: AioSync | None, *, on_rollback: Callable[[], None],
-                 clients: Callable[[], int | None] | None = None) -> None:
+                 clients: Callable[[], int | None] | None = None,
+                 sends_on_append: Callable[[], bool] = lambda: False) -> None:
         self.ref = ref
         self._clients = clients          # () -> the client connections open (None: not known)
+        self._sends_on_append = sends_on_append   # () -> an append now is a frame written at once (`_sync_round`)
         self._in_round = False           # the flusher's round is open (`_sync_round`, after sync_begin)
         self.rounds_here = 0             # rounds run by the waiting task itself (`_round_here`)
         self.rounds_now = 0              # rounds a waiter submitted itself (`_round_now`)
@@ -279,7 +281,12 @@ class GroupCommit:
         """One group-commit round. Through kernel AIO the reaper ends it (`_end_round`) the moment
         the kernel answers, and wakes the ``first`` waiters then (all waiters when there are none):
         a scheduling batch sooner than this task could, and every durable answer and auto-commit
-        frame waits for that. Returns True then; False when this task ended the round."""
+        frame waits for that. Returns True then; False when this task ended the round.
+
+        The fsync is waited for inline (`AioSync`, "Inline") unless a manual-commit watcher of this
+        queue has a free slot: then a put arriving during it is a frame to write at once, which an
+        inline round would hold up (put -> receive p50 at 2,400 puts/s lower in 7 of 8 A/B pairs,
+        median 0.61 -> 0.51 ms). An auto-commit frame waits for a round anyway."""
         # let requests that are already runnable append first, so this round covers them too
         await trio.lowlevel.checkpoint()
         while self._in_round:   # a waiter's own round (`_round_now`): one round at a time
@@ -289,7 +296,8 @@ class GroupCommit:
         try:
             aio = self._aio
             if aio is not None and aio.serving and ticket.plain_files:
-                await aio.fsync(ticket.fds, on_done=lambda error: self._end_round(ticket, error, wake=True))
+                await aio.fsync(ticket.fds, on_done=lambda error: self._end_round(ticket, error, wake=True),
+                                inline=not self._sends_on_append())
                 return True
             failure: OSError | None = None
             try:

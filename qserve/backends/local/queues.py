@@ -88,7 +88,8 @@ class Queue(GroupCommit):
                  dead_letters: Callable[["Queue", list[DeadLetter]], Awaitable[None]] | None = None,
                  recent: Iterable[tuple[str, int, int]] = (), wall_clock: Callable[[], float] = time.time,
                  clients: Callable[[], int | None] | None = None) -> None:
-        super().__init__(ref, qlog, config, pool, aio, on_rollback=self.notify, clients=clients)
+        super().__init__(ref, qlog, config, pool, aio, on_rollback=self.notify, clients=clients,
+                         sends_on_append=lambda: self.dispatcher.sends_on_append())
         self._on_change = on_change      # the watch service's wake-up: (queue, new entry or None) -> woke one
         self.source = LogSource(qlog)
         self.filters = FilterIndexes()   # tag filters of watchers and gets: each entry classified once
