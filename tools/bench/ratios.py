@@ -27,11 +27,11 @@ What runs (everything on 127.0.0.1; every process started here is stopped by its
   ``--rounds`` runs), then per round an open-loop producer at half of it with one consumer
   (`watch_latency.latency_run`) and the bare server's round trip at the same rate
   (`watch_latency.bare_round_trips`). Manual commit: p50 < 1 ms and p99 < 5 ms; auto commit: p50 <=
-  1.5x its floor = bare round trip p50 + fsync p50. Reported under the latency rows: the
-  group-commit rounds of each run over 5 ms and the longest (qserve's /metrics histogram), which
-  every auto-commit frame waits for and a manual one once its window is out; under the auto-commit
-  row, each server's CPU per request at that rate, the part of qserve's spent polling while idle,
-  and how busy the rest keeps it.
+  1.5x its floor = bare round trip p50 + fsync p50. Reported under the latency rows: how busy
+  the server's work (its CPU less the idle loop's poll) keeps it at that rate, next to the bare
+  server's, and the group-commit rounds of each run over 5 ms and the longest (qserve's /metrics
+  histogram), which every auto-commit frame waits for and a manual one once its window is out;
+  under the auto-commit row, each server's CPU per request at that rate and the poll's part.
 - No regression, once each: reopen of a log of ``--entries`` entries (`storage.bench_reopen`: best
   of 3, and RAM per entry with the requestId table) and `load` (1,000 keep-alive connections, 100
   watchers, a fresh-client probe) as a child process.

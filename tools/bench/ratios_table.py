@@ -82,6 +82,7 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
                 met=None if p50 is None else p50 < 1.0)
             add(f"latency manual p99{at}", "lat manual p99", p99, fl99, "bare round trip p99", "< 5 ms", unit="ms",
                 met=None if p99 is None else p99 < 5.0)
+            _at_work(add, m, mode, rate)   # a saturated server, told apart from the disk's stalls below
             _round_rows(add, m, mode, rate)
         else:
             floor = fl50 + f50 if fl50 is not None and f50 is not None else None
@@ -95,9 +96,7 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
             if polled is not None:
                 add("    of which polling while idle", "lat auto polled us", polled, None, "(the bare one does not)",
                     "report", unit="us")
-            if cpu is not None and rate:
-                add("  server's CPU at work at that rate", "lat auto cpu us", (cpu - (polled or 0.0)) * rate / 1e4,
-                    m("floor auto busy"), "bare trio+h11, busy", "report", unit="%")
+            _at_work(add, m, mode, rate)
             _round_rows(add, m, mode, rate)
     rs, ram = m("reopen s"), m("ram B")
     add(f"restart, {args.reopen_entries:,} entries", "reopen s", rs, 2.0, "limit", "<= 2 s", unit="s",
@@ -110,6 +109,15 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
         met=None if lp is None else (lp < 100.0 and not runs.get("load errors", [1])[0]),
         why=None if lp is not None else have.get("load"))
     return rows
+
+
+def _at_work(add, m, mode: str, rate: float | None) -> None:
+    """Under a latency row: how busy the server's work (its CPU less the idle loop's poll) keeps it
+    at that rate, next to the bare server's CPU at it."""
+    cpu, polled = m(f"lat {mode} cpu us"), m(f"lat {mode} polled us")
+    if cpu is not None and rate:
+        add("  server's CPU at work at that rate", f"lat {mode} cpu us", (cpu - (polled or 0.0)) * rate / 1e4,
+            m(f"floor {mode} busy"), "bare trio+h11, busy", "report", unit="%")
 
 
 def _round_rows(add, m, mode: str, rate: float | None) -> None:
