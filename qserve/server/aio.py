@@ -337,8 +337,7 @@ class AioSync:
             cbs = [_Iocb(aio_data=key, aio_lio_opcode=_IOCB_CMD_FSYNC, aio_fildes=fd) for key, fd in zip(keys, fds)]
             ptrs, n_fds = (ctypes.POINTER(_Iocb) * len(cbs))(*map(ctypes.pointer, cbs)), ctypes.c_long(len(cbs))
         taken = max(0, self._syscall(self._c_submit, self._ctx, n_fds, ptrs))
-        job = _Job(taken)
-        job.keys = set(keys[:taken])
+        job = _Job(taken, keys=keys[:taken])
         job.error = _fsync_each(fds[taken:])   # what the kernel did not take
         if taken:
             self.polled_rounds += 1
