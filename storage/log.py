@@ -56,6 +56,9 @@ class LogConfig:
         return max(0, min(self.preallocate_bytes, self.segment_bytes))
 
 
+READ_AHEAD_BYTES = 256 * 1024   # `read_ahead` holds at most this many bytes of records (and one more)
+
+
 class QueueLog(Durability, Inspection):
     """A crash-safe log of queue entries in one directory. Not thread-safe (see module docstring).
 
@@ -116,6 +119,7 @@ class QueueLog(Durability, Inspection):
         self._rids: RequestIds | None = None    # built on first use (see rids.py)
         self._reader = EntryReader(self._index, self._by_sid)
         self._newest: Entry | None = None   # the last entry appended, while it lives (`read_many`)
+        self._ahead: dict[int, Entry] = {}   # the entries `read_ahead` read last, until `read_many` takes them
         self.next_index = max(rec.next_index, keep_next)
         self._watermark = rec.watermark
         self._state = rec.state
@@ -296,13 +300,44 @@ class QueueLog(Durability, Inspection):
         segment (a watch's window, usually) are fetched with one ``pread`` per run. The entry
         appended last, asked for alone while it lives (an auto-commit watch's take of a put's
         entry, in the put's own step or right after it), is the one `append` returned: no
-        ``pread``, no decoding (one entry kept, the index says whether it lives)."""
+        ``pread``, no decoding (one entry kept, the index says whether it lives); so are the
+        entries the last `read_ahead` read, while they live."""
         self._check()
         newest = self._newest
         if (newest is not None and len(indexes) == 1 and indexes[0] == newest.index
                 and self._index.pos_of(newest.index) is not None):
             return [newest]
-        return self._reader.read_many(indexes)
+        ahead = self._ahead
+        if not ahead:
+            return self._reader.read_many(indexes)
+        pos_of = self._index.pos_of
+        got = [e if (e := ahead.get(i)) is not None and pos_of(i) is not None else None for i in indexes]
+        missing = [i for i, e in zip(indexes, got) if e is None]
+        if missing:   # not read ahead, or deleted since (then read as gone)
+            read = iter(self._reader.read_many(missing))
+            got = [next(read) if e is None else e for e in got]
+        return got
+
+    def read_ahead(self, indexes: Sequence[int]) -> list[Entry]:
+        """Read the live entries of ``indexes`` now, so that a `read_many` of them later takes them
+        from memory (a manual-commit watch's next window, read while its consumer works:
+        `qserve.backends.local.queues.Queue.read_ahead`). Holds what the last call read, at most
+        `READ_AHEAD_BYTES` of records and one more; returns those entries, in order. A deleted
+        entry is never served from there (`read_many` asks the index first), and a rollback
+        (`_load`) forgets them."""
+        self._check()
+        ix, budget, want = self._index, READ_AHEAD_BYTES, []
+        for i in indexes:
+            pos = ix.pos_of(i)
+            if pos is not None:
+                want.append(i)
+                budget -= ix.size[pos]
+                if budget <= 0:
+                    break
+        self._ahead = {}
+        entries = [e for e in self._reader.read_many(want) if e is not None]
+        self._ahead = {e.index: e for e in entries}
+        return entries
 
     def scan(self, start: int = 0, tags: Mapping[str, str] | None = None, limit: int | None = None,
              priority: int | None = None) -> Iterator[Entry]:

@@ -165,6 +165,11 @@ class Dispatcher(DeliveryPolicies):
         """Ids of consumers with free window slots, in attach order (the edge wakes these)."""
         return [cid for cid, c in self._consumers.items() if c.free > 0]
 
+    def full(self, consumer_id: str) -> bool:
+        """Whether an attached consumer's window is full."""
+        consumer = self._consumers.get(consumer_id)
+        return consumer is not None and consumer.free <= 0
+
     def sends_on_append(self) -> bool:
         """Whether a manual-commit consumer has a free window slot: an entry appended now is a frame
         its edge writes at once (an auto-commit frame waits for the entry's delete to be durable)."""
@@ -194,9 +199,26 @@ class Dispatcher(DeliveryPolicies):
         limit = consumer.free if max_items is None else min(consumer.free, max_items)
         if limit <= 0:
             return []
+        chosen = self._choose(consumer, limit)
+        for index in chosen:
+            self._deliver(consumer, index)
+        return chosen
+
+    def upcoming(self, consumer_id: str) -> list[int]:
+        """A consumer with a full window: the indexes `poll` would hand it if its whole window
+        were free (as things stand: a commit or another consumer may change them); [] for a
+        consumer with a free slot, which `poll` found nothing for, or one not attached."""
+        consumer = self._consumers.get(consumer_id)
+        if consumer is None or consumer.free > 0:
+            return []
+        return self._choose(consumer, consumer.spec.window)
+
+    def _choose(self, consumer: Consumer, limit: int) -> list[int]:
+        """The next at most ``limit`` indexes for ``consumer``, by `poll`'s order and rules; hands out
+        nothing."""
         group = consumer.group
         chosen: list[int] = []
-        fi = self._filter_of.get(consumer_id)
+        fi = self._filter_of.get(consumer.id)
         if fi is None:
             candidates = self._source.iter_dispatch(consumer.start)
         else:   # only entries matching the filter (each entry's tags are read once per filter)
@@ -214,8 +236,6 @@ class Dispatcher(DeliveryPolicies):
             chosen.append(index)
             if len(chosen) >= limit:
                 break
-        for index in chosen:
-            self._deliver(consumer, index)
         return chosen
 
     def sent(self, consumer_id: str, indexes: Iterable[int]) -> None:

@@ -99,6 +99,10 @@ class Session:
         # auto-commit: batches taken for this session in a put's step (`pretake`), or the error that
         # taking one met; bounded by the window, like every batch taken
         self._pretaken: list[Taken | QServeError] = []
+        # manual commit: the next window's frames, encoded while the loop had nothing else to do
+        # (`_encode_ahead`; index -> (entry, its tags, frame)), at most a window's
+        self._frames: dict[int, tuple[StoredEntry, object, bytes]] = {}
+        self._idle: trio.CancelScope | None = None   # the wait for an idle loop, which a wake-up cuts
 
     def stop(self, by: float) -> None:
         """Shutdown: take nothing more; a batch in hand must be written by ``by`` (trio clock)."""
@@ -116,6 +120,8 @@ class Session:
 
     def wake(self) -> None:
         self._wake.set()
+        if self._idle is not None:
+            self._idle.cancel()
 
     def pretake(self) -> None:
         """Auto-commit, a put's step (`WatchService.wake`): while this session hands a batch out,
@@ -159,17 +165,36 @@ class Session:
 
     async def pump(self, send) -> None:
         """Deliver entries forever through ``await send(frames)``: a list of encoded frames of one
-        poll, written together, at most `SEND_BATCH_BYTES` of them unless a single frame is larger."""
+        poll, written together, at most `SEND_BATCH_BYTES` of them unless a single frame is larger.
+
+        Manual commit, a full window: once the loop has nothing else to do (no fsync round in
+        flight, every other task waiting: the backend's ``read_ahead``, where it has one), the
+        entries the next window will hold are read and their frames encoded, so that the commit
+        that frees the window finds them ready. A consumer and the server take turns, and this
+        work moves from the commit's turn, where it competed with the commit's fsync for the
+        CPU, into the consumer's (one consumer, `watch_rate.py`: higher in 7 of 8 alternating
+        pairs, median 12,131 -> 12,918 entries/s). A wake-up cuts the wait; a frame encoded
+        ahead is used only for the same entry object with the same tags (a negative commit's
+        notes since make it stale)."""
         if self.op.auto_commit:
             await self._pump_auto(send)
             return
         deliver, cid = self.queue.deliver, self.consumer_id
+        read_ahead = getattr(self.queue, "read_ahead", None)
+        ahead = False
         while True:
             self._wake = trio.Event()        # a wake-up from here on is not lost
             entries = await deliver(cid)
             if not entries:
+                if read_ahead is not None and not ahead:
+                    ahead = True
+                    with trio.CancelScope() as self._idle:   # until a wake-up (`wake`)
+                        self._encode_ahead(await read_ahead(cid))
+                    self._idle = None
+                    continue
                 await self._wake.wait()      # or `WatchService.fallback`'s periodic wake-up
                 continue
+            ahead = False
             self.unwritten = [e.index for e in entries]
             await self._send_frames(send, entries)
 
@@ -224,12 +249,23 @@ class Session:
                 raise trio.BrokenResourceError("watch frames could not be written in time")
             queue.sent(cid, indexes)
 
+    def _encode_ahead(self, entries: list[StoredEntry]) -> None:
+        tags_of, encode, index_only = self.queue.tags_of, protobuf.encode_frame, self.op.index_only
+        self._frames = {e.index: (e, t, encode(e.index, t, b"" if index_only else e.data))
+                        for e in entries for t in (tags_of(e),)}
+
     async def _send_frames(self, send, entries: list[StoredEntry]) -> None:
         batch: list[bytes] = []
         size = first = 0
         tags_of, encode, index_only = self.queue.tags_of, protobuf.encode_frame, self.op.index_only
+        frames = self._frames
         for n, entry in enumerate(entries):   # one write per SEND_BATCH_BYTES of frames (a big frame alone)
-            frame = encode(entry.index, tags_of(entry), b"" if index_only else entry.data)
+            tags = tags_of(entry)
+            c = frames.pop(entry.index, None) if frames else None
+            if c is not None and c[0] is entry and c[1] is tags:
+                frame = c[2]
+            else:
+                frame = encode(entry.index, tags, b"" if index_only else entry.data)
             if batch and size + len(frame) > SEND_BATCH_BYTES:
                 await send(batch)
                 self._written(entries[first:n])

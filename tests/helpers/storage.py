@@ -97,6 +97,17 @@ class Model:
         return sorted(((i, self.entries[i][2]) for i in live), key=lambda t: (-t[1], t[0]))
 
 
+class CountingIO(FileIO):
+    """FileIO that counts its preads (a read served from memory makes none)."""
+
+    def __init__(self) -> None:
+        self.preads = 0
+
+    def pread(self, fd, size, offset):
+        self.preads += 1
+        return super().pread(fd, size, offset)
+
+
 class FaultyIO(FileIO):
     """FileIO with switchable faults."""
 

@@ -256,6 +256,30 @@ def test_sends_on_append_while_a_manual_consumer_has_a_free_slot():
     assert not d.sends_on_append()
 
 
+def test_upcoming_is_what_poll_hands_out_once_a_full_window_frees_and_changes_nothing():
+    """What a manual-commit watch reads ahead while its window is full (`Queue.read_ahead`): the
+    next window by poll's order and rules (its tag filter, skipping what other members hold), and
+    asking hands out nothing."""
+    source, d, _ = make()
+    for n in range(9):
+        source.put(k="a" if n % 3 else "b")   # 1 b, 2 a, 3 a, 4 b, 5 a, 6 a, 7 b, 8 a, 9 a
+    d.attach(spec(user="u", window=2, tags=(("k", "a"),)))
+    d.attach(spec(user="w", window=1))
+    assert d.upcoming("g.u") == [] and not d.full("g.u")   # room: poll had nothing, nothing ahead
+    assert d.upcoming("g.nobody") == [] and not d.full("g.nobody")
+    assert d.poll("g.w") == [1]
+    assert d.poll("g.u") == [2, 3] and d.full("g.u")
+    ahead = d.upcoming("g.u")
+    assert ahead == [5, 6] and d.upcoming("g.u") == ahead   # only k=a; asked twice, the same
+    assert d.pending_of("g.u") == {2, 3} and d.wants() == []
+    assert commit(source, d, [1]) == [1]
+    assert d.poll("g.w") == [2 + 2]                        # w takes 4: not u's (a k=b entry)
+    assert commit(source, d, [2, 3]) == [2, 3] and not d.full("g.u")
+    assert d.poll("g.u") == ahead
+    assert d.upcoming("g.u") == [8, 9]
+    assert d.upcoming("g.w") == [7]                        # w has no filter: 5 and 6 are u's
+
+
 # -- auto-commit -------------------------------------------------------------------------------
 
 def test_auto_commit_window_bounds_in_flight():

@@ -160,7 +160,7 @@ def test_search_from_the_logs_rank_matches_the_walk(tmp_path, seed):
     entries) and must equal what walking the dispatch order gives, whatever is deleted or pending."""
     import random
 
-    from qserve.backends.local.queues import LogSource
+    from qserve.backends.local.source import LogSource
     from qserve.storage import QueueLog
     rng = random.Random(seed)
     log = QueueLog.open(tmp_path / "q")

@@ -97,7 +97,7 @@ class GroupCommit:
         self._durable = Signal()         # fired after each fsync round
         self._durable_first = Signal()   # fired just before it (`wait_durable(first=True)`)
         self._first_waiting = 0
-        self._round_ended = Signal()     # fired when a `_round_now` ends
+        self._round_ended = Signal()     # fired when a round ends (`_round_now`, `_sync_round`)
         self._flush_wanted = trio.Event()
         # epoch = the log's rollback count; epoch -> highest durable_seq seen during that epoch
         self._durable_in: dict[int, int] = {}
@@ -252,6 +252,11 @@ class GroupCommit:
         self._durable.fire()
         return True
 
+    async def round_over(self) -> None:
+        """Return once no round of the flusher's or a waiter's is in flight (at once if none is)."""
+        while self._in_round:
+            await self._round_ended.wait()
+
     async def _round_done(self) -> None:
         """Wake the waiters of a finished round, the ``first`` ones one scheduling batch ahead:
         they are rescheduled now, this task after them, and the others only when it runs again
@@ -311,6 +316,7 @@ class GroupCommit:
             return False
         finally:
             self._in_round = False
+            self._round_ended.fire()
 
     def _end_round(self, ticket: storage.SyncTicket, failure: BaseException | None, *, wake: bool = False) -> None:
         if wake:   # an AIO round: ``failure`` is the fsyncs' outcome, not yet on the ticket

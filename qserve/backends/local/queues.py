@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Iterator
 
 import trio
+import trio.testing
 
 from qserve import storage
-from qserve.storage.index import next_live
 from qserve.backends.base import OnChange, Taken
 from qserve.backends.local.commit import GroupCommit, Signal
 from qserve.backends.local.dedup import RecentPuts
+from qserve.backends.local.source import LogSource
 from qserve.backends.local.delays import KeptDelays
 from qserve.backends.local.errors import as_core_error, core_error, raising_core_errors
 from qserve.backends.faults import Faults
@@ -44,40 +45,9 @@ from qserve.server.aio import AioSync
 from qserve.server.syncpool import SyncPool
 from qserve.wire.names import HEADER_ATTRIBUTES
 
-__all__ = ["LogSource", "Queue", "queue_dir", "REPLAY_KEY"]
+__all__ = ["Queue", "queue_dir", "REPLAY_KEY"]
 
 log = logging.getLogger("qserve")
-
-
-class LogSource:
-    """What `groups.Dispatcher` needs of a queue, read from the storage log."""
-
-    #: the skip-link walk of the tag index's runs (`core.tags`): the storage index's own
-    next_live = staticmethod(next_live)
-
-    def __init__(self, qlog: storage.QueueLog) -> None:
-        self._log = qlog
-
-    def iter_dispatch(self, start: int = 0) -> Iterator[tuple[int, int]]:
-        return self._log.iter_dispatch(start)
-
-    def tags_of(self, index: int) -> Mapping[str, str] | None:
-        entry = self._log.read(index)
-        return None if entry is None else entry.tags
-
-    def tags_many(self, indexes: list[int]) -> list[Mapping[str, str] | None]:
-        """`tags_of` for many entries at once (one read per run of back-to-back records)."""
-        return [None if e is None else e.tags for e in self._log.read_many(indexes)]
-
-    def __contains__(self, index: int) -> bool:
-        return index in self._log
-
-    def dispatch_rank(self, index: int) -> int | None:
-        return self._log.dispatch_rank(index)
-
-    @property
-    def next_index(self) -> int:
-        return self._log.next_index
 
 
 class Queue(GroupCommit):
@@ -328,6 +298,20 @@ class Queue(GroupCommit):
             if entries:
                 return entries
             # all of them were gone: their slots are free again, poll once more
+
+    async def read_ahead(self, consumer_id: str) -> list[storage.Entry]:
+        """A manual-commit watch with a full window: once no round is in flight and every other
+        task waits, read the entries its next window will hold, for the commit that frees it
+        (`storage.QueueLog.read_ahead`); returns them. A failed read returns []: the delivery's
+        own read reports it."""
+        if not self.dispatcher.full(consumer_id):
+            return []   # at once: nothing waits for a window that has room
+        await self.round_over()
+        await trio.testing.wait_all_tasks_blocked()
+        try:
+            return self.log.read_ahead(self.dispatcher.upcoming(consumer_id))
+        except storage.StorageError:
+            return []
 
     async def take(self, consumer_id: str) -> Taken | None:
         return self.take_now(consumer_id)   # raises core errors itself

@@ -5,20 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qserve.storage import QueueLog, StorageError
-from qserve.storage.fileio import FileIO
 
-from ...helpers.storage import EIO, FaultyIO, clock
-
-
-class CountingIO(FileIO):
-    """FileIO that counts its preads (a read served from memory makes none)."""
-
-    def __init__(self) -> None:
-        self.preads = 0
-
-    def pread(self, fd, size, offset):
-        self.preads += 1
-        return super().pread(fd, size, offset)
+from ...helpers.storage import EIO, CountingIO, FaultyIO, clock
 
 
 def test_the_newest_entry_asked_alone_is_served_from_memory_while_it_lives(tmp_path):
