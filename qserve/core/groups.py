@@ -199,7 +199,7 @@ class Dispatcher(DeliveryPolicies):
         limit = consumer.free if max_items is None else min(consumer.free, max_items)
         if limit <= 0:
             return []
-        chosen = self._choose(consumer, limit)
+        chosen = self._choose(consumer_id, consumer, limit)
         for index in chosen:
             self._deliver(consumer, index)
         return chosen
@@ -211,14 +211,14 @@ class Dispatcher(DeliveryPolicies):
         consumer = self._consumers.get(consumer_id)
         if consumer is None or consumer.free > 0:
             return []
-        return self._choose(consumer, consumer.spec.window)
+        return self._choose(consumer_id, consumer, consumer.spec.window)
 
-    def _choose(self, consumer: Consumer, limit: int) -> list[int]:
-        """The next at most ``limit`` indexes for ``consumer``, by `poll`'s order and rules; hands out
-        nothing."""
+    def _choose(self, consumer_id: str, consumer: Consumer, limit: int) -> list[int]:
+        """The next at most ``limit`` indexes for ``consumer`` (of ``consumer_id``), by `poll`'s
+        order and rules; hands out nothing."""
         group = consumer.group
         chosen: list[int] = []
-        fi = self._filter_of.get(consumer.id)
+        fi = self._filter_of.get(consumer_id)
         if fi is None:
             candidates = self._source.iter_dispatch(consumer.start)
         else:   # only entries matching the filter (each entry's tags are read once per filter)

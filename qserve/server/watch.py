@@ -167,15 +167,12 @@ class Session:
         """Deliver entries forever through ``await send(frames)``: a list of encoded frames of one
         poll, written together, at most `SEND_BATCH_BYTES` of them unless a single frame is larger.
 
-        Manual commit, a full window: once the loop has nothing else to do (no fsync round in
-        flight, every other task waiting: the backend's ``read_ahead``, where it has one), the
-        entries the next window will hold are read and their frames encoded, so that the commit
-        that frees the window finds them ready. A consumer and the server take turns, and this
-        work moves from the commit's turn, where it competed with the commit's fsync for the
-        CPU, into the consumer's (one consumer, `watch_rate.py`: higher in 7 of 8 alternating
-        pairs, median 12,131 -> 12,918 entries/s). A wake-up cuts the wait; a frame encoded
-        ahead is used only for the same entry object with the same tags (a negative commit's
-        notes since make it stale)."""
+        Manual commit, a full window: once the loop has nothing else to do (the backend's
+        ``read_ahead``, if any), the next window's entries are read and their frames encoded for
+        the commit that frees it: work moved from the commit's turn, where it competed with the
+        fsync for the CPU, into the consumer's (`watch_rate.py`: higher in 7 of 8 alternating
+        pairs, twice). A wake-up cuts the wait; a frame encoded ahead is used only for the same
+        entry object with the same tags (a negative commit's notes since make it stale)."""
         if self.op.auto_commit:
             await self._pump_auto(send)
             return
@@ -186,12 +183,14 @@ class Session:
             self._wake = trio.Event()        # a wake-up from here on is not lost
             entries = await deliver(cid)
             if not entries:
-                if read_ahead is not None and not ahead:
+                if read_ahead is not None and not ahead:   # once per delivery, which alone fills a window
                     ahead = True
-                    with trio.CancelScope() as self._idle:   # until a wake-up (`wake`)
-                        self._encode_ahead(await read_ahead(cid))
-                    self._idle = None
-                    continue
+                    reading = read_ahead(cid)   # None while the window has room
+                    if reading is not None:
+                        with trio.CancelScope() as self._idle:   # until a wake-up (`wake`)
+                            self._encode_ahead(await reading)
+                        self._idle = None
+                        continue
                 await self._wake.wait()      # or `WatchService.fallback`'s periodic wake-up
                 continue
             ahead = False

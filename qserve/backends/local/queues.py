@@ -299,13 +299,14 @@ class Queue(GroupCommit):
                 return entries
             # all of them were gone: their slots are free again, poll once more
 
-    async def read_ahead(self, consumer_id: str) -> list[storage.Entry]:
-        """A manual-commit watch with a full window: once no round is in flight and every other
-        task waits, read the entries its next window will hold, for the commit that frees it
-        (`storage.QueueLog.read_ahead`); returns them. A failed read returns []: the delivery's
-        own read reports it."""
-        if not self.dispatcher.full(consumer_id):
-            return []   # at once: nothing waits for a window that has room
+    def read_ahead(self, consumer_id: str) -> Awaitable[list[storage.Entry]] | None:
+        """A manual-commit watch's window is full: the entries its next window will hold, read
+        once no round is in flight and every other task waits, for the commit that frees it
+        (`storage.QueueLog.read_ahead`); None, at once, while the window has room. A failed read
+        gives []: the delivery's own read reports it."""
+        return self._read_ahead(consumer_id) if self.dispatcher.full(consumer_id) else None
+
+    async def _read_ahead(self, consumer_id: str) -> list[storage.Entry]:
         await self.round_over()
         await trio.testing.wait_all_tasks_blocked()
         try:
