@@ -56,7 +56,7 @@ class LogConfig:
         return max(0, min(self.preallocate_bytes, self.segment_bytes))
 
 
-READ_AHEAD_BYTES = 256 * 1024   # `read_ahead` holds at most this many bytes of records (and one more)
+READ_AHEAD_BYTES = 64 * 1024   # `read_ahead` holds at most this many bytes of records
 
 
 class QueueLog(Durability, Inspection):
@@ -321,8 +321,8 @@ class QueueLog(Durability, Inspection):
     def read_ahead(self, indexes: Sequence[int]) -> list[Entry]:
         """Read the live entries of ``indexes`` now, so that a `read_many` of them later takes them
         from memory (a manual-commit watch's next window, read while its consumer works:
-        `qserve.backends.local.queues.Queue.read_ahead`). Holds what the last call read, at most
-        `READ_AHEAD_BYTES` of records and one more; returns those entries, in order. A deleted
+        `qserve.backends.local.queues.Queue.read_ahead`). Holds what the last call read: the first
+        of them that fit in `READ_AHEAD_BYTES` of records; returns those entries, in order. A deleted
         entry is never served from there (`read_many` asks the index first), and a rollback
         (`_load`) forgets them."""
         self._check()
@@ -330,10 +330,10 @@ class QueueLog(Durability, Inspection):
         for i in indexes:
             pos = ix.pos_of(i)
             if pos is not None:
-                want.append(i)
                 budget -= ix.size[pos]
-                if budget <= 0:
+                if budget < 0:
                     break
+                want.append(i)
         self._ahead = {}
         entries = [e for e in self._reader.read_many(want) if e is not None]
         self._ahead = {e.index: e for e in entries}

@@ -170,6 +170,10 @@ class Dispatcher(DeliveryPolicies):
         consumer = self._consumers.get(consumer_id)
         return consumer is not None and consumer.free <= 0
 
+    def alone(self, consumer_id: str) -> bool:
+        """Whether this consumer is the only one attached (in any group)."""
+        return len(self._consumers) == 1 and consumer_id in self._consumers
+
     def sends_on_append(self) -> bool:
         """Whether a manual-commit consumer has a free window slot: an entry appended now is a frame
         its edge writes at once (an auto-commit frame waits for the entry's delete to be durable)."""

@@ -6,7 +6,9 @@ import errno
 import os
 from pathlib import Path
 
-from qserve.storage import FileIO, LogConfig, QueueLog, parse_segment_name
+import pytest
+
+from qserve.storage import FileIO, LogConfig, QueueLog, StorageError, parse_segment_name
 
 
 def segments(d) -> list[Path]:
@@ -54,6 +56,17 @@ def crash(log: QueueLog) -> None:
     for seg in log._segs:
         seg.close()
     log._lock.release()
+
+
+def failed_round(log: QueueLog, io: "FaultyIO") -> None:
+    """One group-commit round whose fsync fails (EIO): the log rolls back what it had not synced."""
+    t = log.sync_begin()
+    io.fsync_errno = EIO
+    with pytest.raises(OSError):
+        t.run()
+    io.fsync_errno = None
+    with pytest.raises(StorageError):
+        log.sync_end(t)
 
 
 def snapshot(log: QueueLog) -> dict:

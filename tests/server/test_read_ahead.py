@@ -24,6 +24,16 @@ def holder(user: str) -> list[tuple[str, str]]:
     return [("X-EAS-QueueService-Gid", "g"), ("X-EAS-QueueService-Uid", user)]
 
 
+async def watched(srv, nursery, service: str, jobs: int, window: int, user: str):
+    """``jobs`` entries put to ``service`` (data ``job0``...), then a watch of ``window``: the
+    client, the queue and the watch."""
+    c = await srv.client(service)
+    for n in range(jobs):
+        assert await put(c, b"job%d" % n) == (200, b"%d" % (n + 1))
+    queue = await srv.server.queues.get(QueueRef(service))
+    return c, queue, await srv.watch(nursery, service, f"_window_={window}", user=user)
+
+
 async def until(condition) -> None:
     """Wait (bounded by the caller's `fail_after`) until ``condition()`` holds, letting every other
     task run between looks; the kernel's fsyncs finish in their own time."""
@@ -36,11 +46,7 @@ async def test_the_next_window_is_read_ahead_and_its_frames_are_the_stored_entri
     io = CountingIO()
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fileio=io, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("ra")
-            for n in range(7):
-                assert await put(c, b"job%d" % n) == (200, b"%d" % (n + 1))
-            queue = await srv.server.queues.get(QueueRef("ra"))
-            ws = await srv.watch(nursery, "ra", "_window_=3", user="u")
+            c, queue, ws = await watched(srv, nursery, "ra", 7, 3, "u")
             assert [(await next_frame(ws)).index for _ in range(3)] == [1, 2, 3]
             await until(lambda: sorted(queue.log._ahead) == [4, 5, 6])   # read once the loop idled
             reads = io.preads
@@ -57,11 +63,7 @@ async def test_the_next_window_is_read_ahead_and_its_frames_are_the_stored_entri
 async def test_an_entry_deleted_after_it_was_read_ahead_is_not_sent(tmp_path):
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("rd")
-            for n in range(4):
-                assert (await put(c, b"job%d" % n))[0] == 200
-            queue = await srv.server.queues.get(QueueRef("rd"))
-            ws = await srv.watch(nursery, "rd", "_window_=2", user="u")
+            c, queue, ws = await watched(srv, nursery, "rd", 4, 2, "u")
             assert [(await next_frame(ws)).index for _ in range(2)] == [1, 2]
             await until(lambda: sorted(queue.log._ahead) == [3, 4])
             assert (await c.call("DELETE", "_indexes_=3"))[0] == 200
@@ -80,11 +82,7 @@ async def test_a_frame_encoded_ahead_is_not_sent_once_a_negative_commit_annotate
     ahead, and with those notes: the frame encoded before them is not used."""
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("rn")
-            for n in range(3):
-                assert (await put(c, b"job%d" % n))[0] == 200
-            queue = await srv.server.queues.get(QueueRef("rn"))
-            a = await srv.watch(nursery, "rn", "_window_=1", user="a")
+            c, queue, a = await watched(srv, nursery, "rn", 3, 1, "a")
             assert (await next_frame(a)).index == 1
             await until(lambda: sorted(queue.log._ahead) == [2])
             session = srv.server.watch._sessions[(QueueRef("rn"), "g.a")]
@@ -115,11 +113,7 @@ async def test_a_window_freed_while_the_loop_never_idles_is_refilled_at_once(tmp
 
     with trio.fail_after(LIMIT):
         async with running_server(tmp_path, fsync="never") as srv, trio.open_nursery() as nursery:
-            c = await srv.client("rw")
-            for n in range(3):
-                assert (await put(c, b"job%d" % n))[0] == 200
-            queue = await srv.server.queues.get(QueueRef("rw"))
-            ws = await srv.watch(nursery, "rw", "_window_=1", user="u")
+            c, queue, ws = await watched(srv, nursery, "rw", 3, 1, "u")
             async with trio.open_nursery() as spinning:
                 spinning.start_soon(busy)
                 assert (await next_frame(ws)).index == 1
@@ -129,3 +123,23 @@ async def test_a_window_freed_while_the_loop_never_idles_is_refilled_at_once(tmp
                 assert queue.log._ahead == {}   # never idle: nothing was read ahead
                 spinning.cancel_scope.cancel()
             await ws.aclose()
+
+
+async def test_nothing_is_read_ahead_for_a_queue_with_two_consumers(tmp_path):
+    """Only a queue's only consumer reads ahead: with several, each would read the same entries and
+    the loop is seldom idle for long."""
+    with trio.fail_after(LIMIT):
+        async with running_server(tmp_path, fsync="always") as srv, trio.open_nursery() as nursery:
+            c, queue, a = await watched(srv, nursery, "r2", 6, 1, "a")
+            assert (await next_frame(a)).index == 1
+            await until(lambda: sorted(queue.log._ahead) == [2])   # alone: read ahead
+            b = await srv.watch(nursery, "r2", "_window_=1", user="b")
+            assert (await next_frame(b)).index == 2
+            assert (await c.call("PUT", "_indexes_=1", headers=holder("a")))[0] == 200
+            assert (await next_frame(a)).index == 3
+            await until(lambda: not queue._in_round)   # where a read ahead would start: no round,
+            await trio.testing.wait_all_tasks_blocked()   # the loop idle (twice: it would run in
+            await trio.testing.wait_all_tasks_blocked()   # the same batch as this task)
+            assert sorted(queue.log._ahead) == [2]   # nothing read ahead since b came
+            await a.aclose()
+            await b.aclose()

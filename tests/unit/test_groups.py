@@ -266,6 +266,7 @@ def test_upcoming_is_what_poll_hands_out_once_a_full_window_frees_and_changes_no
     d.attach(spec(user="u", window=2, tags=(("k", "a"),)))
     d.attach(spec(user="w", window=1))
     assert d.upcoming("g.u") == [] and not d.full("g.u")   # room: poll had nothing, nothing ahead
+    assert not d.alone("g.u") and not d.alone("g.nobody")
     assert d.upcoming("g.nobody") == [] and not d.full("g.nobody")
     assert d.poll("g.w") == [1]
     assert d.poll("g.u") == [2, 3] and d.full("g.u")
@@ -278,6 +279,8 @@ def test_upcoming_is_what_poll_hands_out_once_a_full_window_frees_and_changes_no
     assert d.poll("g.u") == ahead
     assert d.upcoming("g.u") == [8, 9]
     assert d.upcoming("g.w") == [7]                        # w has no filter: 5 and 6 are u's
+    d.detach("g.w")
+    assert d.alone("g.u") and not d.alone("g.w")
 
 
 # -- auto-commit -------------------------------------------------------------------------------

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+from qserve.storage import QueueLog
 
-from qserve.storage import QueueLog, StorageError
-
-from ...helpers.storage import EIO, CountingIO, FaultyIO, clock
+from ...helpers.storage import CountingIO, FaultyIO, clock, failed_round
 
 
 def test_the_newest_entry_asked_alone_is_served_from_memory_while_it_lives(tmp_path):
@@ -39,12 +37,6 @@ def test_the_newest_entry_is_not_served_once_deleted_truncated_or_rolled_back(tm
     assert log.read_many([e.index]) == [None]
     log.sync()
     e = log.append(b"c", {})
-    t = log.sync_begin()
-    io.fsync_errno = EIO
-    with pytest.raises(OSError):
-        t.run()
-    io.fsync_errno = None
-    with pytest.raises(StorageError):
-        log.sync_end(t)
+    failed_round(log, io)
     assert log.read_many([e.index]) == [None] and e.index not in log
     log.close()

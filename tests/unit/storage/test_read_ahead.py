@@ -3,12 +3,10 @@ from memory while they live; bounded by READ_AHEAD_BYTES; forgotten by a rollbac
 
 from __future__ import annotations
 
-import pytest
-
 from qserve import storage
-from qserve.storage import QueueLog, StorageError
+from qserve.storage import QueueLog
 
-from ...helpers.storage import EIO, CountingIO, FaultyIO
+from ...helpers.storage import CountingIO, FaultyIO, failed_round
 
 
 def filled(tmp_path, io, n: int, size: int = 10) -> tuple[QueueLog, list]:
@@ -47,16 +45,18 @@ def test_a_deleted_or_truncated_entry_read_ahead_is_not_served(tmp_path):
     log.close()
 
 
-def test_read_ahead_holds_at_most_its_byte_bound_and_one_more_record(tmp_path, monkeypatch):
+def test_read_ahead_holds_at_most_its_byte_bound(tmp_path, monkeypatch):
     io = CountingIO()
-    log, entries = filled(tmp_path, io, 8, size=100)   # records of ~100 bytes and more
+    log, entries = filled(tmp_path, io, 8, size=100)   # records of ~100 bytes and more, all one size
     record = log._index.size[log._index.pos_of(entries[0].index)]
-    monkeypatch.setattr(storage.log, "READ_AHEAD_BYTES", 3 * record - 1)
+    monkeypatch.setattr(storage.log, "READ_AHEAD_BYTES", 4 * record - 1)
     ahead = log.read_ahead([e.index for e in entries])
-    assert ahead == entries[:3]        # two records fit under the bound, the third crosses it
+    assert ahead == entries[:3]        # three records fit under the bound, the fourth would cross it
     before = io.preads
     assert log.read_many([e.index for e in entries[:3]]) == entries[:3] and io.preads == before
     assert log.read_many([entries[3].index]) == [entries[3]] and io.preads == before + 1
+    monkeypatch.setattr(storage.log, "READ_AHEAD_BYTES", record - 1)
+    assert log.read_ahead([entries[5].index]) == [] and log._ahead == {}   # one record too big: none
     log.close()
 
 
@@ -67,13 +67,7 @@ def test_a_rollback_forgets_the_entries_read_ahead(tmp_path):
     log.sync()
     ghost = log.append(b"ghost", {})
     assert log.read_ahead([kept.index, ghost.index]) == [kept, ghost]
-    t = log.sync_begin()
-    io.fsync_errno = EIO
-    with pytest.raises(OSError):
-        t.run()
-    io.fsync_errno = None
-    with pytest.raises(StorageError):
-        log.sync_end(t)
+    failed_round(log, io)
     assert log._ahead == {}
     assert log.read_many([kept.index, ghost.index]) == [kept, None]
     log.close()
