@@ -29,8 +29,9 @@ negative commit answering its frame always finds it counted, and taken back at `
 frames that never left (`Session.unwritten`).
 
 Bounds: frames in flight per socket are bounded by the consumer's window (manual commit: entries
-held; auto-commit: entries handed out and not yet written); client messages are bounded by the
-edge's `max_message_size` and message queue.
+held; auto-commit: entries handed out and not yet written), frames encoded ahead by the backend's
+read ahead (the local log's: 64 KiB of entries); client messages are bounded by the edge's
+`max_message_size` and message queue.
 """
 
 from __future__ import annotations
