@@ -186,7 +186,7 @@ class Session:
             if not entries:
                 if read_ahead is not None and not ahead:   # once per delivery, which alone fills a window
                     ahead = True
-                    reading = read_ahead(cid)   # None while the window has room
+                    reading = read_ahead(cid)   # None: nothing to read ahead now
                     if reading is not None:
                         with trio.CancelScope() as self._idle:   # until a wake-up (`wake`)
                             self._encode_ahead(await reading)

@@ -311,7 +311,7 @@ class Queue(GroupCommit):
 
     async def _read_ahead(self, consumer_id: str) -> list[storage.Entry]:
         await self.round_over()
-        await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked()   # trio's one public "the loop is idle" wait
         try:
             return self.log.read_ahead(self.dispatcher.upcoming(consumer_id))
         except storage.StorageError:
