@@ -1,5 +1,6 @@
 """How a queue's consumer groups appear in its attributes (``_attrs_=true``): the ``consumers.*``
-and ``groups.*`` keys, rendered from the dispatch state `core.groups.Dispatcher` keeps.
+and ``groups.*`` keys, rendered from the dispatch state `core.groups.Dispatcher` keeps; and where
+one entry stands among them (``_search_``: `search_position`).
 
 Kept apart from the dispatcher because it is presentation only: the key names and the
 ``Id: ..., Index: ...`` value layout are the queue service's (PROTOCOL.md), the state is
@@ -8,13 +9,13 @@ Kept apart from the dispatcher because it is presentation only: the key names an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from qserve.core.group_state import Consumer, Group
 from qserve.wire.durations import format_go_duration
 
-__all__ = ["render_attributes", "render_rows", "ConsumerRow", "GroupRow"]
+__all__ = ["render_attributes", "render_rows", "search_position", "ConsumerRow", "GroupRow"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,36 @@ def render_rows(consumers: Sequence[ConsumerRow], groups: Sequence[GroupRow]) ->
             f"Id: {g.name}, Index: {g.last_index}, Pending: {g.pending}, "
             f"Delivered: {g.delivered}, Consumers: {g.consumers}")
     return attrs
+
+
+def search_position(source, groups: Iterable[Group], index: int) -> dict[str, bool | int] | None:
+    """The queue position of one entry, for the ``_search_`` endpoint.
+
+    An entry is *waiting* when it is live and PENDING in no group. For a live entry that is
+    PENDING in some group the answer is ``{"IsPending": True, "WaitCount": 0}``; for a
+    waiting entry ``{"IsPending": False, "WaitCount": n}``, n being the number of waiting
+    entries ahead of it in dispatch order (higher priority first, then lower index),
+    whatever their tags. O(position in dispatch order), or O(pending) when the source can
+    count the live entries ahead itself (``dispatch_rank``, optional: the storage log does it
+    from memory when no priority entries are present).
+
+    Returns:
+        The answer, or None if the index is not live.
+    """
+    if index < 1 or index not in source:
+        return None
+    owners = [g.owner for g in groups]
+    if any(index in owner for owner in owners):
+        return {"IsPending": True, "WaitCount": 0}
+    rank = getattr(source, "dispatch_rank", None)
+    ahead = rank(index) if rank is not None else None
+    if ahead is not None:   # index order: subtract the live pending entries before it
+        pending = {i for owner in owners for i in owner if i < index}
+        return {"IsPending": False, "WaitCount": ahead - sum(1 for i in pending if i in source)}
+    ahead = 0
+    for other, _priority in source.iter_dispatch(0):
+        if other == index:
+            break
+        if not any(other in owner for owner in owners):
+            ahead += 1
+    return {"IsPending": False, "WaitCount": ahead}

@@ -42,7 +42,7 @@ from typing import Protocol
 
 from qserve.core.events import ConsumerSpec
 from qserve.core.group_policies import DeliveryPolicies
-from qserve.core.group_report import render_attributes
+from qserve.core.group_report import render_attributes, search_position
 from qserve.core.group_state import Consumer, EntryEvent, EntryState, Group, Nack, step
 from qserve.core.policy import Policy
 from qserve.core.tags import FilterIndex, FilterIndexes, matches
@@ -346,36 +346,9 @@ class Dispatcher(DeliveryPolicies):
         return nack.count if nack else 0
 
     def search(self, index: int) -> dict[str, bool | int] | None:
-        """The queue position of one entry, for the ``_search_`` endpoint.
-
-        An entry is *waiting* when it is live and PENDING in no group. For a live entry that is
-        PENDING in some group the answer is ``{"IsPending": True, "WaitCount": 0}``; for a
-        waiting entry ``{"IsPending": False, "WaitCount": n}``, n being the number of waiting
-        entries ahead of it in dispatch order (higher priority first, then lower index),
-        whatever their tags. O(position in dispatch order), or O(pending) when the source can
-        count the live entries ahead itself (``dispatch_rank``, optional: the storage log does it
-        from memory when no priority entries are present).
-
-        Returns:
-            The answer, or None if the index is not live.
-        """
-        if index < 1 or index not in self._source:
-            return None
-        owners = [g.owner for g in self._groups.values()]
-        if any(index in owner for owner in owners):
-            return {"IsPending": True, "WaitCount": 0}
-        rank = getattr(self._source, "dispatch_rank", None)
-        ahead = rank(index) if rank is not None else None
-        if ahead is not None:   # index order: subtract the live pending entries before it
-            pending = {i for owner in owners for i in owner if i < index}
-            return {"IsPending": False, "WaitCount": ahead - sum(1 for i in pending if i in self._source)}
-        ahead = 0
-        for other, _priority in self._source.iter_dispatch(0):
-            if other == index:
-                break
-            if not any(other in owner for owner in owners):
-                ahead += 1
-        return {"IsPending": False, "WaitCount": ahead}
+        """The queue position of one entry, for the ``_search_`` endpoint
+        (`core.group_report.search_position`); None if the index is not live."""
+        return search_position(self._source, self._groups.values(), index)
 
     def attributes(self) -> dict[str, str]:
         """The ``consumers.*`` and ``groups.*`` attribute keys (`core.group_report`)."""
