@@ -19,9 +19,11 @@ from ..helpers.inproc import running_server
 
 
 class HeldSend:
-    """A streamed watch's ``send``: records every frame, and holds each write while ``held``."""
+    """A streamed watch's ``send``: records every frame, and holds each write while ``held``;
+    ``on_write``, if set, is called at the start of each write."""
 
     def __init__(self) -> None:
+        self.on_write = None
         self.reader = framing.LengthDelimitedReader()
         self.indexes: list[int] = []
         self.writes = 0
@@ -29,6 +31,8 @@ class HeldSend:
         self.released = trio.Event()
 
     async def __call__(self, chunk: bytes) -> None:
+        if self.on_write is not None:
+            self.on_write()
         self.writes += 1
         self.reader.receive_data(chunk)
         while (frame := self.reader.next_frame()) is not None:
@@ -125,3 +129,22 @@ async def test_a_failure_to_take_in_the_puts_step_ends_the_watch_not_the_put(tmp
             assert send.indexes == [first] and len(failures) == 1
             assert (await c.attrs())["stream.length"] == "1"   # the second was never taken
             nursery.cancel_scope.cancel()
+
+
+async def test_a_batchs_frames_are_written_before_the_next_take(tmp_path):
+    """Once a batch's delete is durable its frames are the next thing the session does: an entry
+    that waits for a free slot is taken only after them (taking it first put a poll of the
+    dispatcher between every round and its frames, and covered nothing a put's own take does not)."""
+    with trio.fail_after(LIMIT):
+        async with held_hand_out(tmp_path, "order") as (srv, c, queue, send, first):
+            taken_for_us = [queue.append(f"e{i}".encode(), {}, 0).index for i in range(3)]
+            waiting = queue.append(b"waits for a slot", {}, 0).index   # window 4 is full now
+            assert all(i not in queue.log for i in taken_for_us) and waiting in queue.log
+            still_stored_at_write = []
+            send.on_write = lambda: still_stored_at_write.append(waiting in queue.log)
+            send.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.indexes == [first, *taken_for_us, waiting]
+            # at the write of the last batch taken for it, the waiting entry was not taken yet
+            assert still_stored_at_write[len(taken_for_us) - 1] is True
+            assert (await c.attrs())["stream.length"] == "0"
