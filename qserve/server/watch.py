@@ -4,8 +4,8 @@ Strategy: the group logic (who gets which entry, windows, redelivery) is the que
 (`backends.base.QueueBackend`: attach, deliver, take, sent, release). This module is the thin trio
 edge around it: one `Session` per watching connection attaches a consumer, then loops *deliver a
 batch -> send frames*, and sleeps on its own wake event when the backend has nothing for it. Auto-commit deletes each batch and sends it once the
-delete is durable, taking the next batch one step ahead (see `Session._pump_auto`); while it hands
-a batch out, a put's new entry is taken for it in the put's own step (`Session.pretake`).
+delete is durable, the first thing after its round (see `Session._pump_auto`); while it hands a
+batch out, a put's new entry is taken for it in the put's own step (`Session.pretake`).
 `WatchService.wake` decides whom a change concerns: a put's new entry wakes one
 eligible consumer per group (free slots, start and tag filter match; round robin), any other
 change wakes every consumer with free slots; a consumer with a full window is never woken, and
