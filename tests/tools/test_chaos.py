@@ -306,6 +306,12 @@ def test_a_commit_after_the_lease_ran_out_may_have_deleted_nothing():
     assert rep.resurrected == 1 and rep.late_commits == 0
 
 
+def test_the_history_counts_deliveries_after_a_lease_ran_out_as_they_come():
+    """What the workload's quiet phase waits for (`Workload._a_lease_ran_out`)."""
+    assert _lease_history(lease_evidence=True).timed_out == 1
+    assert _lease_history(lease_evidence=False).timed_out == 0
+
+
 def test_late_commits_by_kill_connection_or_clock():
     for late in ("kill", "connection", "clock"):
         h = _policies()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .checker import HistoryChecks
-from .records import Attempt, DeadSeen, Put, Removal, Seen, id_of, payload_for
+from .records import TIMEOUT_CODE, Attempt, DeadSeen, Put, Removal, Seen, id_of, payload_for
 
 __all__ = ["History"]
 
@@ -34,6 +34,7 @@ class History(HistoryChecks):
         self.delivery_timeout = delivery_timeout
         self.puts: dict[str, Put] = {}
         self.seen: list[Seen] = []
+        self.timed_out = 0   # deliveries that came back after a lease ran out (lastCode=timeout)
         self.drained: list[Seen] = []
         self.dead: list[DeadSeen] = []
         self.removals: list[Removal] = []
@@ -88,6 +89,8 @@ class History(HistoryChecks):
                   group: str, consumer: str = "") -> None:
         """A watch frame; ``conn_start`` is the tick taken just before its connection's handshake."""
         self.seen.append(self._observe(index, data, tags, conn_start, group, consumer))
+        if tags.get("lastCode") == TIMEOUT_CODE:
+            self.timed_out += 1
 
     def remaining(self, index: int, data: bytes, tags: Mapping[str, str]) -> None:
         """An entry found in the queue by the final scan."""
