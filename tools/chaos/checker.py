@@ -116,6 +116,7 @@ class HistoryChecks:
     nacks: dict[int, list[tuple[int, str]]]
     negatives: int
     delayed_negatives: int
+    timed_out: int
     anomalies: list[str]
     delivery_timeout: float
 
@@ -135,7 +136,7 @@ class HistoryChecks:
         rep.delayed_negatives = self.delayed_negatives
         rep.dead_lettered = len(self.dead)
         rep.duplicate_answers = sum(a.duplicate for p in self.puts.values() for a in p.attempts)
-        rep.lease_timeouts = sum(s.last_code == TIMEOUT_CODE for s in self.seen)
+        rep.lease_timeouts = self.timed_out
         rep.poison_puts = sum(p.poison for p in acked.values())
         done = [op for op in self.removals if op.ack is not None]
         rep.commits = sum(len(op.indexes) for op in done if op.kind == "commit")
