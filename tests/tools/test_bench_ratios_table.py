@@ -62,3 +62,20 @@ def test_each_latency_rows_work_is_its_cpu_less_the_idle_poll_and_it_has_its_rou
     assert [(r["qserve"], r["reference"]) for r in rounds] == [(2.0, 900.0), (3.0, 4000.0)]   # manual, then auto
     longest = [r for name, r in named if name == "the longest round, at most"]
     assert [(r["qserve"], r["reference"]) for r in longest] == [(25.0, 4.0), (50.0, 5.0)]   # vs 10 entries' arrival
+
+
+def test_each_latency_row_has_its_puts_own_answers_against_the_bare_round_trip():
+    """Under each latency row, its puts' answer p50 beside the bare round trip at that rate: an
+    auto-commit frame waits for its put's round, so a slow put answer says where the time went."""
+    runs = {"lat manual p50": [0.5], "lat manual p99": [1.0], "lat manual put p50": [1.1, 1.3, 1.2],
+            "floor manual p50": [0.29], "lat auto p50": [1.2], "lat auto put p50": [1.0, 1.4, 1.1],
+            "floor auto p50": [0.3, 0.31, 0.28]}
+    rows = target_rows(runs, {"auto": 3000.0, "manual": 3000.0}, {"wrk": None, "redis": None, "watch_rate": None,
+                                                                      "load": None},
+                       argparse.Namespace(reopen_entries=1000, load_connections=10, load_watchers=2))
+    names = [r["target"].strip() for r in rows]
+    puts = [r for r in rows if r["target"].strip() == "its puts' own answers, p50"]
+    assert [(r["qserve"], r["reference"], r["goal"]) for r in puts] == [(1.2, 0.29, "report"), (1.1, 0.3, "report")]
+    # each right under its own mode's rows: manual's after its p99, auto's after its p50
+    under = [names[i - 1] for i, name in enumerate(names) if name == "its puts' own answers, p50"]
+    assert [u.split(" at ")[0] for u in under] == ["latency manual p99", "latency auto p50"]

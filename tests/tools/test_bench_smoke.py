@@ -176,7 +176,8 @@ def test_bench_ratios_quick_prints_table(tmp_path):
         assert column in header
     for row in ("durable put seq (http.client)", "push+manual commit w10, 4 consumers", "latency manual p50",
                 "latency manual p99", "latency auto p50", "server's CPU at work at that rate",
-                "of which polling while idle", "group-commit rounds over 5 ms in the run", "restart, 5,000 entries",
+                "of which polling while idle", "group-commit rounds over 5 ms in the run", "its puts' own answers, p50",
+                "restart, 5,000 entries",
                 "RAM per stored entry", "idle conns"):
         assert row in out, (row, out)
     if have_wrk():

@@ -254,6 +254,7 @@ class Ratios:
                 self.note(f"lat {mode} p99", row["p99_ms"])
                 self.note(f"lat {mode} cpu us", row["server_us_per_entry"])
                 self.note(f"lat {mode} polled us", row.get("server_polled_us_per_entry"))
+                self.note(f"lat {mode} put p50", row["put_answer_p50_ms"])
                 # the group-commit rounds of the run: every auto-commit frame waits for one, and a
                 # manual one too once its window is out and the commit that frees it waits for one
                 rounds = slow_rounds(before, metrics_text(port))

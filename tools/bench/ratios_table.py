@@ -82,12 +82,14 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
                 met=None if p50 is None else p50 < 1.0)
             add(f"latency manual p99{at}", "lat manual p99", p99, fl99, "bare round trip p99", "< 5 ms", unit="ms",
                 met=None if p99 is None else p99 < 5.0)
+            _put_row(add, m, mode)
             _at_work(add, m, mode, rate)   # a saturated server, told apart from the disk's stalls below
             _round_rows(add, m, mode, rate)
         else:
             floor = fl50 + f50 if fl50 is not None and f50 is not None else None
             add(f"latency auto p50{at}", "lat auto p50", p50, floor, "bare p50 + fsync p50", "<= 1.50x", unit="ms",
                 met=None if p50 is None or floor is None else p50 <= 1.5 * floor)
+            _put_row(add, m, mode)
             # what the p50 waits behind: the server's work at that rate (its idle loop's poll apart),
             # next to the bare one's at it, and the group-commit rounds, one of which each frame waits for
             cpu, polled = m("lat auto cpu us"), m("lat auto polled us")
@@ -109,6 +111,16 @@ def target_rows(runs: dict[str, list[float]], rates: dict[str, float], have: dic
         met=None if lp is None else (lp < 100.0 and not runs.get("load errors", [1])[0]),
         why=None if lp is not None else have.get("load"))
     return rows
+
+
+def _put_row(add, m, mode: str) -> None:
+    """Under a latency row: the p50 of its puts' own answers, next to the bare round trip at the same
+    rate. An auto-commit frame leaves with its put's round, so its latency is about its put's: a put
+    that is itself slow to be answered waited in the server (for the loop or its round), not in the
+    frame's path. A manual frame leaves before its put is durable, so it can beat its put's answer."""
+    if m(f"lat {mode} put p50") is not None:
+        add("  its puts' own answers, p50", f"lat {mode} put p50", m(f"lat {mode} put p50"), m(f"floor {mode} p50"),
+            "bare round trip p50", "report", unit="ms")
 
 
 def _at_work(add, m, mode: str, rate: float | None) -> None:
