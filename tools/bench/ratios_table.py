@@ -118,9 +118,9 @@ def _put_row(add, m, mode: str) -> None:
     rate. An auto-commit frame leaves with its put's round, so its latency is about its put's: a put
     that is itself slow to be answered waited in the server (for the loop or its round), not in the
     frame's path. A manual frame leaves before its put is durable, so it can beat its put's answer."""
-    if m(f"lat {mode} put p50") is not None:
-        add("  its puts' own answers, p50", f"lat {mode} put p50", m(f"lat {mode} put p50"), m(f"floor {mode} p50"),
-            "bare round trip p50", "report", unit="ms")
+    key = f"lat {mode} put p50"
+    if (put := m(key)) is not None:
+        add("  its puts' own answers, p50", key, put, m(f"floor {mode} p50"), "bare round trip p50", "report", unit="ms")
 
 
 def _at_work(add, m, mode: str, rate: float | None) -> None:
